@@ -1,0 +1,115 @@
+"""Plaintext backend: the op set of the model and the cache policies on ordinary torch tensors.
+
+Every method has a secure twin in :mod:`mpcache.backends.secure` with the same signature and semantics, so the
+model and every cache policy are written once. Selections are one-hot matrices here too (design §4); gathering
+is a matmul with them, so the plaintext run exercises exactly the data flow of the secure one.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+
+class PlainBackend:
+    """Ops on torch tensors (float32 by default)."""
+
+    secure = False
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    # ---- data movement -------------------------------------------------------------------------------------
+    def tensor(self, x: Tensor) -> Tensor:
+        """A public/plain tensor as this backend's tensor type."""
+        return x.to(self.device, self.dtype)
+
+    def cat(self, xs: list, dim: int = 0) -> Tensor:
+        return torch.cat(xs, dim=dim)
+
+    def stack(self, xs: list, dim: int = 0) -> Tensor:
+        return torch.stack(xs, dim=dim)
+
+    def embedding(self, table: Tensor, tokens) -> Tensor:
+        """Rows of ``table`` (V, D) for ``tokens``: a list/LongTensor of ids (T,) or a one-hot (T, V)."""
+        if isinstance(tokens, Tensor) and tokens.dim() == 2:
+            return tokens.to(table.dtype) @ table
+        return table[torch.as_tensor(tokens, dtype=torch.long, device=table.device)]
+
+    # ---- linear algebra ------------------------------------------------------------------------------------
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b
+
+    # ---- reductions ----------------------------------------------------------------------------------------
+    def max(self, x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+        return x.max(dim=dim, keepdim=keepdim).values
+
+    def min(self, x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+        return x.min(dim=dim, keepdim=keepdim).values
+
+    # ---- nonlinearities ------------------------------------------------------------------------------------
+    def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+        """Softmax along ``dim``; ``mask`` is a public 0/1 tensor broadcastable to ``x`` (0 = excluded)."""
+        if mask is not None:
+            x = x.masked_fill(mask == 0, float("-inf"))
+        return torch.softmax(x, dim=dim)
+
+    def rsqrt(self, x: Tensor) -> Tensor:
+        return torch.rsqrt(x)
+
+    def silu(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.silu(x)
+
+    def gelu(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+    # ---- selection -----------------------------------------------------------------------------------------
+    def argmax_onehot(self, x: Tensor, dim: int = -1) -> Tensor:
+        """One-hot of the (first) maximum along ``dim``."""
+        idx = x.argmax(dim=dim, keepdim=True)
+        return torch.zeros_like(x).scatter_(dim, idx, 1.0)
+
+    def topk_onehot(self, scores: Tensor, k: int) -> Tensor:
+        """Rows ``(..., k, m)``: row r is the one-hot of the r-th largest score (ties: lower index first)."""
+        m = scores.shape[-1]
+        if not 0 < k <= m:
+            raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
+        idx = _stable_topk(scores, k)
+        return torch.nn.functional.one_hot(idx, m).to(scores.dtype)
+
+    def keep_onehot(self, scores: Tensor, k: int) -> Tensor:
+        """Rows ``(..., k, m)`` selecting the k largest scores, rows in increasing position order (compaction)."""
+        m = scores.shape[-1]
+        if not 0 < k <= m:
+            raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
+        idx = _stable_topk(scores, k).sort(dim=-1).values
+        return torch.nn.functional.one_hot(idx, m).to(scores.dtype)
+
+    def reveal(self, x: Tensor, dst: int | None = None) -> Tensor:
+        return x
+
+
+def _stable_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores, ties broken towards the lower index (matches the secure rank protocol)."""
+    m = scores.shape[-1]
+    # sort descending by score, ascending by index: stable sort on the negated scores keeps index order on ties
+    order = torch.sort(-scores, dim=-1, stable=True).indices
+    return order[..., :k]
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (T, head_dim) in HF's rotate_half layout. Positions are public."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def causal_mask(n_q: int, n_k: int) -> Tensor:
+    """Public 0/1 mask (n_q, n_k): query i (the last n_q of n_k positions) sees keys <= its position."""
+    q_pos = torch.arange(n_k - n_q, n_k)[:, None]
+    return (torch.arange(n_k)[None, :] <= q_pos).float()
+
+
+__all__ = ["PlainBackend", "rope_tables", "causal_mask"]

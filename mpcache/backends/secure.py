@@ -1,0 +1,102 @@
+"""Secure backend: the model's op set on CrypTen arithmetic shares (``MPCTensor``).
+
+Same method names and semantics as :class:`mpcache.backends.plain.PlainBackend`; each nonlinear op is a protocol
+from :mod:`mpcache.mpc.ops` (cost and leakage stated there), each public/structural op is local. Every op opens
+a ledger scope so its bytes and rounds are attributed (``.../softmax``, ``.../topk`` ...).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..mpc import ops
+
+
+class SecureBackend:
+    secure = True
+
+    def __init__(self, session=None):
+        import crypten
+
+        self.crypten = crypten
+        self.session = session
+        self.reveals: list[tuple[str, int | None, tuple]] = []     # audit trail of every opening (tests read it)
+
+    def _scope(self, name):
+        return self.session.scope(name) if self.session is not None else contextlib.nullcontext()
+
+    # ---- data movement -------------------------------------------------------------------------------------
+    def share(self, x: torch.Tensor | None, src: int, shape=None):
+        """Secret-share a tensor owned by party ``src`` (other parties pass None and the public ``shape``)."""
+        if x is None:
+            x = torch.zeros(shape)
+        return self.crypten.cryptensor(x.float(), src=src)
+
+    def cat(self, xs: list, dim: int = 0):
+        return self.crypten.cat(xs, dim=dim)
+
+    def stack(self, xs: list, dim: int = 0):
+        return self.crypten.stack(xs, dim=dim)
+
+    def embedding(self, table, onehot):
+        """Rows of the shared table (V, D) for shared one-hot tokens (T, V): one secret matmul, no index opened."""
+        return onehot.matmul(table)
+
+    def matmul(self, a, b):
+        with self._scope("matmul"):
+            return a.matmul(b)
+
+    # ---- reductions ----------------------------------------------------------------------------------------
+    def max(self, x, dim: int = -1, keepdim: bool = False):
+        with self._scope("max"):
+            return ops.tree_max(x, dim=dim, keepdim=keepdim)
+
+    def min(self, x, dim: int = -1, keepdim: bool = False):
+        with self._scope("max"):
+            return -ops.tree_max(-x, dim=dim, keepdim=keepdim)
+
+    # ---- nonlinearities ------------------------------------------------------------------------------------
+    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):
+        return ops.softmax(x, dim=dim, mask=mask)
+
+    def rsqrt(self, x):
+        with self._scope("rsqrt"):
+            return ops.rsqrt(x)
+
+    def silu(self, x):
+        with self._scope("silu"):
+            return ops.silu(x)
+
+    def gelu(self, x):
+        with self._scope("gelu"):
+            return ops.gelu(x)
+
+    # ---- selection -----------------------------------------------------------------------------------------
+    def argmax_onehot(self, x, dim: int = -1):
+        assert dim in (-1, x.dim() - 1)
+        return ops.argmax_onehot(x)
+
+    def topk_onehot(self, scores, k: int):
+        with self._scope("topk"):
+            return ops.topk_onehot(scores, k)
+
+    def keep_onehot(self, scores, k: int):
+        with self._scope("topk"):
+            return ops.keep_onehot(scores, k)
+
+    def reveal(self, x, dst: int | None = None, label: str = "value"):
+        """Open ``x`` to party ``dst`` (None = everyone). The only way a share becomes plaintext; audited."""
+        self.reveals.append((label, dst, tuple(x.shape)))
+        with self._scope("reveal"):
+            return x.get_plain_text(dst=dst)
+
+    def reveal_token(self, onehot, dst: int) -> int | None:
+        """Open the index of a one-hot (1, V) to ``dst`` only: index = sum_i i * onehot_i is local, then one
+        scalar is opened. Returns the id on ``dst``, None elsewhere."""
+        V = onehot.shape[-1]
+        idx = (onehot * torch.arange(V, dtype=torch.float32)).sum(-1)
+        val = self.reveal(idx, dst=dst, label="token")
+        if val is None:
+            return None
+        return int(torch.round(val.reshape(-1)[0]).item())

@@ -1,0 +1,114 @@
+"""The main job: a private greedy generation under MPC, with per-token costs and a plaintext check beside it.
+
+Who knows what (design §2): the server (rank 0) shares the weights, the client (rank 1) shares its prompt as
+one-hot rows and is the only party that learns the generated tokens. Public: the architecture, the prompt
+length, the number of new tokens, the policy and its budgets — hence every shape. All processes of this
+single-machine demo can read the checkpoint file; the non-server parties use only its config and shapes.
+The plaintext check (same prompt, same weights, in the clear) is a verification oracle run by the operator on
+rank 0; it is reported beside the private run and never feeds it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .backends.plain import PlainBackend
+from .backends.secure import SecureBackend
+from .config import ModelConfig
+from .latency import PROFILES, modelled_seconds
+from .model.transformer import Transformer, generate
+from .model.weights import expected_shapes
+from .mpc.session import CLIENT, SERVER, Session, SessionError
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    per_token: list[dict]
+    summary: dict
+
+
+def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None) -> dict:
+    """The server secret-shares every weight tensor (offline phase); other parties pass only public shapes."""
+    shapes = expected_shapes(cfg)
+    with sess.scope("offline"), sess.scope("weights"):
+        return {name: B.share(weights[name] if sess.rank == SERVER else None, src=SERVER, shape=shape)
+                for name, shape in shapes.items()}
+
+
+def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[int] | None):
+    """The client shares its prompt as one-hot rows (T, V) (integer scale: exact); T is public."""
+    T = sess.comm.bcast(len(ids) if sess.rank == CLIENT else None, root=CLIENT)
+    if T > cfg.max_position:
+        raise SessionError(f"the prompt has {T} tokens but the model's context is {cfg.max_position}; shorten it.")
+    onehot = None
+    if sess.rank == CLIENT:
+        onehot = torch.nn.functional.one_hot(torch.tensor(ids), cfg.vocab_size).float()
+    with sess.scope("offline"), sess.scope("prompt"):
+        x = onehot if onehot is not None else torch.zeros(T, cfg.vocab_size)
+        return B.crypten.cryptensor(x, src=CLIENT, precision=0), T
+
+
+def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prompt_ids: list[int] | None,
+                     max_new_tokens: int, policy=None, progress=None, keep_logits: bool = False):
+    """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits)."""
+    B = SecureBackend(sess)
+    w = share_weights(sess, B, cfg, weights)
+    x, _ = share_prompt(sess, B, cfg, prompt_ids)
+    model = Transformer(cfg, w, B, policy, scope=sess.scope)
+
+    def on_token(t, tok):
+        if progress is not None:
+            progress(t)
+
+    keep = (lambda lg: B.reveal(lg, dst=None, label="logits (test only)")) if keep_logits else None
+    tokens, logits = generate(model, x, max_new_tokens, reveal=lambda oh: B.reveal_token(oh, dst=CLIENT),
+                              on_token=on_token, keep_logits=keep)
+    return (tokens if sess.rank == CLIENT else None), logits, B
+
+
+def plaintext_generate(cfg: ModelConfig, weights: dict, prompt_ids: list[int], max_new_tokens: int, policy=None):
+    model = Transformer(cfg, weights, PlainBackend(), policy)
+    t0 = time.perf_counter()
+    tokens, logits = generate(model, prompt_ids, max_new_tokens)
+    return tokens, logits, time.perf_counter() - t0
+
+
+def per_token_costs(ledgers: list[dict], max_new_tokens: int, profiles=PROFILES) -> tuple[list[dict], dict]:
+    """Merge the parties' ledgers (``CostLedger.to_dict()``) into per-token rows and phase totals."""
+    from .mpc.ledger import CostLedger
+
+    parsed = []
+    for d in ledgers:
+        L = CostLedger(d["rank"], d["world_size"])
+        for c in d["counts"]:
+            key = (c["scope"], c["kind"])
+            for f in ("bytes_sent", "bytes_recv", "rounds", "calls"):
+                L.counts[key][f] += c[f]
+        L.seconds.update(d["seconds"])
+        parsed.append(L)
+
+    def row(prefix: str) -> dict:
+        tots = [L.totals(prefix) for L in parsed]
+        r = {"bytes_sent": [t["bytes_sent"] for t in tots], "bytes_recv": [t["bytes_recv"] for t in tots],
+             "rounds": max(t["rounds"] for t in tots), "seconds": max(L.time_of(prefix) for L in parsed),
+             "dealer_bytes": [L.totals(prefix, kind="dealer")["bytes_recv"] for L in parsed]}
+        for name, prof in profiles.items():
+            r[f"modelled_{name}_s"] = modelled_seconds(r["seconds"], r["rounds"], max(r["bytes_sent"]), prof)
+        return r
+
+    per_token = [dict(token=t, **row(f"token/{t}")) for t in range(max_new_tokens)]
+    phases = {"offline": row("offline"), "prefill": row("prefill")}
+    return per_token, phases
+
+
+def write_json(path, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

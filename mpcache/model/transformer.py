@@ -1,0 +1,242 @@
+"""One decoder-only transformer (LLaMA-style and GPT-2-style), written once against a backend op set.
+
+The same code runs on torch tensors (:class:`mpcache.backends.PlainBackend`) and on CrypTen secret shares
+(:class:`mpcache.backends.secure.SecureBackend`). Token inputs are ids (plaintext only) or one-hot rows (T, V),
+the form a secret-shared token takes. Weights follow the convention of :mod:`mpcache.model.weights`
+(linear weights stored (in, out), so every linear layer is ``x @ W``).
+
+Shapes: T tokens in this call, D hidden, H query heads, Hkv KV heads, G = H / Hkv, hd head dim, L cached rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends.plain import causal_mask, rope_tables
+from ..config import ModelConfig
+from ..policies.base import CachePolicy, DecodeContext, PrefillContext
+
+
+def _no_scope(name: str):
+    return contextlib.nullcontext()
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V (Hkv, L, hd) in the backend's tensor type, plus per-layer policy state."""
+
+    n_layers: int
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    state: list = field(default_factory=list)
+    n_prompt: int = 0     # rows that came from the prompt (after static compaction)
+    pos: int = 0          # next absolute position (public)
+
+    def __post_init__(self):
+        self.k = [None] * self.n_layers
+        self.v = [None] * self.n_layers
+        self.state = [{} for _ in range(self.n_layers)]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else int(self.k[0].shape[1])
+
+
+class Transformer:
+    """Forward passes (prefill over the prompt, one-token decode) with a pluggable cache policy.
+
+    ``scope(name)`` is a context-manager factory used to attribute costs (the session's ledger); plaintext runs
+    leave it as a no-op.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict, backend, policy: CachePolicy | None = None, scope=None):
+        self.cfg, self.w, self.B = cfg, weights, backend
+        self.policy = policy or CachePolicy()
+        self.scope = scope or _no_scope
+
+    # ---- blocks ------------------------------------------------------------------------------------------
+    def _norm(self, x, prefix: str):
+        B, cfg = self.B, self.cfg
+        D = cfg.hidden_size
+        # rsqrt of the SUM of squares (+ D*eps), times sqrt(D): the same value as rsqrt(mean + eps), but the
+        # sum has D times more significant bits in fixed point than the mean.
+        if cfg.arch == "llama":
+            ss = (x * x).sum(dim=-1, keepdim=True)
+            return x * (B.rsqrt(ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"]))
+        mu = x.sum(dim=-1, keepdim=True) * (1.0 / D)
+        xc = x - mu
+        ss = (xc * xc).sum(dim=-1, keepdim=True)
+        return xc * (B.rsqrt(ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"])) + \
+            self.w[prefix + ".bias"]
+
+    def _linear(self, x, name: str, bias: str | None = None):
+        y = self.B.matmul(x, self.w[name])
+        if bias is not None and bias in self.w:
+            y = y + self.w[bias]
+        return y
+
+    def _rope(self, x, cos, sin):
+        """x (heads, T, hd) * cos + rotate_half(x) * sin; cos/sin (T, hd) are public."""
+        h = x.shape[-1] // 2
+        rot = self.B.cat([-x[..., h:], x[..., :h]], dim=-1)
+        return x * cos + rot * sin
+
+    def _mlp(self, h, p: str):
+        B = self.B
+        if self.cfg.arch == "llama":
+            g = self._linear(h, p + "w_gate")
+            u = self._linear(h, p + "w_up")
+            return self._linear(B.silu(g) * u, p + "w_down")
+        a = self._linear(h, p + "w_fc", p + "b_fc")
+        return self._linear(B.gelu(a), p + "w_proj", p + "b_proj")
+
+    def _qkv(self, h, p: str, positions: torch.Tensor):
+        cfg, T = self.cfg, h.shape[0]
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = self._linear(h, p + "wq", p + "bq").reshape(T, H, hd).transpose(0, 1)
+        k = self._linear(h, p + "wk", p + "bk").reshape(T, Hkv, hd).transpose(0, 1)
+        v = self._linear(h, p + "wv", p + "bv").reshape(T, Hkv, hd).transpose(0, 1)
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(positions, hd, cfg.rope_theta)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        return q, k, v
+
+    def _attend(self, q, k, v, mask=None):
+        """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
+        are stacked so one batched matmul serves the group (GQA)."""
+        cfg, B = self.cfg, self.B
+        H, Hkv, hd, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
+        Tq = q.shape[1]
+        qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G * Tq, hd)
+        with self.scope("qk"):
+            s = B.matmul(qg, k.transpose(1, 2))                      # (Hkv, G*Tq, Lk)
+        with self.scope("softmax"):
+            if mask is not None:
+                mask = mask.repeat(G, 1)                             # (G*Tq, Lk), public
+            p = B.softmax(s, dim=-1, mask=mask)
+        with self.scope("av"):
+            o = B.matmul(p, v)                                       # (Hkv, G*Tq, hd)
+        o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
+        return o, p
+
+    # ---- passes ------------------------------------------------------------------------------------------
+    def _embed(self, tokens, positions: torch.Tensor):
+        with self.scope("embed"):
+            x = self.B.embedding(self.w["embed"], tokens)
+            if self.cfg.arch == "gpt2":
+                x = x + self.w["pos_embed"][positions]
+        return x
+
+    def _logits(self, x):
+        with self.scope("lm_head"):
+            h = self._norm(x[-1:], "final_norm")
+            head = self.w["lm_head"] if "lm_head" in self.w else self.w["embed"].t()
+            return self.B.matmul(h, head)                            # (1, V)
+
+    def prefill(self, tokens, cache: KVCache):
+        """Run the prompt (T tokens) through the model, fill ``cache`` (after the policy's static compaction)
+        and return the logits (1, V) of the last position."""
+        cfg = self.cfg
+        T = len(tokens) if not hasattr(tokens, "shape") else int(tokens.shape[0])
+        if T > cfg.max_position:
+            raise ValueError(f"prompt of {T} tokens exceeds the model's context of {cfg.max_position}")
+        positions = torch.arange(T)
+        x = self._embed(tokens, positions)
+        mask = causal_mask(T, T)
+        shared: dict = {}
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            with self.scope(f"L{i}"):
+                with self.scope("norm"):
+                    h = self._norm(x, p + "attn_norm")
+                with self.scope("qkv"):
+                    q, k, v = self._qkv(h, p, positions)
+                o, probs = self._attend(q, k, v, mask)
+                with self.scope("attn_out"):
+                    x = x + self._linear(o, p + "wo", p + "bo")
+                with self.scope("static_eviction"):
+                    H = cfg.n_heads
+                    ctx = PrefillContext(self.B, i, cfg.n_layers, q, k, v, probs.reshape(H, T, T),
+                                         cache.state[i], shared)
+                    g = self.policy.prefill(ctx)
+                    if g is not None:
+                        k, v = g.apply(k, self.B), g.apply(v, self.B)
+                cache.k[i], cache.v[i] = k, v
+                with self.scope("norm"):
+                    h = self._norm(x, p + "mlp_norm")
+                with self.scope("mlp"):
+                    x = x + self._mlp(h, p)
+        cache.n_prompt = cache.length
+        cache.pos = T
+        return self._logits(x)
+
+    def decode(self, token, cache: KVCache):
+        """One new token (an id, or a one-hot (1, V)) at position ``cache.pos``; returns logits (1, V)."""
+        cfg, B = self.cfg, self.B
+        if cache.pos >= cfg.max_position:
+            raise ValueError(f"position {cache.pos} exceeds the model's context of {cfg.max_position}")
+        positions = torch.tensor([cache.pos])
+        x = self._embed(token if hasattr(token, "shape") else [token], positions)
+        shared: dict = {}
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            with self.scope(f"L{i}"):
+                with self.scope("norm"):
+                    h = self._norm(x, p + "attn_norm")
+                with self.scope("qkv"):
+                    q, k, v = self._qkv(h, p, positions)
+                cache.k[i] = B.cat([cache.k[i], k], dim=1)
+                cache.v[i] = B.cat([cache.v[i], v], dim=1)
+                with self.scope("selection"):
+                    ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
+                                        cache.state[i], shared)
+                    g = self.policy.select(ctx)
+                with self.scope("gather"):
+                    ks = cache.k[i] if g is None else g.apply(cache.k[i], B)
+                    vs = cache.v[i] if g is None else g.apply(cache.v[i], B)
+                o, _ = self._attend(q, ks, vs)
+                with self.scope("attn_out"):
+                    x = x + self._linear(o, p + "wo", p + "bo")
+                with self.scope("norm"):
+                    h = self._norm(x, p + "mlp_norm")
+                with self.scope("mlp"):
+                    x = x + self._mlp(h, p)
+        cache.pos += 1
+        return self._logits(x)
+
+
+def generate(model: Transformer, tokens, max_new_tokens: int, reveal=None, on_token=None, keep_logits=None):
+    """Greedy generation of exactly ``max_new_tokens`` tokens (a public count: no early stop on EOS, which would
+    reveal when it appeared).
+
+    ``tokens``: prompt ids (plaintext) or one-hot rows (T, V) (secure). The argmax stays a one-hot in the backend
+    (a secret share under MPC) and is fed back as the next input; ``reveal(onehot) -> int | None`` opens it (to
+    the client only, under MPC). Costs are scoped ``prefill`` (the prompt's forward pass) and ``token/t`` (the
+    decode pass that produced token t's logits — none for t = 0 — plus its argmax and reveal).
+    ``keep_logits(logits) -> tensor`` (tests only) records the logits of every step. Returns (ids, logits list).
+    """
+    B = model.B
+    reveal = reveal or (lambda oh: int(oh.argmax()))
+    if keep_logits is None and not getattr(B, "secure", False):
+        keep_logits = lambda x: x  # noqa: E731 - plaintext logits are free to keep
+    cache = KVCache(model.cfg.n_layers)
+    out, logits_all = [], []
+    with model.scope("prefill"):
+        logits = model.prefill(tokens, cache)
+    oh = None
+    for t in range(max_new_tokens):
+        with model.scope(f"token/{t}"):
+            if t > 0:
+                logits = model.decode(oh, cache)
+            if keep_logits is not None:
+                logits_all.append(keep_logits(logits))
+            with model.scope("argmax"):
+                oh = B.argmax_onehot(logits, dim=-1)                 # (1, V)
+                tok = reveal(oh)
+        out.append(tok)
+        if on_token is not None:
+            on_token(t, tok)
+    return out, logits_all

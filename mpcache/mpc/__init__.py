@@ -1,0 +1,2 @@
+"""MPC plumbing: CrypTen compatibility shims, the session (MPI -> torch.distributed -> CrypTen), the cost ledger,
+and our secure protocols."""

@@ -1,0 +1,116 @@
+"""A minimal, explicit compatibility layer for CrypTen 0.4.1 (Dec 2022) on torch 2.13.
+
+Never a vendored copy: each patch is a small, named function applied once by :func:`apply` (called by the
+session before ``import crypten``), and each has a test in ``tests/test_compat.py``. What each fixes:
+
+1. ``onnx_registration``: ``crypten.nn.onnx_converter`` imports ``torch.onnx._internal.registration`` at module
+   load; torch >= 2.9 moved it to ``torch.onnx._internal.torchscript_exporter.registration``. We alias the old
+   module name. (CrypTen also imports ``onnx`` there, only for ``crypten.nn.from_pytorch``, which we never use:
+   if ``onnx`` is not installed we register an empty placeholder module so that the import succeeds; calling
+   ``from_pytorch`` would then fail loudly.)
+2. ``torch_load_weights_only``: torch >= 2.6 defaults ``torch.load(weights_only=True)``, which refuses to
+   unpickle CrypTen objects in ``crypten.load`` / ``load_from_party`` and the provider's tuple cache. We pass
+   ``weights_only=False`` at exactly those call sites (not globally).
+3. ``replicated_contiguous``: the replicated (3-party) protocol receives into ``torch.zeros_like(share)``, which
+   keeps a non-contiguous share's strides (e.g. a transposed K); gloo refuses non-contiguous buffers. We make the
+   shares contiguous before replication.
+4. ``torch_function_classmethod``: CrypTensor defines ``__torch_function__`` as a plain method; new torch warns
+   (and errors under -W error). We rebind it as a classmethod with the same body.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import types
+
+_APPLIED: list[str] = []
+
+
+def _onnx_registration() -> None:
+    try:
+        importlib.import_module("torch.onnx._internal.registration")
+    except ImportError:
+        new = importlib.import_module("torch.onnx._internal.torchscript_exporter.registration")
+        sys.modules["torch.onnx._internal.registration"] = new
+    try:
+        importlib.import_module("onnx")
+    except ImportError:
+        placeholder = types.ModuleType("onnx")
+        placeholder.__doc__ = "placeholder registered by mpcache.mpc.compat: onnx is not installed"
+        placeholder.numpy_helper = types.ModuleType("onnx.numpy_helper")   # imported by name, never used
+        sys.modules["onnx"] = placeholder
+        sys.modules["onnx.numpy_helper"] = placeholder.numpy_helper
+
+
+def _torch_load_weights_only() -> None:
+    import torch
+    import crypten
+    from crypten.mpc.provider import provider as provider_mod
+
+    def load_unsafe(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return torch.load(*args, **kwargs)
+
+    # crypten.load / load_from_party take the loader as a default argument bound at definition time.
+    for fn in (crypten.load, crypten.load_from_party):
+        defaults = list(fn.__defaults__ or ())
+        fn.__defaults__ = tuple(load_unsafe if d is torch.load else d for d in defaults)
+    # the provider module calls torch.load through its module global `torch`: give it a namespace whose `load`
+    # passes weights_only=False and that forwards everything else to torch.
+    shim = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    shim.load = load_unsafe
+    provider_mod.torch = shim
+
+
+def _replicated_contiguous() -> None:
+    from crypten.mpc.primitives import replicated
+
+    original = replicated.replicate_shares
+    if getattr(original, "_mpcache_patched", False):
+        return
+
+    @functools.wraps(original)
+    def replicate_shares(share_list):
+        return original([s.contiguous() for s in share_list])
+
+    replicate_shares._mpcache_patched = True
+    replicated.replicate_shares = replicate_shares
+
+
+def _torch_function_classmethod() -> None:
+    from crypten.cryptensor import CrypTensor
+
+    fn = CrypTensor.__dict__.get("__torch_function__")
+    if isinstance(fn, classmethod) or fn is None:
+        return
+    CrypTensor.__torch_function__ = classmethod(fn)
+
+
+PATCHES = {
+    "onnx_registration": _onnx_registration,
+    "torch_load_weights_only": _torch_load_weights_only,
+    "replicated_contiguous": _replicated_contiguous,
+    "torch_function_classmethod": _torch_function_classmethod,
+}
+
+
+def apply() -> list[str]:
+    """Apply every patch once (idempotent). Returns the names applied so far."""
+    if not _APPLIED:
+        _onnx_registration()          # must run before `import crypten`
+        _APPLIED.append("onnx_registration")
+        import crypten  # noqa: F401
+
+        for name in ("torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod"):
+            PATCHES[name]()
+            _APPLIED.append(name)
+    return list(_APPLIED)
+
+
+def crypten():
+    """Import CrypTen with the patches applied."""
+    apply()
+    import crypten as _crypten
+
+    return _crypten

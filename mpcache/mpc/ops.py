@@ -1,0 +1,349 @@
+"""Secure nonlinear protocols on CrypTen arithmetic shares, each with its float model beside it.
+
+Every ``<op>`` works on ``MPCTensor`` shares; ``<op>_reference`` is the same algorithm (same iterations, same
+approximation) on float64 torch tensors, so tests can measure the fixed-point error alone (secure vs reference)
+and the approximation error alone (reference vs the exact torch op).
+
+Cost notation (per call, 2PC, CrypTen 0.4.1, 64-bit ring): ``cmp`` = one comparison layer (``_ltz``: A2B with a
+log-depth adder + bit extraction; ~8 rounds; measured rounds/bytes are pinned in tests/test_secure_ops.py);
+``mul`` = one Beaver multiplication (1 round: open x-a and y-b); a public scalar/tensor product is local in 2PC
+(truncation is local) and communicates only in 3PC. Shapes (numbers of comparisons, iterations) depend only on
+public sizes. **Leakage of every protocol here: none beyond the shapes of its inputs.**
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# ---- comparisons and max -------------------------------------------------------------------------------------
+
+
+def _cat(xs, dim):
+    import crypten
+
+    return crypten.cat(xs, dim=dim)
+
+
+def tree_max(x, dim: int = -1, keepdim: bool = False):
+    """Maximum along ``dim`` by a pairwise tournament: values only (no argmax one-hot, no random tie-break,
+    unlike CrypTen's ``max(dim)``, which spends ~45% more bytes on them).
+
+    Rounds: ceil(log2 m) x (cmp + 1 mul).  Bytes/party: ~(m-1) comparisons + (m-1) mux products per row.
+    Leaks: shapes only.
+    """
+    x = x.transpose(dim, -1) if dim not in (-1, x.dim() - 1) else x
+    while x.shape[-1] > 1:
+        m = x.shape[-1]
+        h = m // 2
+        a, b = x[..., :h], x[..., h:2 * h]
+        d = a - b
+        top = b + d * (1 - d._ltz())                    # max(a, b) = b + (a - b) * [a - b >= 0]
+        x = top if m % 2 == 0 else _cat([top, x[..., 2 * h:]], dim=-1)
+    out = x if keepdim else x.squeeze(-1)
+    if keepdim and dim not in (-1, out.dim() - 1):
+        out = out.transpose(dim, -1)
+    return out
+
+
+def tree_max_reference(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    return x.max(dim=dim, keepdim=keepdim).values
+
+
+# ---- exp -----------------------------------------------------------------------------------------------------
+EXP_ITERS = 8
+
+
+def exp_limit(x, iters: int = EXP_ITERS):
+    """exp(x) ~ (1 + x / 2^iters)^(2^iters) for x <= 0 (CrypTen's limit approximation).
+
+    Valid for x > -2^iters (= -256): below, the base turns negative; callers only pass x - max(x) with masked
+    entries zeroed afterwards. Error (float model): relative error exp(x) vs approx is x^2/2^(iters+1) to first
+    order, e.g. 5% at x = -5 and 0.2% at x = -1; probabilities renormalise most of it away.
+    Rounds: iters mul.  Leaks: shapes only.
+    """
+    y = 1 + x * (1.0 / 2 ** iters)
+    for _ in range(iters):
+        y = y * y
+    return y
+
+
+def exp_limit_reference(x: torch.Tensor, iters: int = EXP_ITERS) -> torch.Tensor:
+    y = 1 + x.double() / 2 ** iters
+    for _ in range(iters):
+        y = y * y
+    return y
+
+
+# ---- reciprocal and reciprocal square root: range-free initial guess + Newton --------------------------------
+RECIP_RANGE = (-8, 8)      # softmax denominators scaled by 1/sqrt(m) lie in [2^-8, 2^8] for m <= 65536
+RECIP_ITERS = 4
+RSQRT_RANGE = (-10, 30)    # sums of squares of a hidden state (+ D*eps)
+RSQRT_ITERS = 3
+
+
+def _pow2_guess_coeffs(lo: int, hi: int, power: float, c: float) -> tuple[float, list[float]]:
+    """y0(x) = c * 2^(-j*power) for x in [2^j, 2^(j+1)), written as base + sum_j [x >= 2^j] * delta_j."""
+    ys = [c * 2.0 ** (-j * power) for j in range(lo - 1, hi + 1)]
+    return ys[0], [ys[i + 1] - ys[i] for i in range(len(ys) - 1)]
+
+
+def _pow2_guess(x, lo: int, hi: int, power: float, c: float):
+    """One batched comparison layer against the public thresholds 2^lo .. 2^hi, then a local linear combination
+    of the bits with public fixed-point coefficients (shares times integers: exact)."""
+    import crypten
+
+    base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
+    bits = 1 - crypten.stack([x - 2.0 ** j for j in range(lo, hi + 1)])._ltz()           # (J, ...), scale 1
+    scale = x.encoder.scale
+    d = torch.tensor([round(v * scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
+    y = x.clone()
+    y.share = (bits.share * d.to(bits.share.device)).sum(0)
+    return y + base
+
+
+def _pow2_guess_reference(x: torch.Tensor, lo: int, hi: int, power: float, c: float) -> torch.Tensor:
+    base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
+    y = torch.full_like(x, base, dtype=torch.float64)
+    for j, dj in zip(range(lo, hi + 1), deltas):
+        y = y + (x >= 2.0 ** j).double() * dj
+    return y
+
+
+def reciprocal_nr(x, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]):
+    """1/x for x in [2^lo, 2^(hi+1)): initial guess (2/3) 2^-j on [2^j, 2^(j+1)) (so x*y0 in [2/3, 4/3)),
+    then Newton y <- y (2 - x y), whose relative error squares each step: 1/3 -> 1e-1 -> 1e-2 -> 1e-4 -> 1e-8.
+    Rounds: 1 cmp + 2*iters mul.  Bytes: (hi-lo+1) comparisons per element.  Leaks: shapes only.
+    """
+    y = _pow2_guess(x, lo, hi, 1.0, 2.0 / 3.0)
+    for _ in range(iters):
+        y = y * (2 - x * y)
+    return y
+
+
+def reciprocal_nr_reference(x: torch.Tensor, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0],
+                            hi: int = RECIP_RANGE[1]) -> torch.Tensor:
+    x = x.double()
+    y = _pow2_guess_reference(x, lo, hi, 1.0, 2.0 / 3.0)
+    for _ in range(iters):
+        y = y * (2 - x * y)
+    return y
+
+
+def rsqrt(x, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0], hi: int = RSQRT_RANGE[1]):
+    """1/sqrt(x) for x in [2^lo, 2^(hi+1)): initial guess sqrt(2/3) 2^(-j/2) on [2^j, 2^(j+1)) (x*y0^2 in
+    [2/3, 4/3)), then Newton y <- y (3 - x y^2) / 2 (relative error 1/3 -> 0.1 -> 1e-2 -> 1e-4).
+    Rounds: 1 cmp + 3*iters mul.  Bytes: (hi-lo+1) comparisons per element.  Leaks: shapes only.
+    """
+    y = _pow2_guess(x, lo, hi, 0.5, math.sqrt(2.0 / 3.0))
+    for _ in range(iters):
+        y = y * (3 - x * y * y) * 0.5
+    return y
+
+
+def rsqrt_reference(x: torch.Tensor, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0],
+                    hi: int = RSQRT_RANGE[1]) -> torch.Tensor:
+    x = x.double()
+    y = _pow2_guess_reference(x, lo, hi, 0.5, math.sqrt(2.0 / 3.0))
+    for _ in range(iters):
+        y = y * (3 - x * y * y) * 0.5
+    return y
+
+
+# ---- softmax -------------------------------------------------------------------------------------------------
+MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
+
+
+def softmax(x, dim: int = -1, mask: torch.Tensor | None = None):
+    """Softmax along the last dim, correct for rows of up to 2^16 entries (tested flat and peaked at 8k).
+
+    Stock CrypTen divides by the sum of exponentials with a reciprocal whose Newton iterations diverge once the
+    sum exceeds ~250 (garbage on long flat rows). Here the sum s in [1, m] is scaled by the public 1/sqrt(m) into
+    [m^-1/2, m^1/2], inside the reciprocal's convergence range for m <= 8k, and the result rescaled.
+    ``mask`` (public 0/1, broadcastable): excluded entries are shifted down before the max and zeroed after exp.
+    Rounds: ceil(log2 m)(cmp+1) + EXP_ITERS + (EXP_ITERS + 2 RECIP_ITERS) + 1.  Leaks: shapes only.
+    """
+    assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
+    m = x.shape[-1]
+    if m > 2 ** 16:
+        raise ValueError(f"secure softmax supports rows of up to 65536 entries, got {m}")
+    if mask is not None:
+        x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
+    mx = tree_max(x, dim=-1, keepdim=True)
+    e = exp_limit(x - mx)
+    if mask is not None:
+        e = e * mask.to(torch.float32)
+    c = 1.0 / math.sqrt(m)
+    r = reciprocal_nr(e.sum(dim=-1, keepdim=True) * c)
+    return e * (r * c)
+
+
+def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    x = x.double()
+    m = x.shape[-1]
+    if mask is not None:
+        x = x + (mask.double() - 1) * MASK_SHIFT
+    e = exp_limit_reference(x - x.max(dim=-1, keepdim=True).values)
+    if mask is not None:
+        e = e * mask.double()
+    c = 1.0 / math.sqrt(m)
+    return e * (reciprocal_nr_reference(e.sum(dim=-1, keepdim=True) * c) * c)
+
+
+# ---- piecewise-polynomial activations ------------------------------------------------------------------------
+def _fit_even(f, degree: int, lo: float, hi: float) -> list[float]:
+    """Least-squares coefficients c0, c2, c4, ... of an even polynomial on [lo, hi] (deterministic grid)."""
+    xs = np.linspace(lo, hi, 4001)
+    A = np.stack([xs ** p for p in range(0, degree + 1, 2)], axis=1)
+    return np.linalg.lstsq(A, f(xs), rcond=None)[0].tolist()
+
+
+def _fit(f, degree: int, lo: float, hi: float) -> list[float]:
+    xs = np.linspace(lo, hi, 2001)
+    A = np.stack([xs ** p for p in range(degree + 1)], axis=1)
+    return np.linalg.lstsq(A, f(xs), rcond=None)[0].tolist()
+
+
+def _np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _np_gelu(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+# SiLU as in the authors' SPU code: 0 for x < -8; degree 2 on [-8, -4); 0.5x + even degree-6 on [-4, 4]; x above.
+SILU_MID = _fit_even(lambda x: _np_silu(x) - 0.5 * x, 6, -4.0, 4.0)
+SILU_LOW = _fit(_np_silu, 2, -8.0, -4.0)
+# GeLU (tanh form): 0 for x < -4; 0.5x + even degree-8 on [-4, 4]; x above.
+GELU_MID = _fit_even(lambda x: _np_gelu(x) - 0.5 * x, 8, -4.0, 4.0)
+
+
+def _even_poly(x2, coeffs):
+    """c0 + c2 x^2 + c4 x^4 + ... given x^2 (Horner in x^2)."""
+    y = x2 * coeffs[-1]
+    for c in reversed(coeffs[1:-1]):
+        y = (y + c) * x2
+    return y + coeffs[0]
+
+
+def silu(x):
+    """SiLU by the piecewise polynomial above. Max abs error of the float model: see tests (~1e-2).
+    Rounds: 1 cmp (the 3 breakpoints batched) + 4 mul.  Leaks: shapes only."""
+    import crypten
+
+    x2 = x * x
+    mid = x * 0.5 + _even_poly(x2, SILU_MID)
+    low = x2 * SILU_LOW[2] + x * SILU_LOW[1] + SILU_LOW[0]
+    c = crypten.stack([x + 8, x + 4, -x + 4])._ltz()          # [x < -8], [x < -4], [x > 4]
+    z = c * torch.tensor([-1.0, -1.0, 1.0]).reshape(3, *([1] * x.dim())) + \
+        torch.tensor([1.0, 1.0, 0.0]).reshape(3, *([1] * x.dim()))   # [x >= -8], [x >= -4], [x > 4]
+    d = crypten.stack([low, mid - low, x - mid])
+    return (z * d).sum(0)
+
+
+def silu_reference(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    x2 = x * x
+    mid = 0.5 * x + sum(c * x2 ** i for i, c in enumerate(SILU_MID))
+    low = SILU_LOW[2] * x2 + SILU_LOW[1] * x + SILU_LOW[0]
+    z1, z2, z3 = (x >= -8).double(), (x >= -4).double(), (x > 4).double()
+    return z1 * low + z2 * (mid - low) + z3 * (x - mid)
+
+
+def gelu(x):
+    """GeLU (tanh form) by the piecewise polynomial above. Rounds: 1 cmp + 5 mul.  Leaks: shapes only."""
+    import crypten
+
+    mid = x * 0.5 + _even_poly(x * x, GELU_MID)
+    z = 1 - crypten.stack([x + 4, -x + 4])._ltz()              # [x >= -4], [x <= 4]
+    return z[0] * mid + (1 - z[1]) * (x - mid)
+
+
+def gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    x2 = x * x
+    mid = 0.5 * x + sum(c * x2 ** i for i, c in enumerate(GELU_MID))
+    return (x >= -4).double() * mid + (x > 4).double() * (x - mid)
+
+
+# ---- argmax and top-k as one-hot rows ------------------------------------------------------------------------
+def argmax_onehot(x):
+    """One-hot (..., m) of the first maximum along the last dim.
+
+    The tree max is exact (a mux of ring elements), so ``[x >= max]`` marks exactly the maxima; ties are broken
+    to the lowest index with a local prefix sum and one more comparison.
+    Rounds: ceil(log2 m)(cmp+1) + 2 cmp + 1 mul.  Leaks: shapes only.
+    """
+    mx = tree_max(x, dim=-1, keepdim=True)
+    eq = 1 - (x - mx)._ltz()
+    first_or_later = (eq.cumsum(-1) - 2)                      # >= 0 exactly at the 2nd, 3rd, ... maxima
+    return eq - eq * (1 - first_or_later._ltz())
+
+
+def argmax_onehot_reference(x: torch.Tensor) -> torch.Tensor:
+    idx = x.argmax(dim=-1, keepdim=True)
+    return torch.zeros_like(x, dtype=torch.float64).scatter_(-1, idx, 1.0)
+
+
+def _mul_public_int(x, t: torch.Tensor):
+    """x * t for a public integer tensor t, exactly: shares are multiplied in the ring (linear, no truncation)."""
+    out = x.clone()
+    out.share = out.share * t.to(out.share.device)
+    return out
+
+
+def _pairwise_rank(s):
+    """rank_i = #{j : s_j > s_i, or s_j == s_i and j < i}: the position of item i in a stable descending sort.
+
+    One comparison layer over all m*m pairs: for j < i the bit is [s_j - s_i >= 0], for j > i it is
+    1 - [s_i - s_j >= 0]; both come from one ``_ltz`` of w_ij = (s_j - s_i) * sign_ij (sign public).
+    """
+    m = s.shape[-1]
+    diff = s.unsqueeze(-2) - s.unsqueeze(-1)                  # [..., i, j] = s_j - s_i
+    lower = torch.tril(torch.ones(m, m), diagonal=-1)         # j < i
+    upper = torch.triu(torch.ones(m, m), diagonal=1)          # j > i
+    neg = _mul_public_int(diff, (lower - upper).long())._ltz()   # [w_ij < 0]
+    # j < i: [s_j >= s_i] = 1 - neg ; j > i: [s_j > s_i] = 1 - [s_i - s_j >= 0] = neg ; diagonal: 0
+    bits = lower * (1 - neg) + upper * neg
+    return bits.sum(-1)                                       # (..., m), integer-valued (scale 1)
+
+
+def _onehot_of_small_int(v, k: int):
+    """(..., k, m) with row r = [v == r] for integer-valued shares v (..., m), via [v >= r] - [v >= r+1]."""
+    import crypten
+
+    ge = 1 - crypten.stack([v - float(r) for r in range(k + 1)])._ltz()       # (k+1, ..., m)
+    oh = ge[:k] - ge[1:]                                                       # (k, ..., m)
+    perm = list(range(1, oh.dim() - 1)) + [0, oh.dim() - 1]
+    return oh.permute(*perm)
+
+
+def topk_onehot(scores, k: int):
+    """Rows (..., k, m): row r is the one-hot of the r-th largest score (stable: ties to the lower index).
+
+    Rank by pairwise comparison, then one-hot rows by a second batched comparison layer — constant rounds,
+    unlike k sequential argmax passes (k * log2 m layers).
+    Rounds: 2 cmp.  Bytes/party: m^2 + (k+1) m comparisons per row.  Leaks: shapes only.
+    """
+    m = scores.shape[-1]
+    if not 0 < k <= m:
+        raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
+    return _onehot_of_small_int(_pairwise_rank(scores), k)
+
+
+def keep_onehot(scores, k: int):
+    """Rows (..., k, m) selecting the k largest scores, rows in increasing position order (for compaction).
+
+    keep_i = [rank_i < k]; the kept items' output slots are the prefix sums p_i of keep (local); dropped items
+    are pushed out of range by adding 2k (local), and one batched comparison layer builds the rows.
+    Rounds: 3 cmp.  Bytes/party: m^2 + m + (k+1) m comparisons per row.  Leaks: shapes only.
+    """
+    m = scores.shape[-1]
+    if not 0 < k <= m:
+        raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
+    rank = _pairwise_rank(scores)
+    keep = (rank - float(k))._ltz()                                             # [rank < k]
+    slot = keep.cumsum(-1) - keep + (1 - keep) * float(2 * k)
+    return _onehot_of_small_int(slot, k)

@@ -1,0 +1,240 @@
+"""The cache-policy contract: what the model asks of a policy, and the oblivious ``Gather`` it gets back.
+
+A policy is a small frozen-ish dataclass (kvpress style) with two hooks:
+
+* ``prefill(ctx)`` — once per layer at the end of the prefill (the static, "look-once" stage). Returns a
+  ``Gather`` that compacts the prompt's K/V (rows kept, in position order), or ``None`` to keep everything.
+* ``select(ctx)`` — every decode step, every layer. Returns a ``Gather`` of the rows this step's query attends
+  to, or ``None`` for all rows.
+
+Both hooks are written against the backend op set (``ctx.backend``), so one policy runs in plaintext and on
+secret shares. Everything that sets a shape (number of kept rows, clusters, top-k sizes) must be a function of
+public values only (lengths, budgets, layer index) — never of tensor contents.
+
+A policy is a value: it never mutates itself, the model or the cache. Per-layer state that must persist across
+steps (e.g. MPCache's cluster summaries) lives in ``ctx.state`` (a dict owned by the KV cache, one per layer);
+values shared between the layers of one forward call (e.g. a leader layer's selection) live in ``ctx.shared``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+#: The budget a policy uses when neither ``budget`` nor ``compression_ratio`` is given: 10% of the rows attended.
+DEFAULT_BUDGET = 0.1
+
+
+@dataclass
+class Gather:
+    """Rows of a per-KV-head cache ``x`` of shape (Hkv, L, D) to keep or attend.
+
+    ``ranges`` are public ``[start, end)`` row ranges taken as they are (sinks, recent window, newest tokens).
+    ``onehot`` (Hkv, k, C), if given, selects k of the C blocks of ``block`` consecutive rows covering rows
+    ``[start, start + C*block)``; the secret choice is applied as a matmul with the cache viewed as (Hkv, C,
+    block*D), so no index is ever revealed. The output keeps position order: ranges before ``start``, then the
+    gathered blocks (in the one-hot's row order), then ranges after the block region. Public ranges must not
+    overlap the block region.
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    onehot: Any = None
+    start: int = 0
+    block: int = 1
+
+    @property
+    def n_blocks_selected(self) -> int:
+        return 0 if self.onehot is None else int(self.onehot.shape[-2])
+
+    @property
+    def n_candidates(self) -> int:
+        return 0 if self.onehot is None else int(self.onehot.shape[-1])
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows the gather returns (public)."""
+        return sum(e - s for s, e in self.ranges) + self.n_blocks_selected * self.block
+
+    def apply(self, x, backend):
+        """x (Hkv, L, D) -> (Hkv, n_rows, D)."""
+        hkv, _, d = x.shape
+        end = self.start + self.n_candidates * self.block
+        before = [x[:, s:e] for s, e in self.ranges if e <= self.start]
+        after = [x[:, s:e] for s, e in self.ranges if s >= end]
+        assert len(before) + len(after) == len(self.ranges), f"ranges {self.ranges} overlap blocks [{self.start},{end})"
+        parts = before
+        if self.onehot is not None:
+            blocks = x[:, self.start:end].reshape(hkv, self.n_candidates, self.block * d)
+            picked = backend.matmul(self.onehot, blocks)  # (Hkv, k, block*D)
+            parts = parts + [picked.reshape(hkv, self.n_blocks_selected * self.block, d)]
+        parts = parts + after
+        return parts[0] if len(parts) == 1 else backend.cat(parts, dim=1)
+
+
+@dataclass
+class PrefillContext:
+    """What a policy sees at the end of the prefill, for one layer (B = 1).
+
+    q: (H, n, hd) queries after RoPE; k, v: (Hkv, n, hd) keys (after RoPE) and values; attn: (H, n, n) the
+    prefill's causal attention probabilities (already computed, free to reuse).
+    """
+
+    backend: Any
+    layer: int
+    n_layers: int
+    q: Any
+    k: Any
+    v: Any
+    attn: Any
+    state: dict
+    shared: dict
+
+    @property
+    def n(self) -> int:
+        return int(self.k.shape[1])
+
+
+@dataclass
+class DecodeContext:
+    """What a policy sees at one decode step, for one layer.
+
+    q: (H, hd) the new token's query after RoPE; k, v: (Hkv, L, hd) the whole cache after the prefill's
+    compaction, including the new token's row (the last one). ``n_prompt`` rows come from the prompt, the rest
+    were generated.
+    """
+
+    backend: Any
+    layer: int
+    n_layers: int
+    q: Any
+    k: Any
+    v: Any
+    n_prompt: int
+    state: dict
+    shared: dict
+
+    @property
+    def L(self) -> int:
+        return int(self.k.shape[1])
+
+
+@dataclass
+class CachePolicy:
+    """Base class: keep and attend everything (the full cache)."""
+
+    name: ClassVar[str] = "full"
+
+    def prefill(self, ctx: PrefillContext) -> Gather | None:
+        return None
+
+    def select(self, ctx: DecodeContext) -> Gather | None:
+        return None
+
+    def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
+        """Rows (per KV head) the query of decode step ``step`` attends to, for a prompt of ``n_prompt`` tokens.
+
+        Step 0 is the first ``Transformer.decode`` call; the full cache then has ``n_prompt + step + 1`` rows.
+        A public function of the lengths and the policy's settings only (the same in every layer).
+        """
+        return n_prompt + step + 1
+
+    def attended_fraction(self, n_prompt: int, step: int = 0) -> float:
+        """``attended_tokens`` over the rows the full cache would attend at that step (1.0 = full cache)."""
+        return self.attended_tokens(n_prompt, step) / (n_prompt + step + 1)
+
+
+# ---- helpers shared by the policies ---------------------------------------------------------------------------
+def resolve_budget(budget: float | int | None, compression_ratio: float | None) -> float | int:
+    """The kept/attended amount: a fraction in (0, 1] (float) or a token count >= 1 (int).
+
+    ``compression_ratio`` is kvpress's convention (fraction removed, in [0, 1)); ``budget`` is the fraction kept
+    (a float in (0, 1]) or a token count (an int >= 1). Give at most one; neither means ``DEFAULT_BUDGET``.
+    Note ``budget=1`` (int) is one token, ``budget=1.0`` (float) the whole cache.
+    """
+    if budget is not None and compression_ratio is not None:
+        raise ValueError(f"give either budget ({budget!r}) or compression_ratio ({compression_ratio!r}), not both")
+    if compression_ratio is not None:
+        if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, Real) \
+                or not 0.0 <= compression_ratio < 1.0:
+            raise ValueError(f"compression_ratio is the fraction removed, a number in [0, 1); got {compression_ratio!r}"
+                             " (for a token count use budget=<int>)")
+        return 1.0 - float(compression_ratio)
+    if budget is None:
+        return DEFAULT_BUDGET
+    if isinstance(budget, bool):
+        raise ValueError(f"budget must be a fraction in (0, 1] or an int token count >= 1, got {budget!r}")
+    if isinstance(budget, Integral):
+        if budget < 1:
+            raise ValueError(f"a token-count budget must be >= 1, got {budget!r}")
+        return int(budget)
+    if isinstance(budget, Real) and 0.0 < budget <= 1.0:
+        return float(budget)
+    hint = " (for a token count pass an int, e.g. budget=2048)" if isinstance(budget, Real) and budget > 1 else ""
+    raise ValueError(f"budget must be a fraction in (0, 1] or an int token count >= 1, got {budget!r}{hint}")
+
+
+def kept_count(n: int, keep: float | int) -> int:
+    """Rows kept out of ``n`` for a resolved budget: round-half-up of ``keep * n`` for a fraction, ``keep`` for a
+    count, clamped to [min(1, n), n]. Deterministic and public."""
+    k = keep if isinstance(keep, int) else int(math.floor(keep * n + 0.5))
+    return max(min(1, n), min(n, k))
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def sum_groups(x, n_kv_heads: int):
+    """(H, ...) -> (Hkv, ...): sum over the query heads of each KV group (head h belongs to group h // G)."""
+    h = int(x.shape[0])
+    return x.reshape(n_kv_heads, h // n_kv_heads, *x.shape[1:]).sum(dim=1)
+
+
+def nonempty(*ranges: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The public ranges that hold at least one row."""
+    return tuple((s, e) for s, e in ranges if e > s)
+
+
+@dataclass
+class BudgetPolicy(CachePolicy):
+    """Base of the policies with a public budget (see :func:`resolve_budget`).
+
+    Which rows the budget counts is each policy's choice and is documented there: static policies keep
+    ``kept(n)`` prompt rows at the prefill; dynamic ones attend ``kept(L)`` of the L rows at each step.
+    """
+
+    budget: float | int | None = None
+    compression_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        resolve_budget(self.budget, self.compression_ratio)
+
+    @property
+    def keep(self) -> float | int:
+        """The resolved budget: a fraction (float) or a token count (int)."""
+        return resolve_budget(self.budget, self.compression_ratio)
+
+    def kept(self, n: int) -> int:
+        return kept_count(n, self.keep)
+
+
+REGISTRY: dict[str, type[CachePolicy]] = {}
+
+
+def register(cls: type[CachePolicy]) -> type[CachePolicy]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+register(CachePolicy)
+
+
+def make_policy(name: str, **kwargs) -> CachePolicy:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name](**kwargs)
+
+
+__all__ = ["Gather", "PrefillContext", "DecodeContext", "CachePolicy", "BudgetPolicy", "REGISTRY", "register",
+           "make_policy", "resolve_budget", "kept_count", "round_half_up", "sum_groups", "nonempty", "DEFAULT_BUDGET"]

@@ -1,0 +1,377 @@
+"""mpcache/policies: the one-hot Gather path against index gathering, public shapes, incremental summaries,
+MPCache's selection against an independent torch re-implementation, budgets, and every policy inside the model.
+
+Eviction decisions are compared as kept index sets on random Gaussian inputs (no ties in practice).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from mpcache.backends import PlainBackend
+from mpcache.model.transformer import KVCache, Transformer
+from mpcache.model.weights import init_random_weights, tiny_config
+from mpcache.policies import (REGISTRY, DecodeContext, Gather, MPCachePolicy, PrefillContext, QuestPolicy,
+                              make_policy, resolve_budget)
+from mpcache.policies.base import kept_count, nonempty
+from mpcache.policies.snapkv import pool1d
+
+torch.set_num_threads(1)
+B = PlainBackend()
+H, HKV, D = 4, 2, 16
+G = H // HKV
+STATIC = ("streaming", "h2o", "snapkv", "tova")
+DYNAMIC = ("quest", "mpcache")
+POLICIES = ("full",) + STATIC + DYNAMIC
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+def prefill_ctx(n: int, seed: int, layer: int = 0, n_layers: int = 2, shared: dict | None = None) -> PrefillContext:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(h, n, D, generator=g) for h in (H, HKV, HKV))
+    logits = torch.randn(H, n, n, generator=g) * 2
+    attn = torch.softmax(logits.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf")), dim=-1)
+    return PrefillContext(B, layer, n_layers, q, k, v, attn, {}, {} if shared is None else shared)
+
+
+def decode_ctx(L: int, seed: int, n_prompt: int | None = None, state: dict | None = None, K=None,
+               layer: int = 0, shared: dict | None = None) -> DecodeContext:
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(HKV, L, D, generator=g) if K is None else K[:, :L]
+    q = torch.randn(H, D, generator=g)
+    return DecodeContext(B, layer, 2, q, K, K + 1.0, L if n_prompt is None else n_prompt,
+                         {} if state is None else state, {} if shared is None else shared)
+
+
+def row_indices(g: Gather | None, L: int) -> torch.Tensor:
+    """(Hkv, n_rows) cache rows a Gather returns, from its ranges and the argmax of its one-hot (plain only)."""
+    if g is None:
+        return torch.arange(L).expand(HKV, L)
+    end = g.start + g.n_candidates * g.block
+    before = [torch.arange(s, e) for s, e in g.ranges if e <= g.start]
+    after = [torch.arange(s, e) for s, e in g.ranges if s >= end]
+    parts = [torch.cat(before).expand(HKV, -1)] if before else []
+    if g.onehot is not None:
+        assert torch.equal(g.onehot.sum(-1), torch.ones(g.onehot.shape[:-1])), "one-hot rows must hold one 1"
+        blocks = g.onehot.argmax(-1)                                              # (Hkv, k)
+        rows = g.start + blocks[..., None] * g.block + torch.arange(g.block)      # (Hkv, k, block)
+        parts.append(rows.reshape(HKV, -1))
+    if after:
+        parts.append(torch.cat(after).expand(HKV, -1))
+    return torch.cat(parts, dim=1)
+
+
+def index_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x[h].index_select(0, idx[h]) for h in range(x.shape[0])])
+
+
+def hook(name: str, n: int, seed: int, **kw):
+    """(Gather, rows the gather reads from) of the policy's own hook: prefill for static ones, select for dynamic
+    ones at decode step 0 of an n-token prompt (for mpcache, on a cache the size its static stage leaves)."""
+    pol = make_policy(name, **kw)
+    if name in DYNAMIC:
+        n_prompt = pol.n_static(n) if name == "mpcache" else n
+        ctx = decode_ctx(n_prompt + 1, seed, n_prompt=n_prompt, state={"mpcache/prompt_len": n})
+        return pol.select(ctx), ctx.k
+    ctx = prefill_ctx(n, seed)
+    return pol.prefill(ctx), ctx.k
+
+
+# ---- budgets -------------------------------------------------------------------------------------------------
+def test_budget_arithmetic():
+    assert resolve_budget(None, None) == 0.1
+    assert resolve_budget(0.25, None) == 0.25 and resolve_budget(None, 0.75) == 0.25 and resolve_budget(64, None) == 64
+    assert kept_count(200, resolve_budget(None, 0.9)) == 20      # 1 - 0.9 is 0.0999...: round, never truncate
+    assert kept_count(200, 0.1) == 20 and kept_count(205, 0.1) == 21 and kept_count(10, 0.01) == 1
+    assert kept_count(100, 500) == 100 and kept_count(100, 1.0) == 100
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(budget=0.1, compression_ratio=0.9), "not both"),
+    (dict(budget=0.0), r"\(0, 1\]"), (dict(budget=1.5), "pass an int"), (dict(budget=-0.2), r"\(0, 1\]"),
+    (dict(budget=0), ">= 1"), (dict(budget=True), "fraction"), (dict(budget="0.1"), "fraction"),
+    (dict(compression_ratio=1.0), r"\[0, 1\)"), (dict(compression_ratio=-0.1), r"\[0, 1\)"),
+])
+@pytest.mark.parametrize("name", STATIC + DYNAMIC)
+def test_budget_validation(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy(name, **kw)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("streaming", dict(sinks=-1)), ("h2o", dict(recent_ratio=1.5)), ("snapkv", dict(kernel_size=4)),
+    ("snapkv", dict(pooling="median")), ("snapkv", dict(window=0)), ("quest", dict(page_size=0)),
+    ("mpcache", dict(static_keep=1.2)), ("mpcache", dict(static_reduce="sum")), ("mpcache", dict(alpha=2.0)),
+    ("mpcache", dict(fanout=1)), ("mpcache", dict(ratio1=0.0)), ("mpcache", dict(window_fraction=1.0)),
+    ("mpcache", dict(share_group=0)), ("nosuch", {}),
+])
+def test_setting_validation(name, kw):
+    with pytest.raises(ValueError):
+        make_policy(name, **kw)
+
+
+# ---- the one-hot Gather path equals index gathering; public shapes --------------------------------------------
+CASES = [("streaming", dict(budget=0.3)), ("h2o", dict(budget=0.3)), ("snapkv", dict(budget=0.3)),
+         ("snapkv", dict(budget=0.3, pooling="max")), ("snapkv", dict(budget=40)), ("tova", dict(budget=0.3)),
+         ("quest", dict(budget=0.2)), ("mpcache", dict(budget=0.2)), ("mpcache", dict(budget=0.2, linear=False)),
+         ("mpcache", dict(budget=0.2, hierarchy=False)), ("mpcache", dict(budget=0.2, keep_last_cluster=True)),
+         ("mpcache", dict(budget=0.5, static_reduce="mean")), ("h2o", dict(budget=0.3, recent_ratio=0.0))]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CASES])
+def test_onehot_gather_equals_index_gather(name, kw):
+    for n in (257, 600):
+        g, k = hook(name, n, seed=n, **kw)
+        assert g is not None and (g.onehot is not None or name == "streaming")
+        idx = row_indices(g, k.shape[1])
+        for h in range(HKV):   # every row at most once, and the Gather's row count
+            assert len(set(idx[h].tolist())) == idx.shape[1] == g.n_rows
+        assert torch.equal(g.apply(k, B), index_gather(k, idx))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("budget", [0.1, 0.37, 50])
+def test_rows_depend_only_on_public_sizes(name, budget):
+    kw = {} if name == "full" else dict(budget=budget)
+    for n in (100, 333, 1000):
+        rows = []
+        for seed in (1, 2):
+            g, k = hook(name, n, seed, **kw)
+            rows.append(k.shape[1] if g is None else g.n_rows)
+            if g is not None and g.onehot is not None:  # the one-hot's shape is public too
+                rows.append(tuple(g.onehot.shape) + (g.start, g.block))
+        assert rows[: len(rows) // 2] == rows[len(rows) // 2:]
+        pol = make_policy(name, **kw)
+        expected = pol.attended_tokens(n, 0) if name in DYNAMIC else pol.attended_tokens(n, 0) - 1
+        assert rows[0] == expected, (name, n, rows, expected)
+
+
+def test_attended_fraction_tracks_budget():
+    for name in STATIC:
+        assert make_policy(name, budget=0.1).attended_fraction(4000) == pytest.approx(0.1, abs=1e-3)
+    assert QuestPolicy(budget=0.1).attended_fraction(4000) == pytest.approx(0.1, abs=0.01)
+    for kw in ({}, dict(static=False), dict(hierarchy=False), dict(static_keep=0.1)):
+        pol = MPCachePolicy(budget=0.1, **kw)
+        assert pol.attended_fraction(4000) == pytest.approx(0.1, abs=0.01), kw
+        assert pol.attended_fraction(4000, step=100) == pytest.approx(0.1, abs=0.01), kw
+    pol = MPCachePolicy(budget=0.1)
+    assert pol.n_static(4000) == 4 + 800 + round(0.5 * (4000 - 804))   # sinks + window + half the middle
+    for name in POLICIES[1:]:
+        assert make_policy(name, budget=1.0).attended_fraction(500, 3) == 1.0
+
+
+# ---- static stages against direct re-implementations -----------------------------------------------------------
+def test_static_selections_match_reference():
+    n = 300
+    ctx = prefill_ctx(n, seed=5)
+    grouped = lambda x: x.reshape(HKV, G, *x.shape[1:]).sum(1)                       # noqa: E731
+    # max pooling makes ties between neighbours: the backend's rule (lower index first) is part of the spec
+    top = lambda s, k: torch.sort(-s, stable=True).indices[..., :k].sort(-1).values   # noqa: E731
+    kept = lambda g: row_indices(g, n)                                                # noqa: E731
+    # h2o: 45 recent + 45 by accumulated attention
+    s = grouped(ctx.attn.sum(1))[:, : n - 45]
+    ref = torch.cat([top(s, 45), torch.arange(n - 45, n).expand(HKV, -1)], 1)
+    assert torch.equal(kept(make_policy("h2o", budget=0.3).prefill(ctx)), ref)
+    # snapkv: window 32 + 58 by pooled window attention (F.avg_pool1d as the oracle)
+    for mode in ("avg", "max"):
+        s = grouped(ctx.attn[:, -32:, : n - 32].sum(1))[:, None]
+        pool = torch.nn.functional.avg_pool1d if mode == "avg" else torch.nn.functional.max_pool1d
+        s = pool(s, 7, stride=1, padding=3)[:, 0]
+        ref = torch.cat([top(s, 58), torch.arange(n - 32, n).expand(HKV, -1)], 1)
+        assert torch.equal(kept(make_policy("snapkv", budget=0.3, pooling=mode).prefill(ctx)), ref)
+    # tova
+    ref = top(grouped(ctx.attn[:, -1]), 90)
+    assert torch.equal(kept(make_policy("tova", budget=0.3).prefill(ctx)), ref)
+    # mpcache: sinks 4, window 60, half of the 236 middle tokens by the window attention (max or mean)
+    for red in ("max", "mean"):
+        win = ctx.attn[:, n - 60:, 4: n - 60]
+        s = grouped(win.amax(1) if red == "max" else win.mean(1))
+        ref = torch.cat([torch.arange(4).expand(HKV, -1), 4 + top(s, 118), torch.arange(n - 60, n).expand(HKV, -1)], 1)
+        assert torch.equal(kept(MPCachePolicy(budget=0.1, static_reduce=red).prefill(ctx)), ref)
+
+
+def test_pool1d_matches_torch():
+    x = torch.rand(HKV, 50)
+    assert torch.allclose(pool1d(B, x, 7, "avg"), 7 * torch.nn.functional.avg_pool1d(x[:, None], 7, 1, 3)[:, 0])
+    assert torch.equal(pool1d(B, x, 5, "max"), torch.nn.functional.max_pool1d(x[:, None], 5, 1, 2)[:, 0])
+
+
+# ---- incremental summaries and MPCache's dynamic selection ------------------------------------------------------
+def reference_clusters(pol: MPCachePolicy, K: torch.Tensor, q: torch.Tensor, n_full: int, n_prompt: int) -> list:
+    """Chosen fine clusters per KV head, recomputed from scratch with plain torch (sets of cluster ids)."""
+    L, S2, f = K.shape[1], pol.cluster_size, pol.fanout
+    plan = pol.dynamic_plan(L, n_full + L - n_prompt)
+    qg = q.reshape(HKV, G, D)
+
+    def scores(size: int, c: int) -> torch.Tensor:               # (Hkv, c) over clusters of `size` rows from S2
+        blocks = K[:, S2: S2 + c * size].reshape(HKV, c, size, D)
+        rmax, rmin = blocks.amax(2), blocks.amin(2)
+        if pol.linear:
+            return torch.einsum("hd,hcd->hc", qg.sum(1), pol.alpha * rmax + (1 - pol.alpha) * rmin)
+        return torch.maximum(qg[:, :, None] * rmax[:, None], qg[:, :, None] * rmin[:, None]).sum((1, 3))
+
+    s2 = scores(S2, plan.C2)
+    out = []
+    for h in range(HKV):
+        if pol.hierarchy and plan.k1 < plan.C1:
+            chosen = scores(f * S2, plan.C1)[h].topk(plan.k1).indices
+            cand = (chosen[:, None] * f + torch.arange(f)).flatten()
+        else:
+            cand = torch.arange(plan.C2)
+        out.append(set(cand[s2[h, cand].topk(plan.k2).indices].tolist()))
+    return out
+
+
+SELECT_CASES = [dict(), dict(linear=False), dict(hierarchy=False), dict(keep_last_cluster=True),
+                dict(fanout=4, cluster_size=8), dict(ratio1=0.25)]
+
+
+@pytest.mark.parametrize("kw", SELECT_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_mpcache_selection_matches_torch_topk_over_steps(kw):
+    """Decode 70 steps over a growing cache: the selected clusters equal a from-scratch torch re-implementation,
+    and the incrementally kept summaries equal a direct recomputation at every step."""
+    pol = MPCachePolicy(budget=0.15, **kw)
+    n_full, n_prompt = 1500, 900                  # as if the static stage had kept 900 of 1500 prompt rows
+    g = torch.Generator().manual_seed(11)
+    K = torch.randn(HKV, n_prompt + 70, D, generator=g)
+    state: dict = {}
+    S2, f = pol.cluster_size, pol.fanout
+    try:
+        from kernels.cluster_summary import cluster_summary_reference
+    except ImportError:                           # pragma: no cover
+        cluster_summary_reference = None
+    for step in range(70):
+        L = n_prompt + step + 1
+        ctx = decode_ctx(L, seed=step, n_prompt=n_prompt, state=state, K=K)
+        state["mpcache/prompt_len"] = n_full
+        gat = pol.select(ctx)
+        plan = pol.dynamic_plan(L, n_full + L - n_prompt)
+        got = [set(gat.onehot[h].argmax(-1).tolist()) for h in range(HKV)]
+        assert got == reference_clusters(pol, K[:, :L], ctx.q, n_full, n_prompt), (step, plan)
+        assert gat.n_rows == L - (plan.C2 - plan.k2) * S2 and gat.ranges == nonempty((0, S2), (plan.end, L))
+        fine = state[f"mpcache/fine{S2}"]
+        c2 = (L - S2) // S2
+        blocks = K[:, S2: S2 + c2 * S2].reshape(HKV, c2, S2, D)
+        assert fine.count == c2 and torch.equal(fine.max, blocks.amax(2)) and torch.equal(fine.min, blocks.amin(2))
+        if cluster_summary_reference is not None:
+            ref_max, ref_min = cluster_summary_reference(K[:, S2: S2 + c2 * S2], S2)
+            assert torch.equal(fine.max, ref_max) and torch.equal(fine.min, ref_min)
+        if pol.linear:
+            assert torch.allclose(fine.rep, pol.alpha * fine.max + (1 - pol.alpha) * fine.min)
+        coarse = state.get(f"mpcache/coarse{S2}x{f}")
+        if coarse is not None and coarse.count:
+            c1 = coarse.count
+            assert c1 <= c2 // f
+            big = K[:, S2: S2 + c1 * f * S2].reshape(HKV, c1, f * S2, D)
+            assert torch.equal(coarse.max, big.amax(2)) and torch.equal(coarse.min, big.amin(2))
+
+
+def test_mpcache_gather_layout_and_forced_rows():
+    pol = MPCachePolicy(budget=0.15)
+    n_full, n_prompt, L = 1500, 900, 913
+    state = {"mpcache/prompt_len": n_full}
+    gat = pol.select(decode_ctx(L, seed=3, n_prompt=n_prompt, state=state))
+    plan = pol.dynamic_plan(L, n_full + L - n_prompt)
+    assert gat.start == 16 and gat.block == 16 and gat.onehot.shape == (HKV, plan.k2, plan.C2)
+    assert gat.ranges == ((0, 16), (plan.end, L)) and plan.end == 16 + 32 * plan.C1 and L - plan.end < 32
+    assert abs(gat.n_rows - pol.kept(n_full + L - n_prompt)) <= 8   # nearest multiple of the cluster size
+
+
+def test_quest_selection_and_page_summaries():
+    pol = QuestPolicy(budget=0.2)
+    state: dict = {}
+    g = torch.Generator().manual_seed(4)
+    K = torch.randn(HKV, 520, D, generator=g)
+    for L in range(480, 520):
+        ctx = decode_ctx(L, seed=L, state=state, K=K)
+        gat = pol.select(ctx)
+        C, k, end = pol.plan(L)
+        pages = K[:, 16: 16 + 16 * C].reshape(HKV, C, 16, D)
+        rmax, rmin = pages.amax(2), pages.amin(2)
+        qg = ctx.q.reshape(HKV, G, D)
+        s = torch.maximum(qg[:, :, None] * rmax[:, None], qg[:, :, None] * rmin[:, None]).sum((1, 3))
+        try:
+            from kernels.cluster_scores import cluster_scores_exact_reference
+            assert torch.allclose(s, sum(cluster_scores_exact_reference(qg[:, j], rmax, rmin) for j in range(G)),
+                                  rtol=1e-5, atol=1e-5)
+        except ImportError:                       # pragma: no cover
+            pass
+        ref = [set(s[h].topk(k).indices.tolist()) for h in range(HKV)]
+        assert [set(gat.onehot[h].argmax(-1).tolist()) for h in range(HKV)] == ref
+        assert gat.ranges == nonempty((0, 16), (end, L)) and gat.n_rows == pol.attended_tokens(L - 1)
+        summ = state["quest/pages16"]
+        full = (L - 16) // 16
+        assert summ.count == full and torch.equal(summ.max[:, :C], rmax) and torch.equal(summ.min[:, :C], rmin)
+
+
+def test_layer_sharing():
+    pol = MPCachePolicy(budget=0.2)
+    assert [pol.leader(i) for i in range(8)] == [0, 1, 2, 2, 4, 4, 6, 6]
+    assert [MPCachePolicy(share_start=1, share_group=3).leader(i) for i in range(8)] == [0, 1, 1, 1, 4, 4, 4, 7]
+    assert [MPCachePolicy(share_layers=False).leader(i) for i in range(4)] == [0, 1, 2, 3]
+    shared: dict = {}
+    g2 = pol.prefill(prefill_ctx(400, seed=1, layer=2, n_layers=4, shared=shared))
+    assert pol.prefill(prefill_ctx(400, seed=2, layer=3, n_layers=4, shared=shared)) is g2
+    g3 = dataclasses.replace(pol, share_static=False).prefill(prefill_ctx(400, 2, layer=3, n_layers=4, shared=shared))
+    assert g3 is not g2 and g3.n_rows == g2.n_rows
+    shared = {}
+    d2 = pol.select(decode_ctx(600, seed=1, layer=2, shared=shared))
+    assert pol.select(decode_ctx(600, seed=2, layer=3, shared=shared)) is d2 and d2 is not None
+
+
+# ---- inside the model --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config("llama")        # 2 layers, hidden 64, 4 heads, 2 KV heads, head dim 16
+    return cfg, init_random_weights(cfg, seed=0)
+
+
+def run_model(cfg, w, policy, n: int = 200, steps: int = 5):
+    model = Transformer(cfg, w, B, policy)
+    cache = KVCache(cfg.n_layers)
+    tokens = torch.randint(0, cfg.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(0)).tolist()
+    logits = [model.prefill(tokens[:n], cache)]
+    for t in tokens[n:]:               # teacher forcing: every policy sees the same tokens
+        logits.append(model.decode(t, cache))
+    return torch.cat(logits), cache
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny):
+    return run_model(*tiny, make_policy("full"))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_policy_in_model(tiny, full_run, name):
+    cfg, w = tiny
+    kw = {} if name == "full" else dict(budget=0.3)
+    pol = make_policy(name, **kw)
+    logits, cache = run_model(cfg, w, pol)
+    assert logits.shape == (6, cfg.vocab_size) and torch.isfinite(logits).all()
+    assert torch.equal(logits[0], full_run[0][0])          # the prefill itself is never evicted
+    n_static = pol.n_static(200) if name == "mpcache" else (200 if name in ("full", "quest") else pol.kept(200))
+    assert cache.n_prompt == n_static and cache.length == n_static + 5
+    if name != "full":
+        same, _ = run_model(cfg, w, make_policy(name, budget=1.0))
+        assert torch.allclose(same, full_run[0], rtol=1e-5, atol=1e-5), (same - full_run[0]).abs().max()
+
+
+def test_mpcache_switches_in_model(tiny, full_run):
+    cfg, w = tiny
+    for kw in (dict(static=False), dict(linear=False), dict(hierarchy=False), dict(static_reduce="mean")):
+        logits, _ = run_model(cfg, w, MPCachePolicy(budget=0.3, **kw))
+        assert torch.isfinite(logits).all(), kw
+    four = dataclasses.replace(cfg, n_layers=4)
+    logits, cache = run_model(four, init_random_weights(four, seed=1), MPCachePolicy(budget=0.3))
+    assert torch.isfinite(logits).all()
+    # layer 3 shares layer 2's static selection: same number of rows, and the state of the follower stays empty
+    assert cache.k[3].shape == cache.k[2].shape and not any(k.startswith("mpcache/fine") for k in cache.state[3])
+
+
+def test_registry():
+    assert set(POLICIES) <= set(REGISTRY)
+    for name in POLICIES:
+        assert make_policy(name).name == name
