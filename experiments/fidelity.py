@@ -49,13 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from mpcache.backends import PlainBackend  # noqa: E402
-from mpcache.data import (austen_text, continuation_task, passkey_cases, passkey_sample,  # noqa: E402
-                          split_text)
-from mpcache.model.transformer import KVCache, Transformer  # noqa: E402
-from mpcache.model.weights import load_model  # noqa: E402
-from mpcache.policies import make_policy  # noqa: E402
-from mpcache.policies.base import CachePolicy  # noqa: E402
+from mpcache.backends import PlainBackend
+from mpcache.data import austen_text, continuation_task, passkey_cases, passkey_sample, split_text
+from mpcache.model.transformer import KVCache, Transformer
+from mpcache.model.weights import load_model
+from mpcache.policies import make_policy
+from mpcache.policies.base import CachePolicy
 
 
 @dataclass
@@ -198,7 +197,7 @@ def _attended_frac(policy: CachePolicy, n: int) -> float:
 
 # ------------------------------------------------------------------------------------------------- output
 def new_run_dir(out: str, knobs: Knobs) -> Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     base = Path(out) / f"{stamp}-{Path(knobs.model).name}-{knobs.split}"
     d, i = base, 1
     while d.exists():  # never overwrite a run
@@ -235,10 +234,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
         n = len(v)
         mean = sum(v) / n
         se = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan")
-        out.append(dict(length=length, policy=pol, budget=budget, metric=metric, value=mean, stderr=se, n=n))
+        cell = {"length": length, "policy": pol, "budget": budget}
+        out.append({**cell, "metric": metric, "value": mean, "stderr": se, "n": n})
         if metric == "nll":  # perplexity of the pooled tokens; its stderr by the delta method
-            out.append(dict(length=length, policy=pol, budget=budget, metric="ppl", value=math.exp(mean),
-                            stderr=math.exp(mean) * se, n=n))
+            out.append({**cell, "metric": "ppl", "value": math.exp(mean), "stderr": math.exp(mean) * se, "n": n})
     return sorted(out, key=lambda r: (int(r["length"]), r["policy"], str(r["budget"]), r["metric"]))
 
 
@@ -246,14 +245,15 @@ def write_markdown(results: list[dict], path: Path, knobs: Knobs, note: str) -> 
     idx = {(r["length"], r["policy"], r["budget"], r["metric"]): r for r in results}
     rows = sorted({(r["length"], r["policy"], r["budget"]) for r in results},
                   key=lambda x: (int(x[0]), knobs_order(knobs, x[1]), float(x[2] or 1)))
-    cols = [m for m in MAIN_METRICS + ["attended_frac", "sec_per_prompt"] if any(r["metric"] == m for r in results)]
+    extra = ["attended_frac", "sec_passkey", "sec_text"]  # seconds per prompt, per config
+    cols = [m for m in MAIN_METRICS + extra if any(r["metric"] == m for r in results)]
     lines = [f"# Fidelity ({knobs.model}, split={knobs.split})", "", note, "",
              "| length | policy | budget | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
     for length, pol, budget in rows:
         cells = []
         for m in cols:
             r = idx.get((length, pol, budget, m))
-            cells.append("" if r is None else (f"{r['value']:.2f}" if m in ("ppl", "sec_per_prompt")
+            cells.append("" if r is None else (f"{r['value']:.2f}" if m in ("ppl", "sec_passkey", "sec_text")
                                                 else f"{r['value']:.3f}"))
         lines.append(f"| {length} | {pol} | {budget if budget != '' else '—'} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
@@ -264,54 +264,15 @@ def knobs_order(knobs: Knobs, label: str) -> int:
     return labels.index(label) if label in labels else len(labels)
 
 
-# ------------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> Path:
-    knobs = parse_args(argv)
-    torch.set_num_threads(knobs.threads)
+def evaluate(knobs: Knobs, cfg, weights, prompts: list[tuple], configs: list[Config], writer, fh) -> list[dict]:
+    """Run every config on every prompt (the full cache first: it is the reference); one CSV row per metric."""
     from tqdm import tqdm
 
-    t_load = time.time()
-    cfg, weights, tok = load_model(knobs.model, seed=knobs.model_seed)
-    t_load = time.time() - t_load
-    text = austen_text() if knobs.text == "austen" else Path(knobs.text).read_text(encoding="utf-8")
-    text = split_text(text, knobs.split)
-    configs = build_configs(knobs)
-    cases = passkey_cases(knobs.split, knobs.samples)
-    offsets = [random.Random(f"continuation-{c.seed}").randrange(len(text)) for c in cases]
-    n_new = max(knobs.ppl_tokens if "ppl" in knobs.tasks else 0, knobs.gen_tokens if "gen" in knobs.tasks else 0)
-    run_dir = new_run_dir(knobs.out, knobs)
-    meta = {
-        "knobs": dataclasses.asdict(knobs), "git": git_info(), "model": cfg.to_dict(), "model_digest": cfg.digest(),
-        "weights_note": "SmolLM2-135M-Instruct Q4_1 GGUF dequantized to float32" if "smollm2" in knobs.model
-        else "", "passkey_cases": [dataclasses.asdict(c) for c in cases], "continuation_offsets": offsets,
-        "configs": [{"label": c.label, "budget": c.budget, "policy": repr(c.policy)} for c in configs],
-        "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(), "load_seconds": t_load,
-    }
-    (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-
-    # prompts first (cheap), so the progress bar knows the total
-    prompts = []  # (length, task, seed, nominal depth, ids, targets, measured needle depth)
-    for length in knobs.lengths:
-        if "passkey" in knobs.tasks:
-            for c in cases:
-                for d in knobs.depths:  # room for the answer tokens inside the model's context
-                    s = passkey_sample(tok, text, min(length, cfg.max_position - 16), d, c.key, c.seed)
-                    prompts.append((length, "passkey", c.seed, d, s.prompt_ids, s.answer_ids, s.depth))
-        if {"ppl", "gen"} & set(knobs.tasks):
-            n_ctx = min(length, cfg.max_position - n_new)
-            for c, off in zip(cases, offsets):
-                ctx, cont = continuation_task(tok, text, n_ctx, max(knobs.ppl_tokens, 1), off)
-                prompts.append((length, "text", c.seed, "", ctx, cont, None))
-
     rows: list[dict] = []
-    fh = open(run_dir / "samples.csv", "w", newline="")
-    writer = csv.DictWriter(fh, SAMPLE_FIELDS)
-    writer.writeheader()
 
     def emit(length, conf, task, seed, depth, metric, value):
-        r = dict(length=length, policy=conf.label, budget="" if conf.budget is None else conf.budget, task=task,
-                 seed=seed, depth=depth, metric=metric, value=value)
+        r = {"length": length, "policy": conf.label, "budget": "" if conf.budget is None else conf.budget,
+             "task": task, "seed": seed, "depth": depth, "metric": metric, "value": value}
         rows.append(r)
         writer.writerow(r)
 
@@ -334,7 +295,8 @@ def main(argv: list[str] | None = None) -> Path:
                 t_prefill = time.time() - t0
                 if conf is full:
                     ref_cache, ref_logits = copy.deepcopy(cache), logits
-                kept = cache.length / n
+                emit(length, conf, task, seed, depth, "kept_frac", cache.length / n)
+                emit(length, conf, task, seed, depth, "attended_frac", _attended_frac(conf.policy, n))
                 if task == "passkey":
                     right, _ = runner.force(model, cache, logits, targets)
                     emit(length, conf, task, seed, depth, "passkey_exact", float(all(right)))
@@ -354,30 +316,74 @@ def main(argv: list[str] | None = None) -> Path:
                         _, nll = runner.force(model, cache, logits, targets[:knobs.ppl_tokens])
                         for x in nll:  # one row per token so that ppl = exp(mean NLL over all tokens)
                             emit(length, conf, task, seed, depth, "nll", x)
-                emit(length, conf, task, seed, depth, "kept_frac", kept)
-                emit(length, conf, task, seed, depth, "attended_frac", _attended_frac(conf.policy, n))
-                emit(length, conf, task, seed, depth, "sec_prefill", t_prefill)
-                emit(length, conf, task, seed, depth, "sec_per_prompt", time.time() - t0)
-                fh.flush()
+                emit(length, conf, task, seed, depth, f"sec_prefill_{task}", t_prefill)
+                emit(length, conf, task, seed, depth, f"sec_{task}", time.time() - t0)
+                fh.flush()  # a killed run keeps what it measured
                 del cache
                 bar.update(1)
     bar.close()
-    fh.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> Path:
+    knobs = parse_args(argv)
+    torch.set_num_threads(knobs.threads)
+
+    t_load = time.time()
+    cfg, weights, tok = load_model(knobs.model, seed=knobs.model_seed)
+    t_load = time.time() - t_load
+    text = austen_text() if knobs.text == "austen" else Path(knobs.text).read_text(encoding="utf-8")
+    text = split_text(text, knobs.split)
+    configs = build_configs(knobs)
+    cases = passkey_cases(knobs.split, knobs.samples)
+    offsets = [random.Random(f"continuation-{c.seed}").randrange(len(text)) for c in cases]
+    n_new = max(knobs.ppl_tokens if "ppl" in knobs.tasks else 0, knobs.gen_tokens if "gen" in knobs.tasks else 0)
+    run_dir = new_run_dir(knobs.out, knobs)
+    meta = {
+        "knobs": dataclasses.asdict(knobs), "git": git_info(), "model": cfg.to_dict(), "model_digest": cfg.digest(),
+        "weights_note": "SmolLM2-135M-Instruct Q4_1 GGUF dequantized to float32" if "smollm2" in knobs.model
+        else "", "passkey_cases": [dataclasses.asdict(c) for c in cases], "continuation_offsets": offsets,
+        "configs": [{"label": c.label, "budget": c.budget, "policy": repr(c.policy)} for c in configs],
+        "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(), "load_seconds": t_load,
+    }
+    (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    # prompts first (cheap), so the progress bar knows the total
+    prompts = []  # (length, task, seed, nominal depth, ids, targets, measured needle depth)
+    for length in knobs.lengths:
+        if "passkey" in knobs.tasks:
+            for c in cases:
+                for d in knobs.depths:  # room for the answer tokens inside the model's context
+                    s = passkey_sample(tok, text, min(length, cfg.max_position - 16), d, c.key, c.seed)
+                    prompts.append((length, "passkey", c.seed, d, s.prompt_ids, s.answer_ids, s.depth))
+        if {"ppl", "gen"} & set(knobs.tasks):
+            n_ctx = min(length, cfg.max_position - n_new)
+            for c, off in zip(cases, offsets):
+                ctx, cont = continuation_task(tok, text, n_ctx, max(knobs.ppl_tokens, 1), off)
+                prompts.append((length, "text", c.seed, "", ctx, cont, None))
+
+    with open(run_dir / "samples.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, SAMPLE_FIELDS)
+        writer.writeheader()
+        rows = evaluate(knobs, cfg, weights, prompts, configs, writer, fh)
 
     results = aggregate(rows)
     with open(run_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, RESULT_FIELDS)
         w.writeheader()
         w.writerows(results)
-    note = (f"{knobs.samples} seeds × {len(knobs.depths)} depths per passkey cell; ppl over {knobs.ppl_tokens} "
-            f"tokens × {knobs.samples} texts; gen agreement over {knobs.gen_tokens} greedy tokens. "
-            + meta["weights_note"])
+    parts = {"passkey": f"passkey: {knobs.samples} seeds × {len(knobs.depths)} depths per cell",
+             "ppl": f"ppl: {knobs.ppl_tokens} tokens × {knobs.samples} texts",
+             "gen": f"gen agreement: {knobs.gen_tokens} greedy tokens × {knobs.samples} texts"}
+    note = "; ".join(parts[t] for t in knobs.tasks) + ". " + meta["weights_note"]
     write_markdown(results, run_dir / "results.md", knobs, note)
-    meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     if knobs.plot:
         r = subprocess.run([sys.executable, str(REPO / "experiments" / "plot_fidelity.py"), str(run_dir)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if r.returncode != 0:
             print(f"plotting failed (results are saved): {r.stderr.strip()[-500:]}", file=sys.stderr)
     print(f"wrote {run_dir}")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 METRICS = {  # metric -> (axis label, log scale)
     "passkey_exact": ("passkey exact match", False),
@@ -48,7 +49,7 @@ def plot_metric(rows: list[dict], metric: str, out: Path) -> bool:
                 ax.axhline(float(full[0]["value"]), color="k", ls="--", lw=1, label=f"{pol} (no eviction)")
             if pts:
                 x, y, e = zip(*pts)
-                e = [0.0 if v != v else v for v in e]  # NaN stderr (one sample) -> no bar
+                e = [0.0 if math.isnan(v) else v for v in e]  # NaN stderr (one sample) -> no bar
                 ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, color=f"C{i}", label=pol)
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("budget (fraction of the cache)")

@@ -33,8 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "cache_dir", "fetch_deb", "unserialize", "read_lazyload_db", "austen_books", "austen_text", "split_text",
-    "PasskeyCase", "PasskeySample", "passkey_cases", "passkey_sample", "passkey_prompt", "continuation_task",
+    "PasskeyCase",
+    "PasskeySample",
+    "austen_books",
+    "austen_text",
+    "cache_dir",
+    "continuation_task",
+    "fetch_deb",
+    "passkey_cases",
+    "passkey_prompt",
+    "passkey_sample",
+    "read_lazyload_db",
+    "split_text",
+    "unserialize",
 ]
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -67,7 +78,8 @@ def fetch_deb(package: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if not debs:
-        r = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+        r = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True,
+                           check=False)
         debs = sorted(dest.glob(f"{package}_*.deb"))
         if r.returncode != 0 or not debs:
             raise RuntimeError(f"`apt-get download {package}` failed (rc={r.returncode}): {r.stderr.strip()[-400:]}"
@@ -284,6 +296,7 @@ def austen_books() -> dict[str, str]:
     d = cache_dir() / "janeaustenr"
     txt = {name: d / f"{name}.txt" for name in AUSTEN_BOOKS}
     if not all(p.is_file() for p in txt.values()):
+        d.mkdir(parents=True, exist_ok=True)
         root = fetch_deb(AUSTEN_PACKAGE, d)
         db = read_lazyload_db(root / _AUSTEN_DB)
         missing = [n for n in AUSTEN_BOOKS if n not in db]

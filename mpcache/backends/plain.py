@@ -55,8 +55,9 @@ class PlainBackend:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)
 
-    def rsqrt(self, x: Tensor) -> Tensor:
-        return torch.rsqrt(x)
+    def mul_rsqrt(self, v: Tensor, x: Tensor) -> Tensor:
+        """v / sqrt(x)."""
+        return v * torch.rsqrt(x)
 
     def silu(self, x: Tensor) -> Tensor:
         return torch.nn.functional.silu(x)

@@ -65,11 +65,11 @@ class Transformer:
         # sum has D times more significant bits in fixed point than the mean.
         if cfg.arch == "llama":
             ss = (x * x).sum(dim=-1, keepdim=True)
-            return x * (B.rsqrt(ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"]))
+            return B.mul_rsqrt(x, ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"])
         mu = x.sum(dim=-1, keepdim=True) * (1.0 / D)
         xc = x - mu
         ss = (xc * xc).sum(dim=-1, keepdim=True)
-        return xc * (B.rsqrt(ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"])) + \
+        return B.mul_rsqrt(xc, ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"]) + \
             self.w[prefix + ".bias"]
 
     def _linear(self, x, name: str, bias: str | None = None):

@@ -80,7 +80,7 @@ def exp_limit_reference(x: torch.Tensor, iters: int = EXP_ITERS) -> torch.Tensor
 RECIP_RANGE = (-8, 8)      # softmax denominators scaled by 1/sqrt(m) lie in [2^-8, 2^8] for m <= 65536
 RECIP_ITERS = 4
 RSQRT_RANGE = (-10, 30)    # sums of squares of a hidden state (+ D*eps)
-RSQRT_ITERS = 3
+RSQRT_ITERS = 4
 
 
 def _pow2_guess_coeffs(lo: int, hi: int, power: float, c: float) -> tuple[float, list[float]]:
@@ -131,24 +131,31 @@ def reciprocal_nr_reference(x: torch.Tensor, iters: int = RECIP_ITERS, lo: int =
     return y
 
 
-def rsqrt(x, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0], hi: int = RSQRT_RANGE[1]):
-    """1/sqrt(x) for x in [2^lo, 2^(hi+1)): initial guess sqrt(2/3) 2^(-j/2) on [2^j, 2^(j+1)) (x*y0^2 in
-    [2/3, 4/3)), then Newton y <- y (3 - x y^2) / 2 (relative error 1/3 -> 0.1 -> 1e-2 -> 1e-4).
-    Rounds: 1 cmp + 3*iters mul.  Bytes: (hi-lo+1) comparisons per element.  Leaks: shapes only.
+def mul_rsqrt(v, x, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0], hi: int = RSQRT_RANGE[1]):
+    """v / sqrt(x) for x in [2^lo, 2^(hi+1)) (x broadcast against v), keeping fixed-point precision.
+
+    1/sqrt(x) itself can be a handful of ulps when x is large, so it is never materialised: the power-of-two
+    guess y0 ~ x^-1/2 (one batched comparison layer) normalises z = x y0^2 into [2/3, 4/3), Newton refines
+    r ~ z^-1/2 near 1 (its first step from r = 1 is local: r1 = (3 - z) / 2), and the result is (v y0) r.
+    Rounds: 1 cmp + 2 + 3*(iters-1) + 2 mul.  Bytes: (hi-lo+1) comparisons per element of x.  Leaks: shapes only.
     """
-    y = _pow2_guess(x, lo, hi, 0.5, math.sqrt(2.0 / 3.0))
-    for _ in range(iters):
-        y = y * (3 - x * y * y) * 0.5
-    return y
+    y0 = _pow2_guess(x, lo, hi, 0.5, math.sqrt(2.0 / 3.0))
+    z = (x * y0) * y0
+    r = (3 - z) * 0.5
+    for _ in range(iters - 1):
+        r = r * (3 - z * r * r) * 0.5
+    return (v * y0) * r
 
 
-def rsqrt_reference(x: torch.Tensor, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0],
-                    hi: int = RSQRT_RANGE[1]) -> torch.Tensor:
+def mul_rsqrt_reference(v: torch.Tensor, x: torch.Tensor, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0],
+                        hi: int = RSQRT_RANGE[1]) -> torch.Tensor:
     x = x.double()
-    y = _pow2_guess_reference(x, lo, hi, 0.5, math.sqrt(2.0 / 3.0))
-    for _ in range(iters):
-        y = y * (3 - x * y * y) * 0.5
-    return y
+    y0 = _pow2_guess_reference(x, lo, hi, 0.5, math.sqrt(2.0 / 3.0))
+    z = x * y0 * y0
+    r = (3 - z) * 0.5
+    for _ in range(iters - 1):
+        r = r * (3 - z * r * r) * 0.5
+    return v.double() * y0 * r
 
 
 # ---- softmax -------------------------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None):
         e = e * mask.to(torch.float32)
     c = 1.0 / math.sqrt(m)
     r = reciprocal_nr(e.sum(dim=-1, keepdim=True) * c)
-    return e * (r * c)
+    return (e * r) * c                                        # (e r) first: r c alone can be a few ulps
 
 
 def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,12 +227,17 @@ SILU_LOW = _fit(_np_silu, 2, -8.0, -4.0)
 GELU_MID = _fit_even(lambda x: _np_gelu(x) - 0.5 * x, 8, -4.0, 4.0)
 
 
+POLY_T = 16.0   # even polynomials are evaluated in t = x^2 / 16 in [0, 1] so every coefficient is O(1) in fixed point
+
+
 def _even_poly(x2, coeffs):
-    """c0 + c2 x^2 + c4 x^4 + ... given x^2 (Horner in x^2)."""
-    y = x2 * coeffs[-1]
-    for c in reversed(coeffs[1:-1]):
-        y = (y + c) * x2
-    return y + coeffs[0]
+    """c0 + c2 x^2 + c4 x^4 + ... given x^2, by Horner in t = x^2/16 with coefficients c_2k 16^k."""
+    cs = [c * POLY_T ** k for k, c in enumerate(coeffs)]
+    t = x2 * (1.0 / POLY_T)
+    y = t * cs[-1]
+    for c in reversed(cs[1:-1]):
+        y = (y + c) * t
+    return y + cs[0]
 
 
 def silu(x):

@@ -145,7 +145,7 @@ class CachePolicy:
 
 
 # ---- helpers shared by the policies ---------------------------------------------------------------------------
-def resolve_budget(budget: float | int | None, compression_ratio: float | None) -> float | int:
+def resolve_budget(budget: float | None, compression_ratio: float | None) -> float | int:
     """The kept/attended amount: a fraction in (0, 1] (float) or a token count >= 1 (int).
 
     ``compression_ratio`` is kvpress's convention (fraction removed, in [0, 1)); ``budget`` is the fraction kept
@@ -162,8 +162,9 @@ def resolve_budget(budget: float | int | None, compression_ratio: float | None) 
         return 1.0 - float(compression_ratio)
     if budget is None:
         return DEFAULT_BUDGET
-    if isinstance(budget, bool):
-        raise ValueError(f"budget must be a fraction in (0, 1] or an int token count >= 1, got {budget!r}")
+    bad = f"budget must be a fraction in (0, 1] or an int token count >= 1, got {budget!r}"
+    if isinstance(budget, bool):  # a bool is an Integral: refuse it before the count branch
+        raise ValueError(bad)  # noqa: TRY004 (bad user input is a ValueError throughout the package)
     if isinstance(budget, Integral):
         if budget < 1:
             raise ValueError(f"a token-count budget must be >= 1, got {budget!r}")
@@ -171,18 +172,18 @@ def resolve_budget(budget: float | int | None, compression_ratio: float | None) 
     if isinstance(budget, Real) and 0.0 < budget <= 1.0:
         return float(budget)
     hint = " (for a token count pass an int, e.g. budget=2048)" if isinstance(budget, Real) and budget > 1 else ""
-    raise ValueError(f"budget must be a fraction in (0, 1] or an int token count >= 1, got {budget!r}{hint}")
+    raise ValueError(bad + hint)
 
 
-def kept_count(n: int, keep: float | int) -> int:
+def kept_count(n: int, keep: float) -> int:
     """Rows kept out of ``n`` for a resolved budget: round-half-up of ``keep * n`` for a fraction, ``keep`` for a
     count, clamped to [min(1, n), n]. Deterministic and public."""
-    k = keep if isinstance(keep, int) else int(math.floor(keep * n + 0.5))
+    k = keep if isinstance(keep, int) else math.floor(keep * n + 0.5)
     return max(min(1, n), min(n, k))
 
 
 def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def sum_groups(x, n_kv_heads: int):
@@ -236,5 +237,19 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Gather", "PrefillContext", "DecodeContext", "CachePolicy", "BudgetPolicy", "REGISTRY", "register",
-           "make_policy", "resolve_budget", "kept_count", "round_half_up", "sum_groups", "nonempty", "DEFAULT_BUDGET"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "REGISTRY",
+    "BudgetPolicy",
+    "CachePolicy",
+    "DecodeContext",
+    "Gather",
+    "PrefillContext",
+    "kept_count",
+    "make_policy",
+    "nonempty",
+    "register",
+    "resolve_budget",
+    "round_half_up",
+    "sum_groups",
+]

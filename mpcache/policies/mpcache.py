@@ -107,15 +107,12 @@ class MPCachePolicy(BudgetPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         checks = [
-            (0.0 <= self.static_keep <= 1.0, f"static_keep is the fraction of middle tokens kept, in [0, 1]; "
-                                             f"got {self.static_keep}"),
-            (self.static_reduce in REDUCTIONS, f"static_reduce must be one of {REDUCTIONS}, got "
-                                               f"{self.static_reduce!r}"),
+            (0.0 <= self.static_keep <= 1.0, f"static_keep must be in [0, 1], got {self.static_keep}"),
+            (self.static_reduce in REDUCTIONS, f"static_reduce must be in {REDUCTIONS}, got {self.static_reduce!r}"),
             (0.0 < self.window_fraction < 1.0, f"window_fraction must be in (0, 1), got {self.window_fraction}"),
             (self.sinks >= 0, f"sinks must be >= 0, got {self.sinks}"),
             (self.cluster_size >= 1, f"cluster_size must be >= 1, got {self.cluster_size}"),
-            (self.fanout >= 2, f"fanout (fine clusters per coarse cluster) must be >= 2, got {self.fanout}; "
-                               f"use hierarchy=False for one level"),
+            (self.fanout >= 2, f"fanout must be >= 2, got {self.fanout} (use hierarchy=False for one level)"),
             (0.0 < self.ratio1 <= 1.0, f"ratio1 must be in (0, 1], got {self.ratio1}"),
             (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
             (self.share_start >= 0, f"share_start must be >= 0, got {self.share_start}"),
@@ -184,6 +181,7 @@ class MPCachePolicy(BudgetPolicy):
                 g = Gather(ranges=ranges)
             else:
                 window = ctx.attn[:, n - w:, s:s + m]                                    # (H, w, m)
+                # "mean" is computed as the sum: the same ranking, without a fixed-point truncation
                 per_head = B.max(window, dim=1) if self.static_reduce == "max" else window.sum(dim=1)
                 scores = sum_groups(per_head, int(ctx.k.shape[0]))                       # (Hkv, m)
                 g = Gather(ranges=ranges, onehot=B.keep_onehot(scores, k), start=s, block=1)
