@@ -55,6 +55,10 @@ class PlainBackend:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)
 
+    def sumsq(self, x: Tensor) -> Tensor:
+        """Sum of squares along the last dim (keepdim)."""
+        return (x * x).sum(dim=-1, keepdim=True)
+
     def mul_rsqrt(self, v: Tensor, x: Tensor) -> Tensor:
         """v / sqrt(x)."""
         return v * torch.rsqrt(x)

@@ -60,6 +60,10 @@ class SecureBackend:
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):
         return ops.softmax(x, dim=dim, mask=mask)
 
+    def sumsq(self, x):
+        with self._scope("rsqrt"):
+            return ops.sumsq(x)
+
     def mul_rsqrt(self, v, x):
         """v / sqrt(x), precise in fixed point (see :func:`mpcache.mpc.ops.mul_rsqrt`)."""
         with self._scope("rsqrt"):

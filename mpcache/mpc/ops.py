@@ -33,7 +33,8 @@ def tree_max(x, dim: int = -1, keepdim: bool = False):
     Rounds: ceil(log2 m) x (cmp + 1 mul).  Bytes/party: ~(m-1) comparisons + (m-1) mux products per row.
     Leaks: shapes only.
     """
-    x = x.transpose(dim, -1) if dim not in (-1, x.dim() - 1) else x
+    dim = dim % x.dim()
+    x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
     while x.shape[-1] > 1:
         m = x.shape[-1]
         h = m // 2
@@ -41,10 +42,9 @@ def tree_max(x, dim: int = -1, keepdim: bool = False):
         d = a - b
         top = b + d * (1 - d._ltz())                    # max(a, b) = b + (a - b) * [a - b >= 0]
         x = top if m % 2 == 0 else _cat([top, x[..., 2 * h:]], dim=-1)
-    out = x if keepdim else x.squeeze(-1)
-    if keepdim and dim not in (-1, out.dim() - 1):
-        out = out.transpose(dim, -1)
-    return out
+    if dim != x.dim() - 1:
+        x = x.transpose(dim, -1)                        # the size-1 reduced axis goes back to ``dim``
+    return x if keepdim else x.squeeze(dim)
 
 
 def tree_max_reference(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
@@ -206,12 +206,6 @@ def _fit_even(f, degree: int, lo: float, hi: float) -> list[float]:
     return np.linalg.lstsq(A, f(xs), rcond=None)[0].tolist()
 
 
-def _fit(f, degree: int, lo: float, hi: float) -> list[float]:
-    xs = np.linspace(lo, hi, 2001)
-    A = np.stack([xs ** p for p in range(degree + 1)], axis=1)
-    return np.linalg.lstsq(A, f(xs), rcond=None)[0].tolist()
-
-
 def _np_silu(x):
     return x / (1 + np.exp(-x))
 
@@ -220,13 +214,20 @@ def _np_gelu(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-# SiLU as in the authors' SPU code: 0 for x < -8; degree 2 on [-8, -4); 0.5x + even degree-6 on [-4, 4]; x above.
-SILU_MID = _fit_even(lambda x: _np_silu(x) - 0.5 * x, 6, -4.0, 4.0)
-SILU_LOW = _fit(_np_silu, 2, -8.0, -4.0)
-# GeLU (tanh form): 0 for x < -4; 0.5x + even degree-8 on [-4, 4]; x above.
-GELU_MID = _fit_even(lambda x: _np_gelu(x) - 0.5 * x, 8, -4.0, 4.0)
+def _fit_u(f, degree: int, lo: float, hi: float) -> list[float]:
+    """Coefficients (ascending) of a polynomial in u = (x - mid) / half on [lo, hi] (well conditioned)."""
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    xs = np.linspace(lo, hi, 2001)
+    return np.polynomial.polynomial.polyfit((xs - mid) / half, f(xs), degree).tolist()
 
 
+# SiLU, piecewise like the authors' SPU code but tighter (max abs error of the float model 2.7e-3, at |x| = 8
+# where the tails are cut): 0 below -8; cubic on [-8, -4); 0.5x + even degree-10 on [-4, 4]; cubic on (4, 8]; x above.
+SILU_LOW = _fit_u(_np_silu, 3, -8.0, -4.0)
+SILU_MID = _fit_even(lambda x: _np_silu(x) - 0.5 * x, 10, -4.0, 4.0)
+SILU_HIGH = _fit_u(_np_silu, 3, 4.0, 8.0)
+# GeLU (tanh form): 0 below -4; 0.5x + even degree-12 on [-4, 4]; x above (max abs error 2e-3).
+GELU_MID = _fit_even(lambda x: _np_gelu(x) - 0.5 * x, 12, -4.0, 4.0)
 POLY_T = 16.0   # even polynomials are evaluated in t = x^2 / 16 in [0, 1] so every coefficient is O(1) in fixed point
 
 
@@ -240,32 +241,49 @@ def _even_poly(x2, coeffs):
     return y + cs[0]
 
 
+def _poly_u(x, coeffs, lo: float, hi: float):
+    """sum_k c_k u^k with u = (x - mid) / half, by Horner (works on shares and on tensors)."""
+    u = (x - (lo + hi) / 2) * (2.0 / (hi - lo))
+    y = u * coeffs[-1]
+    for c in reversed(coeffs[1:-1]):
+        y = (y + c) * u
+    return y + coeffs[0]
+
+
+def _segments(x, pieces, z):
+    """sum over pieces of z_i (p_i - p_(i-1)): a telescoping mux. Exact in the ring, so a piece that is garbage
+    (overflowed) far outside its interval cancels exactly wherever it is not selected."""
+    out = z[0] * pieces[0]
+    for i in range(1, len(pieces)):
+        out = out + z[i] * (pieces[i] - pieces[i - 1])
+    return out
+
+
+def _silu_pieces(x, x2):
+    return [_poly_u(x, SILU_LOW, -8.0, -4.0), x * 0.5 + _even_poly(x2, SILU_MID), _poly_u(x, SILU_HIGH, 4.0, 8.0), x]
+
+
 def silu(x):
-    """SiLU by the piecewise polynomial above. Max abs error of the float model: see tests (~1e-2).
-    Rounds: 1 cmp (the 3 breakpoints batched) + 4 mul.  Leaks: shapes only."""
+    """SiLU by the piecewise polynomial above.
+    Rounds: 1 cmp (the 4 breakpoints batched) + ~7 mul.  Leaks: shapes only."""
     import crypten
 
-    x2 = x * x
-    mid = x * 0.5 + _even_poly(x2, SILU_MID)
-    low = x2 * SILU_LOW[2] + x * SILU_LOW[1] + SILU_LOW[0]
-    c = crypten.stack([x + 8, x + 4, -x + 4])._ltz()          # [x < -8], [x < -4], [x > 4]
-    z = c * torch.tensor([-1.0, -1.0, 1.0]).reshape(3, *([1] * x.dim())) + \
-        torch.tensor([1.0, 1.0, 0.0]).reshape(3, *([1] * x.dim()))   # [x >= -8], [x >= -4], [x > 4]
-    d = crypten.stack([low, mid - low, x - mid])
-    return (z * d).sum(0)
+    shape = (4, *([1] * x.dim()))
+    c = crypten.stack([x + 8, x + 4, -x + 4, -x + 8])._ltz()          # [x<-8], [x<-4], [x>4], [x>8]
+    z = c * torch.tensor([-1.0, -1.0, 1.0, 1.0]).reshape(shape) + torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(shape)
+    pieces = _silu_pieces(x, x * x)
+    zs = [z[i] for i in range(4)]
+    return _segments(x, pieces, zs)
 
 
 def silu_reference(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
-    x2 = x * x
-    mid = 0.5 * x + sum(c * x2 ** i for i, c in enumerate(SILU_MID))
-    low = SILU_LOW[2] * x2 + SILU_LOW[1] * x + SILU_LOW[0]
-    z1, z2, z3 = (x >= -8).double(), (x >= -4).double(), (x > 4).double()
-    return z1 * low + z2 * (mid - low) + z3 * (x - mid)
+    z = [(x >= -8).double(), (x >= -4).double(), (x > 4).double(), (x > 8).double()]
+    return _segments(x, _silu_pieces(x, x * x), z)
 
 
 def gelu(x):
-    """GeLU (tanh form) by the piecewise polynomial above. Rounds: 1 cmp + 5 mul.  Leaks: shapes only."""
+    """GeLU (tanh form) by the piecewise polynomial above. Rounds: 1 cmp + ~8 mul.  Leaks: shapes only."""
     import crypten
 
     mid = x * 0.5 + _even_poly(x * x, GELU_MID)
@@ -275,9 +293,37 @@ def gelu(x):
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
-    x2 = x * x
-    mid = 0.5 * x + sum(c * x2 ** i for i, c in enumerate(GELU_MID))
+    mid = 0.5 * x + _even_poly(x * x, GELU_MID)
     return (x >= -4).double() * mid + (x > 4).double() * (x - mid)
+
+
+# ---- sum of squares over a wide dynamic range ----------------------------------------------------------------
+SUMSQ_SPLIT = 2.0 ** 12     # rows whose coarse sum of squares exceeds this use it; the others the fine one
+SUMSQ_SHIFT = 8             # the coarse path squares x / 2^8
+
+
+def sumsq(x):
+    """sum_i x_i^2 along the last dim (keepdim), robust to LLMs' massive activations (|x| ~ 2e4 in SmolLM2).
+
+    With 16 fractional bits, x*x for |x| ~ 2e4 is ~2^61 in the ring before truncation, where CrypTen's local
+    2PC truncation fails with probability ~|v|/2^63 (a wrong result by ~2^48). So two sums are formed: a fine
+    one, sum x^2 (exact while every |x| < 64), and a coarse one, 2^16 * sum (x/2^8)^2 (safe for |x| < 2^23,
+    absolute error ~1 per element). One comparison per row picks the coarse sum when it exceeds 2^12 (then the
+    fine one may be garbage, and its mux with a 0 bit is exactly 0 in the ring).
+    Rounds: 2 mul (both squares, batched) + 1 cmp + 1 mul.  Leaks: shapes only.
+    """
+    import crypten
+
+    xs = x * (1.0 / 2 ** SUMSQ_SHIFT)
+    both = crypten.stack([x, xs])
+    sq = (both * both).sum(-1, keepdim=True)
+    fine, coarse = sq[0], sq[1] * float(2 ** (2 * SUMSQ_SHIFT))
+    use_coarse = 1 - (coarse - SUMSQ_SPLIT)._ltz()
+    return fine + use_coarse * (coarse - fine)
+
+
+def sumsq_reference(x: torch.Tensor) -> torch.Tensor:
+    return (x.double() ** 2).sum(-1, keepdim=True)
 
 
 # ---- argmax and top-k as one-hot rows ------------------------------------------------------------------------
@@ -318,7 +364,7 @@ def _pairwise_rank(s):
     upper = torch.triu(torch.ones(m, m), diagonal=1)          # j > i
     neg = _mul_public_int(diff, (lower - upper).long())._ltz()   # [w_ij < 0]
     # j < i: [s_j >= s_i] = 1 - neg ; j > i: [s_j > s_i] = 1 - [s_i - s_j >= 0] = neg ; diagonal: 0
-    bits = lower * (1 - neg) + upper * neg
+    bits = (1 - neg) * lower + neg * upper
     return bits.sum(-1)                                       # (..., m), integer-valued (scale 1)
 
 
