@@ -12,8 +12,8 @@ session before ``import crypten``), and each has a test in ``tests/test_compat.p
    unpickle CrypTen objects in ``crypten.load`` / ``load_from_party`` and the provider's tuple cache. We pass
    ``weights_only=False`` at exactly those call sites (not globally).
 3. ``replicated_contiguous``: the replicated (3-party) protocol receives into ``torch.zeros_like(share)``, which
-   keeps a non-contiguous share's strides (e.g. a transposed K); gloo refuses non-contiguous buffers. We make the
-   shares contiguous before replication.
+   keeps a non-contiguous share's strides (e.g. a transposed K), and its truncation sends/receives ``x.share`` as
+   it is; gloo refuses non-contiguous buffers. We make the shares contiguous before replication and truncation.
 4. ``torch_function_classmethod``: CrypTensor defines ``__torch_function__`` as a plain method; new torch warns
    (and errors under -W error). We rebind it as a classmethod with the same body.
 """
@@ -76,6 +76,15 @@ def _replicated_contiguous() -> None:
 
     replicate_shares._mpcache_patched = True
     replicated.replicate_shares = replicate_shares
+
+    original_truncate = replicated.truncate
+
+    @functools.wraps(original_truncate)
+    def truncate(x, y):
+        x.share = x.share.contiguous()
+        return original_truncate(x, y)
+
+    replicated.truncate = truncate
 
 
 def _torch_function_classmethod() -> None:

@@ -1,0 +1,151 @@
+"""Jobs that the tests launch under real ``mpirun`` (2 or 3 processes); each writes a JSON result on rank 0.
+
+Usage: mpirun -n N python tests/mpi_jobs.py JOB OUT.json [args...]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _open(protocol="arithmetic", provider="tfp", info=None):
+    from mpcache.mpc.session import open_session
+
+    return open_session(protocol, provider, public_info=info or {}, timeout_s=60)
+
+
+def job_ops(out, protocol="arithmetic", provider="tfp"):
+    """Every secure op vs its float model on fixed inputs; returns max abs errors and per-op costs."""
+    from mpcache.mpc import ops
+
+    sess = _open(protocol, provider)
+    if sess.is_dealer:
+        from mpcache.mpc.session import serve_dealer
+
+        return serve_dealer(sess)
+    import crypten
+
+    g = torch.Generator().manual_seed(0)
+    res = {}
+
+    def run(name, f, ref, *xs, exact=None):
+        xs = [torch.round(x * 2 ** 16) / 2 ** 16 for x in xs]     # on the fixed-point grid: no encoding error
+        shares = [crypten.cryptensor(x, src=0) for x in xs]
+        before = sess.ledger.totals()
+        with sess.scope(name):
+            y = f(*shares)
+        after = sess.ledger.totals()
+        y = y.get_plain_text()
+        r = ref(*xs)
+        res[name] = {"err": (y.double() - r.double()).abs().max().item(),
+                     "rel_err": ((y.double() - r.double()).abs() / r.double().abs().clamp_min(1e-30)).max().item(),
+                     "ref_vs_exact": None if exact is None else (r.double() - exact(*xs).double()).abs().max().item(),
+                     "rounds": after["rounds"] - before["rounds"], "bytes": after["bytes_sent"] - before["bytes_sent"]}
+
+    x = torch.randn(3, 257, generator=g) * 4
+    run("tree_max", lambda a: ops.tree_max(a, -1), lambda a: ops.tree_max_reference(a, -1), x,
+        exact=lambda a: a.max(-1).values)
+    run("tree_max_dim0", lambda a: ops.tree_max(a, 0), lambda a: ops.tree_max_reference(a, 0), x)
+    run("exp", ops.exp_limit, ops.exp_limit_reference, -x.abs(), exact=lambda a: a.double().exp())
+    r = torch.logspace(-2.3, 2.3, 64)
+    run("reciprocal", lambda a: ops.reciprocal_nr(a) * a, lambda a: ops.reciprocal_nr_reference(a) * a, r,
+        exact=lambda a: torch.ones_like(a))
+    v = torch.randn(64, generator=g) * 5
+    ss = torch.logspace(-2.5, 9, 64)
+    run("mul_rsqrt", ops.mul_rsqrt, ops.mul_rsqrt_reference, v, ss, exact=lambda a, b: a.double() / b.double().sqrt())
+    xs = torch.linspace(-12, 12, 241)
+    run("silu", ops.silu, ops.silu_reference, xs, exact=lambda a: torch.nn.functional.silu(a.double()))
+    run("gelu", ops.gelu, ops.gelu_reference, xs,
+        exact=lambda a: torch.nn.functional.gelu(a.double(), approximate="tanh"))
+    h = torch.randn(2, 576, generator=g)
+    h[1, 7] = 22000.0                                         # a massive activation (SmolLM2 has ~2.2e4)
+    run("sumsq", ops.sumsq, ops.sumsq_reference, h)
+    am = torch.randn(4, 1000, generator=g)
+    am[1, 10] = am[1, 500] = am[1].max() + 1.0                # a tie: the first maximum wins
+    run("argmax_onehot", ops.argmax_onehot, ops.argmax_onehot_reference, am)
+    sc = torch.randperm(40, generator=g).float().reshape(1, 40) * 0.37 - 5
+    sc2 = torch.stack([sc[0], torch.randn(40, generator=g)])
+    from mpcache.backends.plain import PlainBackend
+
+    P = PlainBackend()
+    run("topk_onehot", lambda a: ops.topk_onehot(a, 7), lambda a: P.topk_onehot(a, 7), sc2)
+    run("keep_onehot", lambda a: ops.keep_onehot(a, 9), lambda a: P.keep_onehot(a, 9), sc2)
+    for n in (1024, 4096, 8192):
+        flat = torch.randn(2, n, generator=g) * 0.01        # near-uniform rows: stock CrypTen gives garbage here
+        peaked = torch.randn(2, n, generator=g) * 3
+        peaked[:, 5] += 20
+        rows = torch.cat([flat, peaked])
+        run(f"softmax_{n}", ops.softmax, ops.softmax_reference, rows,
+            exact=lambda a: torch.softmax(a.double(), -1))
+        if n == 1024:
+            import crypten as _c
+
+            res["stock_softmax_1024"] = {"err": (_c.cryptensor(rows, src=0).softmax(-1).get_plain_text().double()
+                                                 - torch.softmax(rows.double(), -1)).abs().max().item()}
+    mask = (torch.rand(3, 300, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    mrows = torch.randn(3, 300, generator=g) * 3
+    run("softmax_masked", lambda a: ops.softmax(a, mask=mask), lambda a: ops.softmax_reference(a, mask=mask), mrows,
+        exact=lambda a: torch.softmax(a.double().masked_fill(mask == 0, float("-inf")), -1))
+    if sess.rank == 0:
+        json.dump(res, open(out, "w"), indent=1)
+    sess.close()
+
+
+def job_generate(out, model="tiny-llama", protocol="arithmetic", provider="tfp", seed="0", prompt="0", policy="full",
+                 n_new="4"):
+    """A private generation with logits revealed (test only); rank 0 writes tokens, logits, plaintext, costs."""
+    from mpcache.generation import per_token_costs, plaintext_generate, private_generate
+    from mpcache.model.weights import expected_shapes, load_model
+    from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
+    from mpcache.policies import make_policy
+
+    cfg, w, tok = load_model(model, seed=int(seed))
+    pol = make_policy(policy) if policy == "full" else make_policy(policy, budget=0.3)
+    info = {"model": cfg.to_dict(), "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
+            "policy": repr(pol)}
+    sess = _open(protocol, provider, info)
+    if sess.is_dealer:
+        return serve_dealer(sess)
+    g = torch.Generator().manual_seed(1000 + int(prompt))
+    ids = torch.randint(0, cfg.vocab_size, (24,), generator=g).tolist()
+    n = int(n_new)
+    toks, logits, B = private_generate(sess, cfg, w if sess.rank == SERVER else None,
+                                       ids if sess.rank == CLIENT else None, n, pol, keep_logits=True)
+    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=SERVER)
+    toks = sess.comm.bcast(toks, root=CLIENT)
+    if sess.rank == SERVER:
+        pt, plog, _ = plaintext_generate(cfg, w, ids, n, pol)
+        per_token, phases = per_token_costs(ledgers, n)
+        json.dump({"tokens": toks, "plaintext": pt,
+                   "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
+                   "logit_scale": max(b.abs().max().item() for b in plog),
+                   "per_token": per_token, **phases,
+                   "reveals": [[r[0], r[1], list(r[2])] for r in B.reveals],
+                   "ledgers": ledgers}, open(out, "w"), indent=1)
+    sess.close()
+
+
+def job_die(out):
+    """Rank 1 dies right after the handshake; rank 0 must fail fast with a clear message, not hang."""
+    from mpcache.generation import private_generate
+    from mpcache.model.weights import load_model
+
+    cfg, w, _ = load_model("tiny-llama")
+    sess = _open()
+    if sess.rank == 1:
+        os._exit(3)
+    private_generate(sess, cfg, w, None, 2)
+
+
+if __name__ == "__main__":
+    job, out, *rest = sys.argv[1:]
+    from mpcache.mpc.session import run_party
+
+    sys.exit(run_party(globals()[f"job_{job}"], out, *rest))
