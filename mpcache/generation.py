@@ -33,12 +33,26 @@ class GenerationResult:
     summary: dict
 
 
-def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None) -> dict:
-    """The server secret-shares every weight tensor (offline phase); other parties pass only public shapes."""
+# weight matrices used only as the right operand of matmuls (and embed: onehot @ embed, h @ embed.T): with
+# fixed=True they become FixedOperands. Biases, norm weights and gpt2's pos_embed (indexed) stay plain shares.
+FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
+FIXED_WEIGHTS_DEFAULT = False
+
+
+def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None,
+                  fixed: bool = False) -> dict:
+    """The server secret-shares every weight tensor (offline phase); other parties pass only public shapes.
+    ``fixed``: also open each weight matrix's mask once (fixed-operand triples, offline/weights scope)."""
+    from .mpc.fixed_operand import FixedOperand
+
     shapes = expected_shapes(cfg)
     with sess.scope("offline"), sess.scope("weights"):
-        return {name: B.share(weights[name] if sess.rank == SERVER else None, src=SERVER, shape=shape)
-                for name, shape in shapes.items()}
+        w = {name: B.share(weights[name] if sess.rank == SERVER else None, src=SERVER, shape=shape)
+             for name, shape in shapes.items()}
+        if fixed:
+            w = {name: FixedOperand.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t
+                 for name, t in w.items()}
+        return w
 
 
 def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[int] | None):
@@ -55,10 +69,13 @@ def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[in
 
 
 def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prompt_ids: list[int] | None,
-                     max_new_tokens: int, policy=None, progress=None, keep_logits: bool = False):
-    """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits)."""
-    B = SecureBackend(sess)
-    w = share_weights(sess, B, cfg, weights)
+                     max_new_tokens: int, policy=None, progress=None, keep_logits: bool = False,
+                     fixed_weights: bool | None = None):
+    """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits, backend).
+    ``fixed_weights`` (default ``FIXED_WEIGHTS_DEFAULT``): fixed-operand triples for the weight matrices;
+    ``backend.matmul_paths`` then says which matmul path ran how often."""
+    B = SecureBackend(sess, fixed_weights=FIXED_WEIGHTS_DEFAULT if fixed_weights is None else fixed_weights)
+    w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
     x, _ = share_prompt(sess, B, cfg, prompt_ids)
     model = Transformer(cfg, w, B, policy, scope=sess.scope)
 

@@ -144,6 +144,112 @@ def job_die(out):
     private_generate(sess, cfg, w, None, 2)
 
 
+# ---- fixed-operand Beaver triples (tests/test_fixed_operand.py) ----------------------------------------------
+def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
+    """fixed_matmul vs its float model for several x with one W (plain, transposed, one-hot, batched), per-use and
+    offline bytes/rounds from the ledger vs the stock matmul, and statistics of the opened D for two W."""
+    from mpcache.mpc.fixed_operand import FixedOperand, fixed_matmul, fixed_matmul_reference
+
+    sess = _open(protocol, provider)
+    if sess.is_dealer:
+        from mpcache.mpc.session import serve_dealer
+
+        return serve_dealer(sess)
+    import crypten
+
+    g = torch.Generator().manual_seed(0)
+
+    def grid(t):                                          # on the fixed-point grid: no encoding error
+        return torch.round(t * 2 ** 16) / 2 ** 16
+
+    def cost(f):
+        before = sess.ledger.totals()
+        y = f()
+        after = sess.ledger.totals()
+        return y, {k: after[k] - before[k] for k in ("bytes_sent", "bytes_recv", "rounds")}
+
+    res = {"path": None, "uses": [], "stats": {}}
+    W = grid(torch.randn(48, 80, generator=g))
+    Wb = grid(torch.randn(3, 16, 20, generator=g))
+    w_sh, wb_sh = crypten.cryptensor(W, src=0), crypten.cryptensor(Wb, src=0)
+    with sess.scope("offline"):
+        fw, off = cost(lambda: FixedOperand.fix(w_sh))
+        fwb = FixedOperand.fix(wb_sh)
+    res["path"], res["note"], res["offline"] = fw.path, fw.note, off
+    cases = [("x1", grid(torch.randn(1, 48, generator=g) * 3), fw, W, False),
+             ("x5", grid(torch.randn(5, 48, generator=g)), fw, W, False),
+             ("x3", grid(torch.randn(3, 48, generator=g) * 10), fw, W, False),
+             ("xT", grid(torch.randn(2, 80, generator=g)), fw.t(), W, True),
+             ("xT1", grid(torch.randn(1, 80, generator=g)), fw.t(), W, True),
+             ("batched", grid(torch.randn(3, 2, 16, generator=g)), fwb, Wb, False)]
+    onehot = torch.nn.functional.one_hot(torch.tensor([3, 47, 0]), 48).float()
+    for name, x, f, wp, tr in cases + [("onehot", onehot, fw, W, False)]:
+        xs = crypten.cryptensor(x, src=1, precision=0 if name == "onehot" else None)
+        y, c = cost(lambda: fixed_matmul(xs, f))
+        y = y.get_plain_text()
+        ref = fixed_matmul_reference(x, wp, transpose=tr)
+        ws = w_sh.t() if tr else (wb_sh if name == "batched" else w_sh)
+        ys, cs = cost(lambda: xs.matmul(ws))
+        res["uses"].append({"name": name, "x_shape": list(x.shape), "w_shape": list(f.shape),
+                            "err": (y.double() - ref).abs().max().item(), "scale": ref.abs().max().item(),
+                            "stock_err": (ys.get_plain_text().double() - ref).abs().max().item(),
+                            "fixed": c, "stock": cs})
+    # D for two different W (a Gaussian one and a constant one), each fixed twice: fresh B every time
+    if fw.fixed:
+        W2 = torch.full((48, 80), 7.25)
+        d1, d1b = fw.d, FixedOperand.fix(w_sh).d
+        d2 = FixedOperand.fix(crypten.cryptensor(W2, src=0)).d
+        enc = (W * 2 ** 16).long()
+        for name, d, wenc in (("gauss", d1, enc), ("gauss_again", d1b, enc), ("const", d2, (W2 * 2 ** 16).long())):
+            u = d.double() / 2.0 ** 64 + 0.5                               # uniform on [0, 1) if D is uniform
+            bits = torch.stack([((d >> k) & 1).double().mean() for k in range(64)])
+            wc = wenc.double() - wenc.double().mean()
+            uc = u - u.mean()
+            corr = (uc * wc).sum() / (uc.norm() * wc.norm()).clamp_min(1e-30)
+            us = u.flatten().sort().values
+            grid_ = torch.arange(1, us.numel() + 1, dtype=torch.float64) / us.numel()
+            res["stats"][name] = {"n": d.numel(), "mean": u.mean().item(), "std": u.std().item(),
+                                  "bit_freq_dev": (bits - 0.5).abs().max().item(), "corr_w": corr.item(),
+                                  "ks_uniform": torch.maximum(grid_ - us, us - (grid_ - 1 / us.numel())).max().item()}
+        both = torch.cat([d1.flatten(), d2.flatten()]).sort()
+        cdf = torch.cumsum((both.indices < d1.numel()).double() * 2 - 1, 0) / d1.numel()   # F1 - F2 along the merge
+        res["stats"]["ks_gauss_vs_const"] = cdf.abs().max().item()
+        res["stats"]["same_w_same_d"] = bool(torch.equal(d1, d1b))
+    if sess.rank == 0:
+        json.dump(res, open(out, "w"), indent=1)
+    sess.close()
+
+
+def job_generate_fixed(out, model="tiny-llama", protocol="arithmetic", provider="tfp", fixed="1", n_new="3"):
+    """Private generation with fixed-operand weights on or off (``fixed``), logits revealed (test only); rank 0
+    writes tokens, plaintext tokens, logit error, per-token costs and which matmul paths ran."""
+    from mpcache.generation import per_token_costs, plaintext_generate, private_generate
+    from mpcache.model.weights import expected_shapes, load_model
+    from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
+
+    cfg, w, _ = load_model(model, seed=0)
+    info = {"model": cfg.to_dict(), "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()}}
+    sess = _open(protocol, provider, info)
+    if sess.is_dealer:
+        return serve_dealer(sess)
+    ids = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(1000)).tolist()
+    n = int(n_new)
+    toks, logits, B = private_generate(sess, cfg, w if sess.rank == SERVER else None,
+                                       ids if sess.rank == CLIENT else None, n, keep_logits=True,
+                                       fixed_weights=fixed == "1")
+    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=SERVER)
+    toks = sess.comm.bcast(toks, root=CLIENT)
+    if sess.rank == SERVER:
+        pt, plog, _ = plaintext_generate(cfg, w, ids, n)
+        per_token, phases = per_token_costs(ledgers, n)
+        json.dump({"tokens": toks, "plaintext": pt,
+                   "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
+                   "per_token": per_token, **phases, "matmul_paths": B.matmul_paths,
+                   "weight_numel": {k: int(torch.Size(v).numel()) for k, v in expected_shapes(cfg).items()}},
+                  open(out, "w"), indent=1)
+    sess.close()
+
+
 if __name__ == "__main__":
     job, out, *rest = sys.argv[1:]
     from mpcache.mpc.session import run_party

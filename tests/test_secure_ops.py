@@ -51,7 +51,7 @@ def test_secure_op_matches_float_model(ops_results, op, tol, approx_tol):
 def test_stock_crypten_softmax_is_wrong_where_ours_is_right(ops_results):
     """The reason we ship our own softmax: CrypTen's diverges on long rows (here 1,024 entries)."""
     assert ops_results["stock_softmax_1024"]["err"] > 10 * ops_results["softmax_1024"]["err"]
-    assert ops_results["softmax_1024"]["err"] < 2e-4
+    assert ops_results["softmax_1024"]["err"] < 256 * ULP
 
 
 def test_sumsq_massive_activation(ops_results):

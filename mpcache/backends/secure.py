@@ -11,16 +11,21 @@ import contextlib
 import torch
 
 from ..mpc import ops
+from ..mpc.fixed_operand import FixedOperand, fixed_matmul
 
 
 class SecureBackend:
     secure = True
 
-    def __init__(self, session=None):
+    def __init__(self, session=None, fixed_weights: bool = False):
         import crypten
 
         self.crypten = crypten
         self.session = session
+        # fixed_weights: share_weights wraps the weight matrices in FixedOperand (W - B opened once, offline);
+        # matmul/embedding then dispatch to fixed_matmul. matmul_paths counts which path each product took.
+        self.fixed_weights = fixed_weights
+        self.matmul_paths: dict[str, int] = {}
         self.reveals: list[tuple[str, int | None, tuple]] = []     # audit trail of every opening (tests read it)
 
     def _scope(self, name):
@@ -41,11 +46,17 @@ class SecureBackend:
 
     def embedding(self, table, onehot):
         """Rows of the shared table (V, D) for shared one-hot tokens (T, V): one secret matmul, no index opened."""
-        return onehot.matmul(table)
+        return self._matmul(onehot, table)
 
     def matmul(self, a, b):
         with self._scope("matmul"):
-            return a.matmul(b)
+            return self._matmul(a, b)
+
+    def _matmul(self, a, b):
+        # hook: a FixedOperand b (fixed weights) opens only a - mask per use (see mpcache.mpc.fixed_operand)
+        path = b.path if isinstance(b, FixedOperand) else "stock"
+        self.matmul_paths[path] = self.matmul_paths.get(path, 0) + 1
+        return fixed_matmul(a, b) if isinstance(b, FixedOperand) else a.matmul(b)
 
     # ---- reductions ----------------------------------------------------------------------------------------
     def max(self, x, dim: int = -1, keepdim: bool = False):

@@ -122,6 +122,27 @@ class Transformer:
         o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
         return o, p
 
+    def _causal_attend_plain(self, q, k, v):
+        """Plaintext prefill attention, memory-light: q (H, T, hd), k/v (Hkv, T, hd) -> out (T, H*hd) and
+        ``probs(start, end) -> (H, end - start, T)``, the causal probabilities of query rows [start, end), computed
+        only when a policy asks. The output is torch's fused causal attention (flash kernel on CPU: no (T, T)
+        matrix); same values as :meth:`_attend` up to float rounding."""
+        cfg = self.cfg
+        H, hd, G = cfg.n_heads, cfg.head_dim, cfg.group_size
+        T = int(q.shape[1])
+        kx = k.repeat_interleave(G, dim=0) if G > 1 else k           # (H, T, hd): head h reads KV head h // G
+        vx = v.repeat_interleave(G, dim=0) if G > 1 else v
+        o = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=1.0 / math.sqrt(hd))
+        o = o.transpose(0, 1).reshape(T, H * hd)
+        scale = 1.0 / math.sqrt(hd)
+
+        def probs(start: int, end: int):
+            s = (q[:, start:end] * scale) @ kx.transpose(1, 2)          # (H, end - start, T)
+            future = torch.arange(T, device=s.device)[None, :] > torch.arange(start, end, device=s.device)[:, None]
+            return torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+
+        return o, probs
+
     # ---- passes ------------------------------------------------------------------------------------------
     def _embed(self, tokens, positions: torch.Tensor):
         with self.scope("embed"):
@@ -145,7 +166,10 @@ class Transformer:
             raise ValueError(f"prompt of {T} tokens exceeds the model's context of {cfg.max_position}")
         positions = torch.arange(T)
         x = self._embed(tokens, positions)
-        mask = causal_mask(T, T)
+        # plaintext: fused causal attention, and the probabilities only for the rows a policy reads (a policy
+        # that ignores them, e.g. the full cache or Quest, costs nothing); secure: the full softmax, as always
+        plain = not getattr(self.B, "secure", False) and isinstance(x, torch.Tensor)
+        mask = None if plain else causal_mask(T, T)
         shared: dict = {}
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
@@ -154,13 +178,17 @@ class Transformer:
                     h = self._norm(x, p + "attn_norm")
                 with self.scope("qkv"):
                     q, k, v = self._qkv(h, p, positions)
-                o, probs = self._attend(q, k, v, mask)
+                if plain:
+                    o, probs_fn = self._causal_attend_plain(q, k, v)
+                    attn = None
+                else:
+                    o, probs = self._attend(q, k, v, mask)
+                    attn, probs_fn = probs.reshape(cfg.n_heads, T, T), None
                 with self.scope("attn_out"):
                     x = x + self._linear(o, p + "wo", p + "bo")
                 with self.scope("static_eviction"):
-                    H = cfg.n_heads
-                    ctx = PrefillContext(self.B, i, cfg.n_layers, q, k, v, probs.reshape(H, T, T),
-                                         cache.state[i], shared)
+                    ctx = PrefillContext(self.B, i, cfg.n_layers, q, k, v, attn, cache.state[i], shared,
+                                         attn_fn=probs_fn)
                     g = self.policy.prefill(ctx)
                     if g is not None:
                         k, v = g.apply(k, self.B), g.apply(v, self.B)

@@ -152,9 +152,10 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
 
 def serve_dealer(sess: Session) -> None:
     """Run CrypTen's trusted-third-party dealer loop until the compute parties shut down."""
-    from crypten.mpc.provider.ttp_provider import TTPServer
+    # CrypTen's TTPServer plus the two fixed-operand requests (a superset: stock requests behave as before).
+    from .fixed_operand import serve_dealer as serve_fixed_operand_dealer
 
-    TTPServer()
+    serve_fixed_operand_dealer()
 
 
 def run_party(main, *args, **kwargs) -> int:

@@ -18,7 +18,7 @@ values shared between the layers of one forward call (e.g. a leader layer's sele
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -78,6 +78,12 @@ class PrefillContext:
 
     q: (H, n, hd) queries after RoPE; k, v: (Hkv, n, hd) keys (after RoPE) and values; attn: (H, n, n) the
     prefill's causal attention probabilities (already computed, free to reuse).
+
+    ``attn_fn(start, end) -> (H, end - start, n)``, if given, computes the probabilities of query rows
+    [start, end) on demand; the plaintext model passes it instead of ``attn`` (its prefill attention never
+    materialises the (H, n, n) probabilities). ``attn`` then stays available and is built on first access, but
+    policies should read what they need through :meth:`attn_rows` / :meth:`attn_colsum`, which are cheap in both
+    cases and, when ``attn`` is given (the secure model), are plain slices/sums of it.
     """
 
     backend: Any
@@ -86,13 +92,45 @@ class PrefillContext:
     q: Any
     k: Any
     v: Any
-    attn: Any
+    attn: Any = field(repr=False, compare=False)  # see the property below
     state: dict
     shared: dict
+    attn_fn: Any = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
         return int(self.k.shape[1])
+
+    def attn_rows(self, start: int, end: int):
+        """(H, end - start, n): the attention probabilities of query rows [start, end) (public bounds)."""
+        if self.__dict__.get("_attn") is None and self.attn_fn is not None:
+            return self.attn_fn(start, end)
+        return self.attn[:, start:end]
+
+    def attn_colsum(self, chunk: int = 256):
+        """(H, n): the attention each key receives, summed over all n query rows (H2O's accumulated score)."""
+        if self.__dict__.get("_attn") is not None or self.attn_fn is None:
+            return self.attn.sum(dim=1)
+        total = None
+        for a in range(0, self.n, chunk):
+            part = self.attn_fn(a, min(self.n, a + chunk)).sum(dim=1)
+            total = part if total is None else total + part
+        return total
+
+
+def _get_attn(self):
+    a = self.__dict__.get("_attn")
+    if a is None and self.__dict__.get("attn_fn") is not None:
+        a = self.__dict__["_attn"] = self.attn_fn(0, self.n)
+    return a
+
+
+def _set_attn(self, value):
+    self.__dict__["_attn"] = value
+
+
+# a property set after @dataclass, so that the generated __init__ (and dataclasses.replace) store through it
+PrefillContext.attn = property(_get_attn, _set_attn, doc="(H, n, n) prefill attention probabilities (lazy).")
 
 
 @dataclass

@@ -40,7 +40,7 @@ class H2OPolicy(BudgetPolicy):
             return None
         if heavy == 0:
             return Gather(ranges=((n - recent, n),))
-        scores = sum_groups(ctx.attn.sum(dim=1), int(ctx.k.shape[0]))[:, : n - recent]   # (Hkv, n - recent)
+        scores = sum_groups(ctx.attn_colsum(), int(ctx.k.shape[0]))[:, : n - recent]   # (Hkv, n - recent)
         onehot = ctx.backend.keep_onehot(scores, heavy)
         return Gather(ranges=nonempty((n - recent, n)), onehot=onehot, start=0, block=1)
 

@@ -180,7 +180,7 @@ class MPCachePolicy(BudgetPolicy):
             if k == 0:
                 g = Gather(ranges=ranges)
             else:
-                window = ctx.attn[:, n - w:, s:s + m]                                    # (H, w, m)
+                window = ctx.attn_rows(n - w, n)[:, :, s:s + m]                                    # (H, w, m)
                 # "mean" is computed as the sum: the same ranking, without a fixed-point truncation
                 per_head = B.max(window, dim=1) if self.static_reduce == "max" else window.sum(dim=1)
                 scores = sum_groups(per_head, int(ctx.k.shape[0]))                       # (Hkv, m)

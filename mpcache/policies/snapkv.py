@@ -69,7 +69,7 @@ class SnapKVPolicy(BudgetPolicy):
             return Gather(ranges=((n - w_keep, n),))
         w_obs = min(self.window, n)
         m = n - w_keep
-        scores = sum_groups(ctx.attn[:, n - w_obs:, :m].sum(dim=1), int(ctx.k.shape[0]))   # (Hkv, m)
+        scores = sum_groups(ctx.attn_rows(n - w_obs, n)[:, :, :m].sum(dim=1), int(ctx.k.shape[0]))   # (Hkv, m)
         scores = pool1d(ctx.backend, scores, self.kernel_size, self.pooling)
         onehot = ctx.backend.keep_onehot(scores, picked)
         return Gather(ranges=nonempty((m, n)), onehot=onehot, start=0, block=1)

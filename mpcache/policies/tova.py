@@ -25,7 +25,7 @@ class TOVAPolicy(BudgetPolicy):
         keep = self.kept(n)
         if keep >= n:
             return None
-        scores = sum_groups(ctx.attn[:, n - 1], int(ctx.k.shape[0]))                      # (Hkv, n)
+        scores = sum_groups(ctx.attn_rows(n - 1, n)[:, 0], int(ctx.k.shape[0]))                      # (Hkv, n)
         return Gather(onehot=ctx.backend.keep_onehot(scores, keep), start=0, block=1)
 
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
