@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=8)
     g.add_argument("--policy", default="full", help="cache policy (full, streaming, h2o, snapkv, tova, quest, mpcache)")
     g.add_argument("--budget", type=float, default=None,
-                   help="fraction of the prompt kept/attended in (0, 1], or a token count >= 1")
+                   help="fraction of the prompt kept/attended in (0, 1], or a token count > 1")
     g.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"],
                    help="arithmetic: additive sharing with Beaver triples (2 or 3 parties); replicated: 3PC (ABY3-like)")
     g.add_argument("--provider", default="tfp", choices=["tfp", "ttp"],

@@ -36,7 +36,8 @@ def run(args) -> None:
         cfg, weights, tok = load_model(args.model, seed=args.seed)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
-    policy_kwargs = {} if args.budget is None else {"budget": int(args.budget) if args.budget >= 1 else args.budget}
+    # --budget <= 1 is a fraction of the prompt, > 1 a token count
+    policy_kwargs = {} if args.budget is None else {"budget": int(args.budget) if args.budget > 1 else args.budget}
     try:
         policy = make_policy(args.policy, **policy_kwargs)
     except (ValueError, TypeError) as e:

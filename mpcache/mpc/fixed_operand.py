@@ -29,9 +29,12 @@ for triples, as in stock CrypTen; here party 0 is also the model owner), shares 
 draws ``a`` and computes ``c = a @ B`` locally. ``TTP`` — every party draws its share of ``B`` (and of each ``a``,
 ``c``) from the seed it shares with the dealer; the dealer (:class:`FixedOperandTTPServer`) sums the shares of ``B``
 once, keeps ``B`` per fixed operand, and per use sends party 0 its share of ``c = a @ B`` (dealer traffic: ``|x @ W|``
-elements to party 0, as for a stock triple). ``replicated`` (3PC): products need no triples (they reshare only
-outputs), so :meth:`FixedOperand.fix` keeps the share and :func:`fixed_matmul` runs the **stock** replicated
-matmul; ``FixedOperand.path == "stock-replicated"`` says so.
+elements to party 0, as for a stock triple). ``replicated`` (3PC): products need no triples, but CrypTen keeps
+shares additive at rest and its replicated matmul first sends each party's share of *both* operands to the next
+party — the same share of ``W`` at every use. Here :meth:`FixedOperand.fix` replicates ``W``'s share once
+(offline: ``|W|`` elements to the next party, 1 round) and each use replicates only ``x`` (``|x|`` elements), then
+the stock local product ``x1 W1 + x1 W2 + x2 W1`` and the stock replicated truncation (party 2 sends ``|x @ W|``
+elements to party 1). Nothing new is sent: stock re-sent an identical tensor. ``path == "fixed-replicated"``.
 """
 from __future__ import annotations
 
@@ -41,11 +44,11 @@ import torch
 
 PATH_TFP = "fixed-tfp"
 PATH_TTP = "fixed-ttp"
-PATH_STOCK_REPLICATED = "stock-replicated"
+PATH_REPLICATED = "fixed-replicated"
 NOTES = {
     PATH_TFP: "fixed-operand triples (TFP): W - B opened once, x - a per use",
     PATH_TTP: "fixed-operand triples (TTP dealer keeps B): W - B opened once, x - a per use",
-    PATH_STOCK_REPLICATED: "stock replicated matmul: 3PC replicated sharing needs no triples (nothing to fix)",
+    PATH_REPLICATED: "replicated 3PC, no triples: W's share replicated once, only x's share per use",
 }
 _KEYS = itertools.count()      # party 0 names each fixed operand for the TTP dealer; other parties never need it
 
@@ -61,7 +64,7 @@ def _path() -> str:
     import crypten
 
     if crypten.cfg.mpc.protocol == "replicated":
-        return PATH_STOCK_REPLICATED
+        return PATH_REPLICATED
     name = crypten.mpc.get_default_provider().NAME
     if name == "TFP":
         return PATH_TFP
@@ -91,8 +94,9 @@ class FixedOperand:
 
     Holds ``w`` (this party's ``MPCTensor`` share of ``W``), ``d`` (the public ring tensor ``D``, the same on every
     party), ``b_plain`` (``B`` itself, TFP party 0 only) and ``path`` / ``note`` (which realisation runs, for
-    reports). Create it with :meth:`fix`; :meth:`t` / :meth:`transpose` give a view for ``x @ W.T`` that shares
-    the same ``B`` and ``D`` (transposed).
+    reports); on the replicated path ``d`` is instead the previous party's share of ``W`` (its replica). Create it
+    with :meth:`fix`; :meth:`t` / :meth:`transpose` give a view for ``x @ W.T`` that shares the same ``B`` and
+    ``D`` (transposed).
     """
 
     def __init__(self, w, d, b_plain, path: str, key: int | None = None, transposed: bool = False):
@@ -103,17 +107,16 @@ class FixedOperand:
     def note(self) -> str:
         return NOTES[self.path]
 
-    @property
-    def fixed(self) -> bool:
-        return self.path != PATH_STOCK_REPLICATED
-
     @classmethod
     def fix(cls, w) -> FixedOperand:
         """Fix the shared ``w`` (an ``MPCTensor``): draw ``B``, open ``D = W - B`` (1 round, ``|W|`` elements per
         party; call inside an offline ledger scope). Every compute party must call it, in the same order."""
         path = _path()
-        if path == PATH_STOCK_REPLICATED:
-            return cls(w, None, None, path)
+        if path == PATH_REPLICATED:
+            from crypten.mpc.primitives import replicated
+
+            ((_, w_prev),) = replicated.replicate_shares([w.share])      # looked up now: the compat shim applies
+            return cls(w, w_prev, None, path)
         comm, size, dev = _comm(), w.size(), w.device
         rank, key, b_plain = comm.get_rank(), None, None
         if path == PATH_TFP:
@@ -181,19 +184,25 @@ def _triple(x, fixed: FixedOperand, out_size):
 def fixed_matmul(x, fixed: FixedOperand):
     """``x @ W`` for a shared ``x`` (MPCTensor, (..., M, K)) and a fixed ``W`` (..., K, N): opens only ``x - a``.
 
-    Rounds: 1 (+ the truncation's, local in 2PC).  Bytes/party: ``|x| * 8`` (stock: ``(|x| + |W|) * 8``).
+    Rounds: 1 (+ the truncation's, local in 2PC).  Bytes/party: ``|x| * 8`` (stock: ``(|x| + |W|) * 8``); with
+    n > 2 additive parties ``(n-1)`` times that; replicated 3PC: ``|x| * 8`` to the next party (stock ``|x| + |W|``)
+    plus the stock truncation.
     Fixed-point: exact in the ring before truncation; the local 2PC truncation adds at most 2 ulps (2 * 2^-16)
     per output, as in the stock matmul. Same encoder rules as CrypTen's matmul (a scale-1 ``x``, e.g. a one-hot,
     needs no truncation). Leaks: shapes only (see the module docstring for the argument).
     """
-    if not fixed.fixed:
-        return x.matmul(fixed.w)
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
-    out_size = _matmul_size(x.size(), fixed.shape)
-    a, c = _triple(x, fixed, out_size)
-    eps = _comm().all_reduce(x.share - a)                          # the only opening: x - a, uniform
-    z = c + torch.matmul(eps, fixed.w.share) + torch.matmul(a, fixed.d)
+    if fixed.path == PATH_REPLICATED:
+        from crypten.mpc.primitives import replicated
+
+        ((x1, x2),) = replicated.replicate_shares([x.share])         # only x's share travels
+        w1, w2 = fixed.w.share, fixed.d
+        z = torch.matmul(x1, w1) + torch.matmul(x1, w2) + torch.matmul(x2, w1)
+    else:
+        a, c = _triple(x, fixed, _matmul_size(x.size(), fixed.shape))
+        eps = _comm().all_reduce(x.share - a)                      # the only opening: x - a, uniform
+        z = c + torch.matmul(eps, fixed.w.share) + torch.matmul(a, fixed.d)
     out = ArithmeticSharedTensor.from_shares(z)
     sx, sw = x.encoder.scale, fixed.w.encoder.scale
     out.encoder = x.encoder if sx > 1 or sw == 1 else fixed.w.encoder
@@ -210,10 +219,11 @@ def fixed_matmul_reference(x: torch.Tensor, w: torch.Tensor, transpose: bool = F
     return x.double() @ (w.transpose(-2, -1) if transpose else w)
 
 
-def fixed_matmul_cost(x_shape, w_shape, n_parties: int = 2) -> dict:
-    """Analytic per-party costs (bytes sent, rounds) of one use, of the stock matmul, and of fixing ``W`` once."""
+def fixed_matmul_cost(x_shape, w_shape, n_parties: int = 2, replicated: bool = False) -> dict:
+    """Analytic per-party costs (bytes sent, rounds) of one use, of the stock matmul, and of fixing ``W`` once,
+    before truncation (local in 2PC; replicated 3PC truncation adds ``|x @ W|`` elements sent by party 2)."""
     nx, nw = int(torch.Size(x_shape).numel()), int(torch.Size(w_shape).numel())
-    k = 8 * (n_parties - 1)
+    k = 8 * (n_parties - 1) if not replicated else 8
     return {"fixed_bytes": k * nx, "fixed_rounds": 1, "stock_bytes": k * (nx + nw), "stock_rounds": 1,
             "offline_bytes": k * nw, "offline_rounds": 1}
 
