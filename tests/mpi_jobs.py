@@ -162,11 +162,12 @@ def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
     def grid(t):                                          # on the fixed-point grid: no encoding error
         return torch.round(t * 2 ** 16) / 2 ** 16
 
-    def cost(f):
-        before = sess.ledger.totals()
+    def cost(f):                                          # online traffic (the dealer's is kept apart)
+        before, dealer0 = sess.ledger.totals(kind="online"), sess.ledger.totals(kind="dealer")
         y = f()
-        after = sess.ledger.totals()
-        return y, {k: after[k] - before[k] for k in ("bytes_sent", "bytes_recv", "rounds")}
+        after, dealer1 = sess.ledger.totals(kind="online"), sess.ledger.totals(kind="dealer")
+        return y, {**{k: after[k] - before[k] for k in ("bytes_sent", "bytes_recv", "rounds")},
+                   "dealer_bytes_recv": dealer1["bytes_recv"] - dealer0["bytes_recv"]}
 
     res = {"path": None, "uses": [], "stats": {}}
     W = grid(torch.randn(48, 80, generator=g))
@@ -195,7 +196,7 @@ def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
                             "stock_err": (ys.get_plain_text().double() - ref).abs().max().item(),
                             "fixed": c, "stock": cs})
     # D for two different W (a Gaussian one and a constant one), each fixed twice: fresh B every time
-    if fw.fixed:
+    if fw.path in ("fixed-tfp", "fixed-ttp"):
         W2 = torch.full((48, 80), 7.25)
         d1, d1b = fw.d, FixedOperand.fix(w_sh).d
         d2 = FixedOperand.fix(crypten.cryptensor(W2, src=0)).d

@@ -204,6 +204,31 @@ def test_static_selections_match_reference():
         assert torch.equal(kept(MPCachePolicy(budget=0.1, static_reduce=red).prefill(ctx)), ref)
 
 
+def test_lazy_attention_context_gives_the_same_selections():
+    """A PrefillContext with ``attn_fn`` (the plaintext model's: probabilities computed on demand) gives the same
+    static selections as one holding the materialised ``attn``, and ``attn`` itself is still available."""
+    n = 300
+    ctx = prefill_ctx(n, seed=6)
+    calls = []
+
+    def rows(a, b):
+        calls.append((a, b))
+        return ctx.attn[:, a:b]
+
+    lazy = PrefillContext(B, 0, 2, ctx.q, ctx.k, ctx.v, None, {}, {}, attn_fn=rows)
+    assert torch.equal(lazy.attn_rows(10, 20), ctx.attn[:, 10:20])
+    assert torch.allclose(lazy.attn_colsum(chunk=64), ctx.attn.sum(1), atol=1e-5)
+    for name in STATIC + ("mpcache",):
+        for b in (0.1, 0.3):
+            lazy = PrefillContext(B, 0, 2, ctx.q, ctx.k, ctx.v, None, {}, {}, attn_fn=rows)
+            calls.clear()
+            got, ref = make_policy(name, budget=b).prefill(lazy), make_policy(name, budget=b).prefill(ctx)
+            assert torch.equal(row_indices(got, n), row_indices(ref, n)), (name, b)
+            assert all(e - a < n for a, e in calls) or name == "h2o", (name, calls)   # never all rows at once
+    lazy = PrefillContext(B, 0, 2, ctx.q, ctx.k, ctx.v, None, {}, {}, attn_fn=rows)
+    assert torch.equal(lazy.attn, ctx.attn) and "attn" not in repr(lazy)
+
+
 def test_pool1d_matches_torch():
     x = torch.rand(HKV, 50)
     assert torch.allclose(pool1d(B, x, 7, "avg"), 7 * torch.nn.functional.avg_pool1d(x[:, None], 7, 1, 3)[:, 0])
@@ -380,6 +405,25 @@ def test_mpcache_switches_in_model(tiny, full_run):
     assert torch.isfinite(logits).all()
     # layer 3 shares layer 2's static selection: same number of rows, and the state of the follower stays empty
     assert cache.k[3].shape == cache.k[2].shape and not any(k.startswith("mpcache/fine") for k in cache.state[3])
+
+
+class MaterialisedBackend(type(B)):
+    """The plaintext ops with ``secure = True``: the model then takes its secure-path prefill (full (H, n, n)
+    softmax with a public mask, probabilities handed to the policy), on torch tensors."""
+
+    secure = True
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_plain_prefill_fast_path_matches_materialised_path(tiny, name):
+    cfg, w = tiny
+    pol = make_policy(name) if name == "full" else make_policy(name, budget=0.3)
+    fast, cache = run_model(cfg, w, pol)
+    model, ref_cache = Transformer(cfg, w, MaterialisedBackend(), pol), KVCache(cfg.n_layers)
+    tokens = torch.randint(0, cfg.vocab_size, (205,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = [model.prefill(tokens[:200], ref_cache)] + [model.decode(t, ref_cache) for t in tokens[200:]]
+    assert torch.allclose(fast, torch.cat(ref), atol=1e-4)
+    assert [k.shape for k in cache.k] == [k.shape for k in ref_cache.k]
 
 
 def test_registry():

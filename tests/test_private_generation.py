@@ -92,3 +92,11 @@ def test_bad_model_is_explained(tmp_path):
     p, _ = _launch([MPIRUN, "-n", "2", sys.executable, "-m", "parties", "generate", "--model",
                     str(tmp_path / "missing"), "--out", str(tmp_path)])
     assert p.returncode != 0 and "cannot load --model" in p.stderr
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "tova", "quest", "mpcache"])
+def test_every_policy_runs_on_shares_like_plaintext(tmp_path, policy):
+    """The same policy code on secret shares: the same tokens as in plaintext (budget 0.3 of a 24-token prompt)."""
+    r = mpi_job(2, "generate", tmp_path, "tiny-llama", "arithmetic", "tfp", "0", "0", policy, "3")
+    assert r["tokens"] == r["plaintext"]
+    assert r["logit_err"] <= LOGIT_TOL
