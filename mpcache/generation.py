@@ -36,7 +36,7 @@ class GenerationResult:
 # weight matrices used only as the right operand of matmuls (and embed: onehot @ embed, h @ embed.T): with
 # fixed=True they become FixedOperands. Biases, norm weights and gpt2's pos_embed (indexed) stay plain shares.
 FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
-FIXED_WEIGHTS_DEFAULT = False
+FIXED_WEIGHTS_DEFAULT = True
 
 
 def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None,

@@ -186,11 +186,11 @@ def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
     onehot = torch.nn.functional.one_hot(torch.tensor([3, 47, 0]), 48).float()
     for name, x, f, wp, tr in cases + [("onehot", onehot, fw, W, False)]:
         xs = crypten.cryptensor(x, src=1, precision=0 if name == "onehot" else None)
-        y, c = cost(lambda: fixed_matmul(xs, f))
+        y, c = cost(lambda xs=xs, f=f: fixed_matmul(xs, f))
         y = y.get_plain_text()
         ref = fixed_matmul_reference(x, wp, transpose=tr)
         ws = w_sh.t() if tr else (wb_sh if name == "batched" else w_sh)
-        ys, cs = cost(lambda: xs.matmul(ws))
+        ys, cs = cost(lambda xs=xs, ws=ws: xs.matmul(ws))
         res["uses"].append({"name": name, "x_shape": list(x.shape), "w_shape": list(f.shape),
                             "err": (y.double() - ref).abs().max().item(), "scale": ref.abs().max().item(),
                             "stock_err": (ys.get_plain_text().double() - ref).abs().max().item(),
@@ -217,7 +217,8 @@ def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
         res["stats"]["ks_gauss_vs_const"] = cdf.abs().max().item()
         res["stats"]["same_w_same_d"] = bool(torch.equal(d1, d1b))
     if sess.rank == 0:
-        json.dump(res, open(out, "w"), indent=1)
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=1)
     sess.close()
 
 
@@ -243,11 +244,12 @@ def job_generate_fixed(out, model="tiny-llama", protocol="arithmetic", provider=
     if sess.rank == SERVER:
         pt, plog, _ = plaintext_generate(cfg, w, ids, n)
         per_token, phases = per_token_costs(ledgers, n)
-        json.dump({"tokens": toks, "plaintext": pt,
-                   "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
-                   "per_token": per_token, **phases, "matmul_paths": B.matmul_paths,
-                   "weight_numel": {k: int(torch.Size(v).numel()) for k, v in expected_shapes(cfg).items()}},
-                  open(out, "w"), indent=1)
+        with open(out, "w") as fh:
+            json.dump({"tokens": toks, "plaintext": pt,
+                       "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
+                       "per_token": per_token, **phases, "matmul_paths": B.matmul_paths,
+                       "weight_numel": {k: int(torch.Size(v).numel()) for k, v in expected_shapes(cfg).items()}},
+                      fh, indent=1)
     sess.close()
 
 

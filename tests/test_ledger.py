@@ -50,7 +50,19 @@ def test_posted_irecvs_are_one_round():
         c.isend(T, 1)
         c.irecv(T, 2)
     assert c.ledger.totals()["rounds"] == 1
+    c.ledger._irecv_run = False          # the protocol waited: the next posted irecv is a new exchange
+    c.irecv(T, 2)
+    assert c.ledger.totals()["rounds"] == 2
     c.recv(T, 1)                           # a later blocking receive is a new round
+    assert c.ledger.totals()["rounds"] == 3
+
+
+def test_waiting_ends_an_irecv_run():
+    c = make(n=3)
+    req = c.irecv(T, 2)
+    req._work = None                     # the fake transport has no request object
+    req.wait()
+    c.irecv(T, 2)
     assert c.ledger.totals()["rounds"] == 2
 
 

@@ -193,6 +193,8 @@ def fixed_matmul(x, fixed: FixedOperand):
     """
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
+    if not hasattr(x, "share"):
+        raise TypeError(f"fixed_matmul needs a secret-shared x (MPCTensor), got {type(x).__name__}")
     if fixed.path == PATH_REPLICATED:
         from crypten.mpc.primitives import replicated
 

@@ -10,7 +10,7 @@ so we count every message where it is sent, with its real ``nbytes``:
 * **rounds**: one sequential exchange = one round. A party spends a round whenever it must wait for a message:
   each blocking receive or collective counts one round for every party that receives in it (a batched
   collective over a list is one round); sends are free; a run of ``irecv`` calls posted together (only ``isend``
-  in between, as in replicated sharing's resharing) is one round.
+  in between, as in replicated sharing's resharing) is one round, which ends when one of them is waited on.
 * **kind**: traffic on CrypTen's trusted-third-party groups is ``dealer`` (triple generation), the rest ``online``.
 
 Scopes nest (``with ledger.scope("decode/3"), ledger.scope("L2"), ledger.scope("softmax"):``); each record
@@ -102,6 +102,20 @@ class CostLedger:
             json.dump(self.to_dict(), f, indent=1)
 
 
+class _EndsRun:
+    """A posted irecv's request: waiting on it ends the run of irecvs that share one round."""
+
+    def __init__(self, work, ledger):
+        self._work, self._ledger = work, ledger
+
+    def wait(self, *args, **kwargs):
+        self._ledger._irecv_run = False
+        return self._work.wait(*args, **kwargs) if self._work is not None else None
+
+    def is_completed(self):
+        return self._work.is_completed()
+
+
 def _counting_communicator_class(base):
     """A subclass of CrypTen's DistributedCommunicator whose every transfer is recorded in ``self.ledger``."""
 
@@ -136,7 +150,7 @@ def _counting_communicator_class(base):
 
         def irecv(self, tensor, src=None):
             self.ledger.record(recv=_nbytes(tensor), rounds=self._recv_round(is_irecv=True))
-            return super().irecv(tensor, src)
+            return _EndsRun(super().irecv(tensor, src), self.ledger)
 
         def all_reduce(self, input, op=None, batched=False):
             n, b = self._n(), _nbytes(input)

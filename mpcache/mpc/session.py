@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -181,6 +182,7 @@ def run_party(main, *args, **kwargs) -> int:
         rank = "?"
     sys.stderr.write(f"[mpcache rank {rank}] error: {msg}\n")
     sys.stderr.flush()
+    time.sleep(0.5)   # let mpirun forward the message before the abort tears the job down
     try:
         from mpi4py import MPI
 
