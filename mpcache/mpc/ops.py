@@ -317,7 +317,9 @@ def sumsq(x):
     xs = x * (1.0 / 2 ** SUMSQ_SHIFT)
     both = crypten.stack([x, xs])
     sq = (both * both).sum(-1, keepdim=True)
-    fine, coarse = sq[0], sq[1] * float(2 ** (2 * SUMSQ_SHIFT))
+    # scale the coarse sum back up by an exact share-level integer product: a fixed-point public product by 2^16
+    # would put ~2^61 in the ring before its truncation (and fail with probability ~15% at |x| ~ 2.5e4)
+    fine, coarse = sq[0], _mul_public_int(sq[1], torch.tensor(2 ** (2 * SUMSQ_SHIFT)))
     use_coarse = 1 - (coarse - SUMSQ_SPLIT)._ltz()
     return fine + use_coarse * (coarse - fine)
 
