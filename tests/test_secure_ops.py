@@ -20,7 +20,9 @@ def ops_results(request, tmp_path_factory):
 CASES = [
     ("tree_max", 0, 0),                    # a mux of ring elements: exact
     ("tree_max_dim0", 0, None),
-    ("exp", 256 * ULP, 0.03),              # 8 squarings raise the base's 1-ulp error to the 256th power; limit ~2.6%
+    # exp: 8 squarings raise the base's truncation error (<= 2 ulp: 2PC local / 3PC ABY3 truncation) to the 256th
+    # power, a relative error <= 512 ulp; the limit approximation itself is ~2.6% off at x = -12.
+    ("exp", 512 * ULP, 0.03),
     ("reciprocal", 2 * 200 * ULP, 1e-6),   # x*(1/x) for x <= 200: a 1-ulp error of 1/x times x, twice over
     ("mul_rsqrt", 5e-3, 1e-6),             # relative to |v/sqrt(x)| <= ~1e3 at x=3e-3: ~1e-5 relative
     ("silu", 200 * ULP, 3e-3),             # degree-10 Horner in t=x^2/16: ~1 ulp per step x coefficients ~ 40
@@ -28,12 +30,12 @@ CASES = [
     ("argmax_onehot", 0, None),            # exact one-hot, first maximum on ties
     ("topk_onehot", 0, None),              # exact one-hots (no ties within fixed-point error in these inputs)
     ("keep_onehot", 0, None),
-    # probabilities: exp's base 1 + x/256 carries +-1 ulp and 8 squarings raise it to the 256th power, so the
-    # relative error of each exp is <= 256 ulp (3.9e-3); the reciprocal adds ~1 ulp. Limit-exp error ~2% renormalised.
-    ("softmax_1024", 256 * ULP, 0.02),
-    ("softmax_4096", 256 * ULP, 0.02),
-    ("softmax_8192", 256 * ULP, 0.02),
-    ("softmax_masked", 256 * ULP, 0.02),
+    # probabilities: each exp is within 512 ulp relative (above); the reciprocal adds ~1 ulp. Limit-exp error ~2%
+    # renormalised.
+    ("softmax_1024", 512 * ULP, 0.02),
+    ("softmax_4096", 512 * ULP, 0.02),
+    ("softmax_8192", 512 * ULP, 0.02),
+    ("softmax_masked", 512 * ULP, 0.02),
 ]
 
 
@@ -48,7 +50,7 @@ def test_secure_op_matches_float_model(ops_results, op, tol, approx_tol):
 def test_stock_crypten_softmax_is_wrong_where_ours_is_right(ops_results):
     """The reason we ship our own softmax: CrypTen's diverges on long rows (here 1,024 entries)."""
     assert ops_results["stock_softmax_1024"]["err"] > 10 * ops_results["softmax_1024"]["err"]
-    assert ops_results["softmax_1024"]["err"] < 256 * ULP
+    assert ops_results["softmax_1024"]["err"] < 512 * ULP
 
 
 def test_sumsq_massive_activation(ops_results):
