@@ -132,14 +132,19 @@ class Transformer:
         T = int(q.shape[1])
         kx = k.repeat_interleave(G, dim=0) if G > 1 else k           # (H, T, hd): head h reads KV head h // G
         vx = v.repeat_interleave(G, dim=0) if G > 1 else v
-        o = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=1.0 / math.sqrt(hd))
+        # 4-D contiguous inputs: torch's CPU flash kernel (3-D or strided inputs fall back to the (T, T) math path)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.contiguous()[None], kx.contiguous()[None], vx.contiguous()[None], is_causal=True,
+            scale=1.0 / math.sqrt(hd))[0]
         o = o.transpose(0, 1).reshape(T, H * hd)
         scale = 1.0 / math.sqrt(hd)
 
         def probs(start: int, end: int):
-            s = (q[:, start:end] * scale) @ kx.transpose(1, 2)          # (H, end - start, T)
-            future = torch.arange(T, device=s.device)[None, :] > torch.arange(start, end, device=s.device)[:, None]
-            return torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+            # keys >= end are in every row's future: score keys [0, end) only, then pad with zero probabilities
+            s = (q[:, start:end] * scale) @ kx[:, :end].transpose(1, 2)  # (H, end - start, end)
+            future = torch.arange(end, device=s.device)[None, :] > torch.arange(start, end, device=s.device)[:, None]
+            p = torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+            return p if end == T else torch.nn.functional.pad(p, (0, T - end))
 
         return o, probs
 

@@ -52,13 +52,20 @@ def linear_scores(backend, q, rep):
     return backend.matmul(q.reshape(hkv, 1, int(q.shape[-1])), rep.transpose(1, 2)).reshape(hkv, c)
 
 
-def bound_scores(backend, q, rmax, rmin):
-    """Exact per-dimension upper bound (Quest; MPCache's Eq. 2), summed over the query heads of a KV group.
+def head_linear_scores(backend, q, rep):
+    """q (Hkv, G, D), rep (Hkv, C, D) -> (Hkv, G, C): each query head's q · rep (one batched matmul)."""
+    return backend.matmul(q, rep.transpose(1, 2))
+
+
+def bound_scores(backend, q, rmax, rmin, head_reduce: str = "sum"):
+    """Exact per-dimension upper bound (Quest; MPCache's Eq. 2), combined over the query heads of a KV group.
 
     q (Hkv, G, D), rmax/rmin (Hkv, C, D) -> (Hkv, C) = sum_g sum_i max(q_gi * rmax_ci, q_gi * rmin_ci): an
     upper bound on the sum over the group's heads of each head's largest q·k in the cluster. Costs 2·G·C·D
-    secret products and G·C·D secret maxima (one comparison layer).
+    secret products and G·C·D secret maxima (one comparison layer). ``head_reduce="max"``: the max over the
+    group's heads of each head's bound instead of the sum (G·C more comparisons, log2(G) more layers).
     """
     q = q.unsqueeze(2)                                            # (Hkv, G, 1, D)
     hi, lo = q * rmax.unsqueeze(1), q * rmin.unsqueeze(1)         # (Hkv, G, C, D)
-    return backend.max(backend.stack([hi, lo], dim=0), dim=0).sum(dim=-1).sum(dim=1)
+    per_head = backend.max(backend.stack([hi, lo], dim=0), dim=0).sum(dim=-1)   # (Hkv, G, C)
+    return per_head.sum(dim=1) if head_reduce == "sum" else backend.max(per_head, dim=1)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 from .base import BudgetPolicy, DecodeContext, Gather, PrefillContext, nonempty, register, round_half_up, sum_groups
-from .clusters import bound_scores, grow, linear_scores
+from .clusters import bound_scores, grow, head_linear_scores, linear_scores
 
 REDUCTIONS = ("max", "mean")
+HEAD_REDUCTIONS = ("sum", "max")
 
 
 class DynamicPlan(NamedTuple):
@@ -98,6 +99,7 @@ class MPCachePolicy(BudgetPolicy):
     linear: bool = True
     hierarchy: bool = True
     keep_last_cluster: bool = False
+    head_reduce: str = "sum"
     # cross-layer index sharing
     share_layers: bool = True
     share_start: int = 2
@@ -115,6 +117,8 @@ class MPCachePolicy(BudgetPolicy):
             (self.fanout >= 2, f"fanout must be >= 2, got {self.fanout} (use hierarchy=False for one level)"),
             (0.0 < self.ratio1 <= 1.0, f"ratio1 must be in (0, 1], got {self.ratio1}"),
             (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.head_reduce in HEAD_REDUCTIONS,
+             f"head_reduce must be in {HEAD_REDUCTIONS}, got {self.head_reduce!r}"),
             (self.share_start >= 0, f"share_start must be >= 0, got {self.share_start}"),
             (self.share_group >= 1, f"share_group must be >= 1, got {self.share_group}"),
         ]
@@ -210,7 +214,11 @@ class MPCachePolicy(BudgetPolicy):
         fine = grow(B, ctx.state, f"mpcache/fine{S2}", keys, keys, S2, alpha)
 
         def score(mx, mn, rep):
-            return linear_scores(B, qs, rep) if self.linear else bound_scores(B, qg, mx, mn)
+            if not self.linear:
+                return bound_scores(B, qg, mx, mn, self.head_reduce)
+            if self.head_reduce == "sum":     # (sum of the group's queries) · rep: one product per cluster
+                return linear_scores(B, qs, rep)
+            return B.max(head_linear_scores(B, qg, rep), dim=1)                        # max over the G heads
 
         def head(x, c):
             return None if x is None else x[:, :c]
@@ -225,11 +233,11 @@ class MPCachePolicy(BudgetPolicy):
             # the chosen clusters' children: one matmul of the one-hot with the fine summaries viewed (C1, f·X)
             if self.linear:
                 kids = B.matmul(onehot1, fine.rep[:, :p.C2].reshape(hkv, p.C1, f * d)).reshape(hkv, p.k1 * f, d)
-                scores2 = linear_scores(B, qs, kids)
+                scores2 = score(None, None, kids)
             else:
                 both = B.cat([fine.max[:, :p.C2], fine.min[:, :p.C2]], dim=-1).reshape(hkv, p.C1, f * 2 * d)
                 kids = B.matmul(onehot1, both).reshape(hkv, p.k1 * f, 2 * d)
-                scores2 = bound_scores(B, qg, kids[..., :d], kids[..., d:])
+                scores2 = score(kids[..., :d], kids[..., d:], None)
             onehot2 = B.topk_onehot(scores2, p.k2)                                       # (Hkv, k2, k1·f)
             onehot = B.matmul(onehot2, children_onehot(B, onehot1, f))                   # (Hkv, k2, C2)
         return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2)
