@@ -125,7 +125,8 @@ CASES = [("streaming", {"budget": 0.3}), ("h2o", {"budget": 0.3}), ("snapkv", {"
          ("snapkv", {"budget": 0.3, "pooling": "max"}), ("snapkv", {"budget": 40}), ("tova", {"budget": 0.3}),
          ("quest", {"budget": 0.2}), ("mpcache", {"budget": 0.2}), ("mpcache", {"budget": 0.2, "linear": False}),
          ("mpcache", {"budget": 0.2, "hierarchy": False}), ("mpcache", {"budget": 0.2, "keep_last_cluster": True}),
-         ("mpcache", {"budget": 0.5, "static_reduce": "mean"}), ("h2o", {"budget": 0.3, "recent_ratio": 0.0})]
+         ("mpcache", {"budget": 0.5, "static": True, "static_reduce": "mean"}),
+         ("mpcache", {"budget": 0.2, "head_reduce": "sum", "cluster_size": 16}), ("h2o", {"budget": 0.3, "recent_ratio": 0.0})]
 
 
 def case_id(kw) -> str:
@@ -164,11 +165,13 @@ def test_attended_fraction_tracks_budget():
     for name in STATIC:
         assert make_policy(name, budget=0.1).attended_fraction(4000) == pytest.approx(0.1, abs=1e-3)
     assert QuestPolicy(budget=0.1).attended_fraction(4000) == pytest.approx(0.1, abs=0.01)
-    for kw in ({}, {"static": False}, {"hierarchy": False}, {"static_keep": 0.1}):
+    for kw in ({}, {"static": True}, {"hierarchy": False}, {"static": True, "static_keep": 0.1},
+               {"cluster_size": 16}, {"share_layers": True}):
         pol = MPCachePolicy(budget=0.1, **kw)
         assert pol.attended_fraction(4000) == pytest.approx(0.1, abs=0.01), kw
         assert pol.attended_fraction(4000, step=100) == pytest.approx(0.1, abs=0.01), kw
-    pol = MPCachePolicy(budget=0.1)
+    assert MPCachePolicy(budget=0.1).n_static(4000) == 4000                 # no static stage by default
+    pol = MPCachePolicy(budget=0.1, static=True)
     assert pol.n_static(4000) == 4 + 800 + round(0.5 * (4000 - 804))   # sinks + window + half the middle
     for name in POLICIES[1:]:
         assert make_policy(name, budget=1.0).attended_fraction(500, 3) == 1.0
@@ -201,7 +204,7 @@ def test_static_selections_match_reference():
         win = ctx.attn[:, n - 60:, 4: n - 60]
         s = grouped(win.amax(1) if red == "max" else win.mean(1))
         ref = torch.cat([torch.arange(4).expand(HKV, -1), 4 + top(s, 118), torch.arange(n - 60, n).expand(HKV, -1)], 1)
-        assert torch.equal(kept(MPCachePolicy(budget=0.1, static_reduce=red).prefill(ctx)), ref)
+        assert torch.equal(kept(MPCachePolicy(budget=0.1, static=True, static_reduce=red).prefill(ctx)), ref)
 
 
 def test_lazy_attention_context_gives_the_same_selections():
@@ -222,7 +225,9 @@ def test_lazy_attention_context_gives_the_same_selections():
         for b in (0.1, 0.3):
             lazy = PrefillContext(B, 0, 2, ctx.q, ctx.k, ctx.v, None, {}, {}, attn_fn=rows)
             calls.clear()
-            got, ref = make_policy(name, budget=b).prefill(lazy), make_policy(name, budget=b).prefill(ctx)
+            kw = {"static": True} if name == "mpcache" else {}
+            got, ref = make_policy(name, budget=b, **kw).prefill(lazy), make_policy(name, budget=b, **kw).prefill(ctx)
+            assert got is not None, name
             assert torch.equal(row_indices(got, n), row_indices(ref, n)), (name, b)
             assert all(e - a < n for a, e in calls) or name == "h2o", (name, calls)   # never all rows at once
     lazy = PrefillContext(B, 0, 2, ctx.q, ctx.k, ctx.v, None, {}, {}, attn_fn=rows)
@@ -245,9 +250,13 @@ def reference_clusters(pol: MPCachePolicy, K: torch.Tensor, q: torch.Tensor, n_f
     def scores(size: int, c: int) -> torch.Tensor:               # (Hkv, c) over clusters of `size` rows from S2
         blocks = K[:, S2: S2 + c * size].reshape(HKV, c, size, D)
         rmax, rmin = blocks.amax(2), blocks.amin(2)
-        if pol.linear:
+        if pol.linear and pol.head_reduce == "sum":     # the group's queries summed first: one product per cluster
             return torch.einsum("hd,hcd->hc", qg.sum(1), pol.alpha * rmax + (1 - pol.alpha) * rmin)
-        return torch.maximum(qg[:, :, None] * rmax[:, None], qg[:, :, None] * rmin[:, None]).sum((1, 3))
+        if pol.linear:                                   # each head's score, then the max over the group's heads
+            per_head = torch.einsum("hgd,hcd->hgc", qg, pol.alpha * rmax + (1 - pol.alpha) * rmin)
+        else:
+            per_head = torch.maximum(qg[:, :, None] * rmax[:, None], qg[:, :, None] * rmin[:, None]).sum(3)
+        return per_head.sum(1) if pol.head_reduce == "sum" else per_head.amax(1)
 
     s2 = scores(S2, plan.C2)
     out = []
@@ -262,7 +271,8 @@ def reference_clusters(pol: MPCachePolicy, K: torch.Tensor, q: torch.Tensor, n_f
 
 
 SELECT_CASES = [{}, {"linear": False}, {"hierarchy": False}, {"keep_last_cluster": True},
-                {"fanout": 4, "cluster_size": 8}, {"ratio1": 0.25}]
+                {"fanout": 4, "cluster_size": 8}, {"ratio1": 0.25}, {"head_reduce": "sum"},
+                {"head_reduce": "sum", "linear": False}, {"cluster_size": 16, "share_layers": True}]
 
 
 @pytest.mark.parametrize("kw", SELECT_CASES, ids=case_id)
@@ -311,9 +321,10 @@ def test_mpcache_gather_layout_and_forced_rows():
     state = {"mpcache/prompt_len": n_full}
     gat = pol.select(decode_ctx(L, seed=3, n_prompt=n_prompt, state=state))
     plan = pol.dynamic_plan(L, n_full + L - n_prompt)
-    assert gat.start == 16 and gat.block == 16 and gat.onehot.shape == (HKV, plan.k2, plan.C2)
-    assert gat.ranges == ((0, 16), (plan.end, L)) and plan.end == 16 + 32 * plan.C1 and L - plan.end < 32
-    assert abs(gat.n_rows - pol.kept(n_full + L - n_prompt)) <= 8   # nearest multiple of the cluster size
+    S2, f = pol.cluster_size, pol.fanout
+    assert gat.start == S2 and gat.block == S2 and gat.onehot.shape == (HKV, plan.k2, plan.C2)
+    assert gat.ranges == ((0, S2), (plan.end, L)) and plan.end == S2 + f * S2 * plan.C1 and L - plan.end < f * S2
+    assert abs(gat.n_rows - pol.kept(n_full + L - n_prompt)) <= S2 // 2   # nearest multiple of the cluster size
 
 
 def test_quest_selection_and_page_summaries():
@@ -344,9 +355,11 @@ def test_quest_selection_and_page_summaries():
 
 
 def test_layer_sharing():
-    pol = MPCachePolicy(budget=0.2)
+    assert [MPCachePolicy().leader(i) for i in range(4)] == [0, 1, 2, 3]      # no sharing by default
+    pol = MPCachePolicy(budget=0.2, static=True, share_layers=True)
     assert [pol.leader(i) for i in range(8)] == [0, 1, 2, 2, 4, 4, 6, 6]
-    assert [MPCachePolicy(share_start=1, share_group=3).leader(i) for i in range(8)] == [0, 1, 1, 1, 4, 4, 4, 7]
+    assert [MPCachePolicy(share_layers=True, share_start=1, share_group=3).leader(i) for i in range(8)] == \
+        [0, 1, 1, 1, 4, 4, 4, 7]
     assert [MPCachePolicy(share_layers=False).leader(i) for i in range(4)] == [0, 1, 2, 3]
     shared: dict = {}
     g2 = pol.prefill(prefill_ctx(400, seed=1, layer=2, n_layers=4, shared=shared))
@@ -397,11 +410,13 @@ def test_policy_in_model(tiny, full_run, name):
 
 def test_mpcache_switches_in_model(tiny, full_run):
     cfg, w = tiny
-    for kw in ({"static": False}, {"linear": False}, {"hierarchy": False}, {"static_reduce": "mean"}):
+    for kw in ({"static": True}, {"linear": False}, {"hierarchy": False}, {"static": True, "static_reduce": "mean"},
+               {"head_reduce": "sum"}, {"share_layers": True}, {"cluster_size": 16}):
         logits, _ = run_model(cfg, w, MPCachePolicy(budget=0.3, **kw))
         assert torch.isfinite(logits).all(), kw
     four = dataclasses.replace(cfg, n_layers=4)
-    logits, cache = run_model(four, init_random_weights(four, seed=1), MPCachePolicy(budget=0.3))
+    logits, cache = run_model(four, init_random_weights(four, seed=1),
+                              MPCachePolicy(budget=0.3, static=True, share_layers=True))
     assert torch.isfinite(logits).all()
     # layer 3 shares layer 2's static selection: same number of rows, and the state of the follower stays empty
     assert cache.k[3].shape == cache.k[2].shape and not any(k.startswith("mpcache/fine") for k in cache.state[3])
