@@ -93,6 +93,22 @@ class Transformer:
         a = self._linear(h, p + "w_fc", p + "b_fc")
         return self._linear(B.gelu(a), p + "w_proj", p + "b_proj")
 
+    def _block_in(self, x, p: str, positions: torch.Tensor):
+        """Pre-attention of one block: norm, then q, k, v (after RoPE)."""
+        with self.scope("norm"):
+            h = self._norm(x, p + "attn_norm")
+        with self.scope("qkv"):
+            return self._qkv(h, p, positions)
+
+    def _block_out(self, x, o, p: str):
+        """Post-attention of one block: output projection and the MLP, each with its residual."""
+        with self.scope("attn_out"):
+            x = x + self._linear(o, p + "wo", p + "bo")
+        with self.scope("norm"):
+            h = self._norm(x, p + "mlp_norm")
+        with self.scope("mlp"):
+            return x + self._mlp(h, p)
+
     def _qkv(self, h, p: str, positions: torch.Tensor):
         cfg, T = self.cfg, h.shape[0]
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -179,18 +195,14 @@ class Transformer:
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
-                with self.scope("norm"):
-                    h = self._norm(x, p + "attn_norm")
-                with self.scope("qkv"):
-                    q, k, v = self._qkv(h, p, positions)
+                q, k, v = self._block_in(x, p, positions)
                 if plain:
                     o, probs_fn = self._causal_attend_plain(q, k, v)
                     attn = None
                 else:
                     o, probs = self._attend(q, k, v, mask)
                     attn, probs_fn = probs.reshape(cfg.n_heads, T, T), None
-                with self.scope("attn_out"):
-                    x = x + self._linear(o, p + "wo", p + "bo")
+                x = self._block_out(x, o, p)              # the compaction below does not touch x
                 with self.scope("static_eviction"):
                     ctx = PrefillContext(self.B, i, cfg.n_layers, q, k, v, attn, cache.state[i], shared,
                                          attn_fn=probs_fn)
@@ -198,10 +210,6 @@ class Transformer:
                     if g is not None:
                         k, v = g.apply(k, self.B), g.apply(v, self.B)
                 cache.k[i], cache.v[i] = k, v
-                with self.scope("norm"):
-                    h = self._norm(x, p + "mlp_norm")
-                with self.scope("mlp"):
-                    x = x + self._mlp(h, p)
         cache.n_prompt = cache.length
         cache.pos = T
         return self._logits(x)
@@ -217,10 +225,7 @@ class Transformer:
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
-                with self.scope("norm"):
-                    h = self._norm(x, p + "attn_norm")
-                with self.scope("qkv"):
-                    q, k, v = self._qkv(h, p, positions)
+                q, k, v = self._block_in(x, p, positions)
                 cache.k[i] = B.cat([cache.k[i], k], dim=1)
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
                 with self.scope("selection"):
@@ -231,12 +236,7 @@ class Transformer:
                     ks = cache.k[i] if g is None else g.apply(cache.k[i], B)
                     vs = cache.v[i] if g is None else g.apply(cache.v[i], B)
                 o, _ = self._attend(q, ks, vs)
-                with self.scope("attn_out"):
-                    x = x + self._linear(o, p + "wo", p + "bo")
-                with self.scope("norm"):
-                    h = self._norm(x, p + "mlp_norm")
-                with self.scope("mlp"):
-                    x = x + self._mlp(h, p)
+                x = self._block_out(x, o, p)
         cache.pos += 1
         return self._logits(x)
 
