@@ -77,6 +77,12 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
     P = PlainBackend()
     run("topk_onehot", lambda a: ops.topk_onehot(a, 7), lambda a: P.topk_onehot(a, 7), sc2)
     run("keep_onehot", lambda a: ops.keep_onehot(a, 9), lambda a: P.keep_onehot(a, 9), sc2)
+    st = torch.randn(2, 3, 61, generator=g)
+    st[0, 1, 14] = st[0, 1, 15] = st[0, 1, 12:18].max() + 1.0    # a tie inside a stratum: the first wins
+    run("strata_top1_onehot", lambda a: ops.strata_top1_onehot(a, 7),
+        lambda a: ops.strata_top1_onehot_reference(a, 7), st)
+    run("strata_top1_onehot_even", lambda a: ops.strata_top1_onehot(a, 8),
+        lambda a: P.strata_top1_onehot(a, 8), torch.randn(4, 64, generator=g))
     for n in (1024, 4096, 8192):
         flat = torch.randn(2, n, generator=g) * 0.01        # near-uniform rows: stock CrypTen gives garbage here
         peaked = torch.randn(2, n, generator=g) * 3

@@ -64,6 +64,11 @@ def row_indices(g: Gather | None, L: int) -> torch.Tensor:
     if g.onehot is not None:
         assert torch.equal(g.onehot.sum(-1), torch.ones(g.onehot.shape[:-1])), "one-hot rows must hold one 1"
         blocks = g.onehot.argmax(-1)                                              # (Hkv, k)
+        if g.strata:                          # compact form: slot j of row r is candidate strata_layout[r, j]
+            from mpcache.mpc.ops import strata_layout
+
+            layout, _ = strata_layout(g.strata, g.n_blocks_selected)
+            blocks = layout[torch.arange(layout.shape[0]), blocks]
         rows = g.start + blocks[..., None] * g.block + torch.arange(g.block)      # (Hkv, k, block)
         parts.append(rows.reshape(HKV, -1))
     if after:
@@ -126,7 +131,12 @@ CASES = [("streaming", {"budget": 0.3}), ("h2o", {"budget": 0.3}), ("snapkv", {"
          ("quest", {"budget": 0.2}), ("mpcache", {"budget": 0.2}), ("mpcache", {"budget": 0.2, "linear": False}),
          ("mpcache", {"budget": 0.2, "hierarchy": False}), ("mpcache", {"budget": 0.2, "keep_last_cluster": True}),
          ("mpcache", {"budget": 0.5, "static": True, "static_reduce": "mean"}),
-         ("mpcache", {"budget": 0.2, "head_reduce": "sum", "cluster_size": 16}), ("h2o", {"budget": 0.3, "recent_ratio": 0.0})]
+         ("mpcache", {"budget": 0.2, "head_reduce": "sum", "cluster_size": 16}), ("h2o", {"budget": 0.3, "recent_ratio": 0.0}),
+         # the stratified tournament (compact one-hots) and the "auto" rule
+         ("h2o", {"budget": 0.3, "topk": "strata"}), ("snapkv", {"budget": 0.3, "topk": "strata"}),
+         ("tova", {"budget": 0.3, "topk": "auto"}), ("quest", {"budget": 0.2, "topk": "strata"}),
+         ("mpcache", {"budget": 0.2, "topk": "strata"}), ("mpcache", {"budget": 0.2, "topk": "auto"}),
+         ("mpcache", {"budget": 0.5, "static": True, "topk": "strata"})]
 
 
 def case_id(kw) -> str:
@@ -445,3 +455,21 @@ def test_registry():
     assert set(POLICIES) <= set(REGISTRY)
     for name in POLICIES:
         assert make_policy(name).name == name
+
+
+def test_strata_selection_is_the_max_of_each_stratum():
+    """topk="strata": row r of the selection is the best-scoring candidate of public stratum r (ties: first)."""
+    from mpcache.mpc.ops import strata_layout
+
+    pol = make_policy("mpcache", budget=0.2, topk="strata")
+    ctx = decode_ctx(600, seed=3)
+    g = pol.select(ctx)
+    S = pol.cluster_size
+    C = g.strata
+    keys = ctx.k[:, S:S + C * S].reshape(HKV, C, S, D)
+    rep = 0.6 * keys.max(2).values + 0.4 * keys.min(2).values                   # (Hkv, C, D)
+    q = ctx.q.reshape(HKV, G, D)
+    scores = torch.einsum("hgd,hcd->hgc", q, rep).max(1).values                 # max over the group's heads
+    layout, valid = strata_layout(C, g.n_blocks_selected)
+    s = scores[:, layout].masked_fill(~valid, float("-inf"))
+    assert torch.equal(g.onehot.argmax(-1), s.argmax(-1))

@@ -30,6 +30,8 @@ CASES = [
     ("argmax_onehot", 0, None),            # exact one-hot, first maximum on ties
     ("topk_onehot", 0, None),              # exact one-hots (no ties within fixed-point error in these inputs)
     ("keep_onehot", 0, None),
+    ("strata_top1_onehot", 0, None),       # exact one-hots (the tournament muxes ring elements)
+    ("strata_top1_onehot_even", 0, None),
     # probabilities: each exp is within 512 ulp relative (above); the reciprocal adds ~1 ulp. Limit-exp error ~2%
     # renormalised.
     ("softmax_1024", 512 * ULP, 0.02),
@@ -64,3 +66,12 @@ def test_softmax_rounds_do_not_grow_linearly(ops_results):
     per_level = ops_results["tree_max"]["rounds"] / 9               # 257 columns: 9 levels
     r1, r8 = ops_results["softmax_1024"]["rounds"], ops_results["softmax_8192"]["rounds"]
     assert r8 - r1 <= 3 * per_level + 1, (r1, r8, per_level)
+
+
+def test_strata_top1_costs_linear_comparisons(ops_results):
+    """The stratified tournament compares m - k pairs (61 - 7 = 54 per row, 6 rows: 324) in ceil(log2 9) = 4
+    layers; the exact rank on 2 rows of 40 (k = 7) makes 2 (40^2 + 8·40) = 3,840 comparisons."""
+    r = ops_results["strata_top1_onehot"]
+    per_level = ops_results["tree_max"]["rounds"] / 9                # cmp + 1 mul per tree level
+    assert r["rounds"] == 4 * per_level, r
+    assert r["bytes"] < 0.2 * ops_results["topk_onehot"]["bytes"], r

@@ -91,6 +91,15 @@ class PlainBackend:
         idx = _stable_topk(scores, k).sort(dim=-1).values
         return torch.nn.functional.one_hot(idx, m).to(scores.dtype)
 
+    def strata_top1_onehot(self, scores: Tensor, k: int) -> Tensor:
+        """Compact rows ``(..., k, g)``: row r is the one-hot of the first maximum of public stratum r (candidates
+        ``[floor(r m / k), floor((r+1) m / k))``, see :func:`mpcache.mpc.ops.strata_layout`)."""
+        from ..mpc.ops import STRATA_PAD, strata_layout
+
+        idx, valid = strata_layout(int(scores.shape[-1]), k)
+        x = scores[..., idx.to(scores.device)].masked_fill(~valid.to(scores.device), STRATA_PAD)
+        return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+
     def reveal(self, x: Tensor, dst: int | None = None) -> Tensor:
         return x
 

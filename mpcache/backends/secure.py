@@ -101,6 +101,10 @@ class SecureBackend:
         with self._scope("topk"):
             return ops.keep_onehot(scores, k)
 
+    def strata_top1_onehot(self, scores, k: int):
+        with self._scope("topk"):
+            return ops.strata_top1_onehot(scores, k)
+
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         """Open ``x`` to party ``dst`` (None = everyone). The only way a share becomes plaintext; audited."""
         self.reveals.append((label, dst, tuple(x.shape)))

@@ -407,3 +407,72 @@ def keep_onehot(scores, k: int):
     keep = (rank - float(k))._ltz()                                             # [rank < k]
     slot = keep.cumsum(-1) - keep + (1 - keep) * float(2 * k)
     return _onehot_of_small_int(slot, k)
+
+
+# ---- stratified top-k: one winner per public stratum, O(m) comparisons -----------------------------------------
+def strata_layout(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public strata of ``strata_top1_onehot``: stratum r = candidates [floor(r m / k), floor((r+1) m / k)).
+
+    Returns ``idx`` (k, g) long, g = ceil(m / k), the candidate index of each slot (short strata repeat their
+    first index in the padding slot) and ``valid`` (k, g) bool. Strata sizes differ by at most one.
+    """
+    if not 0 < k <= m:
+        raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
+    starts = [r * m // k for r in range(k + 1)]
+    g = max(starts[r + 1] - starts[r] for r in range(k))
+    idx = torch.empty(k, g, dtype=torch.long)
+    valid = torch.zeros(k, g, dtype=torch.bool)
+    for r in range(k):
+        size = starts[r + 1] - starts[r]
+        idx[r, :size] = torch.arange(starts[r], starts[r + 1])
+        idx[r, size:] = starts[r]
+        valid[r, :size] = True
+    return idx, valid
+
+
+STRATA_PAD = -(2.0 ** 20)    # the score of a padding slot (below any real score; never wins)
+
+
+def strata_top1_onehot(scores, k: int):
+    """Compact one-hot rows (..., k, g): row r marks the first maximum of stratum r (see :func:`strata_layout`).
+
+    A tournament per stratum that carries each survivor's one-hot: at every level adjacent survivors are compared
+    (one batched comparison layer for all strata and leading dims) and one product of the bit with
+    ``[a - b, onehot_a, onehot_b]`` (one multiplication round) gives both the winner's value and its one-hot;
+    ties go to the lower index. Unlike the exact top-k (:func:`topk_onehot`, m^2 comparisons), this costs m - k
+    comparisons: the budget is spread evenly over the position range (exactly one winner per stratum).
+    Rounds: ceil(log2 g) (cmp + 1 mul).  Bytes/party: (m - k) comparisons + ~m·log2(g) products per row.
+    Leaks: shapes only (the strata are public functions of m and k).
+    """
+    m = int(scores.shape[-1])
+    idx, valid = strata_layout(m, k)
+    g = int(idx.shape[1])
+    x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
+    x = x.reshape(*scores.shape[:-1], k, g)
+    if not bool(valid.all()):
+        x = _mul_public_int(x, valid.long()) + (~valid).float() * STRATA_PAD
+    v = x
+    oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
+    while v.shape[-1] > 1:
+        n, w = int(v.shape[-1]), int(oh.shape[-1])
+        h = n // 2
+        a, b = v[..., 0:2 * h:2], v[..., 1:2 * h:2]
+        oa, ob = oh[..., 0:2 * h:2, :], oh[..., 1:2 * h:2, :]
+        d = a - b
+        c = 1 - d._ltz()                                            # [a >= b]: a (lower index) wins ties
+        prod = _cat([d.unsqueeze(-1), oa, ob], dim=-1) * c.unsqueeze(-1)
+        top = b + prod[..., 0]
+        merged = _cat([prod[..., 1:1 + w], ob - prod[..., 1 + w:]], dim=-1)      # (..., h, 2w)
+        if n % 2:
+            last = oh[..., 2 * h:, :]
+            top = _cat([top, v[..., 2 * h:]], dim=-1)
+            merged = _cat([merged, _cat([last, last * 0], dim=-1)], dim=-2)
+        v, oh = top, merged
+    return oh[..., 0, :g]
+
+
+def strata_top1_onehot_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    idx, valid = strata_layout(int(scores.shape[-1]), k)
+    x = scores.double()[..., idx].masked_fill(~valid, STRATA_PAD)
+    best = x.argmax(dim=-1, keepdim=True)                             # first maximum
+    return torch.zeros_like(x).scatter_(-1, best, 1.0)

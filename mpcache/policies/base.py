@@ -36,12 +36,18 @@ class Gather:
     block*D), so no index is ever revealed. The output keeps position order: ranges before ``start``, then the
     gathered blocks (in the one-hot's row order), then ranges after the block region. Public ranges must not
     overlap the block region.
+
+    ``strata=C`` (a public count) means the compact form of a stratified selection
+    (:func:`mpcache.mpc.ops.strata_top1_onehot`): ``onehot`` (Hkv, k, g) picks one of the g blocks of public
+    stratum r for row r, out of C candidate blocks; the gather is then a batched (1 x g) @ (g x block*D) product
+    per row, whose masked opening is k*g entries instead of the dense form's k*C.
     """
 
     ranges: tuple[tuple[int, int], ...] = ()
     onehot: Any = None
     start: int = 0
     block: int = 1
+    strata: int = 0
 
     @property
     def n_blocks_selected(self) -> int:
@@ -49,7 +55,9 @@ class Gather:
 
     @property
     def n_candidates(self) -> int:
-        return 0 if self.onehot is None else int(self.onehot.shape[-1])
+        if self.onehot is None:
+            return 0
+        return self.strata if self.strata else int(self.onehot.shape[-1])
 
     @property
     def n_rows(self) -> int:
@@ -66,7 +74,17 @@ class Gather:
         parts = before
         if self.onehot is not None:
             blocks = x[:, self.start:end].reshape(hkv, self.n_candidates, self.block * d)
-            picked = backend.matmul(self.onehot, blocks)  # (Hkv, k, block*D)
+            if self.strata:
+                from ..mpc.ops import strata_layout
+
+                k = self.n_blocks_selected
+                idx, _ = strata_layout(self.strata, k)
+                g = int(idx.shape[1])
+                idx = idx.reshape(-1).to(getattr(blocks, "device", "cpu"))
+                slots = blocks.index_select(1, idx).reshape(hkv, k, g, self.block * d)
+                picked = backend.matmul(self.onehot.unsqueeze(-2), slots)  # (Hkv, k, 1, block*D)
+            else:
+                picked = backend.matmul(self.onehot, blocks)  # (Hkv, k, block*D)
             parts = parts + [picked.reshape(hkv, self.n_blocks_selected * self.block, d)]
         parts = parts + after
         return parts[0] if len(parts) == 1 else backend.cat(parts, dim=1)
@@ -235,19 +253,49 @@ def nonempty(*ranges: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     return tuple((s, e) for s, e in ranges if e > s)
 
 
+#: How a policy picks its k of m candidates (the ``topk`` field of every budget policy):
+#: "rank" — the exact top-k (pairwise rank: m^2 comparisons, constant rounds);
+#: "strata" — one winner per public stratum of ~m/k consecutive candidates (a tournament: m - k comparisons,
+#: log2(m/k) comparison layers; the budget is spread evenly over positions);
+#: "auto" — "rank" while m <= AUTO_RANK_MAX, else "strata" (a public rule of the public m).
+TOPK_METHODS = ("rank", "strata", "auto")
+AUTO_RANK_MAX = 128
+
+
+def select_k(backend, scores, k: int, method: str, ordered: bool = False):
+    """Pick k of the m candidates of ``scores`` (..., m) by ``method`` (see ``TOPK_METHODS``).
+
+    Returns ``(onehot, strata)``: with "rank" a dense one-hot (..., k, m) and strata = 0 — rows by decreasing
+    score, or in position order if ``ordered`` (compaction); with "strata" the compact one-hot (..., k, g) and
+    strata = m (rows in position order), for :class:`Gather`'s ``strata`` form.
+    """
+    m = int(scores.shape[-1])
+    if method == "auto":
+        method = "rank" if m <= AUTO_RANK_MAX else "strata"
+    if method == "strata":
+        return backend.strata_top1_onehot(scores, k), m
+    if method != "rank":
+        raise ValueError(f"topk must be one of {TOPK_METHODS}, got {method!r}")
+    return (backend.keep_onehot(scores, k) if ordered else backend.topk_onehot(scores, k)), 0
+
+
 @dataclass
 class BudgetPolicy(CachePolicy):
     """Base of the policies with a public budget (see :func:`resolve_budget`).
 
     Which rows the budget counts is each policy's choice and is documented there: static policies keep
     ``kept(n)`` prompt rows at the prefill; dynamic ones attend ``kept(L)`` of the L rows at each step.
+    ``topk`` says how a policy that ranks candidates picks them (``TOPK_METHODS``; exact "rank" by default).
     """
 
     budget: float | int | None = None
     compression_ratio: float | None = None
+    topk: str = "rank"
 
     def __post_init__(self) -> None:
         resolve_budget(self.budget, self.compression_ratio)
+        if self.topk not in TOPK_METHODS:
+            raise ValueError(f"{type(self).__name__}.topk must be one of {TOPK_METHODS}, got {self.topk!r}")
 
     @property
     def keep(self) -> float | int:
@@ -289,5 +337,6 @@ __all__ = [
     "register",
     "resolve_budget",
     "round_half_up",
+    "select_k",
     "sum_groups",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import BudgetPolicy, Gather, PrefillContext, nonempty, register, round_half_up, sum_groups
+from .base import BudgetPolicy, Gather, PrefillContext, nonempty, register, round_half_up, select_k, sum_groups
 
 
 @register
@@ -41,8 +41,8 @@ class H2OPolicy(BudgetPolicy):
         if heavy == 0:
             return Gather(ranges=((n - recent, n),))
         scores = sum_groups(ctx.attn_colsum(), int(ctx.k.shape[0]))[:, : n - recent]   # (Hkv, n - recent)
-        onehot = ctx.backend.keep_onehot(scores, heavy)
-        return Gather(ranges=nonempty((n - recent, n)), onehot=onehot, start=0, block=1)
+        onehot, strata = select_k(ctx.backend, scores, heavy, self.topk, ordered=True)
+        return Gather(ranges=nonempty((n - recent, n)), onehot=onehot, start=0, block=1, strata=strata)
 
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
         return self.kept(n_prompt) + step + 1

@@ -15,7 +15,18 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
-from .base import BudgetPolicy, DecodeContext, Gather, PrefillContext, nonempty, register, round_half_up, sum_groups
+from .base import (
+    AUTO_RANK_MAX,
+    BudgetPolicy,
+    DecodeContext,
+    Gather,
+    PrefillContext,
+    nonempty,
+    register,
+    round_half_up,
+    select_k,
+    sum_groups,
+)
 from .clusters import bound_scores, grow, head_linear_scores, linear_scores
 
 REDUCTIONS = ("max", "mean")
@@ -216,7 +227,8 @@ class MPCachePolicy(BudgetPolicy):
                 # "mean" is computed as the sum: the same ranking, without a fixed-point truncation
                 per_head = B.max(window, dim=1) if self.static_reduce == "max" else window.sum(dim=1)
                 scores = sum_groups(per_head, int(ctx.k.shape[0]))                       # (Hkv, m)
-                g = Gather(ranges=ranges, onehot=B.keep_onehot(scores, k), start=s, block=1)
+                onehot, strata = select_k(B, scores, k, self.topk, ordered=True)
+                g = Gather(ranges=ranges, onehot=onehot, start=s, block=1, strata=strata)
         ctx.shared[key] = g
         return g
 
@@ -251,6 +263,12 @@ class MPCachePolicy(BudgetPolicy):
         def head(x, c):
             return None if x is None else x[:, :c]
 
+        method = self.topk if self.topk != "auto" else ("rank" if p.C2 <= AUTO_RANK_MAX else "strata")
+        if method == "strata":                     # one level: a tournament over the fine clusters' strata
+            scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
+            onehot, strata = select_k(B, scores, p.k2, "strata")
+            return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
+                          strata=strata)
         if not self.hierarchy or p.k1 == p.C1:     # level 1 would keep every coarse cluster: skip it
             scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
             onehot = B.topk_onehot(scores, p.k2)                                         # (Hkv, k2, C2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import BudgetPolicy, DecodeContext, Gather, nonempty, register, round_half_up
+from .base import BudgetPolicy, DecodeContext, Gather, nonempty, register, round_half_up, select_k
 from .clusters import bound_scores, grow
 
 
@@ -54,7 +54,8 @@ class QuestPolicy(BudgetPolicy):
         pages = grow(B, ctx.state, f"quest/pages{S}", keys, keys, S)
         q = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d)
         scores = bound_scores(B, q, pages.max[:, :C], pages.min[:, :C])          # (Hkv, C)
-        return Gather(ranges=nonempty((0, S), (end, L)), onehot=B.topk_onehot(scores, k), start=S, block=S)
+        onehot, strata = select_k(B, scores, k, self.topk)
+        return Gather(ranges=nonempty((0, S), (end, L)), onehot=onehot, start=S, block=S, strata=strata)
 
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
         L = n_prompt + step + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import BudgetPolicy, Gather, PrefillContext, nonempty, register, sum_groups
+from .base import BudgetPolicy, Gather, PrefillContext, nonempty, register, select_k, sum_groups
 
 POOLINGS = ("avg", "max", "none")
 
@@ -71,8 +71,8 @@ class SnapKVPolicy(BudgetPolicy):
         m = n - w_keep
         scores = sum_groups(ctx.attn_rows(n - w_obs, n)[:, :, :m].sum(dim=1), int(ctx.k.shape[0]))   # (Hkv, m)
         scores = pool1d(ctx.backend, scores, self.kernel_size, self.pooling)
-        onehot = ctx.backend.keep_onehot(scores, picked)
-        return Gather(ranges=nonempty((m, n)), onehot=onehot, start=0, block=1)
+        onehot, strata = select_k(ctx.backend, scores, picked, self.topk, ordered=True)
+        return Gather(ranges=nonempty((m, n)), onehot=onehot, start=0, block=1, strata=strata)
 
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
         return self.kept(n_prompt) + step + 1

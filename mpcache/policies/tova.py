@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import BudgetPolicy, Gather, PrefillContext, register, sum_groups
+from .base import BudgetPolicy, Gather, PrefillContext, register, select_k, sum_groups
 
 
 @register
@@ -26,7 +26,8 @@ class TOVAPolicy(BudgetPolicy):
         if keep >= n:
             return None
         scores = sum_groups(ctx.attn_rows(n - 1, n)[:, 0], int(ctx.k.shape[0]))                      # (Hkv, n)
-        return Gather(onehot=ctx.backend.keep_onehot(scores, keep), start=0, block=1)
+        onehot, strata = select_k(ctx.backend, scores, keep, self.topk, ordered=True)
+        return Gather(onehot=onehot, start=0, block=1, strata=strata)
 
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
         return self.kept(n_prompt) + step + 1
