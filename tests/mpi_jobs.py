@@ -260,6 +260,193 @@ def job_generate_fixed(out, model="tiny-llama", protocol="arithmetic", provider=
     sess.close()
 
 
+# ---- analytic costs (tests/test_costs.py) ----------------------------------------------------------------------
+def _cost_delta(ledger, f):
+    """Run f() and return (its result, this party's online/dealer sent/recv/rounds deltas)."""
+    keys = ("bytes_sent", "bytes_recv", "rounds")
+    b = {k: ledger.totals(kind=k) for k in ("online", "dealer")}
+    y = f()
+    a = {k: ledger.totals(kind=k) for k in ("online", "dealer")}
+    return y, {kind: {f_: a[kind][f_] - b[kind][f_] for f_ in keys} for kind in ("online", "dealer")}
+
+
+def job_op_costs(out, protocol="arithmetic", provider="tfp"):
+    """Every secure protocol at two or more shapes: per-party measured costs (ledger) and the analytic prediction
+    (mpcache.mpc.costs), written side by side by rank 0."""
+    from mpcache.mpc import costs as C
+    from mpcache.mpc import ops
+    from mpcache.mpc.fixed_operand import FixedOperand, fixed_matmul
+
+    sess = _open(protocol, provider)
+    if sess.is_dealer:
+        from mpcache.mpc.session import serve_dealer
+
+        return serve_dealer(sess)
+    import crypten
+
+    s = C.Setting(sess.n_parties, protocol, provider)
+    g = torch.Generator().manual_seed(0)
+
+    def sh(*shape, lo=-3.0, hi=3.0, precision=None):
+        x = torch.rand(*shape, generator=g) * (hi - lo) + lo
+        return crypten.cryptensor(x, src=0, precision=precision)
+
+    cases = []
+
+    def case(name, f, pred):
+        with sess.scope("costs"), sess.scope(name):
+            _, meas = _cost_delta(sess.ledger, f)
+        cases.append((name, meas, pred))
+
+    for shape in [(5,), (3, 7)]:
+        x = sh(*shape)
+        case(f"ltz{shape}", lambda x=x: x._ltz(), C.ltz(s, shape))
+    for xs, ys in [((4, 6), (4, 6)), ((3, 1), (3, 5))]:
+        x, y = sh(*xs), sh(*ys)
+        case(f"mul{xs}x{ys}", lambda x=x, y=y: x * y, C.mul(s, xs, ys))
+    x = sh(4, 6)
+    case("square(4,6)", lambda x=x: x * x, C.mul(s, (4, 6), (4, 6)))
+    bit = (sh(4, 6))._ltz()
+    case("mul_bit(4,6)", lambda x=x, b=bit: x * b, C.mul(s, (4, 6), (4, 6), trunc=False))
+    case("public_mul_float(4,6)", lambda x=x: x * 0.37, C.public_mul(s, (4, 6)))
+    case("public_mul_tensor(4,6)", lambda x=x: x * torch.linspace(0, 1, 6), C.public_mul(s, (4, 6)))
+    case("public_mul_int(4,6)", lambda x=x: x * 3, C.Cost(s.n))
+    for xs, ys in [((3, 8), (8, 5)), ((2, 3, 4), (2, 4, 6))]:
+        x, y = sh(*xs), sh(*ys)
+        case(f"matmul{xs}x{ys}", lambda x=x, y=y: x.matmul(y), C.matmul(s, xs, ys))
+    W = sh(8, 12)
+    with sess.scope("costs"), sess.scope("fix(8,12)"):
+        fw, meas = _cost_delta(sess.ledger, lambda: FixedOperand.fix(W))
+    keys = [fw.spec[1]] if fw.spec else None
+    cases.append(("fix(8,12)", meas, C.fixed_operand_fix(s, [(8, 12)], keys)))
+    for xs, f in [((1, 8), fw), ((3, 8), fw), ((2, 12), fw.t()), ((3, 8), fw[:, 2:9])]:
+        x = sh(*xs)
+        case(f"fixed_matmul{xs}{tuple(f.shape)}", lambda x=x, f=f: fixed_matmul(x, f),
+             C.fixed_matmul(s, xs, tuple(f.shape), spec=f.spec))
+    T = sh(20, 8)
+    W2, W3 = sh(5, 4), sh(2, 7, 3)
+    with sess.scope("costs"), sess.scope("fix_many"):
+        fixed, meas = _cost_delta(sess.ledger, lambda: FixedOperand.fix_many([T, W2, W3]))
+    ft = fixed[0]
+    cases.append(("fix_many", meas, C.fixed_operand_fix(
+        s, [(20, 8), (5, 4), (2, 7, 3)], [f.spec[1] for f in fixed] if ft.spec else None)))
+    cat = FixedOperand.cat([fixed[2], fixed[2][:, :2]], dim=1)
+    x = sh(2, 4, 9)
+    case("fixed_matmul_cat", lambda x=x: fixed_matmul(x, cat), C.fixed_matmul(s, (2, 4, 9), (2, 9, 3), spec=cat.spec))
+    oh = crypten.cryptensor(torch.nn.functional.one_hot(torch.tensor([1, 7, 19]), 20).float(), src=1, precision=0)
+    case("embedding(3,20)", lambda: fixed_matmul(oh, ft), C.embedding(s, (3, 20), (20, 8), spec=ft.spec))
+    case("embedding_stock(3,20)", lambda: oh.matmul(T), C.matmul(s, (3, 20), (20, 8), trunc=False))
+    for shape, dim in [((3, 257), -1), ((257, 3), 0), ((2, 5, 33), 1), ((1, 2), -1)]:
+        x = sh(*shape)
+        case(f"tree_max{shape}d{dim}", lambda x=x, d=dim: ops.tree_max(x, d), C.tree_max(s, shape, dim))
+    for shape in [(2, 37), (1, 64)]:
+        x = sh(*shape)
+        case(f"argmax_onehot{shape}", lambda x=x: ops.argmax_onehot(x), C.argmax_onehot(s, shape))
+    for shape, k in [((2, 9), 3), ((1, 2, 6), 2)]:
+        x = sh(*shape)
+        case(f"topk_onehot{shape}k{k}", lambda x=x, k=k: ops.topk_onehot(x, k), C.topk_onehot(s, shape, k))
+        case(f"keep_onehot{shape}k{k}", lambda x=x, k=k: ops.keep_onehot(x, k), C.keep_onehot(s, shape, k))
+    if hasattr(ops, "strata_top1_onehot"):
+        for shape, k in [((2, 37), 5), ((1, 16), 4), ((3, 2, 10), 3)]:
+            x = sh(*shape)
+            case(f"strata_top1_onehot{shape}k{k}", lambda x=x, k=k: ops.strata_top1_onehot(x, k),
+                 C.strata_top1_onehot(s, shape, k))
+    for shape in [(2, 9), (17,)]:
+        x = sh(*shape, lo=-4.0, hi=0.0)
+        case(f"exp{shape}", lambda x=x: ops.exp_limit(x), C.exp_limit(s, shape))
+        x = sh(*shape, lo=0.5, hi=20.0)
+        case(f"reciprocal{shape}", lambda x=x: ops.reciprocal_nr(x), C.reciprocal_nr(s, shape))
+        x = sh(*shape)
+        case(f"silu{shape}", lambda x=x: ops.silu(x), C.silu(s, shape))
+        case(f"gelu{shape}", lambda x=x: ops.gelu(x), C.gelu(s, shape))
+    for vs, xs in [((3, 10), (3, 1)), ((7,), (7,))]:
+        v, x = sh(*vs), sh(*xs, lo=1.0, hi=50.0)
+        case(f"mul_rsqrt{vs}{xs}", lambda v=v, x=x: ops.mul_rsqrt(v, x), C.mul_rsqrt(s, vs, xs))
+    for shape in [(3, 10), (1, 33)]:
+        x = sh(*shape)
+        case(f"sumsq{shape}", lambda x=x: ops.sumsq(x), C.sumsq(s, shape))
+    for shape, masked in [((2, 17), False), ((3, 2, 9), True), ((1, 1, 5), False)]:
+        x = sh(*shape)
+        mask = torch.tril(torch.ones(shape[-2], shape[-1])) if masked else None
+        case(f"softmax{shape}{'m' if masked else ''}", lambda x=x, mask=mask: ops.softmax(x, mask=mask),
+             C.softmax(s, shape, masked=masked))
+    x = sh(1, 4)
+    case("reveal_all(1,4)", lambda x=x: x.get_plain_text(), C.reveal(s, (1, 4)))
+    case("reveal_to1(1,)", lambda: sh(1).get_plain_text(dst=1), C.reveal(s, (1,), dst=1))
+    meas_all = sess.comm.gather([m for _, m, _ in cases], root=0)
+    if sess.rank == 0:
+        res = {}
+        for i, (name, _, pred) in enumerate(cases):
+            res[name] = {"measured": {kind: {f_: [meas_all[r][i][kind][f_] for r in range(s.n)]
+                                             for f_ in ("bytes_sent", "bytes_recv", "rounds")}
+                                      for kind in ("online", "dealer")},
+                         "predicted": pred.c}
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    sess.close()
+
+
+def job_generate_kv(out, model="tiny-llama", protocol="arithmetic", provider="tfp", policy="full", fixed_kv="1",
+                    n_new="3", prompt="0"):
+    """Private generation with fixed-operand weights and the K/V cache fixed or not (``fixed_kv``); ``policy``
+    full or mpcache (budget 0.3, 2-row clusters: the one-hot gather runs). Rank 0 writes tokens, plaintext
+    tokens, logit error, per-token costs, its ledger, and every attention-related product/fixing it ran, keyed
+    by ledger scope: ("fixed", |moving|), ("stock", |a| + |b|) or ("fix", |rows|) element counts."""
+    from mpcache.backends.secure import SecureBackend
+    from mpcache.generation import per_token_costs, plaintext_generate, private_generate
+    from mpcache.model.weights import expected_shapes, load_model
+    from mpcache.mpc.fixed_operand import FixedOperand, unfix
+    from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
+    from mpcache.policies import make_policy
+
+    cfg, w, _ = load_model(model, seed=0)
+    pol = make_policy("full") if policy == "full" else make_policy(policy, budget=0.3, cluster_size=2)
+    info = {"model": cfg.to_dict(), "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
+            "policy": repr(pol)}
+    sess = _open(protocol, provider, info)
+    if sess.is_dealer:
+        return serve_dealer(sess)
+    uses: dict[str, list] = {}
+    watched = {"qk", "av", "gather", "fix_kv"}
+
+    def note(kind, n):
+        path = sess.ledger.path
+        if watched & set(path.split("/")):
+            uses.setdefault(path, []).append([kind, int(n)])
+
+    matmul, fix_rows = SecureBackend._matmul, SecureBackend.fix_rows
+
+    def rec_matmul(self, a, b):
+        fixed = isinstance(b, FixedOperand)
+        note("fixed" if fixed else "stock", unfix(a).numel() + (0 if fixed else b.numel()))
+        return matmul(self, a, b)
+
+    def rec_fix(self, xs):
+        if self.fixed_kv:
+            note("fix", sum(unfix(x).numel() for x in xs))
+        return fix_rows(self, xs)
+
+    SecureBackend._matmul, SecureBackend.fix_rows = rec_matmul, rec_fix
+    ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(1000 + int(prompt))).tolist()
+    n = int(n_new)
+    toks, logits, B = private_generate(sess, cfg, w if sess.rank == SERVER else None,
+                                       ids if sess.rank == CLIENT else None, n, pol, keep_logits=True,
+                                       fixed_kv=fixed_kv == "1")
+    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=SERVER)
+    toks = sess.comm.bcast(toks, root=CLIENT)
+    if sess.rank == SERVER:
+        pt, plog, _ = plaintext_generate(cfg, w, ids, n, pol)
+        per_token, phases = per_token_costs(ledgers, n)
+        with open(out, "w") as fh:
+            json.dump({"tokens": toks, "plaintext": pt, "n_prompt": len(ids),
+                       "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
+                       "per_token": per_token, **phases, "matmul_paths": B.matmul_paths, "uses": uses,
+                       "cfg": {"H": cfg.n_heads, "Hkv": cfg.n_kv_heads, "hd": cfg.head_dim, "layers": cfg.n_layers},
+                       "attended": [pol.attended_tokens(len(ids), t) for t in range(n)],
+                       "ledger": ledgers[0]}, fh, indent=1)
+    sess.close()
+
+
 if __name__ == "__main__":
     job, out, *rest = sys.argv[1:]
     from mpcache.mpc.session import run_party

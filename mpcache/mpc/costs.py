@@ -1,0 +1,437 @@
+"""Analytic costs of every secure protocol we use, derived from CrypTen 0.4.1's code (not fitted).
+
+Each function returns a :class:`Cost`: per party ``r``, the bytes it sends and receives and the rounds it spends
+(as :mod:`mpcache.mpc.ledger` counts them: one round per blocking receive / collective a party receives in; a
+run of posted ``irecv`` is one round), split into ``online`` traffic and ``dealer`` traffic (the TTP's requests,
+party 0 only). Costs depend only on public shapes and the :class:`Setting`; the test
+``tests/test_costs.py`` checks prediction == ledger measurement, exactly, per party.
+
+Where the constants come from (64-bit ring, 8 bytes per element, n compute parties):
+
+* **opening** ``reveal``/``reveal_batch`` = ``all_reduce``: (n-1)·8·N sent and received, 1 round per party.
+* **Beaver product** (``protocol=arithmetic``; mul, matmul): open ``x - a`` and ``y - b`` in one batched
+  ``all_reduce``: (n-1)·8·(|x| + |y|), 1 round. Each operand travels with *its own* shape (no broadcast). The
+  triple is free with TFP (party 0 makes it, others' shares are pseudo-random zero sharings); with TTP party 0
+  asks the dealer (``send_obj`` of the request, ``recv_obj`` of the result size, a ``broadcast`` of party 0's share
+  of ``c``: 2 dealer rounds, 8·|c| bytes plus the pickles).
+* **replicated product** (``protocol=replicated``, 3 parties): ``replicate_shares([x, y])``: each party sends its
+  shares of x and y to the next party and receives the previous party's: 8·(|x| + |y|) each way, 1 round.
+* **truncation** after a product of two fixed-point values (both scales > 1) or by a public float: local with
+  2 parties; replicated 3PC: party 2 sends its share (8·|z|) to party 1, which spends 1 round receiving it.
+  Products with a scale-1 operand (bits, one-hots) or a python ``int`` are not truncated.
+* **comparison** ``_ltz`` of N elements: A2B — every party's arithmetic share becomes a binary sharing (free:
+  PRZS), summed by a log-depth tree of ``ceil(log2 n)`` binary adders (n=2: 1 adder; n=3: 2 adders, the odd one
+  carried); each adder = 1 AND of (N, N) (opens 2N) + the Kogge–Stone SPK tree: 6 = log2(64) levels, each one AND
+  whose operands are broadcast to (2, N) (opens 4N) — 7 rounds, 26·N elements opened; then B2A of the sign bit:
+  1 opening of N. Total per element: (n-1)·8·(26·adders + 1) bytes, 7·adders + 1 rounds: **216 B and 8 rounds in
+  2PC**, 848 B and 15 rounds with 3 parties (binary ANDs always use Beaver triples from the provider, also under
+  ``replicated``).
+* **fixed-operand matmul** (see :mod:`mpcache.mpc.fixed_operand`): only ``x - a`` is opened (or, replicated, only
+  x's share is replicated), then the usual truncation.
+
+Composite ops (``tree_max``, ``exp_limit``, ``reciprocal_nr``, ``mul_rsqrt``, ``softmax``, ``silu``, ``gelu``,
+``sumsq``, ``argmax_onehot``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``) are written as the same
+sequence of primitives as their implementation in :mod:`mpcache.mpc.ops`, with exact shapes (the TTP requests
+pickle them). Rounds add up: every call waits for its messages (nothing is overlapped).
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+
+ELT = 8                       # bytes per ring element (int64)
+SCALE = 2 ** 16               # CrypTen's default fixed-point scale
+SPK_LEVELS = 6                # log2(64): levels of the carry tree of one binary adder
+
+
+@dataclass(frozen=True)
+class Setting:
+    """n compute parties, ``protocol`` arithmetic (Beaver) | replicated (3PC), ``provider`` tfp | ttp."""
+
+    n: int = 2
+    protocol: str = "arithmetic"
+    provider: str = "tfp"
+
+    def __post_init__(self):
+        if self.protocol not in ("arithmetic", "replicated"):
+            raise ValueError(f"protocol must be arithmetic or replicated, got {self.protocol!r}")
+        if self.provider not in ("tfp", "ttp"):
+            raise ValueError(f"provider must be tfp or ttp, got {self.provider!r}")
+        if self.protocol == "replicated" and self.n != 3:
+            raise ValueError("the replicated protocol needs exactly 3 parties")
+        if self.protocol == "arithmetic" and self.n != 2:
+            # n > 2 additive parties truncate with CrypTen's wraps protocol; not modelled (nor used by the project)
+            raise NotImplementedError("arithmetic sharing is modelled for 2 parties; use replicated for 3")
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}PC {self.protocol} {self.provider.upper()}"
+
+
+KINDS = ("online", "dealer")
+FIELDS = ("bytes_sent", "bytes_recv", "rounds")
+
+
+@dataclass
+class Cost:
+    """Per-party counts: ``c[kind][field][rank]``."""
+
+    n: int
+    c: dict = field(default=None)
+
+    def __post_init__(self):
+        if self.c is None:
+            self.c = {k: {f: [0] * self.n for f in FIELDS} for k in KINDS}
+
+    def add(self, rank: int, sent: int = 0, recv: int = 0, rounds: int = 0, kind: str = "online") -> Cost:
+        d = self.c[kind]
+        d["bytes_sent"][rank] += int(sent)
+        d["bytes_recv"][rank] += int(recv)
+        d["rounds"][rank] += int(rounds)
+        return self
+
+    def __iadd__(self, other: Cost) -> Cost:  # noqa: PYI034
+        for k in KINDS:
+            for f in FIELDS:
+                for r in range(self.n):
+                    self.c[k][f][r] += other.c[k][f][r]
+        return self
+
+    def __add__(self, other: Cost) -> Cost:
+        out = Cost(self.n)
+        out += self
+        out += other
+        return out
+
+    def get(self, fld: str, kind: str | None = None) -> list[int]:
+        """Per-party list of ``fld``; ``kind`` None = online + dealer (as the ledger's totals)."""
+        kinds = KINDS if kind is None else (kind,)
+        return [sum(self.c[k][fld][r] for k in kinds) for r in range(self.n)]
+
+    def summary(self) -> dict:
+        """bytes_sent/bytes_recv per party (online), rounds = max over parties (all kinds, as the reports),
+        dealer bytes received per party."""
+        return {"bytes_sent": self.get("bytes_sent", "online"), "bytes_recv": self.get("bytes_recv", "online"),
+                "rounds": max(self.get("rounds")), "online_rounds": max(self.get("rounds", "online")),
+                "dealer_bytes": self.get("bytes_recv", "dealer"), "dealer_sent": self.get("bytes_sent", "dealer")}
+
+    def __repr__(self):
+        return f"Cost({self.summary()})"
+
+
+def _numel(shape) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _size(shape) -> torch.Size:
+    return torch.Size([int(s) for s in shape])
+
+
+def _bshape(*shapes) -> torch.Size:
+    return torch.broadcast_shapes(*[_size(s) for s in shapes])
+
+
+def _mm_shape(a, b) -> torch.Size:
+    return torch.matmul(torch.empty(_size(a), device="meta"), torch.empty(_size(b), device="meta")).shape
+
+
+# ---- primitives ------------------------------------------------------------------------------------------------
+def open_(s: Setting, numel: int, dst: int | None = None) -> Cost:
+    """Opening N elements to everyone (all_reduce) or to ``dst`` only (reduce)."""
+    c = Cost(s.n)
+    b = ELT * numel
+    for r in range(s.n):
+        if dst is None:
+            c.add(r, (s.n - 1) * b, (s.n - 1) * b, 1)
+        elif r == dst:
+            c.add(r, 0, (s.n - 1) * b, 1)
+        else:
+            c.add(r, b, 0, 0)
+    return c
+
+
+def _pickled(obj) -> int:
+    return len(pickle.dumps(obj)) + 4          # the ledger's count for send_obj/recv_obj
+
+
+def ttp_request(s: Setting, func: str, out_shape, *args) -> Cost:
+    """One request of party 0 to CrypTen's dealer (TTP only; free with TFP): the pickled message, the pickled size
+    of the answer, and party 0's share of the answer (a broadcast from the dealer). 2 dealer rounds."""
+    c = Cost(s.n)
+    if s.provider != "ttp":
+        return c
+    msg = {"function": func, "device": "cpu", "args": args, "kwargs": {}}
+    out = _size(out_shape)
+    return c.add(0, _pickled(msg), _pickled(out) + ELT * out.numel(), 2, kind="dealer")
+
+
+def truncation(s: Setting, shape) -> Cost:
+    """Division by the fixed-point scale: local in 2PC; replicated 3PC: party 2 -> party 1 (ABY3 truncation)."""
+    c = Cost(s.n)
+    if s.protocol == "replicated":
+        b = ELT * _numel(shape)
+        c.add(2, sent=b)
+        c.add(1, recv=b, rounds=1)
+    return c
+
+
+def public_mul(s: Setting, shape, scale: int = SCALE) -> Cost:
+    """x * (public float or float tensor): local, then a truncation if x is fixed-point (scale > 1)."""
+    return truncation(s, shape) if scale > 1 else Cost(s.n)
+
+
+def _bilinear(s: Setting, op: str, xshape, yshape, out_shape, trunc: bool) -> Cost:
+    xshape, yshape = _size(xshape), _size(yshape)
+    nb = _numel(xshape) + _numel(yshape)
+    c = Cost(s.n)
+    if s.protocol == "replicated":
+        for r in range(s.n):
+            c.add(r, ELT * nb, ELT * nb, 1)
+    else:
+        c += ttp_request(s, "additive", out_shape, xshape, yshape, op)
+        c += open_(s, nb)
+    if trunc:
+        c += truncation(s, out_shape)
+    return c
+
+
+def mul(s: Setting, xshape, yshape, trunc: bool = True) -> Cost:
+    """Elementwise product of two shares (broadcasting); ``trunc`` when both are fixed-point (scale > 1)."""
+    return _bilinear(s, "mul", xshape, yshape, _bshape(xshape, yshape), trunc)
+
+
+def matmul(s: Setting, xshape, yshape, trunc: bool = True) -> Cost:
+    """Stock CrypTen matmul of two shares (Beaver, or replicated): both operands travel."""
+    return _bilinear(s, "matmul", xshape, yshape, _mm_shape(xshape, yshape), trunc)
+
+
+def fixed_matmul(s: Setting, xshape, wshape, trunc: bool = True, spec=None) -> Cost:
+    """``x @ W`` with W a FixedOperand: only x's mask opening (or x's replication) travels. ``spec`` (TTP only):
+    the operand's mask recipe (``FixedOperand.spec``), pickled into the dealer request."""
+    out = _mm_shape(xshape, wshape)
+    c = Cost(s.n)
+    nx = _numel(xshape)
+    if s.protocol == "replicated":
+        for r in range(s.n):
+            c.add(r, ELT * nx, ELT * nx, 1)
+    else:
+        if s.provider == "ttp":
+            msg = {"function": "fixed_triple", "device": "cpu", "args": (spec, tuple(_size(xshape))), "kwargs": {}}
+            c.add(0, _pickled(msg), _pickled(out) + ELT * out.numel(), 2, kind="dealer")
+        c += open_(s, nx)
+    if trunc:
+        c += truncation(s, out)
+    return c
+
+
+def fixed_operand_fix(s: Setting, wshapes: list, keys: list[int] | None = None) -> Cost:
+    """``FixedOperand.fix_many``: one opening of every D = W_i - B_i (additive; one flat all_reduce) or one
+    replication of the flattened shares (replicated); TTP: one registration request with the keys and sizes."""
+    c = Cost(s.n)
+    nw = sum(_numel(w) for w in wshapes)
+    if not wshapes:
+        return c
+    if s.protocol == "replicated":
+        for r in range(s.n):
+            c.add(r, ELT * nw, ELT * nw, 1)
+        return c
+    if s.provider == "ttp":
+        keys = keys if keys is not None else list(range(len(wshapes)))
+        entries = [(k, tuple(_size(w))) for k, w in zip(keys, wshapes)]
+        msg = {"function": "fixed_register", "device": "cpu", "args": (entries,), "kwargs": {}}
+        c.add(0, _pickled(msg), _pickled(torch.Size([1])) + ELT, 2, kind="dealer")
+    return c + open_(s, nw)
+
+
+def _and(s: Setting, xshape, yshape) -> Cost:
+    """Binary Beaver AND (always from the provider's triples, whatever the protocol)."""
+    out = _bshape(xshape, yshape)
+    return ttp_request(s, "binary", out, _size(xshape), _size(yshape)) + open_(s, _numel(xshape) + _numel(yshape))
+
+
+def _adder(s: Setting, shape) -> Cost:
+    """circuit.add of two binary sharings of ``shape``: S = x & y, then the SPK tree (operands broadcast to 2x)."""
+    shape = _size(shape)
+    c = _and(s, shape, shape)
+    sp = _size((2, *shape))
+    for _ in range(SPK_LEVELS):
+        c += _and(s, sp, sp)
+    return c
+
+
+def ltz(s: Setting, shape) -> Cost:
+    """``MPCTensor._ltz`` (the comparison [x < 0]) of a share of ``shape``: A2B (binary tree of adders over the n
+    parties' shares) and B2A of the sign bit."""
+    shape = _size(shape)
+    c = Cost(s.n)
+    k = s.n
+    one = _size((1, *shape))
+    while k > 1:                      # BinarySharedTensor.sum's log-reduction over the n stacked sharings
+        c += _adder(s, one)
+        k = k // 2 + k % 2
+    c += ttp_request(s, "B2A", shape, shape)
+    c += open_(s, shape.numel())
+    return c
+
+
+# ---- composite ops (mirrors of mpcache.mpc.ops) -------------------------------------------------------------
+def tree_max(s: Setting, shape, dim: int = -1) -> Cost:
+    """ops.tree_max: per level, 1 comparison of the h pairs and 1 mux product (bit x value, no truncation)."""
+    shape = list(_size(shape))
+    dim = dim % len(shape)
+    shape[dim], shape[-1] = shape[-1], shape[dim]
+    lead, m = shape[:-1], shape[-1]
+    c = Cost(s.n)
+    while m > 1:
+        h = m // 2
+        hs = (*lead, h)
+        c += ltz(s, hs) + mul(s, hs, hs, trunc=False)
+        m = h + m % 2
+    return c
+
+
+def exp_limit(s: Setting, shape, iters: int = 8) -> Cost:
+    """ops.exp_limit: 1 public product (x / 2^iters) and ``iters`` squarings (products of two shares)."""
+    c = public_mul(s, shape)
+    for _ in range(iters):
+        c += mul(s, shape, shape)
+    return c
+
+
+def _pow2_guess(s: Setting, shape, lo: int, hi: int) -> Cost:
+    return ltz(s, (hi - lo + 1, *_size(shape)))
+
+
+def reciprocal_nr(s: Setting, shape, iters: int = 4, lo: int = -8, hi: int = 8) -> Cost:
+    """ops.reciprocal_nr: one batched comparison layer (hi-lo+1 thresholds), then 2 products per Newton step."""
+    c = _pow2_guess(s, shape, lo, hi)
+    for _ in range(2 * iters):
+        c += mul(s, shape, shape)
+    return c
+
+
+def mul_rsqrt(s: Setting, vshape, xshape, iters: int = 4, lo: int = -10, hi: int = 30) -> Cost:
+    """ops.mul_rsqrt: comparison layer on x, z = x y0^2 (2 products), r1 = (3 - z)/2 (public product), then per
+    Newton step 3 products + 1 public product, then (v y0) r (2 products of v's shape with x's)."""
+    out = _bshape(vshape, xshape)
+    c = _pow2_guess(s, xshape, lo, hi) + mul(s, xshape, xshape) + mul(s, xshape, xshape) + public_mul(s, xshape)
+    for _ in range(iters - 1):
+        c += mul(s, xshape, xshape) + mul(s, xshape, xshape) + mul(s, xshape, xshape) + public_mul(s, xshape)
+    return c + mul(s, vshape, xshape) + mul(s, out, xshape)
+
+
+def softmax(s: Setting, shape, masked: bool = False, exp_iters: int = 8, recip_iters: int = 4) -> Cost:
+    """ops.softmax along the last dim: tree max, exp, (mask product), row sum / sqrt(m) (public product),
+    reciprocal, e * r (product with the row's r), * 1/sqrt(m) (public product)."""
+    shape = _size(shape)
+    row = _size((*shape[:-1], 1))
+    c = tree_max(s, shape) + exp_limit(s, shape, exp_iters)
+    if masked:
+        c += public_mul(s, shape)
+    c += public_mul(s, row) + reciprocal_nr(s, row, recip_iters)
+    return c + mul(s, shape, row) + public_mul(s, shape)
+
+
+def _poly_u(s: Setting, shape, n_coeffs: int) -> Cost:
+    c = public_mul(s, shape) + public_mul(s, shape)          # u = (x - mid) * 2/(hi-lo); y = u * c_last
+    for _ in range(n_coeffs - 2):
+        c += mul(s, shape, shape)                             # (y + c) * u
+    return c
+
+
+def _even_poly(s: Setting, shape, n_coeffs: int) -> Cost:
+    c = public_mul(s, shape) + public_mul(s, shape)          # t = x^2 / 16; y = t * c_last
+    for _ in range(n_coeffs - 2):
+        c += mul(s, shape, shape)                             # (y + c) * t
+    return c
+
+
+def silu(s: Setting, shape) -> Cost:
+    """ops.silu: 4 breakpoints in one comparison layer, x^2, the 3 polynomial pieces, a 4-term bit mux."""
+    from . import ops
+
+    shape = _size(shape)
+    c = ltz(s, (4, *shape)) + mul(s, shape, shape)
+    c += _poly_u(s, shape, len(ops.SILU_LOW)) + public_mul(s, shape) + _even_poly(s, shape, len(ops.SILU_MID))
+    c += _poly_u(s, shape, len(ops.SILU_HIGH))
+    for _ in range(4):
+        c += mul(s, shape, shape, trunc=False)
+    return c
+
+
+def gelu(s: Setting, shape) -> Cost:
+    """ops.gelu: x/2 + even polynomial of x^2, 2 breakpoints in one comparison layer, 2 bit muxes."""
+    from . import ops
+
+    shape = _size(shape)
+    c = public_mul(s, shape) + mul(s, shape, shape) + _even_poly(s, shape, len(ops.GELU_MID))
+    c += ltz(s, (2, *shape))
+    return c + mul(s, shape, shape, trunc=False) + mul(s, shape, shape, trunc=False)
+
+
+def sumsq(s: Setting, shape) -> Cost:
+    """ops.sumsq: x / 2^8 (public product), both squares in one product, 1 comparison per row, 1 mux."""
+    shape = _size(shape)
+    both = _size((2, *shape))
+    row = _size((*shape[:-1], 1))
+    return public_mul(s, shape) + mul(s, both, both) + ltz(s, row) + mul(s, row, row, trunc=False)
+
+
+def argmax_onehot(s: Setting, shape) -> Cost:
+    """ops.argmax_onehot: tree max, [x >= max], tie-break comparison, 1 bit product."""
+    shape = _size(shape)
+    return tree_max(s, shape) + ltz(s, shape) + ltz(s, shape) + mul(s, shape, shape, trunc=False)
+
+
+def _pairwise_rank(s: Setting, shape) -> Cost:
+    shape = _size(shape)
+    return ltz(s, (*shape, shape[-1]))
+
+
+def _onehot_of_small_int(s: Setting, shape, k: int) -> Cost:
+    return ltz(s, (k + 1, *_size(shape)))
+
+
+def topk_onehot(s: Setting, shape, k: int) -> Cost:
+    """ops.topk_onehot: m^2 pairwise comparisons (one layer), then (k+1) m comparisons (one layer)."""
+    return _pairwise_rank(s, shape) + _onehot_of_small_int(s, shape, k)
+
+
+def keep_onehot(s: Setting, shape, k: int) -> Cost:
+    """ops.keep_onehot: pairwise rank, [rank < k], then the slot one-hot layer."""
+    return _pairwise_rank(s, shape) + ltz(s, shape) + _onehot_of_small_int(s, shape, k)
+
+
+def strata_top1_onehot(s: Setting, shape, k: int) -> Cost:
+    """ops.strata_top1_onehot: per tournament level over the g slots of each stratum, 1 comparison of the h pairs
+    and 1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w, w = one-hot width so far)."""
+    shape = _size(shape)
+    m = shape[-1]
+    g = max((r + 1) * m // k - r * m // k for r in range(k))
+    lead = (*shape[:-1], k)
+    n, w = g, 1
+    c = Cost(s.n)
+    while n > 1:
+        h = n // 2
+        c += ltz(s, (*lead, h)) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
+        n, w = h + n % 2, 2 * w
+    return c
+
+
+def embedding(s: Setting, tokens_shape, table_shape, fixed: bool = True, spec=None) -> Cost:
+    """One-hot rows (scale 1) @ table: no truncation."""
+    if fixed:
+        return fixed_matmul(s, tokens_shape, table_shape, trunc=False, spec=spec)
+    return matmul(s, tokens_shape, table_shape, trunc=False)
+
+
+def reveal(s: Setting, shape, dst: int | None = None) -> Cost:
+    return open_(s, _numel(shape), dst)
+
+
+# which ops the cost test covers, with the shapes it uses (documentation; the test lists them explicitly)
+OPS = ("ltz", "mul", "public_mul", "matmul", "fixed_matmul", "tree_max", "argmax_onehot", "topk_onehot",
+       "keep_onehot", "strata_top1_onehot", "exp_limit", "reciprocal_nr", "mul_rsqrt", "sumsq", "softmax", "silu",
+       "gelu", "embedding", "reveal")
