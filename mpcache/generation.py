@@ -37,6 +37,7 @@ class GenerationResult:
 # fixed=True they become FixedOperands. Biases, norm weights and gpt2's pos_embed (indexed) stay plain shares.
 FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
 FIXED_WEIGHTS_DEFAULT = True
+FIXED_KV_DEFAULT = True        # cached K/V rows as fixed operands (their W - B opened once, when written)
 
 
 def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None,
@@ -70,11 +71,14 @@ def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[in
 
 def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prompt_ids: list[int] | None,
                      max_new_tokens: int, policy=None, progress=None, keep_logits: bool = False,
-                     fixed_weights: bool | None = None):
+                     fixed_weights: bool | None = None, fixed_kv: bool | None = None):
     """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits, backend).
     ``fixed_weights`` (default ``FIXED_WEIGHTS_DEFAULT``): fixed-operand triples for the weight matrices;
-    ``backend.matmul_paths`` then says which matmul path ran how often."""
-    B = SecureBackend(sess, fixed_weights=FIXED_WEIGHTS_DEFAULT if fixed_weights is None else fixed_weights)
+    ``backend.matmul_paths`` then says which matmul path ran how often. ``fixed_kv`` (default
+    ``FIXED_KV_DEFAULT``): the same for the cached K/V rows (fixed at the end of the prefill and as each new row
+    is written; see :meth:`mpcache.model.transformer.Transformer.decode`)."""
+    B = SecureBackend(sess, fixed_weights=FIXED_WEIGHTS_DEFAULT if fixed_weights is None else fixed_weights,
+                      fixed_kv=FIXED_KV_DEFAULT if fixed_kv is None else fixed_kv)
     w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
     x, _ = share_prompt(sess, B, cfg, prompt_ids)
     model = Transformer(cfg, w, B, policy, scope=sess.scope)

@@ -11,13 +11,13 @@ import contextlib
 import torch
 
 from ..mpc import ops
-from ..mpc.fixed_operand import FixedOperand, fixed_matmul
+from ..mpc.fixed_operand import FixedOperand, fixed_matmul, unfix
 
 
 class SecureBackend:
     secure = True
 
-    def __init__(self, session=None, fixed_weights: bool = False):
+    def __init__(self, session=None, fixed_weights: bool = False, fixed_kv: bool | None = None):
         import crypten
 
         self.crypten = crypten
@@ -25,6 +25,9 @@ class SecureBackend:
         # fixed_weights: share_weights wraps the weight matrices in FixedOperand (W - B opened once, offline);
         # matmul/embedding then dispatch to fixed_matmul. matmul_paths counts which path each product took.
         self.fixed_weights = fixed_weights
+        # fixed_kv (default: as fixed_weights): cached K/V rows become FixedOperands when written (fix_rows), so
+        # q @ K^T, p @ V and the one-hot gathers open only the moving operand (see Transformer.prefill/decode).
+        self.fixed_kv = fixed_weights if fixed_kv is None else fixed_kv
         self.matmul_paths: dict[str, int] = {}
         self.reveals: list[tuple[str, int | None, tuple]] = []     # audit trail of every opening (tests read it)
 
@@ -39,10 +42,32 @@ class SecureBackend:
         return self.crypten.cryptensor(x.float(), src=src)
 
     def cat(self, xs: list, dim: int = 0):
-        return self.crypten.cat(xs, dim=dim)
+        """Concatenate shares. With fixed operands among them (a fixed K/V cache and its pieces): the result is a
+        FixedOperand — the pieces that are plain shares (e.g. the rows a one-hot gather picked) are fixed first
+        (:meth:`fix_rows`: their ``W - B`` opened, 1 round for all of them), so the attention products that follow
+        open only their moving operand. With fixed_kv off, fixed pieces are unwrapped (stock)."""
+        if not any(isinstance(x, FixedOperand) for x in xs):
+            return self.crypten.cat(xs, dim=dim)
+        if not self.fixed_kv:
+            return self.crypten.cat([unfix(x) for x in xs], dim=dim)
+        loose = [i for i, x in enumerate(xs) if not isinstance(x, FixedOperand)]
+        xs = list(xs)
+        if loose:
+            for i, f in zip(loose, self.fix_rows([xs[i] for i in loose])):
+                xs[i] = f
+        return FixedOperand.cat(xs, dim=dim)
 
     def stack(self, xs: list, dim: int = 0):
-        return self.crypten.stack(xs, dim=dim)
+        return self.crypten.stack([unfix(x) for x in xs], dim=dim)
+
+    def fix_rows(self, xs: list) -> list:
+        """Fix shares that later products reuse as their right operand (cached K/V rows): a fresh mask ``B`` each,
+        ``W - B`` opened for all of them in one round (:meth:`FixedOperand.fix_many`; bytes ``sum |x| * 8`` per
+        party in 2PC). Returns them unchanged when fixed_kv is off."""
+        if not self.fixed_kv or not xs:
+            return list(xs)
+        with self._scope("fix"):
+            return FixedOperand.fix_many([unfix(x) for x in xs])
 
     def embedding(self, table, onehot):
         """Rows of the shared table (V, D) for shared one-hot tokens (T, V): one secret matmul, no index opened."""
@@ -54,6 +79,7 @@ class SecureBackend:
 
     def _matmul(self, a, b):
         # hook: a FixedOperand b (fixed weights) opens only a - mask per use (see mpcache.mpc.fixed_operand)
+        a = unfix(a)                  # a fixed left operand (e.g. a K row in a policy's product) moves as a share
         path = b.path if isinstance(b, FixedOperand) else "stock"
         self.matmul_paths[path] = self.matmul_paths.get(path, 0) + 1
         return fixed_matmul(a, b) if isinstance(b, FixedOperand) else a.matmul(b)
@@ -61,11 +87,11 @@ class SecureBackend:
     # ---- reductions ----------------------------------------------------------------------------------------
     def max(self, x, dim: int = -1, keepdim: bool = False):
         with self._scope("max"):
-            return ops.tree_max(x, dim=dim, keepdim=keepdim)
+            return ops.tree_max(unfix(x), dim=dim, keepdim=keepdim)
 
     def min(self, x, dim: int = -1, keepdim: bool = False):
         with self._scope("max"):
-            return -ops.tree_max(-x, dim=dim, keepdim=keepdim)
+            return -ops.tree_max(-unfix(x), dim=dim, keepdim=keepdim)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):

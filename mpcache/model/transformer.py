@@ -210,9 +210,35 @@ class Transformer:
                     if g is not None:
                         k, v = g.apply(k, self.B), g.apply(v, self.B)
                 cache.k[i], cache.v[i] = k, v
+        self._fix_cache(cache)
         cache.n_prompt = cache.length
         cache.pos = T
         return self._logits(x)
+
+    def _fix_rows(self, xs: list) -> list:
+        """Cached rows become fixed operands when the backend has ``fix_rows`` (secure, fixed_kv on): their mask is
+        opened once, here, and every later product with them opens only its moving operand."""
+        fix = getattr(self.B, "fix_rows", None)
+        return list(xs) if fix is None else fix(list(xs))
+
+    def _fix_cache(self, cache: KVCache) -> None:
+        """End of the prefill: fix every layer's K and V (after the static compaction) in one round."""
+        n = self.cfg.n_layers
+        with self.scope("fix_kv"):
+            fixed = self._fix_rows(cache.k + cache.v)
+        cache.k, cache.v = fixed[:n], fixed[n:]
+
+    def _gather(self, g, k, v):
+        """The rows of K and V the policy's gather selects. A fixed cache is gathered as one [K | V] operand (one
+        one-hot product opening the one-hot once, and one fixing of the picked rows), then split: views only."""
+        B = self.B
+        if g is None:
+            return k, v
+        if getattr(k, "is_fixed_operand", False) and getattr(v, "is_fixed_operand", False):
+            hd = int(k.shape[-1])
+            kv = g.apply(B.cat([k, v], dim=-1), B)
+            return kv[..., :hd], kv[..., hd:]
+        return g.apply(k, B), g.apply(v, B)
 
     def decode(self, token, cache: KVCache):
         """One new token (an id, or a one-hot (1, V)) at position ``cache.pos``; returns logits (1, V)."""
@@ -226,6 +252,8 @@ class Transformer:
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
                 q, k, v = self._block_in(x, p, positions)
+                with self.scope("fix_kv"):
+                    k, v = self._fix_rows([k, v])         # the new row's mask is opened once, when written
                 cache.k[i] = B.cat([cache.k[i], k], dim=1)
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
                 with self.scope("selection"):
@@ -233,8 +261,7 @@ class Transformer:
                                         cache.state[i], shared)
                     g = self.policy.select(ctx)
                 with self.scope("gather"):
-                    ks = cache.k[i] if g is None else g.apply(cache.k[i], B)
-                    vs = cache.v[i] if g is None else g.apply(cache.v[i], B)
+                    ks, vs = self._gather(g, cache.k[i], cache.v[i])
                 o, _ = self._attend(q, ks, vs)
                 x = self._block_out(x, o, p)
         cache.pos += 1
@@ -254,7 +281,7 @@ def generate(model: Transformer, tokens, max_new_tokens: int, reveal=None, on_to
     B = model.B
     reveal = reveal or (lambda oh: int(oh.argmax()))
     if keep_logits is None and not getattr(B, "secure", False):
-        keep_logits = lambda x: x  # noqa: E731 - plaintext logits are free to keep
+        keep_logits = lambda x: x
     cache = KVCache(model.cfg.n_layers)
     out, logits_all = [], []
     with model.scope("prefill"):

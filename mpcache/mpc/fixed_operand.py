@@ -50,7 +50,7 @@ NOTES = {
     PATH_TTP: "fixed-operand triples (TTP dealer keeps B): W - B opened once, x - a per use",
     PATH_REPLICATED: "replicated 3PC, no triples: W's share replicated once, only x's share per use",
 }
-_KEYS = itertools.count()      # party 0 names each fixed operand for the TTP dealer; other parties never need it
+_KEYS = itertools.count()      # names each fixed mask for the TTP dealer (same order, same names on every party)
 
 
 def _comm():
@@ -89,50 +89,146 @@ def _matmul_size(size0, size1) -> torch.Size:
     return torch.matmul(torch.empty(size0, device="meta"), torch.empty(size1, device="meta")).shape
 
 
+def _flat_open(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Open several ring tensors in one exchange (one all-reduce of their flattened concatenation)."""
+    sizes = [p.size() for p in parts]
+    flat = _comm().all_reduce(torch.cat([p.reshape(-1) for p in parts]))
+    out, at = [], 0
+    for s in sizes:
+        n = int(torch.Size(s).numel())
+        out.append(flat[at:at + n].reshape(s))
+        at += n
+    return out
+
+
+# ---- the dealer's recipe of a view's mask ------------------------------------------------------------------------
+# A FixedOperand's ``spec`` says how its B is built from the masks the dealer keeps: ("key", k) is the B registered
+# under k; ("cat", (spec, ...), dim) concatenates; ("view", spec, name, args) applies the torch method ``name``
+# (a public view: __getitem__ with public indices, reshape, transpose, index_select, unsqueeze). Views and
+# concatenations never draw or open anything; they re-arrange the same B. Sent with each TTP triple request: a
+# few hundred bytes (pickled), counted as dealer traffic.
+VIEW_OPS = ("__getitem__", "reshape", "transpose", "index_select", "unsqueeze")
+
+
+def _enc(a):
+    """View arguments as plain tuples/ints (CrypTen's restricted unpickler refuses slices and Ellipsis)."""
+    if isinstance(a, slice):
+        return ("@slice", _enc(a.start), _enc(a.stop), _enc(a.step))
+    if a is Ellipsis:
+        return ("@ellipsis",)
+    if torch.is_tensor(a):
+        return ("@tensor", a.tolist())
+    if isinstance(a, (tuple, list)):
+        return tuple(_enc(x) for x in a)
+    return int(a) if isinstance(a, int) else a
+
+
+def _dec(a):
+    if isinstance(a, tuple):
+        if a and a[0] == "@slice":
+            return slice(_dec(a[1]), _dec(a[2]), _dec(a[3]))
+        if a and a[0] == "@ellipsis":
+            return Ellipsis
+        if a and a[0] == "@tensor":
+            return torch.tensor(a[1], dtype=torch.long)
+        return tuple(_dec(x) for x in a)
+    return a
+
+
+def eval_spec(spec, masks: dict) -> torch.Tensor:
+    """The mask B described by ``spec`` from the registered masks (dealer side; tests use it to check views)."""
+    kind = spec[0]
+    if kind == "key":
+        return masks[spec[1]]
+    if kind == "cat":
+        return torch.cat([eval_spec(s, masks) for s in spec[1]], dim=spec[2])
+    assert kind == "view" and spec[2] in VIEW_OPS, spec
+    return getattr(eval_spec(spec[1], masks), spec[2])(*_dec(spec[3]))
+
+
 class FixedOperand:
-    """A shared operand ``W`` (..., K, N) with its mask opened once: ``D = W - B``.
+    """A shared operand ``W`` with its mask opened once: ``D = W - B``.
 
     Holds ``w`` (this party's ``MPCTensor`` share of ``W``), ``d`` (the public ring tensor ``D``, the same on every
-    party), ``b_plain`` (``B`` itself, TFP party 0 only) and ``path`` / ``note`` (which realisation runs, for
-    reports); on the replicated path ``d`` is instead the previous party's share of ``W`` (its replica). Create it
-    with :meth:`fix`; :meth:`t` / :meth:`transpose` give a view for ``x @ W.T`` that shares the same ``B`` and
-    ``D`` (transposed).
+    party), ``b_plain`` (``B`` itself, TFP party 0 only), ``spec`` (how the TTP dealer rebuilds ``B``, see
+    :func:`eval_spec`) and ``path`` / ``note`` (which realisation runs, for reports); on the replicated path ``d``
+    is instead the previous party's share of ``W`` (its replica). Create it with :meth:`fix` / :meth:`fix_many`.
+
+    Views — ``x[idx]`` (public indices), :meth:`reshape`, :meth:`transpose` / :meth:`t`, :meth:`index_select`,
+    :meth:`unsqueeze` — and :meth:`cat` (along any dim) are FixedOperands again: the same op is applied to the
+    share, to ``D``, to ``B`` (party 0 under TFP; the dealer, from ``spec``, under TTP) and to the replica. No
+    traffic, nothing drawn, nothing opened.
+
+    Anywhere else it stands for its share: any other attribute (``.device``, ``.encoder``, ``.sum`` ...) and
+    arithmetic (``-x``, ``x * 2`` ...) act on ``w`` and give plain ``MPCTensor`` results, so code written for
+    ``MPCTensor`` (the cache policies) runs unchanged; the secure backend unwraps it for reductions.
     """
 
-    def __init__(self, w, d, b_plain, path: str, key: int | None = None, transposed: bool = False):
+    is_fixed_operand = True
+
+    def __init__(self, w, d, b_plain, path: str, spec=None):
         self.w, self.d, self.b_plain = w, d, b_plain
-        self.path, self.key, self.transposed = path, key, transposed
+        self.path, self.spec = path, spec
 
     @property
     def note(self) -> str:
         return NOTES[self.path]
 
+    @property
+    def share(self):
+        return self.w.share
+
+    # ---- fixing ------------------------------------------------------------------------------------------------
     @classmethod
     def fix(cls, w) -> FixedOperand:
         """Fix the shared ``w`` (an ``MPCTensor``): draw ``B``, open ``D = W - B`` (1 round, ``|W|`` elements per
         party; call inside an offline ledger scope). Every compute party must call it, in the same order."""
+        return cls.fix_many([w])[0]
+
+    @classmethod
+    def fix_many(cls, ws: list) -> list[FixedOperand]:
+        """Fix several shares at once: a fresh, independent ``B`` for each, all ``D`` opened in **one** round.
+
+        Rounds: 1. Bytes/party: ``sum |W_i| * 8`` sent and received (2PC; ``n - 1`` times that with n additive
+        parties; replicated 3PC: the shares to the next party). Dealer (TTP): one request of a few bytes per call
+        (the keys and sizes), nothing else. Leaks: shapes only (``D_i`` is uniform, see the module docstring)."""
+        if not ws:
+            return []
         path = _path()
         if path == PATH_REPLICATED:
             from crypten.mpc.primitives import replicated
 
-            ((_, w_prev),) = replicated.replicate_shares([w.share])      # looked up now: the compat shim applies
-            return cls(w, w_prev, None, path)
-        comm, size, dev = _comm(), w.size(), w.device
-        rank, key, b_plain = comm.get_rank(), None, None
+            flat = torch.cat([w.share.reshape(-1) for w in ws])
+            ((_, prev),) = replicated.replicate_shares([flat])      # looked up now: the compat shim applies
+            out, at = [], 0
+            for w in ws:
+                n = w.share.numel()
+                out.append(cls(w, prev[at:at + n].reshape(w.share.size()), None, path))
+                at += n
+            return out
+        rank, b_plains, b_shares, specs = _comm().get_rank(), [], [], []
         if path == PATH_TFP:
             from crypten.mpc.primitives import ArithmeticSharedTensor
 
-            b_plain = _rand(size, dev) if rank == 0 else None
-            b_share = ArithmeticSharedTensor(b_plain, size=size, precision=0, src=0, device=dev).share   # no traffic
+            for w in ws:
+                size, dev = w.size(), w.device
+                b = _rand(size, dev) if rank == 0 else None
+                b_plains.append(b)
+                b_shares.append(ArithmeticSharedTensor(b, size=size, precision=0, src=0, device=dev).share)  # local
+                specs.append(None)
         else:
-            b_share = _rand(size, dev, _ttp().get_generator(device=dev))      # the dealer sums these shares into B
+            dev = ws[0].device
+            gen = _ttp().get_generator(device=dev)
+            for w in ws:
+                b_shares.append(_rand(w.size(), dev, gen))          # the dealer sums these shares into B
+                b_plains.append(None)
+                specs.append(("key", next(_KEYS)))                   # the same counter on every party
             if rank == 0:
-                key = next(_KEYS)
-                _ttp().ttp_request("fixed_register", dev, key, tuple(size))
-        d = comm.all_reduce(w.share - b_share)
-        return cls(w, d, b_plain, path, key)
+                _ttp().ttp_request("fixed_register", dev, [(s[1], tuple(w.size())) for s, w in zip(specs, ws)])
+        ds = _flat_open([w.share - b for w, b in zip(ws, b_shares)])
+        return [cls(w, d, b, path, s) for w, d, b, s in zip(ws, ds, b_plains, specs)]
 
-    # ---- shape and the transposed view -------------------------------------------------------------------------
+    # ---- shape, views, concatenation ---------------------------------------------------------------------------
     def size(self, *dim):
         return self.w.size(*dim)
 
@@ -143,22 +239,97 @@ class FixedOperand:
     def dim(self) -> int:
         return self.w.dim()
 
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def _view(self, name: str, *args) -> FixedOperand:
+        def ap(v):
+            return None if v is None else getattr(v, name)(*args)
+
+        spec = None if self.spec is None else ("view", self.spec, name, _enc(args))
+        return FixedOperand(ap(self.w), ap(self.d), ap(self.b_plain), self.path, spec)
+
+    def __getitem__(self, idx) -> FixedOperand:
+        """Public indexing (slices, ints, public index tensors): a view."""
+        return self._view("__getitem__", idx)
+
+    def reshape(self, *shape) -> FixedOperand:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        return self._view("reshape", shape)
+
+    view = reshape
+
     def transpose(self, dim0: int, dim1: int) -> FixedOperand:
-        """View of ``W`` with its last two dims swapped (the only transposition a matmul operand needs)."""
-        if {dim0 % self.dim(), dim1 % self.dim()} != {self.dim() - 2, self.dim() - 1}:
-            raise ValueError("a FixedOperand can only swap its last two dims")
-
-        def tr(v):
-            return None if v is None else v.transpose(-2, -1)
-
-        return FixedOperand(tr(self.w), tr(self.d), tr(self.b_plain), self.path, self.key, not self.transposed)
+        return self._view("transpose", dim0, dim1)
 
     def t(self) -> FixedOperand:
         assert self.dim() == 2, "t() is for 2-D operands; use transpose(-2, -1)"
         return self.transpose(0, 1)
 
+    def index_select(self, dim: int, index: torch.Tensor) -> FixedOperand:
+        """Rows at public indices (a view: a repeated row repeats the same masked value, nothing new opens)."""
+        return self._view("index_select", dim, index)
+
+    def unsqueeze(self, dim: int) -> FixedOperand:
+        return self._view("unsqueeze", dim)
+
+    @staticmethod
+    def cat(parts: list[FixedOperand], dim: int = 0) -> FixedOperand:
+        """Concatenate fixed operands (e.g. the cache and a new row): no traffic. The pieces' masks are independent
+        and uniform, so the concatenated ``D`` is uniform too; ``B`` concatenates the same way (party 0 / dealer)."""
+        import crypten
+
+        paths = {p.path for p in parts}
+        assert len(paths) == 1, f"cannot concatenate fixed operands of different paths {paths}"
+        dim = dim % parts[0].dim()
+        w = crypten.cat([p.w for p in parts], dim=dim)
+        d = torch.cat([p.d for p in parts], dim=dim)
+        b = None if parts[0].b_plain is None else torch.cat([p.b_plain for p in parts], dim=dim)
+        spec = None
+        if parts[0].spec is not None:
+            kids = []
+            for p in parts:                                  # flatten nested concatenations along the same dim
+                kids.extend(p.spec[1] if p.spec[0] == "cat" and p.spec[2] == dim else (p.spec,))
+            spec = ("cat", tuple(kids), dim)
+        return FixedOperand(w, d, b, paths.pop(), spec)
+
+    # ---- standing in for the share (non-matmul uses) -----------------------------------------------------------
+    def __getattr__(self, name):
+        if name.startswith("__") or "w" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["w"], name)
+
+    def __neg__(self):
+        return -self.w
+
+    def __add__(self, other):
+        return self.w + _unfix(other)
+
+    def __radd__(self, other):
+        return _unfix(other) + self.w
+
+    def __sub__(self, other):
+        return self.w - _unfix(other)
+
+    def __rsub__(self, other):
+        return _unfix(other) - self.w
+
+    def __mul__(self, other):
+        return self.w * _unfix(other)
+
+    def __rmul__(self, other):
+        return _unfix(other) * self.w
+
     def __repr__(self):
-        return f"FixedOperand(shape={tuple(self.shape)}, path={self.path!r}, transposed={self.transposed})"
+        return f"FixedOperand(shape={tuple(self.shape)}, path={self.path!r})"
+
+
+def _unfix(x):
+    """The share behind a FixedOperand (anything else unchanged)."""
+    return x.w if isinstance(x, FixedOperand) else x
+
+
+unfix = _unfix
 
 
 def _triple(x, fixed: FixedOperand, out_size):
@@ -175,7 +346,7 @@ def _triple(x, fixed: FixedOperand, out_size):
     gen = _ttp().get_generator(device=dev)
     a = _rand(size, dev, gen)
     if rank == 0:
-        c = _ttp().ttp_request("fixed_triple", dev, fixed.key, tuple(size), fixed.transposed)
+        c = _ttp().ttp_request("fixed_triple", dev, fixed.spec, tuple(size))
     else:
         c = _rand(out_size, dev, gen)
     return a, c
@@ -193,6 +364,7 @@ def fixed_matmul(x, fixed: FixedOperand):
     """
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
+    x = _unfix(x)                                                  # a fixed left operand moves like any share
     if not hasattr(x, "share"):
         raise TypeError(f"fixed_matmul needs a secret-shared x (MPCTensor), got {type(x).__name__}")
     if fixed.path == PATH_REPLICATED:
@@ -242,14 +414,15 @@ def _dealer_class():
             self.fixed_masks: dict[int, torch.Tensor] = {}
             super().__init__()                     # runs the serve loop until the parties terminate
 
-        def fixed_register(self, key, size):
-            self.fixed_masks[key] = self._get_additive_PRSS(size)
+        def fixed_register(self, entries):
+            for key, size in entries:                    # in the parties' drawing order
+                self.fixed_masks[key] = self._get_additive_PRSS(size)
             return torch.zeros(1, dtype=torch.long, device=self.device)
 
-        def fixed_triple(self, key, size0, transposed):
-            b = self.fixed_masks[key]
+        def fixed_triple(self, spec, size0):
+            b = eval_spec(spec, self.fixed_masks)
             a = self._get_additive_PRSS(size0)
-            c = torch.matmul(a, b.transpose(-2, -1) if transposed else b)
+            c = torch.matmul(a, b)
             return c - self._get_additive_PRSS(c.size(), remove_rank=True)
 
     return FixedOperandTTPServer
