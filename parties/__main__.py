@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fixed-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="fixed-operand Beaver triples for the weight matrices: open W - B once (offline), then only "
                         "the moving operand travels per product (--no-fixed-weights: stock CrypTen matmuls)")
+    g.add_argument("--fixed-kv", action=argparse.BooleanOptionalAction, default=True,
+                   help="the same for the cached K/V rows: each row's W - B opened once, when written; q.K^T, p.V and "
+                        "the one-hot gathers then open only their moving operand (--no-fixed-kv: stock matmuls)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (each party on its own GPU)")
     g.add_argument("--out", default="runs/generate", help="directory for rank{r}.json and summary.json")
     g.add_argument("--no-plaintext", action="store_true", help="skip the plaintext check run on rank 0")

@@ -44,7 +44,7 @@ def run(args) -> None:
         raise SessionError(f"bad --policy/--budget: {e}") from None
     public = {"model": cfg.to_dict(), "weight_shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
               "policy": repr(policy), "max_new_tokens": args.max_new_tokens, "device": args.device,
-              "fixed_weights": args.fixed_weights}
+              "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv}
     sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout)
     os.makedirs(args.out, exist_ok=True)
     if sess.is_dealer:
@@ -70,7 +70,7 @@ def run(args) -> None:
     t0 = time.perf_counter()
     tokens, _, B = private_generate(sess, cfg, weights, ids, args.max_new_tokens, policy,
                                     progress=(lambda t: bar.update(1)) if bar else None,
-                                    fixed_weights=args.fixed_weights)
+                                    fixed_weights=args.fixed_weights, fixed_kv=args.fixed_kv)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -86,7 +86,7 @@ def run(args) -> None:
             "prompt_tokens": len(client_out["prompt_ids"]), "tokens": client_out["tokens"],
             "text": tok.decode(client_out["tokens"]), "per_token": per_token, **phases,
             "wall_seconds": wall, "reveals": [list(r[:2]) for r in B.reveals],
-            "fixed_weights": args.fixed_weights, "matmul_paths": dict(B.matmul_paths),
+            "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv, "matmul_paths": dict(B.matmul_paths),
         }
         if not args.no_plaintext:
             pt, _, pt_s = plaintext_generate(cfg, load_model(args.model, seed=args.seed)[1],
