@@ -1,6 +1,7 @@
 """``python -m parties <job>`` under mpirun: parse, open the session, run one library job, write rank{r}.json.
 
-Jobs: ``generate`` (private greedy generation with per-token costs and a plaintext check).
+Jobs: ``generate`` (private greedy generation with per-token costs and a plaintext check) and ``bench`` (secure
+decode steps over a long plaintext-built, secret-shared KV cache; a benchmark convention).
 """
 from __future__ import annotations
 
@@ -46,6 +47,36 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/generate", help="directory for rank{r}.json and summary.json")
     g.add_argument("--no-plaintext", action="store_true", help="skip the plaintext check run on rank 0")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer is declared dead")
+    b = sub.add_parser("bench", help="long-context secure decode benchmark over a plaintext-built, shared KV cache "
+                                     "(a benchmark convention, NOT an end-to-end secure run)")
+    b.add_argument("--model", default="smollm2", help="as for generate")
+    b.add_argument("--seed", type=int, default=0, help="weight seed of the tiny random models")
+    b.add_argument("--seq-lens", default="512,1024,2048,4096,8192",
+                   help="cached rows at the last measured decode step, comma-separated")
+    b.add_argument("--policies", default="full,mpcache",
+                   help="comma-separated cache policies; 'label=name' to run a registry policy under another label")
+    b.add_argument("--budget", type=float, default=0.1,
+                   help="fraction of the cache attended/kept in (0, 1], or a token count > 1 (every policy but full)")
+    b.add_argument("--topk", default="auto", choices=["rank", "strata", "auto"],
+                   help="how policies pick their k of m candidates on shares (default auto: the exact rank for "
+                        "m <= 128, the stratified tournament above); a policy's --policy-kwargs topk wins")
+    b.add_argument("--policy-kwargs", default=None,
+                   help='JSON {label: {field: value}}, e.g. \'{"mpcache": {"cluster_size": 16}}\'')
+    b.add_argument("--layers", default="auto",
+                   help="blocks actually run: 'auto' (the fewest that contain every block cost class; 1 without "
+                        "layer sharing), 'all', or a count; the whole model is scaled from them exactly")
+    b.add_argument("--steps", type=int, default=2, help="measured decode steps per case (mean reported)")
+    b.add_argument("--warmup", type=int, default=1,
+                   help="unmeasured decode steps first (they build the cluster summaries once)")
+    b.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the measured steps, open the selections and logits (a 'check' scope, benchmark "
+                        "only) and compare them with the same case in plaintext")
+    b.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"])
+    b.add_argument("--provider", default="tfp", choices=["tfp", "ttp"])
+    b.add_argument("--fixed-weights", action=argparse.BooleanOptionalAction, default=True)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--out", default="runs/bench", help="directory for bench.csv, bench.md, bench.json, rank{r}.json")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds before a silent peer is declared dead")
     return p
 
 
@@ -55,6 +86,10 @@ def main(argv=None) -> int:
 
     if args.job == "generate":
         from parties.generate import run
+
+        return run_party(run, args)
+    if args.job == "bench":
+        from parties.bench import run
 
         return run_party(run, args)
     return 2
