@@ -103,7 +103,6 @@ class _Capture(CachePolicy):
         self.p.k.append(ctx.k)
         self.p.v.append(ctx.v)
         self.p.attn_fn.append(ctx.attn_fn if ctx.attn_fn is not None else (lambda s, e, a=ctx.attn: a[:, s:e]))
-        return None
 
 
 def plaintext_prefix(cfg_k: ModelConfig, weights: dict, ids: list[int]) -> PlainPrefix:

@@ -6,9 +6,7 @@ decode steps over a long plaintext-built, secret-shared KV cache; a benchmark co
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
 import torch
 

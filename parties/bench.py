@@ -57,17 +57,25 @@ def _seq_lens(args, cfg):
 
 
 def run(args) -> None:
-    from mpi4py import MPI
-
     from mpcache.backends.secure import SecureBackend
-    from mpcache.bench import (CSV_COLUMNS, agreement, attended, bench_layers_needed, markdown_table,
-                               plaintext_twin, prompt_ids, ratio_table, run_case, scale_costs, truncated)
+    from mpcache.bench import (
+        CSV_COLUMNS,
+        agreement,
+        attended,
+        bench_layers_needed,
+        markdown_table,
+        plaintext_twin,
+        prompt_ids,
+        ratio_table,
+        run_case,
+        scale_costs,
+        truncated,
+    )
     from mpcache.generation import share_weights, write_json
     from mpcache.latency import PROFILES, modelled_seconds
     from mpcache.model.weights import load_model
     from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session, serve_dealer
 
-    rank = MPI.COMM_WORLD.Get_rank()
     if args.steps < 1 or args.warmup < 0:
         raise SessionError("--steps must be >= 1 and --warmup >= 0")
     try:
