@@ -26,22 +26,151 @@ def _cat(xs, dim):
     return crypten.cat(xs, dim=dim)
 
 
-def tree_max(x, dim: int = -1, keepdim: bool = False):
-    """Maximum along ``dim`` by a pairwise tournament: values only (no argmax one-hot, no random tie-break,
-    unlike CrypTen's ``max(dim)``, which spends ~45% more bytes on them).
+# ---- a lean comparison: 32-bit lanes, two elements per 64-bit word ----------------------------------------------
+LEAN_CMP_BITS = 32      # the lean comparison is exact for |x| < 2^31 ring units (|x| < 32768 at 16 fractional bits)
 
-    Rounds: ceil(log2 m) x (cmp + 1 mul).  Bytes/party: ~(m-1) comparisons + (m-1) mux products per row.
+
+def _from_shares(share: torch.Tensor, precision: int | None):
+    from crypten.mpc import MPCTensor
+
+    return MPCTensor.from_shares(share, precision=precision)
+
+
+def _ltz_lean(x):
+    """[x < 0] as an arithmetic 0/1 share at scale 1 (what CrypTen's ``_ltz`` returns), for |x| < 2^31 ring units.
+
+    CrypTen's ``_ltz`` converts the additive shares to XOR shares and adds them with a 64-bit Sklansky adder
+    (1 AND round for the generate bits + 6 prefix rounds), then turns the sign bit into an arithmetic share
+    (1 opening): 8 rounds, 216 bytes/element (2PC). When |x| < 2^31, bit 31 of x mod 2^32 is the sign, and only
+    the carry into bit 31 is needed: 5 prefix levels, which never cross an aligned 32-bit block, so two elements
+    share one 64-bit word (one in each half). Same circuit, half the words, one level fewer:
+    1 + 5 + 1 = 7 rounds and ~96 bytes/element (2PC). With n > 2 parties the n binary shares are first reduced
+    to two by carry-save adders (1 AND round each, carries masked at the lane boundary).
+    Exact (no approximation) inside the bound; outside it the result is the sign of x mod 2^32.
     Leaks: shapes only.
+    """
+    import crypten.communicator as comm
+    from crypten.mpc.primitives import BinarySharedTensor
+    from crypten.mpc.primitives.beaver import B2A_single_bit
+
+    n = comm.get().get_world_size()
+    if n < 2:
+        return x._ltz()
+    shape, flat = x.share.shape, x.share.reshape(-1)
+    N = flat.numel()
+    h = (N + 1) // 2
+    lo, hi = flat[:h], flat[h:]
+    if hi.numel() < h:
+        hi = torch.cat([hi, hi.new_zeros(h - hi.numel())])
+    packed = (lo & 0xFFFFFFFF) | (hi << 32)                 # each party's own arithmetic share, two lanes a word
+    xs = [BinarySharedTensor(packed, src=i) for i in range(n)]  # XOR shares of each party's share: no traffic
+    not_lane_carry = ~(1 << 32)
+    while len(xs) > 2:                                       # carry-save: a + b + c = (a^b^c) + 2 maj(a, b, c)
+        a, b, c = xs.pop(), xs.pop(), xs.pop()
+        ab = a ^ b
+        prods = BinarySharedTensor.stack([a, c]) & BinarySharedTensor.stack([b, ab])
+        maj = prods[0] ^ prods[1]
+        xs += [ab ^ c, (maj << 1) & not_lane_carry]
+    a, b = xs
+    S, P = a & b, a ^ b                                      # generate / propagate
+    SP = BinarySharedTensor.stack([S, P])
+    masks, out_masks, mults = _spk_constants()
+    for i in range(5):                                       # Sklansky prefix inside aligned 32-bit blocks
+        P0 = SP[1] & int(out_masks[i])
+        S1P1 = SP & int(masks[i])
+        S1P1._tensor *= mults[i]
+        update = P0 & S1P1
+        SP[1] &= int(out_masks[i] ^ -1)
+        SP ^= update
+    t = P ^ (SP[0] << 1)                                     # bit 31 / 63: sign of lane 0 / lane 1
+    bits = BinarySharedTensor.stack([(t >> 31) & 1, (t >> 63) & 1])
+    ar = B2A_single_bit(bits)
+    return _from_shares(ar.share.reshape(-1)[:N].reshape(shape), precision=0)
+
+
+def _spk_constants():
+    masks = torch.tensor([6148914691236517205, 2459565876494606882, 578721382704613384, 36029346783166592,
+                          140737488388096, 2147483648], dtype=torch.long)
+    mults = torch.tensor([(1 << (2 ** i + 1)) - 2 for i in range(6)], dtype=torch.long)
+    return masks, masks * mults, mults
+
+
+def _ltz(x, lean: bool):
+    return _ltz_lean(x) if lean else x._ltz()
+
+
+# ---- max -----------------------------------------------------------------------------------------------------
+def _radix_layer(x, r: int, lean: bool):
+    """One layer of a radix-r tournament along the last dim: (..., m) -> (..., ceil(m / r)).
+
+    Groups of r (the last group padded by repeating the row's last entry: duplicates never change a max) compare
+    all r(r-1)/2 pairs in ONE comparison layer; the winner of a group is the entry that beats every other (ties
+    to the lower index, so exactly one wins), and the product of its r - 1 bits with the entry itself is formed
+    in a multiplication tree of ceil(log2 r) rounds, on ring integers (bits times a share: exact, no truncation);
+    the group max is the sum of those products. r = 2 is the classic compare + mux.
+    Rounds: cmp + ceil(log2 r) mul.  Bytes/party: (r-1)/2 comparisons + ~(r-1) products per entry.
+    """
+    m = x.shape[-1]
+    G = -(-m // r)
+    sh = x.share
+    if G * r > m:
+        sh = torch.cat([sh, sh[..., -1:].expand(*sh.shape[:-1], G * r - m)], dim=-1)
+    sh = sh.reshape(*sh.shape[:-1], G, r)
+    iu, ju = torch.triu_indices(r, r, offset=1)
+    d = _from_shares(sh[..., iu] - sh[..., ju], precision=None)          # x_i - x_j for i < j
+    d.encoder = x.encoder
+    b = 1 - _ltz(d, lean)                                               # [x_i >= x_j]: i beats j (i < j)
+    nb = 1 - b                                                           # j beats i
+    F = torch.zeros(*sh.shape, r, dtype=torch.long, device=sh.device)    # (..., G, i, j)
+    F[..., iu, ju] = b.share
+    F[..., ju, iu] = nb.share
+    ar = torch.arange(r)
+    F[..., ar, ar] = sh                                                  # the entry itself on the diagonal
+    f = _from_shares(F, precision=0)
+    while f.shape[-1] > 1:
+        k = f.shape[-1]
+        p = f[..., : k // 2] * f[..., k // 2: 2 * (k // 2)]
+        f = p if k % 2 == 0 else _cat([p, f[..., 2 * (k // 2):]], dim=-1)
+    out = _from_shares(f.share[..., 0].sum(-1), precision=None)          # (..., G): the winners' ring integers
+    out.encoder = x.encoder
+    return out
+
+
+def _radix_schedule(m: int, radix) -> list[int]:
+    """Radices of the layers of a tournament over m entries: ``radix`` an int (every layer) or a sequence (used in
+    order, its last entry repeated); a layer never uses a radix above the number of entries left."""
+    rs = [radix] if isinstance(radix, int) else list(radix)
+    out, i = [], 0
+    while m > 1:
+        r = min(rs[min(i, len(rs) - 1)], m)
+        out.append(r)
+        m, i = -(-m // r), i + 1
+    return out
+
+
+def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = False):
+    """Maximum along ``dim`` by a tournament: values only (no argmax one-hot, no random tie-break,
+    unlike CrypTen's ``max(dim)``, which spends ~45% more bytes on them). Exact: the result is one of the entries.
+
+    ``radix`` (int or sequence of layer radices, see ``_radix_layer``): 2 = the pairwise tree (ceil(log2 m) x
+    (cmp + 1 mul)); higher radices trade bytes for rounds. ``lean``: use ``_ltz_lean`` (32-bit lanes: 7 rounds
+    and ~96 bytes per comparison instead of 8 and 216), valid when every difference of two entries is below
+    2^15 in magnitude (|x| < 16384).
+    Rounds: sum over layers of cmp + ceil(log2 r) mul.  Leaks: shapes only.
     """
     dim = dim % x.dim()
     x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
-    while x.shape[-1] > 1:
-        m = x.shape[-1]
-        h = m // 2
-        a, b = x[..., :h], x[..., h:2 * h]
-        d = a - b
-        top = b + d * (1 - d._ltz())                    # max(a, b) = b + (a - b) * [a - b >= 0]
-        x = top if m % 2 == 0 else _cat([top, x[..., 2 * h:]], dim=-1)
+    if radix == 2 and not lean:
+        while x.shape[-1] > 1:
+            m = x.shape[-1]
+            h = m // 2
+            a, b = x[..., :h], x[..., h:2 * h]
+            d = a - b
+            top = b + d * (1 - d._ltz())                # max(a, b) = b + (a - b) * [a - b >= 0]
+            x = top if m % 2 == 0 else _cat([top, x[..., 2 * h:]], dim=-1)
+    else:
+        for r in _radix_schedule(x.shape[-1], radix):
+            x = _radix_layer(x, r, lean)
     if dim != x.dim() - 1:
         x = x.transpose(dim, -1)                        # the size-1 reduced axis goes back to ``dim``
     return x if keepdim else x.squeeze(dim)
@@ -131,6 +260,70 @@ def reciprocal_nr_reference(x: torch.Tensor, iters: int = RECIP_ITERS, lo: int =
     return y
 
 
+RECIP_GS_ITERS = 3
+RECIP_GS_STEPS = 4         # thresholds per octave of the Goldschmidt initial guess
+
+
+def _step_guess_coeffs(lo: int, hi: int, q: int) -> tuple[list[float], float, list[float]]:
+    """Thresholds t_k = 2^(lo + k/q) on [2^lo, 2^(hi+1)] and the step function y = 2 / (t_k + t_(k+1)) on each
+    [t_k, t_(k+1)) (extended one step below and above), as base + sum_k [x >= t_k] delta_k."""
+    ts = [2.0 ** (lo + k / q) for k in range((hi + 1 - lo) * q + 1)]
+    rho = 2.0 ** (1 / q)
+    edges = [ts[0] / rho] + ts + [ts[-1] * rho]
+    ys = [2.0 / (edges[i] + edges[i + 1]) for i in range(len(edges) - 1)]
+    return ts, ys[0], [ys[i + 1] - ys[i] for i in range(len(ys) - 1)]
+
+
+def _step_guess(x, lo: int, hi: int, q: int, lean: bool):
+    import crypten
+
+    ts, base, deltas = _step_guess_coeffs(lo, hi, q)
+    bits = 1 - _ltz(crypten.stack([x - t for t in ts]), lean)                        # (T, ...), scale 1
+    d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
+    y = x.clone()
+    y.share = (bits.share * d.to(bits.share.device)).sum(0)
+    return y + base
+
+
+def reciprocal_gs(x, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
+                  q: int = RECIP_GS_STEPS, lean: bool = False):
+    """1/x for x in [2^lo, 2^(hi+1)) by Goldschmidt's iteration from a finer step guess.
+
+    One batched comparison layer against q thresholds per octave gives y0 with |1 - x y0| <= (r-1)/(r+1),
+    r = 2^(1/q) (0.087 for q = 4); then d0 = x y0 and, per step, f = 2 - d, (y, d) <- (y f, d f): the two
+    products are independent, so a step is ONE round (Newton's y (2 - x y) is two). Relative error
+    0.087^(2^iters) ~ 3e-9 after 3 steps (float model), plus ~1 ulp of truncation per step.
+    Rounds: 1 cmp + 1 + iters mul (Newton from the octave guess: 1 cmp + 2*4 mul).
+    Bytes: (hi-lo+1) q comparisons per element (the softmax calls it once per row).  Leaks: shapes only.
+    """
+    import crypten
+
+    y = _step_guess(x, lo, hi, q, lean)
+    d = x * y
+    for k in range(iters):
+        f = 2 - d
+        if k == iters - 1:
+            y = y * f
+        else:
+            yd = crypten.stack([y, d]) * f
+            y, d = yd[0], yd[1]
+    return y
+
+
+def reciprocal_gs_reference(x: torch.Tensor, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0],
+                            hi: int = RECIP_RANGE[1], q: int = RECIP_GS_STEPS) -> torch.Tensor:
+    x = x.double()
+    ts, base, deltas = _step_guess_coeffs(lo, hi, q)
+    y = torch.full_like(x, base)
+    for t, dl in zip(ts, deltas):
+        y = y + (x >= t).double() * dl
+    d = x * y
+    for _ in range(iters):
+        f = 2 - d
+        y, d = y * f, d * f
+    return y
+
+
 def mul_rsqrt(v, x, iters: int = RSQRT_ITERS, lo: int = RSQRT_RANGE[0], hi: int = RSQRT_RANGE[1]):
     """v / sqrt(x) for x in [2^lo, 2^(hi+1)) (x broadcast against v), keeping fixed-point precision.
 
@@ -162,7 +355,13 @@ def mul_rsqrt_reference(v: torch.Tensor, x: torch.Tensor, iters: int = RSQRT_ITE
 MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
 
 
-def softmax(x, dim: int = -1, mask: torch.Tensor | None = None):
+SOFTMAX_RADIX = 2          # max-tree layer radices (see tree_max / _radix_layer)
+SOFTMAX_LEAN = False       # 32-bit-lane comparisons (_ltz_lean): logits must satisfy |x| < 16384
+SOFTMAX_RECIP = "newton"   # "newton" (reciprocal_nr) or "goldschmidt" (reciprocal_gs)
+
+
+def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
+            recip: str | None = None):
     """Softmax along the last dim, correct for rows of up to 2^16 entries (tested flat and peaked at 8k).
 
     Stock CrypTen divides by the sum of exponentials with a reciprocal whose Newton iterations diverge once the
@@ -177,16 +376,22 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None):
         raise ValueError(f"secure softmax supports rows of up to 65536 entries, got {m}")
     if mask is not None:
         x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
-    mx = tree_max(x, dim=-1, keepdim=True)
+    radix = SOFTMAX_RADIX if radix is None else radix
+    lean = SOFTMAX_LEAN if lean is None else lean
+    recip = SOFTMAX_RECIP if recip is None else recip
+    mx = tree_max(x, dim=-1, keepdim=True, radix=radix, lean=lean)
     e = exp_limit(x - mx)
     if mask is not None:
         e = e * mask.to(torch.float32)
     c = 1.0 / math.sqrt(m)
-    r = reciprocal_nr(e.sum(dim=-1, keepdim=True) * c)
+    s = e.sum(dim=-1, keepdim=True) * c
+    r = reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else reciprocal_nr(s)
     return (e * r) * c                                        # (e r) first: r c alone can be a few ulps
 
 
-def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None) -> torch.Tensor:
+def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None,
+                      lean: bool | None = None, recip: str | None = None) -> torch.Tensor:
+    """The float model of ``softmax`` (the max is exact whatever ``radix``/``lean``; ``recip`` picks the model)."""
     x = x.double()
     m = x.shape[-1]
     if mask is not None:
@@ -195,7 +400,9 @@ def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None 
     if mask is not None:
         e = e * mask.double()
     c = 1.0 / math.sqrt(m)
-    return e * (reciprocal_nr_reference(e.sum(dim=-1, keepdim=True) * c) * c)
+    s = e.sum(dim=-1, keepdim=True) * c
+    recip = SOFTMAX_RECIP if recip is None else recip
+    return e * ((reciprocal_gs_reference(s) if recip == "goldschmidt" else reciprocal_nr_reference(s)) * c)
 
 
 # ---- piecewise-polynomial activations ------------------------------------------------------------------------
