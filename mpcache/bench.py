@@ -200,6 +200,7 @@ def run_case(sess, B, cfg: ModelConfig, w_shared: dict, plain_w: dict | None, po
                     g = rec.prefill(ctx)
                     k, v = (ks[i], vs[i]) if g is None else (g.apply(ks[i], B), g.apply(vs[i], B))
                     cache.k[i], cache.v[i] = k, v
+            model._fix_cache(cache)           # rows fixed once, as at the end of a real prefill (fixed_kv)
         cache.n_prompt, cache.pos = cache.length, n_prompt
         static_s = time.perf_counter() - t0
         logits_sec = []
