@@ -43,6 +43,7 @@ VARIANTS = {
     "ours": {"radix": 2, "lean": False, "recip": "newton"},
     "lean": {"radix": 2, "lean": True, "recip": "newton"},
     "lean_gs": {"radix": 2, "lean": True, "recip": "goldschmidt"},
+    "r2x4": {"radix": (2, 4), "lean": True, "recip": "goldschmidt"},
     "r4": {"radix": 4, "lean": True, "recip": "goldschmidt"},
     "r4416": {"radix": (4, 4, 4, 16), "lean": True, "recip": "goldschmidt"},
     "r4464": {"radix": (4, 4, 64), "lean": True, "recip": "goldschmidt"},
@@ -57,7 +58,7 @@ class Knobs:
     rows: int = 9                          # SmolLM2-135M: 9 query heads
     kinds: list[str] = field(default_factory=lambda: ["flat", "peaked"])
     peak: float = 10.0                     # added to one column per row of the peaked inputs
-    variants: list[str] = field(default_factory=lambda: ["stock", "ours", "lean", "lean_gs", "r4", "r4416",
+    variants: list[str] = field(default_factory=lambda: ["stock", "ours", "lean", "lean_gs", "r2x4", "r4", "r4416",
                                                          "r4464", "default"])
     protocol: str = "arithmetic"           # arithmetic (2PC additive + Beaver) or replicated (3PC)
     provider: str = "tfp"                  # tfp or ttp (adds a dealer rank)
@@ -185,10 +186,15 @@ def party(knobs: Knobs, run_dir: str) -> None:
 
 # ---- driver --------------------------------------------------------------------------------------------------
 CSV_COLS = ["cols", "kind", "variant", "bytes_per_party", "rounds", "seconds", "max_abs_err", "err_vs_model",
-            "bytes_ratio_stock_over", "rounds_ratio_stock_over", "config"]
+            "lan_comm_s", "wan_comm_s", "bytes_ratio_stock_over", "rounds_ratio_stock_over", "config"]
 
 
 def add_ratios(rows: list[dict]) -> None:
+    from mpcache.latency import PROFILES, modelled_seconds
+
+    for r in rows:       # communication only (compute 0): rounds x RTT + bytes / bandwidth
+        for prof in ("lan", "wan"):
+            r[f"{prof}_comm_s"] = modelled_seconds(0.0, r["rounds"], r["bytes_per_party"], PROFILES[prof])
     stock = {(r["cols"], r["kind"]): r for r in rows if r["variant"] == "stock"}
     for r in rows:
         s = stock.get((r["cols"], r["kind"]))
@@ -199,13 +205,16 @@ def add_ratios(rows: list[dict]) -> None:
 def markdown(rows: list[dict], exp: dict, knobs: Knobs, n: int, commit: str) -> str:
     head = (f"Softmax over {knobs.rows} rows, {knobs.protocol} {knobs.provider} ({n} processes), commit {commit}; "
             "bytes sent per party (max over parties), rounds and seconds on rank 0; error = max abs vs "
-            "torch.softmax (float64); ratios = stock / variant.")
+            "torch.softmax (float64); LAN/WAN ms = modelled communication time (rounds x RTT + bytes / bandwidth, "
+            "mpcache/latency.py: 3 Gbps/0.3 ms, 400 Mbps/40 ms); ratios = stock / variant.")
     lines = [head, "",
-             "| cols | input | variant | MB/party | rounds | s | max abs err | stock/var bytes | stock/var rounds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             ("| cols | input | variant | MB/party | rounds | s | max abs err | LAN ms | WAN ms | stock/var bytes "
+              "| stock/var rounds |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cols']} | {r['kind']} | {r['variant']} | {r['bytes_per_party'] / 1e6:.2f} | "
-                     f"{r['rounds']} | {r['seconds']:.2f} | {r['max_abs_err']:.1e} | "
+                     f"{r['rounds']} | {r['seconds']:.2f} | {r['max_abs_err']:.1e} | {r['lan_comm_s'] * 1e3:.1f} | "
+                     f"{r['wan_comm_s'] * 1e3:.0f} | "
                      f"{r['bytes_ratio_stock_over']:.2f} | {r['rounds_ratio_stock_over']:.2f} |")
     lines += ["", "Variants: " + "; ".join(f"`{k}` = {'stock CrypTen' if VARIANTS[k] is None else VARIANTS[k]}"
                                             for k in knobs.variants), "",

@@ -20,10 +20,16 @@ def ops_results(request, tmp_path_factory):
 CASES = [
     ("tree_max", 0, 0),                    # a mux of ring elements: exact
     ("tree_max_dim0", 0, None),
+    ("tree_max_r4_lean", 0, None),         # radix-4 layers + 32-bit-lane comparisons: still a selection, exact
+    ("tree_max_r4464_lean_dim0", 0, None),
+    ("ltz_lean", 0, None),                 # exact sign for |x| < 2^15 (edges included)
     # exp: 8 squarings raise the base's truncation error (<= 2 ulp: 2PC local / 3PC ABY3 truncation) to the 256th
     # power, a relative error <= 512 ulp; the limit approximation itself is ~2.6% off at x = -12.
     ("exp", 512 * ULP, 0.03),
     ("reciprocal", 2 * 200 * ULP, 1e-6),   # x*(1/x) for x <= 200: a 1-ulp error of 1/x times x, twice over
+    # Goldschmidt: 1 + 3 truncated products (<= 2 ulp each: 2PC local / 3PC ABY3), not self-correcting, times
+    # x <= 200, twice over for the final product by x
+    ("reciprocal_gs", 2 * 4 * 2 * 200 * ULP, 1e-6),
     ("mul_rsqrt", 5e-3, 1e-6),             # relative to |v/sqrt(x)| <= ~1e3 at x=3e-3: ~1e-5 relative
     ("silu", 200 * ULP, 3e-3),             # degree-10 Horner in t=x^2/16: ~1 ulp per step x coefficients ~ 40
     ("gelu", 200 * ULP, 3e-3),
@@ -38,6 +44,8 @@ CASES = [
     ("softmax_4096", 512 * ULP, 0.02),
     ("softmax_8192", 512 * ULP, 0.02),
     ("softmax_masked", 512 * ULP, 0.02),
+    ("softmax_classic_1024", 512 * ULP, 0.02),     # radix 2, CrypTen comparison, Newton (the old default)
+    ("softmax_r2lean_8192", 512 * ULP, 0.02),      # radix 2, lean comparison, Newton (the fewest bytes)
 ]
 
 

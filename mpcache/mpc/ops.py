@@ -160,16 +160,15 @@ def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = F
     """
     dim = dim % x.dim()
     x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
-    if radix == 2 and not lean:
-        while x.shape[-1] > 1:
+    for r in _radix_schedule(x.shape[-1], radix):
+        if r == 2:                                      # compare + mux: 1 product per pair
             m = x.shape[-1]
             h = m // 2
             a, b = x[..., :h], x[..., h:2 * h]
             d = a - b
-            top = b + d * (1 - d._ltz())                # max(a, b) = b + (a - b) * [a - b >= 0]
+            top = b + d * (1 - _ltz(d, lean))           # max(a, b) = b + (a - b) * [a - b >= 0]
             x = top if m % 2 == 0 else _cat([top, x[..., 2 * h:]], dim=-1)
-    else:
-        for r in _radix_schedule(x.shape[-1], radix):
+        else:
             x = _radix_layer(x, r, lean)
     if dim != x.dim() - 1:
         x = x.transpose(dim, -1)                        # the size-1 reduced axis goes back to ``dim``
@@ -190,11 +189,11 @@ def exp_limit(x, iters: int = EXP_ITERS):
     Valid for x > -2^iters (= -256): below, the base turns negative; callers only pass x - max(x) with masked
     entries zeroed afterwards. Error (float model): relative error exp(x) vs approx is x^2/2^(iters+1) to first
     order, e.g. 5% at x = -5 and 0.2% at x = -1; probabilities renormalise most of it away.
-    Rounds: iters mul.  Leaks: shapes only.
+    Rounds: iters mul (squares: 8 bytes/element each in 2PC).  Leaks: shapes only.
     """
     y = 1 + x * (1.0 / 2 ** iters)
     for _ in range(iters):
-        y = y * y
+        y = y.square()                                  # opens only y - r (a square pair): half a product's bytes
     return y
 
 
@@ -355,9 +354,13 @@ def mul_rsqrt_reference(v: torch.Tensor, x: torch.Tensor, iters: int = RSQRT_ITE
 MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
 
 
-SOFTMAX_RADIX = 2          # max-tree layer radices (see tree_max / _radix_layer)
-SOFTMAX_LEAN = False       # 32-bit-lane comparisons (_ltz_lean): logits must satisfy |x| < 16384
-SOFTMAX_RECIP = "newton"   # "newton" (reciprocal_nr) or "goldschmidt" (reciprocal_gs)
+# Defaults chosen by experiments/softmax_bench.py (2PC TFP, 9 rows; RESULTS.md "Lean softmax vs stock"): vs the
+# pairwise tree + CrypTen comparison + Newton (radix 2, lean False, "newton"), these cut rounds 115 -> 58 at 1k
+# and 142 -> 68 at 8k for ~10% more bytes (2.83 -> 3.18 MB, 22.5 -> 25.1 MB), same error; stock CrypTen: 137/167
+# rounds, 6.4/47.7 MB. Lowest bytes instead: radix 2 + lean (1.73/13.6 MB, 105/129 rounds).
+SOFTMAX_RADIX = (4, 4, 4, 16)   # max-tree layer radices (see tree_max / _radix_layer)
+SOFTMAX_LEAN = True             # 32-bit-lane comparisons (_ltz_lean): logits must satisfy |x| < 16384
+SOFTMAX_RECIP = "goldschmidt"   # "newton" (reciprocal_nr) or "goldschmidt" (reciprocal_gs)
 
 
 def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
@@ -368,7 +371,10 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     sum exceeds ~250 (garbage on long flat rows). Here the sum s in [1, m] is scaled by the public 1/sqrt(m) into
     [m^-1/2, m^1/2], inside the reciprocal's convergence range for m <= 8k, and the result rescaled.
     ``mask`` (public 0/1, broadcastable): excluded entries are shifted down before the max and zeroed after exp.
-    Rounds: ceil(log2 m)(cmp+1) + EXP_ITERS + (EXP_ITERS + 2 RECIP_ITERS) + 1.  Leaks: shapes only.
+    ``radix``/``lean`` go to ``tree_max`` (lean needs |x| < 16384, masked entries included), ``recip`` picks
+    ``reciprocal_gs`` ("goldschmidt") or ``reciprocal_nr`` ("newton"); None = the module defaults above.
+    Rounds: sum over max layers of (cmp + ceil(log2 r)) + EXP_ITERS + reciprocal (cmp + 1 + RECIP_GS_ITERS, or
+    cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.  Leaks: shapes only.
     """
     assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
     m = x.shape[-1]
