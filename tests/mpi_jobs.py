@@ -217,13 +217,54 @@ def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
                             "err": (y.double() - ref).abs().max().item(), "scale": ref.abs().max().item(),
                             "stock_err": (ys.get_plain_text().double() - ref).abs().max().item(),
                             "fixed": c, "stock": cs})
+    # a K/V cache as fixed operands: a prefix and a new row fixed apart (one fix_many), concatenated, then the
+    # views the model and Gather.apply use (transposed, sliced, block-reshaped, index-selected, a [K | V] split)
+    K = grid(torch.randn(41, 16, generator=g))
+    V = grid(torch.randn(41, 16, generator=g))
+    k_sh, r_sh, v_sh = (crypten.cryptensor(t, src=1) for t in (K[:40], K[40:], V))
+    with sess.scope("offline"):
+        fk, fr, fv = FixedOperand.fix_many([k_sh, r_sh, v_sh])
+    ck, sk = FixedOperand.cat([fk, fr], dim=0), crypten.cat([k_sh, r_sh], dim=0)
+    kv_f, kv_s = FixedOperand.cat([ck, fv], dim=-1), crypten.cat([sk, v_sh], dim=-1)
+    idx = torch.tensor([0, 2, 2, 5, 7, 9])
+    oh = torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()
+    oh3 = torch.nn.functional.one_hot(torch.tensor([[1], [2]]), 3).float()              # (2, 1, 3)
+    vcases = [("qKT", grid(torch.randn(3, 16, generator=g)), ck.t(), sk.t(), K.t()),
+              ("pV", grid(torch.rand(3, 41, generator=g)), kv_f[..., 16:], kv_s[..., 16:], V),
+              ("onehot_gather", oh, kv_f[:40].reshape(10, 128), kv_s[:40].reshape(10, 128),
+               torch.cat([K, V], -1)[:40].reshape(10, 128)),
+              ("onehot_strata", oh3, ck[:40].reshape(10, 64).index_select(0, idx).reshape(2, 3, 64),
+               sk[:40].reshape(10, 64).index_select(0, idx).reshape(2, 3, 64),
+               K[:40].reshape(10, 64).index_select(0, idx).reshape(2, 3, 64))]
+    for name, x, f, ws, ref_w in vcases:
+        xs = crypten.cryptensor(x, src=0, precision=0 if name.startswith("onehot") else None)
+        y, c = cost(lambda xs=xs, f=f: fixed_matmul(xs, f))
+        ref = fixed_matmul_reference(x, ref_w)
+        ys, cs = cost(lambda xs=xs, ws=ws: xs.matmul(ws))
+        res["uses"].append({"name": name, "x_shape": list(x.shape), "w_shape": list(f.shape),
+                            "err": (y.get_plain_text().double() - ref).abs().max().item(),
+                            "scale": ref.abs().max().item(),
+                            "stock_err": (ys.get_plain_text().double() - ref).abs().max().item(),
+                            "fixed": c, "stock": cs})
     # D for two different W (a Gaussian one and a constant one), each fixed twice: fresh B every time
     if fw.path in ("fixed-tfp", "fixed-ttp"):
         W2 = torch.full((48, 80), 7.25)
         d1, d1b = fw.d, FixedOperand.fix(w_sh).d
         d2 = FixedOperand.fix(crypten.cryptensor(W2, src=0)).d
         enc = (W * 2 ** 16).long()
-        for name, d, wenc in (("gauss", d1, enc), ("gauss_again", d1b, enc), ("const", d2, (W2 * 2 ** 16).long())):
+        # a cache built as the model builds it: 40 rows fixed at once, then 8 rows one at a time, concatenated
+        def cache_d(rows):
+            parts = [FixedOperand.fix(crypten.cryptensor(rows[:, :40], src=1))]
+            for j in range(40, rows.shape[1]):
+                parts.append(FixedOperand.fix(crypten.cryptensor(rows[:, j:j + 1], src=1)))
+            return FixedOperand.cat(parts, dim=1).d
+
+        KC = grid(torch.randn(2, 48, 40, generator=g) * 2)
+        KC2 = torch.full((2, 48, 40), -3.5)
+        dk, dk2 = cache_d(KC), cache_d(KC2)
+        for name, d, wenc in (("gauss", d1, enc), ("gauss_again", d1b, enc), ("const", d2, (W2 * 2 ** 16).long()),
+                              ("cache_gauss", dk, (KC * 2 ** 16).long()),
+                              ("cache_const", dk2, (KC2 * 2 ** 16).long())):
             u = d.double() / 2.0 ** 64 + 0.5                               # uniform on [0, 1) if D is uniform
             bits = torch.stack([((d >> k) & 1).double().mean() for k in range(64)])
             wc = wenc.double() - wenc.double().mean()
@@ -238,6 +279,9 @@ def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
         cdf = torch.cumsum((both.indices < d1.numel()).double() * 2 - 1, 0) / d1.numel()   # F1 - F2 along the merge
         res["stats"]["ks_gauss_vs_const"] = cdf.abs().max().item()
         res["stats"]["same_w_same_d"] = bool(torch.equal(d1, d1b))
+        both = torch.cat([dk.flatten(), dk2.flatten()]).sort()
+        cdf = torch.cumsum((both.indices < dk.numel()).double() * 2 - 1, 0) / dk.numel()
+        res["stats"]["ks_cache_gauss_vs_const"] = cdf.abs().max().item()
     if sess.rank == 0:
         with open(out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -1,7 +1,13 @@
 """Fixed-operand Beaver triples (mpcache/mpc/fixed_operand.py) under real mpirun: correctness against the float
 model, per-use and offline costs measured by the ledger against the analytic cost, the opened D = W - B
 statistically uniform and independent of W, and a private generation with fixed weights equal to plaintext at
-lower per-token bytes (the saving equal to the weight matrices' size)."""
+lower per-token bytes (the saving equal to the weight matrices' size).
+
+The K/V cache as fixed operands: products with views and concatenations of fixed rows (the cache's q @ K^T,
+p @ V, the one-hot gathers, dense and stratified) open only the moving operand; a cache fixed row by row has a
+uniform D independent of its contents; private generation with a fixed cache (full cache and MPCache's one-hot
+gather; 2PC TFP, 2PC TTP dealer, 3PC replicated) equals plaintext, and every attention product's bytes are
+exactly its moving operand (plus each row's one fixing), the saving over the stock path exactly the formula."""
 import math
 
 import pytest
@@ -42,13 +48,14 @@ def test_fixed_matmul_2pc_tfp(tmp_path):
     r = mpi_job(2, "fixed_ops", tmp_path)
     assert r["path"] == "fixed-tfp"
     _check_uses(r, 2)
-    assert {u["name"] for u in r["uses"]} >= {"xT", "xT1", "onehot", "batched"}      # transposed and embedding uses
+    assert {u["name"] for u in r["uses"]} >= {"xT", "xT1", "onehot", "batched",       # transposed and embedding uses
+                                              "qKT", "pV", "onehot_gather", "onehot_strata"}   # cache views
     assert r["offline"] == {"bytes_sent": 48 * 80 * 8, "bytes_recv": 48 * 80 * 8, "rounds": 1,
                             "dealer_bytes_recv": 0}
     # D = W - B is uniform on the ring and independent of W: compare its empirical law with U[0, 1) after
     # u = D / 2^64 + 1/2, for a Gaussian W (twice: a fresh B each time) and a constant W.
     st = r["stats"]
-    for name in ("gauss", "gauss_again", "const"):
+    for name in ("gauss", "gauss_again", "const", "cache_gauss", "cache_const"):
         s, n = st[name], st[name]["n"]
         assert abs(s["mean"] - 0.5) <= _z(n) / math.sqrt(12), (name, s)
         sd_of_std = math.sqrt((1 / 80 - 1 / 144) / n) / (2 / math.sqrt(12))      # delta method, uniform moments
@@ -58,6 +65,8 @@ def test_fixed_matmul_2pc_tfp(tmp_path):
         assert s["ks_uniform"] <= math.sqrt(-math.log(1e-6 / 2) / 2) / math.sqrt(n), (name, s)
     n = st["gauss"]["n"]
     assert st["ks_gauss_vs_const"] <= math.sqrt(-math.log(1e-6 / 2) / 2) * math.sqrt(2 / n), st
+    n = st["cache_gauss"]["n"]           # a cache fixed row by row: D's law does not depend on the cached values
+    assert st["ks_cache_gauss_vs_const"] <= math.sqrt(-math.log(1e-6 / 2) / 2) * math.sqrt(2 / n), st
     assert not st["same_w_same_d"]                   # fixing the same W twice draws a fresh B
 
 
@@ -103,3 +112,119 @@ def test_private_generation_fixed_weights_ttp_tied_head(tmp_path):
     assert r["tokens"] == r["plaintext"], r["tokens"]
     assert r["logit_err"] <= LOGIT_TOL
     assert set(r["matmul_paths"]) == {"fixed-ttp", "stock"}
+
+
+# ---- the K/V cache as fixed operands ---------------------------------------------------------------------------
+ATTN = ("qk", "av", "gather", "fix_kv")
+
+
+def _scope_bytes(ledger, prefix):
+    """Bytes sent / rounds of this party's online traffic at or below ``prefix``."""
+    sent = rounds = 0
+    for c in ledger["counts"]:
+        if c["kind"] == "online" and (c["scope"] == prefix or c["scope"].startswith(prefix + "/")):
+            sent, rounds = sent + c["bytes_sent"], rounds + c["rounds"]
+    return sent, rounds
+
+
+def _attn_scopes(r, t, i):
+    """The attention scopes of layer i at decode step t that ran, with the element counts the job recorded."""
+    base = f"token/{t}/L{i}"
+    out = {}
+    for name in ATTN:
+        recs = [u for p, us in r["uses"].items() if p == f"{base}/{name}" or p.startswith(f"{base}/{name}/")
+                for u in us]
+        if recs:
+            out[name] = recs
+    return out
+
+
+def _check_kv_run(r, policy, two_party=True):
+    assert r["tokens"] == r["plaintext"], (r["tokens"], r["plaintext"])
+    assert r["logit_err"] <= LOGIT_TOL
+    c, steps = r["cfg"], len(r["per_token"])
+    H, Hkv, hd = c["H"], c["Hkv"], c["hd"]
+    # the prefill fixes every layer's K and V once, in one round
+    assert r["uses"]["prefill/fix_kv"] == [["fix", 2 * c["layers"] * Hkv * r["n_prompt"] * hd]], r["uses"]
+    assert _scope_bytes(r["ledger"], "prefill/fix_kv")[0] == 8 * 2 * c["layers"] * Hkv * r["n_prompt"] * hd
+    for t in range(1, steps):
+        n_att = r["attended"][t - 1]
+        for i in range(c["layers"]):
+            sc = _attn_scopes(r, t, i)
+            # every product has a fixed right operand: what is recorded is its moving operand only
+            assert all(kind in ("fixed", "fix") for recs in sc.values() for kind, _ in recs), sc
+            assert sc["qk"] == [["fixed", H * hd]] and sc["av"] == [["fixed", H * n_att]], (t, i, sc)
+            assert sc["fix_kv"] == [["fix", 2 * Hkv * hd]], sc                  # the new K and V rows, once
+            if policy == "full":
+                assert "gather" not in sc
+            else:   # one one-hot product over [K | V] (|onehot| elements), then the picked rows fixed once
+                (kind, _), (fix, n_rows) = sc["gather"]
+                assert kind == "fixed" and fix == "fix" and n_rows % (2 * Hkv * hd) == 0
+                assert n_rows // (2 * Hkv * hd) <= n_att
+            for name, recs in sc.items():      # the ledger agrees to the byte: 8 bytes per opened element
+                sent, rounds = _scope_bytes(r["ledger"], f"token/{t}/L{i}/{name}")
+                assert sent == 8 * sum(n for _, n in recs), (t, i, name, sent, recs)
+                if two_party:
+                    assert rounds == len(recs), (t, i, name, rounds, recs)
+
+
+@pytest.mark.parametrize("policy", ["full", "mpcache"])
+def test_fixed_kv_generation_2pc_tfp(tmp_path, policy):
+    """tiny-llama (GQA), 2PC TFP: plaintext tokens, exact accounting, and the saving over the stock cache."""
+    fixed = mpi_job(2, "generate_kv", tmp_path, "tiny-llama", "arithmetic", "tfp", policy, "1", "3")
+    stock = mpi_job(2, "generate_kv", tmp_path, "tiny-llama", "arithmetic", "tfp", policy, "0", "3")
+    _check_kv_run(fixed, policy)
+    assert stock["tokens"] == stock["plaintext"] == fixed["tokens"]
+    c = fixed["cfg"]
+    Hkv, hd = c["Hkv"], c["hd"]
+    for t in range(1, len(fixed["per_token"])):
+        n_att, L = fixed["attended"][t - 1], fixed["n_prompt"] + t
+        diff = rdiff = 0
+        for i in range(c["layers"]):
+            sf, ss = _attn_scopes(fixed, t, i), _attn_scopes(stock, t, i)
+            assert all(kind == "stock" for recs in ss.values() for kind, _ in recs), ss
+            # stock: q @ K^T and p @ V re-open the attended K and V (Hkv x n_att x hd each); the fixed path opened
+            # the new rows instead (2 Hkv hd) ...
+            want = 2 * Hkv * hd * n_att - 2 * Hkv * hd
+            if policy == "mpcache":
+                # ... and the stock gathers (K and V apart) open the one-hot twice and both caches' block regions;
+                # the fixed one opens the one-hot once and fixes the picked rows
+                (_, oh_and_k), (_, oh_and_v) = ss["gather"]
+                (_, n_oh), (_, n_picked) = sf["gather"]
+                region = (oh_and_k - n_oh) + (oh_and_v - n_oh)
+                assert region == 2 * Hkv * hd * ((oh_and_k - n_oh) // (Hkv * hd)) and region <= 2 * Hkv * hd * L
+                want += (2 * n_oh + region) - (n_oh + n_picked)
+            got = sum(n for recs in ss.values() for _, n in recs) - sum(n for recs in sf.values() for _, n in recs)
+            assert got == want, (t, i, got, want)
+            ad = 0
+            for name in ATTN:                    # the ledger's attention bytes differ by exactly that
+                ad += _scope_bytes(stock["ledger"], f"token/{t}/L{i}/{name}")[0] - \
+                    _scope_bytes(fixed["ledger"], f"token/{t}/L{i}/{name}")[0]
+                rdiff += _scope_bytes(fixed["ledger"], f"token/{t}/L{i}/{name}")[1] - \
+                    _scope_bytes(stock["ledger"], f"token/{t}/L{i}/{name}")[1]
+            assert ad == 8 * want, (t, i, ad, want)
+            diff += ad
+            other = 0                            # the selection may use fixed operands of its own: its difference
+            for run, sign in ((stock, 1), (fixed, -1)):
+                other += sign * _scope_bytes(run["ledger"], f"token/{t}/L{i}/selection")[0]
+            diff += other
+        # everything else in the token (weights, norms, MLP, softmax, argmax) is unchanged: the token's saving is
+        # the attention formula (+ the selection's own), and the only extra round per layer is the new rows' fixing
+        tok_diff = stock["per_token"][t]["bytes_sent"][0] - fixed["per_token"][t]["bytes_sent"][0]
+        assert tok_diff == diff, (t, tok_diff, diff)
+        assert rdiff == c["layers"], (t, rdiff)
+
+
+def test_fixed_kv_generation_ttp_gpt2(tmp_path):
+    """tiny-gpt2 (MHA, tied head), 2PC with the TTP dealer keeping B per row: the dealer rebuilds the cache's
+    views and concatenations from their small specs."""
+    r = mpi_job(3, "generate_kv", tmp_path, "tiny-gpt2", "arithmetic", "ttp", "mpcache", "1", "3")
+    _check_kv_run(r, "mpcache")
+    assert set(r["matmul_paths"]) == {"fixed-ttp", "stock"}
+
+
+@pytest.mark.parametrize("policy", ["full", "mpcache"])
+def test_fixed_kv_generation_3pc_replicated(tmp_path, policy):
+    r = mpi_job(3, "generate_kv", tmp_path, "tiny-llama", "replicated", "tfp", policy, "1", "3")
+    _check_kv_run(r, policy, two_party=False)
+    assert set(r["matmul_paths"]) == {"fixed-replicated", "stock"}
