@@ -364,7 +364,9 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
         x, y = sh(*xs), sh(*ys)
         case(f"mul{xs}x{ys}", lambda x=x, y=y: x * y, C.mul(s, xs, ys))
     x = sh(4, 6)
-    case("square(4,6)", lambda x=x: x * x, C.mul(s, (4, 6), (4, 6)))
+    case("x*x(4,6)", lambda x=x: x * x, C.mul(s, (4, 6), (4, 6)))
+    case("square(4,6)", lambda x=x: x.square(), C.square(s, (4, 6)))
+    case("square(3,1,5)", lambda: sh(3, 1, 5).square(), C.square(s, (3, 1, 5)))
     bit = (sh(4, 6))._ltz()
     case("mul_bit(4,6)", lambda x=x, b=bit: x * b, C.mul(s, (4, 6), (4, 6), trunc=False))
     case("public_mul_float(4,6)", lambda x=x: x * 0.37, C.public_mul(s, (4, 6)))
@@ -398,6 +400,19 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
     for shape, dim in [((3, 257), -1), ((257, 3), 0), ((2, 5, 33), 1), ((1, 2), -1)]:
         x = sh(*shape)
         case(f"tree_max{shape}d{dim}", lambda x=x, d=dim: ops.tree_max(x, d), C.tree_max(s, shape, dim))
+    if hasattr(ops, "_ltz_lean"):
+        for shape in [(5,), (2, 3, 7)]:
+            x = sh(*shape)
+            case(f"ltz_lean{shape}", lambda x=x: ops._ltz_lean(x), C.ltz_lean(s, shape))
+        for shape, radix, lean in [((3, 257), (4, 4, 4, 16), True), ((2, 37), 4, False), ((1, 30), (8, 2), True)]:
+            x = sh(*shape)
+            case(f"tree_max{shape}r{radix}{'lean' if lean else ''}",
+                 lambda x=x, r=radix, ln=lean: ops.tree_max(x, -1, radix=r, lean=ln),
+                 C.tree_max(s, shape, radix=radix, lean=lean))
+        for shape, lean in [((5,), True), ((2, 3), False)]:
+            x = sh(*shape, lo=0.5, hi=20.0)
+            case(f"reciprocal_gs{shape}{lean}", lambda x=x, ln=lean: ops.reciprocal_gs(x, lean=ln),
+                 C.reciprocal_gs(s, shape, lean=lean))
     for shape in [(2, 37), (1, 64)]:
         x = sh(*shape)
         case(f"argmax_onehot{shape}", lambda x=x: ops.argmax_onehot(x), C.argmax_onehot(s, shape))
@@ -503,6 +518,32 @@ def job_generate_kv(out, model="tiny-llama", protocol="arithmetic", provider="tf
                        "cfg": {"H": cfg.n_heads, "Hkv": cfg.n_kv_heads, "hd": cfg.head_dim, "layers": cfg.n_layers},
                        "attended": [pol.attended_tokens(len(ids), t) for t in range(n)],
                        "ledger": ledgers[0]}, fh, indent=1)
+    sess.close()
+
+
+def job_generation_costs(out, model="tiny-llama", protocol="arithmetic", provider="tfp", policy="full", n_new="3",
+                         n_prompt="24"):
+    """A private generation (default fixed weights / K/V, no logits opened); rank 0 writes every party's ledger
+    (tests/test_costs.py compares it with the cost-tracing backend's prediction)."""
+    from mpcache.generation import private_generate
+    from mpcache.model.weights import expected_shapes, load_model
+    from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
+    from mpcache.policies import make_policy
+
+    cfg, w, _ = load_model(model, seed=0)
+    pol = make_policy(policy) if policy == "full" else make_policy(policy, budget=0.3)
+    info = {"model": cfg.to_dict(), "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
+            "policy": repr(pol)}
+    sess = _open(protocol, provider, info)
+    if sess.is_dealer:
+        return serve_dealer(sess)
+    ids = torch.randint(0, cfg.vocab_size, (int(n_prompt),), generator=torch.Generator().manual_seed(7)).tolist()
+    private_generate(sess, cfg, w if sess.rank == SERVER else None, ids if sess.rank == CLIENT else None,
+                     int(n_new), pol)
+    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=SERVER)
+    if sess.rank == SERVER:
+        with open(out, "w") as fh:
+            json.dump({"ledgers": ledgers, "policy": repr(pol)}, fh)
     sess.close()
 
 

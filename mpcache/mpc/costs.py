@@ -202,6 +202,19 @@ def mul(s: Setting, xshape, yshape, trunc: bool = True) -> Cost:
     return _bilinear(s, "mul", xshape, yshape, _bshape(xshape, yshape), trunc)
 
 
+def square(s: Setting, shape) -> Cost:
+    """``x.square()``: a square pair (r, r^2) opens only x - r (arithmetic; TTP request "square") or replicates
+    x's share alone (replicated); then the truncation."""
+    shape = _size(shape)
+    c = Cost(s.n)
+    if s.protocol == "replicated":
+        for r in range(s.n):
+            c.add(r, ELT * shape.numel(), ELT * shape.numel(), 1)
+    else:
+        c += ttp_request(s, "square", shape, shape) + open_(s, shape.numel())
+    return c + truncation(s, shape)
+
+
 def matmul(s: Setting, xshape, yshape, trunc: bool = True) -> Cost:
     """Stock CrypTen matmul of two shares (Beaver, or replicated): both operands travel."""
     return _bilinear(s, "matmul", xshape, yshape, _mm_shape(xshape, yshape), trunc)
@@ -276,27 +289,80 @@ def ltz(s: Setting, shape) -> Cost:
     return c
 
 
+def ltz_lean(s: Setting, shape) -> Cost:
+    """ops._ltz_lean: two 32-bit lanes per word (h = ceil(N/2) words); n > 2: one carry-save AND layer per
+    3 -> 2 reduction; then 1 AND + 5 prefix levels (operands broadcast to (2, h)) and B2A of the (2, h) sign bits."""
+    N = _numel(shape)
+    h = (N + 1) // 2
+    w, w2 = _size((h,)), _size((2, h))
+    c = Cost(s.n)
+    k = s.n
+    while k > 2:
+        c += _and(s, w2, w2)
+        k -= 1
+    c += _and(s, w, w)
+    for _ in range(5):
+        c += _and(s, w2, w2)
+    return c + ttp_request(s, "B2A", w2, w2) + open_(s, 2 * h)
+
+
+def _cmp(s: Setting, shape, lean: bool) -> Cost:
+    return ltz_lean(s, shape) if lean else ltz(s, shape)
+
+
 # ---- composite ops (mirrors of mpcache.mpc.ops) -------------------------------------------------------------
-def tree_max(s: Setting, shape, dim: int = -1) -> Cost:
-    """ops.tree_max: per level, 1 comparison of the h pairs and 1 mux product (bit x value, no truncation)."""
+def _radix_schedule(m: int, radix) -> list[int]:
+    rs = [radix] if isinstance(radix, int) else list(radix)
+    out, i = [], 0
+    while m > 1:
+        r = min(rs[min(i, len(rs) - 1)], m)
+        out.append(r)
+        m, i = -(-m // r), i + 1
+    return out
+
+
+def tree_max(s: Setting, shape, dim: int = -1, radix=2, lean: bool = False) -> Cost:
+    """ops.tree_max. Radix-2 layer: 1 comparison of the h pairs and 1 mux product (bit x value, no truncation).
+    Radix-r layer (ops._radix_layer): one comparison layer over the r(r-1)/2 pairs of each of the G groups, then a
+    product tree over the r bits/entries of each group (ring integers, no truncation)."""
     shape = list(_size(shape))
     dim = dim % len(shape)
     shape[dim], shape[-1] = shape[-1], shape[dim]
     lead, m = shape[:-1], shape[-1]
     c = Cost(s.n)
-    while m > 1:
-        h = m // 2
-        hs = (*lead, h)
-        c += ltz(s, hs) + mul(s, hs, hs, trunc=False)
-        m = h + m % 2
+    for r in _radix_schedule(m, radix):
+        if r == 2:
+            h = m // 2
+            hs = (*lead, h)
+            c += _cmp(s, hs, lean) + mul(s, hs, hs, trunc=False)
+            m = h + m % 2
+            continue
+        G = -(-m // r)
+        c += _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
+        k = r
+        while k > 1:
+            ps = (*lead, G, r, k // 2)
+            c += mul(s, ps, ps, trunc=False)
+            k = k // 2 + k % 2
+        m = G
     return c
 
 
+def _exp_squares() -> bool:
+    """Whether ops.exp_limit squares with ``square()`` (a square pair, half a product's bytes) or ``y * y``."""
+    import inspect
+
+    from . import ops
+
+    return ".square()" in inspect.getsource(ops.exp_limit)
+
+
 def exp_limit(s: Setting, shape, iters: int = 8) -> Cost:
-    """ops.exp_limit: 1 public product (x / 2^iters) and ``iters`` squarings (products of two shares)."""
+    """ops.exp_limit: 1 public product (x / 2^iters) and ``iters`` squarings."""
     c = public_mul(s, shape)
+    sq = _exp_squares()
     for _ in range(iters):
-        c += mul(s, shape, shape)
+        c += square(s, shape) if sq else mul(s, shape, shape)
     return c
 
 
@@ -312,6 +378,24 @@ def reciprocal_nr(s: Setting, shape, iters: int = 4, lo: int = -8, hi: int = 8) 
     return c
 
 
+def reciprocal_gs(s: Setting, shape, iters: int | None = None, lo: int | None = None, hi: int | None = None,
+                  q: int | None = None, lean: bool = False) -> Cost:
+    """ops.reciprocal_gs: one comparison layer against the step guess's thresholds, d0 = x y0, then per
+    Goldschmidt step one product of the stacked (y, d) with f (the last step: y f only)."""
+    from . import ops
+
+    iters = ops.RECIP_GS_ITERS if iters is None else iters
+    lo = ops.RECIP_RANGE[0] if lo is None else lo
+    hi = ops.RECIP_RANGE[1] if hi is None else hi
+    q = ops.RECIP_GS_STEPS if q is None else q
+    shape = _size(shape)
+    n_t = len(ops._step_guess_coeffs(lo, hi, q)[0])
+    c = _cmp(s, (n_t, *shape), lean) + mul(s, shape, shape)
+    for k in range(iters):
+        c += mul(s, shape, shape) if k == iters - 1 else mul(s, (2, *shape), shape)
+    return c
+
+
 def mul_rsqrt(s: Setting, vshape, xshape, iters: int = 4, lo: int = -10, hi: int = 30) -> Cost:
     """ops.mul_rsqrt: comparison layer on x, z = x y0^2 (2 products), r1 = (3 - z)/2 (public product), then per
     Newton step 3 products + 1 public product, then (v y0) r (2 products of v's shape with x's)."""
@@ -322,15 +406,22 @@ def mul_rsqrt(s: Setting, vshape, xshape, iters: int = 4, lo: int = -10, hi: int
     return c + mul(s, vshape, xshape) + mul(s, out, xshape)
 
 
-def softmax(s: Setting, shape, masked: bool = False, exp_iters: int = 8, recip_iters: int = 4) -> Cost:
-    """ops.softmax along the last dim: tree max, exp, (mask product), row sum / sqrt(m) (public product),
-    reciprocal, e * r (product with the row's r), * 1/sqrt(m) (public product)."""
+def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | None = None,
+            recip: str | None = None) -> Cost:
+    """ops.softmax along the last dim (its defaults SOFTMAX_RADIX / SOFTMAX_LEAN / SOFTMAX_RECIP when None):
+    tree max, exp, (mask product), row sum / sqrt(m) (public product), reciprocal, e * r, * 1/sqrt(m)."""
+    from . import ops
+
+    radix = getattr(ops, "SOFTMAX_RADIX", 2) if radix is None else radix
+    lean = getattr(ops, "SOFTMAX_LEAN", False) if lean is None else lean
+    recip = getattr(ops, "SOFTMAX_RECIP", "newton") if recip is None else recip
     shape = _size(shape)
     row = _size((*shape[:-1], 1))
-    c = tree_max(s, shape) + exp_limit(s, shape, exp_iters)
+    c = tree_max(s, shape, radix=radix, lean=lean) + exp_limit(s, shape)
     if masked:
         c += public_mul(s, shape)
-    c += public_mul(s, row) + reciprocal_nr(s, row, recip_iters)
+    c += public_mul(s, row)
+    c += reciprocal_gs(s, row, lean=lean) if recip == "goldschmidt" else reciprocal_nr(s, row)
     return c + mul(s, shape, row) + public_mul(s, shape)
 
 
