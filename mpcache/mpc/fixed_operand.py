@@ -35,6 +35,32 @@ party — the same share of ``W`` at every use. Here :meth:`FixedOperand.fix` re
 (offline: ``|W|`` elements to the next party, 1 round) and each use replicates only ``x`` (``|x|`` elements), then
 the stock local product ``x1 W1 + x1 W2 + x2 W1`` and the stock replicated truncation (party 2 sends ``|x @ W|``
 elements to party 1). Nothing new is sent: stock re-sent an identical tensor. ``path == "fixed-replicated"``.
+
+**The K/V cache as fixed operands** (``SecureBackend.fixed_kv``; :meth:`mpcache.model.transformer.Transformer`).
+A cached row is fixed once, when written: every layer's K and V at the end of the prefill (after the static
+compaction; one :meth:`FixedOperand.fix_many`, 1 round, ``2 * layers * Hkv * n * hd`` elements), then each decode
+step's new K and V rows (1 round per layer, ``2 * Hkv * hd`` elements). The cache grows by :meth:`FixedOperand.cat`
+(no traffic) and is read through views (slices, the block reshape of a one-hot gather, ``index_select`` of public
+indices, the transposed ``K^T``, the ``[K | V]`` split): the same op applied to the share, to ``D``, to party 0's
+``B`` (TFP), to the replica (replicated) and, under TTP, to the dealer's ``B`` through a small recipe (``spec``,
+:func:`eval_spec`) sent with each triple request (a few hundred bytes, dealer traffic). Per decode step and layer
+(2PC bytes/party, 8 per element): ``q @ K^T`` opens ``|q|`` (stock: ``|q| + |K|``), ``p @ V`` opens ``|p|`` (stock:
+``|p| + |V|``), a one-hot gather over the fixed ``[K | V]`` opens ``|onehot|`` once (stock: the one-hot and the
+block region, for K and for V); the rows it picks are a fresh secret combination, so they are fixed once
+(``|picked|`` elements, 1 round) before ``q @ K^T`` / ``p @ V`` use them. Rounds: +1 per layer and step (the new
+rows' fixing); the gather's 2 rounds (product, fixing) replace the stock path's 2 (K's product, V's product).
+
+Why this leaks nothing more. Each fixed piece (a prefix, a row, a picked set) gets its **own** fresh uniform
+``B``, used to mask that piece only, so its opened ``D = W - B`` is uniform and independent of ``W`` and of every
+other opening (the pieces' masks are independent). Concatenating pieces concatenates their ``D`` and ``B``: still
+a one-time pad of the concatenated values. A view re-arranges (or repeats, for ``index_select``) entries of the
+same ``B`` and ``D``: it masks the *same* values with the *same* pads, so nothing new is opened; a product with a
+view is the product with ``W`` itself under a public linear map. Re-fixing a value with a fresh ``B'`` (the picked
+rows are copies of cached rows) opens ``W - B'``, independent of ``W - B`` because ``B'`` is independent of ``B``.
+What must never happen, and does not: one ``B`` masking two different values (a ``B`` is drawn in
+:meth:`FixedOperand.fix_many` and only ever reaches views of its own ``W``). Under TFP party 0 knows every ``B``
+(hence the cache); that is the TFP convention (stock TFP triples give party 0 every ``x - a``'s ``x`` too). Under
+TTP the dealer knows ``B`` but never sees any ``D``. **Leakage: shapes only** (all public: lengths, budgets).
 """
 from __future__ import annotations
 
