@@ -304,7 +304,7 @@ def job_generate_fixed(out, model="tiny-llama", protocol="arithmetic", provider=
     n = int(n_new)
     toks, logits, B = private_generate(sess, cfg, w if sess.rank == SERVER else None,
                                        ids if sess.rank == CLIENT else None, n, keep_logits=True,
-                                       fixed_weights=fixed == "1")
+                                       fixed_weights=fixed == "1", fixed_kv=False)      # the weights alone
     ledgers = sess.comm.gather(sess.ledger.to_dict(), root=SERVER)
     toks = sess.comm.bcast(toks, root=CLIENT)
     if sess.rank == SERVER:
