@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     text = "\n".join(md) + "\n"
     (out / "table.md").write_text(text)
     print(text)
-    print(f"wrote {out.relative_to(REPO)}/table.csv, table.md")
+    print(f"wrote {out}/table.csv, table.md")
     return 0
 
 
