@@ -302,8 +302,11 @@ def ratio_table(rows: list[dict], baseline: str = "full") -> str:
     return "\n".join(out)
 
 
-def prompt_ids(tok, n: int) -> list[int]:
-    """n tokens of real text (Jane Austen, the eval split), public-shaped: always exactly n ids."""
+def prompt_ids(tok, n: int, text: str = "austen", seed: int = 0) -> list[int]:
+    """Exactly n token ids: real text (``"austen"``: Jane Austen, the eval split) or ``"random"`` ids (tests)."""
+    if text == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, tok.vocab_size, (n,), generator=g).tolist()
     from .data import austen_text, split_text
 
     text = split_text(austen_text(), "eval")

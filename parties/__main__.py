@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", default="auto",
                    help="blocks actually run: 'auto' (the fewest that contain every block cost class; 1 without "
                         "layer sharing), 'all', or a count; the whole model is scaled from them exactly")
+    b.add_argument("--text", default="austen", choices=["austen", "random"],
+                   help="the client's prompt: real text (Jane Austen, fetched offline) or random ids (tests)")
     b.add_argument("--steps", type=int, default=2, help="measured decode steps per case (mean reported)")
     b.add_argument("--warmup", type=int, default=1,
                    help="unmeasured decode steps first (they build the cluster summaries once)")

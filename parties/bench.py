@@ -108,7 +108,7 @@ def run(args) -> None:
     B = SecureBackend(sess, fixed_weights=args.fixed_weights)
     cfg_k, w_k = truncated(cfg, weights if sess.rank == SERVER else None, layers)
     w_shared = share_weights(sess, B, cfg_k, w_k, fixed=args.fixed_weights)
-    ids = prompt_ids(tok, max(lens)) if sess.rank == CLIENT else None
+    ids = prompt_ids(tok, max(lens), args.text, args.seed) if sess.rank == CLIENT else None
     plain_w = weights if sess.rank in (SERVER, CLIENT) else None      # client: the plaintext prefix (convention)
 
     bar = None

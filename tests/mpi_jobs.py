@@ -547,8 +547,52 @@ def job_generation_costs(out, model="tiny-llama", protocol="arithmetic", provide
     sess.close()
 
 
+def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", n_new="3"):
+    """Every policy (and the stratified top-k variants) in one session, each run on two prompts and two weight
+    sets of the same public shape: per-scope bytes/rounds, the reveal audit and the tokens vs plaintext."""
+    from mpcache.generation import plaintext_generate, private_generate
+    from mpcache.model.weights import load_model
+    from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
+    from mpcache.policies import make_policy
+
+    specs = []
+    for name in policies.split(","):
+        specs.append((name, {} if name == "full" else {"budget": 0.3}))
+        if name in ("h2o", "quest", "mpcache"):
+            specs.append((name + "-strata", {"budget": 0.3, "topk": "strata"}))
+    sess = _open()
+    if sess.is_dealer:
+        return serve_dealer(sess)
+    n = int(n_new)
+    res = {}
+    for label, kw in specs:
+        pol = make_policy(label.split("-")[0], **kw)
+        runs = []
+        for seed, prompt in ((0, 0), (7, 0), (0, 1)):
+            cfg, w, _ = load_model("tiny-llama", seed=seed)
+            g = torch.Generator().manual_seed(1000 + prompt)
+            ids = torch.randint(0, cfg.vocab_size, (24,), generator=g).tolist()
+            tag = f"{label}#{seed}#{prompt}"
+            with sess.scope(tag):
+                toks, _, B = private_generate(sess, cfg, w if sess.rank == SERVER else None,
+                                              ids if sess.rank == CLIENT else None, n, pol)
+            counts = sorted((c[0][len(tag) + 1:], c[1], v["bytes_sent"], v["bytes_recv"], v["rounds"])
+                            for c, v in sess.ledger.counts.items() if c[0].startswith(tag + "/"))
+            toks = sess.comm.bcast(toks, root=CLIENT)
+            plain = plaintext_generate(cfg, w, ids, n, pol)[0]
+            runs.append({"counts": counts, "reveals": [[r[0], r[1]] for r in B.reveals], "tokens_ok": toks == plain})
+        res[label] = {"same_costs": runs[0]["counts"] == runs[1]["counts"] == runs[2]["counts"],
+                      "n_scopes": len(runs[0]["counts"]), "reveals": [r["reveals"] for r in runs],
+                      "tokens_ok": [r["tokens_ok"] for r in runs]}
+    allres = sess.comm.gather(res, root=0)
+    if sess.rank == 0:
+        json.dump(allres, open(out, "w"), indent=1)
+    sess.close()
+
+
 if __name__ == "__main__":
     job, out, *rest = sys.argv[1:]
     from mpcache.mpc.session import run_party
 
     sys.exit(run_party(globals()[f"job_{job}"], out, *rest))
+
