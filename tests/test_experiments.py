@@ -1,0 +1,160 @@
+"""The experiment scripts' table and plot functions on tiny synthetic inputs (no MPI, no model): they cannot rot."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+pytest.importorskip("matplotlib")
+
+from experiments import ablation, breakdown, budget_sweep, decode_scaling
+
+BENCH_COLS = ["policy", "seq_len", "world_size", "protocol", "provider", "bytes_per_token", "rounds_per_token",
+              "seconds_per_token", "lan_s", "wan_s", "static_bytes", "attended_frac", "bench_layers", "model_layers"]
+
+
+def _bench(tmp: Path, rows: list[dict], args: dict) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(tmp / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BENCH_COLS)
+        w.writeheader()
+        w.writerows(rows)
+    (tmp / "bench.json").write_text(json.dumps({"rows": rows, "args": args, "model": "tiny"}))
+    return tmp / "bench.csv"
+
+
+def _row(policy, n, world, nbytes, rounds):
+    return {"policy": policy, "seq_len": n, "world_size": world, "protocol": "arithmetic" if world == 2 else
+            "replicated", "provider": "tfp", "bytes_per_token": nbytes, "rounds_per_token": rounds,
+            "seconds_per_token": 1.0, "lan_s": 1.0 + rounds * 3e-4, "wan_s": 1.0 + rounds * 0.04,
+            "static_bytes": 0, "attended_frac": 1.0 if policy == "full" else 0.1, "bench_layers": 2,
+            "model_layers": 4}
+
+
+def test_decode_scaling_ratios_and_plot(tmp_path):
+    rows = [_row(p, n, w, b * n, 100 + n // 8) for w in (2, 3) for n in (512, 1024)
+            for p, b in (("full", 1000), ("mpcache", 300))]
+    args = {"policies": "full,mpcache", "budget": 0.1, "policy_kwargs": None, "topk": "strata"}
+    costs = decode_scaling.read_costs([str(_bench(tmp_path / "b", rows, args))])
+    assert len(costs) == 8 and {c["source"] for c in costs} == {"measured"}
+    assert costs[1]["budget"] == 0.1 and costs[0]["budget"] == ""
+    ratios = decode_scaling.ratio_rows(costs)
+    assert len(ratios) == 4
+    assert all(abs(r["MB_ratio"] - 1000 / 300) < 1e-9 for r in ratios)
+    md = decode_scaling.results_markdown(costs, ratios)
+    assert "3.33x" in md and "3PC replicated/tfp" in md
+    # a costs.csv written by the script reads back to the same points
+    decode_scaling.write_csv(tmp_path / "costs.csv", costs, decode_scaling.COST_FIELDS)
+    again = decode_scaling.read_costs([str(tmp_path / "costs.csv")])
+    assert [r["bytes_per_token"] for r in again] == [r["bytes_per_token"] for r in costs]
+    decode_scaling.plot(costs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _ledger():
+    """Two measured blocks (L0, L1), two tokens; bytes by class chosen so the totals are easy to check."""
+    counts = []
+    for t in range(2):
+        base = f"bench/mpcache/64/token/{t}"
+        for i in range(2):
+            counts += [{"scope": f"{base}/L{i}/qkv/matmul", "kind": "online", "bytes_sent": 10, "rounds": 1},
+                       {"scope": f"{base}/L{i}/softmax", "kind": "online", "bytes_sent": 20, "rounds": 5},
+                       {"scope": f"{base}/L{i}/selection/matmul", "kind": "online", "bytes_sent": 3, "rounds": 1},
+                       {"scope": f"{base}/L{i}/selection/topk", "kind": "online", "bytes_sent": 7, "rounds": 2},
+                       {"scope": f"{base}/L{i}/gather/matmul", "kind": "online", "bytes_sent": 4, "rounds": 1},
+                       {"scope": f"{base}/L{i}/mlp/silu", "kind": "online", "bytes_sent": 6, "rounds": 3}]
+        counts += [{"scope": f"{base}/argmax", "kind": "online", "bytes_sent": 50, "rounds": 9},
+                   {"scope": f"{base}/lm_head/matmul", "kind": "online", "bytes_sent": 2, "rounds": 1},
+                   {"scope": f"{base}/weird", "kind": "online", "bytes_sent": 1, "rounds": 1},
+                   {"scope": "bench/mpcache/64/warmup/L0/selection/topk", "kind": "online", "bytes_sent": 999,
+                    "rounds": 99}]
+    seconds = {"bench/mpcache/64/token/0": 2.0, "bench/mpcache/64/token/0/L0": 0.5,
+               "bench/mpcache/64/token/0/L0/softmax": 0.2}
+    return {"rank": 0, "world_size": 2, "counts": counts, "seconds": seconds}
+
+
+def test_breakdown_classes_scaling_and_plot(tmp_path):
+    assert breakdown.classify("L3/selection/topk/cmp") == "top-k"
+    assert breakdown.classify("L3/selection/max") == "selection scoring"
+    assert breakdown.classify("L0/mlp/matmul") == "linear layers"
+    assert breakdown.classify("L0/mlp") == "norms/activations"
+    assert breakdown.classify("lm_head/rsqrt") == "norms/activations"
+    assert breakdown.classify("lm_head") == "embedding/argmax/head"
+    assert breakdown.classify("L0/fix_kv/fix") == "attention (q·K, p·V, new K/V row)"
+    assert breakdown.classify("nothing/known") == "other"
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "rank0.json").write_text(json.dumps(_ledger()))
+    (d / "bench.json").write_text(json.dumps({"rows": [{"policy": "mpcache", "seq_len": 64, "bench_layers": 2,
+                                                        "model_layers": 6}], "args": {}}))
+    rows = breakdown.from_bench_ledger(str(d / "rank0.json"), ["mpcache"], [64])
+    by = {r["op_class"]: r for r in rows}
+    # 2 measured blocks stand for 6: x3; warm-up excluded; unknown scopes kept as "other"
+    assert by["top-k"]["MB"] * 1e6 == pytest.approx(2 * 7 * 3)
+    assert by["softmax"]["rounds"] == pytest.approx(2 * 5 * 3)
+    assert by["embedding/argmax/head"]["MB"] * 1e6 == pytest.approx(50)
+    assert by["linear layers"]["MB"] * 1e6 == pytest.approx(2 * 10 * 3 + 2)
+    assert by["other"]["rounds"] == pytest.approx(1)
+    assert sum(r["bytes_share"] for r in rows) == pytest.approx(1.0)
+    assert "| total |" in breakdown.results_markdown(rows)
+    breakdown.plot(rows, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def _fidelity(tmp: Path) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(tmp / "samples.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["length", "policy", "budget", "task", "seed", "depth", "metric", "value"])
+        for pol, b, vals in (("full", "", (1, 1)), ("mpcache", "0.1", (1, 0)), ("static_on", "0.1", (0, 0)),
+                             ("h2o", "0.1", (0, 1)), ("h2o", "0.2", (1, 1))):
+            for i, v in enumerate(vals):
+                w.writerow([64, pol, b, "passkey", i, 0.5, "passkey_exact", v])
+                w.writerow([64, pol, b, "passkey", i, 0.5, "attended_frac", 0.1])
+    return tmp
+
+
+def test_ablation_rows_and_plot(tmp_path):
+    acc = ablation.read_accuracy([str(_fidelity(tmp_path / "f"))])
+    assert {(a["policy"], a["value"], a["n"]) for a in acc if a["policy"] == "mpcache"} == {("mpcache", 0.5, 2)}
+    costs = [{"source": "predicted", "setting": "2PC arithmetic/tfp", "policy": v, "seq_len": 64,
+              "bytes_per_token": b, "rounds_per_token": r, "lan_s": 0.1, "wan_s": 2.0, "static_bytes": ""}
+             for v, b, r in (("mpcache", 1000, 100), ("static_on", 500, 120), ("exact_bound", 2000, 100))]
+    rows = ablation.ablation_rows(costs, acc, ["mpcache", "static_on", "exact_bound"])
+    by = {r["variant"]: r for r in rows}
+    assert by["static_on"]["MB_vs_base"] == pytest.approx(0.5) and by["static_on"]["passkey_exact@64"] == 0
+    assert by["exact_bound"]["passkey_exact@64"] is None
+    assert ablation.variant_kwargs(["topk_rank", "static_on"], "strata") == \
+        {"topk_rank": {"topk": "rank"}, "static_on": {"topk": "strata", "static": True}}
+    assert "static_on" in ablation.results_markdown(rows)
+    ablation.plot(rows, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_budget_sweep_joins_measured_before_predicted(tmp_path):
+    acc = ablation.read_accuracy([str(_fidelity(tmp_path / "f"))])
+    costs = [{"source": s, "policy": p, "budget": b, "seq_len": 64, "bytes_per_token": nb, "rounds_per_token": 10,
+              "lan_s": 0.1, "wan_s": 1.0, "attended_frac": 0.1}
+             for s, p, b, nb in (("predicted", "h2o", 0.1, 5e5), ("measured", "h2o", 0.1, 6e5),
+                                 ("predicted", "h2o", 0.2, 7e5), ("measured", "full", "", 9e6))]
+    rows = budget_sweep.sweep_rows(acc, costs)
+    by = {(r["policy"], r["budget"]): r for r in rows}
+    assert by[("h2o", 0.1)]["cost_source"] == "measured" and by[("h2o", 0.1)]["MB"] == pytest.approx(0.6)
+    assert by[("h2o", 0.2)]["cost_source"] == "predicted"
+    assert by[("full", None)]["MB"] == pytest.approx(9.0)
+    assert by[("mpcache", 0.1)]["MB"] is None                      # no cost: kept, shown as —
+    assert "passkey_exact" in budget_sweep.results_markdown(rows, "passkey_exact")
+    budget_sweep.plot(rows, tmp_path / "s.png", "passkey_exact")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_run_dirs_never_overwrite(tmp_path):
+    a = decode_scaling.new_run_dir(str(tmp_path), {"x": 1})
+    b = decode_scaling.new_run_dir(str(tmp_path), {"x": 2})
+    assert a != b and (a / "config.json").exists() and (b / "config.json").exists()
