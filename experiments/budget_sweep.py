@@ -111,12 +111,15 @@ def main(argv=None) -> int:
     p.add_argument("--world", type=int, default=2, choices=[2, 3])
     p.add_argument("--cost-seq-len", type=int, default=None, help="cost every point at this length")
     p.add_argument("--policies", default="", help="only these policy labels")
+    p.add_argument("--lengths", default="", help="only these fidelity lengths")
     p.add_argument("--out", default="results/budget_sweep")
     a = p.parse_args(argv)
     out = new_run_dir(a.out, {"args": vars(a)})
     acc = read_accuracy([f for f in a.fidelity.split(",") if f], a.metric)
     if a.policies:
         acc = [x for x in acc if x["policy"] in a.policies.split(",")]
+    if a.lengths:
+        acc = [x for x in acc if x["length"] in {int(n) for n in a.lengths.split(",")}]
     costs = read_costs([s for s in a.sources.split(",") if s])
     if a.predict:
         have = {(c["policy"], _budget(c["budget"]) if c["policy"] != "full" else None, int(c["seq_len"]))
