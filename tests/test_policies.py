@@ -214,7 +214,7 @@ def test_static_selections_match_reference():
         win = ctx.attn[:, n - 60:, 4: n - 60]
         s = grouped(win.amax(1) if red == "max" else win.mean(1))
         ref = torch.cat([torch.arange(4).expand(HKV, -1), 4 + top(s, 118), torch.arange(n - 60, n).expand(HKV, -1)], 1)
-        assert torch.equal(kept(MPCachePolicy(budget=0.1, static=True, static_reduce=red).prefill(ctx)), ref)
+        assert torch.equal(kept(MPCachePolicy(budget=0.1, static=True, static_reduce=red, topk="rank").prefill(ctx)), ref)
 
 
 def test_lazy_attention_context_gives_the_same_selections():
@@ -289,7 +289,7 @@ SELECT_CASES = [{}, {"linear": False}, {"hierarchy": False}, {"keep_last_cluster
 def test_mpcache_selection_matches_torch_topk_over_steps(kw):
     """Decode 70 steps over a growing cache: the selected clusters equal a from-scratch torch re-implementation,
     and the incrementally kept summaries equal a direct recomputation at every step."""
-    pol = MPCachePolicy(budget=0.15, **kw)
+    pol = MPCachePolicy(budget=0.15, **{"topk": "rank", **kw})   # the exact top-k (strata: own test)
     n_full, n_prompt = 1500, 900                  # as if the static stage had kept 900 of 1500 prompt rows
     g = torch.Generator().manual_seed(11)
     K = torch.randn(HKV, n_prompt + 70, D, generator=g)
@@ -326,7 +326,7 @@ def test_mpcache_selection_matches_torch_topk_over_steps(kw):
 
 
 def test_mpcache_gather_layout_and_forced_rows():
-    pol = MPCachePolicy(budget=0.15)
+    pol = MPCachePolicy(budget=0.15, topk="rank")
     n_full, n_prompt, L = 1500, 900, 913
     state = {"mpcache/prompt_len": n_full}
     gat = pol.select(decode_ctx(L, seed=3, n_prompt=n_prompt, state=state))
