@@ -40,14 +40,15 @@ sys.path.insert(0, str(REPO))       # run as a script: make the repository's pac
 # name -> keyword arguments of ops.softmax (None = CrypTen's stock softmax)
 VARIANTS = {
     "stock": None,
-    "ours": {"radix": 2, "lean": False, "recip": "newton"},
-    "lean": {"radix": 2, "lean": True, "recip": "newton"},
-    "lean_gs": {"radix": 2, "lean": True, "recip": "goldschmidt"},
-    "r2x4": {"radix": (2, 4), "lean": True, "recip": "goldschmidt"},
-    "r4": {"radix": 4, "lean": True, "recip": "goldschmidt"},
-    "r4416": {"radix": (4, 4, 4, 16), "lean": True, "recip": "goldschmidt"},
-    "r4464": {"radix": (4, 4, 64), "lean": True, "recip": "goldschmidt"},
-    "r8": {"radix": 8, "lean": True, "recip": "goldschmidt"},
+    "ours": {"radix": 2, "lean": False, "recip": "newton", "exp_fit": None},
+    "lean": {"radix": 2, "lean": True, "recip": "newton", "exp_fit": None},
+    "lean_gs": {"radix": 2, "lean": True, "recip": "goldschmidt", "exp_fit": None},
+    "r2x4": {"radix": (2, 4), "lean": True, "recip": "goldschmidt", "exp_fit": None},
+    "r4": {"radix": 4, "lean": True, "recip": "goldschmidt", "exp_fit": None},
+    "r4416": {"radix": (4, 4, 4, 16), "lean": True, "recip": "goldschmidt", "exp_fit": None},
+    "r4464": {"radix": (4, 4, 64), "lean": True, "recip": "goldschmidt", "exp_fit": None},
+    "r8": {"radix": 8, "lean": True, "recip": "goldschmidt", "exp_fit": None},
+    "r4416_fit": {"radix": (4, 4, 4, 16), "lean": True, "recip": "goldschmidt", "exp_fit": 8.0},
     "default": {},
 }
 
@@ -59,7 +60,7 @@ class Knobs:
     kinds: list[str] = field(default_factory=lambda: ["flat", "peaked"])
     peak: float = 10.0                     # added to one column per row of the peaked inputs
     variants: list[str] = field(default_factory=lambda: ["stock", "ours", "lean", "lean_gs", "r2x4", "r4", "r4416",
-                                                         "r4464", "default"])
+                                                         "r4464", "r4416_fit", "default"])
     protocol: str = "arithmetic"           # arithmetic (2PC additive + Beaver) or replicated (3PC)
     provider: str = "tfp"                  # tfp or ttp (adds a dealer rank)
     seed: int = 0
@@ -106,15 +107,15 @@ def make_input(kind: str, rows: int, cols: int, peak: float, seed: int):
     return torch.round(x * 2 ** 16) / 2 ** 16      # on the fixed-point grid: no encoding error
 
 
-def exp_error_table() -> dict:
+def exp_error_table(fit_range=None) -> dict:
     """Float model of exp_limit vs exp on [-14, 0] (below -14, exp < 1e-6 < 1/16 ulp at 16 fractional bits)."""
     import torch
 
     from mpcache.mpc import ops
 
     x = torch.linspace(-14, 0, 14001, dtype=torch.float64)
-    ref, ex = ops.exp_limit_reference(x), x.exp()
-    out = {"iters": ops.EXP_ITERS, "max_abs_err_[-14,0]": (ref - ex).abs().max().item()}
+    ref, ex = ops.exp_limit_reference(x, fit_range=fit_range), x.exp()
+    out = {"iters": ops.EXP_ITERS, "fit_range": fit_range, "max_abs_err_[-14,0]": (ref - ex).abs().max().item()}
     for lo in (-1, -2, -5, -10, -14):
         sel = x >= lo
         out[f"max_rel_err_[{lo},0]"] = ((ref[sel] - ex[sel]).abs() / ex[sel]).max().item()
@@ -149,11 +150,15 @@ def party(knobs: Knobs, run_dir: str) -> None:
 
     # the exp: secure vs float model on [-14, 0] (what the softmax feeds it after the max)
     xe = torch.round(torch.linspace(-14, 0, 1401) * 2 ** 16) / 2 ** 16
-    ye, ce, _ = measure(lambda: ops.exp_limit(crypten.cryptensor(xe, src=0)))
-    ye = ye.get_plain_text().double()
-    exp_info = {**exp_error_table(), "secure_vs_model_max_abs": (ye - ops.exp_limit_reference(xe)).abs().max().item(),
-                "secure_vs_exp_max_abs": (ye - xe.double().exp()).abs().max().item(),
-                "rounds": ce["rounds"], "bytes_per_elem": ce["bytes_sent"] / xe.numel()}
+    exp_info = {}
+    for fit in (None, ops.SOFTMAX_EXP_FIT):
+        ye, ce, _ = measure(lambda fit=fit: ops.exp_limit(crypten.cryptensor(xe, src=0), fit_range=fit))
+        ye = ye.get_plain_text().double()
+        model = ops.exp_limit_reference(xe, fit_range=fit)
+        exp_info["limit" if fit is None else f"fit{fit:g}"] = {
+            **exp_error_table(fit), "secure_vs_model_max_abs": (ye - model).abs().max().item(),
+            "secure_vs_exp_max_abs": (ye - xe.double().exp()).abs().max().item(),
+            "rounds": ce["rounds"], "bytes_per_elem": ce["bytes_sent"] / xe.numel()}
     for cols in knobs.cols:
         for kind in knobs.kinds:
             x = make_input(kind, knobs.rows, cols, knobs.peak, knobs.seed)
@@ -217,11 +222,13 @@ def markdown(rows: list[dict], exp: dict, knobs: Knobs, n: int, commit: str) -> 
                      f"{r['wan_comm_s'] * 1e3:.0f} | "
                      f"{r['bytes_ratio_stock_over']:.2f} | {r['rounds_ratio_stock_over']:.2f} |")
     lines += ["", "Variants: " + "; ".join(f"`{k}` = {'stock CrypTen' if VARIANTS[k] is None else VARIANTS[k]}"
-                                            for k in knobs.variants), "",
-              f"exp_limit ({exp['iters']} squarings of 1 + x/2^{exp['iters']}), float model vs exp: "
-              + ", ".join(f"{k} {v:.2g}" for k, v in exp.items() if k.startswith("max_"))
-              + f"; secure vs model max abs {exp['secure_vs_model_max_abs']:.2g}, secure vs exp max abs "
-              f"{exp['secure_vs_exp_max_abs']:.2g} ({exp['rounds']} rounds)."]
+                                            for k in knobs.variants), ""]
+    for name, e in exp.items():
+        base = "1 + x/2^8" if e["fit_range"] is None else f"the minimax base on [-{e['fit_range']:g}, 0]"
+        lines.append(f"- exp_limit `{name}` ({e['iters']} squarings of {base}), float model vs exp: "
+                     + ", ".join(f"{k} {v:.2g}" for k, v in e.items() if k.startswith("max_"))
+                     + f"; secure vs model max abs {e['secure_vs_model_max_abs']:.2g}, secure vs exp max abs "
+                     f"{e['secure_vs_exp_max_abs']:.2g} ({e['rounds']} rounds, {e['bytes_per_elem']:.0f} B/element).")
     return "\n".join(lines) + "\n"
 
 
