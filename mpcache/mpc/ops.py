@@ -375,15 +375,17 @@ def mul_rsqrt_reference(v: torch.Tensor, x: torch.Tensor, iters: int = RSQRT_ITE
 MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
 
 
-# Defaults chosen by experiments/softmax_bench.py (2PC TFP, 9 rows; RESULTS.md "Lean softmax vs stock"): vs the
-# pairwise tree + CrypTen comparison + Newton (radix 2, lean False, "newton"), these cut rounds 115 -> 58 at 1k
-# and 142 -> 68 at 8k for ~10% more bytes (2.83 -> 3.18 MB, 22.5 -> 25.1 MB), same error; stock CrypTen: 137/167
-# rounds, 6.4/47.7 MB. Lowest bytes instead: radix 2 + lean (1.73/13.6 MB, 105/129 rounds).
+# Defaults chosen by experiments/softmax_bench.py (9 rows; RESULTS.md "Lean softmax vs stock"). 2PC: vs the
+# pairwise tree + CrypTen comparison + Newton (radix 2, lean False, "newton"), rounds 115 -> 58 at 1k and
+# 142 -> 68 at 8k for ~12% more bytes (2.83 -> 3.18 MB, 22.5 -> 25.1 MB); stock CrypTen: 137/167 rounds,
+# 6.4/47.7 MB. 3PC: 63/74 rounds, 6.5/51 MB vs stock 208/259, 35/266 MB. Fewest bytes instead: radix 2 + lean
+# (2PC 1.73/13.6 MB, 105/129 rounds).
 SOFTMAX_RADIX = (4, 4, 4, 16)   # max-tree layer radices (see tree_max / _radix_layer)
 SOFTMAX_LEAN = True             # 32-bit-lane comparisons (_ltz_lean): logits must satisfy |x| < 16384
 SOFTMAX_RECIP = "goldschmidt"   # "newton" (reciprocal_nr) or "goldschmidt" (reciprocal_gs)
 SOFTMAX_EXP_FIT = 8.0           # exp_limit's minimax base on [-8, 0] (None: 1 + x/256); same cost, peaked rows
-#                                 ~10x more accurate (bench: 3.8e-2 -> ~5e-3 at 8k), flat rows about the same
+#                                 ~6-9x more accurate (bench: 2.3e-2 -> 2.6e-3 at 1k, 3.8e-2 -> 6.2e-3 at 8k), flat
+#                                 rows about stock's error (7.5e-4 vs 5e-4..1e-3 at 1k)
 
 
 def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
