@@ -72,8 +72,11 @@ def read_accuracy(paths: list[str], metric: str = "passkey_exact") -> list[dict]
     """Mean ``metric`` per (policy label, length, budget) from fidelity run folders (results.csv, else
     samples.csv) or CSV files."""
     out = []
-    for p in paths:
-        p = Path(p)
+    expanded = []
+    for p in map(Path, paths):                # a folder of fidelity runs -> each run in it
+        runs = sorted(q for q in p.iterdir() if (q / "samples.csv").exists()) if p.is_dir() else []
+        expanded += runs if p.is_dir() and not (p / "samples.csv").exists() and runs else [p]
+    for p in expanded:
         if p.is_dir():
             p = p / "results.csv" if (p / "results.csv").exists() else p / "samples.csv"
         with open(p) as f:
