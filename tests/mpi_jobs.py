@@ -150,6 +150,7 @@ def job_generate(out, model="tiny-llama", protocol="arithmetic", provider="tfp",
         json.dump({"tokens": toks, "plaintext": pt,
                    "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
                    "logit_scale": max(b.abs().max().item() for b in plog),
+                   "plain_gaps": [float(b.reshape(-1).topk(2).values.diff().abs()) for b in plog],
                    "per_token": per_token, **phases,
                    "reveals": [[r[0], r[1], list(r[2])] for r in B.reveals],
                    "ledgers": ledgers}, open(out, "w"), indent=1)
@@ -562,6 +563,9 @@ def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", 
         specs.append((name, {} if name == "full" else {"budget": 0.3}))
         if name in ("h2o", "quest", "mpcache"):
             specs.append((name + "-strata", {"budget": 0.3, "topk": "strata"}))
+        if name == "mpcache":     # the static stage on shares (keep top-k + compaction), and layer sharing
+            specs.append(("mpcache-static", {"budget": 0.3, "static": True, "topk": "rank"}))
+            specs.append(("mpcache-shared", {"budget": 0.3, "share_layers": True, "share_start": 0}))
     sess = _open()
     if sess.is_dealer:
         return serve_dealer(sess)

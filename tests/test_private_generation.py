@@ -36,7 +36,8 @@ def test_costs_do_not_depend_on_secrets(tmp_path):
     token per step to the client (the reveal audit); the tokens equal plaintext."""
     per_rank = mpi_job(2, "oblivious", tmp_path, timeout=900)
     labels = set(per_rank[0])
-    assert {"full", "streaming", "h2o", "snapkv", "tova", "quest", "mpcache", "mpcache-strata"} <= labels
+    assert {"full", "streaming", "h2o", "snapkv", "tova", "quest", "mpcache", "mpcache-strata", "mpcache-static",
+            "mpcache-shared"} <= labels
     for res in per_rank:
         for label, r in res.items():
             assert r["same_costs"] and r["n_scopes"] > 10, (label, r["n_scopes"])
@@ -98,5 +99,8 @@ def test_bad_model_is_explained(tmp_path):
 def test_every_policy_runs_on_shares_like_plaintext(tmp_path, policy):
     """The same policy code on secret shares: the same tokens as in plaintext (budget 0.3 of a 24-token prompt)."""
     r = mpi_job(2, "generate", tmp_path, "tiny-llama", "arithmetic", "tfp", "0", "0", policy, "3")
-    assert r["tokens"] == r["plaintext"]
     assert r["logit_err"] <= LOGIT_TOL
+    # equal tokens up to the first step whose plaintext top-2 logit gap is within twice the fixed-point logit
+    # tolerance (the random tiny model has near-ties; a flip there says nothing about the policy); token 0 always
+    same = next((t for t, g in enumerate(r["plain_gaps"]) if g <= 2 * LOGIT_TOL), len(r["tokens"]))
+    assert r["tokens"][:max(1, same)] == r["plaintext"][:max(1, same)], (r["tokens"], r["plaintext"], r["plain_gaps"])
