@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of the cache attended/kept in (0, 1], or a token count > 1 (every policy but full)")
     b.add_argument("--topk", default="auto", choices=["rank", "strata", "auto"],
                    help="how policies pick their k of m candidates on shares (default auto: the exact rank for "
-                        "m <= 128, the stratified tournament above); a policy's --policy-kwargs topk wins")
+                        "m <= 32, the stratified tournament above); a policy's --policy-kwargs topk wins")
     b.add_argument("--policy-kwargs", default=None,
                    help='JSON {label: {field: value}}, e.g. \'{"mpcache": {"cluster_size": 16}}\'')
     b.add_argument("--layers", default="auto",

@@ -259,7 +259,7 @@ def nonempty(*ranges: tuple[int, int]) -> tuple[tuple[int, int], ...]:
 #: log2(m/k) comparison layers; the budget is spread evenly over positions);
 #: "auto" — "rank" while m <= AUTO_RANK_MAX, else "strata" (a public rule of the public m).
 TOPK_METHODS = ("rank", "strata", "auto")
-AUTO_RANK_MAX = 128
+AUTO_RANK_MAX = 32    # the rank's m^2 comparisons exceed a 512-row softmax's beyond ~32 (bench at 512: 127 -> 2.4x the full cache)
 
 
 def select_k(backend, scores, k: int, method: str, ordered: bool = False):

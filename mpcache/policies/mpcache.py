@@ -116,12 +116,12 @@ class MPCachePolicy(BudgetPolicy):
       0.63 vs 0.87 on 30 prompts at 1k, 16 rows), ``hierarchy=True`` with ``ratio1=0.5`` (one level: 0.77 vs
       0.87), ``keep_last_cluster=False`` (True: 0.46 vs 0.64, it takes a cluster from the budget).
 
-    * ``topk="auto"``: the exact pairwise rank while the candidates are few (<= 128 clusters), the stratified
+    * ``topk="auto"``: the exact pairwise rank while the candidates are few (<= 32 clusters), the stratified
       tournament above (one winner per public stratum of ~C2/k2 consecutive fine clusters, one level: with
       m - k comparisons the hierarchy no longer saves anything, so ``hierarchy`` applies to ``topk="rank"``
       only). Dev split, 1k tokens, budget 0.1, 24 prompts: exact match 0.96 (strata, 4-row clusters) vs 1.00
       (rank) vs 0.67 (strata, 16-row clusters: ~5 strata at 1k). Under MPC the rank's m^2 comparisons cost more
-      than the full cache's softmax beyond ~128 clusters (e.g. 7 MB vs 1.4 MB per layer at 512 tokens).
+      than the full cache's softmax well below 128 clusters (127 at 512 tokens: 10.1 MB vs 3.4 MB per layer).
 
     Cost of these defaults under MPC (public sizes): one selection per layer instead of per pair, and four times
     the candidates of the 16-row grid, so the pairwise-rank top-k (m^2 comparisons per KV head and level) costs
