@@ -125,6 +125,8 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     check_handshake(infos)
 
     port = world.bcast(_free_port() if rank == 0 else None, root=0)
+    # rank 0's address; scripts/netem sets it when the parties sit in separate network namespaces
+    master = os.environ.get("MPCACHE_MASTER_ADDR", "127.0.0.1")
     comm = world.Split(0 if rank < n_parties else MPI.UNDEFINED, rank)
     if comm == MPI.COMM_NULL:
         comm = None
@@ -136,7 +138,7 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     from torch.distributed import distributed_c10d
 
     distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n_parties), RENDEZVOUS=f"tcp://127.0.0.1:{port}",
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n_parties), RENDEZVOUS=f"tcp://{master}:{port}",
                       DISTRIBUTED_BACKEND="nccl" if device.startswith("cuda") else "gloo")
     crypten.cfg.mpc.protocol = PROTOCOLS[protocol]
     crypten.cfg.mpc.provider = PROVIDERS[provider]
