@@ -585,8 +585,12 @@ def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", 
             counts = sorted((c[0][len(tag) + 1:], c[1], v["bytes_sent"], v["bytes_recv"], v["rounds"])
                             for c, v in sess.ledger.counts.items() if c[0].startswith(tag + "/"))
             toks = sess.comm.bcast(toks, root=CLIENT)
-            plain = plaintext_generate(cfg, w, ids, n, pol)[0]
-            runs.append({"counts": counts, "reveals": [[r[0], r[1]] for r in B.reveals], "tokens_ok": toks == plain})
+            plain, plog, _ = plaintext_generate(cfg, w, ids, n, pol)
+            # equal up to the first plaintext near-tie (top-2 gap <= 0.1: within fixed-point error), token 0 always
+            gaps = [float(b.reshape(-1).topk(2).values.diff().abs()) for b in plog]
+            upto = max(1, next((t for t, gp in enumerate(gaps) if gp <= 0.1), n))
+            runs.append({"counts": counts, "reveals": [[r[0], r[1]] for r in B.reveals],
+                         "tokens_ok": toks[:upto] == plain[:upto]})
         res[label] = {"same_costs": runs[0]["counts"] == runs[1]["counts"] == runs[2]["counts"],
                       "n_scopes": len(runs[0]["counts"]), "reveals": [r["reveals"] for r in runs],
                       "tokens_ok": [r["tokens_ok"] for r in runs]}

@@ -21,6 +21,7 @@ import torch
 
 from ..mpc import costs as C
 from ..mpc.ledger import CostLedger
+from .secure import SecureBackend
 
 SCALE = C.SCALE
 _SHAPE_METHODS = ("reshape", "view", "transpose", "permute", "t", "unsqueeze", "squeeze", "sum", "cumsum",
@@ -295,7 +296,7 @@ class CostBackend:
     def max(self, x, dim: int = -1, keepdim: bool = False):
         x = unfix(x)
         with self._scope("max"):
-            self._charge(C.tree_max(self.s, x.shape, dim))
+            self._charge(C.tree_max(self.s, x.shape, dim, lean=SecureBackend.POLICY_LEAN))
             return x._like(_meta(x.shape).amax(dim=dim, keepdim=keepdim).shape)
 
     min = max

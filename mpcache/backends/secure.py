@@ -85,13 +85,17 @@ class SecureBackend:
         return fixed_matmul(a, b) if isinstance(b, FixedOperand) else a.matmul(b)
 
     # ---- reductions ----------------------------------------------------------------------------------------
+    # max/min serve the cache policies (cluster summaries of keys, scores, attention probabilities): values far
+    # below the lean comparison's bound (|x| < 16384), so they use it (7 rounds / 96 B per comparison, exact)
+    POLICY_LEAN = True
+
     def max(self, x, dim: int = -1, keepdim: bool = False):
         with self._scope("max"):
-            return ops.tree_max(unfix(x), dim=dim, keepdim=keepdim)
+            return ops.tree_max(unfix(x), dim=dim, keepdim=keepdim, lean=self.POLICY_LEAN)
 
     def min(self, x, dim: int = -1, keepdim: bool = False):
         with self._scope("max"):
-            return -ops.tree_max(-unfix(x), dim=dim, keepdim=keepdim)
+            return -ops.tree_max(-unfix(x), dim=dim, keepdim=keepdim, lean=self.POLICY_LEAN)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):

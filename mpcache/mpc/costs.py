@@ -470,10 +470,14 @@ def sumsq(s: Setting, shape) -> Cost:
     return public_mul(s, shape) + mul(s, both, both) + ltz(s, row) + mul(s, row, row, trunc=False)
 
 
-def argmax_onehot(s: Setting, shape) -> Cost:
-    """ops.argmax_onehot: tree max, [x >= max], tie-break comparison, 1 bit product."""
+def argmax_onehot(s: Setting, shape, lean: bool | None = None) -> Cost:
+    """ops.argmax_onehot: tree max, [x >= max], tie-break comparison, 1 bit product (lean: ops.ARGMAX_LEAN)."""
+    from . import ops
+
+    lean = ops.ARGMAX_LEAN if lean is None else lean
     shape = _size(shape)
-    return tree_max(s, shape) + ltz(s, shape) + ltz(s, shape) + mul(s, shape, shape, trunc=False)
+    return (tree_max(s, shape, lean=lean) + _cmp(s, shape, lean) + _cmp(s, shape, lean)
+            + mul(s, shape, shape, trunc=False))
 
 
 def _pairwise_rank(s: Setting, shape) -> Cost:
@@ -495,9 +499,12 @@ def keep_onehot(s: Setting, shape, k: int) -> Cost:
     return _pairwise_rank(s, shape) + ltz(s, shape) + _onehot_of_small_int(s, shape, k)
 
 
-def strata_top1_onehot(s: Setting, shape, k: int) -> Cost:
+def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None) -> Cost:
     """ops.strata_top1_onehot: per tournament level over the g slots of each stratum, 1 comparison of the h pairs
     and 1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w, w = one-hot width so far)."""
+    from . import ops
+
+    lean = ops.SELECT_LEAN if lean is None else lean
     shape = _size(shape)
     m = shape[-1]
     g = max((r + 1) * m // k - r * m // k for r in range(k))
@@ -506,7 +513,7 @@ def strata_top1_onehot(s: Setting, shape, k: int) -> Cost:
     c = Cost(s.n)
     while n > 1:
         h = n // 2
-        c += ltz(s, (*lead, h)) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
+        c += _cmp(s, (*lead, h), lean) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
         n, w = h + n % 2, 2 * w
     return c
 

@@ -571,17 +571,23 @@ def sumsq_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- argmax and top-k as one-hot rows ------------------------------------------------------------------------
-def argmax_onehot(x):
+ARGMAX_LEAN = True      # 32-bit-lane comparisons (_ltz_lean) in argmax_onehot: inputs must satisfy |x| < 16384
+
+
+def argmax_onehot(x, lean: bool | None = None):
     """One-hot (..., m) of the first maximum along the last dim.
 
     The tree max is exact (a mux of ring elements), so ``[x >= max]`` marks exactly the maxima; ties are broken
-    to the lowest index with a local prefix sum and one more comparison.
+    to the lowest index with a local prefix sum and one more comparison. ``lean`` (default ``ARGMAX_LEAN``):
+    every comparison in 32-bit lanes (7 rounds, 96 B instead of 8, 216 B; exact while |x| < 16384 — logits are
+    O(10–100); the prefix sums are small integers).
     Rounds: ceil(log2 m)(cmp+1) + 2 cmp + 1 mul.  Leaks: shapes only.
     """
-    mx = tree_max(x, dim=-1, keepdim=True)
-    eq = 1 - (x - mx)._ltz()
+    lean = ARGMAX_LEAN if lean is None else lean
+    mx = tree_max(x, dim=-1, keepdim=True, lean=lean)
+    eq = 1 - _ltz(x - mx, lean)
     first_or_later = (eq.cumsum(-1) - 2)                      # >= 0 exactly at the 2nd, 3rd, ... maxima
-    return eq - eq * (1 - first_or_later._ltz())
+    return eq - eq * (1 - _ltz(first_or_later, lean))
 
 
 def argmax_onehot_reference(x: torch.Tensor) -> torch.Tensor:
@@ -673,9 +679,11 @@ def strata_layout(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 STRATA_PAD = -(2.0 ** 20)    # the score of a padding slot (below any real score; never wins)
+STRATA_PAD_LEAN = -12288.0   # the same with lean comparisons (scores must then satisfy |s| < 12288)
+SELECT_LEAN = True           # default of strata_top1_onehot's ``lean``
 
 
-def strata_top1_onehot(scores, k: int):
+def strata_top1_onehot(scores, k: int, lean: bool | None = None):
     """Compact one-hot rows (..., k, g): row r marks the first maximum of stratum r (see :func:`strata_layout`).
 
     A tournament per stratum that carries each survivor's one-hot: at every level adjacent survivors are compared
@@ -683,16 +691,20 @@ def strata_top1_onehot(scores, k: int):
     ``[a - b, onehot_a, onehot_b]`` (one multiplication round) gives both the winner's value and its one-hot;
     ties go to the lower index. Unlike the exact top-k (:func:`topk_onehot`, m^2 comparisons), this costs m - k
     comparisons: the budget is spread evenly over the position range (exactly one winner per stratum).
+    ``lean`` (default ``SELECT_LEAN``): comparisons in 32-bit lanes (7 rounds / 96 B instead of 8 / 216 B in 2PC),
+    exact while |score| < 12288 (MPCache's scores are attention logits, q·rep / sqrt(d): O(10)).
     Rounds: ceil(log2 g) (cmp + 1 mul).  Bytes/party: (m - k) comparisons + ~m·log2(g) products per row.
     Leaks: shapes only (the strata are public functions of m and k).
     """
+    lean = SELECT_LEAN if lean is None else lean
+    pad = STRATA_PAD_LEAN if lean else STRATA_PAD
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k)
     g = int(idx.shape[1])
     x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
     x = x.reshape(*scores.shape[:-1], k, g)
     if not bool(valid.all()):
-        x = _mul_public_int(x, valid.long()) + (~valid).float() * STRATA_PAD
+        x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
     v = x
     oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
     while v.shape[-1] > 1:
@@ -701,7 +713,7 @@ def strata_top1_onehot(scores, k: int):
         a, b = v[..., 0:2 * h:2], v[..., 1:2 * h:2]
         oa, ob = oh[..., 0:2 * h:2, :], oh[..., 1:2 * h:2, :]
         d = a - b
-        c = 1 - d._ltz()                                            # [a >= b]: a (lower index) wins ties
+        c = 1 - _ltz(d, lean)                                       # [a >= b]: a (lower index) wins ties
         prod = _cat([d.unsqueeze(-1), oa, ob], dim=-1) * c.unsqueeze(-1)
         top = b + prod[..., 0]
         merged = _cat([prod[..., 1:1 + w], ob - prod[..., 1 + w:]], dim=-1)      # (..., h, 2w)

@@ -256,7 +256,9 @@ class MPCachePolicy(BudgetPolicy):
     def _select(self, ctx: DecodeContext, p: DynamicPlan) -> Gather:
         B, S2, f = ctx.backend, self.cluster_size, self.fanout
         hkv, d = int(ctx.k.shape[0]), int(ctx.k.shape[2])
-        qg = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d)                          # (Hkv, G, D)
+        # scaled like attention logits (q·k / sqrt(d)): the ranking is the same, and the scores stay O(10), far
+        # inside the lean comparison's range under MPC
+        qg = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))   # (Hkv, G, D)
         qs = qg.sum(dim=1)                                                               # (Hkv, D)
         alpha = self.alpha if self.linear else None
         keys = ctx.k[:, S2:]
