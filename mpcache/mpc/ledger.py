@@ -116,6 +116,11 @@ class _EndsRun:
         return self._work.is_completed()
 
 
+#: Openings (all_reduce of shares) as one simultaneous exchange instead of gloo's all_reduce (see
+#: ``CountingCommunicator._exchange_reduce``); False restores CrypTen's call.
+ONE_EXCHANGE = True
+
+
 def _counting_communicator_class(base):
     """A subclass of CrypTen's DistributedCommunicator whose every transfer is recorded in ``self.ledger``."""
 
@@ -153,10 +158,41 @@ def _counting_communicator_class(base):
             return _EndsRun(super().irecv(tensor, src), self.ledger)
 
         def all_reduce(self, input, op=None, batched=False):
+            import torch.distributed as dist
+
             n, b = self._n(), _nbytes(input)
             self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
+            xs = input if batched else [input]
+            if ONE_EXCHANGE and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR) and \
+                    all(x.data.device.type == "cpu" for x in xs):
+                return self._exchange_reduce(xs, op == dist.ReduceOp.BXOR, batched)
             return super().all_reduce(input, batched=batched) if op is None else \
                 super().all_reduce(input, op=op, batched=batched)
+
+        def _exchange_reduce(self, xs, xor: bool, batched: bool):
+            """The all-reduce of an opening as ONE exchange: every party sends its share to every other and
+            receives theirs (posted together), then adds (or xors) locally — the bytes and the single round the
+            ledger records. gloo's own all_reduce takes ~2 round trips for the same data (measured under
+            emulated WAN, scripts/netem), so this halves the latency of every opening. Same result, bit for bit."""
+            me = self.get_rank()
+            peers = [j for j in range(self._n()) if j != me]
+            data = [x.data.contiguous() for x in xs]
+            bufs = [[torch.zeros_like(d) for _ in peers] for d in data]
+            reqs = []
+            for d, bl in zip(data, bufs):
+                for j, buf in zip(peers, bl):      # CrypTen's own (uncounted) point-to-point calls
+                    reqs.append(base.isend(self, d, j))
+                    reqs.append(base.irecv(self, buf, j))
+            for r in reqs:
+                if r is not None:
+                    r.wait()
+            out = []
+            for d, bl in zip(data, bufs):
+                y = d.clone()
+                for buf in bl:
+                    y = torch.bitwise_xor(y, buf) if xor else y + buf
+                out.append(y)
+            return out if batched else out[0]
 
         def reduce(self, input, dst, op=None, batched=False):
             n, b = self._n(), _nbytes(input)
