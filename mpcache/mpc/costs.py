@@ -312,13 +312,9 @@ def _cmp(s: Setting, shape, lean: bool) -> Cost:
 
 # ---- composite ops (mirrors of mpcache.mpc.ops) -------------------------------------------------------------
 def _radix_schedule(m: int, radix) -> list[int]:
-    rs = [radix] if isinstance(radix, int) else list(radix)
-    out, i = [], 0
-    while m > 1:
-        r = min(rs[min(i, len(rs) - 1)], m)
-        out.append(r)
-        m, i = -(-m // r), i + 1
-    return out
+    from .ops import _radix_schedule as schedule  # the layer radices are the protocol's own, not a copy
+
+    return schedule(m, radix)
 
 
 def tree_max(s: Setting, shape, dim: int = -1, radix=2, lean: bool = False) -> Cost:
