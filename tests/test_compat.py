@@ -28,7 +28,8 @@ def test_patches_apply_and_work():
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
-    for name in ("onnx_registration", "torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod"):
+    for name in ("onnx_registration", "torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod",
+                 "fast_config"):
         assert name in p.stdout
 
 
@@ -36,3 +37,56 @@ def test_crypten_does_not_import_without_the_shim():
     """Guards against a silent upgrade that would make the shim unnecessary (then delete it)."""
     p = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and ("registration" in p.stderr or "onnx" in p.stderr)
+
+
+FAST_CONFIG = r"""
+from mpcache.mpc import compat
+compat.apply()
+import crypten
+from crypten.config import cfg
+from omegaconf import OmegaConf
+
+def walk(node, prefix=""):
+    for k in node.keys():
+        v = node[k]
+        if OmegaConf.is_dict(v):
+            yield from walk(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+# every value read through the mirror equals OmegaConf's, by dotted name and by nested attribute
+for name, value in walk(cfg.config):
+    assert cfg[name] == value, name
+    node = cfg
+    for key in name.split("."):
+        node = getattr(node, key)
+    assert node == value, name
+assert cfg.debug.validation_mode is False
+# temp_override: inside, the new value; after, the old one
+old = cfg.functions.exp_iterations
+with cfg.temp_override({"functions.exp_iterations": old + 3}):
+    assert cfg.functions.exp_iterations == old + 3 and cfg["functions.exp_iterations"] == old + 3
+assert cfg.functions.exp_iterations == old
+# a write through a node reaches OmegaConf (and survives a later temp_override of another key)
+cfg.mpc.provider = "TTP"
+assert cfg.mpc.provider == "TTP" and cfg.config.mpc.provider == "TTP"
+with cfg.temp_override({"functions.exp_iterations": 1}):
+    assert cfg.mpc.provider == "TTP"
+assert cfg.mpc.provider == "TTP"
+# a top-level write merges as before
+cfg.encoder.precision_bits = 20
+assert cfg.encoder.precision_bits == 20 and cfg.config.encoder.precision_bits == 20
+try:
+    cfg.mpc.no_such_key
+except AttributeError:
+    pass
+else:
+    raise AssertionError("missing key must raise AttributeError")
+print("OK")
+"""
+
+
+def test_fast_config_mirror_equals_omegaconf():
+    p = subprocess.run([sys.executable, "-c", FAST_CONFIG], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "OK" in p.stdout
