@@ -421,13 +421,6 @@ def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | No
     return c + mul(s, shape, row) + public_mul(s, shape)
 
 
-def _poly_u(s: Setting, shape, n_coeffs: int) -> Cost:
-    c = public_mul(s, shape) + public_mul(s, shape)          # u = (x - mid) * 2/(hi-lo); y = u * c_last
-    for _ in range(n_coeffs - 2):
-        c += mul(s, shape, shape)                             # (y + c) * u
-    return c
-
-
 def _even_poly(s: Setting, shape, n_coeffs: int) -> Cost:
     c = public_mul(s, shape) + public_mul(s, shape)          # t = x^2 / 16; y = t * c_last
     for _ in range(n_coeffs - 2):
@@ -435,27 +428,35 @@ def _even_poly(s: Setting, shape, n_coeffs: int) -> Cost:
     return c
 
 
-def silu(s: Setting, shape) -> Cost:
-    """ops.silu: 4 breakpoints in one comparison layer, x^2, the 3 polynomial pieces, a 4-term bit mux."""
+def _act_cmp(s: Setting, shape, lean: bool | None) -> Cost:
+    from . import ops
+
+    return _cmp(s, shape, ops.ACT_LEAN if lean is None else lean)
+
+
+def silu(s: Setting, shape, lean: bool | None = None) -> Cost:
+    """ops.silu: 4 breakpoints in one comparison layer, a square, one stacked Horner chain of the 3 polynomials
+    (3 public products for the variables and the top coefficients, then deg - 1 products), one stacked mux."""
     from . import ops
 
     shape = _size(shape)
-    c = ltz(s, (4, *shape)) + mul(s, shape, shape)
-    c += _poly_u(s, shape, len(ops.SILU_LOW)) + public_mul(s, shape) + _even_poly(s, shape, len(ops.SILU_MID))
-    c += _poly_u(s, shape, len(ops.SILU_HIGH))
-    for _ in range(4):
-        c += mul(s, shape, shape, trunc=False)
-    return c
+    three, four = _size((3, *shape)), _size((4, *shape))
+    n = max(len(ops.SILU_LOW), len(ops.SILU_MID), len(ops.SILU_HIGH))
+    c = _act_cmp(s, four, lean) + square(s, shape)
+    c += public_mul(s, shape) + public_mul(s, shape) + public_mul(s, shape) + public_mul(s, three)
+    for _ in range(n - 2):
+        c += mul(s, three, three)
+    return c + public_mul(s, shape) + mul(s, four, four, trunc=False)
 
 
-def gelu(s: Setting, shape) -> Cost:
-    """ops.gelu: x/2 + even polynomial of x^2, 2 breakpoints in one comparison layer, 2 bit muxes."""
+def gelu(s: Setting, shape, lean: bool | None = None) -> Cost:
+    """ops.gelu: x/2 + even polynomial of a square, 2 breakpoints in one comparison layer, one stacked mux."""
     from . import ops
 
     shape = _size(shape)
-    c = public_mul(s, shape) + mul(s, shape, shape) + _even_poly(s, shape, len(ops.GELU_MID))
-    c += ltz(s, (2, *shape))
-    return c + mul(s, shape, shape, trunc=False) + mul(s, shape, shape, trunc=False)
+    two = _size((2, *shape))
+    c = public_mul(s, shape) + square(s, shape) + _even_poly(s, shape, len(ops.GELU_MID))
+    return c + _act_cmp(s, two, lean) + mul(s, two, two, trunc=False)
 
 
 def sumsq(s: Setting, shape) -> Cost:
