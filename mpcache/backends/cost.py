@@ -306,15 +306,10 @@ class CostBackend:
         self._charge(C.softmax(self.s, x.shape, masked=mask is not None))
         return x._like(x.shape, SCALE)
 
-    def sumsq(self, x):
+    def norm_scale(self, v, add: float = 0.0):
         with self._scope("rsqrt"):
-            self._charge(C.sumsq(self.s, x.shape))
-            return x._like((*x.shape[:-1], 1))
-
-    def mul_rsqrt(self, v, x):
-        with self._scope("rsqrt"):
-            self._charge(C.mul_rsqrt(self.s, v.shape, x.shape))
-            return v._like(torch.broadcast_shapes(v.shape, x.shape), SCALE)
+            self._charge(C.norm_scale(self.s, v.shape))
+            return v._like(v.shape, SCALE)
 
     def silu(self, x):
         with self._scope("silu"):

@@ -55,13 +55,9 @@ class PlainBackend:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)
 
-    def sumsq(self, x: Tensor) -> Tensor:
-        """Sum of squares along the last dim (keepdim)."""
-        return (x * x).sum(dim=-1, keepdim=True)
-
-    def mul_rsqrt(self, v: Tensor, x: Tensor) -> Tensor:
-        """v / sqrt(x)."""
-        return v * torch.rsqrt(x)
+    def norm_scale(self, v: Tensor, add: float = 0.0) -> Tensor:
+        """v / sqrt(sum(v^2, last dim) + add)."""
+        return v * torch.rsqrt((v * v).sum(dim=-1, keepdim=True) + add)
 
     def silu(self, x: Tensor) -> Tensor:
         return torch.nn.functional.silu(x)

@@ -101,14 +101,10 @@ class SecureBackend:
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):
         return ops.softmax(x, dim=dim, mask=mask)
 
-    def sumsq(self, x):
+    def norm_scale(self, v, add: float = 0.0):
+        """v / sqrt(sum(v^2) + add), precise in fixed point (see :func:`mpcache.mpc.ops.norm_scale`)."""
         with self._scope("rsqrt"):
-            return ops.sumsq(x)
-
-    def mul_rsqrt(self, v, x):
-        """v / sqrt(x), precise in fixed point (see :func:`mpcache.mpc.ops.mul_rsqrt`)."""
-        with self._scope("rsqrt"):
-            return ops.mul_rsqrt(v, x)
+            return ops.norm_scale(v, add)
 
     def silu(self, x):
         with self._scope("silu"):

@@ -64,12 +64,9 @@ class Transformer:
         # rsqrt of the SUM of squares (+ D*eps), times sqrt(D): the same value as rsqrt(mean + eps), but the
         # sum has D times more significant bits in fixed point than the mean.
         if cfg.arch == "llama":
-            ss = B.sumsq(x)
-            return B.mul_rsqrt(x, ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"])
-        mu = x.sum(dim=-1, keepdim=True) * (1.0 / D)
-        xc = x - mu
-        ss = B.sumsq(xc)
-        return B.mul_rsqrt(xc, ss + D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"]) + \
+            return B.norm_scale(x, D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"])
+        xc = x - x.sum(dim=-1, keepdim=True) * (1.0 / D)
+        return B.norm_scale(xc, D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"]) + \
             self.w[prefix + ".bias"]
 
     def _linear(self, x, name: str, bias: str | None = None):

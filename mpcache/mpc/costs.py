@@ -29,8 +29,8 @@ Where the constants come from (64-bit ring, 8 bytes per element, n compute parti
 * **fixed-operand matmul** (see :mod:`mpcache.mpc.fixed_operand`): only ``x - a`` is opened (or, replicated, only
   x's share is replicated), then the usual truncation.
 
-Composite ops (``tree_max``, ``exp_limit``, ``reciprocal_nr``, ``mul_rsqrt``, ``softmax``, ``silu``, ``gelu``,
-``sumsq``, ``argmax_onehot``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``) are written as the same
+Composite ops (``tree_max``, ``exp_limit``, ``reciprocal_nr``, ``norm_scale``, ``softmax``, ``silu``, ``gelu``,
+``argmax_onehot``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``) are written as the same
 sequence of primitives as their implementation in :mod:`mpcache.mpc.ops`, with exact shapes (the TTP requests
 pickle them). Rounds add up: every call waits for its messages (nothing is overlapped).
 """
@@ -392,16 +392,6 @@ def reciprocal_gs(s: Setting, shape, iters: int | None = None, lo: int | None = 
     return c
 
 
-def mul_rsqrt(s: Setting, vshape, xshape, iters: int = 4, lo: int = -10, hi: int = 30) -> Cost:
-    """ops.mul_rsqrt: comparison layer on x, z = x y0^2 (2 products), r1 = (3 - z)/2 (public product), then per
-    Newton step 3 products + 1 public product, then (v y0) r (2 products of v's shape with x's)."""
-    out = _bshape(vshape, xshape)
-    c = _pow2_guess(s, xshape, lo, hi) + mul(s, xshape, xshape) + mul(s, xshape, xshape) + public_mul(s, xshape)
-    for _ in range(iters - 1):
-        c += mul(s, xshape, xshape) + mul(s, xshape, xshape) + mul(s, xshape, xshape) + public_mul(s, xshape)
-    return c + mul(s, vshape, xshape) + mul(s, out, xshape)
-
-
 def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | None = None,
             recip: str | None = None) -> Cost:
     """ops.softmax along the last dim (its defaults SOFTMAX_RADIX / SOFTMAX_LEAN / SOFTMAX_RECIP when None):
@@ -459,12 +449,24 @@ def gelu(s: Setting, shape, lean: bool | None = None) -> Cost:
     return c + _act_cmp(s, two, lean) + mul(s, two, two, trunc=False)
 
 
-def sumsq(s: Setting, shape) -> Cost:
-    """ops.sumsq: x / 2^8 (public product), both squares in one product, 1 comparison per row, 1 mux."""
-    shape = _size(shape)
-    both = _size((2, *shape))
-    row = _size((*shape[:-1], 1))
-    return public_mul(s, shape) + mul(s, both, both) + ltz(s, row) + mul(s, row, row, trunc=False)
+def norm_scale(s: Setting, vshape, lean: bool | None = None) -> Cost:
+    """ops.norm_scale: v / 2^8 (public product), the stacked square, one comparison layer (every threshold of the
+    guess), one ring product of the OR/mux, (s Y, v Y) in one product, z = (s Y) Y, Goldschmidt, the output."""
+    from . import ops
+
+    lean = ops.NORM_LEAN if lean is None else lean
+    vshape = _size(vshape)
+    row = _size((*vshape[:-1], 1))
+    n_t = len(ops._norm_table(*ops.NORM_RANGE, ops.NORM_STEPS)[0])
+    n_small = sum(t < 2.0 ** ops.SUMSQ_SPLIT_LOG2 for t in ops._norm_table(*ops.NORM_RANGE, ops.NORM_STEPS)[0])
+    c = public_mul(s, vshape) + square(s, _size((2, *vshape)))
+    c += _cmp(s, (n_t, *row), lean) + mul(s, row, (n_small + 1, *row), trunc=False)
+    c += mul(s, (*vshape[:-1], vshape[-1] + 1), row) + mul(s, row, row)
+    c += public_mul(s, row) + mul(s, row, row) + public_mul(s, row)          # Goldschmidt step 1 (h public)
+    for k in range(1, ops.NORM_ITERS):
+        c += mul(s, row, row)                                                  # g h
+        c += mul(s, row, row) if k == ops.NORM_ITERS - 1 else mul(s, (2, *row), row)
+    return c + mul(s, vshape, row)
 
 
 def argmax_onehot(s: Setting, shape, lean: bool | None = None) -> Cost:
@@ -528,5 +530,5 @@ def reveal(s: Setting, shape, dst: int | None = None) -> Cost:
 
 # which ops the cost test covers, with the shapes it uses (documentation; the test lists them explicitly)
 OPS = ("ltz", "mul", "public_mul", "matmul", "fixed_matmul", "tree_max", "argmax_onehot", "topk_onehot",
-       "keep_onehot", "strata_top1_onehot", "exp_limit", "reciprocal_nr", "mul_rsqrt", "sumsq", "softmax", "silu",
+       "keep_onehot", "strata_top1_onehot", "exp_limit", "reciprocal_nr", "norm_scale", "softmax", "silu",
        "gelu", "embedding", "reveal")
