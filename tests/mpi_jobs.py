@@ -85,6 +85,15 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
         lambda a: ops.strata_top1_onehot_reference(a, 7), st)
     run("strata_top1_onehot_even", lambda a: ops.strata_top1_onehot(a, 8),
         lambda a: P.strata_top1_onehot(a, 8), torch.randn(4, 64, generator=g))
+    # strata of 2..17 slots with ties (integer scores): every radix-4 level size and padding case, and pairwise
+    ti = torch.randint(-3, 4, (3, 2, 150), generator=g).float()
+    for kk in (75, 50, 30, 17, 9):
+        run(f"strata_r4_k{kk}", lambda a, kk=kk: ops.strata_top1_onehot(a, kk),
+            lambda a, kk=kk: ops.strata_top1_onehot_reference(a, kk), ti)
+    run("strata_r2_k9", lambda a: ops.strata_top1_onehot(a, 9, radix=2),
+        lambda a: ops.strata_top1_onehot_reference(a, 9), ti)
+    run("strata_r3_k9", lambda a: ops.strata_top1_onehot(a, 9, radix=3),
+        lambda a: ops.strata_top1_onehot_reference(a, 9), ti)
     for n in (1024, 4096, 8192):
         flat = torch.randn(2, n, generator=g) * 0.01        # near-uniform rows: stock CrypTen gives garbage here
         peaked = torch.randn(2, n, generator=g) * 3
@@ -430,6 +439,8 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
             x = sh(*shape)
             case(f"strata_top1_onehot{shape}k{k}", lambda x=x, k=k: ops.strata_top1_onehot(x, k),
                  C.strata_top1_onehot(s, shape, k))
+            case(f"strata_top1_onehot_r2{shape}k{k}", lambda x=x, k=k: ops.strata_top1_onehot(x, k, radix=2),
+                 C.strata_top1_onehot(s, shape, k, radix=2))
     for shape in [(2, 9), (17,)]:
         x = sh(*shape, lo=-4.0, hi=0.0)
         case(f"exp{shape}", lambda x=x: ops.exp_limit(x), C.exp_limit(s, shape))

@@ -498,12 +498,15 @@ def keep_onehot(s: Setting, shape, k: int) -> Cost:
     return _pairwise_rank(s, shape) + ltz(s, shape) + _onehot_of_small_int(s, shape, k)
 
 
-def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None) -> Cost:
-    """ops.strata_top1_onehot: per tournament level over the g slots of each stratum, 1 comparison of the h pairs
-    and 1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w, w = one-hot width so far)."""
+def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radix: int | None = None) -> Cost:
+    """ops.strata_top1_onehot over the g slots of each stratum. Radix 2, per level: 1 comparison of the h pairs and
+    1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w, w = one-hot width so far). Radix r, per
+    level (ops._onehot_radix_level): the r(r-1)/2 pairs of each of the G groups in one comparison layer, then the
+    product tree's rounds (ops._product_rounds), ring integers."""
     from . import ops
 
     lean = ops.SELECT_LEAN if lean is None else lean
+    radix = ops.STRATA_RADIX if radix is None else radix
     shape = _size(shape)
     m = shape[-1]
     g = max((r + 1) * m // k - r * m // k for r in range(k))
@@ -511,6 +514,15 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None) -> C
     n, w = g, 1
     c = Cost(s.n)
     while n > 1:
+        if radix > 2:
+            r = min(radix, n)
+            G = -(-n // r)
+            c += _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
+            for widths in ops._product_rounds(r, w):
+                ps = (*lead, G, r, sum(widths))
+                c += mul(s, ps, ps, trunc=False)
+            n, w = G, r * w
+            continue
         h = n // 2
         c += _cmp(s, (*lead, h), lean) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
         n, w = h + n % 2, 2 * w

@@ -750,22 +750,90 @@ def strata_layout(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 STRATA_PAD = -(2.0 ** 20)    # the score of a padding slot (below any real score; never wins)
 STRATA_PAD_LEAN = -12288.0   # the same with lean comparisons (scores must then satisfy |s| < 12288)
 SELECT_LEAN = True           # default of strata_top1_onehot's ``lean``
+STRATA_RADIX = 4             # survivors per group at each tournament level (2 = the pairwise tournament)
 
 
-def strata_top1_onehot(scores, k: int, lean: bool | None = None):
+def _product_rounds(r: int, w: int) -> list[list[int]]:
+    """The product tree of one radix-r level of the one-hot tournament: r - 1 bits (width 1) and the member's
+    vector [value, one-hot] (width 1 + w), paired left to right each round (the vector is always last).
+    Returns, per round, the widths of its pairs (one batched product per round)."""
+    widths = [1] * (r - 1) + [1 + w]
+    rounds = []
+    while len(widths) > 1:
+        pairs = [max(widths[i], widths[i + 1]) for i in range(0, len(widths) - 1, 2)]
+        rounds.append(pairs)
+        widths = pairs + widths[2 * len(pairs):]
+    return rounds
+
+
+def _onehot_radix_level(v, oh, r: int, lean: bool):
+    """One level of the one-hot tournament: survivors (..., n) with one-hots (..., n, w) -> (..., ceil(n/r)) and
+    (..., ceil(n/r), r·w). Groups of r consecutive survivors (the last padded by repeating the last survivor: a
+    duplicate ties it and loses to the lower index) compare all r(r-1)/2 pairs in one comparison layer; member
+    i's indicator is the product of its r - 1 "beats" bits, multiplied into [v_i, oh_i] in the same product tree
+    (ceil(log2 r) rounds, ring integers: exact). The group's value is the sum of the products; its one-hot is
+    their concatenation, so the original slot order is kept (padding only ever adds trailing zero slots)."""
+    n, w = int(v.shape[-1]), int(oh.shape[-1])
+    lead = tuple(int(d) for d in v.shape[:-1])
+    G = -(-n // r)
+    idx = torch.tensor(list(range(n)) + [n - 1] * (G * r - n))
+    sv = v.share.index_select(v.dim() - 1, idx.to(v.share.device)).reshape(*lead, G, r)
+    so = oh.share.index_select(oh.dim() - 2, idx.to(oh.share.device)).reshape(*lead, G, r, w)
+    iu, ju = torch.triu_indices(r, r, offset=1)
+    d = _from_shares(sv[..., iu] - sv[..., ju], precision=None)           # v_i - v_j for i < j
+    d.encoder = v.encoder
+    b = 1 - _ltz(d, lean)                                                  # [v_i >= v_j]: i beats j
+    nb = (1 - b).share
+    pair = {(int(i), int(j)): t for t, (i, j) in enumerate(zip(iu, ju))}
+    opponents = [[j for j in range(r) if j != i] for i in range(r)]
+    factors = []
+    for t in range(r - 1):                                                 # member i's t-th opponent
+        cols = []
+        for i in range(r):
+            j = opponents[i][t]
+            cols.append(b.share[..., pair[(i, j)]] if i < j else nb[..., pair[(j, i)]])
+        factors.append(torch.stack(cols, dim=-1).unsqueeze(-1))           # (..., G, r, 1)
+    factors.append(torch.cat([sv.unsqueeze(-1), so], dim=-1))            # (..., G, r, 1 + w)
+    while len(factors) > 1:
+        left, right = [], []
+        for i in range(0, len(factors) - 1, 2):
+            a, c = factors[i], factors[i + 1]
+            width = max(a.shape[-1], c.shape[-1])
+            left.append(a.expand(*a.shape[:-1], width))
+            right.append(c.expand(*c.shape[:-1], width))
+        prod = (_from_shares(torch.cat(left, -1), precision=0) * _from_shares(torch.cat(right, -1), precision=0)).share
+        out, at = [], 0
+        for x in left:
+            out.append(prod[..., at:at + x.shape[-1]])
+            at += x.shape[-1]
+        factors = out + factors[2 * len(left):]
+    f = factors[0]                                                         # (..., G, r, 1 + w): i's indicator x [v_i, oh_i]
+    top = _from_shares(f[..., 0].sum(-1), precision=None)
+    top.encoder = v.encoder
+    new_oh = _from_shares(f[..., 1:].reshape(*lead, G, r * w), precision=None)
+    new_oh.encoder = oh.encoder
+    return top, new_oh
+
+
+def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix: int | None = None):
     """Compact one-hot rows (..., k, g): row r marks the first maximum of stratum r (see :func:`strata_layout`).
 
-    A tournament per stratum that carries each survivor's one-hot: at every level adjacent survivors are compared
-    (one batched comparison layer for all strata and leading dims) and one product of the bit with
-    ``[a - b, onehot_a, onehot_b]`` (one multiplication round) gives both the winner's value and its one-hot;
-    ties go to the lower index. Unlike the exact top-k (:func:`topk_onehot`, m^2 comparisons), this costs m - k
-    comparisons: the budget is spread evenly over the position range (exactly one winner per stratum).
+    A tournament per stratum that carries each survivor's one-hot. ``radix`` (default ``STRATA_RADIX``) = 2:
+    adjacent survivors are compared (one batched comparison layer for all strata and leading dims) and one
+    product of the bit with ``[a - b, onehot_a, onehot_b]`` (one multiplication round) gives both the winner's
+    value and its one-hot; radix r > 2: groups of r survivors per level (:func:`_onehot_radix_level`), all their
+    pairs in one comparison layer and ceil(log2 r) product rounds, so ~half the levels of the pairwise tree for
+    r = 4 at ~3x its first level's comparisons. Ties go to the lower index. Unlike the exact top-k
+    (:func:`topk_onehot`, m^2 comparisons), this costs O(m) comparisons: the budget is spread evenly over the
+    position range (exactly one winner per stratum).
     ``lean`` (default ``SELECT_LEAN``): comparisons in 32-bit lanes (7 rounds / 96 B instead of 8 / 216 B in 2PC),
     exact while |score| < 12288 (MPCache's scores are attention logits, q·rep / sqrt(d): O(10)).
-    Rounds: ceil(log2 g) (cmp + 1 mul).  Bytes/party: (m - k) comparisons + ~m·log2(g) products per row.
+    Rounds: per level cmp + ceil(log2 r) (radix 4 and g = 10: 2 x 9 = 18, pairwise 4 x 8 = 32).
+    Bytes/party: per level r(r-1)/2 comparisons per group of r survivors + the products.
     Leaks: shapes only (the strata are public functions of m and k).
     """
     lean = SELECT_LEAN if lean is None else lean
+    radix = STRATA_RADIX if radix is None else radix
     pad = STRATA_PAD_LEAN if lean else STRATA_PAD
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k)
@@ -778,6 +846,9 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None):
     oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
     while v.shape[-1] > 1:
         n, w = int(v.shape[-1]), int(oh.shape[-1])
+        if radix > 2:
+            v, oh = _onehot_radix_level(v, oh, min(radix, n), lean)
+            continue
         h = n // 2
         a, b = v[..., 0:2 * h:2], v[..., 1:2 * h:2]
         oa, ob = oh[..., 0:2 * h:2, :], oh[..., 1:2 * h:2, :]
