@@ -21,7 +21,7 @@ from .backends.secure import SecureBackend
 from .config import ModelConfig
 from .latency import PROFILES, modelled_seconds
 from .model.transformer import Transformer, generate
-from .model.weights import expected_shapes
+from .model.weights import expected_shapes, fold_norm_gains, folded_norm_names
 from .mpc.session import CLIENT, SERVER, Session, SessionError
 
 
@@ -37,16 +37,25 @@ class GenerationResult:
 # fixed=True they become FixedOperands. Biases, norm weights and gpt2's pos_embed (indexed) stay plain shares.
 FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
 FIXED_WEIGHTS_DEFAULT = True
+FOLD_NORMS_DEFAULT = True      # block norm gains folded into the next linear layers before sharing (server side)
 FIXED_KV_DEFAULT = True        # cached K/V rows as fixed operands (their W - B opened once, when written)
 
 
 def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None,
-                  fixed: bool = False) -> dict:
+                  fixed: bool = False, fold_norms: bool | None = None) -> dict:
     """The server secret-shares every weight tensor (offline phase); other parties pass only public shapes.
-    ``fixed``: also open each weight matrix's mask once (fixed-operand triples, offline/weights scope)."""
+    ``fixed``: also open each weight matrix's mask once (fixed-operand triples, offline/weights scope).
+    ``fold_norms`` (default ``FOLD_NORMS_DEFAULT``, public): the server first folds each block's norm gain into
+    the linear layers that read it (:func:`fold_norm_gains`), which are shared instead of the gains."""
     from .mpc.fixed_operand import FixedOperand
 
+    fold = FOLD_NORMS_DEFAULT if fold_norms is None else fold_norms
     shapes = expected_shapes(cfg)
+    if fold:
+        gone = folded_norm_names(cfg)
+        shapes = {k: v for k, v in shapes.items() if k not in gone}
+        if sess.rank == SERVER:
+            weights = fold_norm_gains(cfg, weights)
     with sess.scope("offline"), sess.scope("weights"):
         w = {name: B.share(weights[name] if sess.rank == SERVER else None, src=SERVER, shape=shape)
              for name, shape in shapes.items()}

@@ -345,3 +345,21 @@ def test_hf_folder_without_tokenizer_warns(tmp_path):
     with pytest.warns(UserWarning, match="byte-level"):
         _, _, tok = load_model(str(tmp_path))
     assert isinstance(tok, Tokenizer) and tok.is_byte_level
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fold_norm_gains_is_the_same_model(arch):
+    """Folding each block's norm gain (and gpt2's norm bias) into the linear layers that read it gives the same
+    logits in float64 (the private run shares the folded weights; a missing gain tells the model it is folded)."""
+    from mpcache.backends.plain import PlainBackend
+    from mpcache.model.transformer import KVCache, Transformer
+    from mpcache.model.weights import fold_norm_gains, folded_norm_names, init_random_weights, tiny_config
+
+    cfg = tiny_config(arch)
+    w = {k: v.double() for k, v in init_random_weights(cfg, seed=3).items()}
+    folded = fold_norm_gains(cfg, w)
+    assert set(w) - set(folded) == folded_norm_names(cfg) and "final_norm.weight" in folded
+    ids = list(range(5, 17))
+    a = Transformer(cfg, w, PlainBackend()).prefill(ids, KVCache(cfg.n_layers))
+    b = Transformer(cfg, folded, PlainBackend()).prefill(ids, KVCache(cfg.n_layers))
+    assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (a - b).abs().max()

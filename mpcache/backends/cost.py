@@ -296,10 +296,20 @@ class CostBackend:
     def max(self, x, dim: int = -1, keepdim: bool = False):
         x = unfix(x)
         with self._scope("max"):
-            self._charge(C.tree_max(self.s, x.shape, dim, lean=SecureBackend.POLICY_LEAN))
+            self._charge(C.tree_max(self.s, x.shape, dim, radix=SecureBackend.policy_radix(int(x.shape[dim])),
+                                    lean=SecureBackend.POLICY_LEAN))
             return x._like(_meta(x.shape).amax(dim=dim, keepdim=keepdim).shape)
 
     min = max
+
+    def max_min(self, a, b, dim: int = -1):
+        a = unfix(a)
+        dim = dim % len(a.shape)
+        with self._scope("max"):
+            self._charge(C.tree_max(self.s, (2, *a.shape), dim + 1, radix=SecureBackend.policy_radix(int(a.shape[dim])),
+                                    lean=SecureBackend.POLICY_LEAN))
+        out = a._like(_meta(a.shape).amax(dim=dim).shape)
+        return out, a._like(out.shape)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):
@@ -359,15 +369,15 @@ class CostBackend:
 
 def predict_generation(cfg, policy=None, setting: C.Setting | None = None, n_prompt: int = 16, n_new: int = 2,
                        fixed_weights: bool | None = None, fixed_kv: bool | None = None,
-                       keep_logits: bool = False) -> tuple[list[dict], CostBackend]:
+                       keep_logits: bool = False, fold_norms: bool | None = None) -> tuple[list[dict], CostBackend]:
     """The ledgers (one dict per compute party, as ``CostLedger.to_dict()``) that a private greedy generation
     (:func:`mpcache.generation.private_generate`) of ``n_new`` tokens after an ``n_prompt``-token prompt would
     record, predicted from shapes alone. Mirrors private_generate step by step: weights shared and fixed in the
     same order (offline/weights), the prompt shared as scale-1 one-hot rows (offline/prompt), then ``generate``
     with the token revealed to the client. ``keep_logits``: also the test-only opening of every step's logits."""
-    from ..generation import FIXED_WEIGHT_NAMES, FIXED_WEIGHTS_DEFAULT
+    from ..generation import FIXED_WEIGHT_NAMES, FIXED_WEIGHTS_DEFAULT, FOLD_NORMS_DEFAULT
     from ..model.transformer import Transformer, generate
-    from ..model.weights import expected_shapes
+    from ..model.weights import expected_shapes, folded_norm_names
     from ..mpc.session import CLIENT
 
     try:
@@ -379,7 +389,8 @@ def predict_generation(cfg, policy=None, setting: C.Setting | None = None, n_pro
     fw = FIXED_WEIGHTS_DEFAULT if fixed_weights is None else fixed_weights
     B = CostBackend(tr, fixed_weights=fw, fixed_kv=FIXED_KV_DEFAULT if fixed_kv is None else fixed_kv)
     with tr.scope("offline"), tr.scope("weights"):
-        w = {name: B.share(None, 0, shape) for name, shape in expected_shapes(cfg).items()}
+        gone = folded_norm_names(cfg) if (FOLD_NORMS_DEFAULT if fold_norms is None else fold_norms) else set()
+        w = {name: B.share(None, 0, shape) for name, shape in expected_shapes(cfg).items() if name not in gone}
         if fw:
             w = {name: B.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t for name, t in w.items()}
     with tr.scope("offline"), tr.scope("prompt"):

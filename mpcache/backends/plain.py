@@ -48,6 +48,10 @@ class PlainBackend:
     def min(self, x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
         return x.min(dim=dim, keepdim=keepdim).values
 
+    def max_min(self, a: Tensor, b: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+        """(max of a, min of b) along dim (one tournament under MPC)."""
+        return a.amax(dim=dim), b.amin(dim=dim)
+
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
         """Softmax along ``dim``; ``mask`` is a public 0/1 tensor broadcastable to ``x`` (0 = excluded)."""

@@ -88,14 +88,32 @@ class SecureBackend:
     # max/min serve the cache policies (cluster summaries of keys, scores, attention probabilities): values far
     # below the lean comparison's bound (|x| < 16384), so they use it (7 rounds / 96 B per comparison, exact)
     POLICY_LEAN = True
+    # reductions over at most this many entries (a KV group's query heads, a leaf cluster's rows) take ONE radix
+    # layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries) instead of the pairwise tree (2 x 8 rounds)
+    POLICY_ONE_LAYER = 4
+
+    @classmethod
+    def policy_radix(cls, m: int) -> int:
+        return m if 2 < m <= cls.POLICY_ONE_LAYER else 2
 
     def max(self, x, dim: int = -1, keepdim: bool = False):
+        x = unfix(x)
         with self._scope("max"):
-            return ops.tree_max(unfix(x), dim=dim, keepdim=keepdim, lean=self.POLICY_LEAN)
+            return ops.tree_max(x, dim=dim, keepdim=keepdim, radix=self.policy_radix(int(x.shape[dim])),
+                                lean=self.POLICY_LEAN)
 
     def min(self, x, dim: int = -1, keepdim: bool = False):
+        return -self.max(-unfix(x), dim=dim, keepdim=keepdim)
+
+    def max_min(self, a, b, dim: int = -1):
+        """(max of ``a``, min of ``b``) along ``dim`` (same shapes) in one tournament over the stacked (a, -b):
+        the rounds of one max for both."""
+        a, b = unfix(a), unfix(b)
+        dim = dim % a.dim()
         with self._scope("max"):
-            return -ops.tree_max(-unfix(x), dim=dim, keepdim=keepdim, lean=self.POLICY_LEAN)
+            both = ops.tree_max(self.crypten.stack([a, -b]), dim=dim + 1, radix=self.policy_radix(int(a.shape[dim])),
+                                lean=self.POLICY_LEAN)
+        return both[0], -both[1]
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):

@@ -63,11 +63,14 @@ class Transformer:
         D = cfg.hidden_size
         # rsqrt of the SUM of squares (+ D*eps), times sqrt(D): the same value as rsqrt(mean + eps), but the
         # sum has D times more significant bits in fixed point than the mean.
-        if cfg.arch == "llama":
-            return B.norm_scale(x, D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"])
-        xc = x - x.sum(dim=-1, keepdim=True) * (1.0 / D)
-        return B.norm_scale(xc, D * cfg.norm_eps) * (math.sqrt(D) * self.w[prefix + ".weight"]) + \
-            self.w[prefix + ".bias"]
+        if cfg.arch != "llama":
+            x = x - x.sum(dim=-1, keepdim=True) * (1.0 / D)
+        n = B.norm_scale(x, D * cfg.norm_eps)
+        gain = self.w.get(prefix + ".weight")
+        if gain is None:               # folded into the next linear layers (weights.fold_norm_gains)
+            return n
+        n = n * (math.sqrt(D) * gain)
+        return n if cfg.arch == "llama" else n + self.w[prefix + ".bias"]
 
     def _linear(self, x, name: str, bias: str | None = None):
         y = self.B.matmul(x, self.w[name])
@@ -237,6 +240,54 @@ class Transformer:
             return kv[..., :hd], kv[..., hd:]
         return g.apply(k, B), g.apply(v, B)
 
+    ATTEND_IN_PLACE = True     # a one-hot selection over a fixed cache gathers scores and scatters probabilities
+
+    def _attend_in_place(self, g, k, v) -> bool:
+        return (self.ATTEND_IN_PLACE and g is not None and g.onehot is not None
+                and getattr(k, "is_fixed_operand", False) and getattr(v, "is_fixed_operand", False)
+                and g.covers(int(k.shape[1])))
+
+    def _attend_selected(self, q, g, k, v, logits=None):
+        """Decode attention over the rows a one-hot Gather selects, on a fixed K/V cache, without moving K or V:
+        scores against every cached row (q·Kᵀ opens only q), the selected blocks' scores gathered by the one-hot
+        (opens the one-hot and the G·L candidate scores per KV head), softmax over the attended scores, the
+        selected probabilities scattered back by the one-hot's transpose (opens the one-hot and k·block·G
+        probabilities), and p·V over every row (opens p: G·L). Gathering the K and V rows instead opens the
+        picked rows twice as wide (2·k·block·hd per KV head, to fix them): ~2x the bytes at hd = 64, G = 3. Same
+        4 rounds, 3 when the selection's q·rep product already made the logits (``logits``: DecodeContext
+        .query_products). The attended set and its order are those of ``g.apply`` (same logits up to rounding)."""
+        cfg, B = self.cfg, self.B
+        Hkv, hd, G = cfg.n_kv_heads, cfg.head_dim, cfg.group_size
+        L = int(k.shape[1])
+        start, blk, C, ksel = g.start, g.block, g.n_candidates, g.n_blocks_selected
+        end = start + C * blk
+        s = logits
+        if s is None:
+            qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
+            with self.scope("qk"):
+                s = B.matmul(qg, k.transpose(1, 2))                               # (Hkv, G, L)
+
+        def to_blocks(x, n):       # (Hkv, G, n*blk) -> (Hkv, n, G*blk)
+            return x.reshape(Hkv, G, n, blk).transpose(1, 2).reshape(Hkv, n, G * blk)
+
+        def from_blocks(x, n):     # (Hkv, n, G*blk) -> (Hkv, G, n*blk)
+            return x.reshape(Hkv, n, G, blk).transpose(1, 2).reshape(Hkv, G, n * blk)
+
+        before = [(a, b) for a, b in g.ranges if b <= start]
+        after = [(a, b) for a, b in g.ranges if a >= end]
+        with self.scope("gather"):
+            sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
+        parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
+        with self.scope("softmax"):
+            p = B.softmax(B.cat(parts, dim=-1), dim=-1)                         # (Hkv, G, n_attended)
+        at = sum(b - a for a, b in before)
+        with self.scope("gather"):
+            cand = from_blocks(g.scatter_blocks(to_blocks(p[..., at:at + ksel * blk], ksel), B), C)
+        full = ([p[..., :at]] if at else []) + [cand] + ([p[..., at + ksel * blk:]] if after else [])
+        with self.scope("av"):
+            o = B.matmul(B.cat(full, dim=-1) if len(full) > 1 else full[0], v)  # (Hkv, G, hd)
+        return o.reshape(cfg.n_heads, 1, hd).transpose(0, 1).reshape(1, cfg.n_heads * hd)
+
     def decode(self, token, cache: KVCache):
         """One new token (an id, or a one-hot (1, V)) at position ``cache.pos``; returns logits (1, V)."""
         cfg, B = self.cfg, self.B
@@ -257,9 +308,12 @@ class Transformer:
                     ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
                                         cache.state[i], shared)
                     g = self.policy.select(ctx)
-                with self.scope("gather"):
-                    ks, vs = self._gather(g, cache.k[i], cache.v[i])
-                o, _ = self._attend(q, ks, vs)
+                if self._attend_in_place(g, cache.k[i], cache.v[i]):
+                    o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"))
+                else:
+                    with self.scope("gather"):
+                        ks, vs = self._gather(g, cache.k[i], cache.v[i])
+                    o, _ = self._attend(q, ks, vs)
                 x = self._block_out(x, o, p)
         cache.pos += 1
         return self._logits(x)

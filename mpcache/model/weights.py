@@ -152,6 +152,49 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def _norm_consumers(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(norm, the linear layers that read its output, their biases) of each block."""
+    mlp = ("w_gate", "w_up") if cfg.arch == "llama" else ("w_fc",)
+    mlp_b = () if cfg.arch == "llama" else ("b_fc",)
+    qkv_b = () if cfg.arch == "llama" else ("bq", "bk", "bv")
+    out = []
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        out.append((p + "attn_norm", tuple(p + m for m in ("wq", "wk", "wv")), tuple(p + b for b in qkv_b)))
+        out.append((p + "mlp_norm", tuple(p + m for m in mlp), tuple(p + b for b in mlp_b)))
+    return out
+
+
+def folded_norm_names(cfg: ModelConfig) -> set[str]:
+    """The weight names :func:`fold_norm_gains` removes (public: depends on the config only)."""
+    names = set()
+    for norm, _, _ in _norm_consumers(cfg):
+        names.add(norm + ".weight")
+        if cfg.arch == "gpt2":
+            names.add(norm + ".bias")
+    return names
+
+
+def fold_norm_gains(cfg: ModelConfig, w: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same model with each block's norm gain (and bias) folded into the linear layers that read it:
+    ``(n * sqrt(D) * g + b) @ W + c = n @ (sqrt(D) g[:, None] W) + (b @ W + c)``, with n = x / sqrt(sum x^2 + D eps)
+    the normalised row. The server applies it to its plaintext weights before sharing, so a private norm is
+    ``norm_scale`` alone: no secret elementwise product with the gain (1 round and 2 |x| elements per norm). The
+    final norm (before the tied or untied head) keeps its gain. Exact in real arithmetic; the folded names are
+    :func:`folded_norm_names` (the transformer treats a missing gain as folded)."""
+    out = dict(w)
+    root_d = math.sqrt(cfg.hidden_size)
+    for norm, mats, biases in _norm_consumers(cfg):
+        gain = out.pop(norm + ".weight").double() * root_d
+        beta = out.pop(norm + ".bias", None)
+        for i, m in enumerate(mats):
+            W = w[m].double()
+            out[m] = (gain[:, None] * W).to(w[m].dtype)
+            if beta is not None:
+                out[biases[i]] = (w[biases[i]].double() + beta.double() @ W).to(w[biases[i]].dtype)
+    return out
+
+
 def validate_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], source: str = "weights") -> None:
     """Raise ValueError naming missing/unexpected tensors, shape mismatches vs ``cfg``, non-float32 or non-finite
     tensors."""

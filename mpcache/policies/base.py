@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
+import torch
+
 #: The budget a policy uses when neither ``budget`` nor ``compression_ratio`` is given: 10% of the rows attended.
 DEFAULT_BUDGET = 0.1
 
@@ -63,6 +65,51 @@ class Gather:
     def n_rows(self) -> int:
         """Number of rows the gather returns (public)."""
         return sum(e - s for s, e in self.ranges) + self.n_blocks_selected * self.block
+
+    def _slots(self):
+        """Compact form: the candidate index of each (row, slot) and, per candidate, the first slot holding it."""
+        from ..mpc.ops import strata_layout
+
+        idx, _ = strata_layout(self.strata, self.n_blocks_selected)
+        flat = idx.reshape(-1)
+        first = torch.full((self.strata,), -1, dtype=torch.long)
+        for pos in range(int(flat.numel()) - 1, -1, -1):    # the padding slots repeat a stratum's first index
+            first[int(flat[pos])] = pos
+        return idx, first
+
+    def select_blocks(self, blocks, backend):
+        """blocks (Hkv, C, X) -> (Hkv, k, X): the selected blocks, in the one-hot's row order (secret choice)."""
+        hkv, _, width = (int(s) for s in blocks.shape)
+        k = self.n_blocks_selected
+        if self.strata:
+            idx, _ = self._slots()
+            g = int(idx.shape[1])
+            slots = blocks.index_select(1, idx.reshape(-1).to(getattr(blocks, "device", "cpu")))
+            return backend.matmul(self.onehot.unsqueeze(-2), slots.reshape(hkv, k, g, width)).reshape(hkv, k, width)
+        return backend.matmul(self.onehot, blocks)
+
+    def scatter_blocks(self, y, backend):
+        """The transpose of :meth:`select_blocks`: y (Hkv, k, X) -> (Hkv, C, X), each selected row's values put
+        back at its (secret) block, zeros elsewhere. Compact form: an outer product per row with its g-slot
+        one-hot, then each candidate read from its own slot (padding slots are never selected: exact)."""
+        hkv, k, width = (int(s) for s in y.shape)
+        if self.strata:
+            idx, first = self._slots()
+            g = int(idx.shape[1])
+            outer = backend.matmul(self.onehot.unsqueeze(-1), y.unsqueeze(-2))               # (Hkv, k, g, X)
+            return outer.reshape(hkv, k * g, width).index_select(1, first.to(getattr(y, "device", "cpu")))
+        return backend.matmul(self.onehot.transpose(1, 2), y)
+
+    def covers(self, length: int) -> bool:
+        """True when the ranges and the block region tile rows [0, length) exactly (in order)."""
+        spans = sorted(list(self.ranges) + ([(self.start, self.start + self.n_candidates * self.block)]
+                                            if self.onehot is not None else []))
+        at = 0
+        for s, e in spans:
+            if s != at:
+                return False
+            at = e
+        return at == length
 
     def apply(self, x, backend):
         """x (Hkv, L, D) -> (Hkv, n_rows, D)."""
@@ -169,10 +216,26 @@ class DecodeContext:
     n_prompt: int
     state: dict
     shared: dict
+    logits: dict = field(default_factory=dict)   # "qk": the attention logits, when query_products made them
 
     @property
     def L(self) -> int:
         return int(self.k.shape[1])
+
+    def query_products(self, rep):
+        """Each query head's ``q · rep / sqrt(hd)``, (Hkv, G, C) for ``rep`` (Hkv, C, hd). When ``rep`` and the
+        cache are fixed operands (MPC, fixed K/V) this is ONE product with ``[rep | K]`` that also yields the
+        attention logits against every cached row (kept in ``logits["qk"]`` for the attention to reuse): both
+        right operands are fixed, so it opens only q, once, and the attention's q·Kᵀ round is saved."""
+        B = self.backend
+        hkv, d = int(self.k.shape[0]), int(self.k.shape[2])
+        qg = self.q.reshape(hkv, int(self.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))
+        c = int(rep.shape[1])
+        if getattr(rep, "is_fixed_operand", False) and getattr(self.k, "is_fixed_operand", False):
+            both = B.matmul(qg, B.cat([rep, self.k], dim=1).transpose(1, 2))       # (Hkv, G, C + L)
+            self.logits["qk"] = both[..., c:]
+            return both[..., :c]
+        return B.matmul(qg, rep.transpose(1, 2))
 
 
 @dataclass

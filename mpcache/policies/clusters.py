@@ -27,7 +27,7 @@ def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: fl
 
     Only the groups completed since the last call are reduced: ``max`` over ``src_max``'s rows, ``min`` over
     ``src_min``'s (pass the keys twice for leaf clusters, the children's max and min for parents). The sources
-    must only ever grow at the end. Cost per new cluster: a max and a min over ``group`` rows.
+    must only ever grow at the end. Cost per new cluster: a max and a min over ``group`` rows, in one tournament.
     """
     old = state.get(key) or Summaries()
     full = int(src_max.shape[1]) // group
@@ -36,8 +36,8 @@ def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: fl
     hkv, d = int(src_max.shape[0]), int(src_max.shape[2])
     rows = slice(old.count * group, full * group)
     new = full - old.count
-    mx = backend.max(src_max[:, rows].reshape(hkv, new, group, d), dim=2)
-    mn = backend.min(src_min[:, rows].reshape(hkv, new, group, d), dim=2)
+    mx, mn = backend.max_min(src_max[:, rows].reshape(hkv, new, group, d),
+                             src_min[:, rows].reshape(hkv, new, group, d), dim=2)       # one tournament for both
     rep = None if alpha is None else mx * alpha + mn * (1.0 - alpha)
     fix = getattr(backend, "fix_rows", None)
     if rep is not None and fix is not None:
@@ -55,11 +55,6 @@ def linear_scores(backend, q, rep):
     """q (Hkv, D), rep (Hkv, C, D) -> (Hkv, C): q · rep, one matmul (MPCache's alpha-linearised bound)."""
     hkv, c = int(rep.shape[0]), int(rep.shape[1])
     return backend.matmul(q.reshape(hkv, 1, int(q.shape[-1])), rep.transpose(1, 2)).reshape(hkv, c)
-
-
-def head_linear_scores(backend, q, rep):
-    """q (Hkv, G, D), rep (Hkv, C, D) -> (Hkv, G, C): each query head's q · rep (one batched matmul)."""
-    return backend.matmul(q, rep.transpose(1, 2))
 
 
 def bound_scores(backend, q, rmax, rmin, head_reduce: str = "sum"):

@@ -27,7 +27,7 @@ from .base import (
     select_k,
     sum_groups,
 )
-from .clusters import bound_scores, grow, head_linear_scores, linear_scores
+from .clusters import bound_scores, grow, linear_scores
 
 REDUCTIONS = ("max", "mean")
 HEAD_REDUCTIONS = ("sum", "max")
@@ -269,7 +269,7 @@ class MPCachePolicy(BudgetPolicy):
                 return bound_scores(B, qg, mx, mn, self.head_reduce)
             if self.head_reduce == "sum":     # (sum of the group's queries) · rep: one product per cluster
                 return linear_scores(B, qs, rep)
-            return B.max(head_linear_scores(B, qg, rep), dim=1)                        # max over the G heads
+            return B.max(ctx.query_products(rep), dim=1)                               # max over the G heads
 
         def head(x, c):
             return None if x is None else x[:, :c]
