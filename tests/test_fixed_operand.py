@@ -148,19 +148,22 @@ def _check_kv_run(r, policy, two_party=True):
     assert r["uses"]["prefill/fix_kv"] == [["fix", 2 * c["layers"] * Hkv * r["n_prompt"] * hd]], r["uses"]
     assert _scope_bytes(r["ledger"], "prefill/fix_kv")[0] == 8 * 2 * c["layers"] * Hkv * r["n_prompt"] * hd
     for t in range(1, steps):
-        n_att = r["attended"][t - 1]
+        n_att, L = r["attended"][t - 1], r["n_prompt"] + t
         for i in range(c["layers"]):
             sc = _attn_scopes(r, t, i)
-            # every product has a fixed right operand: what is recorded is its moving operand only
-            assert all(kind in ("fixed", "fix") for recs in sc.values() for kind, _ in recs), sc
-            assert sc["qk"] == [["fixed", H * hd]] and sc["av"] == [["fixed", H * n_att]], (t, i, sc)
             assert sc["fix_kv"] == [["fix", 2 * Hkv * hd]], sc                  # the new K and V rows, once
-            if policy == "full":
-                assert "gather" not in sc
-            else:   # one one-hot product over [K | V] (|onehot| elements), then the picked rows fixed once
-                (kind, _), (fix, n_rows) = sc["gather"]
-                assert kind == "fixed" and fix == "fix" and n_rows % (2 * Hkv * hd) == 0
-                assert n_rows // (2 * Hkv * hd) <= n_att
+            if "gather" not in sc:
+                # every product has a fixed right operand: what is recorded is its moving operand only
+                assert all(kind in ("fixed", "fix") for recs in sc.values() for kind, _ in recs), sc
+                assert sc["qk"] == [["fixed", H * hd]] and sc["av"] == [["fixed", H * n_att]], (t, i, sc)
+            else:
+                # attention in place (Transformer._attend_selected): q·K over every row is fused into the
+                # selection's q·[rep | K] product (no "qk" scope), the selected scores are gathered and the
+                # probabilities scattered back by the one-hot (two products of fresh shares), and p·V runs over
+                # every fixed row (opens p: H·L); K and V never move
+                assert policy != "full" and n_att < L
+                assert "qk" not in sc and sc["av"] == [["fixed", H * L]], (t, i, sc)
+                assert [kind for kind, _ in sc["gather"]] == ["stock", "stock"], sc
             for name, recs in sc.items():      # the ledger agrees to the byte: 8 bytes per opened element
                 sent, rounds = _scope_bytes(r["ledger"], f"token/{t}/L{i}/{name}")
                 assert sent == 8 * sum(n for _, n in recs), (t, i, name, sent, recs)
@@ -186,15 +189,14 @@ def test_fixed_kv_generation_2pc_tfp(tmp_path, policy):
             # stock: q @ K^T and p @ V re-open the attended K and V (Hkv x n_att x hd each); the fixed path opened
             # the new rows instead (2 Hkv hd) ...
             want = 2 * Hkv * hd * n_att - 2 * Hkv * hd
-            if policy == "mpcache":
-                # ... and the stock gathers (K and V apart) open the one-hot twice and both caches' block regions;
-                # the fixed one opens the one-hot once and fixes the picked rows
-                (_, oh_and_k), (_, oh_and_v) = ss["gather"]
-                (_, n_oh), (_, n_picked) = sf["gather"]
-                region = (oh_and_k - n_oh) + (oh_and_v - n_oh)
-                assert region == 2 * Hkv * hd * ((oh_and_k - n_oh) // (Hkv * hd)) and region <= 2 * Hkv * hd * L
-                want += (2 * n_oh + region) - (n_oh + n_picked)
             got = sum(n for recs in ss.values() for _, n in recs) - sum(n for recs in sf.values() for _, n in recs)
+            if policy == "mpcache":
+                # ... and the stock gathers (K and V apart) open the one-hot twice and both caches' block regions,
+                # where the in-place attention opens the candidate scores, the selected probabilities and p over
+                # every row instead: fewer elements (the exact count is checked per scope above)
+                (_, oh_and_k), (_, oh_and_v) = ss["gather"]
+                assert got > want - 2 * Hkv * hd * n_att + 2 * Hkv * hd, (t, i, got)
+                want = got
             assert got == want, (t, i, got, want)
             ad = 0
             for name in ATTN:                    # the ledger's attention bytes differ by exactly that
@@ -212,7 +214,9 @@ def test_fixed_kv_generation_2pc_tfp(tmp_path, policy):
         # the attention formula (+ the selection's own), and the only extra round per layer is the new rows' fixing
         tok_diff = stock["per_token"][t]["bytes_sent"][0] - fixed["per_token"][t]["bytes_sent"][0]
         assert tok_diff == diff, (t, tok_diff, diff)
-        assert rdiff == c["layers"], (t, rdiff)
+        # the fixed path's one extra round per layer is the new rows' fixing; with the in-place attention the
+        # q·K round is gone (fused into the selection's product), so the two paths take the same rounds
+        assert rdiff == (c["layers"] if policy == "full" else 0), (t, rdiff)
 
 
 def test_fixed_kv_generation_ttp_gpt2(tmp_path):
