@@ -457,8 +457,8 @@ def norm_scale(s: Setting, vshape, lean: bool | None = None) -> Cost:
     lean = ops.NORM_LEAN if lean is None else lean
     vshape = _size(vshape)
     row = _size((*vshape[:-1], 1))
-    n_t = len(ops._norm_table(*ops.NORM_RANGE, ops.NORM_STEPS)[0])
-    n_small = sum(t < 2.0 ** ops.SUMSQ_SPLIT_LOG2 for t in ops._norm_table(*ops.NORM_RANGE, ops.NORM_STEPS)[0])
+    ts, _ = ops._norm_table(*ops.NORM_RANGE, ops.NORM_STEPS)
+    n_t, n_small = len(ts), sum(t < 2.0 ** ops.SUMSQ_SPLIT_LOG2 for t in ts)
     c = public_mul(s, vshape) + square(s, _size((2, *vshape)))
     c += _cmp(s, (n_t, *row), lean) + mul(s, row, (n_small + 1, *row), trunc=False)
     c += mul(s, (*vshape[:-1], vshape[-1] + 1), row) + mul(s, row, row)

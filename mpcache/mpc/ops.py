@@ -110,30 +110,7 @@ def _radix_layer(x, r: int, lean: bool):
     the group max is the sum of those products. r = 2 is the classic compare + mux.
     Rounds: cmp + ceil(log2 r) mul.  Bytes/party: (r-1)/2 comparisons + ~(r-1) products per entry.
     """
-    m = x.shape[-1]
-    G = -(-m // r)
-    sh = x.share
-    if G * r > m:
-        sh = torch.cat([sh, sh[..., -1:].expand(*sh.shape[:-1], G * r - m)], dim=-1)
-    sh = sh.reshape(*sh.shape[:-1], G, r)
-    iu, ju = torch.triu_indices(r, r, offset=1)
-    d = _from_shares(sh[..., iu] - sh[..., ju], precision=None)          # x_i - x_j for i < j
-    d.encoder = x.encoder
-    b = 1 - _ltz(d, lean)                                               # [x_i >= x_j]: i beats j (i < j)
-    nb = 1 - b                                                           # j beats i
-    F = torch.zeros(*sh.shape, r, dtype=torch.long, device=sh.device)    # (..., G, i, j)
-    F[..., iu, ju] = b.share
-    F[..., ju, iu] = nb.share
-    ar = torch.arange(r)
-    F[..., ar, ar] = sh                                                  # the entry itself on the diagonal
-    f = _from_shares(F, precision=0)
-    while f.shape[-1] > 1:
-        k = f.shape[-1]
-        p = f[..., : k // 2] * f[..., k // 2: 2 * (k // 2)]
-        f = p if k % 2 == 0 else _cat([p, f[..., 2 * (k // 2):]], dim=-1)
-    out = _from_shares(f.share[..., 0].sum(-1), precision=None)          # (..., G): the winners' ring integers
-    out.encoder = x.encoder
-    return out
+    return _onehot_radix_level(x, None, r, lean)[0]
 
 
 def _radix_schedule(m: int, radix) -> list[int]:
@@ -768,17 +745,16 @@ def _product_rounds(r: int, w: int) -> list[list[int]]:
 
 def _onehot_radix_level(v, oh, r: int, lean: bool):
     """One level of the one-hot tournament: survivors (..., n) with one-hots (..., n, w) -> (..., ceil(n/r)) and
-    (..., ceil(n/r), r·w). Groups of r consecutive survivors (the last padded by repeating the last survivor: a
+    (..., ceil(n/r), r·w) (``oh=None``: values only, w = 0 — a radix-r max layer). Groups of r consecutive survivors (the last padded by repeating the last survivor: a
     duplicate ties it and loses to the lower index) compare all r(r-1)/2 pairs in one comparison layer; member
     i's indicator is the product of its r - 1 "beats" bits, multiplied into [v_i, oh_i] in the same product tree
     (ceil(log2 r) rounds, ring integers: exact). The group's value is the sum of the products; its one-hot is
     their concatenation, so the original slot order is kept (padding only ever adds trailing zero slots)."""
-    n, w = int(v.shape[-1]), int(oh.shape[-1])
+    n, w = int(v.shape[-1]), 0 if oh is None else int(oh.shape[-1])
     lead = tuple(int(d) for d in v.shape[:-1])
     G = -(-n // r)
     idx = torch.tensor(list(range(n)) + [n - 1] * (G * r - n))
     sv = v.share.index_select(v.dim() - 1, idx.to(v.share.device)).reshape(*lead, G, r)
-    so = oh.share.index_select(oh.dim() - 2, idx.to(oh.share.device)).reshape(*lead, G, r, w)
     iu, ju = torch.triu_indices(r, r, offset=1)
     d = _from_shares(sv[..., iu] - sv[..., ju], precision=None)           # v_i - v_j for i < j
     d.encoder = v.encoder
@@ -793,7 +769,11 @@ def _onehot_radix_level(v, oh, r: int, lean: bool):
             j = opponents[i][t]
             cols.append(b.share[..., pair[(i, j)]] if i < j else nb[..., pair[(j, i)]])
         factors.append(torch.stack(cols, dim=-1).unsqueeze(-1))           # (..., G, r, 1)
-    factors.append(torch.cat([sv.unsqueeze(-1), so], dim=-1))            # (..., G, r, 1 + w)
+    vec = sv.unsqueeze(-1)                                                 # (..., G, r, 1 + w)
+    if oh is not None:
+        so = oh.share.index_select(oh.dim() - 2, idx.to(oh.share.device)).reshape(*lead, G, r, w)
+        vec = torch.cat([vec, so], dim=-1)
+    factors.append(vec)
     while len(factors) > 1:
         left, right = [], []
         for i in range(0, len(factors) - 1, 2):
@@ -810,6 +790,8 @@ def _onehot_radix_level(v, oh, r: int, lean: bool):
     f = factors[0]                                                         # (..., G, r, 1 + w): i's indicator x [v_i, oh_i]
     top = _from_shares(f[..., 0].sum(-1), precision=None)
     top.encoder = v.encoder
+    if oh is None:
+        return top, None
     new_oh = _from_shares(f[..., 1:].reshape(*lead, G, r * w), precision=None)
     new_oh.encoder = oh.encoder
     return top, new_oh

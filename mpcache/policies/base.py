@@ -70,12 +70,9 @@ class Gather:
         """Compact form: the candidate index of each (row, slot) and, per candidate, the first slot holding it."""
         from ..mpc.ops import strata_layout
 
-        idx, _ = strata_layout(self.strata, self.n_blocks_selected)
-        flat = idx.reshape(-1)
-        first = torch.full((self.strata,), -1, dtype=torch.long)
-        for pos in range(int(flat.numel()) - 1, -1, -1):    # the padding slots repeat a stratum's first index
-            first[int(flat[pos])] = pos
-        return idx, first
+        idx, valid = strata_layout(self.strata, self.n_blocks_selected)
+        # each candidate holds exactly one valid slot, and row-major order lists them in candidate order
+        return idx, valid.reshape(-1).nonzero().squeeze(1)
 
     def select_blocks(self, blocks, backend):
         """blocks (Hkv, C, X) -> (Hkv, k, X): the selected blocks, in the one-hot's row order (secret choice)."""
@@ -121,17 +118,7 @@ class Gather:
         parts = before
         if self.onehot is not None:
             blocks = x[:, self.start:end].reshape(hkv, self.n_candidates, self.block * d)
-            if self.strata:
-                from ..mpc.ops import strata_layout
-
-                k = self.n_blocks_selected
-                idx, _ = strata_layout(self.strata, k)
-                g = int(idx.shape[1])
-                idx = idx.reshape(-1).to(getattr(blocks, "device", "cpu"))
-                slots = blocks.index_select(1, idx).reshape(hkv, k, g, self.block * d)
-                picked = backend.matmul(self.onehot.unsqueeze(-2), slots)  # (Hkv, k, 1, block*D)
-            else:
-                picked = backend.matmul(self.onehot, blocks)  # (Hkv, k, block*D)
+            picked = self.select_blocks(blocks, backend)                          # (Hkv, k, block*D)
             parts = parts + [picked.reshape(hkv, self.n_blocks_selected * self.block, d)]
         parts = parts + after
         return parts[0] if len(parts) == 1 else backend.cat(parts, dim=1)
