@@ -473,3 +473,39 @@ def test_strata_selection_is_the_max_of_each_stratum():
     layout, valid = strata_layout(C, g.n_blocks_selected)
     s = scores[:, layout].masked_fill(~valid, float("-inf"))
     assert torch.equal(g.onehot.argmax(-1), s.argmax(-1))
+
+
+@pytest.mark.parametrize("strata", [True, False], ids=["compact", "dense"])
+def test_attention_in_place_equals_gathered_rows(strata):
+    """The MPC decode path that never moves K/V (scores against every row, the selected blocks' scores gathered by
+    the one-hot, probabilities scattered back by its transpose, p·V over every row) gives the attention of the
+    gathered rows; scatter_blocks is the transpose of select_blocks (zeros at unselected blocks)."""
+    from mpcache.mpc.ops import strata_top1_onehot_reference
+    from mpcache.policies.base import Gather
+
+    cfg = tiny_config("llama")
+    model = Transformer(cfg, init_random_weights(cfg, seed=0), B)
+    g = torch.Generator().manual_seed(5)
+    Hkv, hd, blk, C, k = cfg.n_kv_heads, cfg.head_dim, 4, 12, 3
+    L = blk + C * blk + 5
+    kk, vv = torch.randn(Hkv, L, hd, generator=g), torch.randn(Hkv, L, hd, generator=g)
+    q = torch.randn(cfg.n_heads, 1, hd, generator=g)
+    scores = torch.randn(Hkv, C, generator=g)
+    if strata:
+        onehot = strata_top1_onehot_reference(scores, k).float()
+        gather = Gather(ranges=nonempty((0, blk), (blk + C * blk, L)), onehot=onehot, start=blk, block=blk, strata=C)
+    else:
+        onehot = torch.nn.functional.one_hot(scores.topk(k, dim=-1).indices, C).float()
+        gather = Gather(ranges=nonempty((0, blk), (blk + C * blk, L)), onehot=onehot, start=blk, block=blk)
+    assert gather.covers(L)
+    want, _ = model._attend(q, gather.apply(kk, B), gather.apply(vv, B))
+    got = model._attend_selected(q, gather, kk, vv)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    y = torch.randn(Hkv, k, 7, generator=g)
+    blocks = torch.randn(Hkv, C, 7, generator=g)
+    # <scatter(y), blocks> == <y, select(blocks)>: the adjoint
+    lhs = (gather.scatter_blocks(y, B) * blocks).sum()
+    rhs = (y * gather.select_blocks(blocks, B)).sum()
+    assert torch.allclose(lhs, rhs, atol=1e-4)
+    picked = gather.scatter_blocks(y, B).abs().sum(-1) > 0
+    assert int(picked.sum()) == Hkv * k
