@@ -317,30 +317,40 @@ def _radix_schedule(m: int, radix) -> list[int]:
     return schedule(m, radix)
 
 
+def max_layer(s: Setting, lead, m: int, r: int, lean: bool) -> Cost:
+    """One layer of ops.tree_max over m entries with radix r (r <= m) for the leading shape ``lead``.
+    Radix 2: 1 comparison of the h pairs and 1 mux product (bit x value, no truncation). Radix r
+    (ops._radix_layer): one comparison layer over the r(r-1)/2 pairs of each of the G groups, then a product tree
+    over the r bits/entries of each group (ring integers, no truncation)."""
+    lead = tuple(_size(lead))
+    if r == 2:
+        hs = (*lead, m // 2)
+        return _cmp(s, hs, lean) + mul(s, hs, hs, trunc=False)
+    G = -(-m // r)
+    c = _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
+    k = r
+    while k > 1:
+        ps = (*lead, G, r, k // 2)
+        c += mul(s, ps, ps, trunc=False)
+        k = k // 2 + k % 2
+    return c
+
+
 def tree_max(s: Setting, shape, dim: int = -1, radix=2, lean: bool = False) -> Cost:
-    """ops.tree_max. Radix-2 layer: 1 comparison of the h pairs and 1 mux product (bit x value, no truncation).
-    Radix-r layer (ops._radix_layer): one comparison layer over the r(r-1)/2 pairs of each of the G groups, then a
-    product tree over the r bits/entries of each group (ring integers, no truncation)."""
+    """ops.tree_max: its layers (``max_layer``) along the protocol's own radix schedule (``radix="auto"``:
+    ops.max_schedule for this setting)."""
+    from . import ops
+
     shape = list(_size(shape))
     dim = dim % len(shape)
     shape[dim], shape[-1] = shape[-1], shape[dim]
     lead, m = shape[:-1], shape[-1]
+    if radix == "auto":
+        radix = ops.max_schedule(_numel(lead), m, lean, s)
     c = Cost(s.n)
     for r in _radix_schedule(m, radix):
-        if r == 2:
-            h = m // 2
-            hs = (*lead, h)
-            c += _cmp(s, hs, lean) + mul(s, hs, hs, trunc=False)
-            m = h + m % 2
-            continue
-        G = -(-m // r)
-        c += _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
-        k = r
-        while k > 1:
-            ps = (*lead, G, r, k // 2)
-            c += mul(s, ps, ps, trunc=False)
-            k = k // 2 + k % 2
-        m = G
+        c += max_layer(s, lead, m, r, lean)
+        m = -(-m // r)
     return c
 
 
@@ -398,7 +408,7 @@ def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | No
     tree max, exp, (mask product), row sum / sqrt(m) (public product), reciprocal, e * r, * 1/sqrt(m)."""
     from . import ops
 
-    radix = getattr(ops, "SOFTMAX_RADIX", 2) if radix is None else radix
+    radix = ops.SOFTMAX_RADIX if radix is None else radix
     lean = getattr(ops, "SOFTMAX_LEAN", False) if lean is None else lean
     recip = getattr(ops, "SOFTMAX_RECIP", "newton") if recip is None else recip
     shape = _size(shape)
@@ -475,7 +485,7 @@ def argmax_onehot(s: Setting, shape, lean: bool | None = None) -> Cost:
 
     lean = ops.ARGMAX_LEAN if lean is None else lean
     shape = _size(shape)
-    return (tree_max(s, shape, lean=lean) + _cmp(s, shape, lean) + _cmp(s, shape, lean)
+    return (tree_max(s, shape, radix=ops.ARGMAX_RADIX, lean=lean) + _cmp(s, shape, lean) + _cmp(s, shape, lean)
             + mul(s, shape, shape, trunc=False))
 
 

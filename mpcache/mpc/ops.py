@@ -12,6 +12,7 @@ public sizes. **Leakage of every protocol here: none beyond the shapes of its in
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -88,6 +89,22 @@ def _ltz_lean(x):
     return _from_shares(ar.share.reshape(-1)[:N].reshape(shape), precision=0)
 
 
+def _minus_publics(x, ts) -> "MPCTensor":
+    """``crypten.stack([x - t for t in ts])`` as ONE local op: party 0 subtracts the encoded thresholds from a
+    broadcast copy of its share (the encoding of each ``t`` is CrypTen's, ``int(scale * t)``), the others copy
+    theirs. Same shares bit for bit, without T CrypTensor subtractions and a T-way stack (~9 ms of Python per
+    call for the 82 thresholds of ``norm_scale``). No communication in any protocol (additive shares at rest)."""
+    import crypten.communicator as comm
+
+    share = x.share
+    enc = torch.tensor([x.encoder.scale * t for t in ts], dtype=torch.long, device=share.device)
+    out = share.unsqueeze(0).expand(len(ts), *share.shape)
+    out = out - enc.reshape(-1, *([1] * share.dim())) if comm.get().get_rank() == 0 else out.clone()
+    res = _from_shares(out, precision=None)
+    res.encoder = x.encoder
+    return res
+
+
 def _spk_constants():
     masks = torch.tensor([6148914691236517205, 2459565876494606882, 578721382704613384, 36029346783166592,
                           140737488388096, 2147483648], dtype=torch.long)
@@ -125,6 +142,54 @@ def _radix_schedule(m: int, radix) -> list[int]:
     return out
 
 
+# ---- radix schedules chosen by modelled latency ------------------------------------------------------------------
+SCHEDULE_PROFILE = "lan"        # the network profile (mpcache/latency.py) whose latency the "auto" schedules minimise
+SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # candidate layer radices (and any r = m <= 64 last)
+
+
+def current_setting():
+    """The cost-model Setting of the running CrypTen session (compute parties, protocol, provider)."""
+    import crypten
+    import crypten.communicator as comm
+
+    from .costs import Setting
+
+    provider = "ttp" if crypten.mpc.get_default_provider().NAME == "TTP" else "tfp"
+    protocol = "replicated" if crypten.cfg.mpc.protocol == "replicated" else "arithmetic"     # CrypTen: "beaver"
+    return Setting(comm.get().get_world_size(), protocol, provider)
+
+
+def max_schedule(rows: int, m: int, lean: bool, setting=None) -> tuple[int, ...]:
+    """The radix schedule of a tournament max over ``m`` entries in each of ``rows`` rows that minimises the modelled
+    network latency ``rounds x RTT + bytes / bandwidth`` on ``SCHEDULE_PROFILE`` (LAN: 1 round ~ 112 KB), from the
+    analytic costs of each layer (mpcache/mpc/costs.py, tested equal to the measured ledgers). A public function
+    of public sizes and the protocol setting (``setting``: the cost tracer's; None = the running session's), so
+    every party and the cost tracer derive the same schedule. Short rows get one or two wide layers (few rounds,
+    few bytes in all); long rows start with cheap narrow layers. Dynamic programming over the entries left."""
+    if m <= 1:
+        return ()
+    return _best_schedule(setting or current_setting(), int(rows), int(m), bool(lean), SCHEDULE_PROFILE)[1]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _best_schedule(setting, rows: int, m: int, lean: bool, profile: str) -> tuple[float, tuple[int, ...]]:
+    from ..latency import PROFILES
+    from .costs import max_layer
+
+    if m <= 1:
+        return 0.0, ()
+    prof = PROFILES[profile]
+    radices = sorted({r for r in SCHEDULE_RADICES if r < m} | ({m} if m <= SCHEDULE_RADICES[-1] else set()))
+    best = None
+    for r in radices:
+        sm = max_layer(setting, (rows,), m, r, lean).summary()
+        t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
+        sub_t, sub = _best_schedule(setting, rows, -(-m // r), lean, profile)
+        if best is None or t + sub_t < best[0]:
+            best = (t + sub_t, (r, *sub))
+    return best
+
+
 def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = False):
     """Maximum along ``dim`` by a tournament: values only (no argmax one-hot, no random tie-break,
     unlike CrypTen's ``max(dim)``, which spends ~45% more bytes on them). Exact: the result is one of the entries.
@@ -137,6 +202,8 @@ def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = F
     """
     dim = dim % x.dim()
     x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
+    if radix == "auto":
+        radix = max_schedule(int(torch.Size(x.shape[:-1]).numel()), int(x.shape[-1]), lean)
     for r in _radix_schedule(x.shape[-1], radix):
         if r == 2:                                      # compare + mux: 1 product per pair
             m = x.shape[-1]
@@ -219,7 +286,7 @@ def _pow2_guess(x, lo: int, hi: int, power: float, c: float):
     import crypten
 
     base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
-    bits = 1 - crypten.stack([x - 2.0 ** j for j in range(lo, hi + 1)])._ltz()           # (J, ...), scale 1
+    bits = 1 - _minus_publics(x, [2.0 ** j for j in range(lo, hi + 1)])._ltz()           # (J, ...), scale 1
     scale = x.encoder.scale
     d = torch.tensor([round(v * scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     y = x.clone()
@@ -273,7 +340,7 @@ def _step_guess(x, lo: int, hi: int, q: int, lean: bool):
     import crypten
 
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
-    bits = 1 - _ltz(crypten.stack([x - t for t in ts]), lean)                        # (T, ...), scale 1
+    bits = 1 - _ltz(_minus_publics(x, ts), lean)                        # (T, ...), scale 1
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     y = x.clone()
     y.share = (bits.share * d.to(bits.share.device)).sum(0)
@@ -586,7 +653,8 @@ def norm_scale(v, add: float = 0.0, lean: bool | None = None):
     n_small = sum(t < split for t in ts)
     sq = crypten.stack([v, v * (1.0 / 2 ** SUMSQ_SHIFT)]).square().sum(-1, keepdim=True)     # (2, ..., 1)
     fine, coarse = sq[0] + add, sq[1] + add / 2 ** (2 * SUMSQ_SHIFT)
-    d = crypten.stack([fine - t for t in ts[:n_small]] + [coarse - t / 2 ** (2 * SUMSQ_SHIFT) for t in ts[n_small:]])
+    d = crypten.cat([_minus_publics(fine, ts[:n_small]),
+                     _minus_publics(coarse, [t / 2 ** (2 * SUMSQ_SHIFT) for t in ts[n_small:]])])
     bits = 1 - _ltz(d, lean)                                                                # (T, ..., 1) [s >= t]
     u = bits[n_small]
     coarse_full = _mul_public_int(coarse, torch.tensor(2 ** (2 * SUMSQ_SHIFT)))
@@ -618,6 +686,7 @@ def norm_scale_reference(v: torch.Tensor, add: float = 0.0) -> torch.Tensor:
 
 # ---- argmax and top-k as one-hot rows ------------------------------------------------------------------------
 ARGMAX_LEAN = True      # 32-bit-lane comparisons (_ltz_lean) in argmax_onehot: inputs must satisfy |x| < 16384
+ARGMAX_RADIX = "auto"   # the max tree's schedule (max_schedule; was radix 2: 16 layers for SmolLM2's 49152 logits)
 
 
 def argmax_onehot(x, lean: bool | None = None):
@@ -630,7 +699,7 @@ def argmax_onehot(x, lean: bool | None = None):
     Rounds: ceil(log2 m)(cmp+1) + 2 cmp + 1 mul.  Leaks: shapes only.
     """
     lean = ARGMAX_LEAN if lean is None else lean
-    mx = tree_max(x, dim=-1, keepdim=True, lean=lean)
+    mx = tree_max(x, dim=-1, keepdim=True, radix=ARGMAX_RADIX, lean=lean)
     eq = 1 - _ltz(x - mx, lean)
     first_or_later = (eq.cumsum(-1) - 2)                      # >= 0 exactly at the 2nd, 3rd, ... maxima
     return eq - eq * (1 - _ltz(first_or_later, lean))
@@ -668,7 +737,7 @@ def _onehot_of_small_int(v, k: int):
     """(..., k, m) with row r = [v == r] for integer-valued shares v (..., m), via [v >= r] - [v >= r+1]."""
     import crypten
 
-    ge = 1 - crypten.stack([v - float(r) for r in range(k + 1)])._ltz()       # (k+1, ..., m)
+    ge = 1 - _minus_publics(v, [float(r) for r in range(k + 1)])._ltz()       # (k+1, ..., m)
     oh = ge[:k] - ge[1:]                                                       # (k, ..., m)
     perm = list(range(1, oh.dim() - 1)) + [0, oh.dim() - 1]
     return oh.permute(*perm)

@@ -131,7 +131,7 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     if comm == MPI.COMM_NULL:
         comm = None
 
-    from . import compat
+    from . import compat, lean_tfp
 
     crypten = compat.crypten()
     # The default process-group timeout (30 min) would turn a dead peer into a half-hour hang.
@@ -149,6 +149,8 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     if sess.is_dealer:
         return sess
     crypten.init()
+    if provider == "tfp" and lean_tfp.ENABLED:
+        lean_tfp.install()                     # same tuples' distribution and trust model, fewer PRG draws
     attach(ledger)
     return sess
 
