@@ -81,19 +81,22 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
     run("keep_onehot", lambda a: ops.keep_onehot(a, 9), lambda a: P.keep_onehot(a, 9), sc2)
     st = torch.randn(2, 3, 61, generator=g)
     st[0, 1, 14] = st[0, 1, 15] = st[0, 1, 12:18].max() + 1.0    # a tie inside a stratum: the first wins
-    run("strata_top1_onehot", lambda a: ops.strata_top1_onehot(a, 7),
+    run("strata_top1_onehot", lambda a: ops.strata_top1_onehot(a, 7, radix=4),
         lambda a: ops.strata_top1_onehot_reference(a, 7), st)
     run("strata_top1_onehot_even", lambda a: ops.strata_top1_onehot(a, 8),
         lambda a: P.strata_top1_onehot(a, 8), torch.randn(4, 64, generator=g))
     # strata of 2..17 slots with ties (integer scores): every radix-4 level size and padding case, and pairwise
     ti = torch.randint(-3, 4, (3, 2, 150), generator=g).float()
     for kk in (75, 50, 30, 17, 9):
-        run(f"strata_r4_k{kk}", lambda a, kk=kk: ops.strata_top1_onehot(a, kk),
+        run(f"strata_r4_k{kk}", lambda a, kk=kk: ops.strata_top1_onehot(a, kk, radix=4),
             lambda a, kk=kk: ops.strata_top1_onehot_reference(a, kk), ti)
     run("strata_r2_k9", lambda a: ops.strata_top1_onehot(a, 9, radix=2),
         lambda a: ops.strata_top1_onehot_reference(a, 9), ti)
     run("strata_r3_k9", lambda a: ops.strata_top1_onehot(a, 9, radix=3),
         lambda a: ops.strata_top1_onehot_reference(a, 9), ti)
+    for kk in (75, 17, 9):                  # the default: the latency-minimising level schedule
+        run(f"strata_auto_k{kk}", lambda a, kk=kk: ops.strata_top1_onehot(a, kk),
+            lambda a, kk=kk: ops.strata_top1_onehot_reference(a, kk), ti)
     for n in (1024, 4096, 8192):
         flat = torch.randn(2, n, generator=g) * 0.01        # near-uniform rows: stock CrypTen gives garbage here
         peaked = torch.randn(2, n, generator=g) * 3
@@ -128,6 +131,18 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
     run("ltz_lean", ops._ltz_lean, lambda a: (a < 0).double(), xl)
     run("reciprocal_gs", lambda a: ops.reciprocal_gs(a, lean=True) * a,
         lambda a: ops.reciprocal_gs_reference(a) * a, r, exact=lambda a: torch.ones_like(a))
+    # the anchored decode softmax (offset = max of the first 4 and last 8 columns), last, with its own generator:
+    # attention-like rows (high sinks), a retrieval peak 10 above the anchors, a near-flat row, a row whose max IS
+    # an anchor, at 1k and 8k columns
+    g3 = torch.Generator().manual_seed(2)
+    for n in (1024, 8192):
+        a_rows = torch.randn(4, n, generator=g3) * 2
+        a_rows[:3, :4] += 6.0
+        a_rows[1, n // 3] = a_rows[1, list(range(4)) + list(range(n - 8, n))].max() + 10.0
+        a_rows[2] = torch.randn(n, generator=g3) * 0.01
+        a_rows[3, n - 1] += 12.0
+        run(f"softmax_anchor_{n}", lambda a: ops.softmax(a, anchor=(4, 8)),
+            lambda a: ops.softmax_reference(a, anchor=(4, 8)), a_rows, exact=lambda a: torch.softmax(a.double(), -1))
     if sess.rank == 0:
         json.dump(res, open(out, "w"), indent=1)
     sess.close()

@@ -47,6 +47,7 @@ CASES = [
     *[(f"strata_r4_k{k}", 0, None) for k in (75, 50, 30, 17, 9)],
     ("strata_r2_k9", 0, None),
     ("strata_r3_k9", 0, None),
+    *[(f"strata_auto_k{k}", 0, None) for k in (75, 17, 9)],
     # probabilities: each exp is within 512 ulp relative (above); the reciprocal adds ~1 ulp. Limit-exp error ~2%
     # renormalised.
     ("softmax_1024", 512 * ULP, 0.02),
@@ -55,6 +56,11 @@ CASES = [
     ("softmax_masked", 512 * ULP, 0.02),
     ("softmax_classic_1024", 512 * ULP, 0.02),     # radix 2, CrypTen comparison, Newton (the old default)
     ("softmax_r2lean_8192", 512 * ULP, 0.02),      # radix 2, lean comparison, Newton (the fewest bytes)
+    # anchored (offset = max of 4 + 8 public columns): 10 squarings raise the base's <= 2 ulp truncation error to a
+    # relative <= 2048 ulp; float model vs exact: the limit exp's y^2/2048 relative error, 7% at a peak y = 12
+    # above the anchors, which renormalisation turns into < 0.02 absolute on these rows
+    ("softmax_anchor_1024", 2048 * ULP, 0.02),
+    ("softmax_anchor_8192", 2048 * ULP, 0.02),
 ]
 
 
@@ -78,6 +84,16 @@ def test_norm_massive_activation(ops_results):
     assert ops_results["norm_massive"]["err"] < 1e-3
 
 
+def test_anchored_softmax_constant_rounds_and_lean(ops_results):
+    """The anchored decode softmax: the same rounds at 1k and 8k columns (no max over the row), fewer rounds and
+    bytes than the row-max softmax at both lengths (4 rows here vs 4 in softmax_<n>: same shapes)."""
+    a1, a8 = ops_results["softmax_anchor_1024"], ops_results["softmax_anchor_8192"]
+    assert a1["rounds"] == a8["rounds"], (a1, a8)
+    for n in (1024, 8192):
+        a, full = ops_results[f"softmax_anchor_{n}"], ops_results[f"softmax_{n}"]
+        assert a["rounds"] < full["rounds"] and a["bytes"] < full["bytes"], (n, a, full)
+
+
 def test_softmax_rounds_do_not_grow_linearly(ops_results):
     """Rounds grow with log2(m) (the max tree), not with m: 8x more columns = 3 more tree levels."""
     per_level = ops_results["tree_max"]["rounds"] / 9               # 257 columns: 9 levels
@@ -96,3 +112,8 @@ def test_strata_top1_costs_linear_comparisons(ops_results):
     assert r["bytes"] < 0.2 * ops_results["topk_onehot"]["bytes"], r
     assert ops_results["strata_r4_k9"]["rounds"] == 3 * cmp + 5
     assert ops_results["strata_r2_k9"]["rounds"] == 5 * (cmp + 1)
+    # the default schedule (ops.strata_schedule "auto") minimises modelled LAN latency: never more rounds than
+    # fixed radix 4 on these shapes, and never more bytes at equal rounds
+    for kk in (75, 17, 9):
+        auto, r4 = ops_results[f"strata_auto_k{kk}"], ops_results[f"strata_r4_k{kk}"]
+        assert auto["rounds"] < r4["rounds"] or (auto["rounds"] == r4["rounds"] and auto["bytes"] <= r4["bytes"]), kk

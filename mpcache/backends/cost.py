@@ -312,8 +312,8 @@ class CostBackend:
         return out, a._like(out.shape)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):
-        self._charge(C.softmax(self.s, x.shape, masked=mask is not None))
+    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None):
+        self._charge(C.softmax(self.s, x.shape, masked=mask is not None, anchor=anchor))
         return x._like(x.shape, SCALE)
 
     def norm_scale(self, v, add: float = 0.0):

@@ -53,8 +53,9 @@ class PlainBackend:
         return a.amax(dim=dim), b.amin(dim=dim)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
-        """Softmax along ``dim``; ``mask`` is a public 0/1 tensor broadcastable to ``x`` (0 = excluded)."""
+    def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None, anchor=None) -> Tensor:
+        """Softmax along ``dim``; ``mask`` is a public 0/1 tensor broadcastable to ``x`` (0 = excluded). ``anchor``
+        only changes how the secure softmax offsets its exp (the same function): ignored here."""
         if mask is not None:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)

@@ -116,8 +116,10 @@ class SecureBackend:
         return both[0], -both[1]
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None):
-        return ops.softmax(x, dim=dim, mask=mask)
+    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None):
+        """``anchor=(a, b)``: a decode row whose first a and last b columns are always-attended public rows; their
+        max is the exp's offset (ops.softmax, ANCHOR): a constant-round softmax, no max over the row."""
+        return ops.softmax(x, dim=dim, mask=mask, anchor=anchor)
 
     def norm_scale(self, v, add: float = 0.0):
         """v / sqrt(sum(v^2) + add), precise in fixed point (see :func:`mpcache.mpc.ops.norm_scale`)."""

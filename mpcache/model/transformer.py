@@ -120,6 +120,11 @@ class Transformer:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         return q, k, v
 
+    #: decode rows (one query, no mask) offset the secure softmax's exp by the max of these public columns (the
+    #: first rows of the attended cache: attention sinks; the last: the newest rows) instead of the row's max
+    #: (mpcache.mpc.ops.ANCHOR: constant rounds, no max tree over the cache); None = the max over the row
+    DECODE_ANCHOR = (4, 8)
+
     def _attend(self, q, k, v, mask=None):
         """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
         are stacked so one batched matmul serves the group (GQA)."""
@@ -132,7 +137,8 @@ class Transformer:
         with self.scope("softmax"):
             if mask is not None:
                 mask = mask.repeat(G, 1)                             # (G*Tq, Lk), public
-            p = B.softmax(s, dim=-1, mask=mask)
+            anchor = self.DECODE_ANCHOR if (mask is None and Tq == 1) else None
+            p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
         with self.scope("av"):
             o = B.matmul(p, v)                                       # (Hkv, G*Tq, hd)
         o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
@@ -279,7 +285,7 @@ class Transformer:
             sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
         parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
         with self.scope("softmax"):
-            p = B.softmax(B.cat(parts, dim=-1), dim=-1)                         # (Hkv, G, n_attended)
+            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=self.DECODE_ANCHOR)   # (Hkv, G, n_attended)
         at = sum(b - a for a, b in before)
         with self.scope("gather"):
             cand = from_blocks(g.scatter_blocks(to_blocks(p[..., at:at + ksel * blk], ksel), B), C)

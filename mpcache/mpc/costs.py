@@ -403,7 +403,7 @@ def reciprocal_gs(s: Setting, shape, iters: int | None = None, lo: int | None = 
 
 
 def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | None = None,
-            recip: str | None = None) -> Cost:
+            recip: str | None = None, anchor=None) -> Cost:
     """ops.softmax along the last dim (its defaults SOFTMAX_RADIX / SOFTMAX_LEAN / SOFTMAX_RECIP when None):
     tree max, exp, (mask product), row sum / sqrt(m) (public product), reciprocal, e * r, * 1/sqrt(m)."""
     from . import ops
@@ -413,6 +413,12 @@ def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | No
     recip = getattr(ops, "SOFTMAX_RECIP", "newton") if recip is None else recip
     shape = _size(shape)
     row = _size((*shape[:-1], 1))
+    if anchor is not None and not masked and sum(anchor) < shape[-1]:      # ops.softmax's anchored branch
+        lo, hi, q = ops.ANCHOR_RECIP
+        c = tree_max(s, (*shape[:-1], sum(anchor)), radix="auto", lean=lean)
+        c += exp_limit(s, shape, iters=ops.ANCHOR_EXP_ITERS) + public_mul(s, row)
+        c += reciprocal_gs(s, row, lo=lo, hi=hi, q=q, lean=False)
+        return c + mul(s, shape, row) + public_mul(s, shape)
     c = tree_max(s, shape, radix=radix, lean=lean) + exp_limit(s, shape)
     if masked:
         c += public_mul(s, shape)
@@ -508,11 +514,28 @@ def keep_onehot(s: Setting, shape, k: int) -> Cost:
     return _pairwise_rank(s, shape) + ltz(s, shape) + _onehot_of_small_int(s, shape, k)
 
 
-def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radix: int | None = None) -> Cost:
-    """ops.strata_top1_onehot over the g slots of each stratum. Radix 2, per level: 1 comparison of the h pairs and
-    1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w, w = one-hot width so far). Radix r, per
-    level (ops._onehot_radix_level): the r(r-1)/2 pairs of each of the G groups in one comparison layer, then the
-    product tree's rounds (ops._product_rounds), ring integers."""
+def strata_level(s: Setting, lead, n: int, w: int, r: int, lean: bool) -> Cost:
+    """One level of ops.strata_top1_onehot: n survivors per stratum carrying one-hots of width w, radix r <= n.
+    Radix 2: 1 comparison of the h pairs and 1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w).
+    Radix r (ops._onehot_radix_level): the r(r-1)/2 pairs of each of the G groups in one comparison layer, then
+    the product tree's rounds (ops._product_rounds), ring integers."""
+    from . import ops
+
+    lead = tuple(_size(lead))
+    if r == 2:
+        h = n // 2
+        return _cmp(s, (*lead, h), lean) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
+    G = -(-n // r)
+    c = _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
+    for widths in ops._product_rounds(r, w):
+        ps = (*lead, G, r, sum(widths))
+        c += mul(s, ps, ps, trunc=False)
+    return c
+
+
+def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radix=None) -> Cost:
+    """ops.strata_top1_onehot over the g slots of each stratum: its levels (``strata_level``) along the
+    protocol's own schedule (ops.strata_schedule: ``radix`` an int, a sequence, or "auto")."""
     from . import ops
 
     lean = ops.SELECT_LEAN if lean is None else lean
@@ -523,19 +546,9 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
     lead = (*shape[:-1], k)
     n, w = g, 1
     c = Cost(s.n)
-    while n > 1:
-        if radix > 2:
-            r = min(radix, n)
-            G = -(-n // r)
-            c += _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
-            for widths in ops._product_rounds(r, w):
-                ps = (*lead, G, r, sum(widths))
-                c += mul(s, ps, ps, trunc=False)
-            n, w = G, r * w
-            continue
-        h = n // 2
-        c += _cmp(s, (*lead, h), lean) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
-        n, w = h + n % 2, 2 * w
+    for r in ops.strata_schedule(_numel(lead), g, lean, radix, s):
+        c += strata_level(s, lead, n, w, r, lean)
+        n, w = (n // 2 + n % 2, 2 * w) if r == 2 else (-(-n // r), r * w)
     return c
 
 

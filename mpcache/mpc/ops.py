@@ -395,7 +395,7 @@ MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; e
 # 142 -> 68 at 8k for ~12% more bytes (2.83 -> 3.18 MB, 22.5 -> 25.1 MB); stock CrypTen: 137/167 rounds,
 # 6.4/47.7 MB. 3PC: 63/74 rounds, 6.5/51 MB vs stock 208/259, 35/266 MB. Fewest bytes instead: radix 2 + lean
 # (2PC 1.73/13.6 MB, 105/129 rounds).
-SOFTMAX_RADIX = (4, 4, 4, 16)   # max-tree layer radices (see tree_max / _radix_layer)
+SOFTMAX_RADIX = "auto"          # max-tree layer radices: "auto" = max_schedule (LAN latency), or a tuple (tree_max)
 SOFTMAX_LEAN = True             # 32-bit-lane comparisons (_ltz_lean): logits must satisfy |x| < 16384
 SOFTMAX_RECIP = "goldschmidt"   # "newton" (reciprocal_nr) or "goldschmidt" (reciprocal_gs)
 SOFTMAX_EXP_FIT = None          # None: exp base 1 + x/256. 8.0: the minimax base on [-8, 0], same cost, peaked rows
@@ -404,8 +404,22 @@ SOFTMAX_EXP_FIT = None          # None: exp base 1 + x/256. 8.0: the minimax bas
 #                                 vs plaintext (tests/mpi_jobs.py job_oblivious), so it is not the default
 
 
+# Anchored softmax (decode rows, no mask): the exp's offset is the max over a few always-attended PUBLIC columns
+# (the first ANCHOR[0] and the last ANCHOR[1] of the row: the attention sinks and the newest rows) instead of the
+# max over the whole row. Softmax is shift-invariant, so the result is the same function; what changes is the
+# exp's argument range: y = x - anchor_max <= D, where D = row max - anchor max >= 0. Measured on SmolLM2-135M
+# (full-cache decode, passkey prompts, every layer and head; /tmp study in RESULTS.md): D <= 8.6 at 1k and
+# <= 10.5 at 4k tokens, 99% of rows D <= 4.4. Valid while D <= ANCHOR_MAX_EXCESS (the reciprocal's range; the
+# exp's last squaring overflows the ring only beyond ~21.5): a larger excess makes that row's probabilities
+# wrong, silently. The low side is always safe: the anchors are attended, so the largest term is >= 1.
+ANCHOR = (4, 8)               # (leading, trailing) public columns whose max is the exp's offset
+ANCHOR_EXP_ITERS = 10         # (1 + y/1024)^1024: relative error ~y^2/2048 (0.05% at |y| = 1, 4.8% at 10)
+ANCHOR_RECIP = (-8, 30, 2)    # reciprocal_gs range 2^lo..2^(hi+1) and steps per octave: sum/sqrt(m) <= sqrt(m) e^D
+ANCHOR_MAX_EXCESS = 16.0      # D above which the reciprocal's guess saturates (at m = 8k: log2(90 e^16) < 30)
+
+
 def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
-            recip: str | None = None, exp_fit: float | None | str = "default"):
+            recip: str | None = None, exp_fit: float | None | str = "default", anchor=None):
     """Softmax along the last dim, correct for rows of up to 2^16 entries (tested flat and peaked at 8k).
 
     Stock CrypTen divides by the sum of exponentials with a reciprocal whose Newton iterations diverge once the
@@ -415,16 +429,28 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     ``exp_fit``: exp_limit's fit_range ("default" = SOFTMAX_EXP_FIT). ``radix``/``lean`` go to ``tree_max`` (lean needs |x| < 16384, masked entries included), ``recip`` picks
     ``reciprocal_gs`` ("goldschmidt") or ``reciprocal_nr`` ("newton"); None = the module defaults above.
     Rounds: sum over max layers of (cmp + ceil(log2 r)) + EXP_ITERS + reciprocal (cmp + 1 + RECIP_GS_ITERS, or
-    cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.  Leaks: shapes only.
+    cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
+    ``anchor=(a, b)`` (no mask; see ANCHOR above): the offset is the max of the first a and last b columns only (a
+    max over a + b entries: one layer), exp by ANCHOR_EXP_ITERS squarings, the reciprocal over the wider range
+    ANCHOR_RECIP with CrypTen's full-width comparison. Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
+    (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 10 + 12 + 1 = 34 for (4, 8), whatever the row length; bytes: the exp's
+    squarings and one product per entry, the rest per row. Leaks: shapes only.
     """
     assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
     m = x.shape[-1]
     if m > 2 ** 16:
         raise ValueError(f"secure softmax supports rows of up to 65536 entries, got {m}")
-    if mask is not None:
-        x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
     radix = SOFTMAX_RADIX if radix is None else radix
     lean = SOFTMAX_LEAN if lean is None else lean
+    if anchor is not None and mask is None and sum(anchor) < m:
+        mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean)
+        e = exp_limit(x - mx, iters=ANCHOR_EXP_ITERS)
+        c = 1.0 / math.sqrt(m)
+        lo, hi, q = ANCHOR_RECIP
+        r = reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
+        return (e * r) * c
+    if mask is not None:
+        x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
     recip = SOFTMAX_RECIP if recip is None else recip
     exp_fit = SOFTMAX_EXP_FIT if exp_fit == "default" else exp_fit
     mx = tree_max(x, dim=-1, keepdim=True, radix=radix, lean=lean)
@@ -437,12 +463,27 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     return (e * r) * c                                        # (e r) first: r c alone can be a few ulps
 
 
+def _anchor_columns(x, anchor):
+    a, b = anchor
+    m = x.shape[-1]
+    parts = ([x[..., :a]] if a else []) + ([x[..., m - b:]] if b else [])
+    if isinstance(x, torch.Tensor):
+        return torch.cat(parts, dim=-1)
+    return parts[0] if len(parts) == 1 else _cat(parts, dim=-1)
+
+
 def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None,
                       lean: bool | None = None, recip: str | None = None,
-                      exp_fit: float | None | str = "default") -> torch.Tensor:
+                      exp_fit: float | None | str = "default", anchor=None) -> torch.Tensor:
     """The float model of ``softmax`` (the max is exact whatever ``radix``/``lean``; ``recip`` picks the model)."""
     x = x.double()
     m = x.shape[-1]
+    if anchor is not None and mask is None and sum(anchor) < m:
+        e = exp_limit_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values,
+                                iters=ANCHOR_EXP_ITERS)
+        c = 1.0 / math.sqrt(m)
+        lo, hi, q = ANCHOR_RECIP
+        return e * (reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
     if mask is not None:
         x = x + (mask.double() - 1) * MASK_SHIFT
     exp_fit = SOFTMAX_EXP_FIT if exp_fit == "default" else exp_fit
@@ -796,7 +837,46 @@ def strata_layout(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 STRATA_PAD = -(2.0 ** 20)    # the score of a padding slot (below any real score; never wins)
 STRATA_PAD_LEAN = -12288.0   # the same with lean comparisons (scores must then satisfy |s| < 12288)
 SELECT_LEAN = True           # default of strata_top1_onehot's ``lean``
-STRATA_RADIX = 4             # survivors per group at each tournament level (2 = the pairwise tournament)
+STRATA_RADIX = "auto"        # survivors per group at each tournament level: "auto" = strata_schedule (LAN
+#                              latency; was 4 at every level), an int (every level; 2 = the pairwise tournament)
+#                              or a sequence of level radices
+
+
+def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting=None) -> tuple[int, ...]:
+    """The level radices of a stratified tournament over ``g`` slots per stratum (``rows`` strata in all): ``radix``
+    an int (every level, capped at the survivors left) or a sequence (in order, the last repeated), or "auto": the
+    schedule minimising the modelled latency on ``SCHEDULE_PROFILE`` (as :func:`max_schedule`, but each level
+    also multiplies the one-hots carried so far, whose width grows with the radices before it)."""
+    if radix != "auto":
+        out, n = [], g
+        rs = [radix] if isinstance(radix, int) else list(radix)
+        while n > 1:
+            r = min(rs[min(len(out), len(rs) - 1)], n)
+            out.append(r)
+            n = n // 2 + n % 2 if r == 2 else -(-n // r)
+        return tuple(out)
+    if g <= 1:
+        return ()
+    return _best_strata(setting or current_setting(), int(rows), int(g), 1, bool(lean), SCHEDULE_PROFILE)[1]
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _best_strata(setting, rows: int, n: int, w: int, lean: bool, profile: str) -> tuple[float, tuple[int, ...]]:
+    from ..latency import PROFILES
+    from .costs import strata_level
+
+    if n <= 1:
+        return 0.0, ()
+    prof = PROFILES[profile]
+    best = None
+    for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
+        sm = strata_level(setting, (rows,), n, w, r, lean).summary()
+        t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
+        nxt = (n // 2 + n % 2, 2 * w) if r == 2 else (-(-n // r), r * w)
+        sub_t, sub = _best_strata(setting, rows, *nxt, lean, profile)
+        if best is None or t + sub_t < best[0]:
+            best = (t + sub_t, (r, *sub))
+    return best
 
 
 def _product_rounds(r: int, w: int) -> list[list[int]]:
@@ -866,7 +946,7 @@ def _onehot_radix_level(v, oh, r: int, lean: bool):
     return top, new_oh
 
 
-def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix: int | None = None):
+def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None):
     """Compact one-hot rows (..., k, g): row r marks the first maximum of stratum r (see :func:`strata_layout`).
 
     A tournament per stratum that carries each survivor's one-hot. ``radix`` (default ``STRATA_RADIX``) = 2:
@@ -895,10 +975,11 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix: int | No
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
     v = x
     oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
-    while v.shape[-1] > 1:
+    rows = int(torch.Size(x.shape[:-1]).numel())
+    for r in strata_schedule(rows, g, lean, radix):
         n, w = int(v.shape[-1]), int(oh.shape[-1])
-        if radix > 2:
-            v, oh = _onehot_radix_level(v, oh, min(radix, n), lean)
+        if r > 2:
+            v, oh = _onehot_radix_level(v, oh, r, lean)
             continue
         h = n // 2
         a, b = v[..., 0:2 * h:2], v[..., 1:2 * h:2]
