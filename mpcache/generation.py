@@ -62,6 +62,10 @@ def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: di
         if fixed:
             w = {name: FixedOperand.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t
                  for name, t in w.items()}
+            # decode multiplies one row by each linear layer: store those column-major (torch.mv); the token table
+            # stays row-major (the tied head reads it transposed, the embedding's one-hot product is one call)
+            w = {name: t.vector_layout() if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES and name != "embed" else t
+                 for name, t in w.items()}
         return w
 
 
