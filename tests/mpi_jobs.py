@@ -195,6 +195,78 @@ def job_die(out):
     private_generate(sess, cfg, w, None, 2)
 
 
+def job_lean_tfp(out):
+    """The lean TFP provider's tuples open to valid triples (a*b, a@b, a&b, r^2, B2A bits), party 1's shares are
+    uniform-looking; the same product opened over MPI and over gloo costs the same bytes and rounds and decodes to
+    the same value (within the truncation's ulps)."""
+    sess = _open()                                         # applies the CrypTen compatibility layer first
+    import crypten
+    import crypten.communicator as comm
+
+    prov = crypten.mpc.get_default_provider()
+    res = {"provider": type(prov).__name__}
+
+    def open_(t):
+        return comm.get().all_reduce(t.share.clone())
+
+    def open_bin(t):
+        import torch.distributed as dist
+        return comm.get().all_reduce(t.share.clone(), op=dist.ReduceOp.BXOR)
+
+    a, b, c = prov.generate_additive_triple((4, 5), (4, 5), "mul")
+    res["mul_ok"] = bool(torch.equal(open_(a) * open_(b), open_(c)))
+    a, b, c = prov.generate_additive_triple((3, 6), (6, 2), "matmul")
+    res["matmul_ok"] = bool(torch.equal(open_(a) @ open_(b), open_(c)))
+    a, b, c = prov.generate_binary_triple((7,), (7,))
+    res["and_ok"] = bool(torch.equal(open_bin(a) & open_bin(b), open_bin(c)))
+    r, r2 = prov.square((9,))
+    res["square_ok"] = bool(torch.equal(open_(r) * open_(r), open_(r2)))
+    rA, rB = prov.B2A_rng((5000,))
+    ra, rb = open_(rA), open_bin(rB)
+    res["b2a_ok"] = bool(torch.equal(ra, rb)) and set(ra.unique().tolist()) <= {0, 1}
+    res["b2a_mean"] = ra.double().mean().item()
+    a, _, _ = prov.generate_additive_triple((1 << 15,), (1 << 15,), "mul")
+    if sess.rank == 1:                                     # party 1's share: uniform bits
+        bits = torch.stack([(a.share >> k) & 1 for k in range(64)]).double().mean(1)
+        res["p1_share_bit_dev"] = (bits - 0.5).abs().max().item()
+    res["p1_share_bit_dev"] = sess.comm.bcast(res.get("p1_share_bit_dev"), root=1)
+    # the same product over MPI and over gloo: same counted bytes/rounds, same value
+    x = crypten.cryptensor(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), src=0)
+    y = crypten.cryptensor(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), src=0)
+    inst = comm.get()
+    via = {}
+    for name, mpi in (("mpi", inst.mpi_comm), ("gloo", None)):
+        saved, inst.mpi_comm = inst.mpi_comm, mpi
+        before = sess.ledger.totals()
+        z = (x * y).get_plain_text()
+        after = sess.ledger.totals()
+        inst.mpi_comm = saved
+        via[name] = {"value": z, "rounds": after["rounds"] - before["rounds"],
+                     "bytes": after["bytes_sent"] - before["bytes_sent"]}
+    res["mpi_exchange_on"] = inst.mpi_comm is not None
+    res["same_costs"] = via["mpi"]["rounds"] == via["gloo"]["rounds"] and via["mpi"]["bytes"] == via["gloo"]["bytes"]
+    res["max_diff"] = (via["mpi"]["value"] - via["gloo"]["value"]).abs().max().item()
+    if sess.rank == 0:
+        json.dump(res, open(out, "w"), indent=1)
+    sess.close()
+
+
+def job_hang(out):
+    """Rank 1 hangs (alive, silent) after the session opens; rank 0's next opening must time out with a clear
+    message (the MPI exchange's own deadline: the session's timeout, 5 s here), not wait forever."""
+    import time
+
+    from mpcache.mpc.session import open_session
+
+    sess = open_session("arithmetic", "tfp", public_info={}, timeout_s=5)
+    import crypten
+
+    x = crypten.cryptensor(torch.ones(4), src=0)
+    if sess.rank == 1:
+        time.sleep(120)
+    (x * x).get_plain_text()
+
+
 # ---- fixed-operand Beaver triples (tests/test_fixed_operand.py) ----------------------------------------------
 def job_fixed_ops(out, protocol="arithmetic", provider="tfp"):
     """fixed_matmul vs its float model for several x with one W (plain, transposed, one-hot, batched), per-use and

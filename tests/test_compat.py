@@ -29,7 +29,7 @@ def test_patches_apply_and_work():
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
     for name in ("onnx_registration", "torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod",
-                 "fast_config"):
+                 "fast_config", "fast_rng"):
         assert name in p.stdout
 
 
@@ -88,5 +88,41 @@ print("OK")
 
 def test_fast_config_mirror_equals_omegaconf():
     p = subprocess.run([sys.executable, "-c", FAST_CONFIG], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "OK" in p.stdout
+
+
+FAST_RNG = r"""
+import torch
+from mpcache.mpc import compat
+compat.apply()
+import crypten
+from crypten.common import rng
+from crypten.mpc.primitives import arithmetic
+from crypten.mpc.provider import tfp_provider, ttp_provider
+f = rng.generate_random_ring_element
+assert f._mpcache_patched
+for mod in (arithmetic, tfp_provider, ttp_provider):
+    assert mod.generate_random_ring_element is f, mod
+# two generators seeded alike (two parties sharing a seed) give identical streams, draw after draw, above and
+# below the NumPy threshold, and the generators stay in lockstep
+g1, g2 = torch.Generator(), torch.Generator()
+g1.manual_seed(1234); g2.manual_seed(1234)
+for size in [(3,), (compat.FAST_RNG_MIN,), (70, 100), (5, 7)]:
+    a, b = f(size, generator=g1), f(size, generator=g2)
+    assert a.shape == torch.Size(size) and a.dtype == torch.long and torch.equal(a, b), size
+# a different seed gives a different stream; values span the whole ring, every bit ~ fair
+g3 = torch.Generator(); g3.manual_seed(99)
+x = f((1 << 16,), generator=g3)
+assert not torch.equal(x, f((1 << 16,), generator=g1))
+assert x.min() < -(2 ** 62) and x.max() > 2 ** 62
+bits = torch.stack([(x >> k) & 1 for k in range(64)]).double().mean(1)
+assert ((bits - 0.5).abs() < 0.02).all(), bits
+print("OK")
+"""
+
+
+def test_fast_rng_streams_are_shared_and_uniform():
+    p = subprocess.run([sys.executable, "-c", FAST_RNG], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout

@@ -80,3 +80,53 @@ def test_generation_cost_predicted_equal_measured(tmp_path, protocol, provider, 
         assert (a["bytes_sent"][1:], a["bytes_recv"], a["rounds"]) == (b["bytes_sent"][1:], b["bytes_recv"], b["rounds"])
         slack = 16 * a["rounds"] if provider == "ttp" else 0       # TTP request pickles, see _compare_ledgers
         assert abs(a["bytes_sent"][0] - b["bytes_sent"][0]) <= slack, (a, b)
+
+
+# ---- no MPI: the latency-minimising schedules and the ring matmul -------------------------------------------
+def test_auto_schedules_reduce_to_one_and_beat_fixed_radices():
+    """max_schedule / strata_schedule: public, deterministic, reduce the entries to one, and their modelled LAN
+    latency is never worse than the fixed radices they replaced ((4, 4, 4, 16) and 4)."""
+    from mpcache.latency import PROFILES
+    from mpcache.mpc import costs as C
+    from mpcache.mpc import ops
+
+    lan = PROFILES["lan"]
+
+    def t(c):
+        sm = c.summary()
+        return sm["rounds"] * lan.rtt_s + 8 * max(sm["bytes_sent"]) / lan.bandwidth_bps
+
+    for setting in (C.Setting(), C.Setting(3, "replicated", "tfp"), C.Setting(2, "arithmetic", "ttp")):
+        for rows, m in ((9, 3), (9, 45), (9, 412), (9, 4097), (1, 49152)):
+            sch = ops.max_schedule(rows, m, True, setting)
+            assert sch == ops.max_schedule(rows, m, True, setting)
+            left = m
+            for r in sch:
+                assert 2 <= r <= left
+                left = -(-left // r)
+            assert left == 1, (m, sch)
+            auto = t(C.tree_max(setting, (rows, m), radix=sch, lean=True))
+            assert auto <= t(C.tree_max(setting, (rows, m), radix=(4, 4, 4, 16), lean=True)) + 1e-12
+        for rows, g in ((300, 10), (150, 6), (48, 4), (600, 17)):
+            k = 3 * g
+            m = g * rows // 3
+            auto = t(C.strata_top1_onehot(setting, (3, m), rows // 3, radix="auto"))
+            assert auto <= t(C.strata_top1_onehot(setting, (3, m), rows // 3, radix=4)) + 1e-12, (rows, g, k)
+
+
+def test_ring_matmul_equals_torch_matmul_for_every_layout():
+    """mpcache.mpc.fixed_operand.ring_matmul: bit-identical to torch.matmul on int64 (wrapping), for contiguous and
+    transposed right operands, one row or several, batched left operands; results contiguous (gloo sends them)."""
+    import torch
+
+    from mpcache.mpc.fixed_operand import ring_matmul
+
+    g = torch.Generator().manual_seed(0)
+
+    def R(*s):
+        return torch.randint(-(2 ** 63), 2 ** 63 - 1, s, generator=g)
+
+    for b in (R(40, 24), R(24, 40).t()):
+        for a in (R(1, 40), R(5, 40), R(3, 2, 40), R(40)):
+            out = ring_matmul(a, b)
+            assert torch.equal(out, torch.matmul(a, b)) and out.is_contiguous()

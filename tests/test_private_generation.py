@@ -79,6 +79,13 @@ def test_dead_party_fails_fast(tmp_path):
     assert dt < 100, f"took {dt:.0f}s"
 
 
+def test_hung_party_times_out_with_a_clear_message(tmp_path):
+    p, dt = _launch([MPIRUN, "-n", "2", sys.executable, "tests/mpi_jobs.py", "hang", str(tmp_path / "x.json")])
+    assert p.returncode != 0
+    assert dt < 60, f"took {dt:.0f}s"
+    assert "no opening from parties" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+
+
 @pytest.mark.parametrize("n,extra,needle", [
     (1, [], "launch with `mpirun -n 2"),
     (2, ["--protocol", "replicated"], "exactly 3 compute parties"),

@@ -117,3 +117,16 @@ def test_strata_top1_costs_linear_comparisons(ops_results):
     for kk in (75, 17, 9):
         auto, r4 = ops_results[f"strata_auto_k{kk}"], ops_results[f"strata_r4_k{kk}"]
         assert auto["rounds"] < r4["rounds"] or (auto["rounds"] == r4["rounds"] and auto["bytes"] <= r4["bytes"]), kk
+
+
+def test_lean_tfp_tuples_and_mpi_exchange(tmp_path):
+    """The session's TFP provider (mpcache/mpc/lean_tfp.py) makes valid tuples with uniform-looking shares for
+    party 1; openings over MPI and over gloo cost the same (bytes, rounds) and give the same value."""
+    r = mpi_job(2, "lean_tfp", tmp_path)
+    assert r["provider"] == "LeanTrustedFirstParty"
+    for k in ("mul_ok", "matmul_ok", "and_ok", "square_ok", "b2a_ok"):
+        assert r[k], (k, r)
+    assert abs(r["b2a_mean"] - 0.5) < 5 / (2 * 5000 ** 0.5), r          # 5 sigma of a fair bit's mean
+    assert r["p1_share_bit_dev"] < 5 / (2 * (1 << 15) ** 0.5), r
+    assert r["mpi_exchange_on"] and r["same_costs"], r
+    assert r["max_diff"] <= 4 * ULP, r                                  # two products, each within 2 ulps

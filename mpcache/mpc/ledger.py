@@ -192,7 +192,13 @@ def _counting_communicator_class(base):
                     for j, buf in zip(peers, bl):
                         reqs += [mpi.Isend(m.numpy(), dest=j, tag=EXCHANGE_TAG),
                                  mpi.Irecv(buf.numpy(), source=j, tag=EXCHANGE_TAG)]
-                MPI.Request.Waitall(reqs)
+                if not MPI.Request.Testall(reqs):  # a dead peer ends the job (mpiexec); a hung one must not
+                    deadline = time.monotonic() + self.mpi_timeout
+                    while not MPI.Request.Testall(reqs):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(
+                                f"party {me}: no opening from parties {peers} for {self.mpi_timeout:.0f} s; a peer "
+                                "died or hangs (see its output); raise --timeout if the peers are merely slow")
             else:
                 reqs = []
                 for m, bl in zip(msgs, bufs):
@@ -275,7 +281,7 @@ def _counting_communicator_class(base):
     return CountingCommunicator
 
 
-def attach(ledger: CostLedger, mpi_comm=None):
+def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0):
     """Make CrypTen's live communicator count into ``ledger``.
 
     NOTE: CrypTen keeps its communicator as a singleton created inside ``crypten.init``; we re-class that one
@@ -290,4 +296,5 @@ def attach(ledger: CostLedger, mpi_comm=None):
         inst.__class__ = _counting_communicator_class(base)
     inst.ledger = ledger
     inst.mpi_comm = mpi_comm      # the compute parties' MPI communicator (same ranks), or None: gloo
+    inst.mpi_timeout = mpi_timeout  # seconds an MPI exchange may wait for a peer (gloo has its own timeout)
     return inst

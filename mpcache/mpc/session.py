@@ -151,19 +151,23 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     crypten.init()
     if provider == "tfp" and lean_tfp.ENABLED:
         lean_tfp.install()                     # same tuples' distribution and trust model, fewer PRG draws
-    attach(ledger, comm if _mpi_exchange(device, n_parties) else None)
+    attach(ledger, comm if _mpi_exchange(device, n_parties) else None, timeout_s)
     return sess
 
 
 #: openings (the bulk of the online traffic) go over MPI point-to-point instead of gloo: "auto" = on CPU when
 #: every compute party can have its own core (MPICH waits by polling, which would starve a computing party on an
-#: oversubscribed host, e.g. 3 parties on 2 cores); True/False force it. Same bytes, same rounds, same results.
+#: oversubscribed host, e.g. 3 parties on 2 cores) and the parties are not behind an emulated link
+#: (``MPCACHE_MASTER_ADDR``, set by scripts/netem: MPI would use shared memory and bypass the shaped link);
+#: True/False force it. Same bytes, same rounds, same results.
 MPI_EXCHANGE = "auto"
 
 
 def _mpi_exchange(device: str, n_parties: int) -> bool:
     if MPI_EXCHANGE != "auto":
         return bool(MPI_EXCHANGE)
+    if os.environ.get("MPCACHE_MASTER_ADDR"):
+        return False
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
