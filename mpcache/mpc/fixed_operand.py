@@ -278,8 +278,8 @@ class FixedOperand:
         runs as ``torch.mv`` over contiguous rows, ~1.7x faster than the int64 row-by-matrix product. Same values,
         same shape, same spec (the dealer's ``B`` is unchanged); no traffic. Multi-row products (the prefill) pay
         ~1.7x instead. Anything but a 2-D operand is returned unchanged."""
-        if self.dim() != 2 or self.path == PATH_REPLICATED:
-            return self
+        if self.dim() != 2 or self.w.share.device.type != "cpu":
+            return self                            # (ring_matmul's fast routes are for CPU int64 tensors)
 
         def col_major(t):
             return None if t is None else t.t().contiguous().t()

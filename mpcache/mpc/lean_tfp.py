@@ -92,6 +92,7 @@ def _result_size(op: str, size0, size1) -> torch.Size | None:
 def provider_class():
     """The provider class (built lazily: CrypTen is imported after the compatibility patches)."""
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.common.util import torch_stack
     from crypten.mpc.primitives import ArithmeticSharedTensor as AST
     from crypten.mpc.primitives import BinarySharedTensor as BST
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
@@ -121,7 +122,7 @@ def provider_class():
             both = None
             if _world()[0] == 0:
                 r = generate_random_ring_element(size, device=device)
-                both = torch.stack([r, r.mul(r)])
+                both = torch_stack([r, r.mul(r)])              # CrypTen's stack: CUDALongTensor-aware
             s = share_from_party0(both, (2, *torch.Size(size)), device)
             return AST.from_shares(s[0], precision=0), AST.from_shares(s[1], precision=0)
 
