@@ -253,7 +253,7 @@ class Transformer:
                 and getattr(k, "is_fixed_operand", False) and getattr(v, "is_fixed_operand", False)
                 and g.covers(int(k.shape[1])))
 
-    def _attend_selected(self, q, g, k, v, logits=None, offset=None):
+    def _attend_selected(self, q, g, k, v, logits=None):
         """Decode attention over the rows a one-hot Gather selects, on a fixed K/V cache, without moving K or V:
         scores against every cached row (q·Kᵀ opens only q), the selected blocks' scores gathered by the one-hot
         (opens the one-hot and the G·L candidate scores per KV head), softmax over the attended scores, the
@@ -285,9 +285,7 @@ class Transformer:
             sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
         parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
         with self.scope("softmax"):
-            # offset: the anchors' max if the policy batched it with its own comparisons (DecodeContext.logits)
-            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=self.DECODE_ANCHOR,
-                          offset=offset if self.DECODE_ANCHOR is not None else None)       # (Hkv, G, n_attended)
+            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=self.DECODE_ANCHOR)   # (Hkv, G, n_attended)
         at = sum(b - a for a, b in before)
         with self.scope("gather"):
             cand = from_blocks(g.scatter_blocks(to_blocks(p[..., at:at + ksel * blk], ksel), B), C)
@@ -314,11 +312,10 @@ class Transformer:
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
                 with self.scope("selection"):
                     ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
-                                        cache.state[i], shared, want_offset=self.DECODE_ANCHOR is not None)
+                                        cache.state[i], shared)
                     g = self.policy.select(ctx)
                 if self._attend_in_place(g, cache.k[i], cache.v[i]):
-                    o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"),
-                                              ctx.logits.get("offset"))
+                    o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"))
                 else:
                     with self.scope("gather"):
                         ks, vs = self._gather(g, cache.k[i], cache.v[i])

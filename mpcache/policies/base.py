@@ -203,10 +203,7 @@ class DecodeContext:
     n_prompt: int
     state: dict
     shared: dict
-    logits: dict = field(default_factory=dict)   # "qk": the attention logits, when query_products made them;
-    #                                              "offset": (Hkv, G, 1) max of always-attended public rows' logits
-    #                                              (the anchored softmax's offset), when the policy batched it
-    want_offset: bool = False                    # the attention uses an anchored softmax (Transformer.DECODE_ANCHOR)
+    logits: dict = field(default_factory=dict)   # "qk": the attention logits, when query_products made them
 
     @property
     def L(self) -> int:

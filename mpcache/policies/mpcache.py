@@ -276,19 +276,7 @@ class MPCachePolicy(BudgetPolicy):
 
         method = self.topk if self.topk != "auto" else ("rank" if p.C2 <= AUTO_RANK_MAX else "strata")
         if method == "strata":                     # one level: a tournament over the fine clusters' strata
-            rep = head(fine.rep, p.C2)
-            prods = ctx.query_products(rep) if self.linear and self.head_reduce == "max" else None
-            qk = ctx.logits.get("qk")
-            if prods is not None and qk is not None and ctx.want_offset:
-                # the anchored softmax's offset (max of the always-attended sink and newest rows' logits) in the
-                # SAME comparison layer and product rounds as the max over the group's heads: its rounds are free
-                anchors = B.cat([qk[..., :S2], qk[..., p.end:]], dim=-1)               # (Hkv, G, S2 + tail)
-                scores, off = B.max_many([(prods, 1, None), (anchors, -1, "auto")])
-                ctx.logits["offset"] = off.unsqueeze(-1)
-            elif prods is not None:
-                scores = B.max(prods, dim=1)
-            else:
-                scores = score(head(fine.max, p.C2), head(fine.min, p.C2), rep)
+            scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
             onehot, strata = select_k(B, scores, p.k2, "strata")
             return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
                           strata=strata)
