@@ -124,8 +124,13 @@ class Transformer:
     #: first rows of the attended cache: attention sinks; the last: the newest rows) instead of the row's max
     #: (mpcache.mpc.ops.ANCHOR: constant rounds, no max tree over the cache); None = the max over the row
     DECODE_ANCHOR = (4, 8)
+    #: the same over a policy's one-hot selection (MPCache's in-place attention)? Its last attended columns are the
+    #: newest 0-7 rows plus older selected blocks, and on SmolLM2 at 4k a selected block's logit exceeded those
+    #: anchors by up to 13 (experiments/anchor_excess.py), where the anchored softmax's reciprocal keeps only a few
+    #: ulps (a ~8% scale error on that row): off by default (the row max: exact offset, more rounds), on = faster
+    SELECTED_ANCHOR = False
 
-    def _attend(self, q, k, v, mask=None):
+    def _attend(self, q, k, v, mask=None, selected: bool = False):
         """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
         are stacked so one batched matmul serves the group (GQA)."""
         cfg, B = self.cfg, self.B
@@ -137,7 +142,9 @@ class Transformer:
         with self.scope("softmax"):
             if mask is not None:
                 mask = mask.repeat(G, 1)                             # (G*Tq, Lk), public
-            anchor = self.DECODE_ANCHOR if (mask is None and Tq == 1) else None
+            # a decode row over the cache (not over a per-step selection, unless SELECTED_ANCHOR): anchored offset
+            anchor = self.DECODE_ANCHOR if (mask is None and Tq == 1 and (self.SELECTED_ANCHOR or not selected)) \
+                else None
             p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
         with self.scope("av"):
             o = B.matmul(p, v)                                       # (Hkv, G*Tq, hd)
@@ -285,7 +292,8 @@ class Transformer:
             sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
         parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
         with self.scope("softmax"):
-            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=self.DECODE_ANCHOR)   # (Hkv, G, n_attended)
+            p = B.softmax(B.cat(parts, dim=-1), dim=-1,
+                          anchor=self.DECODE_ANCHOR if self.SELECTED_ANCHOR else None)   # (Hkv, G, n_attended)
         at = sum(b - a for a, b in before)
         with self.scope("gather"):
             cand = from_blocks(g.scatter_blocks(to_blocks(p[..., at:at + ksel * blk], ksel), B), C)
@@ -319,7 +327,7 @@ class Transformer:
                 else:
                     with self.scope("gather"):
                         ks, vs = self._gather(g, cache.k[i], cache.v[i])
-                    o, _ = self._attend(q, ks, vs)
+                    o, _ = self._attend(q, ks, vs, selected=g is not None)
                 x = self._block_out(x, o, p)
         cache.pos += 1
         return self._logits(x)

@@ -408,14 +408,18 @@ SOFTMAX_EXP_FIT = None          # None: exp base 1 + x/256. 8.0: the minimax bas
 # (the first ANCHOR[0] and the last ANCHOR[1] of the row: the attention sinks and the newest rows) instead of the
 # max over the whole row. Softmax is shift-invariant, so the result is the same function; what changes is the
 # exp's argument range: y = x - anchor_max <= D, where D = row max - anchor max >= 0. Measured on SmolLM2-135M
-# (full-cache decode, passkey prompts, every layer and head; /tmp study in RESULTS.md): D <= 8.6 at 1k and
-# <= 10.5 at 4k tokens, 99% of rows D <= 4.4. Valid while D <= ANCHOR_MAX_EXCESS (the reciprocal's range; the
-# exp's last squaring overflows the ring only beyond ~21.5): a larger excess makes that row's probabilities
-# wrong, silently. The low side is always safe: the anchors are attended, so the largest term is >= 1.
+# (full-cache decode, passkey prompts, every layer and head; experiments/anchor_excess.py): D <= 8.9 at 1k and
+# <= 9.9 at 4k tokens, 99% of rows D <= 4.6. Precision: the sum s of the exps reaches ~e^D, and 1/(s/sqrt(m)) in
+# 16-bit fixed point keeps fewer ulps as D grows. Fixed-point emulation on a 412-entry row (RESULTS.md):
+# max abs error 1.6e-3 at D = 4, 4.5e-3 at 8, 8.5e-3 at 10, then a common scale error of the row's probabilities,
+# 3% at D = 12, 8% at 13, and all-zero output from D ~ 15 (the exp itself overflows only past ~21.5). So the
+# anchors must be rows whose logits are near the top: the sinks and the NEWEST rows (Transformer.DECODE_ANCHOR).
+# The low side is always safe: the anchors are attended, so the largest term is >= 1.
 ANCHOR = (4, 8)               # (leading, trailing) public columns whose max is the exp's offset
 ANCHOR_EXP_ITERS = 10         # (1 + y/1024)^1024: relative error ~y^2/2048 (0.05% at |y| = 1, 4.8% at 10)
 ANCHOR_RECIP = (-8, 30, 2)    # reciprocal_gs range 2^lo..2^(hi+1) and steps per octave: sum/sqrt(m) <= sqrt(m) e^D
-ANCHOR_MAX_EXCESS = 16.0      # D above which the reciprocal's guess saturates (at m = 8k: log2(90 e^16) < 30)
+ANCHOR_MAX_EXCESS = 10.0      # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
+#                               m is better: the sum is divided by sqrt(m)); beyond, the row's scale degrades
 
 
 def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
