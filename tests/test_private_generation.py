@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import MPIRUN, ROOT, mpi_job, run_mpi
+from conftest import MPIRUN, ROOT, mpi_generation_job, mpi_job, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -21,7 +21,7 @@ LOGIT_TOL = 0.05
     (3, "arithmetic", "ttp", "tiny-gpt2"),          # 2 compute parties + a dealer rank
 ], ids=["2pc-tfp-llama", "3pc-replicated-llama", "2pc-ttp-gpt2"])
 def test_private_generation_matches_plaintext(tmp_path, n, protocol, provider, model):
-    r = mpi_job(n, "generate", tmp_path, model, protocol, provider)
+    r = mpi_generation_job(n, "generate", tmp_path, model, protocol, provider)
     assert r["tokens"] == r["plaintext"], r
     assert r["logit_err"] <= LOGIT_TOL, (r["logit_err"], r["logit_scale"])
     # the only openings: one token per step to the client (rank 1) — plus the test-only logits
@@ -105,7 +105,7 @@ def test_bad_model_is_explained(tmp_path):
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "tova", "quest", "mpcache"])
 def test_every_policy_runs_on_shares_like_plaintext(tmp_path, policy):
     """The same policy code on secret shares: the same tokens as in plaintext (budget 0.3 of a 24-token prompt)."""
-    r = mpi_job(2, "generate", tmp_path, "tiny-llama", "arithmetic", "tfp", "0", "0", policy, "3")
+    r = mpi_generation_job(2, "generate", tmp_path, "tiny-llama", "arithmetic", "tfp", "0", "0", policy, "3")
     assert r["logit_err"] <= LOGIT_TOL
     # equal tokens up to the first step whose plaintext top-2 logit gap is within twice the fixed-point logit
     # tolerance (the random tiny model has near-ties; a flip there says nothing about the policy); token 0 always
