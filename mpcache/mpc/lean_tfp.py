@@ -151,7 +151,7 @@ def provider_class():
 
 def install() -> None:
     """Serve CrypTen's "TFP" provider name with :class:`LeanTrustedFirstParty` (idempotent)."""
-    import crypten.mpc as mpc
+    from crypten import mpc
 
     providers = mpc.__dict__["__SUPPORTED_PROVIDERS"]
     if type(providers["TFP"]).__name__ != "LeanTrustedFirstParty":

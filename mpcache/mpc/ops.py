@@ -89,7 +89,7 @@ def _ltz_lean(x):
     return _from_shares(ar.share.reshape(-1)[:N].reshape(shape), precision=0)
 
 
-def _minus_publics(x, ts) -> "MPCTensor":
+def _minus_publics(x, ts):
     """``crypten.stack([x - t for t in ts])`` as ONE local op: party 0 subtracts the encoded thresholds from a
     broadcast copy of its share (the encoding of each ``t`` is CrypTen's, ``int(scale * t)``), the others copy
     theirs. Same shares bit for bit, without T CrypTensor subtractions and a T-way stack (~9 ms of Python per
@@ -168,23 +168,26 @@ def max_schedule(rows: int, m: int, lean: bool, setting=None) -> tuple[int, ...]
     few bytes in all); long rows start with cheap narrow layers. Dynamic programming over the entries left."""
     if m <= 1:
         return ()
-    return _best_schedule(setting or current_setting(), int(rows), int(m), bool(lean), SCHEDULE_PROFILE)[1]
+    return _best_levels("max", setting or current_setting(), int(rows), int(m), 0, bool(lean), SCHEDULE_PROFILE)[1]
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _best_schedule(setting, rows: int, m: int, lean: bool, profile: str) -> tuple[float, tuple[int, ...]]:
+def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, profile: str):
+    """(modelled seconds, radices) of the cheapest tournament over ``n`` entries per row: ``kind`` "max" (values
+    only, costs.max_layer) or "strata" (each level also multiplies the one-hots of width ``w`` carried so far,
+    costs.strata_level). Dynamic programming over the entries left (ceil(n / r) after a radix-r level)."""
     from ..latency import PROFILES
-    from .costs import max_layer
+    from .costs import max_layer, strata_level
 
-    if m <= 1:
+    if n <= 1:
         return 0.0, ()
     prof = PROFILES[profile]
-    radices = sorted({r for r in SCHEDULE_RADICES if r < m} | ({m} if m <= SCHEDULE_RADICES[-1] else set()))
     best = None
-    for r in radices:
-        sm = max_layer(setting, (rows,), m, r, lean).summary()
+    for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
+        cost = max_layer(setting, (rows,), n, r, lean) if kind == "max" else strata_level(setting, (rows,), n, w, r, lean)
+        sm = cost.summary()
         t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
-        sub_t, sub = _best_schedule(setting, rows, -(-m // r), lean, profile)
+        sub_t, sub = _best_levels(kind, setting, rows, -(-n // r), r * w, lean, profile)
         if best is None or t + sub_t < best[0]:
             best = (t + sub_t, (r, *sub))
     return best
@@ -283,8 +286,6 @@ def _pow2_guess_coeffs(lo: int, hi: int, power: float, c: float) -> tuple[float,
 def _pow2_guess(x, lo: int, hi: int, power: float, c: float):
     """One batched comparison layer against the public thresholds 2^lo .. 2^hi, then a local linear combination
     of the bits with public fixed-point coefficients (shares times integers: exact)."""
-    import crypten
-
     base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
     bits = 1 - _minus_publics(x, [2.0 ** j for j in range(lo, hi + 1)])._ltz()           # (J, ...), scale 1
     scale = x.encoder.scale
@@ -337,8 +338,6 @@ def _step_guess_coeffs(lo: int, hi: int, q: int) -> tuple[list[float], float, li
 
 
 def _step_guess(x, lo: int, hi: int, q: int, lean: bool):
-    import crypten
-
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
     bits = 1 - _ltz(_minus_publics(x, ts), lean)                        # (T, ...), scale 1
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
@@ -741,7 +740,8 @@ def argmax_onehot(x, lean: bool | None = None):
     to the lowest index with a local prefix sum and one more comparison. ``lean`` (default ``ARGMAX_LEAN``):
     every comparison in 32-bit lanes (7 rounds, 96 B instead of 8, 216 B; exact while |x| < 16384 — logits are
     O(10–100); the prefix sums are small integers).
-    Rounds: ceil(log2 m)(cmp+1) + 2 cmp + 1 mul.  Leaks: shapes only.
+    Rounds: the max tree's (ARGMAX_RADIX: max_schedule's layers, each cmp + ceil(log2 r) mul) + 2 cmp + 1 mul.
+    Leaks: shapes only.
     """
     lean = ARGMAX_LEAN if lean is None else lean
     mx = tree_max(x, dim=-1, keepdim=True, radix=ARGMAX_RADIX, lean=lean)
@@ -780,8 +780,6 @@ def _pairwise_rank(s):
 
 def _onehot_of_small_int(v, k: int):
     """(..., k, m) with row r = [v == r] for integer-valued shares v (..., m), via [v >= r] - [v >= r+1]."""
-    import crypten
-
     ge = 1 - _minus_publics(v, [float(r) for r in range(k + 1)])._ltz()       # (k+1, ..., m)
     oh = ge[:k] - ge[1:]                                                       # (k, ..., m)
     perm = list(range(1, oh.dim() - 1)) + [0, oh.dim() - 1]
@@ -861,26 +859,7 @@ def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting=None) -
         return tuple(out)
     if g <= 1:
         return ()
-    return _best_strata(setting or current_setting(), int(rows), int(g), 1, bool(lean), SCHEDULE_PROFILE)[1]
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _best_strata(setting, rows: int, n: int, w: int, lean: bool, profile: str) -> tuple[float, tuple[int, ...]]:
-    from ..latency import PROFILES
-    from .costs import strata_level
-
-    if n <= 1:
-        return 0.0, ()
-    prof = PROFILES[profile]
-    best = None
-    for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
-        sm = strata_level(setting, (rows,), n, w, r, lean).summary()
-        t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
-        nxt = (n // 2 + n % 2, 2 * w) if r == 2 else (-(-n // r), r * w)
-        sub_t, sub = _best_strata(setting, rows, *nxt, lean, profile)
-        if best is None or t + sub_t < best[0]:
-            best = (t + sub_t, (r, *sub))
-    return best
+    return _best_levels("strata", setting or current_setting(), int(rows), int(g), 1, bool(lean), SCHEDULE_PROFILE)[1]
 
 
 def _product_rounds(r: int, w: int) -> list[list[int]]:
