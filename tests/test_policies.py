@@ -333,7 +333,9 @@ def test_mpcache_gather_layout_and_forced_rows():
     plan = pol.dynamic_plan(L, n_full + L - n_prompt)
     S2, f = pol.cluster_size, pol.fanout
     assert gat.start == S2 and gat.block == S2 and gat.onehot.shape == (HKV, plan.k2, plan.C2)
-    assert gat.ranges == ((0, S2), (plan.end, L)) and plan.end == S2 + f * S2 * plan.C1 and L - plan.end < f * S2
+    assert gat.ranges == ((0, S2), (plan.end, L)) and plan.end == S2 + f * S2 * plan.C1
+    assert pol.recent <= L - plan.end < pol.recent + f * S2            # the newest rows are never candidates
+    assert gat.keeps_ends(4, pol.recent, L) and not gat.keeps_ends(S2 + 1, 1, L)
     assert abs(gat.n_rows - pol.kept(n_full + L - n_prompt)) <= S2 // 2   # nearest multiple of the cluster size
 
 

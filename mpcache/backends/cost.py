@@ -302,6 +302,13 @@ class CostBackend:
 
     min = max
 
+    def max_many(self, items) -> list:
+        items = [(unfix(x), dim, SecureBackend.policy_radix(int(x.shape[dim])) if radix is None else radix)
+                 for x, dim, radix in items]
+        with self._scope("max"):
+            self._charge(C.tree_max_many(self.s, [(x.shape, dim, r) for x, dim, r in items], lean=SecureBackend.POLICY_LEAN))
+        return [x._like(_meta(x.shape).amax(dim=dim).shape) for x, dim, _ in items]
+
     def max_min(self, a, b, dim: int = -1):
         a = unfix(a)
         dim = dim % len(a.shape)
@@ -312,8 +319,8 @@ class CostBackend:
         return out, a._like(out.shape)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None):
-        self._charge(C.softmax(self.s, x.shape, masked=mask is not None, anchor=anchor))
+    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None, offset=None):
+        self._charge(C.softmax(self.s, x.shape, masked=mask is not None, anchor=anchor, offset=offset is not None))
         return x._like(x.shape, SCALE)
 
     def norm_scale(self, v, add: float = 0.0):

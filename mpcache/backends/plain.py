@@ -53,9 +53,12 @@ class PlainBackend:
         return a.amax(dim=dim), b.amin(dim=dim)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None, anchor=None) -> Tensor:
+    def max_many(self, items) -> list:
+        return [x.amax(dim=dim) for x, dim, _ in items]
+
+    def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None, anchor=None, offset=None) -> Tensor:
         """Softmax along ``dim``; ``mask`` is a public 0/1 tensor broadcastable to ``x`` (0 = excluded). ``anchor``
-        only changes how the secure softmax offsets its exp (the same function): ignored here."""
+        and ``offset`` only change how the secure softmax offsets its exp (the same function): ignored here."""
         if mask is not None:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)

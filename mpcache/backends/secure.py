@@ -102,6 +102,14 @@ class SecureBackend:
             return ops.tree_max(x, dim=dim, keepdim=keepdim, radix=self.policy_radix(int(x.shape[dim])),
                                 lean=self.POLICY_LEAN)
 
+    def max_many(self, items) -> list:
+        """Maxima ``[(x, dim, radix)]`` (radix None: ``policy_radix`` of the reduced size; "auto": ops.max_schedule)
+        of independent tensors in lockstep (ops.tree_max_many): the rounds of the deepest one, the bytes of all."""
+        items = [(unfix(x), dim, self.policy_radix(int(x.shape[dim])) if radix is None else radix)
+                 for x, dim, radix in items]
+        with self._scope("max"):
+            return ops.tree_max_many(items, lean=self.POLICY_LEAN)
+
     def min(self, x, dim: int = -1, keepdim: bool = False):
         return -self.max(-unfix(x), dim=dim, keepdim=keepdim)
 
@@ -116,10 +124,10 @@ class SecureBackend:
         return both[0], -both[1]
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None):
+    def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None, offset=None):
         """``anchor=(a, b)``: a decode row whose first a and last b columns are always-attended public rows; their
         max is the exp's offset (ops.softmax, ANCHOR): a constant-round softmax, no max over the row."""
-        return ops.softmax(x, dim=dim, mask=mask, anchor=anchor)
+        return ops.softmax(x, dim=dim, mask=mask, anchor=anchor, offset=offset)
 
     def norm_scale(self, v, add: float = 0.0):
         """v / sqrt(sum(v^2) + add), precise in fixed point (see :func:`mpcache.mpc.ops.norm_scale`)."""

@@ -122,15 +122,22 @@ class Transformer:
 
     #: decode rows (one query, no mask) offset the secure softmax's exp by the max of these public columns (the
     #: first rows of the attended cache: attention sinks; the last: the newest rows) instead of the row's max
-    #: (mpcache.mpc.ops.ANCHOR: constant rounds, no max tree over the cache); None = the max over the row
+    #: (mpcache.mpc.ops.ANCHOR: constant rounds, no max tree over the cache); None = the max over the row.
+    #: Over a policy's selection the same offset is used only when the selection always attends those very cache
+    #: rows (:meth:`selection_anchor`): the attended row is then a subset of the full row with the same anchors, so
+    #: its excess over the anchors (what the anchored softmax's range limits, ops.ANCHOR_MAX_EXCESS) is at most the
+    #: full cache's; otherwise (e.g. a selection whose last columns are older blocks) the row max is used.
     DECODE_ANCHOR = (4, 8)
-    #: the same over a policy's one-hot selection (MPCache's in-place attention)? Its last attended columns are the
-    #: newest 0-7 rows plus older selected blocks, and on SmolLM2 at 4k a selected block's logit exceeded those
-    #: anchors by up to 13 (experiments/anchor_excess.py), where the anchored softmax's reciprocal keeps only a few
-    #: ulps (a ~8% scale error on that row): off by default (the row max: exact offset, more rounds), on = faster
-    SELECTED_ANCHOR = False
 
-    def _attend(self, q, k, v, mask=None, selected: bool = False):
+    def selection_anchor(self, g, L: int):
+        """``DECODE_ANCHOR`` when the Gather ``g`` over an L-row cache attends its first and last anchor rows by
+        public range (so they are the attended row's first and last columns), else None."""
+        a = self.DECODE_ANCHOR
+        if a is None or g is None:
+            return a
+        return a if g.keeps_ends(a[0], a[1], L) else None
+
+    def _attend(self, q, k, v, mask=None, anchor=None):
         """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
         are stacked so one batched matmul serves the group (GQA)."""
         cfg, B = self.cfg, self.B
@@ -142,9 +149,7 @@ class Transformer:
         with self.scope("softmax"):
             if mask is not None:
                 mask = mask.repeat(G, 1)                             # (G*Tq, Lk), public
-            # a decode row over the cache (not over a per-step selection, unless SELECTED_ANCHOR): anchored offset
-            anchor = self.DECODE_ANCHOR if (mask is None and Tq == 1 and (self.SELECTED_ANCHOR or not selected)) \
-                else None
+            anchor = anchor if (mask is None and Tq == 1) else None   # decode rows only (selection_anchor)
             p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
         with self.scope("av"):
             o = B.matmul(p, v)                                       # (Hkv, G*Tq, hd)
@@ -260,7 +265,7 @@ class Transformer:
                 and getattr(k, "is_fixed_operand", False) and getattr(v, "is_fixed_operand", False)
                 and g.covers(int(k.shape[1])))
 
-    def _attend_selected(self, q, g, k, v, logits=None):
+    def _attend_selected(self, q, g, k, v, logits=None, offset=None):
         """Decode attention over the rows a one-hot Gather selects, on a fixed K/V cache, without moving K or V:
         scores against every cached row (q·Kᵀ opens only q), the selected blocks' scores gathered by the one-hot
         (opens the one-hot and the G·L candidate scores per KV head), softmax over the attended scores, the
@@ -268,10 +273,13 @@ class Transformer:
         probabilities), and p·V over every row (opens p: G·L). Gathering the K and V rows instead opens the
         picked rows twice as wide (2·k·block·hd per KV head, to fix them): ~2x the bytes at hd = 64, G = 3. Same
         4 rounds, 3 when the selection's q·rep product already made the logits (``logits``: DecodeContext
-        .query_products). The attended set and its order are those of ``g.apply`` (same logits up to rounding)."""
+        .query_products). The attended set and its order are those of ``g.apply`` (same logits up to rounding).
+        The softmax is anchored when ``g`` always attends the anchor rows (:meth:`selection_anchor`); ``offset``
+        (Hkv, G, 1) is then their logits' max if the policy already made it in its own comparison rounds."""
         cfg, B = self.cfg, self.B
         Hkv, hd, G = cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         L = int(k.shape[1])
+        anchor = self.selection_anchor(g, L)
         start, blk, C, ksel = g.start, g.block, g.n_candidates, g.n_blocks_selected
         end = start + C * blk
         s = logits
@@ -292,8 +300,8 @@ class Transformer:
             sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
         parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
         with self.scope("softmax"):
-            p = B.softmax(B.cat(parts, dim=-1), dim=-1,
-                          anchor=self.DECODE_ANCHOR if self.SELECTED_ANCHOR else None)   # (Hkv, G, n_attended)
+            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=anchor,
+                          offset=offset if anchor is not None else None)              # (Hkv, G, n_attended)
         at = sum(b - a for a, b in before)
         with self.scope("gather"):
             cand = from_blocks(g.scatter_blocks(to_blocks(p[..., at:at + ksel * blk], ksel), B), C)
@@ -320,14 +328,15 @@ class Transformer:
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
                 with self.scope("selection"):
                     ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
-                                        cache.state[i], shared)
+                                        cache.state[i], shared, anchor=self.DECODE_ANCHOR)
                     g = self.policy.select(ctx)
                 if self._attend_in_place(g, cache.k[i], cache.v[i]):
-                    o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"))
+                    o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"),
+                                              ctx.logits.get("offset"))
                 else:
                     with self.scope("gather"):
                         ks, vs = self._gather(g, cache.k[i], cache.v[i])
-                    o, _ = self._attend(q, ks, vs, selected=g is not None)
+                    o, _ = self._attend(q, ks, vs, anchor=self.selection_anchor(g, int(cache.k[i].shape[1])))
                 x = self._block_out(x, o, p)
         cache.pos += 1
         return self._logits(x)

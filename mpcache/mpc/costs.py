@@ -326,12 +326,12 @@ def max_layer(s: Setting, lead, m: int, r: int, lean: bool) -> Cost:
     if r == 2:
         hs = (*lead, m // 2)
         return _cmp(s, hs, lean) + mul(s, hs, hs, trunc=False)
-    G = -(-m // r)
-    c = _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
+    G = -(-m // r)                       # ops._onehot_radix_levels: flat comparisons and flat products
+    c = _cmp(s, (_numel((*lead, G, r * (r - 1) // 2)),), lean)
     k = r
     while k > 1:
-        ps = (*lead, G, r, k // 2)
-        c += mul(s, ps, ps, trunc=False)
+        n = _numel((*lead, G, r, k // 2))
+        c += mul(s, (n,), (n,), trunc=False)
         k = k // 2 + k % 2
     return c
 
@@ -351,6 +351,41 @@ def tree_max(s: Setting, shape, dim: int = -1, radix=2, lean: bool = False) -> C
     for r in _radix_schedule(m, radix):
         c += max_layer(s, lead, m, r, lean)
         m = -(-m // r)
+    return c
+
+
+def tree_max_many(s: Setting, items, lean: bool = False) -> Cost:
+    """ops.tree_max_many: ``[(shape, dim, radix)]`` reduced in lockstep; per layer index one comparison layer over
+    every active item's pairs and one product per product-tree round over all their elements (each layer a
+    one-hot-free ops._onehot_radix_level, radix 2 included)."""
+    from . import ops
+
+    plans = []
+    for shape, dim, radix in items:
+        shape = list(_size(shape))
+        dim = dim % len(shape)
+        shape[dim], shape[-1] = shape[-1], shape[dim]
+        lead, m = _numel(shape[:-1]), shape[-1]
+        if radix == "auto":
+            radix = ops.max_schedule(lead, m, lean, s)
+        plans.append([lead, m, _radix_schedule(m, radix)])
+    c, step = Cost(s.n), 0
+    while any(step < len(p[2]) for p in plans):
+        n_cmp, trees = 0, []
+        for p in plans:
+            if step >= len(p[2]):
+                continue
+            lead, m, sched = p
+            r = sched[step]
+            G = -(-m // r)
+            n_cmp += lead * G * r * (r - 1) // 2
+            trees.append([lead * G * r * sum(widths) for widths in ops._product_rounds(r, 0)])
+            p[1] = G
+        c += _cmp(s, (n_cmp,), lean)
+        for k in range(max(len(t) for t in trees)):
+            n = sum(t[k] for t in trees if k < len(t))
+            c += mul(s, (n,), (n,), trunc=False)
+        step += 1
     return c
 
 
@@ -403,7 +438,7 @@ def reciprocal_gs(s: Setting, shape, iters: int | None = None, lo: int | None = 
 
 
 def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | None = None,
-            recip: str | None = None, anchor=None) -> Cost:
+            recip: str | None = None, anchor=None, offset: bool = False) -> Cost:
     """ops.softmax along the last dim (its defaults SOFTMAX_RADIX / SOFTMAX_LEAN / SOFTMAX_RECIP when None):
     tree max, exp, (mask product), row sum / sqrt(m) (public product), reciprocal, e * r, * 1/sqrt(m)."""
     from . import ops
@@ -415,7 +450,7 @@ def softmax(s: Setting, shape, masked: bool = False, radix=None, lean: bool | No
     row = _size((*shape[:-1], 1))
     if anchor is not None and not masked and sum(anchor) < shape[-1]:      # ops.softmax's anchored branch
         lo, hi, q = ops.ANCHOR_RECIP
-        c = tree_max(s, (*shape[:-1], sum(anchor)), radix="auto", lean=lean)
+        c = Cost(s.n) if offset else tree_max(s, (*shape[:-1], sum(anchor)), radix="auto", lean=lean)
         c += exp_limit(s, shape, iters=ops.ANCHOR_EXP_ITERS) + public_mul(s, row)
         c += reciprocal_gs(s, row, lo=lo, hi=hi, q=q, lean=False)
         return c + mul(s, shape, row) + public_mul(s, shape)
@@ -525,11 +560,11 @@ def strata_level(s: Setting, lead, n: int, w: int, r: int, lean: bool) -> Cost:
     if r == 2:
         h = n // 2
         return _cmp(s, (*lead, h), lean) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
-    G = -(-n // r)
-    c = _cmp(s, (*lead, G, r * (r - 1) // 2), lean)
+    G = -(-n // r)                       # ops._onehot_radix_levels: flat comparisons and flat products
+    c = _cmp(s, (_numel((*lead, G, r * (r - 1) // 2)),), lean)
     for widths in ops._product_rounds(r, w):
-        ps = (*lead, G, r, sum(widths))
-        c += mul(s, ps, ps, trunc=False)
+        k = _numel((*lead, G, r, sum(widths)))
+        c += mul(s, (k,), (k,), trunc=False)
     return c
 
 

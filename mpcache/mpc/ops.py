@@ -422,7 +422,7 @@ ANCHOR_MAX_EXCESS = 10.0      # D up to which the output is within ~1e-2 (fixed-
 
 
 def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
-            recip: str | None = None, exp_fit: float | None | str = "default", anchor=None):
+            recip: str | None = None, exp_fit: float | None | str = "default", anchor=None, offset=None):
     """Softmax along the last dim, correct for rows of up to 2^16 entries (tested flat and peaked at 8k).
 
     Stock CrypTen divides by the sum of exponentials with a reciprocal whose Newton iterations diverge once the
@@ -435,7 +435,8 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
     ``anchor=(a, b)`` (no mask; see ANCHOR above): the offset is the max of the first a and last b columns only (a
     max over a + b entries: one layer), exp by ANCHOR_EXP_ITERS squarings, the reciprocal over the wider range
-    ANCHOR_RECIP with CrypTen's full-width comparison. Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
+    ANCHOR_RECIP with CrypTen's full-width comparison. ``offset`` (with ``anchor``): that max, already computed by
+    the caller over always-attended columns (MPCache batches it with its head max: :func:`tree_max_many`). Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
     (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 10 + 12 + 1 = 34 for (4, 8), whatever the row length; bytes: the exp's
     squarings and one product per entry, the rest per row. Leaks: shapes only.
     """
@@ -446,7 +447,10 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     radix = SOFTMAX_RADIX if radix is None else radix
     lean = SOFTMAX_LEAN if lean is None else lean
     if anchor is not None and mask is None and sum(anchor) < m:
-        mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean)
+        if offset is None:
+            mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean)
+        else:
+            mx = offset               # (..., 1): the anchors' max, made earlier in a batched layer by the caller
         e = exp_limit(x - mx, iters=ANCHOR_EXP_ITERS)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = ANCHOR_RECIP
@@ -882,51 +886,109 @@ def _onehot_radix_level(v, oh, r: int, lean: bool):
     i's indicator is the product of its r - 1 "beats" bits, multiplied into [v_i, oh_i] in the same product tree
     (ceil(log2 r) rounds, ring integers: exact). The group's value is the sum of the products; its one-hot is
     their concatenation, so the original slot order is kept (padding only ever adds trailing zero slots)."""
-    n, w = int(v.shape[-1]), 0 if oh is None else int(oh.shape[-1])
-    lead = tuple(int(d) for d in v.shape[:-1])
-    G = -(-n // r)
-    idx = torch.tensor(list(range(n)) + [n - 1] * (G * r - n))
-    sv = v.share.index_select(v.dim() - 1, idx.to(v.share.device)).reshape(*lead, G, r)
-    iu, ju = torch.triu_indices(r, r, offset=1)
-    d = _from_shares(sv[..., iu] - sv[..., ju], precision=None)           # v_i - v_j for i < j
-    d.encoder = v.encoder
-    b = 1 - _ltz(d, lean)                                                  # [v_i >= v_j]: i beats j
-    nb = (1 - b).share
-    pair = {(int(i), int(j)): t for t, (i, j) in enumerate(zip(iu, ju))}
-    opponents = [[j for j in range(r) if j != i] for i in range(r)]
-    factors = []
-    for t in range(r - 1):                                                 # member i's t-th opponent
-        cols = []
-        for i in range(r):
-            j = opponents[i][t]
-            cols.append(b.share[..., pair[(i, j)]] if i < j else nb[..., pair[(j, i)]])
-        factors.append(torch.stack(cols, dim=-1).unsqueeze(-1))           # (..., G, r, 1)
-    vec = sv.unsqueeze(-1)                                                 # (..., G, r, 1 + w)
-    if oh is not None:
-        so = oh.share.index_select(oh.dim() - 2, idx.to(oh.share.device)).reshape(*lead, G, r, w)
-        vec = torch.cat([vec, so], dim=-1)
-    factors.append(vec)
-    while len(factors) > 1:
-        left, right = [], []
-        for i in range(0, len(factors) - 1, 2):
-            a, c = factors[i], factors[i + 1]
-            width = max(a.shape[-1], c.shape[-1])
-            left.append(a.expand(*a.shape[:-1], width))
-            right.append(c.expand(*c.shape[:-1], width))
-        prod = (_from_shares(torch.cat(left, -1), precision=0) * _from_shares(torch.cat(right, -1), precision=0)).share
-        out, at = [], 0
-        for x in left:
-            out.append(prod[..., at:at + x.shape[-1]])
-            at += x.shape[-1]
-        factors = out + factors[2 * len(left):]
-    f = factors[0]                                                         # (..., G, r, 1 + w): i's indicator x [v_i, oh_i]
-    top = _from_shares(f[..., 0].sum(-1), precision=None)
-    top.encoder = v.encoder
-    if oh is None:
-        return top, None
-    new_oh = _from_shares(f[..., 1:].reshape(*lead, G, r * w), precision=None)
-    new_oh.encoder = oh.encoder
-    return top, new_oh
+    return _onehot_radix_levels([(v, oh, r)], lean)[0]
+
+
+def _onehot_radix_levels(tasks, lean: bool) -> list:
+    """Independent levels ``[(v, oh, r)]`` of :func:`_onehot_radix_level` in lockstep: ONE comparison layer for
+    all their pairs (their differences concatenated) and one batched product per product-tree round, so the
+    rounds are those of the deepest tree alone (cmp + ceil(log2 max r)) and the bytes the sum. Exact, as alone."""
+    preps, diffs = [], []
+    for v, oh, r in tasks:
+        n, w = int(v.shape[-1]), 0 if oh is None else int(oh.shape[-1])
+        lead = tuple(int(d) for d in v.shape[:-1])
+        G = -(-n // r)
+        idx = torch.tensor(list(range(n)) + [n - 1] * (G * r - n))
+        sv = v.share.index_select(v.dim() - 1, idx.to(v.share.device)).reshape(*lead, G, r)
+        iu, ju = torch.triu_indices(r, r, offset=1)
+        diffs.append(sv[..., iu] - sv[..., ju])                            # v_i - v_j for i < j
+        preps.append((v, oh, r, w, lead, G, idx, sv, iu, ju))
+    d = _from_shares(torch.cat([x.reshape(-1) for x in diffs]), precision=None)
+    d.encoder = tasks[0][0].encoder
+    b_all = 1 - _ltz(d, lean)                                              # [v_i >= v_j]: i beats j
+    nb_all = (1 - b_all).share
+    trees, at = [], 0
+    for (v, oh, r, w, lead, G, idx, sv, iu, ju), x in zip(preps, diffs):
+        b, nb = b_all.share[at:at + x.numel()].reshape(x.shape), nb_all[at:at + x.numel()].reshape(x.shape)
+        at += x.numel()
+        pair = {(int(i), int(j)): t for t, (i, j) in enumerate(zip(iu, ju))}
+        opponents = [[j for j in range(r) if j != i] for i in range(r)]
+        factors = []
+        for t in range(r - 1):                                             # member i's t-th opponent
+            cols = [b[..., pair[(i, j)]] if i < j else nb[..., pair[(j, i)]]
+                    for i, j in ((i, opponents[i][t]) for i in range(r))]
+            factors.append(torch.stack(cols, dim=-1).unsqueeze(-1))       # (..., G, r, 1)
+        vec = sv.unsqueeze(-1)                                             # (..., G, r, 1 + w)
+        if oh is not None:
+            so = oh.share.index_select(oh.dim() - 2, idx.to(oh.share.device)).reshape(*lead, G, r, w)
+            vec = torch.cat([vec, so], dim=-1)
+        factors.append(vec)
+        trees.append(factors)
+    while any(len(f) > 1 for f in trees):                                  # one batched product per round
+        plans, left_flat, right_flat = [], [], []
+        for factors in trees:
+            if len(factors) <= 1:
+                plans.append(None)
+                continue
+            left, right = [], []
+            for i in range(0, len(factors) - 1, 2):
+                a, c = factors[i], factors[i + 1]
+                width = max(a.shape[-1], c.shape[-1])
+                left.append(a.expand(*a.shape[:-1], width))
+                right.append(c.expand(*c.shape[:-1], width))
+            lt = torch.cat(left, -1)
+            plans.append((left, lt.shape))
+            left_flat.append(lt.reshape(-1))
+            right_flat.append(torch.cat(right, -1).reshape(-1))
+        prod = (_from_shares(torch.cat(left_flat), precision=0) * _from_shares(torch.cat(right_flat), precision=0)).share
+        at = 0
+        for ti, plan in enumerate(plans):
+            if plan is None:
+                continue
+            left, shape = plan
+            p = prod[at:at + shape.numel()].reshape(shape)
+            at += shape.numel()
+            out, col = [], 0
+            for x in left:
+                out.append(p[..., col:col + x.shape[-1]])
+                col += x.shape[-1]
+            trees[ti] = out + trees[ti][2 * len(left):]
+    results = []
+    for (v, oh, r, w, lead, G, *_), factors in zip(preps, trees):
+        f = factors[0]                                                     # (..., G, r, 1 + w): indicator x [v_i, oh_i]
+        top = _from_shares(f[..., 0].sum(-1), precision=None)
+        top.encoder = v.encoder
+        if oh is None:
+            results.append((top, None))
+            continue
+        new_oh = _from_shares(f[..., 1:].reshape(*lead, G, r * w), precision=None)
+        new_oh.encoder = oh.encoder
+        results.append((top, new_oh))
+    return results
+
+
+def tree_max_many(items, lean: bool = False) -> list:
+    """Maxima ``[(x, dim, radix)]`` of independent tensors with their tournaments in lockstep: at each layer one
+    comparison layer and one batched product per round for all of them (every layer, radix 2 included, is a
+    :func:`_onehot_radix_level` without one-hots). ``radix``: an int, a sequence or "auto" (:func:`max_schedule`).
+    Rounds: per layer index, cmp + ceil(log2 of the largest radix in use); bytes: the sum. Exact. Leaks: shapes."""
+    xs, scheds, dims = [], [], []
+    for x, dim, radix in items:
+        dim = dim % x.dim()
+        x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
+        if radix == "auto":
+            radix = max_schedule(int(torch.Size(x.shape[:-1]).numel()), int(x.shape[-1]), lean)
+        xs.append(x)
+        dims.append(dim)
+        scheds.append(_radix_schedule(int(x.shape[-1]), radix))
+    step = 0
+    while any(step < len(sc) for sc in scheds):
+        active = [i for i, sc in enumerate(scheds) if step < len(sc)]
+        outs = _onehot_radix_levels([(xs[i], None, scheds[i][step]) for i in active], lean)
+        for i, (top, _) in zip(active, outs):
+            xs[i] = top
+        step += 1
+    return [x.transpose(d, -1).squeeze(d) if d != x.dim() - 1 else x.squeeze(-1) for x, d in zip(xs, dims)]
 
 
 def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None):

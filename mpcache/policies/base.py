@@ -61,6 +61,14 @@ class Gather:
             return 0
         return self.strata if self.strata else int(self.onehot.shape[-1])
 
+    def keeps_ends(self, first: int, last: int, L: int) -> bool:
+        """Whether the gather's output begins with cache rows [0, first) and ends with rows [L - last, L), both
+        taken by public range (the output is in position order: ranges before the block region come first)."""
+        rs = sorted(self.ranges)
+        head = first == 0 or (bool(rs) and rs[0][0] == 0 and rs[0][1] >= first)
+        tail = last == 0 or (bool(rs) and rs[-1][1] == L and rs[-1][1] - rs[-1][0] >= last)
+        return head and tail
+
     @property
     def n_rows(self) -> int:
         """Number of rows the gather returns (public)."""
@@ -203,7 +211,11 @@ class DecodeContext:
     n_prompt: int
     state: dict
     shared: dict
-    logits: dict = field(default_factory=dict)   # "qk": the attention logits, when query_products made them
+    logits: dict = field(default_factory=dict)   # "qk": the attention logits, when query_products made them;
+    #                                              "offset": (Hkv, G, 1) the max of the anchor rows' logits (the
+    #                                              anchored softmax's offset), when the policy batched it
+    anchor: tuple | None = None                  # (a, b): the attention anchors its softmax on cache rows [0, a) and
+    #                                              [L - b, L) when the selection keeps them (Transformer.DECODE_ANCHOR)
 
     @property
     def L(self) -> int:

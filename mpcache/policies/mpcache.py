@@ -145,6 +145,7 @@ class MPCachePolicy(BudgetPolicy):
     linear: bool = True
     hierarchy: bool = True
     keep_last_cluster: bool = False
+    recent: int = 8
     head_reduce: str = "max"
     # how the k of m candidate clusters are picked (see base.TOPK_METHODS): MPC-friendly by default
     topk: str = "auto"
@@ -162,6 +163,7 @@ class MPCachePolicy(BudgetPolicy):
             (0.0 < self.window_fraction < 1.0, f"window_fraction must be in (0, 1), got {self.window_fraction}"),
             (self.sinks >= 0, f"sinks must be >= 0, got {self.sinks}"),
             (self.cluster_size >= 1, f"cluster_size must be >= 1, got {self.cluster_size}"),
+            (self.recent >= 0, f"recent must be >= 0, got {self.recent}"),
             (self.fanout >= 2, f"fanout must be >= 2, got {self.fanout} (use hierarchy=False for one level)"),
             (0.0 < self.ratio1 <= 1.0, f"ratio1 must be in (0, 1], got {self.ratio1}"),
             (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
@@ -201,7 +203,7 @@ class MPCachePolicy(BudgetPolicy):
         S2 = self.cluster_size
         f = self.fanout if self.hierarchy else 1
         target = self.kept(L_full)
-        c1 = max(0, (L - S2) // (f * S2))
+        c1 = max(0, (L - S2 - self.recent) // (f * S2))
         c1 -= 1 if self.keep_last_cluster and c1 > 0 else 0
         c2 = f * c1
         k2 = min(c2, max(1, round_half_up((target - (L - c2 * S2)) / S2)))
@@ -276,7 +278,20 @@ class MPCachePolicy(BudgetPolicy):
 
         method = self.topk if self.topk != "auto" else ("rank" if p.C2 <= AUTO_RANK_MAX else "strata")
         if method == "strata":                     # one level: a tournament over the fine clusters' strata
-            scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
+            rep = head(fine.rep, p.C2)
+            prods = ctx.query_products(rep) if self.linear and self.head_reduce == "max" else None
+            qk, a = ctx.logits.get("qk"), ctx.anchor
+            if prods is not None and qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end:
+                # the anchored softmax's offset (the max of the sink rows' and the newest rows' logits, which this
+                # gather always attends: Transformer.selection_anchor) in the SAME comparison layer and product
+                # rounds as the max over the group's heads: its rounds are free
+                anchors = B.cat([qk[..., :a[0]], qk[..., ctx.L - a[1]:]], dim=-1)     # (Hkv, G, a + b)
+                scores, off = B.max_many([(prods, 1, None), (anchors, -1, "auto")])
+                ctx.logits["offset"] = off.unsqueeze(-1)
+            elif prods is not None:
+                scores = B.max(prods, dim=1)
+            else:
+                scores = score(head(fine.max, p.C2), head(fine.min, p.C2), rep)
             onehot, strata = select_k(B, scores, p.k2, "strata")
             return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
                           strata=strata)
