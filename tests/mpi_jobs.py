@@ -131,12 +131,21 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
     run("ltz_lean", ops._ltz_lean, lambda a: (a < 0).double(), xl)
     run("reciprocal_gs", lambda a: ops.reciprocal_gs(a, lean=True) * a,
         lambda a: ops.reciprocal_gs_reference(a) * a, r, exact=lambda a: torch.ones_like(a))
-    # maxima of two tensors in lockstep (a head max beside an anchor max, 2 and 5 layers), exact
+    # the stratified top-1 over the max of a group's heads, with anchor maxima in its comparison layers (MPCache's
+    # selection): integer scores with ties across heads and slots (the first slot wins), strata of 4 and 5 slots
     g4 = torch.Generator().manual_seed(3)
-    ma, mb = torch.randn(3, 3, 40, generator=g4) * 5, torch.randn(9, 300, generator=g4) * 5
-    run("tree_max_many", lambda a, b: crypten.cat([t.reshape(-1) for t in ops.tree_max_many(
-        [(a, 1, 3), (b, -1, (4, 4, 4, 2, 2))], lean=True)]),
-        lambda a, b: torch.cat([a.amax(1).reshape(-1), b.amax(-1).reshape(-1)]), ma, mb)
+    ma = torch.randint(-6, 7, (3, 3, 41), generator=g4).float()
+    mb = torch.randn(3, 3, 12, generator=g4) * 5
+
+    def _strata_heads(a, b, k, also):
+        oh, maxes = ops.strata_select(a, k, heads=True, also=[b] if also else [])
+        return crypten.cat([oh.reshape(-1)] + [t.reshape(-1) for t in maxes])
+
+    for kk, also in ((9, True), (10, False)):
+        run(f"strata_heads_k{kk}{'_also' if also else ''}", lambda a, b, kk=kk, also=also: _strata_heads(a, b, kk, also),
+            lambda a, b, kk=kk, also=also: torch.cat(
+                [ops.strata_top1_onehot_reference(a, kk, heads=True).reshape(-1)]
+                + ([b.amax(-1).reshape(-1).double()] if also else [])), ma, mb)
     # the anchored decode softmax (offset = max of the first 4 and last 8 columns), last, with its own generator:
     # attention-like rows (high sinks), a retrieval peak 10 above the anchors, a near-flat row, a row whose max IS
     # an anchor, at 1k and 8k columns
@@ -520,10 +529,12 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
             x = sh(*shape, lo=0.5, hi=20.0)
             case(f"reciprocal_gs{shape}{lean}", lambda x=x, ln=lean: ops.reciprocal_gs(x, lean=ln),
                  C.reciprocal_gs(s, shape, lean=lean))
-        if hasattr(ops, "tree_max_many"):           # a head max (radix 3 over dim 1) beside an anchor max (auto)
-            xa, xb = sh(3, 3, 9), sh(9, 12)
-            case("tree_max_many", lambda xa=xa, xb=xb: ops.tree_max_many([(xa, 1, 3), (xb, -1, "auto")], lean=True),
-                 C.tree_max_many(s, [((3, 3, 9), 1, 3), ((9, 12), -1, "auto")], lean=True))
+        if hasattr(ops, "strata_select"):           # heads folded into the strata, anchor maxima in lockstep
+            xa, xb = sh(2, 3, 23), sh(2, 3, 12)
+            case("strata_select", lambda xa=xa, xb=xb: ops.strata_select(xa, 4, heads=True, also=[xb]),
+                 C.strata_top1_onehot(s, (2, 3, 23), 4, heads=True, also=[(2, 3, 12)]))
+            case("strata_select_sum", lambda xb=xb: ops.strata_select(xb[:, 0], 3, also=[xb]),
+                 C.strata_top1_onehot(s, (2, 12), 3, also=[(2, 3, 12)]))
     for shape in [(2, 37), (1, 64)]:
         x = sh(*shape)
         case(f"argmax_onehot{shape}", lambda x=x: ops.argmax_onehot(x), C.argmax_onehot(s, shape))

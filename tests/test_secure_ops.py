@@ -59,7 +59,8 @@ CASES = [
     # anchored (offset = max of 4 + 8 public columns): 10 squarings raise the base's <= 2 ulp truncation error to a
     # relative <= 2048 ulp; float model vs exact: the limit exp's y^2/2048 relative error, 7% at a peak y = 12
     # above the anchors, which renormalisation turns into < 0.02 absolute on these rows
-    ("tree_max_many", 0, None),            # lockstep tournaments: still a selection of entries, exact
+    ("strata_heads_k9_also", 0, None),     # heads folded into the strata + anchor maxima in lockstep: exact
+    ("strata_heads_k10", 0, None),
     ("softmax_anchor_1024", 2048 * ULP, 0.02),
     ("softmax_anchor_8192", 2048 * ULP, 0.02),
 ]

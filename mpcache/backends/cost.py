@@ -302,13 +302,6 @@ class CostBackend:
 
     min = max
 
-    def max_many(self, items) -> list:
-        items = [(unfix(x), dim, SecureBackend.policy_radix(int(x.shape[dim])) if radix is None else radix)
-                 for x, dim, radix in items]
-        with self._scope("max"):
-            self._charge(C.tree_max_many(self.s, [(x.shape, dim, r) for x, dim, r in items], lean=SecureBackend.POLICY_LEAN))
-        return [x._like(_meta(x.shape).amax(dim=dim).shape) for x, dim, _ in items]
-
     def max_min(self, a, b, dim: int = -1):
         a = unfix(a)
         dim = dim % len(a.shape)
@@ -360,6 +353,15 @@ class CostBackend:
             m = int(scores.shape[-1])
             g = max((r + 1) * m // k - r * m // k for r in range(k))
             return scores._like((*scores.shape[:-1], k, g))
+
+    def strata_select(self, scores, k: int, heads: bool = False, also=()):
+        scores, also = unfix(scores), [unfix(t) for t in also]
+        with self._scope("topk"):
+            self._charge(C.strata_top1_onehot(self.s, scores.shape, k, heads=heads, also=[t.shape for t in also]))
+            m = int(scores.shape[-1])
+            g = max((r + 1) * m // k - r * m // k for r in range(k))
+            lead = scores.shape[:-2] if heads else scores.shape[:-1]
+            return scores._like((*lead, k, g)), [t._like(_meta(t.shape).amax(dim=-1).shape) for t in also]
 
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         self.reveals.append((label, dst, tuple(x.shape)))

@@ -53,9 +53,6 @@ class PlainBackend:
         return a.amax(dim=dim), b.amin(dim=dim)
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
-    def max_many(self, items) -> list:
-        return [x.amax(dim=dim) for x, dim, _ in items]
-
     def softmax(self, x: Tensor, dim: int = -1, mask: Tensor | None = None, anchor=None, offset=None) -> Tensor:
         """Softmax along ``dim``; ``mask`` is a public 0/1 tensor broadcastable to ``x`` (0 = excluded). ``anchor``
         and ``offset`` only change how the secure softmax offsets its exp (the same function): ignored here."""
@@ -103,6 +100,12 @@ class PlainBackend:
         idx, valid = strata_layout(int(scores.shape[-1]), k)
         x = scores[..., idx.to(scores.device)].masked_fill(~valid.to(scores.device), STRATA_PAD)
         return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+
+    def strata_select(self, scores: Tensor, k: int, heads: bool = False, also=()):
+        """:meth:`strata_top1_onehot` of the scores (their max over dim -2, the group's heads, if ``heads``), and
+        the max along the last dim of each tensor in ``also`` (see :func:`mpcache.mpc.ops.strata_select`)."""
+        return (self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k),
+                [t.amax(dim=-1) for t in also])
 
     def reveal(self, x: Tensor, dst: int | None = None) -> Tensor:
         return x

@@ -102,14 +102,6 @@ class SecureBackend:
             return ops.tree_max(x, dim=dim, keepdim=keepdim, radix=self.policy_radix(int(x.shape[dim])),
                                 lean=self.POLICY_LEAN)
 
-    def max_many(self, items) -> list:
-        """Maxima ``[(x, dim, radix)]`` (radix None: ``policy_radix`` of the reduced size; "auto": ops.max_schedule)
-        of independent tensors in lockstep (ops.tree_max_many): the rounds of the deepest one, the bytes of all."""
-        items = [(unfix(x), dim, self.policy_radix(int(x.shape[dim])) if radix is None else radix)
-                 for x, dim, radix in items]
-        with self._scope("max"):
-            return ops.tree_max_many(items, lean=self.POLICY_LEAN)
-
     def min(self, x, dim: int = -1, keepdim: bool = False):
         return -self.max(-unfix(x), dim=dim, keepdim=keepdim)
 
@@ -158,6 +150,13 @@ class SecureBackend:
     def strata_top1_onehot(self, scores, k: int):
         with self._scope("topk"):
             return ops.strata_top1_onehot(scores, k)
+
+    def strata_select(self, scores, k: int, heads: bool = False, also=()):
+        """ops.strata_select: the stratified top-1 over the max of the group's heads (``heads``) with the maxima of
+        ``also`` in the same comparison layers."""
+        with self._scope("topk"):
+            oh, maxes = ops.strata_select(unfix(scores), k, heads=heads, also=[unfix(t) for t in also])
+            return oh, maxes
 
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         """Open ``x`` to party ``dst`` (None = everyone). The only way a share becomes plaintext; audited."""

@@ -354,41 +354,6 @@ def tree_max(s: Setting, shape, dim: int = -1, radix=2, lean: bool = False) -> C
     return c
 
 
-def tree_max_many(s: Setting, items, lean: bool = False) -> Cost:
-    """ops.tree_max_many: ``[(shape, dim, radix)]`` reduced in lockstep; per layer index one comparison layer over
-    every active item's pairs and one product per product-tree round over all their elements (each layer a
-    one-hot-free ops._onehot_radix_level, radix 2 included)."""
-    from . import ops
-
-    plans = []
-    for shape, dim, radix in items:
-        shape = list(_size(shape))
-        dim = dim % len(shape)
-        shape[dim], shape[-1] = shape[-1], shape[dim]
-        lead, m = _numel(shape[:-1]), shape[-1]
-        if radix == "auto":
-            radix = ops.max_schedule(lead, m, lean, s)
-        plans.append([lead, m, _radix_schedule(m, radix)])
-    c, step = Cost(s.n), 0
-    while any(step < len(p[2]) for p in plans):
-        n_cmp, trees = 0, []
-        for p in plans:
-            if step >= len(p[2]):
-                continue
-            lead, m, sched = p
-            r = sched[step]
-            G = -(-m // r)
-            n_cmp += lead * G * r * (r - 1) // 2
-            trees.append([lead * G * r * sum(widths) for widths in ops._product_rounds(r, 0)])
-            p[1] = G
-        c += _cmp(s, (n_cmp,), lean)
-        for k in range(max(len(t) for t in trees)):
-            n = sum(t[k] for t in trees if k < len(t))
-            c += mul(s, (n,), (n,), trunc=False)
-        step += 1
-    return c
-
-
 def _exp_squares() -> bool:
     """Whether ops.exp_limit squares with ``square()`` (a square pair, half a product's bytes) or ``y * y``."""
     import inspect
@@ -550,27 +515,34 @@ def keep_onehot(s: Setting, shape, k: int) -> Cost:
 
 
 def strata_level(s: Setting, lead, n: int, w: int, r: int, lean: bool) -> Cost:
-    """One level of ops.strata_top1_onehot: n survivors per stratum carrying one-hots of width w, radix r <= n.
-    Radix 2: 1 comparison of the h pairs and 1 product of the bit with [a - b, onehot_a, onehot_b] (width 1 + 2w).
-    Radix r (ops._onehot_radix_level): the r(r-1)/2 pairs of each of the G groups in one comparison layer, then
-    the product tree's rounds (ops._product_rounds), ring integers."""
+    """One level of ops.strata_select: n survivors per stratum carrying one-hots of width w, radix r <= n
+    (ops._onehot_radix_level, r = 2 included): the r(r-1)/2 pairs of each of the G groups in one comparison
+    layer, then the product tree's rounds (ops._product_rounds), ring integers."""
+    return _lockstep(s, [(_numel(lead), n, w, r)], lean)
+
+
+def _lockstep(s: Setting, tasks, lean: bool) -> Cost:
+    """ops._onehot_radix_levels over ``[(rows, n, w, r)]``: one comparison layer for all the tasks' pairs, then
+    one product per round of the deepest product tree over every task's pairs of that round."""
     from . import ops
 
-    lead = tuple(_size(lead))
-    if r == 2:
-        h = n // 2
-        return _cmp(s, (*lead, h), lean) + mul(s, (*lead, h, 1 + 2 * w), (*lead, h, 1), trunc=False)
-    G = -(-n // r)                       # ops._onehot_radix_levels: flat comparisons and flat products
-    c = _cmp(s, (_numel((*lead, G, r * (r - 1) // 2)),), lean)
-    for widths in ops._product_rounds(r, w):
-        k = _numel((*lead, G, r, sum(widths)))
-        c += mul(s, (k,), (k,), trunc=False)
+    n_cmp, trees = 0, []
+    for rows, n, w, r in tasks:
+        G = -(-n // r)
+        n_cmp += rows * G * r * (r - 1) // 2
+        trees.append([rows * G * r * sum(widths) for widths in ops._product_rounds(r, w)])
+    c = _cmp(s, (n_cmp,), lean)
+    for k in range(max(len(t) for t in trees)):
+        n = sum(t[k] for t in trees if k < len(t))
+        c += mul(s, (n,), (n,), trunc=False)
     return c
 
 
-def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radix=None) -> Cost:
-    """ops.strata_top1_onehot over the g slots of each stratum: its levels (``strata_level``) along the
-    protocol's own schedule (ops.strata_schedule: ``radix`` an int, a sequence, or "auto")."""
+def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radix=None, heads: bool = False,
+                       also=()) -> Cost:
+    """ops.strata_select over the g slots (x G heads with ``heads``: ``shape`` (..., G, m)) of each stratum: its
+    levels along the protocol's own schedule (ops.strata_schedule: ``radix`` an int, a sequence, or "auto"), in
+    lockstep with the max tournaments (ops.max_schedule) of the ``also`` shapes."""
     from . import ops
 
     lean = ops.SELECT_LEAN if lean is None else lean
@@ -578,12 +550,24 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
     shape = _size(shape)
     m = shape[-1]
     g = max((r + 1) * m // k - r * m // k for r in range(k))
-    lead = (*shape[:-1], k)
-    n, w = g, 1
+    G = shape[-2] if heads else 1
+    rows = _numel((*shape[:-2 if heads else -1], k))
+    sched = ops.strata_schedule(rows, g * G, lean, radix, s)
+    plans = [(rows, g * G, 1, list(sched))]
+    for a in also:
+        a = _size(a)
+        rows_a = _numel(a[:-1])
+        plans.append((rows_a, a[-1], 0, list(_radix_schedule(a[-1], ops.max_schedule(rows_a, a[-1], lean, s)))))
     c = Cost(s.n)
-    for r in ops.strata_schedule(_numel(lead), g, lean, radix, s):
-        c += strata_level(s, lead, n, w, r, lean)
-        n, w = (n // 2 + n % 2, 2 * w) if r == 2 else (-(-n // r), r * w)
+    state = [[n, w] for _, n, w, _ in plans]
+    for step in range(max(len(p[3]) for p in plans)):
+        tasks = []
+        for (rows_p, _, _, sch), st in zip(plans, state):
+            if step < len(sch):
+                r = sch[step]
+                tasks.append((rows_p, st[0], st[1], r))
+                st[0], st[1] = -(-st[0] // r), (r * st[1] if st[1] else 0)
+        c += _lockstep(s, tasks, lean)
     return c
 
 

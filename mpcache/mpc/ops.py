@@ -436,7 +436,7 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     ``anchor=(a, b)`` (no mask; see ANCHOR above): the offset is the max of the first a and last b columns only (a
     max over a + b entries: one layer), exp by ANCHOR_EXP_ITERS squarings, the reciprocal over the wider range
     ANCHOR_RECIP with CrypTen's full-width comparison. ``offset`` (with ``anchor``): that max, already computed by
-    the caller over always-attended columns (MPCache batches it with its head max: :func:`tree_max_many`). Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
+    the caller over always-attended columns (MPCache makes it in its selection's comparison layers: :func:`strata_select`). Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
     (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 10 + 12 + 1 = 34 for (4, 8), whatever the row length; bytes: the exp's
     squarings and one product per entry, the rest per row. Leaks: shapes only.
     """
@@ -967,39 +967,14 @@ def _onehot_radix_levels(tasks, lean: bool) -> list:
     return results
 
 
-def tree_max_many(items, lean: bool = False) -> list:
-    """Maxima ``[(x, dim, radix)]`` of independent tensors with their tournaments in lockstep: at each layer one
-    comparison layer and one batched product per round for all of them (every layer, radix 2 included, is a
-    :func:`_onehot_radix_level` without one-hots). ``radix``: an int, a sequence or "auto" (:func:`max_schedule`).
-    Rounds: per layer index, cmp + ceil(log2 of the largest radix in use); bytes: the sum. Exact. Leaks: shapes."""
-    xs, scheds, dims = [], [], []
-    for x, dim, radix in items:
-        dim = dim % x.dim()
-        x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
-        if radix == "auto":
-            radix = max_schedule(int(torch.Size(x.shape[:-1]).numel()), int(x.shape[-1]), lean)
-        xs.append(x)
-        dims.append(dim)
-        scheds.append(_radix_schedule(int(x.shape[-1]), radix))
-    step = 0
-    while any(step < len(sc) for sc in scheds):
-        active = [i for i, sc in enumerate(scheds) if step < len(sc)]
-        outs = _onehot_radix_levels([(xs[i], None, scheds[i][step]) for i in active], lean)
-        for i, (top, _) in zip(active, outs):
-            xs[i] = top
-        step += 1
-    return [x.transpose(d, -1).squeeze(d) if d != x.dim() - 1 else x.squeeze(-1) for x, d in zip(xs, dims)]
-
-
 def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None):
     """Compact one-hot rows (..., k, g): row r marks the first maximum of stratum r (see :func:`strata_layout`).
 
-    A tournament per stratum that carries each survivor's one-hot. ``radix`` (default ``STRATA_RADIX``) = 2:
-    adjacent survivors are compared (one batched comparison layer for all strata and leading dims) and one
-    product of the bit with ``[a - b, onehot_a, onehot_b]`` (one multiplication round) gives both the winner's
-    value and its one-hot; radix r > 2: groups of r survivors per level (:func:`_onehot_radix_level`), all their
-    pairs in one comparison layer and ceil(log2 r) product rounds, so ~half the levels of the pairwise tree for
-    r = 4 at ~3x its first level's comparisons. Ties go to the lower index. Unlike the exact top-k
+    A tournament per stratum that carries each survivor's one-hot. At each level (radices: ``radix``, default
+    ``STRATA_RADIX``) groups of r survivors (:func:`_onehot_radix_level`; r = 2: adjacent pairs) compare all
+    their pairs in one comparison layer for all strata and leading dims, and ceil(log2 r) product rounds give
+    both the winner's value and its one-hot; r = 4 needs ~half the levels of the pairwise tree at ~3x its first
+    level's comparisons. Ties go to the lower index. Unlike the exact top-k
     (:func:`topk_onehot`, m^2 comparisons), this costs O(m) comparisons: the budget is spread evenly over the
     position range (exactly one winner per stratum).
     ``lean`` (default ``SELECT_LEAN``): comparisons in 32-bit lanes (7 rounds / 96 B instead of 8 / 216 B in 2PC),
@@ -1008,6 +983,22 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None):
     Bytes/party: per level r(r-1)/2 comparisons per group of r survivors + the products.
     Leaks: shapes only (the strata are public functions of m and k).
     """
+    return strata_select(scores, k, lean=lean, radix=radix)[0]
+
+
+def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | None = None, radix=None):
+    """:func:`strata_top1_onehot` with two fusions that save whole comparison layers. Returns (one-hot, maxima).
+
+    ``heads=True``: ``scores`` is (..., G, m), one score per query head of a group, and a candidate's score is
+    its max over the G heads. The tournament of stratum r then runs over its g·G (slot, head) entries, slot-major
+    (so ties still go to the lower slot), and the winner's one-hot, summed over the heads (local), marks its slot:
+    the max over the heads costs no comparison layer of its own (the levels are scheduled over g·G entries).
+    ``also``: tensors (..., a) whose max along the last dim is wanted too (MPCache: the anchored softmax's offset);
+    their tournaments (``max_schedule``) run in lockstep with the strata levels, in the same comparison layers
+    and product rounds (:func:`_onehot_radix_levels`). Every level, radix 2 included, is a radix level.
+    Rounds: per level index, cmp + ceil(log2 of the largest radix in use). Bytes: the sum. Exact.
+    Leaks: shapes only.
+    """
     lean = SELECT_LEAN if lean is None else lean
     radix = STRATA_RADIX if radix is None else radix
     pad = STRATA_PAD_LEAN if lean else STRATA_PAD
@@ -1015,34 +1006,37 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None):
     idx, valid = strata_layout(m, k)
     g = int(idx.shape[1])
     x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
-    x = x.reshape(*scores.shape[:-1], k, g)
+    x = x.reshape(*scores.shape[:-1], k, g)                                 # (..., [G,] k, g)
     if not bool(valid.all()):
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
+    G = 1
+    if heads:
+        G = int(x.shape[-3])
+        n = x.dim()
+        x = x.permute(*range(n - 3), n - 2, n - 1, n - 3).reshape(*x.shape[:-3], k, g * G)   # slot-major entries
     v = x
     oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
     rows = int(torch.Size(x.shape[:-1]).numel())
-    for r in strata_schedule(rows, g, lean, radix):
-        n, w = int(v.shape[-1]), int(oh.shape[-1])
-        if r > 2:
-            v, oh = _onehot_radix_level(v, oh, r, lean)
-            continue
-        h = n // 2
-        a, b = v[..., 0:2 * h:2], v[..., 1:2 * h:2]
-        oa, ob = oh[..., 0:2 * h:2, :], oh[..., 1:2 * h:2, :]
-        d = a - b
-        c = 1 - _ltz(d, lean)                                       # [a >= b]: a (lower index) wins ties
-        prod = _cat([d.unsqueeze(-1), oa, ob], dim=-1) * c.unsqueeze(-1)
-        top = b + prod[..., 0]
-        merged = _cat([prod[..., 1:1 + w], ob - prod[..., 1 + w:]], dim=-1)      # (..., h, 2w)
-        if n % 2:
-            last = oh[..., 2 * h:, :]
-            top = _cat([top, v[..., 2 * h:]], dim=-1)
-            merged = _cat([merged, _cat([last, last * 0], dim=-1)], dim=-2)
-        v, oh = top, merged
-    return oh[..., 0, :g]
+    sched = strata_schedule(rows, g * G, lean, radix)
+    extra = [[t, _radix_schedule(int(t.shape[-1]), max_schedule(int(torch.Size(t.shape[:-1]).numel()),
+                                                                  int(t.shape[-1]), lean))] for t in also]
+    for step in range(max([len(sched)] + [len(e[1]) for e in extra])):
+        tasks = [(v, oh, sched[step])] if step < len(sched) else []
+        live = [e for e in extra if step < len(e[1])]
+        outs = _onehot_radix_levels(tasks + [(e[0], None, e[1][step]) for e in live], lean)
+        if tasks:
+            v, oh = outs.pop(0)
+        for e, (top, _) in zip(live, outs):
+            e[0] = top
+    oh = oh[..., 0, :g * G]
+    if heads:
+        oh = oh.reshape(*oh.shape[:-1], g, G).sum(-1)
+    return oh, [e[0].squeeze(-1) for e in extra]
 
 
-def strata_top1_onehot_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+def strata_top1_onehot_reference(scores: torch.Tensor, k: int, heads: bool = False) -> torch.Tensor:
+    if heads:
+        scores = scores.amax(dim=-2)
     idx, valid = strata_layout(int(scores.shape[-1]), k)
     x = scores.double()[..., idx].masked_fill(~valid, STRATA_PAD)
     best = x.argmax(dim=-1, keepdim=True)                             # first maximum

@@ -279,22 +279,27 @@ class MPCachePolicy(BudgetPolicy):
         method = self.topk if self.topk != "auto" else ("rank" if p.C2 <= AUTO_RANK_MAX else "strata")
         if method == "strata":                     # one level: a tournament over the fine clusters' strata
             rep = head(fine.rep, p.C2)
-            prods = ctx.query_products(rep) if self.linear and self.head_reduce == "max" else None
-            qk, a = ctx.logits.get("qk"), ctx.anchor
-            if prods is not None and qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end:
-                # the anchored softmax's offset (the max of the sink rows' and the newest rows' logits, which this
-                # gather always attends: Transformer.selection_anchor) in the SAME comparison layer and product
-                # rounds as the max over the group's heads: its rounds are free
-                anchors = B.cat([qk[..., :a[0]], qk[..., ctx.L - a[1]:]], dim=-1)     # (Hkv, G, a + b)
-                scores, off = B.max_many([(prods, 1, None), (anchors, -1, "auto")])
-                ctx.logits["offset"] = off.unsqueeze(-1)
-            elif prods is not None:
-                scores = B.max(prods, dim=1)
+            if not self.linear:
+                onehot, _ = select_k(B, score(head(fine.max, p.C2), head(fine.min, p.C2), rep), p.k2, "strata")
             else:
-                scores = score(head(fine.max, p.C2), head(fine.min, p.C2), rep)
-            onehot, strata = select_k(B, scores, p.k2, "strata")
+                # per-head products (one product with [rep | K] on a fixed cache: the attention's logits too);
+                # "sum" adds the heads' products (= the summed query's), "max" lets the tournament take the max
+                # over the heads (ops.strata_select: no comparison layer of its own)
+                prods = ctx.query_products(rep)                                         # (Hkv, G, C2)
+                qk, a = ctx.logits.get("qk"), ctx.anchor
+                also = []
+                if qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end:
+                    # the anchored softmax's offset: the max of the sink rows' and the newest rows' logits, which
+                    # this gather always attends (Transformer.selection_anchor), in the tournament's own rounds
+                    also = [B.cat([qk[..., :a[0]], qk[..., ctx.L - a[1]:]], dim=-1)]   # (Hkv, G, a + b)
+                if self.head_reduce == "sum":
+                    onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=also)
+                else:
+                    onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=also)
+                if maxes:
+                    ctx.logits["offset"] = maxes[0].unsqueeze(-1)
             return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
-                          strata=strata)
+                          strata=p.C2)
         if not self.hierarchy or p.k1 == p.C1:     # level 1 would keep every coarse cluster: skip it
             scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
             onehot = B.topk_onehot(scores, p.k2)                                         # (Hkv, k2, C2)
