@@ -550,24 +550,30 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
     shape = _size(shape)
     m = shape[-1]
     g = max((r + 1) * m // k - r * m // k for r in range(k))
-    G = shape[-2] if heads else 1
     rows = _numel((*shape[:-2 if heads else -1], k))
-    sched = ops.strata_schedule(rows, g * G, lean, radix, s)
-    plans = [(rows, g * G, 1, list(sched))]
+    extra = []
     for a in also:
         a = _size(a)
         rows_a = _numel(a[:-1])
-        plans.append((rows_a, a[-1], 0, list(_radix_schedule(a[-1], ops.max_schedule(rows_a, a[-1], lean, s)))))
+        extra.append([rows_a, a[-1], list(_radix_schedule(a[-1], ops.max_schedule(rows_a, a[-1], lean, s)))])
+
+    def level(tasks):
+        for e in extra:
+            if e[2]:
+                r = e[2].pop(0)
+                tasks.append((e[0], e[1], 0, r))
+                e[1] = -(-e[1] // r)
+        return _lockstep(s, tasks, lean)
+
     c = Cost(s.n)
-    state = [[n, w] for _, n, w, _ in plans]
-    for step in range(max(len(p[3]) for p in plans)):
-        tasks = []
-        for (rows_p, _, _, sch), st in zip(plans, state):
-            if step < len(sch):
-                r = sch[step]
-                tasks.append((rows_p, st[0], st[1], r))
-                st[0], st[1] = -(-st[0] // r), (r * st[1] if st[1] else 0)
-        c += _lockstep(s, tasks, lean)
+    if heads and shape[-2] > 1:
+        c += level([(_numel((*shape[:-2], m)), shape[-2], 0, shape[-2])])
+    n, w = g, 1
+    for r in ops.strata_schedule(rows, g, lean, radix, s):
+        c += level([(rows, n, w, r)])
+        n, w = -(-n // r), r * w
+    while any(e[2] for e in extra):
+        c += level([])
     return c
 
 

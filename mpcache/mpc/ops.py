@@ -990,12 +990,12 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     """:func:`strata_top1_onehot` with two fusions that save whole comparison layers. Returns (one-hot, maxima).
 
     ``heads=True``: ``scores`` is (..., G, m), one score per query head of a group, and a candidate's score is
-    its max over the G heads. The tournament of stratum r then runs over its g·G (slot, head) entries, slot-major
-    (so ties still go to the lower slot), and the winner's one-hot, summed over the heads (local), marks its slot:
-    the max over the heads costs no comparison layer of its own (the levels are scheduled over g·G entries).
-    ``also``: tensors (..., a) whose max along the last dim is wanted too (MPCache: the anchored softmax's offset);
-    their tournaments (``max_schedule``) run in lockstep with the strata levels, in the same comparison layers
-    and product rounds (:func:`_onehot_radix_levels`). Every level, radix 2 included, is a radix level.
+    its max over the G heads: a first radix-G max layer (values only: folding the heads into the tournament's
+    entries instead makes every level carry G times wider one-hots, which measured more bytes and no fewer
+    rounds at SmolLM2's G = 3). ``also``: tensors (..., a) whose max along the last dim is wanted too (MPCache:
+    the anchored softmax's offset); their tournaments (``max_schedule``) run in lockstep with the head max and
+    the strata levels, in the same comparison layers and product rounds (:func:`_onehot_radix_levels`), so they
+    cost no rounds of their own while they are no deeper. Every level, radix 2 included, is a radix level.
     Rounds: per level index, cmp + ceil(log2 of the largest radix in use). Bytes: the sum. Exact.
     Leaks: shapes only.
     """
@@ -1005,32 +1005,31 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k)
     g = int(idx.shape[1])
+    extra = [[t, _radix_schedule(int(t.shape[-1]), max_schedule(int(torch.Size(t.shape[:-1]).numel()),
+                                                                  int(t.shape[-1]), lean))] for t in also]
+
+    def level(tasks):               # one lockstep level: the given tasks plus the next level of every extra max
+        live = [e for e in extra if e[1]]
+        outs = _onehot_radix_levels(tasks + [(e[0], None, e[1].pop(0)) for e in live], lean)
+        for e, (top, _) in zip(live, outs[len(tasks):]):
+            e[0] = top
+        return outs[:len(tasks)]
+
+    if heads:                       # the max over the G heads: a radix-G max layer, no one-hots to carry
+        xh = scores.transpose(-1, -2)                                       # (..., m, G)
+        scores = (level([(xh, None, int(xh.shape[-1]))])[0][0] if xh.shape[-1] > 1 else xh).squeeze(-1)
     x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
-    x = x.reshape(*scores.shape[:-1], k, g)                                 # (..., [G,] k, g)
+    x = x.reshape(*scores.shape[:-1], k, g)                                 # (..., k, g)
     if not bool(valid.all()):
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
-    G = 1
-    if heads:
-        G = int(x.shape[-3])
-        n = x.dim()
-        x = x.permute(*range(n - 3), n - 2, n - 1, n - 3).reshape(*x.shape[:-3], k, g * G)   # slot-major entries
     v = x
     oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
     rows = int(torch.Size(x.shape[:-1]).numel())
-    sched = strata_schedule(rows, g * G, lean, radix)
-    extra = [[t, _radix_schedule(int(t.shape[-1]), max_schedule(int(torch.Size(t.shape[:-1]).numel()),
-                                                                  int(t.shape[-1]), lean))] for t in also]
-    for step in range(max([len(sched)] + [len(e[1]) for e in extra])):
-        tasks = [(v, oh, sched[step])] if step < len(sched) else []
-        live = [e for e in extra if step < len(e[1])]
-        outs = _onehot_radix_levels(tasks + [(e[0], None, e[1][step]) for e in live], lean)
-        if tasks:
-            v, oh = outs.pop(0)
-        for e, (top, _) in zip(live, outs):
-            e[0] = top
-    oh = oh[..., 0, :g * G]
-    if heads:
-        oh = oh.reshape(*oh.shape[:-1], g, G).sum(-1)
+    for r in strata_schedule(rows, g, lean, radix):
+        v, oh = level([(v, oh, r)])[0]
+    while any(e[1] for e in extra):
+        level([])
+    oh = oh[..., 0, :g]
     return oh, [e[0].squeeze(-1) for e in extra]
 
 
