@@ -652,7 +652,8 @@ def job_generation_costs(out, model="tiny-llama", protocol="arithmetic", provide
     from mpcache.policies import make_policy
 
     cfg, w, _ = load_model(model, seed=0)
-    pol = make_policy(policy) if policy == "full" else make_policy(policy, budget=0.3)
+    pol = make_policy(policy) if policy == "full" else make_policy(policy.split("-")[0], budget=0.3,
+                                                                   **({"topk": "strata"} if "-strata" in policy else {}))
     info = {"model": cfg.to_dict(), "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
             "policy": repr(pol)}
     sess = _open(protocol, provider, info)

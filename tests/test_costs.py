@@ -52,7 +52,10 @@ GEN_CASES = [pytest.param("arithmetic", "tfp", 2, "full", id="2pc-full", marks=S
              pytest.param("arithmetic", "tfp", 2, "mpcache", id="2pc-mpcache"),
              pytest.param("replicated", "tfp", 3, "full", id="3pc-full", marks=SLOW),
              pytest.param("replicated", "tfp", 3, "mpcache", id="3pc-mpcache"),
-             pytest.param("arithmetic", "ttp", 3, "mpcache", id="2pc-ttp-mpcache", marks=SLOW)]
+             pytest.param("arithmetic", "ttp", 3, "mpcache", id="2pc-ttp-mpcache", marks=SLOW),
+             # the stratified selection, with a leaf cluster completed at the last step (its summary made in the
+             # tournament's comparison layers) and the anchored softmax's offset from them
+             pytest.param("arithmetic", "tfp", 2, "mpcache-strata", id="2pc-mpcache-strata")]
 
 
 @pytest.mark.mpi
@@ -65,10 +68,11 @@ def test_generation_cost_predicted_equal_measured(tmp_path, protocol, provider, 
     from mpcache.mpc.costs import Setting
     from mpcache.policies import make_policy
 
-    n_new, n_prompt = 3, 24
+    n_new, n_prompt = 3, (26 if policy.endswith("-strata") else 24)     # 26: decode steps at 27 and 28 rows
     res = mpi_job(n_procs, "generation_costs", tmp_path, "tiny-llama", protocol, provider, policy, str(n_new),
                   str(n_prompt))
-    pol = make_policy(policy) if policy == "full" else make_policy(policy, budget=0.3)
+    pol = make_policy(policy) if policy == "full" else make_policy(
+        policy.split("-")[0], budget=0.3, **({"topk": "strata"} if policy.endswith("-strata") else {}))
     assert repr(pol) == res["policy"]
     n = n_procs - (provider == "ttp")
     pred, _ = predict_generation(tiny_config("llama"), pol, Setting(n, protocol, provider), n_prompt, n_new)

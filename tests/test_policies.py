@@ -477,6 +477,39 @@ def test_strata_selection_is_the_max_of_each_stratum():
     assert torch.equal(g.onehot.argmax(-1), s.argmax(-1))
 
 
+@pytest.mark.parametrize("head_reduce", ["max", "sum"])
+def test_strata_decode_summaries_made_in_the_tournament_match_direct(head_reduce):
+    """Over a growing cache (strata selection): a cluster is summarised in the step's tournament once complete
+    (ops.strata_select ``also``), never scored before it is, and every step the kept summaries equal a direct
+    recomputation; the selection is the max of each stratum; the anchors' max is handed to the attention."""
+    from mpcache.mpc.ops import strata_layout
+
+    pol = make_policy("mpcache", budget=0.1, topk="strata", head_reduce=head_reduce)
+    S = pol.cluster_size
+    g0 = torch.Generator().manual_seed(5)
+    K = torch.randn(HKV, 700, D, generator=g0)
+    state: dict = {}
+    for step in range(9):
+        L = 690 + step
+        ctx = decode_ctx(L, seed=step, state=state, K=K)
+        ctx.anchor = (4, 8)
+        ctx.logits["qk"] = torch.einsum("hgd,hld->hgl", ctx.q.reshape(HKV, G, D) / D ** 0.5, ctx.k)
+        g = pol.select(ctx)
+        c_full = (L - S) // S
+        fine = state[f"mpcache/fine{S}"]
+        blocks = K[:, S:S + c_full * S].reshape(HKV, c_full, S, D)
+        assert fine.count == c_full and g.strata <= c_full
+        assert torch.equal(fine.max, blocks.amax(2)) and torch.equal(fine.min, blocks.amin(2))
+        rep = 0.6 * blocks[:, :g.strata].amax(2) + 0.4 * blocks[:, :g.strata].amin(2)
+        per_head = torch.einsum("hgd,hcd->hgc", ctx.q.reshape(HKV, G, D) / D ** 0.5, rep)
+        scores = per_head.amax(1) if head_reduce == "max" else per_head.sum(1)
+        layout, valid = strata_layout(g.strata, g.n_blocks_selected)
+        assert torch.equal(g.onehot.argmax(-1), scores[:, layout].masked_fill(~valid, float("-inf")).argmax(-1))
+        qk = ctx.logits["qk"]
+        want = torch.cat([qk[..., :4], qk[..., L - 8:]], -1).amax(-1, keepdim=True)
+        assert g.keeps_ends(4, 8, L) and torch.equal(ctx.logits["offset"], want)
+
+
 @pytest.mark.parametrize("strata", [True, False], ids=["compact", "dense"])
 def test_attention_in_place_equals_gathered_rows(strata):
     """The MPC decode path that never moves K/V (scores against every row, the selected blocks' scores gathered by

@@ -302,6 +302,9 @@ class CostBackend:
 
     min = max
 
+    def neg(self, x):
+        return unfix(x)
+
     def max_min(self, a, b, dim: int = -1):
         a = unfix(a)
         dim = dim % len(a.shape)

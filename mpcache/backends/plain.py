@@ -48,6 +48,9 @@ class PlainBackend:
     def min(self, x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
         return x.min(dim=dim, keepdim=keepdim).values
 
+    def neg(self, x: Tensor) -> Tensor:
+        return -x
+
     def max_min(self, a: Tensor, b: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
         """(max of a, min of b) along dim (one tournament under MPC)."""
         return a.amax(dim=dim), b.amin(dim=dim)

@@ -105,6 +105,10 @@ class SecureBackend:
     def min(self, x, dim: int = -1, keepdim: bool = False):
         return -self.max(-unfix(x), dim=dim, keepdim=keepdim)
 
+    def neg(self, x):
+        """-x, exactly (negated shares; local)."""
+        return -unfix(x)
+
     def max_min(self, a, b, dim: int = -1):
         """(max of ``a``, min of ``b``) along ``dim`` (same shapes) in one tournament over the stacked (a, -b):
         the rounds of one max for both."""

@@ -551,16 +551,13 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
     m = shape[-1]
     g = max((r + 1) * m // k - r * m // k for r in range(k))
     rows = _numel((*shape[:-2 if heads else -1], k))
-    extra = []
-    for a in also:
-        a = _size(a)
-        rows_a = _numel(a[:-1])
-        extra.append([rows_a, a[-1], list(_radix_schedule(a[-1], ops.max_schedule(rows_a, a[-1], lean, s)))])
+    extra = [[_numel(_size(a)[:-1]), _size(a)[-1]] for a in also]
 
     def level(tasks):
+        cap = max((t[3] for t in tasks), default=None)
         for e in extra:
-            if e[2]:
-                r = e[2].pop(0)
+            if e[1] > 1:
+                r = ops.lockstep_radix(e[1], cap, e[0], lean, s)
                 tasks.append((e[0], e[1], 0, r))
                 e[1] = -(-e[1] // r)
         return _lockstep(s, tasks, lean)
@@ -572,7 +569,7 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
     for r in ops.strata_schedule(rows, g, lean, radix, s):
         c += level([(rows, n, w, r)])
         n, w = -(-n // r), r * w
-    while any(e[2] for e in extra):
+    while any(e[1] > 1 for e in extra):
         c += level([])
     return c
 

@@ -1005,14 +1005,15 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k)
     g = int(idx.shape[1])
-    extra = [[t, _radix_schedule(int(t.shape[-1]), max_schedule(int(torch.Size(t.shape[:-1]).numel()),
-                                                                  int(t.shape[-1]), lean))] for t in also]
+    extra = [t for t in also]
 
     def level(tasks):               # one lockstep level: the given tasks plus the next level of every extra max
-        live = [e for e in extra if e[1]]
-        outs = _onehot_radix_levels(tasks + [(e[0], None, e[1].pop(0)) for e in live], lean)
-        for e, (top, _) in zip(live, outs[len(tasks):]):
-            e[0] = top
+        live = [i for i, t in enumerate(extra) if t.shape[-1] > 1]
+        cap = max((r for *_, r in tasks), default=None)
+        outs = _onehot_radix_levels(tasks + [(extra[i], None, lockstep_radix(
+            int(extra[i].shape[-1]), cap, int(torch.Size(extra[i].shape[:-1]).numel()), lean)) for i in live], lean)
+        for i, (top, _) in zip(live, outs[len(tasks):]):
+            extra[i] = top
         return outs[:len(tasks)]
 
     if heads:                       # the max over the G heads: a radix-G max layer, no one-hots to carry
@@ -1027,10 +1028,19 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     rows = int(torch.Size(x.shape[:-1]).numel())
     for r in strata_schedule(rows, g, lean, radix):
         v, oh = level([(v, oh, r)])[0]
-    while any(e[1] for e in extra):
+    while any(t.shape[-1] > 1 for t in extra):
         level([])
     oh = oh[..., 0, :g]
-    return oh, [e[0].squeeze(-1) for e in extra]
+    return oh, [t.squeeze(-1) for t in extra]
+
+
+def lockstep_radix(n: int, cap: int | None, rows: int, lean: bool, setting=None) -> int:
+    """The radix of the next level of a max over n entries run in lockstep with a level of radix ``cap``: the
+    widest whose product tree is no deeper than ``cap``'s (2^ceil(log2 cap)), so it adds no round to that level;
+    alone (``cap`` None), the first level of :func:`max_schedule`."""
+    if cap is None:
+        return max_schedule(rows, n, lean, setting)[0]
+    return min(n, 1 << max(1, math.ceil(math.log2(cap))))
 
 
 def strata_top1_onehot_reference(scores: torch.Tensor, k: int, heads: bool = False) -> torch.Tensor:

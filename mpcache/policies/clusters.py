@@ -22,15 +22,19 @@ class Summaries:
     rep: Any = None
 
 
-def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: float | None = None) -> Summaries:
-    """Extend ``state[key]`` to every full group of ``group`` rows of ``src_max``/``src_min`` (Hkv, N, D).
+def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: float | None = None,
+         upto: int | None = None) -> Summaries:
+    """Extend ``state[key]`` to every full group of ``group`` rows of ``src_max``/``src_min`` (Hkv, N, D) (to the
+    first ``upto`` groups at most).
 
     Only the groups completed since the last call are reduced: ``max`` over ``src_max``'s rows, ``min`` over
     ``src_min``'s (pass the keys twice for leaf clusters, the children's max and min for parents). The sources
-    must only ever grow at the end. Cost per new cluster: a max and a min over ``group`` rows, in one tournament.
+    must only ever grow at the end. Cost per new cluster: a max and a min over ``group`` rows, in one tournament
+    (or in a caller's tournament: :func:`pending` and :func:`extend`).
     """
     old = state.get(key) or Summaries()
     full = int(src_max.shape[1]) // group
+    full = full if upto is None else min(full, upto)
     if full <= old.count:
         return old
     hkv, d = int(src_max.shape[0]), int(src_max.shape[2])
@@ -38,6 +42,26 @@ def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: fl
     new = full - old.count
     mx, mn = backend.max_min(src_max[:, rows].reshape(hkv, new, group, d),
                              src_min[:, rows].reshape(hkv, new, group, d), dim=2)       # one tournament for both
+    return extend(backend, state, key, mx, mn, alpha)
+
+
+def pending(backend, state: dict, key: str, keys, group: int):
+    """The leaf clusters of ``keys`` (Hkv, N, D) completed but not yet summarised in ``state[key]``, as ONE tensor
+    (2, Hkv, new, D, group) whose max along the last dim is (max, -min) of each new cluster (the stacked (k, -k)
+    of :meth:`max_min`), for a caller to reduce inside its own tournament; None when there is none."""
+    old = state.get(key) or Summaries()
+    full = int(keys.shape[1]) // group
+    if full <= old.count:
+        return None
+    hkv, d = int(keys.shape[0]), int(keys.shape[2])
+    blk = keys[:, old.count * group:full * group].reshape(hkv, full - old.count, group, d).transpose(2, 3)
+    return backend.stack([blk, backend.neg(blk)], dim=0)
+
+
+def extend(backend, state: dict, key: str, mx, mn, alpha: float | None = None) -> Summaries:
+    """Append the summaries (max, min) (Hkv, new, D) of the next ``new`` clusters to ``state[key]``."""
+    old = state.get(key) or Summaries()
+    count = old.count + int(mx.shape[1])
     rep = None if alpha is None else mx * alpha + mn * (1.0 - alpha)
     fix = getattr(backend, "fix_rows", None)
     if rep is not None and fix is not None:
@@ -47,7 +71,7 @@ def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: fl
     if old.count:
         mx, mn = backend.cat([old.max, mx], dim=1), backend.cat([old.min, mn], dim=1)
         rep = None if alpha is None else backend.cat([old.rep, rep], dim=1)
-    state[key] = Summaries(full, mx, mn, rep)
+    state[key] = Summaries(count, mx, mn, rep)
     return state[key]
 
 

@@ -27,7 +27,7 @@ from .base import (
     select_k,
     sum_groups,
 )
-from .clusters import bound_scores, grow, linear_scores
+from .clusters import bound_scores, extend, grow, linear_scores, pending
 
 REDUCTIONS = ("max", "mean")
 HEAD_REDUCTIONS = ("sum", "max")
@@ -264,7 +264,12 @@ class MPCachePolicy(BudgetPolicy):
         qs = qg.sum(dim=1)                                                               # (Hkv, D)
         alpha = self.alpha if self.linear else None
         keys = ctx.k[:, S2:]
-        fine = grow(B, ctx.state, f"mpcache/fine{S2}", keys, keys, S2, alpha)
+        fkey = f"mpcache/fine{S2}"
+        method = self.topk if self.topk != "auto" else ("rank" if p.C2 <= AUTO_RANK_MAX else "strata")
+        lockstep = method == "strata" and self.linear
+        # the stratified selection scores the first C2 clusters only: a cluster completed later (the newest rows are
+        # never candidates) is summarised inside its tournament's comparison layers (ops.strata_select ``also``)
+        fine = grow(B, ctx.state, fkey, keys, keys, S2, alpha, upto=p.C2 if lockstep else None)
 
         def score(mx, mn, rep):
             if not self.linear:
@@ -276,7 +281,6 @@ class MPCachePolicy(BudgetPolicy):
         def head(x, c):
             return None if x is None else x[:, :c]
 
-        method = self.topk if self.topk != "auto" else ("rank" if p.C2 <= AUTO_RANK_MAX else "strata")
         if method == "strata":                     # one level: a tournament over the fine clusters' strata
             rep = head(fine.rep, p.C2)
             if not self.linear:
@@ -292,12 +296,16 @@ class MPCachePolicy(BudgetPolicy):
                     # the anchored softmax's offset: the max of the sink rows' and the newest rows' logits, which
                     # this gather always attends (Transformer.selection_anchor), in the tournament's own rounds
                     also = [B.cat([qk[..., :a[0]], qk[..., ctx.L - a[1]:]], dim=-1)]   # (Hkv, G, a + b)
+                grown = pending(B, ctx.state, fkey, keys, S2)                           # (2, Hkv, new, D, S2)
+                extra = also + ([] if grown is None else [grown])
                 if self.head_reduce == "sum":
-                    onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=also)
+                    onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=extra)
                 else:
-                    onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=also)
-                if maxes:
+                    onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=extra)
+                if also:
                     ctx.logits["offset"] = maxes[0].unsqueeze(-1)
+                if grown is not None:
+                    extend(B, ctx.state, fkey, maxes[-1][0], B.neg(maxes[-1][1]), alpha)
             return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
                           strata=p.C2)
         if not self.hierarchy or p.k1 == p.C1:     # level 1 would keep every coarse cluster: skip it
