@@ -551,26 +551,26 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
     m = shape[-1]
     g = max((r + 1) * m // k - r * m // k for r in range(k))
     rows = _numel((*shape[:-2 if heads else -1], k))
-    extra = [[_numel(_size(a)[:-1]), _size(a)[-1]] for a in also]
-
-    def level(tasks):
-        cap = max((t[3] for t in tasks), default=None)
-        for e in extra:
-            if e[1] > 1:
-                r = ops.lockstep_radix(e[1], cap, e[0], lean, s)
-                tasks.append((e[0], e[1], 0, r))
-                e[1] = -(-e[1] // r)
-        return _lockstep(s, tasks, lean)
-
+    G = shape[-2] if heads else 1
+    caps = ((G,) if G > 1 else ()) + tuple(ops.strata_schedule(rows, g, lean, radix, s))
+    extra = [[_numel(_size(a)[:-1]), _size(a)[-1], ops.lockstep_schedule(_size(a)[-1], _numel(_size(a)[:-1]), caps,
+                                                                           lean, s)] for a in also]
     c = Cost(s.n)
-    if heads and shape[-2] > 1:
-        c += level([(_numel((*shape[:-2], m)), shape[-2], 0, shape[-2])])
     n, w = g, 1
-    for r in ops.strata_schedule(rows, g, lean, radix, s):
-        c += level([(rows, n, w, r)])
-        n, w = -(-n // r), r * w
-    while any(e[1] > 1 for e in extra):
-        c += level([])
+    for step in range(max([len(caps)] + [len(e[2]) for e in extra])):
+        tasks = []
+        if step < len(caps):
+            if G > 1 and step == 0:
+                tasks.append((_numel((*shape[:-2], m)), G, 0, G))
+            else:
+                r = caps[step]
+                tasks.append((rows, n, w, r))
+                n, w = -(-n // r), r * w
+        for e in extra:
+            if step < len(e[2]) and e[2][step] > 1:
+                tasks.append((e[0], e[1], 0, e[2][step]))
+                e[1] = -(-e[1] // e[2][step])
+        c += _lockstep(s, tasks, lean)
     return c
 
 

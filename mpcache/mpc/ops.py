@@ -1005,42 +1005,87 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k)
     g = int(idx.shape[1])
+    rows = int(torch.Size(scores.shape[:-2 if heads else -1]).numel()) * k
+    G = int(scores.shape[-2]) if heads else 1
+    caps = ((G,) if G > 1 else ()) + tuple(strata_schedule(rows, g, lean, radix))   # the levels, in order
     extra = [t for t in also]
+    plans = [lockstep_schedule(int(t.shape[-1]), int(torch.Size(t.shape[:-1]).numel()), caps, lean) for t in also]
+    step = 0
 
-    def level(tasks):               # one lockstep level: the given tasks plus the next level of every extra max
-        live = [i for i, t in enumerate(extra) if t.shape[-1] > 1]
-        cap = max((r for *_, r in tasks), default=None)
-        outs = _onehot_radix_levels(tasks + [(extra[i], None, lockstep_radix(
-            int(extra[i].shape[-1]), cap, int(torch.Size(extra[i].shape[:-1]).numel()), lean)) for i in live], lean)
+    def level(tasks):               # one lockstep level: the given tasks plus this level of every extra max
+        nonlocal step
+        live = [i for i, pl in enumerate(plans) if step < len(pl) and pl[step] > 1]
+        outs = _onehot_radix_levels(tasks + [(extra[i], None, plans[i][step]) for i in live], lean)
         for i, (top, _) in zip(live, outs[len(tasks):]):
             extra[i] = top
+        step += 1
         return outs[:len(tasks)]
 
-    if heads:                       # the max over the G heads: a radix-G max layer, no one-hots to carry
+    if G > 1:                       # the max over the G heads: a radix-G max layer, no one-hots to carry
         xh = scores.transpose(-1, -2)                                       # (..., m, G)
-        scores = (level([(xh, None, int(xh.shape[-1]))])[0][0] if xh.shape[-1] > 1 else xh).squeeze(-1)
+        scores = level([(xh, None, G)])[0][0].squeeze(-1)
+    elif heads:
+        scores = scores.squeeze(-2)
     x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
     x = x.reshape(*scores.shape[:-1], k, g)                                 # (..., k, g)
     if not bool(valid.all()):
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
     v = x
     oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
-    rows = int(torch.Size(x.shape[:-1]).numel())
-    for r in strata_schedule(rows, g, lean, radix):
+    for r in caps[1 if G > 1 else 0:]:
         v, oh = level([(v, oh, r)])[0]
-    while any(t.shape[-1] > 1 for t in extra):
+    while any(step < len(pl) for pl in plans):
         level([])
     oh = oh[..., 0, :g]
     return oh, [t.squeeze(-1) for t in extra]
 
 
-def lockstep_radix(n: int, cap: int | None, rows: int, lean: bool, setting=None) -> int:
-    """The radix of the next level of a max over n entries run in lockstep with a level of radix ``cap``: the
-    widest whose product tree is no deeper than ``cap``'s (2^ceil(log2 cap)), so it adds no round to that level;
-    alone (``cap`` None), the first level of :func:`max_schedule`."""
-    if cap is None:
-        return max_schedule(rows, n, lean, setting)[0]
-    return min(n, 1 << max(1, math.ceil(math.log2(cap))))
+def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting=None) -> tuple[int, ...]:
+    """The level radices (1 = idle at that level) of a max over ``n`` entries in each of ``rows`` rows run in
+    lockstep beside levels of radices ``caps`` (:func:`strata_select`), then its own levels for what is left.
+
+    Beside a level of radix c, a level of radix r <= 2^ceil(log2 c) adds no round (its product tree is no deeper),
+    only bytes; levels after ``caps`` add their rounds. Of the choices per level (idle, or a candidate radix within
+    that bound) and :func:`max_schedule` for the rest, the one minimising the modelled latency (``SCHEDULE_PROFILE``:
+    bytes / bandwidth + added rounds x RTT, from costs.py) is returned: e.g. 12 anchor columns beside one radix-11
+    level take radix 12 there (no added round, a few KB), 16-row cluster summaries (tens of thousands of rows)
+    take cheap narrow levels. A public function of public sizes and the setting."""
+    return _lockstep_levels(int(n), int(rows), tuple(caps), bool(lean), setting or current_setting(), SCHEDULE_PROFILE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profile: str) -> tuple[int, ...]:
+    from ..latency import PROFILES
+    from .costs import _lockstep
+
+    prof = PROFILES[profile]
+
+    def seconds(c):
+        sm = c.summary()
+        return 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps, sm["rounds"]
+
+    @functools.lru_cache(maxsize=None)
+    def best(i: int, left: int):
+        if left <= 1:
+            return 0.0, ()
+        if i == len(caps):
+            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting))
+            t, m = 0.0, left
+            for r in sched:
+                b, rounds = seconds(_lockstep(setting, [(rows, m, 0, r)], lean))
+                t += b + rounds * prof.rtt_s
+                m = -(-m // r)
+            return t, tuple(sched)
+        bound = 1 << max(1, math.ceil(math.log2(caps[i])))
+        out = None
+        for r in [1] + sorted({r for r in SCHEDULE_RADICES if r <= min(left, bound)} | ({left} if left <= bound else set())):
+            t = 0.0 if r == 1 else seconds(_lockstep(setting, [(rows, left, 0, r)], lean))[0]
+            sub_t, sub = best(i + 1, -(-left // r))
+            if out is None or t + sub_t < out[0]:
+                out = (t + sub_t, (r, *sub))
+        return out
+
+    return best(0, int(n))[1]
 
 
 def strata_top1_onehot_reference(scores: torch.Tensor, k: int, heads: bool = False) -> torch.Tensor:

@@ -6,8 +6,9 @@ authors' code, all so that every shape is public:
 * Static stage: a fixed public keep count per KV head (top-k of the window attention) instead of the authors'
   dataset-tuned threshold (which reveals a data-dependent count); sinks and the window kept by position.
 * Dynamic stage: clusters on a fixed grid of the compacted cache that starts after the sink cluster; only FULL
-  clusters are candidates, the rows after the last full cluster (which hold the newest tokens) are always
-  attended, so no padding with duplicated keys is needed. k1/k2 come from the budget, not fixed ratios.
+  clusters that end before the newest ``recent`` rows are candidates, the rows after the last candidate (the
+  newest ``recent`` and up to one coarse cluster more) are always attended, so no padding with duplicated keys is
+  needed. k1/k2 come from the budget, not fixed ratios.
 """
 from __future__ import annotations
 
@@ -70,15 +71,20 @@ class MPCachePolicy(BudgetPolicy):
     The top ``static_keep`` fraction of the middle is kept, in position order; sinks and window by position.
     The static stage never keeps fewer prompt rows than the budget, so ``budget=1.0`` evicts nothing.
 
-    Dynamic stage (every decode step): rows [0, S2) (the sink cluster) and the rows after the last full coarse
-    cluster (the newest) are always attended; the full coarse clusters of ``fanout·cluster_size`` rows in between
-    are scored against ``alpha·rmax + (1-alpha)·rmin`` (``linear=False``: the exact Quest bound), the top k1
+    Dynamic stage (every decode step): rows [0, S2) (the sink cluster) and the rows after the last candidate
+    coarse cluster are always attended (at least the newest ``recent`` rows: candidates end before them); the full
+    coarse clusters of ``fanout·cluster_size`` rows in between are scored against ``alpha·rmax + (1-alpha)·rmin`` (``linear=False``: the exact Quest bound), the top k1
     kept, their children (``cluster_size`` rows) scored and the top k2 attended. One selection per KV head; the
     G query heads of the group are combined by ``head_reduce``: "max" (each head's score, then the max over the
     heads: G·C products and a max over G) or "sum" (the group's queries summed first: C products, the authors'
     MHA code applied to the group). Summaries are made once per cluster (``ctx.state``); a coarse summary is the
     max/min of its children. ``hierarchy=False``: one level over the fine clusters. ``keep_last_cluster``: also
-    always attend the last full coarse cluster.
+    always attend the last full coarse cluster. ``recent=8`` makes the attended row end with the cache's 8 newest
+    rows and start with its 4 sinks (with ``cluster_size >= 4``): the anchors of the secure decode softmax
+    (``Transformer.selection_anchor``), so the attention over the selection uses the anchored softmax with the same
+    guarantee as the full cache (its excess over the anchors can only be smaller: the same anchors, a subset of
+    the row), and the anchors' max is made inside the selection's tournament. Dev split (budget 0.1, 30 prompts per
+    length): exact match 1k / 2k = see experiments/RESULTS.md, session 5 (``recent=0``: the previous layout).
 
     Layer sharing (``share_layers``): layers < ``share_start`` are independent; after that, groups of
     ``share_group`` consecutive layers reuse their first layer's dynamic Gather (and its static Gather if
@@ -127,7 +133,12 @@ class MPCachePolicy(BudgetPolicy):
     the candidates of the 16-row grid, so the pairwise-rank top-k (m^2 comparisons per KV head and level) costs
     ~16x the 16-row grid's comparisons per layer (e.g. 1k: C1 = 127, 128 level-2 candidates, ~33k comparisons
     per KV head per layer; 16-row: ~2k), rounds unchanged. ``cluster_size=16, share_layers=True,
-    head_reduce="sum"`` is the paper's cost point (lower retrieval, see above).
+    head_reduce="sum"`` is the paper's cost point (lower retrieval, see above). The stratified path
+    (ops.strata_select) runs, in the same comparison layers: the max over the G heads (a radix-G layer; none for
+    "sum"), the strata tournament, the anchors' max (the softmax's offset) and the summaries of clusters completed
+    after the candidate range (the newest rows are never candidates, so a new cluster is summarised before it is
+    first scored). 2PC at 4k, per layer: ~2.1 MB and 27 rounds for the selection with "max" (the head max alone
+    is ~1.2 MB: 3 lean comparisons per cluster and KV head), ~0.6 MB and 11 rounds with the paper's cost point.
     """
 
     name: ClassVar[str] = "mpcache"
