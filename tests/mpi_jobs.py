@@ -139,7 +139,10 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
 
     def _strata_heads(a, b, k, also):
         oh, maxes = ops.strata_select(a, k, heads=True, also=[b] if also else [])
-        return crypten.cat([oh.reshape(-1)] + [t.reshape(-1) for t in maxes])
+        assert oh.encoder.scale == 1                          # ring 0/1: products with it need no truncation
+        fx = ops._from_shares(oh.share * int(a.encoder.scale), precision=None)   # to a's scale, to cat with maxes
+        fx.encoder = a.encoder
+        return crypten.cat([fx.reshape(-1)] + [t.reshape(-1) for t in maxes])
 
     for kk, also in ((9, True), (10, False)):
         run(f"strata_heads_k{kk}{'_also' if also else ''}", lambda a, b, kk=kk, also=also: _strata_heads(a, b, kk, also),
@@ -158,9 +161,65 @@ def job_ops(out, protocol="arithmetic", provider="tfp"):
         a_rows[3, n - 1] += 12.0
         run(f"softmax_anchor_{n}", lambda a: ops.softmax(a, anchor=(4, 8)),
             lambda a: ops.softmax_reference(a, anchor=(4, 8)), a_rows, exact=lambda a: torch.softmax(a.double(), -1))
+    _gathered_cases(sess, res)
     if sess.rank == 0:
         json.dump(res, open(out, "w"), indent=1)
     sess.close()
+
+
+def _gathered_cases(sess, res):
+    """Three-operand attention over a compact one-hot selection of a fixed K/V (mpcache.mpc.gather_triple, 2PC TFP):
+    the selected rows' scores and p times the selected + always-attended rows of V, vs the float model; the costs;
+    and the opened one-hot mask's bits (a one-time pad: ~half of them set, for a one-hot of all zeros or not)."""
+    import crypten
+    import crypten.communicator as comm
+
+    from mpcache.mpc import gather_triple, ops
+    from mpcache.mpc.fixed_operand import FixedOperand
+
+    g5 = torch.Generator().manual_seed(5)
+    hkv, G, d, blk, C, kk, tail = 2, 3, 8, 4, 23, 5, 6
+    L = blk + C * blk + tail
+
+    def grid(*shape, scale=1.0):
+        return torch.round(torch.randn(*shape, generator=g5) * scale * 2 ** 16) / 2 ** 16
+
+    K, V, q = grid(hkv, L, d), grid(hkv, L, d), grid(hkv, G, d, scale=0.5)
+    idx, valid = ops.strata_layout(C, kk)
+    sizes = valid.sum(1)
+    choice = (torch.rand(hkv, kk, generator=g5) * sizes).long()
+    oh = torch.nn.functional.one_hot(choice, int(idx.shape[1])).double()
+    Kf, Vf = FixedOperand.fix_many([crypten.cryptensor(K, src=0), crypten.cryptensor(V, src=0)])
+    res["gathered_available"] = gather_triple.available(Kf)
+    if not res["gathered_available"]:
+        return
+    rank = comm.get().get_rank()
+    ohs = ops._from_shares(oh.long() if rank == 0 else torch.zeros_like(oh, dtype=torch.long), precision=0)
+    opened = gather_triple.OpenedOneHot(ohs)
+    qs = crypten.cryptensor(q, src=0)
+    before = sess.ledger.totals()
+    S = gather_triple.gathered_scores(qs, opened, Kf, blk, C, blk, idx)
+    mid = sess.ledger.totals()
+    S_ref = gather_triple.gathered_reference(q, oh, K, blk, C, blk, idx)
+    p, p_rest = grid(hkv, G, kk * blk, scale=0.1).abs(), grid(hkv, G, blk + tail, scale=0.1).abs()
+    v_rest = FixedOperand.cat([Vf[:, 0:blk], Vf[:, L - tail:L]], dim=1)
+    out = gather_triple.gathered_values(crypten.cryptensor(p, src=0), opened, Vf, blk, C, blk, idx,
+                                        rest=(crypten.cryptensor(p_rest, src=0), v_rest))
+    after = sess.ledger.totals()
+    vsel = V[:, blk:blk + C * blk].reshape(hkv, C, blk, d).double()[:, idx.reshape(-1)].reshape(hkv, kk, -1, blk, d)
+    vsel = torch.einsum("hrj,hrjid->hrid", oh, vsel).reshape(hkv, kk * blk, d)
+    v_r = torch.cat([V[:, 0:blk], V[:, L - tail:L]], dim=1).double()
+    out_ref = p.double() @ vsel + p_rest.double() @ v_r
+    bits = torch.stack([(opened.e >> b) & 1 for b in range(64)]).double()
+    res["gathered_scores"] = {"err": (S.get_plain_text().double() - S_ref).abs().max().item(),
+                              "rounds": mid["rounds"] - before["rounds"],
+                              "bytes": mid["bytes_sent"] - before["bytes_sent"],
+                              "opened": int(oh.numel() + q.numel())}
+    res["gathered_values"] = {"err": (out.get_plain_text().double() - out_ref).abs().max().item(),
+                              "rounds": after["rounds"] - mid["rounds"],
+                              "bytes": after["bytes_sent"] - mid["bytes_sent"],
+                              "opened": int(p.numel() + p_rest.numel())}
+    res["gathered_mask_bits"] = {"mean": bits.mean().item(), "n": int(bits.numel())}
 
 
 def job_generate(out, model="tiny-llama", protocol="arithmetic", provider="tfp", seed="0", prompt="0", policy="full",

@@ -74,6 +74,22 @@ def test_secure_op_matches_float_model(ops_results, op, tol, approx_tol):
         assert r["ref_vs_exact"] <= approx_tol, f"{op}: float model vs exact {r['ref_vs_exact']:.3g} > {approx_tol}"
 
 
+def test_gathered_attention_matches_its_float_model(ops_results):
+    """Three-operand products over a compact one-hot selection of a fixed cache (2PC TFP): the selected scores and
+    the output within the truncation's 2 ulp (times the few terms summed after it: exact in the ring before), one
+    round each, opening only the one-hot and q, then the attended probabilities (8 bytes per element); the opened
+    one-hot mask is a one-time pad (its bits ~half set). Elsewhere (3PC) the two-operand route runs."""
+    if not ops_results["gathered_available"]:
+        assert "gathered_scores" not in ops_results
+        return
+    for name in ("gathered_scores", "gathered_values"):
+        r = ops_results[name]
+        assert r["err"] <= 4 * ULP, (name, r)
+        assert r["rounds"] == 1 and r["bytes"] == 8 * r["opened"], (name, r)
+    bits = ops_results["gathered_mask_bits"]
+    assert abs(bits["mean"] - 0.5) < 0.05, bits
+
+
 def test_stock_crypten_softmax_is_wrong_where_ours_is_right(ops_results):
     """The reason we ship our own softmax: CrypTen's diverges on long rows (here 1,024 entries)."""
     assert ops_results["stock_softmax_1024"]["err"] > 10 * ops_results["softmax_1024"]["err"]

@@ -23,6 +23,10 @@ from ..mpc import costs as C
 from ..mpc.ledger import CostLedger
 from .secure import SecureBackend
 
+
+def _numel(shape) -> int:
+    return int(torch.Size(shape).numel())
+
 SCALE = C.SCALE
 _SHAPE_METHODS = ("reshape", "view", "transpose", "permute", "t", "unsqueeze", "squeeze", "sum", "cumsum",
                   "repeat", "expand", "flatten", "contiguous", "clone", "index_select", "narrow", "roll",
@@ -350,12 +354,8 @@ class CostBackend:
             return scores._like((*scores.shape[:-1], k, scores.shape[-1]), 1)
 
     def strata_top1_onehot(self, scores, k: int):
-        """Compact one-hot (..., k, g); built from ``x * 0 + 1``, so it keeps the scores' fixed-point scale."""
-        with self._scope("topk"):
-            self._charge(C.strata_top1_onehot(self.s, scores.shape, k))
-            m = int(scores.shape[-1])
-            g = max((r + 1) * m // k - r * m // k for r in range(k))
-            return scores._like((*scores.shape[:-1], k, g))
+        """Compact one-hot (..., k, g), ring 0/1 at scale 1 (ops.strata_select)."""
+        return self.strata_select(scores, k)[0]
 
     def strata_select(self, scores, k: int, heads: bool = False, also=()):
         scores, also = unfix(scores), [unfix(t) for t in also]
@@ -364,7 +364,25 @@ class CostBackend:
             m = int(scores.shape[-1])
             g = max((r + 1) * m // k - r * m // k for r in range(k))
             lead = scores.shape[:-2] if heads else scores.shape[:-1]
-            return scores._like((*lead, k, g)), [t._like(_meta(t.shape).amax(dim=-1).shape) for t in also]
+            return scores._like((*lead, k, g), 1), [t._like(_meta(t.shape).amax(dim=-1).shape) for t in also]
+
+    def gathered_ok(self, g, k, v) -> bool:
+        return bool(SecureBackend.GATHER_TRIPLES and g is not None and g.onehot is not None and g.strata
+                    and isinstance(k, CostFixed) and isinstance(v, CostFixed) and self.s.n == 2
+                    and self.s.protocol == "arithmetic" and self.s.provider == "tfp")
+
+    def gather_scores(self, q, g, k):
+        q = unfix(q)
+        with self._scope("matmul"):
+            self._charge(C.open_(self.s, _numel(g.onehot.shape) + _numel(q.shape)))
+        return q._like((int(q.shape[0]), int(q.shape[1]), g.n_blocks_selected * g.block)), None
+
+    def gather_values(self, p_sel, opened, g, v, p_rest=None, ranges=()):
+        p_sel = unfix(p_sel)
+        n = _numel(p_sel.shape) + (_numel(unfix(p_rest).shape) if ranges else 0)
+        with self._scope("matmul"):
+            self._charge(C.open_(self.s, n))
+        return p_sel._like((int(p_sel.shape[0]), int(p_sel.shape[1]), int(v.shape[-1])))
 
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         self.reveals.append((label, dst, tuple(x.shape)))

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from ..mpc import ops
+from ..mpc import gather_triple, ops
 from ..mpc.fixed_operand import FixedOperand, fixed_matmul, unfix
 
 
@@ -161,6 +161,33 @@ class SecureBackend:
         with self._scope("topk"):
             oh, maxes = ops.strata_select(unfix(scores), k, heads=heads, also=[unfix(t) for t in also])
             return oh, maxes
+
+    # ---- attention over a one-hot selection of the fixed cache (mpcache.mpc.gather_triple) ------------------------
+    GATHER_TRIPLES = True     # three-operand products (TFP, 2PC) instead of gathering scores / scattering probabilities
+
+    def gathered_ok(self, g, k, v) -> bool:
+        """Whether :meth:`gather_scores` / :meth:`gather_values` run for the compact (strata) Gather ``g`` over the
+        fixed K and V (else the two-operand route of ``Transformer._attend_selected``)."""
+        return bool(self.GATHER_TRIPLES and g is not None and g.onehot is not None and g.strata
+                    and gather_triple.available(k) and gather_triple.available(v))
+
+    def gather_scores(self, q, g, k):
+        """q (Hkv, G, d) against the rows ``g`` selects of the fixed K: (Hkv, G, k·block) in ``g.apply`` order, and
+        the opened one-hot for :meth:`gather_values`. 1 round, opens the one-hot and q (gather_triple)."""
+        idx, _ = ops.strata_layout(g.strata, g.n_blocks_selected)
+        with self._scope("matmul"):
+            oh = gather_triple.OpenedOneHot(unfix(g.onehot))
+            return gather_triple.gathered_scores(unfix(q), oh, k, g.start, g.strata, g.block, idx), oh
+
+    def gather_values(self, p_sel, opened, g, v, p_rest=None, ranges=()):
+        """p_sel (Hkv, G, k·block) times the selected rows of the fixed V, plus ``p_rest`` times V's rows in the
+        public ``ranges`` (in order), in one opening: (Hkv, G, d). 1 round (gather_triple)."""
+        idx, _ = ops.strata_layout(g.strata, g.n_blocks_selected)
+        rest = None
+        if ranges:
+            rest = (unfix(p_rest), FixedOperand.cat([v[:, a:b] for a, b in ranges], dim=1))
+        with self._scope("matmul"):
+            return gather_triple.gathered_values(unfix(p_sel), opened, v, g.start, g.strata, g.block, idx, rest)
 
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         """Open ``x`` to party ``dst`` (None = everyone). The only way a share becomes plaintext; audited."""

@@ -968,7 +968,8 @@ def _onehot_radix_levels(tasks, lean: bool) -> list:
 
 
 def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None):
-    """Compact one-hot rows (..., k, g): row r marks the first maximum of stratum r (see :func:`strata_layout`).
+    """Compact one-hot rows (..., k, g), ring 0/1 at scale 1 (so products with it need no truncation): row r marks
+    the first maximum of stratum r (see :func:`strata_layout`).
 
     A tournament per stratum that carries each survivor's one-hot. At each level (radices: ``radix``, default
     ``STRATA_RADIX``) groups of r survivors (:func:`_onehot_radix_level`; r = 2: adjacent pairs) compare all
@@ -1031,13 +1032,23 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     if not bool(valid.all()):
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
     v = x
-    oh = (x * 0 + 1).unsqueeze(-1)                                  # (..., k, n, w): each survivor's one-hot
+    oh = _ring_ones(x).unsqueeze(-1)        # (..., k, n, w): each survivor's one-hot, ring 0/1 at scale 1 (exact)
     for r in caps[1 if G > 1 else 0:]:
         v, oh = level([(v, oh, r)])[0]
     while any(step < len(pl) for pl in plans):
         level([])
     oh = oh[..., 0, :g]
     return oh, [t.squeeze(-1) for t in extra]
+
+
+def _ring_ones(x):
+    """Shares of ones shaped like ``x`` at scale 1 (party 0 holds 1, the others 0: a public constant)."""
+    import crypten.communicator as comm
+
+    one = torch.zeros_like(x.share)
+    if comm.get().get_rank() == 0:
+        one += 1
+    return _from_shares(one, precision=0)
 
 
 def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting=None) -> tuple[int, ...]:

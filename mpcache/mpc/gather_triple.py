@@ -1,0 +1,180 @@
+"""Three-operand fixed-mask products: attention over a secret one-hot selection of a fixed K/V cache, opening only
+the query, the one-hot and the selected probabilities.
+
+MPCache's attention over its selection (``Transformer._attend_selected``) needs, per KV head, the scores of the
+selected blocks ``S = q · (O ⊙ K)ᵀ`` and the output ``o = p · (O ⊙ V)``, where ``O`` is the stratified selection's
+compact one-hot (``k`` rows, one of ``g`` slots each; row r's slot j is candidate block ``idx[r, j]``) and K, V are
+fixed operands (``D = W - B`` opened once, :mod:`mpcache.mpc.fixed_operand`). Done as two two-operand products
+(the one-hot times the masked scores of every candidate row, then the probabilities scattered back and multiplied
+by every row of V), each product opens its moving operand: ``G·L`` scores and ``G·L`` probabilities per KV head
+(8 bytes each per party), 3 rounds. Here each product of three operands is ONE opening of its fresh operands:
+
+    q = e + a,  O = E + A,  K = D + B       (e = q - a and E = O - A opened; D public since K was fixed)
+    S = e·E·[K] + e·[A]·D + e·[A⊙B] + [a]·E·D + E·[a⊗B] + [a·A·D] + [a·A·B]
+
+(contractions as in ``S[γ, r, i] = Σ_{j,d} q[γ,d] O[r,j] K[r,j,i,d]``; ``[x]`` = this party's share; the
+bracketed mask products come from the dealer, the rest is local), and the same for ``o`` with ``p = e' + a'``,
+the SAME ``E, A`` (O is one value, masked once) and V's ``D, B``. Then the usual local truncation (2PC).
+
+* **rounds**: 1 for the scores (``E`` and ``e`` in one opening), 1 for the output (``e'``, together with the
+  products of the always-attended rows, :func:`fixed_matmul`'s opening). The two-operand route took 3.
+* **bytes/party** (2PC): ``8·(|O| + |q|)`` and ``8·|p_sel|`` — the one-hot (``k·g`` ≈ the candidate clusters)
+  and the query/probabilities of the attended rows only, instead of ``8·G·L`` twice.
+* **dealer** (TFP: party 0, no traffic): ``[a]``, ``[A]``, ``[A⊙B]`` (``k·blk·d``), ``[a⊗B]`` (``G·k·g·blk``
+  for K, ``G·k·g·d`` for V), ``[a·A·D]``, ``[a·A·B]`` (output-sized), all fresh per use. A TTP dealer would also
+  need ``D`` (public) once per fixed piece; only the TFP realisation is implemented (2 parties), the others keep
+  the two-operand route (``available``).
+
+Security (semi-honest, TFP convention as everywhere: party 0 draws the masks). ``e = q - a``, ``E = O - A`` and
+``e' = p - a'`` are one-time pads: ``a``, ``A``, ``a'`` are fresh, uniform and mask one value each (``A`` masks
+the one-hot in both products: the same value with the same pad, opened once). ``D`` is K's (V's) earlier opening,
+public already. Every dealer term is a fresh additive sharing (pseudo-random zero sharing). So a party's view is
+the uniform openings plus its uniform shares, simulatable from the shapes alone: **leakage: shapes only** (the
+number of candidates, rows, slots: public functions of the budget).
+"""
+from __future__ import annotations
+
+import torch
+
+from .fixed_operand import PATH_TFP, FixedOperand, _comm, _flat_open, _rand
+
+
+def available(fixed) -> bool:
+    """Whether the three-operand route runs for this fixed operand and session: TFP, 2 parties, CPU or GPU."""
+    return isinstance(fixed, FixedOperand) and fixed.path == PATH_TFP and _comm().get_world_size() == 2
+
+
+def _shared(plain, size, dev):
+    """This party's share of ``plain`` (party 0's tensor; others pass None): pseudo-random zero sharing, no traffic."""
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
+    return ArithmeticSharedTensor(plain, size=size, precision=0, src=0, device=dev).share
+
+
+def _ein(eq, *xs):
+    return torch.einsum(eq, *xs)
+
+
+class OpenedOneHot:
+    """A one-hot ``O`` (scale 1, ring 0/1) with its mask drawn: ``A`` (party 0), ``[A]``, and ``E = O - A`` once
+    opened. Used by :func:`gathered_scores` (which opens ``E``) and then :func:`gathered_values` (same ``E, A``)."""
+
+    def __init__(self, onehot):
+        self.onehot = onehot
+        dev, size = onehot.share.device, onehot.share.size()
+        self.a_plain = _rand(size, dev) if _comm().get_rank() == 0 else None
+        self.a = _shared(self.a_plain, size, dev)
+        self.e = None
+
+
+def _slots(fixed: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor) -> FixedOperand:
+    """The fixed (Hkv, L, d) cache's candidate blocks laid out as the compact one-hot's slots: (Hkv, k, g, blk, d)
+    (public views: the same D, B and share re-arranged, nothing opened)."""
+    hkv, d = int(fixed.shape[0]), int(fixed.shape[-1])
+    k, g = (int(s) for s in idx.shape)
+    blocks = fixed[:, start:start + n_cand * blk].reshape(hkv, n_cand, blk * d)
+    return blocks.index_select(1, idx.reshape(-1).to(fixed.d.device)).reshape(hkv, k, g, blk, d)
+
+
+def _finish(z, like, scale):
+    """Shares ``z`` (ring, product scale ``like.scale * 2^16``) -> an MPCTensor at ``like``'s scale (truncated)."""
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
+    out = ArithmeticSharedTensor.from_shares(z)
+    out.encoder = like.encoder
+    out = out.div_(scale)                                              # local truncation in 2PC
+    res = like.shallow_copy()
+    res._tensor = out
+    return res
+
+
+def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor):
+    """``S[h, γ, r, i] = Σ_{j,d} q[h,γ,d] O[h,r,j] K[h, cand(r,j)·blk + i, d]``: q (Hkv, G, d) shares (fixed-point),
+    ``oh`` the (Hkv, k, g) compact one-hot (scale 1), K the fixed (Hkv, L, d) cache -> (Hkv, G, k·blk) at q's scale.
+    Opens ``E = O - A`` (kept in ``oh`` for :func:`gathered_values`) and ``q - a``: 1 round, ``|O| + |q|`` elements.
+    Leaks: shapes only (module docstring)."""
+    q = getattr(q, "w", q)
+    ks = _slots(k, start, n_cand, blk, idx)
+    hkv, kk, g, _, d = (int(s) for s in ks.shape)
+    G = int(q.shape[1])
+    dev, rank = q.share.device, _comm().get_rank()
+    a_plain = _rand(q.share.size(), dev) if rank == 0 else None
+    a = _shared(a_plain, q.share.size(), dev)
+    out_size = torch.Size((hkv, G, kk, blk))
+    if rank == 0:
+        A, B, D = oh.a_plain, ks.b_plain, ks.d
+        c1 = _ein("hrj,hrjid->hrid", A, B)                                     # A ⊙ B
+        t = _ein("hgd,hrjid->hgrji", a_plain, B)                               # a ⊗ B (uncontracted in j)
+        c34 = _ein("hgd,hrjid->hgrji", a_plain, D + B)                         # a ⊗ K-mask-free part, then A
+        c34 = _ein("hgrji,hrj->hgri", c34, A)                                  # a·A·D + a·A·B
+    else:
+        c1 = t = c34 = None
+    c1 = _shared(c1, torch.Size((hkv, kk, blk, d)), dev)
+    t = _shared(t, torch.Size((hkv, G, kk, g, blk)), dev)
+    c34 = _shared(c34, out_size, dev)
+    e, E = _flat_open([q.share - a, oh.onehot.share - oh.a])
+    oh.e = E
+    kw = ks.w.share                                                            # [K], (hkv, k, g, blk, d)
+    z = _ein("hgd,hrj,hrjid->hgri", e, E, kw)                                  # e·E·[K]
+    z = z + _ein("hgd,hrid->hgri", e, _ein("hrj,hrjid->hrid", oh.a, ks.d) + c1)  # e·[A]·D + e·[A⊙B]
+    z = z + _ein("hgd,hrjid->hgri", a, _ein("hrj,hrjid->hrjid", E, ks.d))     # [a]·E·D
+    z = z + _ein("hrj,hgrji->hgri", E, t) + c34                                # E·[a⊗B] + [a·A·D + a·A·B]
+    return _finish(z.reshape(hkv, G, kk * blk), q, k.w.encoder.scale)
+
+
+def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor,
+                    rest=None):
+    """``o[h, γ, :] = Σ_{r,i,j} p[h,γ,r·blk+i] O[h,r,j] V[h, cand(r,j)·blk + i, :]`` for the selected rows'
+    probabilities p (Hkv, G, k·blk) and the one-hot already opened by :func:`gathered_scores`; ``rest``: an optional
+    ``(p_rest, v_rest)`` (shares, fixed rows) added as ``p_rest @ v_rest`` in the SAME opening. Opens ``p - a'``
+    (and ``p_rest - a''``): 1 round, ``|p| (+ |p_rest|)`` elements. Leaks: shapes only (module docstring)."""
+    assert oh.e is not None, "gathered_values needs the one-hot opened by gathered_scores first"
+    p = getattr(p, "w", p)
+    vs = _slots(v, start, n_cand, blk, idx)
+    hkv, kk, g, _, dv = (int(s) for s in vs.shape)
+    G = int(p.shape[1])
+    dev, rank = p.share.device, _comm().get_rank()
+    psz = p.share.size()
+    a_plain = _rand(psz, dev) if rank == 0 else None
+    a = _shared(a_plain, psz, dev)
+    out_size = torch.Size((hkv, G, dv))
+    opens = [p.share - a]
+    if rest is not None:
+        p2, v2 = getattr(rest[0], "w", rest[0]), rest[1]
+        a2_plain = _rand(p2.share.size(), dev) if rank == 0 else None
+        a2 = _shared(a2_plain, p2.share.size(), dev)
+        opens.append(p2.share - a2)
+    if rank == 0:
+        A, B, D = oh.a_plain, vs.b_plain, vs.d
+        ap = a_plain.reshape(hkv, G, kk, blk)
+        c1 = _ein("hrj,hrjiv->hriv", A, B)
+        t = _ein("hgri,hrjiv->hgrjv", ap, B)
+        c34 = _ein("hgri,hrj,hrjiv->hgv", ap, A, D + B)
+        if rest is not None:
+            c34 = c34 + torch.matmul(a2_plain, v2.b_plain)                    # the rest's triple c = a'' @ B
+    else:
+        c1 = t = c34 = None
+    c1 = _shared(c1, torch.Size((hkv, kk, blk, dv)), dev)
+    t = _shared(t, torch.Size((hkv, G, kk, g, dv)), dev)
+    c34 = _shared(c34, out_size, dev)
+    opened = _flat_open(opens)
+    e, E = opened[0].reshape(hkv, G, kk, blk), oh.e
+    av = a.reshape(hkv, G, kk, blk)
+    z = _ein("hgri,hrj,hrjiv->hgv", e, E, vs.w.share)                         # e'·E·[V]
+    z = z + _ein("hgri,hriv->hgv", e, _ein("hrj,hrjiv->hriv", oh.a, vs.d) + c1)
+    z = z + _ein("hgri,hrjiv->hgv", av, _ein("hrj,hrjiv->hrjiv", E, vs.d))   # [a']·E·D
+    z = z + _ein("hrj,hgrjv->hgv", E, t) + c34
+    if rest is not None:                                                       # fixed_matmul's form, same opening
+        z = z + torch.matmul(opened[1], v2.w.share) + torch.matmul(a2, v2.d)
+    return _finish(z, p, v.w.encoder.scale)
+
+
+def gathered_reference(q: torch.Tensor, onehot: torch.Tensor, k: torch.Tensor, start: int, n_cand: int, blk: int,
+                       idx: torch.Tensor) -> torch.Tensor:
+    """The float model of :func:`gathered_scores` (and, with p and V, of :func:`gathered_values`' first term):
+    the masks cancel exactly in the ring, so it is the plain product of q with the selected blocks (float64)."""
+    hkv, d = int(k.shape[0]), int(k.shape[-1])
+    kk, g = (int(s) for s in idx.shape)
+    blocks = k[:, start:start + n_cand * blk].reshape(hkv, n_cand, blk, d).double()[:, idx.reshape(-1)]
+    sel = _ein("hrj,hrjid->hrid", onehot.double(), blocks.reshape(hkv, kk, g, blk, d))
+    return _ein("hgd,hrid->hgri", q.double(), sel).reshape(hkv, int(q.shape[1]), kk * blk)
