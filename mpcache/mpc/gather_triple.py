@@ -55,6 +55,17 @@ def _ein(eq, *xs):
     return torch.einsum(eq, *xs)
 
 
+def _sel(o, x):
+    """``Σ_j o[h,r,j] x[h,r,j,...]``: a one-hot (or its mask / opening) contracted with slot-laid-out rows (a loop
+    over the g slots: ~1.7x faster than an int64 bmm, which has no BLAS route)."""
+    h, r, g = (int(s) for s in o.shape)
+    xs = x.reshape(h, r, g, -1)
+    out = o[:, :, 0, None] * xs[:, :, 0]
+    for j in range(1, g):
+        out += o[:, :, j, None] * xs[:, :, j]
+    return out.reshape(h, r, *x.shape[3:])
+
+
 class OpenedOneHot:
     """A one-hot ``O`` (scale 1, ring 0/1) with its mask drawn: ``A`` (party 0), ``[A]``, and ``E = O - A`` once
     opened. Used by :func:`gathered_scores` (which opens ``E``) and then :func:`gathered_values` (same ``E, A``)."""
@@ -103,10 +114,9 @@ def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: in
     out_size = torch.Size((hkv, G, kk, blk))
     if rank == 0:
         A, B, D = oh.a_plain, ks.b_plain, ks.d
-        c1 = _ein("hrj,hrjid->hrid", A, B)                                     # A ⊙ B
+        c1 = _sel(A, B)                                                        # A ⊙ B
         t = _ein("hgd,hrjid->hgrji", a_plain, B)                               # a ⊗ B (uncontracted in j)
-        c34 = _ein("hgd,hrjid->hgrji", a_plain, D + B)                         # a ⊗ K-mask-free part, then A
-        c34 = _ein("hgrji,hrj->hgri", c34, A)                                  # a·A·D + a·A·B
+        c34 = _ein("hgd,hrid->hgri", a_plain, _sel(A, D + B))                  # a·A·D + a·A·B
     else:
         c1 = t = c34 = None
     c1 = _shared(c1, torch.Size((hkv, kk, blk, d)), dev)
@@ -114,11 +124,10 @@ def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: in
     c34 = _shared(c34, out_size, dev)
     e, E = _flat_open([q.share - a, oh.onehot.share - oh.a])
     oh.e = E
-    kw = ks.w.share                                                            # [K], (hkv, k, g, blk, d)
-    z = _ein("hgd,hrj,hrjid->hgri", e, E, kw)                                  # e·E·[K]
-    z = z + _ein("hgd,hrid->hgri", e, _ein("hrj,hrjid->hrid", oh.a, ks.d) + c1)  # e·[A]·D + e·[A⊙B]
-    z = z + _ein("hgd,hrjid->hgri", a, _ein("hrj,hrjid->hrjid", E, ks.d))     # [a]·E·D
-    z = z + _ein("hrj,hgrji->hgri", E, t) + c34                                # E·[a⊗B] + [a·A·D + a·A·B]
+    # e·(E⊙[K] + [A]⊙D + [A⊙B]) + [a]·(E⊙D) + E·[a⊗B] + [a·A·D + a·A·B]   (pairwise contractions: cheap)
+    z = _ein("hgd,hrid->hgri", e, _sel(E, ks.w.share) + _sel(oh.a, ks.d) + c1)
+    z = z + _ein("hgd,hrid->hgri", a, _sel(E, ks.d))
+    z = z + _ein("hrj,hgrji->hgri", E, t) + c34
     return _finish(z.reshape(hkv, G, kk * blk), q, k.w.encoder.scale)
 
 
@@ -147,9 +156,9 @@ def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: in
     if rank == 0:
         A, B, D = oh.a_plain, vs.b_plain, vs.d
         ap = a_plain.reshape(hkv, G, kk, blk)
-        c1 = _ein("hrj,hrjiv->hriv", A, B)
+        c1 = _sel(A, B)
         t = _ein("hgri,hrjiv->hgrjv", ap, B)
-        c34 = _ein("hgri,hrj,hrjiv->hgv", ap, A, D + B)
+        c34 = _ein("hgri,hriv->hgv", ap, _sel(A, D + B))
         if rest is not None:
             c34 = c34 + torch.matmul(a2_plain, v2.b_plain)                    # the rest's triple c = a'' @ B
     else:
@@ -160,9 +169,8 @@ def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: in
     opened = _flat_open(opens)
     e, E = opened[0].reshape(hkv, G, kk, blk), oh.e
     av = a.reshape(hkv, G, kk, blk)
-    z = _ein("hgri,hrj,hrjiv->hgv", e, E, vs.w.share)                         # e'·E·[V]
-    z = z + _ein("hgri,hriv->hgv", e, _ein("hrj,hrjiv->hriv", oh.a, vs.d) + c1)
-    z = z + _ein("hgri,hrjiv->hgv", av, _ein("hrj,hrjiv->hrjiv", E, vs.d))   # [a']·E·D
+    z = _ein("hgri,hriv->hgv", e, _sel(E, vs.w.share) + _sel(oh.a, vs.d) + c1)
+    z = z + _ein("hgri,hriv->hgv", av, _sel(E, vs.d))                         # [a']·(E⊙D)
     z = z + _ein("hrj,hgrjv->hgv", E, t) + c34
     if rest is not None:                                                       # fixed_matmul's form, same opening
         z = z + torch.matmul(opened[1], v2.w.share) + torch.matmul(a2, v2.d)
