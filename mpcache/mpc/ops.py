@@ -1075,7 +1075,7 @@ def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profil
         sm = c.summary()
         return 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps, sm["rounds"]
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i: int, left: int):
         if left <= 1:
             return 0.0, ()
