@@ -367,6 +367,7 @@ class CostBackend:
             return scores._like((*lead, k, g), 1), [t._like(_meta(t.shape).amax(dim=-1).shape) for t in also]
 
     def gathered_ok(self, g, k, v) -> bool:
+        """SecureBackend.gathered_ok for a CPU session (the tracer has no device; CUDA keeps the two-operand route)."""
         return bool(SecureBackend.GATHER_TRIPLES and g is not None and g.onehot is not None and g.strata
                     and isinstance(k, CostFixed) and isinstance(v, CostFixed) and self.s.n == 2
                     and self.s.protocol == "arithmetic" and self.s.provider == "tfp")

@@ -22,8 +22,8 @@ the SAME ``E, A`` (O is one value, masked once) and V's ``D, B``. Then the usual
   and the query/probabilities of the attended rows only, instead of ``8·G·L`` twice.
 * **dealer** (TFP: party 0, no traffic): ``[a]``, ``[A]``, ``[A⊙B]`` (``k·blk·d``), ``[a⊗B]`` (``G·k·g·blk``
   for K, ``G·k·g·d`` for V), ``[a·A·D]``, ``[a·A·B]`` (output-sized), all fresh per use. A TTP dealer would also
-  need ``D`` (public) once per fixed piece; only the TFP realisation is implemented (2 parties), the others keep
-  the two-operand route (``available``).
+  need ``D`` (public) once per fixed piece; only the TFP realisation is implemented (2 parties, CPU), the others
+  keep the two-operand route (``available``).
 
 Security (semi-honest, TFP convention as everywhere: party 0 draws the masks). ``e = q - a``, ``E = O - A`` and
 ``e' = p - a'`` are one-time pads: ``a``, ``A``, ``a'`` are fresh, uniform and mask one value each (``A`` masks
@@ -40,8 +40,10 @@ from .fixed_operand import PATH_TFP, FixedOperand, _comm, _flat_open, _rand
 
 
 def available(fixed) -> bool:
-    """Whether the three-operand route runs for this fixed operand and session: TFP, 2 parties, CPU or GPU."""
-    return isinstance(fixed, FixedOperand) and fixed.path == PATH_TFP and _comm().get_world_size() == 2
+    """Whether the three-operand route runs for this fixed operand and session: TFP, 2 parties, CPU tensors (its
+    int64 contractions use torch's CPU kernels; CUDA has no int64 matmul and keeps the two-operand route)."""
+    return (isinstance(fixed, FixedOperand) and fixed.path == PATH_TFP and _comm().get_world_size() == 2
+            and fixed.w.share.device.type == "cpu")
 
 
 def _shared(plain, size, dev):
