@@ -206,10 +206,8 @@ def _gathered_cases(sess, res):
     out = gather_triple.gathered_values(crypten.cryptensor(p, src=0), opened, Vf, blk, C, blk, idx,
                                         rest=(crypten.cryptensor(p_rest, src=0), v_rest))
     after = sess.ledger.totals()
-    vsel = V[:, blk:blk + C * blk].reshape(hkv, C, blk, d).double()[:, idx.reshape(-1)].reshape(hkv, kk, -1, blk, d)
-    vsel = torch.einsum("hrj,hrjid->hrid", oh, vsel).reshape(hkv, kk * blk, d)
-    v_r = torch.cat([V[:, 0:blk], V[:, L - tail:L]], dim=1).double()
-    out_ref = p.double() @ vsel + p_rest.double() @ v_r
+    out_ref = gather_triple.gathered_values_reference(p, oh, V, blk, C, blk, idx,
+                                                      rest=(p_rest, torch.cat([V[:, 0:blk], V[:, L - tail:L]], 1)))
     bits = torch.stack([(opened.e >> b) & 1 for b in range(64)]).double()
     res["gathered_scores"] = {"err": (S.get_plain_text().double() - S_ref).abs().max().item(),
                               "rounds": mid["rounds"] - before["rounds"],

@@ -275,7 +275,8 @@ class Transformer:
         4 rounds, 3 when the selection's q·rep product already made the logits (``logits``: DecodeContext
         .query_products). The attended set and its order are those of ``g.apply`` (same logits up to rounding).
         The softmax is anchored when ``g`` always attends the anchor rows (:meth:`selection_anchor`); ``offset``
-        (Hkv, G, 1) is then their logits' max if the policy already made it in its own comparison rounds."""
+        (Hkv, G, 1) is then their logits' max if the policy already made it in its own comparison rounds. With the
+        backend's three-operand products (``gathered_ok``) the gather and the scatter + p·V are one product each."""
         cfg, B = self.cfg, self.B
         Hkv, hd, G = cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         L = int(k.shape[1])
@@ -296,43 +297,33 @@ class Transformer:
 
         before = [(a, b) for a, b in g.ranges if b <= start]
         after = [(a, b) for a, b in g.ranges if a >= end]
-        if getattr(B, "gathered_ok", None) is not None and B.gathered_ok(g, k, v):
-            return self._attend_gathered(q, g, k, v, s, before, after, anchor, offset)
+        # three-operand products (mpcache.mpc.gather_triple, TFP 2PC): the selected rows' scores straight from q, the
+        # one-hot and the fixed K, and p times the selected rows of the fixed V plus the always-attended rows in one
+        # opening: opens q, the one-hot and the attended probabilities instead of G·L scores and G·L probabilities,
+        # 2 rounds instead of 3; same function
+        gathered = getattr(B, "gathered_ok", None) is not None and B.gathered_ok(g, k, v)
         with self.scope("gather"):
-            sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
+            if gathered:
+                sel, opened = B.gather_scores((q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), g, k)
+            else:
+                sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
         parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
         with self.scope("softmax"):
             p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=anchor,
                           offset=offset if anchor is not None else None)              # (Hkv, G, n_attended)
         at = sum(b - a for a, b in before)
-        with self.scope("gather"):
-            cand = from_blocks(g.scatter_blocks(to_blocks(p[..., at:at + ksel * blk], ksel), B), C)
-        full = ([p[..., :at]] if at else []) + [cand] + ([p[..., at + ksel * blk:]] if after else [])
-        with self.scope("av"):
-            o = B.matmul(B.cat(full, dim=-1) if len(full) > 1 else full[0], v)  # (Hkv, G, hd)
-        return o.reshape(cfg.n_heads, 1, hd).transpose(0, 1).reshape(1, cfg.n_heads * hd)
-
-    def _attend_gathered(self, q, g, k, v, s, before, after, anchor, offset):
-        """:meth:`_attend_selected` by three-operand products (mpcache.mpc.gather_triple, TFP 2PC): the selected
-        rows' scores straight from q, the one-hot and the fixed K (opens q and the one-hot, not the G·L scores), the
-        softmax as there, then p times the selected rows of the fixed V plus p times the always-attended rows in
-        one opening (opens the attended probabilities, not G·L of them). 2 rounds instead of 3; same function."""
-        cfg, B = self.cfg, self.B
-        Hkv, hd, G = cfg.n_kv_heads, cfg.head_dim, cfg.group_size
-        ksel, blk = g.n_blocks_selected, g.block
-        qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
-        with self.scope("gather"):
-            sel, opened = B.gather_scores(qg, g, k)                                    # (Hkv, G, ksel*blk)
-        parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
-        with self.scope("softmax"):
-            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=anchor,
-                          offset=offset if anchor is not None else None)              # (Hkv, G, n_attended)
-        at = sum(b - a for a, b in before)
+        p_sel = p[..., at:at + ksel * blk]
         rest = ([p[..., :at]] if at else []) + ([p[..., at + ksel * blk:]] if after else [])
-        with self.scope("av"):
-            o = B.gather_values(p[..., at:at + ksel * blk], opened, g, v,
-                                B.cat(rest, dim=-1) if len(rest) > 1 else (rest[0] if rest else None),
-                                tuple(before) + tuple(after))                         # (Hkv, G, hd)
+        if gathered:
+            with self.scope("av"):
+                o = B.gather_values(p_sel, opened, g, v, B.cat(rest, dim=-1) if len(rest) > 1 else
+                                    (rest[0] if rest else None), tuple(before) + tuple(after))   # (Hkv, G, hd)
+        else:
+            with self.scope("gather"):
+                cand = from_blocks(g.scatter_blocks(to_blocks(p_sel, ksel), B), C)
+            full = rest[:1 if at else 0] + [cand] + rest[1 if at else 0:]
+            with self.scope("av"):
+                o = B.matmul(B.cat(full, dim=-1) if len(full) > 1 else full[0], v)  # (Hkv, G, hd)
         return o.reshape(cfg.n_heads, 1, hd).transpose(0, 1).reshape(1, cfg.n_heads * hd)
 
     def decode(self, token, cache: KVCache):

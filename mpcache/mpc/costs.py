@@ -542,7 +542,7 @@ def strata_top1_onehot(s: Setting, shape, k: int, lean: bool | None = None, radi
                        also=()) -> Cost:
     """ops.strata_select over the g slots (x G heads with ``heads``: ``shape`` (..., G, m)) of each stratum: its
     levels along the protocol's own schedule (ops.strata_schedule: ``radix`` an int, a sequence, or "auto"), in
-    lockstep with the max tournaments (ops.max_schedule) of the ``also`` shapes."""
+    lockstep with the max tournaments (ops.lockstep_schedule) of the ``also`` shapes."""
     from . import ops
 
     lean = ops.SELECT_LEAN if lean is None else lean

@@ -53,10 +53,6 @@ def _shared(plain, size, dev):
     return ArithmeticSharedTensor(plain, size=size, precision=0, src=0, device=dev).share
 
 
-def _ein(eq, *xs):
-    return torch.einsum(eq, *xs)
-
-
 def _sel(o, x):
     """``Σ_j o[h,r,j] x[h,r,j,...]``: a one-hot (or its mask / opening) contracted with slot-laid-out rows (a loop
     over the g slots: ~1.7x faster than an int64 bmm, which has no BLAS route)."""
@@ -117,8 +113,8 @@ def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: in
     if rank == 0:
         A, B, D = oh.a_plain, ks.b_plain, ks.d
         c1 = _sel(A, B)                                                        # A ⊙ B
-        t = _ein("hgd,hrjid->hgrji", a_plain, B)                               # a ⊗ B (uncontracted in j)
-        c34 = _ein("hgd,hrid->hgri", a_plain, _sel(A, D + B))                  # a·A·D + a·A·B
+        t = torch.einsum("hgd,hrjid->hgrji", a_plain, B)                               # a ⊗ B (uncontracted in j)
+        c34 = torch.einsum("hgd,hrid->hgri", a_plain, _sel(A, D + B))                  # a·A·D + a·A·B
     else:
         c1 = t = c34 = None
     c1 = _shared(c1, torch.Size((hkv, kk, blk, d)), dev)
@@ -127,9 +123,9 @@ def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: in
     e, E = _flat_open([q.share - a, oh.onehot.share - oh.a])
     oh.e = E
     # e·(E⊙[K] + [A]⊙D + [A⊙B]) + [a]·(E⊙D) + E·[a⊗B] + [a·A·D + a·A·B]   (pairwise contractions: cheap)
-    z = _ein("hgd,hrid->hgri", e, _sel(E, ks.w.share) + _sel(oh.a, ks.d) + c1)
-    z = z + _ein("hgd,hrid->hgri", a, _sel(E, ks.d))
-    z = z + _ein("hrj,hgrji->hgri", E, t) + c34
+    z = torch.einsum("hgd,hrid->hgri", e, _sel(E, ks.w.share) + _sel(oh.a, ks.d) + c1)
+    z = z + torch.einsum("hgd,hrid->hgri", a, _sel(E, ks.d))
+    z = z + torch.einsum("hrj,hgrji->hgri", E, t) + c34
     return _finish(z.reshape(hkv, G, kk * blk), q, k.w.encoder.scale)
 
 
@@ -159,8 +155,8 @@ def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: in
         A, B, D = oh.a_plain, vs.b_plain, vs.d
         ap = a_plain.reshape(hkv, G, kk, blk)
         c1 = _sel(A, B)
-        t = _ein("hgri,hrjiv->hgrjv", ap, B)
-        c34 = _ein("hgri,hriv->hgv", ap, _sel(A, D + B))
+        t = torch.einsum("hgri,hrjiv->hgrjv", ap, B)
+        c34 = torch.einsum("hgri,hriv->hgv", ap, _sel(A, D + B))
         if rest is not None:
             c34 = c34 + torch.matmul(a2_plain, v2.b_plain)                    # the rest's triple c = a'' @ B
     else:
@@ -171,20 +167,33 @@ def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: in
     opened = _flat_open(opens)
     e, E = opened[0].reshape(hkv, G, kk, blk), oh.e
     av = a.reshape(hkv, G, kk, blk)
-    z = _ein("hgri,hriv->hgv", e, _sel(E, vs.w.share) + _sel(oh.a, vs.d) + c1)
-    z = z + _ein("hgri,hriv->hgv", av, _sel(E, vs.d))                         # [a']·(E⊙D)
-    z = z + _ein("hrj,hgrjv->hgv", E, t) + c34
+    z = torch.einsum("hgri,hriv->hgv", e, _sel(E, vs.w.share) + _sel(oh.a, vs.d) + c1)
+    z = z + torch.einsum("hgri,hriv->hgv", av, _sel(E, vs.d))                         # [a']·(E⊙D)
+    z = z + torch.einsum("hrj,hgrjv->hgv", E, t) + c34
     if rest is not None:                                                       # fixed_matmul's form, same opening
         z = z + torch.matmul(opened[1], v2.w.share) + torch.matmul(a2, v2.d)
     return _finish(z, p, v.w.encoder.scale)
 
 
+def _selected_rows(onehot: torch.Tensor, x: torch.Tensor, start: int, n_cand: int, blk: int,
+                   idx: torch.Tensor) -> torch.Tensor:
+    """The rows of x (Hkv, L, d) the compact one-hot selects, (Hkv, k·blk, d) in g.apply order (float64)."""
+    hkv, d = int(x.shape[0]), int(x.shape[-1])
+    kk, g = (int(s) for s in idx.shape)
+    blocks = x[:, start:start + n_cand * blk].reshape(hkv, n_cand, blk, d).double()[:, idx.reshape(-1)]
+    sel = torch.einsum("hrj,hrjid->hrid", onehot.double(), blocks.reshape(hkv, kk, g, blk, d))
+    return sel.reshape(hkv, kk * blk, d)
+
+
 def gathered_reference(q: torch.Tensor, onehot: torch.Tensor, k: torch.Tensor, start: int, n_cand: int, blk: int,
                        idx: torch.Tensor) -> torch.Tensor:
-    """The float model of :func:`gathered_scores` (and, with p and V, of :func:`gathered_values`' first term):
-    the masks cancel exactly in the ring, so it is the plain product of q with the selected blocks (float64)."""
-    hkv, d = int(k.shape[0]), int(k.shape[-1])
-    kk, g = (int(s) for s in idx.shape)
-    blocks = k[:, start:start + n_cand * blk].reshape(hkv, n_cand, blk, d).double()[:, idx.reshape(-1)]
-    sel = _ein("hrj,hrjid->hrid", onehot.double(), blocks.reshape(hkv, kk, g, blk, d))
-    return _ein("hgd,hrid->hgri", q.double(), sel).reshape(hkv, int(q.shape[1]), kk * blk)
+    """The float model of :func:`gathered_scores`: the masks cancel exactly in the ring, so it is the plain product
+    of q with the selected rows (float64)."""
+    return q.double() @ _selected_rows(onehot, k, start, n_cand, blk, idx).transpose(1, 2)
+
+
+def gathered_values_reference(p: torch.Tensor, onehot: torch.Tensor, v: torch.Tensor, start: int, n_cand: int,
+                              blk: int, idx: torch.Tensor, rest=None) -> torch.Tensor:
+    """The float model of :func:`gathered_values`: p times the selected rows of v, plus ``p_rest @ v_rest``."""
+    out = p.double() @ _selected_rows(onehot, v, start, n_cand, blk, idx)
+    return out if rest is None else out + rest[0].double() @ rest[1].double()

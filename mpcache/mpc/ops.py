@@ -436,7 +436,8 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     ``anchor=(a, b)`` (no mask; see ANCHOR above): the offset is the max of the first a and last b columns only (a
     max over a + b entries: one layer), exp by ANCHOR_EXP_ITERS squarings, the reciprocal over the wider range
     ANCHOR_RECIP with CrypTen's full-width comparison. ``offset`` (with ``anchor``): that max, already computed by
-    the caller over always-attended columns (MPCache makes it in its selection's comparison layers: :func:`strata_select`). Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
+    the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
+    :func:`strata_select`). Rounds: (cmp + ceil(log2(a + b))) + ANCHOR_EXP_ITERS +
     (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 10 + 12 + 1 = 34 for (4, 8), whatever the row length; bytes: the exp's
     squarings and one product per entry, the rest per row. Leaks: shapes only.
     """
@@ -994,9 +995,10 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     its max over the G heads: a first radix-G max layer (values only: folding the heads into the tournament's
     entries instead makes every level carry G times wider one-hots, which measured more bytes and no fewer
     rounds at SmolLM2's G = 3). ``also``: tensors (..., a) whose max along the last dim is wanted too (MPCache:
-    the anchored softmax's offset); their tournaments (``max_schedule``) run in lockstep with the head max and
-    the strata levels, in the same comparison layers and product rounds (:func:`_onehot_radix_levels`), so they
-    cost no rounds of their own while they are no deeper. Every level, radix 2 included, is a radix level.
+    the anchored softmax's offset, new clusters' summaries); their tournaments run in lockstep with the head max
+    and the strata levels, in the same comparison layers and product rounds (:func:`_onehot_radix_levels`), with
+    level radices from :func:`lockstep_schedule` (no added round beside a strata level; what is left after them
+    adds its own). Every level, radix 2 included, is a radix level.
     Rounds: per level index, cmp + ceil(log2 of the largest radix in use). Bytes: the sum. Exact.
     Leaks: shapes only.
     """
@@ -1009,7 +1011,7 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     rows = int(torch.Size(scores.shape[:-2 if heads else -1]).numel()) * k
     G = int(scores.shape[-2]) if heads else 1
     caps = ((G,) if G > 1 else ()) + tuple(strata_schedule(rows, g, lean, radix))   # the levels, in order
-    extra = [t for t in also]
+    extra = list(also)
     plans = [lockstep_schedule(int(t.shape[-1]), int(torch.Size(t.shape[:-1]).numel()), caps, lean) for t in also]
     step = 0
 
