@@ -3,8 +3,9 @@
 Text: Jane Austen's six novels (public domain) from the Debian package ``r-cran-janeaustenr``. The package
 depends on R, so it is *downloaded, not installed*: ``apt-get download`` + ``dpkg-deb -x`` into a cache folder
 (``~/.cache/mpcache/text``, or ``$MPCACHE_CACHE/text``), and the books are read out of R's lazy-load database
-``data/Rdata.rdb`` / ``.rdx`` by the small unserializer below. The plain text is cached as ``.txt`` files next
-to it; it is never part of the repository.
+``data/Rdata.rdb`` / ``.rdx``: :func:`read_lazyload_db` splits the container (an index and compressed
+records), the ``rdata`` library unserializes the R objects in it. The plain text is cached as ``.txt`` files
+next to it; it is never part of the repository.
 
 Tasks:
 
@@ -19,7 +20,6 @@ Tasks:
 from __future__ import annotations
 
 import bz2
-import gzip
 import lzma
 import os
 import random
@@ -29,7 +29,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "passkey_sample",
     "read_lazyload_db",
     "split_text",
-    "unserialize",
 ]
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -91,162 +90,16 @@ def fetch_deb(package: str, dest: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# R serialization (format versions 2 and 3, XDR), enough for data: vectors, lists, pairlists, attributes.
-# Reference: R's src/main/serialize.c.  Type codes of the serialized stream:
-_NIL, _SYM, _LIST, _CHAR, _LGL, _INT, _REAL, _CPLX, _STR, _VEC, _EXPR, _RAW = 0, 1, 2, 9, 10, 13, 14, 15, 16, 19, 20, 24
-_REF, _NILVALUE, _ALTREP = 255, 254, 238
-_SPECIAL = {253: "R_GlobalEnv", 252: "R_UnboundValue", 251: "R_MissingArg", 250: "R_BaseNamespace",
-            242: "R_EmptyEnv", 241: "R_BaseEnv"}
-_NA_INT = -(2 ** 31)
+# R's lazy-load database: ``base.rdx`` is a serialized (gzip'd) list(variables = list(name = c(offset, length)),
+# references, compressed); each record of ``base.rdb`` is a 4-byte big-endian uncompressed length, [a type byte,]
+# and the compressed serialized object. The container is split here; rdata unserializes the objects.
+def _unserialize(buf: bytes):
+    import rdata  # here, not at the top: it pulls in pandas and xarray (~0.3 s), and the .txt cache needs none
+
+    return rdata.conversion.convert(rdata.parser.parse_data(buf, extension=".rds"))
 
 
-class RVector(list):
-    """An R vector or list as a Python list (NA -> None), with its R type code and attributes
-    (``{"names": [...], "class": [...], ...}``)."""
-
-    def __init__(self, items=(), rtype: int = _VEC, attributes: dict | None = None):
-        super().__init__(items)
-        self.rtype = rtype
-        self.attributes = attributes or {}
-
-    @property
-    def names(self) -> list | None:
-        return self.attributes.get("names")
-
-
-@dataclass(frozen=True)
-class RSymbol:
-    name: str
-
-
-@dataclass
-class RPairlist:
-    """A pairlist: ``items`` of (tag name or None, value)."""
-
-    items: list = field(default_factory=list)
-    attributes: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {tag: v for tag, v in self.items}
-
-
-class _Reader:
-    def __init__(self, buf: bytes):
-        self.buf, self.pos, self.refs = buf, 0, []
-        self.encoding = "utf-8"
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"R data truncated: need {n} bytes at offset {self.pos} of {len(self.buf)}")
-        b = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return b
-
-    def int(self) -> int:
-        return struct.unpack(">i", self.take(4))[0]
-
-    def length(self) -> int:
-        n = self.int()
-        if n == -1:  # long vector: two more ints
-            hi, lo = struct.unpack(">II", self.take(8))
-            n = (hi << 32) | lo
-        return n
-
-    def header(self) -> None:
-        fmt = self.take(2)
-        if fmt != b"X\n":
-            raise ValueError(f"unsupported R serialization format {fmt!r} (only XDR 'X\\n' is read)")
-        version = self.int()
-        self.int(), self.int()  # writer's R version, minimal reader version
-        if version == 3:
-            self.encoding = self.take(self.int()).decode("ascii").lower()
-        elif version != 2:
-            raise ValueError(f"unsupported R serialization version {version}")
-
-    def item(self):
-        flags = self.int()
-        t, levels = flags & 0xFF, flags >> 12
-        has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-        if t == _NILVALUE:
-            return None
-        if t in _SPECIAL:
-            return RSymbol(_SPECIAL[t])
-        if t == _REF:
-            idx = flags >> 8 or self.int()
-            return self.refs[idx - 1]
-        if t == _SYM:
-            sym = RSymbol(self.item())
-            self.refs.append(sym)
-            return sym
-        if t == _LIST:
-            return self.pairlist(has_attr, has_tag)
-        if t == _CHAR:
-            n = self.int()
-            if n == -1:
-                return None  # NA_character_
-            raw = self.take(n)
-            latin1 = bool(levels & (1 << 2)) and not levels & (1 << 3)
-            return raw.decode("latin-1" if latin1 else "utf-8", errors="replace")
-        if t == _ALTREP:
-            return self.altrep()
-        if t in (_LGL, _INT):
-            n = self.length()
-            vals = struct.unpack(f">{n}i", self.take(4 * n))
-            out = RVector([None if x == _NA_INT else x for x in vals], t)
-        elif t == _REAL:
-            n = self.length()
-            out = RVector(struct.unpack(f">{n}d", self.take(8 * n)), t)
-        elif t == _RAW:
-            out = RVector(self.take(self.length()), t)
-        elif t in (_STR, _VEC, _EXPR):
-            out = RVector([self.item() for _ in range(self.length())], t)
-        else:
-            raise ValueError(f"R type {t} is not supported by this reader (only data vectors, lists, pairlists)")
-        if has_attr:
-            out.attributes = self.item().as_dict()
-        return out
-
-    def pairlist(self, has_attr: bool, has_tag: bool) -> RPairlist:
-        out = RPairlist()
-        while True:  # the cdr chain, iteratively
-            if has_attr:
-                out.attributes = self.item().as_dict()
-            tag = self.item() if has_tag else None
-            out.items.append((tag.name if isinstance(tag, RSymbol) else tag, self.item()))
-            flags = self.int()
-            if flags & 0xFF == _NILVALUE:
-                return out
-            if flags & 0xFF != _LIST:
-                raise ValueError(f"pairlist cdr of R type {flags & 0xFF} is not supported")
-            has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-
-    def altrep(self):
-        info, state, attr = self.item(), self.item(), self.item()
-        cls = info.items[0][1].name
-        if cls in ("compact_intseq", "compact_realseq"):
-            n, start, step = state
-            out = RVector([start + i * step for i in range(int(n))], _INT if cls == "compact_intseq" else _REAL)
-            if cls == "compact_intseq":
-                out[:] = [int(x) for x in out]
-        elif cls.startswith("wrap_"):
-            out = RVector(state[0], state[0].rtype)
-        else:
-            raise ValueError(f"ALTREP class {cls!r} is not supported by this reader")
-        if attr is not None:
-            out.attributes = attr.as_dict()
-        return out
-
-
-def unserialize(buf: bytes):
-    """Read one R object from ``serialize()`` output (XDR, version 2 or 3). gzip input (RDS) is inflated first."""
-    if buf[:2] == b"\x1f\x8b":
-        buf = gzip.decompress(buf)
-    r = _Reader(buf)
-    r.header()
-    return r.item()
-
-
-def _inflate_record(rec: bytes, compressed) -> bytes:
+def _inflate_record(rec: bytes, compressed: int) -> bytes:
     """One lazy-load record: 4-byte big-endian uncompressed length, [type byte,] compressed payload."""
     if not compressed:
         return rec
@@ -262,16 +115,14 @@ def _inflate_record(rec: bytes, compressed) -> bytes:
 
 
 def read_lazyload_db(base: str | Path) -> dict:
-    """All variables of an R lazy-load database ``base.rdb`` / ``base.rdx`` as {name: object}."""
+    """All variables of an R lazy-load database ``base.rdb`` / ``base.rdx`` as {name: object} (rdata's
+    conversion: a character vector is a numpy string array, a named list a dict)."""
     base = Path(base)
-    index = unserialize(base.with_suffix(".rdx").read_bytes())
-    idx = dict(zip(index.names, index))
-    variables, compressed = idx["variables"], idx["compressed"][0]
+    index = _unserialize(base.with_suffix(".rdx").read_bytes())
+    compressed = int(index["compressed"][0])
     data = base.with_suffix(".rdb").read_bytes()
-    out = {}
-    for name, (offset, length) in zip(variables.names, variables):
-        out[name] = unserialize(_inflate_record(data[offset:offset + length], compressed))
-    return out
+    return {str(name): _unserialize(_inflate_record(data[offset:offset + length], compressed))
+            for name, (offset, length) in index["variables"].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
