@@ -9,6 +9,7 @@ rank 0; it is reported beside the private run and never feeds it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -84,8 +85,10 @@ def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[in
 
 def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prompt_ids: list[int] | None,
                      max_new_tokens: int, policy=None, progress=None, keep_logits: bool = False,
-                     fixed_weights: bool | None = None, fixed_kv: bool | None = None):
+                     fixed_weights: bool | None = None, fixed_kv: bool | None = None, on_phase=None):
     """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits, backend).
+    ``progress(t)`` is called after token t; ``on_phase(name)`` when the phase ``"offline"`` (weights and prompt
+    shared) ends (the prefill ends with token 0: the argmax of its last position).
     ``fixed_weights`` (default ``FIXED_WEIGHTS_DEFAULT``): fixed-operand triples for the weight matrices;
     ``backend.matmul_paths`` then says which matmul path ran how often. ``fixed_kv`` (default
     ``FIXED_KV_DEFAULT``): the same for the cached K/V rows (fixed at the end of the prefill and as each new row
@@ -94,6 +97,8 @@ def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prom
                       fixed_kv=FIXED_KV_DEFAULT if fixed_kv is None else fixed_kv)
     w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
     x, _ = share_prompt(sess, B, cfg, prompt_ids)
+    if on_phase is not None:
+        on_phase("offline")
     model = Transformer(cfg, w, B, policy, scope=sess.scope)
 
     def on_token(t, tok):
@@ -107,10 +112,13 @@ def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prom
 
 
 def plaintext_generate(cfg: ModelConfig, weights: dict, prompt_ids: list[int], max_new_tokens: int, policy=None):
+    """The same generation in the clear. Returns (tokens, logits, seconds per step): step 0 is the prefill and
+    its argmax (token 0), step t > 0 the decode pass that produced token t."""
     model = Transformer(cfg, weights, PlainBackend(), policy)
-    t0 = time.perf_counter()
-    tokens, logits = generate(model, prompt_ids, max_new_tokens)
-    return tokens, logits, time.perf_counter() - t0
+    stamps = [time.perf_counter()]
+    tokens, logits = generate(model, prompt_ids, max_new_tokens,
+                              on_token=lambda t, tok: stamps.append(time.perf_counter()))
+    return tokens, logits, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def per_token_costs(ledgers: list[dict], max_new_tokens: int, profiles=PROFILES) -> tuple[list[dict], dict]:

@@ -13,6 +13,17 @@ import torch
 torch.set_num_threads(1)  # one torch thread per party: 2-3 parties share 2 cores (2 threads each made steps ~25x slower)
 
 
+def _network(p: argparse.ArgumentParser) -> None:
+    """Where the parties meet (by default found over MPI: the same command runs on one host or across hosts)."""
+    n = p.add_argument_group("network (default: found over MPI; see README 'Several hosts')")
+    n.add_argument("--master-addr", default=None,
+                   help="rank 0's address as the other hosts reach it (default: each party probes rank 0's "
+                        "interfaces over TCP and takes the first that answers)")
+    n.add_argument("--iface", default=None,
+                   help="network interface every party's gloo traffic uses (default: the one it reaches rank 0 by)")
+    n.add_argument("--port", type=int, default=0, help="rendezvous TCP port on rank 0 (default 0: a free one)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m parties", description=__doc__)
     sub = p.add_subparsers(dest="job", required=True)
@@ -31,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=float, default=None,
                    help="fraction of the prompt kept/attended in (0, 1], or a token count > 1")
     g.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"],
-                   help="arithmetic: additive sharing with Beaver triples (2 or 3 parties); replicated: 3PC (ABY3-like)")
+                   help="arithmetic: additive sharing with Beaver triples (2 parties, or 2 + a dealer rank with --provider "
+                        "ttp); replicated: 3PC (ABY3-like, exactly 3 parties)")
     g.add_argument("--provider", default="tfp", choices=["tfp", "ttp"],
                    help="triples from party 0 (tfp: a benchmark convention, NOT secure against party 0) or from a "
                         "dealer process (ttp: the last MPI rank)")
@@ -45,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/generate", help="directory for rank{r}.json and summary.json")
     g.add_argument("--no-plaintext", action="store_true", help="skip the plaintext check run on rank 0")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer is declared dead")
+    _network(g)
     b = sub.add_parser("bench", help="long-context secure decode benchmark over a plaintext-built, shared KV cache "
                                      "(a benchmark convention, NOT an end-to-end secure run)")
     b.add_argument("--model", default="smollm2", help="as for generate")
@@ -77,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", default="runs/bench", help="directory for bench.csv, bench.md, bench.json, rank{r}.json")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds before a silent peer is declared dead")
+    _network(b)
     return p
 
 

@@ -100,7 +100,8 @@ def run(args) -> None:
     public = {"job": "bench", "model": cfg.to_dict(), "seq_lens": lens, "layers": layers, "steps": args.steps,
               "warmup": args.warmup, "policies": [(lab, repr(p)) for lab, p in policies],
               "fixed_weights": args.fixed_weights, "check": args.check}
-    sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout)
+    sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout,
+                        master_addr=args.master_addr, iface=args.iface, port=args.port)
     os.makedirs(args.out, exist_ok=True)
     if sess.is_dealer:
         serve_dealer(sess)

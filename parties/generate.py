@@ -1,7 +1,15 @@
-"""The ``generate`` job: load, handshake, share, generate privately, write per-rank JSON; rank 0 summarises."""
+"""The ``generate`` job: check the inputs, handshake, share, generate privately, write per-rank JSON; the client
+(rank 1, the only party that learns the output) prints the report and writes ``summary.json``.
+
+Verify mode (the default; ``--no-plaintext`` turns it off): after the private run the client sends its prompt
+ids to the model owner (rank 0), which runs the same generation in the clear and returns its tokens and times.
+It needs both secrets by design, so it is a labelled verification step outside the private data flow: every
+report says whether it ran.
+"""
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 
@@ -20,81 +28,157 @@ def _read_prompt(args) -> str:
     return args.prompt if args.prompt is not None else DEFAULT_PROMPT
 
 
+def _policy(args):
+    """The cache policy from ``--policy``/``--budget``, refused with the fix named on any bad combination."""
+    from mpcache.mpc.session import SessionError
+    from mpcache.policies import make_policy
+
+    kwargs = {}
+    if args.budget is not None:
+        b = args.budget
+        if args.policy == "full":
+            raise SessionError(f"--budget {b:g}: the full cache attends every row and takes no budget; drop "
+                               "--budget, or pick a policy that evicts (e.g. --policy mpcache --budget 0.1).")
+        if b > 1 and b != int(b):
+            raise SessionError(f"--budget {b:g}: a budget above 1 is a token count and must be a whole number "
+                               "(e.g. --budget 64); a fraction of the prompt lies in (0, 1] (e.g. --budget 0.1).")
+        kwargs["budget"] = int(b) if b > 1 else b
+    try:
+        return make_policy(args.policy, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise SessionError(f"bad --policy/--budget: {e}") from None
+
+
+def _launch_check(args) -> None:
+    """Refuse a launch that cannot work before any party does any work."""
+    from mpi4py import MPI
+
+    from mpcache.mpc.session import SessionError
+
+    if args.max_new_tokens < 1:
+        raise SessionError("--max-new-tokens must be >= 1")
+    size = MPI.COMM_WORLD.Get_size()
+    compute = size - (args.provider == "ttp")
+    if args.protocol == "arithmetic" and compute == 3:
+        raise SessionError("3 compute parties with --protocol arithmetic are not supported: launch 3 parties with "
+                           "--protocol replicated (3PC), or 2 parties (`mpirun -n 2`), or 2 parties + a dealer "
+                           "(`mpirun -n 3 ... --provider ttp`).")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run(args) -> None:
     from mpi4py import MPI
 
-    from mpcache.generation import (per_token_costs, plaintext_generate, private_generate, write_json)
+    from mpcache.generation import per_token_costs, plaintext_generate, private_generate, write_json
     from mpcache.model.weights import expected_shapes, load_model
     from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session, serve_dealer
-    from mpcache.policies import make_policy
-    from mpcache.report import print_summary
+    from mpcache.report import print_summary, trust_model
 
     rank = MPI.COMM_WORLD.Get_rank()
-    if args.max_new_tokens < 1:
-        raise SessionError("--max-new-tokens must be >= 1")
+    _launch_check(args)
     try:
         cfg, weights, tok = load_model(args.model, seed=args.seed)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
-    # --budget <= 1 is a fraction of the prompt, > 1 a token count
-    policy_kwargs = {} if args.budget is None else {"budget": int(args.budget) if args.budget > 1 else args.budget}
-    try:
-        policy = make_policy(args.policy, **policy_kwargs)
-    except (ValueError, TypeError) as e:
-        raise SessionError(f"bad --policy/--budget: {e}") from None
-    public = {"model": cfg.to_dict(), "weight_shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
-              "policy": repr(policy), "max_new_tokens": args.max_new_tokens, "device": args.device,
-              "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv}
-    sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout)
-    os.makedirs(args.out, exist_ok=True)
-    if sess.is_dealer:
-        serve_dealer(sess)
-        return
-    if sess.rank != SERVER:
-        weights = None                                   # only the server holds (and shares) the weights
+    policy = _policy(args)
     ids = None
-    if sess.rank == CLIENT:
+    if rank == CLIENT:            # the client checks its prompt before anyone shares anything
         text = _read_prompt(args)
         if args.chat and tok.chat_format == "chatml" and tok.chat_template:
             text = tok.apply_chat_template(text)
         ids = tok.encode(text)
         if not ids:
             raise SessionError("the prompt is empty after tokenization; give a non-empty --prompt")
+        if len(ids) + args.max_new_tokens > cfg.max_position:
+            raise SessionError(f"the prompt has {len(ids)} tokens and --max-new-tokens is {args.max_new_tokens}: "
+                               f"{len(ids) + args.max_new_tokens} positions, but the model's context is "
+                               f"{cfg.max_position}; shorten the prompt or ask for fewer new tokens.")
+    public = {"model": cfg.to_dict(), "weight_shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
+              "tokenizer": _digest(tok.to_json()), "policy": repr(policy), "max_new_tokens": args.max_new_tokens,
+              "device": args.device, "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv,
+              "verify": not args.no_plaintext}
+    sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout,
+                        master_addr=args.master_addr, iface=args.iface, port=args.port)
+    if sess.is_dealer:
+        serve_dealer(sess)
+        return
+    if sess.rank != SERVER:
+        weights = None                                   # only the server holds (and shares) the weights
 
-    bar = None
-    if sess.rank == SERVER:
-        from tqdm import tqdm
+    bar, phase_t = None, [time.perf_counter()]
+    if sess.rank == CLIENT:
+        sys.stderr.write(f"[client] {trust_model(args.protocol, args.provider, sess.n_parties)['warning']}")
+        sys.stderr.write(f"[client] offline: sharing weights ({cfg.name}) and the prompt ({len(ids)} tokens) ...\n")
 
-        bar = tqdm(total=args.max_new_tokens, desc=f"private generation ({sess.n_parties}PC, {args.protocol})",
-                   unit="tok", file=sys.stderr, leave=False)
+    def on_phase(name):
+        now = time.perf_counter()
+        if sess.rank == CLIENT:
+            sys.stderr.write(f"[client] offline done in {now - phase_t[0]:.1f} s; prefill over {len(ids)} prompt "
+                             f"tokens ({cfg.n_layers} layers) ...\n")
+        phase_t[0] = now
+
+    def on_token(t):
+        nonlocal bar
+        if sess.rank != CLIENT:
+            return
+        if t == 0:
+            sys.stderr.write(f"[client] prefill done in {time.perf_counter() - phase_t[0]:.1f} s (token 0 is the "
+                             "argmax of its last position)\n")
+            if args.max_new_tokens > 1:
+                from tqdm import tqdm
+
+                bar = tqdm(total=args.max_new_tokens - 1, desc="decode", unit="tok", file=sys.stderr, leave=False)
+        elif bar is not None:
+            bar.update(1)
+
     t0 = time.perf_counter()
-    tokens, _, B = private_generate(sess, cfg, weights, ids, args.max_new_tokens, policy,
-                                    progress=(lambda t: bar.update(1)) if bar else None,
-                                    fixed_weights=args.fixed_weights, fixed_kv=args.fixed_kv)
+    tokens, _, B = private_generate(sess, cfg, weights, ids, args.max_new_tokens, policy, progress=on_token,
+                                    fixed_weights=args.fixed_weights, fixed_kv=args.fixed_kv, on_phase=on_phase)
     wall = time.perf_counter() - t0
-    if bar:
+    if bar is not None:
         bar.close()
+
+    # verify mode: the client's prompt goes to the model owner, in the clear, for the plaintext check
+    check = None
+    if not args.no_plaintext:
+        if sess.rank == CLIENT:
+            sess.comm.send(ids, dest=SERVER, tag=11)
+            check = sess.comm.recv(source=SERVER, tag=12)
+        elif sess.rank == SERVER:
+            prompt = sess.comm.recv(source=CLIENT, tag=11)
+            pt, _, pt_s = plaintext_generate(cfg, load_model(args.model, seed=args.seed)[1], prompt,
+                                             args.max_new_tokens, policy)
+            sess.comm.send({"tokens": pt, "step_seconds": pt_s}, dest=CLIENT, tag=12)
+    # ledgers (public costs) and peak memory go to the client, who reports
+    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=CLIENT)
+    peaks = sess.comm.gather(_peak_rss(), root=CLIENT)
+    os.makedirs(args.out, exist_ok=True)
     sess.ledger.write(os.path.join(args.out, f"rank{sess.rank}.json"))
-    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=SERVER)
-    # the client reveals its output to the operator's report (its choice in this demo), nothing else leaves it
-    client_out = sess.comm.bcast({"tokens": tokens, "prompt_ids": ids} if sess.rank == CLIENT else None, root=CLIENT)
-    if sess.rank == SERVER:
+    if sess.rank == CLIENT:
         per_token, phases = per_token_costs(ledgers, args.max_new_tokens)
         summary = {
             "world_size": sess.world_size, "n_parties": sess.n_parties, "protocol": args.protocol,
-            "provider": args.provider, "device": args.device, "model": cfg.name, "policy": repr(policy),
-            "prompt_tokens": len(client_out["prompt_ids"]), "tokens": client_out["tokens"],
-            "text": tok.decode(client_out["tokens"]), "per_token": per_token, **phases,
-            "wall_seconds": wall, "reveals": [list(r[:2]) for r in B.reveals],
-            "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv, "matmul_paths": dict(B.matmul_paths),
+            "provider": args.provider, "trust_model": trust_model(args.protocol, args.provider, sess.n_parties)["text"],
+            "device": args.device, "model": cfg.name, "policy": str(policy), "policy_repr": repr(policy),
+            "network": sess.network, "prompt_tokens": len(ids), "tokens": tokens, "text": tok.decode(tokens),
+            "per_token": per_token, **phases, "wall_seconds": wall, "peak_rss_bytes": peaks,
+            "reveals": [list(r[:2]) for r in B.reveals], "fixed_weights": args.fixed_weights,
+            "fixed_kv": args.fixed_kv, "matmul_paths": dict(B.matmul_paths), "verify_mode": check is not None,
         }
-        if not args.no_plaintext:
-            pt, _, pt_s = plaintext_generate(cfg, load_model(args.model, seed=args.seed)[1],
-                                             client_out["prompt_ids"], args.max_new_tokens, policy)
-            summary.update(plaintext_tokens=pt, plaintext_text=tok.decode(pt), plaintext_seconds=pt_s,
-                           tokens_agree=pt == client_out["tokens"])
+        if check is not None:
+            summary.update(plaintext_tokens=check["tokens"], plaintext_text=tok.decode(check["tokens"]),
+                           plaintext_seconds=sum(check["step_seconds"]),
+                           plaintext_step_seconds=check["step_seconds"], tokens_agree=check["tokens"] == tokens)
         write_json(os.path.join(args.out, "summary.json"), summary)
         print_summary(summary)
-    if sess.rank == CLIENT:
-        print(f"[client] generated: {tok.decode(tokens)!r}", flush=True)
     sess.close()
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

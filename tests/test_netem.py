@@ -29,7 +29,8 @@ def test_plan_prints_fabric_and_launch_without_touching_anything():
     assert "ip netns add mpcnet0" in out and "ip netns add mpcnet1" in out
     assert "--delay-ms 20.0" in out and "--delay-ms 0.15" in out            # one way = RTT / 2
     assert "tbf rate 400000000bit" in out and "tbf rate 3000000000bit" in out
-    assert "-launcher-exec" in out and "MPCACHE_MASTER_ADDR 10.77.0.1" in out and "GLOO_SOCKET_IFNAME mpc" in out
+    assert "-launcher-exec" in out and "-hosts 10.77.0.1,10.77.0.2" in out
+    assert "MPCACHE_MASTER_ADDR" not in out and "GLOO_SOCKET_IFNAME" not in out   # found over MPI, no env vars
     assert "/.venv/bin/mpirun -n 2" in out                                  # profile none: plain loopback run
 
 

@@ -16,6 +16,7 @@ Unusual process handling, and why:
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,7 @@ class Session:
     comm: object = None        # MPI communicator of the compute parties (None on the dealer)
     crypten: object = None
     digests: list = field(default_factory=list)
+    network: dict = field(default_factory=dict)   # where the parties met (rank 0's address as this party sees it)
 
     @property
     def is_dealer(self) -> bool:
@@ -71,10 +74,150 @@ class Session:
             self.crypten.uninit()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def local_addresses() -> dict[str, str]:
+    """This host's IPv4 address per network interface (Linux ``SIOCGIFADDR``; loopback included)."""
+    import fcntl
+    import struct
+
+    out = {}
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue                                       # no IPv4 address on this interface
+            out[name] = socket.inet_ntoa(res[20:24])
+    return out
+
+
+def _bind_port(port: int) -> socket.socket:
+    """A listening socket on every interface at ``port`` (0 = any free port)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("0.0.0.0", port))
+    except OSError as e:
+        s.close()
+        raise SessionError(f"rank 0 ({socket.gethostname()}) cannot listen on TCP port {port}: {e.strerror}; "
+                           f"pass a free --port, or --port 0 to let rank 0 pick one.") from None
+    s.listen(16)
+    return s
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this party meets rank 0 for torch.distributed: rank 0's address as THIS party reaches it, the
+    rendezvous port, and the local interface gloo should bind (the one this party reaches rank 0 through)."""
+    master: str
+    port: int
+    iface: str
+    local: bool            # every compute party reached rank 0 on loopback: one host, one network namespace
+
+
+def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str | None = None, port: int = 0,
+                    probe_timeout_s: float = 5.0) -> Rendezvous:
+    """Rank 0's address as its peers reach it, found over MPI (no environment variables, no loopback default).
+
+    Rank 0 lists its interfaces' IPv4 addresses (loopback first), listens on a probe port and broadcasts
+    (candidates, probe port, rendezvous port, a random token) over MPI. Each other rank connects to the
+    candidates in order and takes the first that answers with the token (a loopback answer from some other
+    program on the same port never carries it); the local end of that connection names the interface its gloo
+    device binds. ``master_addr`` (the ``--master-addr`` flag) replaces the candidates; ``iface`` (``--iface``)
+    forces the interface on every party (it must exist on each host). ``port`` (``--port``): the rendezvous port
+    (0 = a free one picked by rank 0). Every failure names the host and the fix.
+    """
+    import secrets
+    import threading
+
+    here = socket.gethostname()
+    addrs = local_addresses()
+    if iface is not None and iface not in addrs:
+        raise SessionError(f"--iface {iface!r} is not an IPv4 interface on host {here} (rank {rank}); "
+                           f"its interfaces are {sorted(addrs)}: pass one of them, or leave --iface out.")
+    if rank == 0:
+        store = _bind_port(port)                    # checked now (a taken port fails here, clearly), freed below
+        rdv_port = store.getsockname()[1]
+        probe = _bind_port(0)
+        token = secrets.token_hex(16)
+        cands = [master_addr] if master_addr else sorted(addrs.values(), key=lambda a: not a.startswith("127."))
+
+        def answer():
+            while True:
+                try:
+                    c, _ = probe.accept()
+                except OSError:
+                    return                            # closed: every peer has found us
+                with c:
+                    c.sendall(token.encode())
+
+        threading.Thread(target=answer, daemon=True).start()
+        offer = {"host": here, "candidates": cands, "probe": probe.getsockname()[1], "port": rdv_port, "token": token}
+    else:
+        offer = None
+    offer = world.bcast(offer, root=0)
+    found = None
+    if rank == 0:
+        found = None
+    else:
+        tried = []
+        for a in offer["candidates"]:
+            try:
+                with socket.create_connection((a, offer["probe"]), timeout=probe_timeout_s) as c:
+                    c.settimeout(probe_timeout_s)
+                    got = b""
+                    while len(got) < len(offer["token"]):
+                        chunk = c.recv(64)
+                        if not chunk:
+                            break
+                        got += chunk
+                    if got.decode(errors="replace") == offer["token"]:
+                        found = (a, c.getsockname()[0])
+                        break
+                    tried.append(f"{a} (another program answered)")
+            except OSError as e:
+                tried.append(f"{a} ({e.strerror or e})")
+        if found is None:
+            raise SessionError(f"rank {rank} on host {here} cannot reach rank 0 on host {offer['host']}: tried "
+                               f"{'; '.join(tried)}. Make rank 0's host reachable over TCP from {here} (firewall, "
+                               f"routing) or pass --master-addr with an address of {offer['host']} that {here} "
+                               f"reaches.")
+    reports = world.allgather(found)
+    if rank == 0:
+        probe.close()
+        store.close()
+    peers = [r for r in reports[1:] if r is not None]
+    local = all(a.startswith("127.") for a, _ in peers)
+    if rank == 0:
+        mine = "127.0.0.1" if local else peers[0][0]              # the address the first peer reached us at
+        master = mine
+    else:
+        master, mine = found
+    if iface is None:
+        names = [n for n, a in addrs.items() if a == mine]
+        iface = names[0] if names else None
+        if iface is None:
+            raise SessionError(f"rank {rank} on host {here}: no interface holds {mine}; pass --iface.")
+    return Rendezvous(master, offer["port"], iface, local)
+
+
+HINTS = {
+    "code": "the installed mpcache code differs between the parties' hosts: check out the same commit on every "
+            "host (`git rev-parse HEAD`) and reinstall",
+    "tokenizer": "the parties' tokenizer files differ: install the same model files on every host",
+    "model": "the parties load different model configs: pass the same --model (and model files) on every host",
+    "weight_shapes": "the parties' checkpoints have different shapes: use the same --model on every host",
+}
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of this installation's source (every .py of mpcache, parties and kernels): two parties built from
+    different code would agree at startup and diverge mid-protocol, so the handshake compares it."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pkg in ("mpcache", "parties", "kernels"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def handshake_digest(info: dict) -> str:
@@ -84,20 +227,26 @@ def handshake_digest(info: dict) -> str:
 def check_handshake(infos: list[dict]) -> None:
     """Raise SessionError naming every field on which some party disagrees with rank 0."""
     ref = infos[0]
-    bad = []
+    bad, hints = [], []
     for r, info in enumerate(infos[1:], start=1):
-        for key in sorted(set(ref) | set(info)):
+        for key in sorted((set(ref) | set(info)) - {"host"}):
             if ref.get(key) != info.get(key):
-                bad.append(f"  {key}: rank 0 has {str(ref.get(key))[:80]!r}, rank {r} has {str(info.get(key))[:80]!r}")
+                bad.append(f"  {key}: rank 0 ({ref.get('host', '?')}) has {str(ref.get(key))[:80]!r}, "
+                           f"rank {r} ({info.get('host', '?')}) has {str(info.get(key))[:80]!r}")
+                if key in HINTS and HINTS[key] not in hints:
+                    hints.append(HINTS[key])
     if bad:
-        raise SessionError("handshake failed: the parties disagree on the public setup:\n" + "\n".join(bad) +
-                           "\nrun every party with the same model config, policy, protocol and mpcache version.")
+        raise SessionError("handshake failed: the parties disagree on the public setup:\n" + "\n".join(bad) + "\n" +
+                           ("; ".join(hints) if hints else
+                            "run every party with the same model config, policy, protocol and mpcache version."))
 
 
 def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: str = "cpu",
-                 public_info: dict | None = None, timeout_s: float = 120.0, mpi_comm=None) -> Session:
+                 public_info: dict | None = None, timeout_s: float = 120.0, mpi_comm=None,
+                 master_addr: str | None = None, iface: str | None = None, port: int = 0) -> Session:
     """Create the session for this process. ``public_info`` (model config, weight shapes, policy ...) is compared
-    across parties before any secret is shared."""
+    across parties before any secret is shared. ``master_addr``/``iface``/``port``: see :func:`find_rendezvous`
+    (default: found over MPI, so the same command runs on one host or on several from an mpirun hostfile)."""
     from mpi4py import MPI
 
     world = mpi_comm or MPI.COMM_WORLD
@@ -120,13 +269,12 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
 
     from .. import __version__
 
-    info = dict(public_info or {}, protocol=protocol, provider=provider, world_size=size, mpcache=__version__)
+    info = dict(public_info or {}, protocol=protocol, provider=provider, world_size=size, mpcache=__version__,
+                code=code_digest(), host=socket.gethostname())
     infos = world.allgather(info)
     check_handshake(infos)
 
-    port = world.bcast(_free_port() if rank == 0 else None, root=0)
-    # rank 0's address; scripts/netem sets it when the parties sit in separate network namespaces
-    master = os.environ.get("MPCACHE_MASTER_ADDR", "127.0.0.1")
+    rdv = find_rendezvous(world, rank, master_addr, iface, port)
     comm = world.Split(0 if rank < n_parties else MPI.UNDEFINED, rank)
     if comm == MPI.COMM_NULL:
         comm = None
@@ -138,7 +286,8 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     from torch.distributed import distributed_c10d
 
     distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n_parties), RENDEZVOUS=f"tcp://{master}:{port}",
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n_parties), RENDEZVOUS=f"tcp://{rdv.master}:{rdv.port}",
+                      GLOO_SOCKET_IFNAME=rdv.iface,
                       DISTRIBUTED_BACKEND="nccl" if device.startswith("cuda") else "gloo")
     crypten.cfg.mpc.protocol = PROTOCOLS[protocol]
     crypten.cfg.mpc.provider = PROVIDERS[provider]
@@ -146,27 +295,31 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     sess = Session(rank, size, n_parties, protocol, provider, device, ledger, comm, crypten, infos)
     if device.startswith("cuda"):
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    over_mpi = _mpi_exchange(device, n_parties, rdv.local)
+    sess.network = {"rank0_address": rdv.master, "port": rdv.port, "iface": rdv.iface,
+                    "hosts": [i.get("host") for i in infos], "openings": "MPI" if over_mpi else "gloo"}
     if sess.is_dealer:
         return sess
     crypten.init()
     if provider == "tfp" and lean_tfp.ENABLED:
         lean_tfp.install()                     # same tuples' distribution and trust model, fewer PRG draws
-    attach(ledger, comm if _mpi_exchange(device, n_parties) else None, timeout_s)
+    attach(ledger, comm if over_mpi else None, timeout_s)
     return sess
 
 
 #: openings (the bulk of the online traffic) go over MPI point-to-point instead of gloo: "auto" = on CPU when
 #: every compute party can have its own core (MPICH waits by polling, which would starve a computing party on an
 #: oversubscribed host, e.g. 3 parties on 2 cores) and the parties are not behind an emulated link
-#: (``MPCACHE_MASTER_ADDR``, set by scripts/netem: MPI would use shared memory and bypass the shaped link);
-#: True/False force it. Same bytes, same rounds, same results.
+#: (every party reached rank 0 on loopback; across hosts or network namespaces, e.g. scripts/netem, MPI might
+#: use shared memory and bypass the network the run is meant to cross); True/False force it. Same bytes, same
+#: rounds, same results.
 MPI_EXCHANGE = "auto"
 
 
-def _mpi_exchange(device: str, n_parties: int) -> bool:
+def _mpi_exchange(device: str, n_parties: int, local: bool = True) -> bool:
     if MPI_EXCHANGE != "auto":
         return bool(MPI_EXCHANGE)
-    if os.environ.get("MPCACHE_MASTER_ADDR"):
+    if not local:
         return False
     try:
         cores = len(os.sched_getaffinity(0))
