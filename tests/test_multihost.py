@@ -107,3 +107,13 @@ def test_different_code_is_refused_at_startup(tmp_path):
     assert p.returncode != 0
     assert "handshake failed" in p.stderr and "  code: rank 0" in p.stderr and "same commit" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_rank0_is_refused(tmp_path):
+    """A --master-addr the other party cannot reach (TEST-NET-1): every party exits non-zero within seconds, the
+    message names both hosts and the fix."""
+    p = run_mpi(2, [*GEN, "--master-addr", "192.0.2.1", "--out", str(tmp_path / "x")], timeout=100, check=False)
+    assert p.returncode != 0
+    assert "cannot reach rank 0 on host" in p.stderr and "192.0.2.1" in p.stderr and "--master-addr" in p.stderr
+    assert not (tmp_path / "x").exists()
