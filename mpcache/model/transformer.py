@@ -32,6 +32,7 @@ class KVCache:
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
     state: list = field(default_factory=list)
+    logw: list = field(default_factory=list)   # per layer: None, or (L,) public log row weights (BalanceKV)
     n_prompt: int = 0     # rows that came from the prompt (after static compaction)
     pos: int = 0          # next absolute position (public)
 
@@ -39,6 +40,7 @@ class KVCache:
         self.k = [None] * self.n_layers
         self.v = [None] * self.n_layers
         self.state = [{} for _ in range(self.n_layers)]
+        self.logw = [None] * self.n_layers
 
     @property
     def length(self) -> int:
@@ -54,7 +56,7 @@ class Transformer:
 
     def __init__(self, cfg: ModelConfig, weights: dict, backend, policy: CachePolicy | None = None, scope=None):
         self.cfg, self.w, self.B = cfg, weights, backend
-        self.policy = policy or CachePolicy()
+        self.policy = (policy or CachePolicy()).bind(cfg)   # e.g. layer_budgets="calibrated" resolved and checked
         self.scope = scope or _no_scope
 
     # ---- blocks ------------------------------------------------------------------------------------------
@@ -137,15 +139,18 @@ class Transformer:
             return a
         return a if g.keeps_ends(a[0], a[1], L) else None
 
-    def _attend(self, q, k, v, mask=None, anchor=None):
+    def _attend(self, q, k, v, mask=None, anchor=None, logw=None):
         """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
-        are stacked so one batched matmul serves the group (GQA)."""
+        are stacked so one batched matmul serves the group (GQA). ``logw`` (Lk,), public: log row weights added
+        to the logits (a weighted softmax: sum_i w_i e^{s_i} v_i / sum_i w_i e^{s_i}; BalanceKV's cache)."""
         cfg, B = self.cfg, self.B
         H, Hkv, hd, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
         Tq = q.shape[1]
         qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G * Tq, hd)
         with self.scope("qk"):
             s = B.matmul(qg, k.transpose(1, 2))                      # (Hkv, G*Tq, Lk)
+            if logw is not None:
+                s = s + logw.to(torch.float32)                       # public: a local add on shares
         with self.scope("softmax"):
             if mask is not None:
                 mask = mask.repeat(G, 1)                             # (G*Tq, Lk), public
@@ -203,6 +208,7 @@ class Transformer:
         T = len(tokens) if not hasattr(tokens, "shape") else int(tokens.shape[0])
         if T > cfg.max_position:
             raise ValueError(f"prompt of {T} tokens exceeds the model's context of {cfg.max_position}")
+        self.policy.check_prompt(T)
         positions = torch.arange(T)
         x = self._embed(tokens, positions)
         # plaintext: fused causal attention, and the probabilities only for the rows a policy reads (a policy
@@ -224,9 +230,10 @@ class Transformer:
                 with self.scope("static_eviction"):
                     ctx = PrefillContext(self.B, i, cfg.n_layers, q, k, v, attn, cache.state[i], shared,
                                          attn_fn=probs_fn)
-                    g = self.policy.prefill(ctx)
+                    g = self.policy.for_layer(i).prefill(ctx)
                     if g is not None:
                         k, v = g.apply(k, self.B), g.apply(v, self.B)
+                        cache.logw[i] = g.log_weights()
                 cache.k[i], cache.v[i] = k, v
         self._fix_cache(cache)
         cache.n_prompt = cache.length
@@ -342,17 +349,23 @@ class Transformer:
                     k, v = self._fix_rows([k, v])         # the new row's mask is opened once, when written
                 cache.k[i] = B.cat([cache.k[i], k], dim=1)
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
+                if cache.logw[i] is not None:                 # the new row stands for itself: weight 1
+                    cache.logw[i] = torch.cat([cache.logw[i], torch.zeros(1)])
                 with self.scope("selection"):
                     ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
                                         cache.state[i], shared, anchor=self.DECODE_ANCHOR)
-                    g = self.policy.select(ctx)
+                    g = self.policy.for_layer(i).select(ctx)
+                if cache.logw[i] is not None and g is not None:
+                    raise NotImplementedError("a per-step selection over a weighted (BalanceKV) cache is not supported")
                 if self._attend_in_place(g, cache.k[i], cache.v[i]):
                     o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"),
                                               ctx.logits.get("offset"))
                 else:
                     with self.scope("gather"):
                         ks, vs = self._gather(g, cache.k[i], cache.v[i])
-                    o, _ = self._attend(q, ks, vs, anchor=self.selection_anchor(g, int(cache.k[i].shape[1])))
+                    # weighted rows may lift logits over the anchors' (the anchored softmax's bound): row max there
+                    anchor = self.selection_anchor(g, int(cache.k[i].shape[1])) if cache.logw[i] is None else None
+                    o, _ = self._attend(q, ks, vs, anchor=anchor, logw=cache.logw[i])
                 x = self._block_out(x, o, p)
         cache.pos += 1
         return self._logits(x)

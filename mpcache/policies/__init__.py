@@ -14,6 +14,7 @@ from .h2o import H2OPolicy
 from .mpcache import MPCachePolicy
 from .quest import QuestPolicy
 from .snapkv import SnapKVPolicy
+from .squeeze import SqueezeH2OPolicy, SqueezeMPCachePolicy, SqueezeSnapKVPolicy, SqueezeStreamingPolicy
 from .streaming import StreamingPolicy
 from .tova import TOVAPolicy
 
@@ -28,6 +29,10 @@ __all__ = [
     "PrefillContext",
     "QuestPolicy",
     "SnapKVPolicy",
+    "SqueezeH2OPolicy",
+    "SqueezeMPCachePolicy",
+    "SqueezeSnapKVPolicy",
+    "SqueezeStreamingPolicy",
     "StreamingPolicy",
     "TOVAPolicy",
     "make_policy",

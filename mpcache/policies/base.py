@@ -17,8 +17,9 @@ values shared between the layers of one forward call (e.g. a leader layer's sele
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -50,6 +51,18 @@ class Gather:
     start: int = 0
     block: int = 1
     strata: int = 0
+    weight: float = 1.0     # public count of prompt rows each gathered row stands for (BalanceKV: 2^T); ranges: 1
+
+    def log_weights(self) -> torch.Tensor | None:
+        """(n_rows,) public log row weights of the gather's output (in its order), None when every weight is 1.
+        Attention adds them to the logits: sum_i w_i exp(q.k_i) v_i / sum_i w_i exp(q.k_i)."""
+        if self.weight == 1.0 or self.onehot is None:
+            return None
+        end = self.start + self.n_candidates * self.block
+        before = sum(e - s for s, e in self.ranges if e <= self.start)
+        after = sum(e - s for s, e in self.ranges if s >= end)
+        mid = self.n_blocks_selected * self.block
+        return torch.cat([torch.zeros(before), torch.full((mid,), math.log(self.weight)), torch.zeros(after)])
 
     @property
     def n_blocks_selected(self) -> int:
@@ -249,6 +262,23 @@ class CachePolicy:
     def select(self, ctx: DecodeContext) -> Gather | None:
         return None
 
+    def for_layer(self, layer: int) -> CachePolicy:
+        """The policy that runs at ``layer`` (itself, unless per-layer budgets are set: see BudgetPolicy)."""
+        return self
+
+    def bind(self, cfg) -> CachePolicy:
+        """This policy resolved against the model ``cfg`` (public): e.g. ``layer_budgets="calibrated"`` read from
+        the model's stored calibration and checked. Called before anything runs (the Transformer, the parties'
+        startup), so a bad setting is refused with nothing half-done."""
+        return self
+
+    def check_prompt(self, n_prompt: int) -> None:
+        """Refuse (ValueError) a setting that cannot run on an ``n_prompt``-token prompt (a public length)."""
+
+    def attended_by_layer(self, n_prompt: int, step: int, n_layers: int) -> list[int]:
+        """``attended_tokens`` of each layer's policy (differs per layer with per-layer budgets)."""
+        return [self.for_layer(i).attended_tokens(n_prompt, step) for i in range(n_layers)]
+
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
         """Rows (per KV head) the query of decode step ``step`` attends to, for a prompt of ``n_prompt`` tokens.
 
@@ -341,6 +371,11 @@ def select_k(backend, scores, k: int, method: str, ordered: bool = False):
     return (backend.keep_onehot(scores, k) if ordered else backend.topk_onehot(scores, k)), 0
 
 
+#: Integer settings that every layer's kept rows must cover (sinks, the recent window): a policy's floor for a
+#: per-layer budget is the sum of those of its fields (``BudgetPolicy.min_layer_budget``).
+FLOOR_FIELDS = ("sinks", "window", "recent")
+
+
 @dataclass
 class BudgetPolicy(CachePolicy):
     """Base of the policies with a public budget (see :func:`resolve_budget`).
@@ -348,16 +383,61 @@ class BudgetPolicy(CachePolicy):
     Which rows the budget counts is each policy's choice and is documented there: static policies keep
     ``kept(n)`` prompt rows at the prefill; dynamic ones attend ``kept(L)`` of the L rows at each step.
     ``topk`` says how a policy that ranks candidates picks them (``TOPK_METHODS``; exact "rank" by default).
+
+    ``layer_budgets`` (SqueezeAttention's layer-wise budgets, arXiv:2404.04793): one budget per layer, in the
+    ``budget`` convention (fractions kept when the budget is a fraction, token counts when it is a count), summing
+    to ``n_layers * budget`` — the same total as the uniform budget, redistributed. Or ``"calibrated"``: the
+    SqueezeAttention allocation stored for the model (:mod:`mpcache.policies.squeeze`; made offline on public text
+    by ``python -m experiments.squeeze_calibrate``), resolved by :meth:`bind`. Every entry is public (it sets
+    the shapes of its layer). Layer ``i`` runs this policy with ``budget=layer_budgets[i]`` (:meth:`for_layer`).
     """
 
     budget: float | int | None = None
     compression_ratio: float | None = None
     topk: str = "rank"
+    layer_budgets: tuple | str | None = None
 
     def __post_init__(self) -> None:
-        resolve_budget(self.budget, self.compression_ratio)
+        keep = resolve_budget(self.budget, self.compression_ratio)
         if self.topk not in TOPK_METHODS:
             raise ValueError(f"{type(self).__name__}.topk must be one of {TOPK_METHODS}, got {self.topk!r}")
+        lb = self.layer_budgets
+        if lb is None or lb == "calibrated":
+            return
+        if isinstance(lb, str) or not hasattr(lb, "__len__") or len(lb) == 0:
+            raise ValueError(f"{type(self).__name__}.layer_budgets must be a non-empty tuple of per-layer budgets or "
+                             f"'calibrated', got {lb!r}")
+        lb = tuple(int(b) if isinstance(keep, int) and isinstance(b, Integral) else b for b in lb)
+        for i, b in enumerate(lb):
+            try:
+                got = resolve_budget(b, None)
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}.layer_budgets[{i}]: {e}") from None
+            if isinstance(got, int) != isinstance(keep, int):
+                kind = "token counts (ints)" if isinstance(keep, int) else "fractions (floats)"
+                raise ValueError(f"{type(self).__name__}.layer_budgets[{i}] = {b!r}: per-layer budgets must be {kind}"
+                                 f", like budget={keep!r}")
+        total, want = sum(lb), len(lb) * keep
+        if abs(total - want) > (0 if isinstance(keep, int) else 1e-6 * len(lb)):
+            raise ValueError(f"{type(self).__name__}.layer_budgets sum to {total:g} but {len(lb)} layers x budget "
+                             f"{keep!r} = {want:g}: per-layer budgets redistribute the uniform total, so they must "
+                             "sum to it (or use layer_budgets='calibrated')")
+        floor = self.min_layer_budget()
+        if isinstance(keep, int):
+            low = [(i, b) for i, b in enumerate(lb) if b < floor]
+            if low:
+                raise ValueError(f"{type(self).__name__}.layer_budgets[{low[0][0]}] = {low[0][1]} is below the policy's "
+                                 f"minimum of {floor} rows per layer ({self._floor_text()}); raise it or lower those "
+                                 "settings")
+        self.layer_budgets = lb
+
+    def min_layer_budget(self) -> int:
+        """The fewest rows a layer may keep: the sum of the policy's sink/window settings (``FLOOR_FIELDS``)."""
+        return max(1, sum(int(getattr(self, f.name)) for f in fields(self) if f.name in FLOOR_FIELDS))
+
+    def _floor_text(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name in FLOOR_FIELDS]
+        return " + ".join(parts) or "at least one row"
 
     @property
     def keep(self) -> float | int:
@@ -366,6 +446,48 @@ class BudgetPolicy(CachePolicy):
 
     def kept(self, n: int) -> int:
         return kept_count(n, self.keep)
+
+    def for_layer(self, layer: int) -> CachePolicy:
+        lb = self.layer_budgets
+        if lb is None:
+            return self
+        if isinstance(lb, str):
+            raise ValueError(f"{type(self).__name__}.layer_budgets={lb!r} is not resolved: call policy.bind(cfg) "  # noqa: TRY004
+                             "with the model's config first (the Transformer does)")
+        if not 0 <= layer < len(lb):
+            raise ValueError(f"{type(self).__name__}.layer_budgets has {len(lb)} entries, no budget for layer {layer}")
+        return dataclasses.replace(self, budget=lb[layer], compression_ratio=None, layer_budgets=None)
+
+    def bind(self, cfg) -> CachePolicy:
+        pol = self
+        if self.layer_budgets == "calibrated":
+            from .squeeze import calibrated_budgets
+
+            pol = dataclasses.replace(self, layer_budgets=calibrated_budgets(cfg, self.keep, self.min_layer_budget()))
+        lb = pol.layer_budgets
+        if lb is None:
+            return pol
+        if len(lb) != cfg.n_layers:
+            raise ValueError(f"{type(self).__name__}.layer_budgets has {len(lb)} entries but model "
+                             f"{cfg.name!r} has {cfg.n_layers} layers")
+        leader = getattr(pol, "leader", None)          # MPCache's layer sharing: a follower reuses its leader's picks
+        if leader is not None and getattr(pol, "share_layers", False):
+            bad = [i for i in range(cfg.n_layers) if lb[leader(i)] != lb[i]]
+            if bad:
+                raise ValueError(f"layer {bad[0]} shares the selection of layer {leader(bad[0])} (share_layers) but "
+                                 f"their layer budgets differ ({lb[bad[0]]} vs {lb[leader(bad[0])]})")
+        return pol
+
+    def check_prompt(self, n_prompt: int) -> None:
+        if self.layer_budgets is None or isinstance(self.keep, int):
+            return
+        floor = self.min_layer_budget()
+        for i in range(len(self.layer_budgets)):
+            got = self.for_layer(i).kept(n_prompt)
+            if got < min(floor, n_prompt):
+                raise ValueError(f"{type(self).__name__}.layer_budgets[{i}] = {self.layer_budgets[i]:g} keeps {got} "
+                                 f"of {n_prompt} prompt rows, below the policy's minimum of {floor} per layer "
+                                 f"({self._floor_text()}); raise the budget or lower those settings")
 
 
 REGISTRY: dict[str, type[CachePolicy]] = {}
