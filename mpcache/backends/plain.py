@@ -110,6 +110,10 @@ class PlainBackend:
         return (self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k),
                 [t.amax(dim=-1) for t in also])
 
+    def less_than(self, x: Tensor, t) -> Tensor:
+        """[x < t] as 0/1 (``t`` public, broadcastable): one comparison per element under MPC."""
+        return (x < torch.as_tensor(t, dtype=x.dtype, device=x.device)).to(x.dtype)
+
     def reveal(self, x: Tensor, dst: int | None = None) -> Tensor:
         return x
 

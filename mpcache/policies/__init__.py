@@ -1,4 +1,5 @@
 """KV-cache policies (kvpress-style dataclasses). Importing this package registers every policy."""
+from .balancekv import BalanceKVPolicy
 from .base import (
     REGISTRY,
     BudgetPolicy,
@@ -20,6 +21,7 @@ from .tova import TOVAPolicy
 
 __all__ = [
     "REGISTRY",
+    "BalanceKVPolicy",
     "BudgetPolicy",
     "CachePolicy",
     "DecodeContext",
