@@ -27,6 +27,12 @@ other                                  anything else (reported, so a new scope i
     python experiments/breakdown.py --ledger results/bench-2pc/rank0.json --policies full,mpcache --seq-lens 2048,8192
     python experiments/breakdown.py --predict 2048,8192 --model smollm2            # analytic, no MPI
     python experiments/breakdown.py --run --model tiny-llama --text random --seq-lens 64,128
+    python experiments/breakdown.py --ledger runs/generate/rank0.json      # a `parties generate` run's decode tokens
+
+Seconds per class are wall time (exclusive of nested classes) split by the ledger's per-round profile into local
+compute, waiting for the peer and copies of the exchanges (``compute_local_s`` + ``wait_s`` + ``copy_s`` =
+``compute_s``, the wall seconds the latency model takes as its measured compute; ledgers written before the profile
+existed report the whole as compute).
 
 Writes results/breakdown/<UTC time>-<commit>/: config.json, breakdown.csv (one row per policy x length x class),
 results.md (pivot: MB and rounds per class), breakdown.png (stacked bars). Never overwrites.
@@ -63,7 +69,7 @@ RULES = [
     (r"$", "embedding/argmax/head"),                            # token/<t> itself: the input token's sharing
 ]
 _RULES = [(re.compile(p), c) for p, c in RULES]
-FIELDS = ("bytes", "rounds", "seconds")
+FIELDS = ("bytes", "rounds", "seconds", "wait", "copy")
 
 
 def classify(rel: str) -> str:
@@ -118,6 +124,8 @@ def class_costs(ledger: dict, base: str, tokens: list[int], weights: list[float]
     for t in tokens:
         tp = f"{pre}/{t}"
         excl = _exclusive_seconds(ledger.get("seconds", {}), tp)
+        excl_w = _exclusive_seconds(ledger.get("wait_seconds", {}), tp)      # the per-round profile (may be absent)
+        excl_c = _exclusive_seconds(ledger.get("copy_seconds", {}), tp)
         rows = defaultdict(lambda: dict.fromkeys(FIELDS, 0.0))
         for c in ledger["counts"]:
             if c["scope"] == tp or c["scope"].startswith(tp + "/"):
@@ -126,6 +134,10 @@ def class_costs(ledger: dict, base: str, tokens: list[int], weights: list[float]
                 r["rounds"] += c["rounds"]
         for p, s in excl.items():
             rows[p[len(tp) + 1:]]["seconds"] += s
+        for p, s in excl_w.items():
+            rows[p[len(tp) + 1:]]["wait"] += s
+        for p, s in excl_c.items():
+            rows[p[len(tp) + 1:]]["copy"] += s
         for rel, r in rows.items():
             m = re.match(r"L(\d+)/", rel)
             w = weights[int(m.group(1))] if (m and weights) else 1.0
@@ -148,7 +160,8 @@ def breakdown_rows(acc: dict, policy: str, seq_len: int, source: str, profiles=N
             continue
         row = {"source": source, "policy": policy, "seq_len": seq_len, "op_class": cls, "MB": v["bytes"] / 1e6,
                "bytes_share": v["bytes"] / tot_b, "rounds": v["rounds"], "rounds_share": v["rounds"] / tot_r,
-               "compute_s": v["seconds"]}
+               "compute_s": v["seconds"], "compute_local_s": max(v["seconds"] - v["wait"] - v["copy"], 0.0),
+               "wait_s": v["wait"], "copy_s": v["copy"]}
         for name, prof in profiles.items():
             row[f"{name}_s"] = modelled_seconds(v["seconds"], v["rounds"], v["bytes"], prof)
         out.append(row)
@@ -170,6 +183,12 @@ def from_bench_ledger(path: str, policies: list[str] | None, seq_lens: list[int]
         for r in meta.get("rows", []):
             info[(r["policy"], int(r["seq_len"]))] = (int(r["bench_layers"]), int(r["model_layers"]))
     out = []
+    if not cases:                         # a `parties generate` ledger: its decode tokens (token 0 is the prefill's)
+        toks = sorted({int(m.group(1)) for c in ledger["counts"] if (m := re.match(r"token/(\d+)/", c["scope"]))})
+        toks = [t for t in toks if t > 0]
+        if toks:
+            out += breakdown_rows(class_costs(ledger, "", toks), "generate", 0, "measured")
+        return out
     for (pol, n), toks in sorted(cases.items(), key=lambda x: (x[0][1], x[0][0])):
         if (policies and pol not in policies) or (seq_lens and n not in seq_lens):
             continue
@@ -222,11 +241,33 @@ def pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
     return out, ["op class", *cols]
 
 
+def time_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """One row per op class, one column per measured (policy, length): "wall s = compute + wait + copy"."""
+    cases = sorted({(r["seq_len"], r["policy"]) for r in rows if r["source"] == "measured"})
+    cols = [f"{p} @ {n}" for n, p in cases]
+    out = []
+    for cls in [c for c in CLASSES if any(r["op_class"] == c for r in rows)] + ["total"]:
+        row = {"op class": cls}
+        for (n, p), col in zip(cases, cols):
+            sel = [r for r in rows if r["source"] == "measured" and (r["seq_len"], r["policy"]) == (n, p)
+                   and (cls == "total" or r["op_class"] == cls)]
+            if sel:
+                w, c, wt, cp = (sum(r[k] for r in sel) for k in ("compute_s", "compute_local_s", "wait_s", "copy_s"))
+                row[col] = f"{w:.3f} = {c:.3f} + {wt:.3f} + {cp:.3f}"
+        out.append(row)
+    return out, ["op class", *cols]
+
+
 def results_markdown(rows: list[dict]) -> str:
     table, cols = pivot(rows)
-    return ("Per decode token, whole model, one party (rank 0): MB sent (share of the token's bytes) / rounds, per "
-            "op class (mapping in experiments/breakdown.py). `pred.` = analytic cost tracer.\n\n"
-            + md_table(table, cols) + "\n")
+    md = ("Per decode token, whole model, one party (rank 0): MB sent (share of the token's bytes) / rounds, per "
+          "op class (mapping in experiments/breakdown.py). `pred.` = analytic cost tracer.\n\n"
+          + md_table(table, cols) + "\n")
+    if any(r["source"] == "measured" for r in rows):
+        table, cols = time_pivot(rows)
+        md += ("\nMeasured seconds per decode token, same party: wall = local compute + waiting for the peer + "
+               "copies of the exchanges (the ledger's per-round profile).\n\n" + md_table(table, cols) + "\n")
+    return md
 
 
 def plot(rows: list[dict], path: Path) -> None:

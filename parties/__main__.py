@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/generate", help="directory for rank{r}.json and summary.json")
     g.add_argument("--no-plaintext", action="store_true", help="skip the plaintext check run on rank 0")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer is declared dead")
+    g.add_argument("--profile", action="store_true",
+                   help="print, per party, a decode token's wall time per op split into local compute, waiting for "
+                        "the peer and copies of the exchanges, with rounds and ms per round")
     _network(g)
     b = sub.add_parser("bench", help="long-context secure decode benchmark over a plaintext-built, shared KV cache "
                                      "(a benchmark convention, NOT an end-to-end secure run)")

@@ -175,6 +175,8 @@ def run(args) -> None:
                            plaintext_step_seconds=check["step_seconds"], tokens_agree=check["tokens"] == tokens)
         write_json(os.path.join(args.out, "summary.json"), summary)
         print_summary(summary)
+        if getattr(args, "profile", False):
+            _print_profile(ledgers, sess.n_parties)
     sess.close()
 
 
@@ -182,3 +184,15 @@ def _digest(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _print_profile(ledgers, n_parties: int) -> None:
+    """--profile: per party, where a decode token's wall time goes per op (summed over layers, mean over the
+    decode tokens): local compute, waiting for the peer, serialisation/copies of the exchanges (mpcache/mpc/ledger.py)."""
+    from mpcache.mpc.ledger import decode_profile, format_profile
+
+    for r, led in enumerate(ledgers[:n_parties]):
+        rows = decode_profile(led)
+        if rows:
+            print(f"\nper-round profile, party {r}: one decode token (mean over tokens 1..), ops summed over layers")
+            print(format_profile(rows))

@@ -15,6 +15,17 @@ so we count every message where it is sent, with its real ``nbytes``:
 
 Scopes nest (``with ledger.scope("decode/3"), ledger.scope("L2"), ledger.scope("softmax"):``); each record
 goes to the full path of the innermost scope. Wall time is recorded per scope, inclusive, beside the counts.
+
+**Per-round profile** (issue 18): each scope's wall seconds are split, inclusively like the seconds, into
+
+* ``wait``: blocked on the peer -- the MPI ``Testall`` loop or gloo ``wait`` of an opening's exchange, and every
+  other transfer the communicator passes on to CrypTen (send/recv, broadcast, gather, ...: all blocking);
+* ``copy``: serialisation and copies of an opening's exchange -- ``contiguous``/``cat`` of the shares, the
+  receive buffers (``empty_like``), numpy views and posting the non-blocking send/receive, the local add/xor of
+  the received shares and the views of the result;
+* ``compute``: the rest (scope wall time minus the two): the protocol's local work.
+
+The cost is a few ``perf_counter`` calls per transfer (two running totals, read again when a scope closes).
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ from collections import defaultdict
 
 import torch
 
+_clock = time.perf_counter
 FIELDS = ("bytes_sent", "bytes_recv", "rounds", "calls")
 
 
@@ -44,6 +56,10 @@ class CostLedger:
         self.rank, self.world_size = rank, world_size
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         self.seconds: dict[str, float] = defaultdict(float)
+        self.wait_seconds: dict[str, float] = defaultdict(float)     # inclusive, like seconds
+        self.copy_seconds: dict[str, float] = defaultdict(float)
+        self._wait = 0.0          # running totals since the ledger was made (scopes keep their differences)
+        self._copy = 0.0
         self._stack: list[str] = []
         self._irecv_run = False
 
@@ -56,12 +72,20 @@ class CostLedger:
     def scope(self, name: str):
         self._stack.append(name)
         path = self.path
-        t0 = time.perf_counter()
+        w0, c0 = self._wait, self._copy
+        t0 = _clock()
         try:
             yield self
         finally:
-            self.seconds[path] += time.perf_counter() - t0
+            self.seconds[path] += _clock() - t0
+            self.wait_seconds[path] += self._wait - w0
+            self.copy_seconds[path] += self._copy - c0
             self._stack.pop()
+
+    def profile_of(self, path: str) -> dict[str, float]:
+        """Scope ``path``'s inclusive wall seconds split into compute / wait / copy (see the module docstring)."""
+        return _split(self.seconds.get(path, 0.0), self.wait_seconds.get(path, 0.0),
+                      self.copy_seconds.get(path, 0.0))
 
     # ---- recording ---------------------------------------------------------------------------------------
     def record(self, sent: int = 0, recv: int = 0, rounds: int = 0, kind: str = "online") -> None:
@@ -95,11 +119,20 @@ class CostLedger:
             "world_size": self.world_size,
             "counts": [{"scope": p, "kind": k, **c} for (p, k), c in sorted(self.counts.items())],
             "seconds": dict(sorted(self.seconds.items())),
+            # the per-round profile (inclusive, like seconds): seconds = compute + wait + copy per scope
+            "wait_seconds": {p: self.wait_seconds.get(p, 0.0) for p in sorted(self.seconds)},
+            "copy_seconds": {p: self.copy_seconds.get(p, 0.0) for p in sorted(self.seconds)},
+            "compute_seconds": {p: self.profile_of(p)["compute"] for p in sorted(self.seconds)},
         }
 
     def write(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
+
+
+def _split(wall: float, wait: float, copy: float) -> dict[str, float]:
+    # wait and copy are measured inside the scope's interval on the same clock, so compute >= 0 up to rounding
+    return {"wall": wall, "compute": max(wall - wait - copy, 0.0), "wait": wait, "copy": copy}
 
 
 class _EndsRun:
@@ -110,7 +143,13 @@ class _EndsRun:
 
     def wait(self, *args, **kwargs):
         self._ledger._irecv_run = False
-        return self._work.wait(*args, **kwargs) if self._work is not None else None
+        if self._work is None:
+            return None
+        t0 = _clock()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._ledger._wait += _clock() - t0
 
     def is_completed(self):
         return self._work.is_completed()
@@ -136,6 +175,14 @@ def _counting_communicator_class(base):
 
             return dist.get_world_size(group if group is not None else self.main_group)
 
+        def _blocked(self, fn, *args, **kwargs):
+            """A transfer handed to CrypTen's communicator: its whole time counts as waiting for the peer."""
+            t0 = _clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ledger._wait += _clock() - t0
+
         def _recv_round(self, is_irecv: bool = False) -> int:
             r = 0 if (is_irecv and self.ledger._irecv_run) else 1
             self.ledger._irecv_run = is_irecv
@@ -144,19 +191,19 @@ def _counting_communicator_class(base):
         def send(self, tensor, dst):
             self.ledger._irecv_run = False
             self.ledger.record(sent=_nbytes(tensor))
-            return super().send(tensor, dst)
+            return self._blocked(super().send, tensor, dst)
 
         def recv(self, tensor, src=None):
             self.ledger.record(recv=_nbytes(tensor), rounds=self._recv_round())
-            return super().recv(tensor, src)
+            return self._blocked(super().recv, tensor, src)
 
         def isend(self, tensor, dst):
             self.ledger.record(sent=_nbytes(tensor))      # does not end a run of posted irecvs
-            return super().isend(tensor, dst)
+            return self._blocked(super().isend, tensor, dst)
 
         def irecv(self, tensor, src=None):
             self.ledger.record(recv=_nbytes(tensor), rounds=self._recv_round(is_irecv=True))
-            return _EndsRun(super().irecv(tensor, src), self.ledger)
+            return _EndsRun(self._blocked(super().irecv, tensor, src), self.ledger)
 
         def all_reduce(self, input, op=None, batched=False):
             import torch.distributed as dist
@@ -167,14 +214,16 @@ def _counting_communicator_class(base):
             if ONE_EXCHANGE and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR) and \
                     all(x.data.device.type == "cpu" for x in xs):
                 return self._exchange_reduce(xs, op == dist.ReduceOp.BXOR, batched)
-            return super().all_reduce(input, batched=batched) if op is None else \
-                super().all_reduce(input, op=op, batched=batched)
+            return self._blocked(super().all_reduce, input, batched=batched) if op is None else \
+                self._blocked(super().all_reduce, input, op=op, batched=batched)
 
         def _exchange_reduce(self, xs, xor: bool, batched: bool):
             """The all-reduce of an opening as ONE exchange: every party sends its share to every other and
             receives theirs (posted together), then adds (or xors) locally — the bytes and the single round the
             ledger records. gloo's own all_reduce takes ~2 round trips for the same data (measured under
             emulated WAN, scripts/netem), so this halves the latency of every opening. Same result, bit for bit."""
+            led = self.ledger
+            t0 = _clock()                          # profile: copies until the transfers are posted ...
             me = self.get_rank()
             peers = [j for j in range(self._n()) if j != me]
             data = [x.data.contiguous() for x in xs]
@@ -184,14 +233,15 @@ def _counting_communicator_class(base):
             one = len(data) > 1 and all(d.dtype == data[0].dtype and d.device == data[0].device for d in data)
             msgs = [torch.cat([d.reshape(-1) for d in data])] if one else data
             bufs = [[torch.empty_like(m) for _ in peers] for m in msgs]      # every element is overwritten
-            if mpi is not None:                    # MPI point-to-point (shared memory on one host: ~5 us vs
-                from mpi4py import MPI             # gloo's ~0.4 ms per exchange over loopback TCP)
+            if mpi is not None:      # MPI point-to-point (shared memory on one host: ~5 us vs gloo's ~0.4 ms per
+                from mpi4py import MPI  # exchange over loopback TCP)
 
                 reqs = []
                 for m, bl in zip(msgs, bufs):
                     for j, buf in zip(peers, bl):
                         reqs += [mpi.Isend(m.numpy(), dest=j, tag=EXCHANGE_TAG),
                                  mpi.Irecv(buf.numpy(), source=j, tag=EXCHANGE_TAG)]
+                t1 = _clock()                      # ... waiting for the peer while the requests are open ...
                 if not MPI.Request.Testall(reqs):  # a dead peer ends the job (mpiexec); a hung one must not
                     deadline = time.monotonic() + self.mpi_timeout
                     while not MPI.Request.Testall(reqs):
@@ -205,9 +255,11 @@ def _counting_communicator_class(base):
                     for j, buf in zip(peers, bl):      # CrypTen's own (uncounted) point-to-point calls
                         reqs.append(base.isend(self, m, j))
                         reqs.append(base.irecv(self, buf, j))
+                t1 = _clock()
                 for r in reqs:
                     if r is not None:
                         r.wait()
+            t2 = _clock()                          # ... then the local add/xor and the result's views: copies
             sums = []
             for m, bl in zip(msgs, bufs):
                 y = m
@@ -221,25 +273,27 @@ def _counting_communicator_class(base):
                     at += d.numel()
             else:
                 out = sums
+            led._wait += t2 - t1
+            led._copy += (t1 - t0) + (_clock() - t2)
             return out if batched else out[0]
 
         def reduce(self, input, dst, op=None, batched=False):
             n, b = self._n(), _nbytes(input)
             me = self.get_rank() == dst
             self.ledger.record(sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0)
-            return super().reduce(input, dst, batched=batched) if op is None else \
-                super().reduce(input, dst, op=op, batched=batched)
+            return self._blocked(super().reduce, input, dst, batched=batched) if op is None else \
+                self._blocked(super().reduce, input, dst, op=op, batched=batched)
 
         def gather(self, tensor, dst):
             n, b = self._n(), _nbytes(tensor)
             me = self.get_rank() == dst
             self.ledger.record(sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0)
-            return super().gather(tensor, dst)
+            return self._blocked(super().gather, tensor, dst)
 
         def all_gather(self, tensor):
             n, b = self._n(), _nbytes(tensor)
             self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
-            return super().all_gather(tensor)
+            return self._blocked(super().all_gather, tensor)
 
         def broadcast(self, input, src, group=None, batched=False):
             n, b = self._n(group), _nbytes(input)
@@ -247,7 +301,7 @@ def _counting_communicator_class(base):
             self.ledger._irecv_run = False
             self.ledger.record(sent=(n - 1) * b if me else 0, recv=0 if me else b, rounds=0 if me else 1,
                                kind=self._kind(group))
-            return super().broadcast(input, src, group=group, batched=batched)
+            return self._blocked(super().broadcast, input, src, group=group, batched=batched)
 
         def scatter(self, scatter_list, src, size=None, device=None):
             me = self.get_rank() == src
@@ -256,22 +310,22 @@ def _counting_communicator_class(base):
                 b = int(torch.Size(size).numel()) * 8
             self.ledger._irecv_run = False
             self.ledger.record(sent=(self._n() - 1) * b if me else 0, recv=0 if me else b, rounds=0 if me else 1)
-            return super().scatter(scatter_list, src, size=size, device=device)
+            return self._blocked(super().scatter, scatter_list, src, size=size, device=device)
 
         def send_obj(self, obj, dst, group=None):
             self.ledger._irecv_run = False
             self.ledger.record(sent=len(pickle.dumps(obj)) + 4, kind=self._kind(group))
-            return super().send_obj(obj, dst, group=group)
+            return self._blocked(super().send_obj, obj, dst, group=group)
 
         def recv_obj(self, src, group=None):
-            obj = super().recv_obj(src, group=group)
+            obj = self._blocked(super().recv_obj, src, group=group)
             self.ledger._irecv_run = False
             self.ledger.record(recv=len(pickle.dumps(obj)) + 4, rounds=1, kind=self._kind(group))
             return obj
 
         def broadcast_obj(self, obj, src, group=None):
             me = self.get_rank() == src
-            out = super().broadcast_obj(obj, src, group=group)
+            out = self._blocked(super().broadcast_obj, obj, src, group=group)
             b = len(pickle.dumps(out)) + 4
             self.ledger._irecv_run = False
             self.ledger.record(sent=(self._n(group) - 1) * b if me else 0, recv=0 if me else b,
@@ -298,3 +352,82 @@ def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0):
     inst.mpi_comm = mpi_comm      # the compute parties' MPI communicator (same ranks), or None: gloo
     inst.mpi_timeout = mpi_timeout  # seconds an MPI exchange may wait for a peer (gloo has its own timeout)
     return inst
+
+
+# ---- the per-round profile of a decode token, per op (parties generate --profile, experiments/breakdown.py) ----
+PROFILE_COLUMNS = ("op", "wall s", "compute s", "wait s", "copy s", "rounds", "ms/round")
+
+
+def _op_of(rel: str) -> str:
+    """A scope path below ``token/<t>/`` as an op name over layers: ``L2/mlp/silu`` -> ``mlp/silu``."""
+    parts = [p for p in rel.split("/") if not (p[:1] == "L" and p[1:].isdigit())]
+    return "/".join(parts)
+
+
+def decode_profile(ledger: dict, tokens: list[int] | None = None, depth: int = 2, base: str = "") -> list[dict]:
+    """Per op of a decode token (scopes ``{base}/token/<t>/...`` with the block ``L<i>`` dropped, so an op sums
+    over layers; ops ``depth`` levels deep at most), the mean over ``tokens`` (default: every token but 0, which
+    comes from the prefill) of wall / compute / wait / copy seconds and rounds of one party's ``to_dict()``.
+    The first row, ``token``, is the whole token; ``(token itself)`` is what no op scope covers."""
+    pre = f"{base}/token/" if base else "token/"
+    secs = ledger.get("seconds", {})
+    waits, copies = ledger.get("wait_seconds", {}), ledger.get("copy_seconds", {})
+    found = sorted({int(p[len(pre):].split("/")[0]) for p in secs
+                    if p.startswith(pre) and p[len(pre):].split("/")[0].isdigit()})
+    toks = [t for t in (tokens if tokens is not None else [t for t in found if t > 0]) if t in found]
+    if not toks:
+        return []
+    acc: dict[str, dict[str, float]] = {}
+
+    def add(op, wall=0.0, wait=0.0, copy=0.0, rounds=0):
+        a = acc.setdefault(op, {"wall": 0.0, "wait": 0.0, "copy": 0.0, "rounds": 0.0})
+        a["wall"] += wall / len(toks)
+        a["wait"] += wait / len(toks)
+        a["copy"] += copy / len(toks)
+        a["rounds"] += rounds / len(toks)
+
+    for t in toks:
+        tp = f"{pre}{t}"
+        for p, s in secs.items():
+            if p == tp:
+                add("token", s, waits.get(p, 0.0), copies.get(p, 0.0))
+            elif p.startswith(tp + "/"):
+                rel = p[len(tp) + 1:]
+                op = _op_of(rel)
+                # an op is counted at the scope that names it (the L<i> scopes themselves are skipped)
+                if op and op.count("/") < depth and op.split("/")[-1] == rel.split("/")[-1]:
+                    add(op, s, waits.get(p, 0.0), copies.get(p, 0.0))
+        for c in ledger.get("counts", []):
+            p = c["scope"]
+            if p == tp or p.startswith(tp + "/"):
+                add("token", rounds=c["rounds"])
+                rel = p[len(tp) + 1:] if p != tp else ""
+                op = _op_of(rel)
+                for d in range(1, depth + 1):              # rounds go to every enclosing op (inclusive)
+                    head = "/".join(op.split("/")[:d]) if op else ""
+                    if head and head.count("/") == d - 1:
+                        add(head, rounds=c["rounds"])
+    tops = [op for op in acc if op != "token" and "/" not in op]
+    rest = {k: acc["token"][k] - sum(acc[o][k] for o in tops) for k in ("wall", "wait", "copy", "rounds")}
+    order = ["token"]
+    for op in sorted(tops, key=lambda o: -acc[o]["wall"]):
+        order.append(op)
+        order += sorted((o for o in acc if o.startswith(op + "/")), key=lambda o: -acc[o]["wall"])
+    rows = []
+    for op, a in [(o, acc[o]) for o in order] + [("(token itself)", rest)]:
+        sp = _split(a["wall"], a["wait"], a["copy"])
+        rows.append({"op": op, "wall_s": sp["wall"], "compute_s": sp["compute"], "wait_s": sp["wait"],
+                     "copy_s": sp["copy"], "rounds": a["rounds"],
+                     "ms_per_round": 1e3 * sp["wall"] / a["rounds"] if a["rounds"] else float("nan")})
+    return rows
+
+
+def format_profile(rows: list[dict]) -> str:
+    """``decode_profile`` rows as a fixed-width table (children of an op indented)."""
+    lines = [f"{PROFILE_COLUMNS[0]:<24}" + "".join(f"{c:>11}" for c in PROFILE_COLUMNS[1:])]
+    for r in rows:
+        name = ("  " * r["op"].count("/")) + r["op"].rsplit("/", 1)[-1] if r["op"] != "(token itself)" else r["op"]
+        mspr = f"{r['ms_per_round']:11.2f}" if r["rounds"] else f"{'-':>11}"
+        lines.append(f"{name:<24}{r['wall_s']:11.3f}{r['compute_s']:11.3f}{r['wait_s']:11.3f}{r['copy_s']:11.3f}"
+                     f"{r['rounds']:11.0f}{mspr}")
+    return "\n".join(lines)
