@@ -48,17 +48,27 @@ class Recording(CachePolicy):
         self.name = inner.name
 
     def prefill(self, ctx):
-        g = self.inner.prefill(ctx)
+        g = self.inner.for_layer(ctx.layer).prefill(ctx)
         self.log[("static", ctx.layer)] = g
         return g
 
     def select(self, ctx):
-        g = self.inner.select(ctx)
+        g = self.inner.for_layer(ctx.layer).select(ctx)
         self.log[(self.step, ctx.layer)] = g
         return g
 
+    def bind(self, cfg):
+        self.inner = self.inner.bind(cfg)      # a recorder, not a policy value: it keeps its log
+        return self
+
+    def check_prompt(self, n_prompt: int) -> None:
+        self.inner.check_prompt(n_prompt)
+
     def attended_tokens(self, n_prompt: int, step: int = 0) -> int:
         return self.inner.attended_tokens(n_prompt, step)
+
+    def attended_by_layer(self, n_prompt: int, step: int, n_layers: int) -> list[int]:
+        return self.inner.attended_by_layer(n_prompt, step, n_layers)
 
 
 def layer_classes(policy: CachePolicy, n_layers: int) -> list[str]:

@@ -776,6 +776,67 @@ def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", 
     sess.close()
 
 
+def job_squeeze_balance(out, policies="squeeze-h2o,balancekv2,balancekv4", n_new="2"):
+    """SqueezeAttention's calibrated layer budgets (read from $MPCACHE_CACHE_DIR, which the test fills) and BalanceKV
+    on shares: each policy on two weight sets and two prompts of the same public shape: per-scope bytes/rounds
+    (obliviousness), the static stage's kept rows (opened after the counted scope, test only) against the plaintext
+    twin's, and the tokens against plaintext."""
+    from mpcache.bench import Recording, selection_sets
+    from mpcache.generation import plaintext_generate, private_generate
+    from mpcache.model.weights import load_model
+    from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
+    from mpcache.policies import make_policy
+
+    specs = {"squeeze-h2o": ("squeeze-h2o", {"budget": 0.3}),
+             "squeeze-mpcache": ("squeeze-mpcache", {"budget": 0.5, "cluster_size": 2, "recent": 2, "sinks": 2}),
+             "balancekv2": ("balancekv", {"rate": 2, "block": 8, "sinks": 2, "window": 4}),
+             "balancekv4": ("balancekv", {"rate": 4, "block": 8, "sinks": 2, "window": 4})}
+    sess = _open()
+    if sess.is_dealer:
+        return serve_dealer(sess)
+    n = int(n_new)
+    res = {}
+    for label in policies.split(","):
+        name, kw = specs[label]
+        runs = []
+        for seed, prompt in ((0, 0), (7, 0), (0, 1)):
+            cfg, w, _ = load_model("tiny-llama", seed=seed)
+            pol = make_policy(name, **kw).bind(cfg)
+            ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1000 + prompt)).tolist()
+            tag = f"{label}#{seed}#{prompt}"
+            rec = Recording(pol)
+            rec.step = "decode"                    # prefill logs under "static", every decode step under "decode"
+            with sess.scope(tag):
+                toks, _, B = private_generate(sess, cfg, w if sess.rank == SERVER else None,
+                                              ids if sess.rank == CLIENT else None, n, rec)
+            counts = sorted((c[0][len(tag) + 1:], c[1], v["bytes_sent"], v["bytes_recv"], v["rounds"])
+                            for c, v in sess.ledger.counts.items() if c[0].startswith(tag + "/"))
+            with sess.scope("check"):
+                sel = {f"{k[0]}|{k[1]}": selection_sets(g, lambda x, B=B: B.reveal(x, dst=None, label="selection (test)"))
+                       for k, g in rec.log.items() if k[0] == "static"}
+            toks = sess.comm.bcast(toks, root=CLIENT)
+            twin = Recording(pol)
+            twin.step = "decode"
+            plain, plog, _ = plaintext_generate(cfg, w, ids, n, twin)
+            psel = {f"{k[0]}|{k[1]}": selection_sets(g, lambda x: x) for k, g in twin.log.items() if k[0] == "static"}
+            gaps = [float(b.reshape(-1).topk(2).values.diff().abs()) for b in plog]
+            upto = max(1, next((t for t, gp in enumerate(gaps) if gp <= 0.1), n))
+            static_rounds = sum(c[4] for c in counts if "static_eviction" in c[0].split("/"))
+            runs.append({"counts": counts, "tokens_ok": toks[:upto] == plain[:upto], "sel_ok": sel == psel,
+                         "sel": sel, "static_rounds": static_rounds,
+                         "layer_budgets": list(pol.layer_budgets) if getattr(pol, "layer_budgets", None) else None,
+                         "kept": [int(x) for x in pol.attended_by_layer(len(ids), 0, cfg.n_layers)]})
+        res[label] = {"same_costs": runs[0]["counts"] == runs[1]["counts"] == runs[2]["counts"],
+                      "n_scopes": len(runs[0]["counts"]), "tokens_ok": [r["tokens_ok"] for r in runs],
+                      "sel_ok": [r["sel_ok"] for r in runs], "sel": runs[0]["sel"],
+                      "static_rounds": runs[0]["static_rounds"], "layer_budgets": runs[0]["layer_budgets"],
+                      "kept": runs[0]["kept"]}
+    if sess.rank == 0:
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    sess.close()
+
+
 if __name__ == "__main__":
     job, out, *rest = sys.argv[1:]
     from mpcache.mpc.session import run_party

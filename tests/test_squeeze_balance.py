@@ -305,3 +305,27 @@ def test_balancekv_rate_from_the_budget():
     s, e, r = pol.plan(1000)
     assert (e - s) == 960 and r == 2 ** round(math.log2(960 / (120 - 40)))
     assert make_policy("balancekv", budget=0.1).plan(30) is None                           # no whole block
+
+
+# ---- under MPC (2PC, real mpirun): tests/mpi_jobs.py job_squeeze_balance ---------------------------------------
+@pytest.mark.mpi
+def test_squeeze_and_balancekv_on_shares_like_plaintext(tmp_path, monkeypatch):
+    """squeeze-h2o (calibrated budgets read by every party), squeeze-mpcache, BalanceKV at rates 2 and 4: bytes and
+    rounds of every scope identical for two weight sets and two prompts (oblivious), the static stage's kept rows
+    equal to the plaintext twin's, the tokens equal to plaintext."""
+    from conftest import mpi_job
+
+    monkeypatch.setenv("MPCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_config("llama")
+    save_calibration(calibrate(cfg, W, [ids(64, 1), ids(64, 2)], p=0.3, source="test"), cfg)
+    res = mpi_job(2, "squeeze_balance", tmp_path, "squeeze-h2o,squeeze-mpcache,balancekv2,balancekv4", timeout=900)
+    for label, r in res.items():
+        assert r["same_costs"] and r["n_scopes"] > 20, label
+        assert r["tokens_ok"] == [True] * 3, (label, r["tokens_ok"])
+        assert r["sel_ok"] == [True] * 3, (label, r["sel"])
+    assert res["squeeze-h2o"]["layer_budgets"] == list(calibrated_budgets(cfg, 0.3))
+    assert res["squeeze-h2o"]["kept"] == [round(b * 40 + 1e-9) + 1 for b in calibrated_budgets(cfg, 0.3)]
+    assert all(x is not None for x in res["balancekv4"]["sel"].values())
+    assert res["balancekv4"]["kept"] == [2 + 32 // 4 + 6 + 1] * 2                # sinks + blocks / rate + rest, +1
+    # the walk's rounds do not depend on the prompt length (blocks batched): per layer, rate 2 < rate 4
+    assert 0 < res["balancekv2"]["static_rounds"] < res["balancekv4"]["static_rounds"]

@@ -30,6 +30,8 @@ class SecureBackend:
         self.fixed_kv = fixed_weights if fixed_kv is None else fixed_kv
         self.matmul_paths: dict[str, int] = {}
         self.reveals: list[tuple[str, int | None, tuple]] = []     # audit trail of every opening (tests read it)
+        # where shares live: the session's device; "meta" in a dry run (mpcache.mpc.dryrun: shapes only, no data)
+        self.device = torch.device("meta" if getattr(session, "device", None) == "meta" else "cpu")
 
     def _scope(self, name):
         return self.session.scope(name) if self.session is not None else contextlib.nullcontext()
@@ -38,7 +40,7 @@ class SecureBackend:
     def share(self, x: torch.Tensor | None, src: int, shape=None):
         """Secret-share a tensor owned by party ``src`` (other parties pass None and the public ``shape``)."""
         if x is None:
-            x = torch.zeros(shape)
+            x = torch.zeros(shape, device=self.device)
         return self.crypten.cryptensor(x.float(), src=src)
 
     def cat(self, xs: list, dim: int = 0):
@@ -190,10 +192,14 @@ class SecureBackend:
             return gather_triple.gathered_values(unfix(p_sel), opened, v, g.start, g.strata, g.block, idx, rest)
 
     def less_than(self, x, t):
-        """[x < t] as a 0/1 share, ``t`` public: the sign of x - t by the lean comparison (ops._ltz_lean: 7 rounds,
-        ~96 B/element in 2PC; exact while |x - t| < 16384). Leaks: shapes only."""
+        """[x < t] as a 0/1 share at the usual fixed-point scale, ``t`` public: the sign of x - t by the lean
+        comparison (ops._ltz_lean: 7 rounds, ~96 B/element in 2PC; exact while |x - t| < 16384), then the scale-1
+        bit's shares times the scale (local, exact), so it mixes with fixed-point shares in cat and products.
+        Leaks: shapes only."""
+        x = unfix(x)
         with self._scope("cmp"):
-            return ops._ltz(unfix(x) - t, self.POLICY_LEAN)
+            bit = ops._ltz(x - t, self.POLICY_LEAN)
+        return ops._from_shares(bit.share * int(x.encoder.scale), precision=None)
 
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         """Open ``x`` to party ``dst`` (None = everyone). The only way a share becomes plaintext; audited."""
@@ -209,4 +215,6 @@ class SecureBackend:
         val = self.reveal(idx, dst=dst, label="token")
         if val is None:
             return None
+        if val.device.type == "meta":         # a dry run (mpcache.mpc.dryrun): no value; costs do not depend on it
+            return 0
         return int(torch.round(val.reshape(-1)[0]).item())
