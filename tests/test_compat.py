@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 SNIPPET = r"""
-import sys, tempfile, torch
+import sys, torch
 from mpcache.mpc import compat
 applied = compat.apply()
 import crypten
@@ -15,7 +15,7 @@ from crypten.mpc.primitives import replicated
 assert replicated.replicate_shares._mpcache_patched
 crypten.init()
 x = crypten.cryptensor(torch.tensor([1.5, -2.0]))
-f = tempfile.mktemp()
+f = sys.argv[1]                 # a file under the test's tmp_path
 crypten.save(x, f)
 y = crypten.load(f)             # torch.load(weights_only=True) would refuse this pickle
 assert torch.allclose(y.get_plain_text(), torch.tensor([1.5, -2.0]))
@@ -23,19 +23,21 @@ print("OK", applied)
 """
 
 
-def test_patches_apply_and_work():
-    p = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", SNIPPET], capture_output=True,
-                       text=True, timeout=120)
+def test_patches_apply_and_work(tmp_path):
+    p = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", SNIPPET, str(tmp_path / "x.pt")],
+                       capture_output=True, text=True, timeout=120,
+                       check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
     for name in ("onnx_registration", "torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod",
-                 "fast_config", "fast_rng"):
+                 "fast_config", "fast_rng", "fixed_point_decode"):
         assert name in p.stdout
 
 
 def test_crypten_does_not_import_without_the_shim():
     """Guards against a silent upgrade that would make the shim unnecessary (then delete it)."""
-    p = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True, timeout=120,
+                       check=False)
     assert p.returncode != 0 and ("registration" in p.stderr or "onnx" in p.stderr)
 
 
@@ -87,7 +89,8 @@ print("OK")
 
 
 def test_fast_config_mirror_equals_omegaconf():
-    p = subprocess.run([sys.executable, "-c", FAST_CONFIG], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", FAST_CONFIG], capture_output=True, text=True, timeout=120,
+                       check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
 
@@ -123,6 +126,96 @@ print("OK")
 
 
 def test_fast_rng_streams_are_shared_and_uniform():
-    p = subprocess.run([sys.executable, "-c", FAST_RNG], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", FAST_RNG], capture_output=True, text=True, timeout=120,
+                       check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
+
+
+DECODE = r"""
+import sys
+from fractions import Fraction
+import numpy as np
+import torch
+from mpcache.mpc import compat
+if sys.argv[1] == "stock":
+    compat.PATCHES["fixed_point_decode"] = lambda: None      # CrypTen's own decode, every other patch applied
+compat.apply()
+import crypten
+from crypten.encoder import FixedPointEncoder
+from crypten.mpc import MPCTensor
+
+enc = FixedPointEncoder()
+S = enc.scale
+assert S == 2 ** 16
+
+
+def nearest_f32(t, scale):
+    # the float32 values nearest the exact rational t / scale (both, on a tie)
+    q = Fraction(t, scale)
+    c = np.float32(float(q))
+    cands = [c, np.nextafter(c, np.float32(np.inf)), np.nextafter(c, np.float32(-np.inf))]
+    dist = [abs(Fraction(float(v)) - q) for v in cands]
+    return {float(v) for v, d in zip(cands, dist) if d == min(dist)}
+
+
+def check(ring, e=enc):
+    t = torch.tensor(ring, dtype=torch.long)
+    d = e.decode(t)
+    assert d.dtype == torch.float32 and d.shape == t.shape, (d.dtype, d.shape)
+    for r, v in zip(ring, d.tolist()):
+        assert v in nearest_f32(r, e.scale), f"decode({r}) = {v!r}, exact {float(Fraction(r, e.scale))!r}"
+
+
+# just above a negative integer: CrypTen's stock decode returns these exactly 1.0 too low
+boundary = [round(-9.99998 * S)]
+for n in (1, 2, 3, 7, 10, 19, 20, 100, 1000, 2 ** 20, 2 ** 23):
+    boundary += [-n * S + 1, -n * S + n, -n * S + n + 1, -n * S, -n * S - 1]
+check(boundary)
+# positives, zero, and large magnitudes (|x| near 2^40, i.e. ring elements near 2^56, and the ring's ends)
+check([0, 1, -1, S - 1, S, S + 1, 10 * S - 1, 10 * S + 1, 2 ** 23 * S + 1])
+big = [2 ** 56, 2 ** 56 + 1, 2 ** 56 - 1, 2 ** 40 * S + S // 2, 2 ** 53 - 1, 2 ** 53 + 1, 3 * 2 ** 54 + 12345,
+       2 ** 63 - 1]
+check(big + [-v for v in big] + [-(2 ** 63)])
+# the same values as a tensor's shares, revealed by CrypTen (world size 1): get_plain_text goes through decode
+crypten.init()
+x = MPCTensor.from_shares(torch.tensor([round(-9.99998 * S), -3 * S + 1, 5 * S + 7]))
+assert x.get_plain_text().tolist() == [-655359 / S, (-3 * S + 1) / S, (5 * S + 7) / S], x.get_plain_text()
+# uniform values in (-20, 0): every one equals the exact quotient (float64 division by 2^16 is exact here)
+g = torch.Generator().manual_seed(0)
+t = torch.randint(-20 * S + 1, 0, (1 << 20,), generator=g)
+want = torch.from_numpy((t.numpy().astype(np.float64) / S).astype(np.float32))
+got = enc.decode(t)
+bad = got != want
+assert not bad.any(), f"{int(bad.sum())} of {t.numel()} wrong, by {set((got - want)[bad].tolist())}"
+# other precisions; precision 0 (the integer encoder) keeps CrypTen's exact integers
+e20 = FixedPointEncoder(precision_bits=20)
+check([-5 * 2 ** 20 + 1, -5 * 2 ** 20 + 5, 7 * 2 ** 20 + 1], e20)
+e0 = FixedPointEncoder(precision_bits=0)
+i = torch.tensor([-(2 ** 62), -7, -1, 0, 1, 7, 2 ** 62])
+assert e0.decode(i).dtype == torch.long and torch.equal(e0.decode(i), i)
+assert enc.decode(None) is None
+if torch.cuda.is_available():
+    c = torch.tensor(boundary, device="cuda")
+    assert enc.decode(c).device == c.device
+    assert torch.equal(enc.decode(c).cpu(), enc.decode(c.cpu()))
+print("OK")
+"""
+
+
+def test_fixed_point_decode_is_exact():
+    """Patch 7: ring elements decode to the nearest float32 of their exact quotient, just above negative integers
+    (where CrypTen's decode is 1.0 too low), at zero, for positives, near 2^40 and across (-20, 0)."""
+    p = subprocess.run([sys.executable, "-c", DECODE, "patched"], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "OK" in p.stdout
+
+
+def test_fixed_point_decode_checks_fail_on_stock_crypten():
+    """The same checks against CrypTen's own decode fail at the first boundary value (-9.99998 decodes as
+    -10.99998): guards against a CrypTen that fixed it (then delete the patch)."""
+    p = subprocess.run([sys.executable, "-c", DECODE, "stock"], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert p.returncode != 0 and "OK" not in p.stdout
+    assert "decode(-655359) = -10.99998" in p.stderr, p.stderr[-3000:]

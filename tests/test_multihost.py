@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from conftest import MPIRUN, ROOT, run_mpi
+from conftest import mpi_env as conftest_mpi_env
 
 pytestmark = pytest.mark.mpi
 
@@ -22,10 +23,9 @@ GEN = ["-m", "parties", "generate", "--model", "tiny-llama", "--prompt", "hosts"
 
 
 def mpi_env(tmp_path, **extra) -> dict:
-    """The environment of a hand-built mpirun line (as conftest.run_mpi's): MPICH's temp files go to tmp_path."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path), **extra)
-    env.pop("TRITON_INTERPRET", None)
-    return env
+    """The environment of a hand-built mpirun line: conftest.run_mpi's (temporary files to tmp_path, no hydra
+    topology file in /tmp) plus ``extra``."""
+    return {**conftest_mpi_env(tmp_path), **extra}
 
 
 def _netem():
@@ -101,9 +101,7 @@ def test_different_code_is_refused_at_startup(tmp_path):
     with open(copy / "mpcache" / "latency.py", "a") as f:
         f.write("\n# a different build\n")
     args = [*GEN, "--out", str(tmp_path / "x")]
-    p = subprocess.run([MPIRUN, "-n", "1", sys.executable, *args, ":", "-n", "1", "-wdir", str(copy),
-                        sys.executable, *args], cwd=ROOT, env=mpi_env(tmp_path), capture_output=True, text=True,
-                       timeout=100, check=False)
+    p = run_mpi(1, [*args, ":", "-n", "1", "-wdir", str(copy), sys.executable, *args], timeout=100, check=False)
     assert p.returncode != 0
     assert "handshake failed" in p.stderr and "  code: rank 0" in p.stderr and "same commit" in p.stderr
     assert not (tmp_path / "x").exists()
