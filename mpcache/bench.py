@@ -58,7 +58,7 @@ class Recording(CachePolicy):
         return g
 
     def bind(self, cfg):
-        self.inner = self.inner.bind(cfg)      # a recorder, not a policy value: it keeps its log
+        # the inner policy comes bound to the WHOLE model (its per-layer budgets): the bench runs its first blocks
         return self
 
     def check_prompt(self, n_prompt: int) -> None:
@@ -72,11 +72,17 @@ class Recording(CachePolicy):
 
 
 def layer_classes(policy: CachePolicy, n_layers: int) -> list[str]:
-    """The cost class of each block: "own" (computes its selection) or "follower" (reuses its leader's)."""
+    """The cost class of each block: "own" (computes its selection) or "follower" (reuses its leader's); with
+    per-layer budgets (SqueezeAttention) each distinct budget is its own class ("own@0.03", "own@0.73")."""
     leader = getattr(policy, "leader", None)
     if leader is None or not getattr(policy, "share_layers", False):
-        return ["own"] * n_layers
-    return ["own" if leader(i) == i else "follower" for i in range(n_layers)]
+        classes = ["own"] * n_layers
+    else:
+        classes = ["own" if leader(i) == i else "follower" for i in range(n_layers)]
+    lb = getattr(policy, "layer_budgets", None)
+    if isinstance(lb, tuple):
+        classes = [f"{c}@{lb[i]:g}" for i, c in enumerate(classes)]
+    return classes
 
 
 def bench_layers_needed(policy: CachePolicy, n_layers: int) -> int:
@@ -210,6 +216,7 @@ def run_case(sess, B, cfg: ModelConfig, w_shared: dict, plain_w: dict | None, po
                     g = rec.prefill(ctx)
                     k, v = (ks[i], vs[i]) if g is None else (g.apply(ks[i], B), g.apply(vs[i], B))
                     cache.k[i], cache.v[i] = k, v
+                    cache.logw[i] = None if g is None else g.log_weights()       # BalanceKV's row weights
             model._fix_cache(cache)           # rows fixed once, as at the end of a real prefill (fixed_kv)
         cache.n_prompt, cache.pos = cache.length, n_prompt
         static_s = time.perf_counter() - t0
@@ -277,7 +284,12 @@ def scale_costs(totals, policy: CachePolicy, cfg: ModelConfig, layers: int, base
 
 def attended(policy: CachePolicy, seq_len: int, warmup: int, steps: int) -> tuple[int, float]:
     """Rows the last measured step attends to (its full cache has ``seq_len`` rows), and that fraction."""
-    a = policy.attended_tokens(seq_len - warmup - steps, warmup + steps - 1)
+    lb = getattr(policy, "layer_budgets", None)
+    if isinstance(lb, tuple):              # per-layer budgets: the mean over the model's layers
+        per = policy.attended_by_layer(seq_len - warmup - steps, warmup + steps - 1, len(lb))
+        a = round(sum(per) / len(per))
+    else:
+        a = policy.attended_tokens(seq_len - warmup - steps, warmup + steps - 1)
     return a, a / seq_len
 
 

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", default="full", help="cache policy (full, streaming, h2o, snapkv, tova, quest, mpcache)")
     g.add_argument("--budget", type=float, default=None,
                    help="fraction of the prompt kept/attended in (0, 1], or a token count > 1")
+    g.add_argument("--layer-budgets", default=None,
+                   help="per-layer budgets (SqueezeAttention): 'calibrated' (the model's stored public calibration, made "
+                        "by python -m experiments.squeeze_calibrate --model M) or one budget per layer, comma-separated, "
+                        "summing to n_layers x --budget")
     g.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"],
                    help="arithmetic: additive sharing with Beaver triples (2 parties, or 2 + a dealer rank with --provider "
                         "ttp); replicated: 3PC (ABY3-like, exactly 3 parties)")
@@ -71,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated cache policies; 'label=name' to run a registry policy under another label")
     b.add_argument("--budget", type=float, default=0.1,
                    help="fraction of the cache attended/kept in (0, 1], or a token count > 1 (every policy but full)")
+    b.add_argument("--layer-budgets", default=None,
+                   help="per-layer budgets (SqueezeAttention): 'calibrated' (the model's stored public calibration, made "
+                        "by python -m experiments.squeeze_calibrate --model M) or one budget per layer, comma-separated, "
+                        "summing to n_layers x --budget")
     b.add_argument("--topk", default="auto", choices=["rank", "strata", "auto"],
                    help="how policies pick their k of m candidates on shares (default auto: the exact rank for "
                         "m <= 32, the stratified tournament above); a policy's --policy-kwargs topk wins")

@@ -13,10 +13,11 @@ import sys
 import time
 
 
-def _policies(args):
+def _policies(args, cfg):
     """``--policies full,mpcache,strata=mpcache`` (label=registry name) with ``--budget`` and ``--policy-kwargs``."""
     from mpcache.mpc.session import SessionError
     from mpcache.policies import make_policy
+    from mpcache.policies.squeeze import parse_layer_budgets
 
     try:
         extra = json.loads(args.policy_kwargs) if args.policy_kwargs else {}
@@ -33,7 +34,9 @@ def _policies(args):
             # large candidate sets cannot afford the exact m^2 rank under MPC: the stratified tournament there
             kw.setdefault("topk", args.topk)
         try:
-            out.append((label, make_policy(name, **kw)))
+            if name != "full" and args.layer_budgets is not None:
+                kw.setdefault("layer_budgets", parse_layer_budgets(args.layer_budgets))
+            out.append((label, make_policy(name, **kw).bind(cfg)))
         except (ValueError, TypeError) as e:
             raise SessionError(f"bad policy {item!r} (kwargs {kw}): {e}") from None
     if len({lab for lab, _ in out}) != len(out):
@@ -82,7 +85,7 @@ def run(args) -> None:
         cfg, weights, tok = load_model(args.model, seed=args.seed)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
-    policies = _policies(args)
+    policies = _policies(args, cfg)
     lens = _seq_lens(args, cfg)
     if args.layers == "all":
         layers = cfg.n_layers

@@ -28,10 +28,11 @@ def _read_prompt(args) -> str:
     return args.prompt if args.prompt is not None else DEFAULT_PROMPT
 
 
-def _policy(args):
+def _policy(args, cfg):
     """The cache policy from ``--policy``/``--budget``, refused with the fix named on any bad combination."""
     from mpcache.mpc.session import SessionError
     from mpcache.policies import make_policy
+    from mpcache.policies.squeeze import parse_layer_budgets
 
     kwargs = {}
     if args.budget is not None:
@@ -44,7 +45,9 @@ def _policy(args):
                                "(e.g. --budget 64); a fraction of the prompt lies in (0, 1] (e.g. --budget 0.1).")
         kwargs["budget"] = int(b) if b > 1 else b
     try:
-        return make_policy(args.policy, **kwargs)
+        if args.layer_budgets is not None:
+            kwargs["layer_budgets"] = parse_layer_budgets(args.layer_budgets)
+        return make_policy(args.policy, **kwargs).bind(cfg)       # e.g. --layer-budgets calibrated: read, checked
     except (ValueError, TypeError) as e:
         raise SessionError(f"bad --policy/--budget: {e}") from None
 
@@ -84,7 +87,7 @@ def run(args) -> None:
         cfg, weights, tok = load_model(args.model, seed=args.seed)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
-    policy = _policy(args)
+    policy = _policy(args, cfg)
     ids = None
     if rank == CLIENT:            # the client checks its prompt before anyone shares anything
         text = _read_prompt(args)

@@ -329,3 +329,44 @@ def test_squeeze_and_balancekv_on_shares_like_plaintext(tmp_path, monkeypatch):
     assert res["balancekv4"]["kept"] == [2 + 32 // 4 + 6 + 1] * 2                # sinks + blocks / rate + rest, +1
     # the walk's rounds do not depend on the prompt length (blocks batched): per layer, rate 2 < rate 4
     assert 0 < res["balancekv2"]["static_rounds"] < res["balancekv4"]["static_rounds"]
+
+
+def test_bench_cost_classes_follow_the_layer_budgets():
+    from mpcache.bench import bench_layers_needed, layer_classes
+
+    pol = make_policy("h2o", budget=0.2, layer_budgets=(0.05, 0.05, 0.5, 0.2))
+    assert layer_classes(pol, 4) == ["own@0.05", "own@0.05", "own@0.5", "own@0.2"]
+    assert bench_layers_needed(pol, 4) == 4 and bench_layers_needed(make_policy("h2o"), 4) == 1
+
+
+@pytest.mark.mpi
+def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch):
+    """``parties generate --policy balancekv`` and ``--layer-budgets calibrated`` agree with plaintext; ``parties
+    bench`` runs squeeze-h2o and balancekv beside full with selections equal to the plaintext twin; a missing
+    calibration is refused at startup with the calibration command, nothing written."""
+    from conftest import run_mpi
+
+    monkeypatch.setenv("MPCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    gen = ["-m", "parties", "generate", "--model", "tiny-llama", "--prompt-file", str(prompt), "--max-new-tokens", "2"]
+    p = run_mpi(2, [*gen, "--policy", "h2o", "--budget", "0.3", "--layer-budgets", "calibrated", "--out",
+                    str(tmp_path / "bad")], check=False, timeout=300)
+    assert p.returncode != 0 and "python -m experiments.squeeze_calibrate --model tiny-llama" in p.stdout + p.stderr
+    assert not (tmp_path / "bad").exists()
+    cfg = tiny_config("llama")
+    save_calibration(calibrate(cfg, W, [ids(64, 1)], p=0.3, source="test"), cfg)
+    for pol in (["--policy", "balancekv", "--budget", "0.25"], ["--policy", "h2o", "--budget", "0.3",
+                                                                "--layer-budgets", "calibrated"]):
+        out = tmp_path / pol[1]
+        run_mpi(2, [*gen, *pol, "--out", str(out)], timeout=300)
+        s = json.loads((out / "summary.json").read_text())
+        assert s["tokens_agree"], (pol, s["tokens"], s["plaintext_tokens"])
+    out = tmp_path / "bench"
+    run_mpi(2, ["-m", "parties", "bench", "--model", "tiny-llama", "--text", "random", "--seq-lens", "96",
+                "--policies", "full,balancekv,squeeze-h2o", "--budget", "0.25", "--out", str(out)], timeout=600)
+    rows = {r["policy"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"full", "balancekv", "squeeze-h2o"}
+    for label in ("balancekv", "squeeze-h2o"):
+        assert rows[label]["selection_agreement"] == 1.0 and rows[label]["logit_err"] < 0.1, rows[label]
+        assert rows[label]["static_rounds"] > 0 and rows[label]["attended"] < rows["full"]["attended"]

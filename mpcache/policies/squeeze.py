@@ -199,6 +199,20 @@ def calibrated_budgets(cfg, keep: float, floor: int = 1, directory: str | os.Pat
     return allocate(cal["similarities"], keep, cal["p"], floor, cal["groups"])
 
 
+def parse_layer_budgets(text: str | None):
+    """The CLI's ``--layer-budgets``: None, ``"calibrated"``, or comma-separated budgets (ints when every entry is a
+    whole number > 1, else fractions), validated by the policy."""
+    if text is None or text.strip() == "" or text.strip() == "calibrated":
+        return None if text is None or not text.strip() else "calibrated"
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layer-budgets must be 'calibrated' or comma-separated numbers, got {text!r}") from None
+    if all(v > 1 and v == int(v) for v in vals):
+        return tuple(int(v) for v in vals)
+    return tuple(vals)
+
+
 # ---- registered policies: a sequence-wise policy with calibrated layer budgets ------------------------------------
 @register
 @dataclass
@@ -239,4 +253,4 @@ class SqueezeMPCachePolicy(MPCachePolicy):
 
 __all__ = ["SQUEEZE_P", "SqueezeH2OPolicy", "SqueezeMPCachePolicy", "SqueezeSnapKVPolicy", "SqueezeStreamingPolicy",
            "allocate", "calibrate", "calibrated_budgets", "calibration_dir", "calibration_path", "kmeans_1d",
-           "layer_similarities", "load_calibration", "prompt_budgets", "save_calibration"]
+           "layer_similarities", "load_calibration", "parse_layer_budgets", "prompt_budgets", "save_calibration"]
