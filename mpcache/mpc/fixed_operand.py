@@ -68,6 +68,8 @@ TTP the dealer knows ``B`` but never sees any ``D``. **Leakage: shapes only** (a
 from __future__ import annotations
 
 import itertools
+import os
+import time
 
 import torch
 
@@ -114,13 +116,138 @@ def _ttp():
     return TTPClient.get()
 
 
+# ---- the int64 ring product on CPU -------------------------------------------------------------------------------
+#: Which route ``ring_matmul`` takes on CPU: "auto" (per shape, :func:`ring_matmul_route`), "int64" (torch's int64
+#: kernels only: the route before issue 18) or "limbs" (float64 BLAS on split limbs wherever it applies). Read once
+#: from ``MPCACHE_RING_MATMUL`` (each party is its own process); tests and benchmarks may set it directly.
+RING_MATMUL = os.environ.get("MPCACHE_RING_MATMUL", "auto")
+#: Limb widths, low to high (signed, balanced: see :func:`_limbs`). 22 + 21 + 21 = 64, and only the 6 limb pairs
+#: whose shift 0/22/43/44 is below 64 are multiplied (the (1,2)/(2,1)/(2,2) pairs land at 65+ and vanish mod 2^64).
+#: A pair's product is at most 2^21 * 2^21 = 2^42 in magnitude, so a float64 sum of up to 2^53 / 2^42 = 2048 of
+#: them is exact (every partial sum an integer of magnitude <= 2^53, whatever order or FMA the BLAS uses); a longer
+#: contraction is cut into chunks of 2048 whose int64 results are added (wrapping).
+LIMB_BITS = (22, 21, 21)
+LIMB_MAX_K = 2048
+_LIMB_SHIFTS = (0, 22, 43)
+#: Which route is faster depends on the CPU: torch's int64 kernels have no BLAS but are vectorised; with AVX-512 (this
+#: project's 2-core machine, torch 2.13) they run ~4-8 G multiply-adds/s on one thread, faster than the 6 float64
+#: products of the limb route (experiments/ring_matmul_bench.py: int64 wins every SmolLM2 shape there, 1.5x-30x); on
+#: a CPU without 64-bit vector multiplies the limbs win large products. So "auto" measures: products too small to
+#: repay splitting (fewer than LIMB_MIN_ROWS rows per batch -- a decode step's one row -- or fewer than
+#: LIMB_MIN_MACS multiply-adds) always take int64; the first product of each shape class (log2 buckets of batch,
+#: rows, K, N) in a process runs both routes, keeps the faster for the class, and returns the int64 result (the two
+#: are bit-identical). One extra product per class, about a dozen classes in a prefill.
+LIMB_MIN_ROWS = 8
+LIMB_MIN_MACS = 1 << 20
+_LIMB_CHUNK_BYTES = 256 << 20          # bound on one call's float64 limb buffers (cut along N above it)
+_ROUTES: dict[tuple, str] = {}         # "auto": the measured route per shape class, this process
+ROUTE_LOG: list[tuple] = []            # (class, int64 s, limbs s) of each measurement (reports, tests)
+
+
+def _route_class(a_shape, b_shape) -> tuple:
+    nb = _batch(b_shape)
+    rows = max(1, _prod(a_shape[:-1]) // max(nb, 1))
+    return (nb.bit_length(), rows.bit_length(), int(a_shape[-1]).bit_length(), int(b_shape[-1]).bit_length())
+
+
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def ring_matmul_route(a_shape, b_shape) -> str:
+    """The route ``ring_matmul`` takes for int64 CPU operands of these shapes under ``RING_MATMUL``: "int64",
+    "limbs", or (``auto``, a large product whose shape class has not been measured yet in this process)
+    "measure"."""
+    if RING_MATMUL == "int64" or len(a_shape) < 2 or len(b_shape) < 2:
+        return "int64"
+    if RING_MATMUL == "limbs":
+        return "limbs"
+    rows = _prod(a_shape[:-1]) // max(_batch(b_shape), 1)
+    if rows < LIMB_MIN_ROWS or _prod(a_shape[:-1]) * int(a_shape[-1]) * int(b_shape[-1]) < LIMB_MIN_MACS:
+        return "int64"
+    return _ROUTES.get(_route_class(a_shape, b_shape), "measure")
+
+
+def _batch(shape) -> int:
+    return _prod(shape[:-2])
+
+
+def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` (int64) as float64 limbs l0, l1, l2 with x = l0 + l1 2^22 + l2 2^43 (mod 2^64), l0 in [-2^21, 2^21),
+    l1 in [-2^20, 2^20), |l2| <= 2^20: balanced digits by rounding shifts, q1 = (x + 2^21) >> 22 (|q1| <= 2^41)
+    and q2 = (q1 + 2^20) >> 21; the first addition may wrap, which changes q1 by a multiple of 2^42 only: nothing
+    mod 2^64 once shifted back by 22."""
+    w0, w1 = LIMB_BITS[0], LIMB_BITS[1]
+    q1 = torch.add(x, 1 << (w0 - 1)).bitwise_right_shift_(w0)
+    q2 = torch.add(q1, 1 << (w1 - 1)).bitwise_right_shift_(w1)      # from q1: one wrap, consistent digits
+    l0 = torch.sub(x, torch.bitwise_left_shift(q1, w0))
+    l1 = q1.sub_(torch.bitwise_left_shift(q2, w1))
+    return [l0.to(torch.float64), l1.to(torch.float64), q2.to(torch.float64)]
+
+
+def _i64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64)               # the float64 sums are exact integers of magnitude <= 2^53
+
+
+def limb_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` on int64 ring tensors (``a`` (..., M, K), ``b`` (..., K, N), torch.matmul's broadcasting) through
+    float64 BLAS on three split limbs per operand: bit-identical to the wrapping int64 product (see LIMB_BITS)."""
+    k, n = a.shape[-1], b.shape[-1]
+    if k > LIMB_MAX_K:                     # exactness: at most LIMB_MAX_K terms per float64 sum
+        out = None
+        for s in range(0, k, LIMB_MAX_K):
+            part = limb_matmul(a[..., s:s + LIMB_MAX_K], b[..., s:s + LIMB_MAX_K, :])
+            out = part if out is None else out.add_(part)
+        return out
+    per_col = 8 * 3 * (k * _batch(b.shape) + a.numel() // max(k, 1) * 2)   # B's limbs + the products, per column
+    step = max(1, min(n, _LIMB_CHUNK_BYTES // max(per_col, 1)))
+    if step < n:                           # bounded memory (e.g. a vocabulary-wide head over many rows)
+        return torch.cat([limb_matmul(a, b[..., s:s + step]) for s in range(0, n, step)], dim=-1)
+    a0, a1, a2 = _limbs(a)
+    bl = _limbs(b)
+    bcat = torch.cat(bl, dim=-1)                       # (..., K, 3N): b0 | b1 | b2
+    p0 = torch.matmul(a0, bcat)                        # a0 b0, a0 b1, a0 b2
+    p1 = torch.matmul(a1, bcat[..., :2 * n])           # a1 b0, a1 b1
+    p2 = torch.matmul(a2, bl[0])                       # a2 b0
+    s1, s2, s3 = _LIMB_SHIFTS[1], _LIMB_SHIFTS[2], 2 * _LIMB_SHIFTS[1]
+    out = _i64(p0[..., :n])
+    out += (_i64(p0[..., n:2 * n]) + _i64(p1[..., :n])) << s1
+    out += (_i64(p0[..., 2 * n:]) + _i64(p2)) << s2
+    out += _i64(p1[..., n:]) << s3
+    return out
+
+
 def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` on int64 ring tensors (wrapping mod 2^64, bit-identical to ``torch.matmul``), by the fastest CPU
-    route for ``b``'s layout. torch has no BLAS for int64: its matmul against a *transposed* matrix (the tied LM
-    head, ``x @ E^T`` with the (vocab, hidden) embedding table contiguous) takes a strided path ~13x slower than
-    against a contiguous one (SmolLM2's head: 450 ms vs 34 ms per product, three products per decode token on
-    party 0). When ``b`` is the transpose of a contiguous matrix, multiply that matrix instead: ``torch.mv`` for
-    one row (16 ms), ``(b^T @ a^T)^T`` for several."""
+    route for the shapes and ``b``'s layout: float64 BLAS on split limbs (:func:`limb_matmul`) where
+    :func:`ring_matmul_route` measured them faster for the shape class (large products only), else torch's int64
+    kernels, which have no BLAS: their matmul against a *transposed* matrix (the tied LM head, ``x @ E^T`` with the
+    (vocab, hidden) embedding table contiguous) takes a strided path ~13x slower than against a contiguous one
+    (SmolLM2's head: 450 ms vs 34 ms per product, three products per decode token on party 0). When ``b`` is the
+    transpose of a contiguous matrix, multiply that matrix instead: ``torch.mv`` for one row (16 ms),
+    ``(b^T @ a^T)^T`` for several."""
+    if a.device.type == "cpu" and a.dtype == torch.int64 and b.dtype == torch.int64:
+        route = ring_matmul_route(a.shape, b.shape)
+        if route == "limbs":
+            return limb_matmul(a, b)
+        if route == "measure":                         # first of its shape class: time both, keep the faster
+            t0 = time.perf_counter()
+            out = _int64_matmul(a, b)
+            t1 = time.perf_counter()
+            limb_matmul(a, b)
+            t2 = time.perf_counter()
+            key = _route_class(a.shape, b.shape)
+            _ROUTES[key] = "limbs" if t2 - t1 < t1 - t0 else "int64"
+            ROUTE_LOG.append((key, t1 - t0, t2 - t1))
+            return out
+    return _int64_matmul(a, b)
+
+
+def _int64_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch's int64 product, with the transposed-``b`` routes of :func:`ring_matmul`'s docstring."""
     if a.device.type == "cpu" and b.dim() == 2 and a.dim() >= 1 and not b.is_contiguous() and b.t().is_contiguous():
         bt, lead = b.t(), a.shape[:-1]
         a2 = a.reshape(-1, a.shape[-1])
