@@ -408,7 +408,8 @@ def decode_profile(ledger: dict, tokens: list[int] | None = None, depth: int = 2
                     if head and head.count("/") == d - 1:
                         add(head, rounds=c["rounds"])
     tops = [op for op in acc if op != "token" and "/" not in op]
-    rest = {k: acc["token"][k] - sum(acc[o][k] for o in tops) for k in ("wall", "wait", "copy", "rounds")}
+    rest = {k: max(acc["token"][k] - sum(acc[o][k] for o in tops), 0.0) for k in ("wall", "wait", "copy", "rounds")}
+    rest["rounds"] = round(rest["rounds"], 6)             # a mean over tokens: float rounding, not a round
     order = ["token"]
     for op in sorted(tops, key=lambda o: -acc[o]["wall"]):
         order.append(op)
