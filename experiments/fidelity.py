@@ -126,11 +126,21 @@ class Config:
     label: str
     budget: float | None
     policy: CachePolicy
+    per_prompt: bool = False   # SqueezeAttention's per-prompt layer budgets (plaintext only): layer_budgets="prompt"
+
+    def for_prompt(self, cfg, weights, ids: list[int]) -> CachePolicy:
+        """The policy for one prompt: with ``per_prompt``, layer budgets from the prompt's own similarities."""
+        if not self.per_prompt:
+            return self.policy
+        from mpcache.policies.squeeze import prompt_budgets
+
+        lb = prompt_budgets(cfg, weights, ids, self.policy.keep, floor=self.policy.min_layer_budget())
+        return dataclasses.replace(self.policy, layer_budgets=lb)
 
     @property
     def shares_full_prefill(self) -> bool:
         # A policy that leaves the prefill alone gets the same cache as the full one: reuse its copy.
-        return type(self.policy).prefill is CachePolicy.prefill
+        return type(self.policy).prefill is CachePolicy.prefill and not self.per_prompt
 
 
 def build_configs(knobs: Knobs) -> list[Config]:
@@ -142,10 +152,13 @@ def build_configs(knobs: Knobs) -> list[Config]:
         except ModuleNotFoundError:
             pass
         kw = dict(knobs.policy_kwargs.get(label, {}))
+        per_prompt = kw.get("layer_budgets") == "prompt"      # SqueezeAttention per prompt (see Config.for_prompt)
+        if per_prompt:
+            kw.pop("layer_budgets")
         if name == "full":
             out.append(Config(label, None, make_policy(name, **kw)))
         else:
-            out += [Config(label, b, make_policy(name, budget=b, **kw)) for b in knobs.budgets]
+            out += [Config(label, b, make_policy(name, budget=b, **kw), per_prompt) for b in knobs.budgets]
     return out
 
 
@@ -291,7 +304,7 @@ def evaluate(knobs: Knobs, cfg, weights, prompts: list[tuple], configs: list[Con
                     model = Transformer(cfg, weights, runner.backend, conf.policy)
                     cache, logits = copy.deepcopy(ref_cache), ref_logits
                 else:
-                    model, cache, logits = runner.prefill(conf.policy, ids)
+                    model, cache, logits = runner.prefill(conf.for_prompt(cfg, weights, ids), ids)
                 t_prefill = time.time() - t0
                 if conf is full:
                     ref_cache, ref_logits = copy.deepcopy(cache), logits

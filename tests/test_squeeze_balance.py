@@ -370,3 +370,20 @@ def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch
     for label in ("balancekv", "squeeze-h2o"):
         assert rows[label]["selection_agreement"] == 1.0 and rows[label]["logit_err"] < 0.1, rows[label]
         assert rows[label]["static_rounds"] > 0 and rows[label]["attended"] < rows["full"]["attended"]
+
+
+@pytest.mark.mpi
+def test_balancekv_generation_cost_predicted_equal_measured(tmp_path):
+    """The cost tracer runs BalanceKV's walk too: every scope of every party, predicted == measured (2PC)."""
+    from conftest import mpi_job
+    from test_costs import _compare_ledgers
+
+    from mpcache.backends.cost import predict_generation
+    from mpcache.mpc.costs import Setting
+
+    res = mpi_job(2, "generation_costs", tmp_path, "tiny-llama", "arithmetic", "tfp", "balancekv", "2", "80")
+    pol = make_policy("balancekv", budget=0.3)
+    assert repr(pol) == res["policy"] and pol.plan(80) == (4, 36, 4)
+    pred, _ = predict_generation(tiny_config("llama"), pol, Setting(2, "arithmetic", "tfp"), 80, 2)
+    bad = _compare_ledgers(res["ledgers"], pred)
+    assert not bad, "\n".join(bad[:40])

@@ -318,6 +318,13 @@ class CostBackend:
         out = a._like(_meta(a.shape).amax(dim=dim).shape)
         return out, a._like(out.shape)
 
+    def less_than(self, x, t):
+        """SecureBackend.less_than: one lean comparison per element (the bit rescaled locally)."""
+        x = unfix(x)
+        with self._scope("cmp"):
+            self._charge(C._cmp(self.s, x.shape, SecureBackend.POLICY_LEAN))
+        return x._like(x.shape, SCALE)
+
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None, offset=None):
         self._charge(C.softmax(self.s, x.shape, masked=mask is not None, anchor=anchor, offset=offset is not None))

@@ -156,7 +156,8 @@ def balance_walk(backend, k, v, levels: int, threshold: float, beta: float, iter
     """
     B = backend
     X, b, d = (int(x) for x in k.shape)
-    u = B.cat([B.norm_scale(k), B.norm_scale(v)], dim=-1)                 # (X, b, 2d): unit keys | unit values
+    kv = B.norm_scale(B.cat([k, v], dim=0))                              # keys and values in one normalisation
+    u = B.cat([kv[:X], kv[X:]], dim=-1)                                  # (X, b, 2d): unit keys | unit values
     oh = None                                                            # level 0: each row is itself
     for t in range(levels):
         rows = b >> t
