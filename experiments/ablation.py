@@ -17,7 +17,7 @@ paper           static, 16-row clusters, sharing, summed heads  the paper's cost
 ==============  =============================================  ===============================================
 
 Costs: ``measured`` from bench.csv (``--from``, or ``--run`` to launch ``parties bench`` with these variants;
-small lengths on this machine) and/or ``predicted`` by the analytic cost tracer (``--predict``; network-only
+small lengths on this machine) and/or ``predicted`` by a dry run of the protocols (``--predict``; network-only
 latency). Accuracy: teacher-forced passkey exact match from experiments/fidelity.py runs whose policy labels are
 the variant names (``--fidelity`` run folders or CSVs, or ``--run-fidelity`` to launch a small dev run).
 
@@ -140,7 +140,7 @@ def results_markdown(rows: list[dict]) -> str:
     fmt = FMT | {c: "{:.2f}".format for c in cols if c.startswith("passkey_exact@")}
     return ("Each MPCache optimisation switched in turn. Cost per decode token (whole model, max party; `vs base` = "
             "variant / mpcache, < 1 cheaper); `measured` = parties bench (benchmark convention), `predicted` = "
-            "analytic tracer (LAN/WAN network only). Accuracy: teacher-forced passkey exact match (plaintext "
+            "dry run of the protocols (LAN/WAN network only). Accuracy: teacher-forced passkey exact match (plaintext "
             "fidelity run, n prompts).\n\n" + md_table(rows, cols, fmt) + "\n")
 
 

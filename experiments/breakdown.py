@@ -2,7 +2,7 @@
 
 Reads a party's ledger (``rank0.json`` of ``python -m parties bench``; bench.json beside it gives the model's
 layer count and the policies, to scale the measured blocks to the whole model exactly as mpcache/bench.py does)
-or predicts one with the analytic cost tracer (``--predict``, labelled ``predicted``; compute time 0).
+or predicts one with a dry run of the protocols (``--predict``, labelled ``predicted``; compute time 0).
 
 Scope path -> op class (the path below ``bench/<policy>/<seq_len>/token/<t>/``, first rule that matches;
 ``L<i>`` is a transformer block):
@@ -25,7 +25,7 @@ other                                  anything else (reported, so a new scope i
 =====================================  =================================================================
 
     python experiments/breakdown.py --ledger results/bench-2pc/rank0.json --policies full,mpcache --seq-lens 2048,8192
-    python experiments/breakdown.py --predict 2048,8192 --model smollm2            # analytic, no MPI
+    python experiments/breakdown.py --predict 2048,8192 --model smollm2            # dry run, no MPI
     python experiments/breakdown.py --run --model tiny-llama --text random --seq-lens 64,128
     python experiments/breakdown.py --ledger runs/generate/rank0.json      # a `parties generate` run's decode tokens
 
@@ -208,8 +208,7 @@ def predicted(model: str, policies: list[tuple[str, str]], budget: float, topk: 
     from tqdm import tqdm
 
     from experiments.predict_cost import model_config
-    from mpcache.backends.cost import predict_generation
-    from mpcache.mpc.costs import Setting
+    from mpcache.mpc.dryrun import Setting, predict_generation
     from mpcache.policies import make_policy
 
     cfg = model_config(model)
@@ -261,7 +260,7 @@ def time_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
 def results_markdown(rows: list[dict]) -> str:
     table, cols = pivot(rows)
     md = ("Per decode token, whole model, one party (rank 0): MB sent (share of the token's bytes) / rounds, per "
-          "op class (mapping in experiments/breakdown.py). `pred.` = analytic cost tracer.\n\n"
+          "op class (mapping in experiments/breakdown.py). `pred.` = dry run of the protocols (mpcache/mpc/dryrun.py).\n\n"
           + md_table(table, cols) + "\n")
     if any(r["source"] == "measured" for r in rows):
         table, cols = time_pivot(rows)

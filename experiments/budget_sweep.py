@@ -2,8 +2,8 @@
 
 Issue 5, experiment 4. Accuracy comes from experiments/fidelity.py runs (plaintext; ``--fidelity`` run folders
 or results/samples CSVs; metric ``--metric``, passkey exact match by default); the cost of the same
-(policy, budget, length) from bench.csv / costs.csv files (``--from``: ``measured``, preferred) or the analytic
-cost tracer (``--predict``: every point that has no measured cost is ``predicted``, network-only latency).
+(policy, budget, length) from bench.csv / costs.csv files (``--from``: ``measured``, preferred) or a dry run
+of the protocols (``--predict``: every point that has no measured cost is ``predicted``, network-only latency).
 Give ``--cost-seq-len`` to cost every point at one length (e.g. 8192) while accuracy stays at its own length.
 
     python experiments/budget_sweep.py --fidelity results/fidelity/20261123T051404Z-smollm2-eval --predict
@@ -66,7 +66,7 @@ def results_markdown(rows: list[dict], metric: str) -> str:
            "WAN_s": "{:,.2f}".format}
     return (f"One point per policy x budget: {metric} (plaintext fidelity, n prompts) against the MPC cost of a "
             "decode token at `cost_seq_len` (whole model, max party; `measured` = parties bench, `predicted` = "
-            "analytic tracer, LAN/WAN network only).\n\n" + md_table(rows, cols, fmt) + "\n")
+            "dry run of the protocols, LAN/WAN network only).\n\n" + md_table(rows, cols, fmt) + "\n")
 
 
 def plot(rows: list[dict], path: Path, metric: str) -> None:

@@ -6,7 +6,7 @@ The paper's headline figure (issue 5, experiment 1). Cost points come from three
   secret-shared KV cache (the BENCHMARK CONVENTION of mpcache/bench.py, not an end-to-end secure run);
   whole-model costs scaled exactly from the measured blocks; seconds = measured compute on this 2-core box
   (scaled), LAN/WAN = that + rounds x RTT + bytes / bandwidth (mpcache/latency.py).
-* ``predicted`` — the analytic cost-tracing backend (mpcache/backends/cost.py, tested == measured per scope):
+* ``predicted`` — a dry run of the private generation (mpcache/mpc/dryrun.py, tested == measured per scope):
   the steady-state decode token (token 2 of a generation; token 1 also builds the cluster summaries) after an
   L-token prompt. Compute time is not modelled, so its LAN/WAN seconds are NETWORK ONLY (a lower bound).
 
@@ -153,10 +153,9 @@ def predict_point(model: str, label: str, name: str, kwargs: dict, budget: float
                   world: int, provider: str = "tfp") -> dict:
     """One predicted cost point: the steady-state decode token (token 2) after a ``seq_len``-token prompt."""
     from experiments.predict_cost import model_config
-    from mpcache.backends.cost import predict_generation
     from mpcache.generation import per_token_costs
     from mpcache.latency import PROFILES
-    from mpcache.mpc.costs import Setting
+    from mpcache.mpc.dryrun import Setting, predict_generation
     from mpcache.policies import make_policy
 
     cfg = model_config(model)
@@ -242,8 +241,8 @@ RATIO_FMT = {c: _F2 for c in RATIO_COLS[4:]} | {"full_rounds": "{:,.0f}".format,
 def results_markdown(costs: list[dict], ratios: list[dict]) -> str:
     md = [("Per decode token, whole model, bytes = max over parties of bytes sent; ratio = full / policy "
           "(> 1: the policy is cheaper). `measured` = parties bench (plaintext-built, secret-shared KV cache: "
-          "benchmark convention; LAN/WAN include measured compute on 2 shared cores); `predicted` = analytic "
-          "cost tracer (LAN/WAN network only)."), "", md_table(ratios, RATIO_COLS, RATIO_FMT)]
+          "benchmark convention; LAN/WAN include measured compute on 2 shared cores); `predicted` = a dry run of the protocols "
+          "(LAN/WAN network only)."), "", md_table(ratios, RATIO_COLS, RATIO_FMT)]
     return "\n".join(md) + "\n"
 
 

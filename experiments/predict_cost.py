@@ -1,9 +1,9 @@
 """Predicted per-token MPC cost of a whole model and cache policy at any cached length, without running it.
 
-Runs the real model code (mpcache/model/transformer.py) and the real cache policies on the cost-tracing backend
-(mpcache/backends/cost.py): shape-only tensors, each secure op charging its analytic cost (mpcache/mpc/costs.py,
-checked == measured in tests/test_costs.py). No weights, no data, no communication: LLaMA-7B shapes at 8k
-tokens take seconds on a laptop.
+Runs the real private generation (mpcache/generation.py: the model, the cache policies and every protocol) as
+each party in turn, dry (mpcache/mpc/dryrun.py): shape-only shares on torch's meta device, a communicator that
+moves nothing, the same ledger (checked == measured in tests/test_costs.py). No weights, no data, no
+communication; the time grows with the number of protocol calls (layers, tokens), not with the shapes.
 
     python -m experiments.predict_cost --model llama-7b-shape --policy full,mpcache --seq-lens 1024,8192
     python -m experiments.predict_cost --model tiny-llama --protocol replicated --provider tfp --new-tokens 3
@@ -59,8 +59,8 @@ def git_commit() -> str:
 
 
 def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: int, profiles) -> dict:
-    from mpcache.backends.cost import predict_generation
     from mpcache.generation import per_token_costs
+    from mpcache.mpc.dryrun import predict_generation
     from mpcache.policies import make_policy
 
     pol = make_policy(policy_name) if policy_name == "full" else make_policy(policy_name, budget=budget)
@@ -85,7 +85,7 @@ def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: in
 
 def main(argv=None) -> int:
     from mpcache.latency import PROFILES, parse_profile
-    from mpcache.mpc.costs import Setting
+    from mpcache.mpc.dryrun import Setting
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-7b-shape")
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         w.writerows(rows)
     show = ["policy", "cached_len", "MB_per_token", "rounds_per_token", *[f"{n}_s_per_token" for n in profiles]]
     md = [(f"Predicted decode cost per token: {cfg.name}, {setting.label}, budget {a.budget} "
-          f"(analytic; fixed-operand weights and K/V; compute time excluded)"), "",
+          f"(dry run of the protocols; fixed-operand weights and K/V; compute time excluded)"), "",
           "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     md += ["| " + " | ".join(str(r[c]) for c in show) + " |" for r in rows]
     text = "\n".join(md) + "\n"

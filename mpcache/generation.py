@@ -52,13 +52,14 @@ def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: di
 
     fold = FOLD_NORMS_DEFAULT if fold_norms is None else fold_norms
     shapes = expected_shapes(cfg)
+    weights = weights if sess.rank == SERVER else None      # only the server's weights are read (None: dry run)
     if fold:
         gone = folded_norm_names(cfg)
         shapes = {k: v for k, v in shapes.items() if k not in gone}
-        if sess.rank == SERVER:
+        if weights is not None:
             weights = fold_norm_gains(cfg, weights)
     with sess.scope("offline"), sess.scope("weights"):
-        w = {name: B.share(weights[name] if sess.rank == SERVER else None, src=SERVER, shape=shape)
+        w = {name: B.share(weights[name] if weights is not None else None, src=SERVER, shape=shape)
              for name, shape in shapes.items()}
         if fixed:
             w = {name: FixedOperand.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t
@@ -72,14 +73,14 @@ def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: di
 
 def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[int] | None):
     """The client shares its prompt as one-hot rows (T, V) (integer scale: exact); T is public."""
-    T = sess.comm.bcast(len(ids) if sess.rank == CLIENT else None, root=CLIENT)
+    T = sess.comm.bcast(len(ids) if sess.rank == CLIENT and ids is not None else None, root=CLIENT)
     if T > cfg.max_position:
         raise SessionError(f"the prompt has {T} tokens but the model's context is {cfg.max_position}; shorten it.")
     onehot = None
-    if sess.rank == CLIENT:
+    if sess.rank == CLIENT and ids is not None:
         onehot = torch.nn.functional.one_hot(torch.tensor(ids), cfg.vocab_size).float()
     with sess.scope("offline"), sess.scope("prompt"):
-        x = onehot if onehot is not None else torch.zeros(T, cfg.vocab_size)
+        x = onehot if onehot is not None else torch.zeros(T, cfg.vocab_size, device=B.device)
         return B.crypten.cryptensor(x, src=CLIENT, precision=0), T
 
 

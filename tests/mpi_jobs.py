@@ -492,7 +492,7 @@ def job_generate_fixed(out, model="tiny-llama", protocol="arithmetic", provider=
     sess.close()
 
 
-# ---- analytic costs (tests/test_costs.py) ----------------------------------------------------------------------
+# ---- costs: live vs dry runs (tests/test_costs.py) ------------------------------------------------------------
 def _cost_delta(ledger, f):
     """Run f() and return (its result, this party's online/dealer sent/recv/rounds deltas)."""
     keys = ("bytes_sent", "bytes_recv", "rounds")
@@ -503,10 +503,10 @@ def _cost_delta(ledger, f):
 
 
 def job_op_costs(out, protocol="arithmetic", provider="tfp"):
-    """Every secure protocol at two or more shapes: per-party measured costs (ledger) and the analytic prediction
-    (mpcache.mpc.costs), written side by side by rank 0."""
-    from mpcache.mpc import costs as C
-    from mpcache.mpc import ops
+    """Every secure protocol at two or more shapes, measured twice on each party: in the live session and in a dry
+    run of the same code (mpcache.mpc.dryrun: shape-only shares, a communicator that moves nothing, the same
+    ledger); rank 0 writes both side by side."""
+    from mpcache.mpc import dryrun, ops
     from mpcache.mpc.fixed_operand import FixedOperand, fixed_matmul
 
     sess = _open(protocol, provider)
@@ -516,7 +516,7 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
         return serve_dealer(sess)
     import crypten
 
-    s = C.Setting(sess.n_parties, protocol, provider)
+    s = dryrun.Setting(sess.n_parties, protocol, provider)
     g = torch.Generator().manual_seed(0)
 
     def sh(*shape, lo=-3.0, hi=3.0, precision=None):
@@ -525,114 +525,94 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
 
     cases = []
 
-    def case(name, f, pred):
+    def case(name, make, f):
+        """``make()`` builds the inputs (live, then again inside the dry run); ``f(*inputs)`` is what is costed."""
+        xs = make()
         with sess.scope("costs"), sess.scope(name):
-            _, meas = _cost_delta(sess.ledger, f)
+            _, meas = _cost_delta(sess.ledger, lambda: f(*xs))
+        with dryrun.dry_party(sess.rank, s) as d:
+            dxs = make()
+            _, pred = _cost_delta(d.ledger, lambda: f(*dxs))
         cases.append((name, meas, pred))
 
     for shape in [(5,), (3, 7)]:
-        x = sh(*shape)
-        case(f"ltz{shape}", lambda x=x: x._ltz(), C.ltz(s, shape))
+        case(f"ltz{shape}", lambda shape=shape: [sh(*shape)], lambda x: x._ltz())
     for xs, ys in [((4, 6), (4, 6)), ((3, 1), (3, 5))]:
-        x, y = sh(*xs), sh(*ys)
-        case(f"mul{xs}x{ys}", lambda x=x, y=y: x * y, C.mul(s, xs, ys))
-    x = sh(4, 6)
-    case("x*x(4,6)", lambda x=x: x * x, C.mul(s, (4, 6), (4, 6)))
-    case("square(4,6)", lambda x=x: x.square(), C.square(s, (4, 6)))
-    case("square(3,1,5)", lambda: sh(3, 1, 5).square(), C.square(s, (3, 1, 5)))
-    bit = (sh(4, 6))._ltz()
-    case("mul_bit(4,6)", lambda x=x, b=bit: x * b, C.mul(s, (4, 6), (4, 6), trunc=False))
-    case("public_mul_float(4,6)", lambda x=x: x * 0.37, C.public_mul(s, (4, 6)))
-    case("public_mul_tensor(4,6)", lambda x=x: x * torch.linspace(0, 1, 6), C.public_mul(s, (4, 6)))
-    case("public_mul_int(4,6)", lambda x=x: x * 3, C.Cost(s.n))
+        case(f"mul{xs}x{ys}", lambda xs=xs, ys=ys: [sh(*xs), sh(*ys)], lambda x, y: x * y)
+    case("x*x(4,6)", lambda: [sh(4, 6)], lambda x: x * x)
+    case("square(4,6)", lambda: [sh(4, 6)], lambda x: x.square())
+    case("square(3,1,5)", lambda: [sh(3, 1, 5)], lambda x: x.square())
+    case("mul_bit(4,6)", lambda: [sh(4, 6), sh(4, 6)._ltz()], lambda x, b: x * b)
+    case("public_mul_float(4,6)", lambda: [sh(4, 6)], lambda x: x * 0.37)
+    case("public_mul_tensor(4,6)", lambda: [sh(4, 6)], lambda x: x * torch.linspace(0, 1, 6))
+    case("public_mul_int(4,6)", lambda: [sh(4, 6)], lambda x: x * 3)
     for xs, ys in [((3, 8), (8, 5)), ((2, 3, 4), (2, 4, 6))]:
-        x, y = sh(*xs), sh(*ys)
-        case(f"matmul{xs}x{ys}", lambda x=x, y=y: x.matmul(y), C.matmul(s, xs, ys))
-    W = sh(8, 12)
-    with sess.scope("costs"), sess.scope("fix(8,12)"):
-        fw, meas = _cost_delta(sess.ledger, lambda: FixedOperand.fix(W))
-    keys = [fw.spec[1]] if fw.spec else None
-    cases.append(("fix(8,12)", meas, C.fixed_operand_fix(s, [(8, 12)], keys)))
-    for xs, f in [((1, 8), fw), ((3, 8), fw), ((2, 12), fw.t()), ((3, 8), fw[:, 2:9])]:
-        x = sh(*xs)
-        case(f"fixed_matmul{xs}{tuple(f.shape)}", lambda x=x, f=f: fixed_matmul(x, f),
-             C.fixed_matmul(s, xs, tuple(f.shape), spec=f.spec))
-    T = sh(20, 8)
-    W2, W3 = sh(5, 4), sh(2, 7, 3)
-    with sess.scope("costs"), sess.scope("fix_many"):
-        fixed, meas = _cost_delta(sess.ledger, lambda: FixedOperand.fix_many([T, W2, W3]))
-    ft = fixed[0]
-    cases.append(("fix_many", meas, C.fixed_operand_fix(
-        s, [(20, 8), (5, 4), (2, 7, 3)], [f.spec[1] for f in fixed] if ft.spec else None)))
-    cat = FixedOperand.cat([fixed[2], fixed[2][:, :2]], dim=1)
-    x = sh(2, 4, 9)
-    case("fixed_matmul_cat", lambda x=x: fixed_matmul(x, cat), C.fixed_matmul(s, (2, 4, 9), (2, 9, 3), spec=cat.spec))
-    oh = crypten.cryptensor(torch.nn.functional.one_hot(torch.tensor([1, 7, 19]), 20).float(), src=1, precision=0)
-    case("embedding(3,20)", lambda: fixed_matmul(oh, ft), C.embedding(s, (3, 20), (20, 8), spec=ft.spec))
-    case("embedding_stock(3,20)", lambda: oh.matmul(T), C.matmul(s, (3, 20), (20, 8), trunc=False))
+        case(f"matmul{xs}x{ys}", lambda xs=xs, ys=ys: [sh(*xs), sh(*ys)], lambda x, y: x.matmul(y))
+    case("fix(8,12)", lambda: [sh(8, 12)], lambda w: FixedOperand.fix(w))
+    views = {"": lambda f: f, "T": lambda f: f.t(), "slice": lambda f: f[:, 2:9]}
+    for xs, view in [((1, 8), ""), ((3, 8), ""), ((2, 12), "T"), ((3, 8), "slice")]:
+        case(f"fixed_matmul{xs}{view}", lambda xs=xs, view=view: [sh(*xs), views[view](FixedOperand.fix(sh(8, 12)))],
+             fixed_matmul)
+    case("fix_many", lambda: [sh(20, 8), sh(5, 4), sh(2, 7, 3)], lambda *ws: FixedOperand.fix_many(list(ws)))
+
+    def cat_operand():
+        f = FixedOperand.fix_many([sh(2, 7, 3)])[0]
+        return FixedOperand.cat([f, f[:, :2]], dim=1)
+
+    case("fixed_matmul_cat", lambda: [sh(2, 4, 9), cat_operand()], fixed_matmul)
+
+    def onehot():
+        return crypten.cryptensor(torch.nn.functional.one_hot(torch.tensor([1, 7, 19]), 20).float(), src=1,
+                                  precision=0)
+
+    case("embedding(3,20)", lambda: [onehot(), FixedOperand.fix(sh(20, 8))], fixed_matmul)
+    case("embedding_stock(3,20)", lambda: [onehot(), sh(20, 8)], lambda oh, t: oh.matmul(t))
     for shape, dim in [((3, 257), -1), ((257, 3), 0), ((2, 5, 33), 1), ((1, 2), -1)]:
-        x = sh(*shape)
-        case(f"tree_max{shape}d{dim}", lambda x=x, d=dim: ops.tree_max(x, d), C.tree_max(s, shape, dim))
-    if hasattr(ops, "_ltz_lean"):
-        for shape in [(5,), (2, 3, 7)]:
-            x = sh(*shape)
-            case(f"ltz_lean{shape}", lambda x=x: ops._ltz_lean(x), C.ltz_lean(s, shape))
-        for shape, radix, lean in [((3, 257), (4, 4, 4, 16), True), ((2, 37), 4, False), ((1, 30), (8, 2), True)]:
-            x = sh(*shape)
-            case(f"tree_max{shape}r{radix}{'lean' if lean else ''}",
-                 lambda x=x, r=radix, ln=lean: ops.tree_max(x, -1, radix=r, lean=ln),
-                 C.tree_max(s, shape, radix=radix, lean=lean))
-        for shape, lean in [((5,), True), ((2, 3), False)]:
-            x = sh(*shape, lo=0.5, hi=20.0)
-            case(f"reciprocal_gs{shape}{lean}", lambda x=x, ln=lean: ops.reciprocal_gs(x, lean=ln),
-                 C.reciprocal_gs(s, shape, lean=lean))
-        if hasattr(ops, "strata_select"):           # heads folded into the strata, anchor maxima in lockstep
-            xa, xb = sh(2, 3, 23), sh(2, 3, 12)
-            case("strata_select", lambda xa=xa, xb=xb: ops.strata_select(xa, 4, heads=True, also=[xb]),
-                 C.strata_top1_onehot(s, (2, 3, 23), 4, heads=True, also=[(2, 3, 12)]))
-            case("strata_select_sum", lambda xb=xb: ops.strata_select(xb[:, 0], 3, also=[xb]),
-                 C.strata_top1_onehot(s, (2, 12), 3, also=[(2, 3, 12)]))
+        case(f"tree_max{shape}d{dim}", lambda shape=shape: [sh(*shape)], lambda x, d=dim: ops.tree_max(x, d))
+    for shape in [(5,), (2, 3, 7)]:
+        case(f"ltz_lean{shape}", lambda shape=shape: [sh(*shape)], ops._ltz_lean)
+    for shape, radix, lean in [((3, 257), (4, 4, 4, 16), True), ((2, 37), 4, False), ((1, 30), (8, 2), True)]:
+        case(f"tree_max{shape}r{radix}{'lean' if lean else ''}", lambda shape=shape: [sh(*shape)],
+             lambda x, r=radix, ln=lean: ops.tree_max(x, -1, radix=r, lean=ln))
+    for shape, lean in [((5,), True), ((2, 3), False)]:
+        case(f"reciprocal_gs{shape}{lean}", lambda shape=shape: [sh(*shape, lo=0.5, hi=20.0)],
+             lambda x, ln=lean: ops.reciprocal_gs(x, lean=ln))
+    # heads folded into the strata, anchor maxima in lockstep
+    case("strata_select", lambda: [sh(2, 3, 23), sh(2, 3, 12)],
+         lambda xa, xb: ops.strata_select(xa, 4, heads=True, also=[xb]))
+    case("strata_select_sum", lambda: [sh(2, 3, 12)], lambda xb: ops.strata_select(xb[:, 0], 3, also=[xb]))
     for shape in [(2, 37), (1, 64)]:
-        x = sh(*shape)
-        case(f"argmax_onehot{shape}", lambda x=x: ops.argmax_onehot(x), C.argmax_onehot(s, shape))
+        case(f"argmax_onehot{shape}", lambda shape=shape: [sh(*shape)], ops.argmax_onehot)
     for shape, k in [((2, 9), 3), ((1, 2, 6), 2)]:
-        x = sh(*shape)
-        case(f"topk_onehot{shape}k{k}", lambda x=x, k=k: ops.topk_onehot(x, k), C.topk_onehot(s, shape, k))
-        case(f"keep_onehot{shape}k{k}", lambda x=x, k=k: ops.keep_onehot(x, k), C.keep_onehot(s, shape, k))
-    if hasattr(ops, "strata_top1_onehot"):
-        for shape, k in [((2, 37), 5), ((1, 16), 4), ((3, 2, 10), 3)]:
-            x = sh(*shape)
-            case(f"strata_top1_onehot{shape}k{k}", lambda x=x, k=k: ops.strata_top1_onehot(x, k),
-                 C.strata_top1_onehot(s, shape, k))
-            case(f"strata_top1_onehot_r2{shape}k{k}", lambda x=x, k=k: ops.strata_top1_onehot(x, k, radix=2),
-                 C.strata_top1_onehot(s, shape, k, radix=2))
+        case(f"topk_onehot{shape}k{k}", lambda shape=shape: [sh(*shape)], lambda x, k=k: ops.topk_onehot(x, k))
+        case(f"keep_onehot{shape}k{k}", lambda shape=shape: [sh(*shape)], lambda x, k=k: ops.keep_onehot(x, k))
+    for shape, k in [((2, 37), 5), ((1, 16), 4), ((3, 2, 10), 3)]:
+        case(f"strata_top1_onehot{shape}k{k}", lambda shape=shape: [sh(*shape)],
+             lambda x, k=k: ops.strata_top1_onehot(x, k))
+        case(f"strata_top1_onehot_r2{shape}k{k}", lambda shape=shape: [sh(*shape)],
+             lambda x, k=k: ops.strata_top1_onehot(x, k, radix=2))
     for shape in [(2, 9), (17,)]:
-        x = sh(*shape, lo=-4.0, hi=0.0)
-        case(f"exp{shape}", lambda x=x: ops.exp_limit(x), C.exp_limit(s, shape))
-        x = sh(*shape, lo=0.5, hi=20.0)
-        case(f"reciprocal{shape}", lambda x=x: ops.reciprocal_nr(x), C.reciprocal_nr(s, shape))
-        x = sh(*shape)
-        case(f"silu{shape}", lambda x=x: ops.silu(x), C.silu(s, shape))
-        case(f"gelu{shape}", lambda x=x: ops.gelu(x), C.gelu(s, shape))
+        case(f"exp{shape}", lambda shape=shape: [sh(*shape, lo=-4.0, hi=0.0)], ops.exp_limit)
+        case(f"reciprocal{shape}", lambda shape=shape: [sh(*shape, lo=0.5, hi=20.0)], ops.reciprocal_nr)
+        case(f"silu{shape}", lambda shape=shape: [sh(*shape)], ops.silu)
+        case(f"gelu{shape}", lambda shape=shape: [sh(*shape)], ops.gelu)
     for shape in [(3, 10), (1, 33), (2, 1, 7)]:
-        x = sh(*shape)
-        case(f"norm_scale{shape}", lambda x=x: ops.norm_scale(x, 0.01), C.norm_scale(s, shape))
+        case(f"norm_scale{shape}", lambda shape=shape: [sh(*shape)], lambda x: ops.norm_scale(x, 0.01))
     for shape, masked in [((2, 17), False), ((3, 2, 9), True), ((1, 1, 5), False)]:
-        x = sh(*shape)
         mask = torch.tril(torch.ones(shape[-2], shape[-1])) if masked else None
-        case(f"softmax{shape}{'m' if masked else ''}", lambda x=x, mask=mask: ops.softmax(x, mask=mask),
-             C.softmax(s, shape, masked=masked))
-    x = sh(1, 4)
-    case("reveal_all(1,4)", lambda x=x: x.get_plain_text(), C.reveal(s, (1, 4)))
-    case("reveal_to1(1,)", lambda: sh(1).get_plain_text(dst=1), C.reveal(s, (1,), dst=1))
-    meas_all = sess.comm.gather([m for _, m, _ in cases], root=0)
+        case(f"softmax{shape}{'m' if masked else ''}", lambda shape=shape: [sh(*shape)],
+             lambda x, mask=mask: ops.softmax(x, mask=mask))
+    case("softmax_anchor(3,1,40)", lambda: [sh(3, 1, 40)], lambda x: ops.softmax(x, anchor=(4, 8)))
+    case("reveal_all(1,4)", lambda: [sh(1, 4)], lambda x: x.get_plain_text())
+    case("reveal_to1(1,)", lambda: [sh(1)], lambda x: x.get_plain_text(dst=1))
+    both = sess.comm.gather([(m, p) for _, m, p in cases], root=0)
     if sess.rank == 0:
         res = {}
-        for i, (name, _, pred) in enumerate(cases):
-            res[name] = {"measured": {kind: {f_: [meas_all[r][i][kind][f_] for r in range(s.n)]
-                                             for f_ in ("bytes_sent", "bytes_recv", "rounds")}
-                                      for kind in ("online", "dealer")},
-                         "predicted": pred.c}
+        for i, (name, _, _) in enumerate(cases):
+            res[name] = {label: {kind: {f_: [both[r][i][j][kind][f_] for r in range(s.n)]
+                                        for f_ in ("bytes_sent", "bytes_recv", "rounds")}
+                                 for kind in ("online", "dealer")}
+                         for j, label in enumerate(("measured", "predicted"))}
         with open(out, "w") as fh:
             json.dump(res, fh, indent=1)
     sess.close()
@@ -702,7 +682,7 @@ def job_generate_kv(out, model="tiny-llama", protocol="arithmetic", provider="tf
 def job_generation_costs(out, model="tiny-llama", protocol="arithmetic", provider="tfp", policy="full", n_new="3",
                          n_prompt="24"):
     """A private generation (default fixed weights / K/V, no logits opened); rank 0 writes every party's ledger
-    (tests/test_costs.py compares it with the cost-tracing backend's prediction)."""
+    (tests/test_costs.py compares it with a dry run's prediction)."""
     from mpcache.generation import private_generate
     from mpcache.model.weights import expected_shapes, load_model
     from mpcache.mpc.session import CLIENT, SERVER, serve_dealer

@@ -13,8 +13,6 @@ import math
 import pytest
 from conftest import mpi_job
 
-from mpcache.mpc.fixed_operand import fixed_matmul_cost
-
 pytestmark = pytest.mark.mpi
 
 ULP = 2.0 ** -16
@@ -24,6 +22,16 @@ ULP = 2.0 ** -16
 # here, truncates by CrypTen's wraps protocol: ~3 ulps seen, for the stock matmul too.)
 MATMUL_TOL = 2 * ULP
 LOGIT_TOL = 0.05              # as in test_private_generation: fixed-point errors over 2 layers, logits O(1-10)
+
+
+def fixed_matmul_cost(x_shape, w_shape, n_parties: int = 2, replicated: bool = False) -> dict:
+    """What a fixed-operand product must cost (the specification the measurements are held to): per use only the
+    moving operand's mask opening (additive: 8 (n - 1) bytes per element of x; replicated: x's share, 8 bytes per
+    element), against the stock product's both operands; fixing W once opens W's."""
+    nx, nw = math.prod(x_shape), math.prod(w_shape)
+    k = 8 * (n_parties - 1) if not replicated else 8
+    return {"fixed_bytes": k * nx, "fixed_rounds": 1, "stock_bytes": k * (nx + nw), "stock_rounds": 1,
+            "offline_bytes": k * nw, "offline_rounds": 1}
 
 
 def _z(n):                    # 5 standard deviations, two-sided: ~6e-7 false alarms per check

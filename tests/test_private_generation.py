@@ -88,10 +88,19 @@ def test_hung_party_times_out_with_a_clear_message(tmp_path):
 @pytest.mark.parametrize("n,extra,needle", [
     (1, [], "launch with `mpirun -n 2"),
     (2, ["--protocol", "replicated"], "exactly 3 compute parties"),
-])
+    (3, [], "launch 3 parties with --protocol replicated"),
+    (2, ["--policy", "mpcache", "--budget", "1.5"], "must be a whole number (e.g. --budget 64)"),
+    (2, ["--budget", "0.1"], "the full cache attends every row and takes no budget"),
+    # tiny-llama's context is 8192 positions: 8190 new tokens do not fit beside any prompt
+    (2, ["--max-new-tokens", "8190"], "shorten the prompt or ask for fewer new tokens"),
+], ids=["one-party", "replicated-2", "arithmetic-3", "fractional-count", "budget-full", "too-long"])
 def test_bad_launch_is_explained(n, extra, needle, tmp_path):
-    p, _ = _launch(n, ["-m", "parties", "generate", "--model", "tiny-llama", "--out", str(tmp_path), *extra])
+    """Refused before any work (no offline sharing: a few seconds), with the fix named, nothing in --out."""
+    out = tmp_path / "out"
+    p, _ = _launch(n, ["-m", "parties", "generate", "--model", "tiny-llama", "--out", str(out), *extra])
     assert p.returncode != 0 and needle in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
+    assert "offline" not in p.stderr
 
 
 def test_bad_model_is_explained(tmp_path):

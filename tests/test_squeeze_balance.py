@@ -378,8 +378,7 @@ def test_balancekv_generation_cost_predicted_equal_measured(tmp_path):
     from conftest import mpi_job
     from test_costs import _compare_ledgers
 
-    from mpcache.backends.cost import predict_generation
-    from mpcache.mpc.costs import Setting
+    from mpcache.mpc.dryrun import Setting, predict_generation
 
     res = mpi_job(2, "generation_costs", tmp_path, "tiny-llama", "arithmetic", "tfp", "balancekv", "2", "80")
     pol = make_policy("balancekv", budget=0.3)

@@ -580,15 +580,6 @@ def fixed_matmul_reference(x: torch.Tensor, w: torch.Tensor, transpose: bool = F
     return x.double() @ (w.transpose(-2, -1) if transpose else w)
 
 
-def fixed_matmul_cost(x_shape, w_shape, n_parties: int = 2, replicated: bool = False) -> dict:
-    """Analytic per-party costs (bytes sent, rounds) of one use, of the stock matmul, and of fixing ``W`` once,
-    before truncation (local in 2PC; replicated 3PC truncation adds ``|x @ W|`` elements sent by party 2)."""
-    nx, nw = int(torch.Size(x_shape).numel()), int(torch.Size(w_shape).numel())
-    k = 8 * (n_parties - 1) if not replicated else 8
-    return {"fixed_bytes": k * nx, "fixed_rounds": 1, "stock_bytes": k * (nx + nw), "stock_rounds": 1,
-            "offline_bytes": k * nw, "offline_rounds": 1}
-
-
 def _dealer_class():
     from crypten.mpc.provider.ttp_provider import TTPServer
 

@@ -43,7 +43,7 @@ def available(fixed) -> bool:
     """Whether the three-operand route runs for this fixed operand and session: TFP, 2 parties, CPU tensors (its
     int64 contractions use torch's CPU kernels; CUDA has no int64 matmul and keeps the two-operand route)."""
     return (isinstance(fixed, FixedOperand) and fixed.path == PATH_TFP and _comm().get_world_size() == 2
-            and fixed.w.share.device.type == "cpu")
+            and fixed.w.share.device.type in ("cpu", "meta"))          # meta: a dry run of a CPU party
 
 
 def _shared(plain, size, dev):

@@ -16,7 +16,7 @@ Security: the same as CrypTen's TFP. Party 0 knows every tuple (the TFP conventi
 secure against party 0, which every report says). A party ``i > 0`` sees only pseudo-random draws from a seed it
 shares with party 0 — uniform and independent of the tuple values, exactly what PRZS gave it; its view of the
 online protocol (the openings ``x - a`` etc.) is unchanged. No communication: bytes and rounds are identical to
-CrypTen's provider (``mpcache/mpc/costs.py`` is unchanged). Generators advance in lockstep: for each shared
+CrypTen's provider (a dry run, ``mpcache/mpc/dryrun.py``, counts it like any other provider). Generators advance in lockstep: for each shared
 generator, both ends draw the same sizes in the same order. World sizes other than 2 and 3, and ops other than
 ``mul``/``matmul``, fall back to CrypTen's code.
 """

@@ -12,11 +12,12 @@ public sizes. **Leakage of every protocol here: none beyond the shapes of its in
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 import torch
+
+from .schedules import _radix_schedule, lockstep_schedule, max_schedule, strata_schedule
 
 # ---- comparisons and max -------------------------------------------------------------------------------------
 
@@ -128,69 +129,6 @@ def _radix_layer(x, r: int, lean: bool):
     Rounds: cmp + ceil(log2 r) mul.  Bytes/party: (r-1)/2 comparisons + ~(r-1) products per entry.
     """
     return _onehot_radix_level(x, None, r, lean)[0]
-
-
-def _radix_schedule(m: int, radix) -> list[int]:
-    """Radices of the layers of a tournament over m entries: ``radix`` an int (every layer) or a sequence (used in
-    order, its last entry repeated); a layer never uses a radix above the number of entries left."""
-    rs = [radix] if isinstance(radix, int) else list(radix)
-    out, i = [], 0
-    while m > 1:
-        r = min(rs[min(i, len(rs) - 1)], m)
-        out.append(r)
-        m, i = -(-m // r), i + 1
-    return out
-
-
-# ---- radix schedules chosen by modelled latency ------------------------------------------------------------------
-SCHEDULE_PROFILE = "lan"        # the network profile (mpcache/latency.py) whose latency the "auto" schedules minimise
-SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # candidate layer radices (and any r = m <= 64 last)
-
-
-def current_setting():
-    """The cost-model Setting of the running CrypTen session (compute parties, protocol, provider)."""
-    import crypten
-    import crypten.communicator as comm
-
-    from .costs import Setting
-
-    provider = "ttp" if crypten.mpc.get_default_provider().NAME == "TTP" else "tfp"
-    protocol = "replicated" if crypten.cfg.mpc.protocol == "replicated" else "arithmetic"     # CrypTen: "beaver"
-    return Setting(comm.get().get_world_size(), protocol, provider)
-
-
-def max_schedule(rows: int, m: int, lean: bool, setting=None) -> tuple[int, ...]:
-    """The radix schedule of a tournament max over ``m`` entries in each of ``rows`` rows that minimises the modelled
-    network latency ``rounds x RTT + bytes / bandwidth`` on ``SCHEDULE_PROFILE`` (LAN: 1 round ~ 112 KB), from the
-    analytic costs of each layer (mpcache/mpc/costs.py, tested equal to the measured ledgers). A public function
-    of public sizes and the protocol setting (``setting``: the cost tracer's; None = the running session's), so
-    every party and the cost tracer derive the same schedule. Short rows get one or two wide layers (few rounds,
-    few bytes in all); long rows start with cheap narrow layers. Dynamic programming over the entries left."""
-    if m <= 1:
-        return ()
-    return _best_levels("max", setting or current_setting(), int(rows), int(m), 0, bool(lean), SCHEDULE_PROFILE)[1]
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, profile: str):
-    """(modelled seconds, radices) of the cheapest tournament over ``n`` entries per row: ``kind`` "max" (values
-    only, costs.max_layer) or "strata" (each level also multiplies the one-hots of width ``w`` carried so far,
-    costs.strata_level). Dynamic programming over the entries left (ceil(n / r) after a radix-r level)."""
-    from ..latency import PROFILES
-    from .costs import max_layer, strata_level
-
-    if n <= 1:
-        return 0.0, ()
-    prof = PROFILES[profile]
-    best = None
-    for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
-        cost = max_layer(setting, (rows,), n, r, lean) if kind == "max" else strata_level(setting, (rows,), n, w, r, lean)
-        sm = cost.summary()
-        t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
-        sub_t, sub = _best_levels(kind, setting, rows, -(-n // r), r * w, lean, profile)
-        if best is None or t + sub_t < best[0]:
-            best = (t + sub_t, (r, *sub))
-    return best
 
 
 def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = False):
@@ -849,37 +787,6 @@ STRATA_RADIX = "auto"        # survivors per group at each tournament level: "au
 #                              or a sequence of level radices
 
 
-def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting=None) -> tuple[int, ...]:
-    """The level radices of a stratified tournament over ``g`` slots per stratum (``rows`` strata in all): ``radix``
-    an int (every level, capped at the survivors left) or a sequence (in order, the last repeated), or "auto": the
-    schedule minimising the modelled latency on ``SCHEDULE_PROFILE`` (as :func:`max_schedule`, but each level
-    also multiplies the one-hots carried so far, whose width grows with the radices before it)."""
-    if radix != "auto":
-        out, n = [], g
-        rs = [radix] if isinstance(radix, int) else list(radix)
-        while n > 1:
-            r = min(rs[min(len(out), len(rs) - 1)], n)
-            out.append(r)
-            n = n // 2 + n % 2 if r == 2 else -(-n // r)
-        return tuple(out)
-    if g <= 1:
-        return ()
-    return _best_levels("strata", setting or current_setting(), int(rows), int(g), 1, bool(lean), SCHEDULE_PROFILE)[1]
-
-
-def _product_rounds(r: int, w: int) -> list[list[int]]:
-    """The product tree of one radix-r level of the one-hot tournament: r - 1 bits (width 1) and the member's
-    vector [value, one-hot] (width 1 + w), paired left to right each round (the vector is always last).
-    Returns, per round, the widths of its pairs (one batched product per round)."""
-    widths = [1] * (r - 1) + [1 + w]
-    rounds = []
-    while len(widths) > 1:
-        pairs = [max(widths[i], widths[i + 1]) for i in range(0, len(widths) - 1, 2)]
-        rounds.append(pairs)
-        widths = pairs + widths[2 * len(pairs):]
-    return rounds
-
-
 def _onehot_radix_level(v, oh, r: int, lean: bool):
     """One level of the one-hot tournament: survivors (..., n) with one-hots (..., n, w) -> (..., ceil(n/r)) and
     (..., ceil(n/r), r·w) (``oh=None``: values only, w = 0 — a radix-r max layer). Groups of r consecutive survivors (the last padded by repeating the last survivor: a
@@ -1051,54 +958,6 @@ def _ring_ones(x):
     if comm.get().get_rank() == 0:
         one += 1
     return _from_shares(one, precision=0)
-
-
-def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting=None) -> tuple[int, ...]:
-    """The level radices (1 = idle at that level) of a max over ``n`` entries in each of ``rows`` rows run in
-    lockstep beside levels of radices ``caps`` (:func:`strata_select`), then its own levels for what is left.
-
-    Beside a level of radix c, a level of radix r <= 2^ceil(log2 c) adds no round (its product tree is no deeper),
-    only bytes; levels after ``caps`` add their rounds. Of the choices per level (idle, or a candidate radix within
-    that bound) and :func:`max_schedule` for the rest, the one minimising the modelled latency (``SCHEDULE_PROFILE``:
-    bytes / bandwidth + added rounds x RTT, from costs.py) is returned: e.g. 12 anchor columns beside one radix-11
-    level take radix 12 there (no added round, a few KB), 16-row cluster summaries (tens of thousands of rows)
-    take cheap narrow levels. A public function of public sizes and the setting."""
-    return _lockstep_levels(int(n), int(rows), tuple(caps), bool(lean), setting or current_setting(), SCHEDULE_PROFILE)
-
-
-@functools.lru_cache(maxsize=4096)
-def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profile: str) -> tuple[int, ...]:
-    from ..latency import PROFILES
-    from .costs import _lockstep
-
-    prof = PROFILES[profile]
-
-    def seconds(c):
-        sm = c.summary()
-        return 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps, sm["rounds"]
-
-    @functools.cache
-    def best(i: int, left: int):
-        if left <= 1:
-            return 0.0, ()
-        if i == len(caps):
-            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting))
-            t, m = 0.0, left
-            for r in sched:
-                b, rounds = seconds(_lockstep(setting, [(rows, m, 0, r)], lean))
-                t += b + rounds * prof.rtt_s
-                m = -(-m // r)
-            return t, tuple(sched)
-        bound = 1 << max(1, math.ceil(math.log2(caps[i])))
-        out = None
-        for r in [1] + sorted({r for r in SCHEDULE_RADICES if r <= min(left, bound)} | ({left} if left <= bound else set())):
-            t = 0.0 if r == 1 else seconds(_lockstep(setting, [(rows, left, 0, r)], lean))[0]
-            sub_t, sub = best(i + 1, -(-left // r))
-            if out is None or t + sub_t < out[0]:
-                out = (t + sub_t, (r, *sub))
-        return out
-
-    return best(0, int(n))[1]
 
 
 def strata_top1_onehot_reference(scores: torch.Tensor, k: int, heads: bool = False) -> torch.Tensor:

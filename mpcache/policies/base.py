@@ -256,6 +256,25 @@ class CachePolicy:
 
     name: ClassVar[str] = "full"
 
+    def __str__(self) -> str:
+        """The registered name and the settings that shape the run, e.g. ``mpcache budget=0.1 cluster_size=8``:
+        the resolved budget always (when the policy has one), every other field only where it is not the default."""
+        import dataclasses
+
+        parts = [self.name]
+        keep = getattr(self, "keep", None)
+        if keep is not None:
+            parts.append(f"budget={keep:g}" if isinstance(keep, float) else f"budget={keep} tokens")
+        if dataclasses.is_dataclass(self):
+            for f in dataclasses.fields(self):
+                if f.name in ("budget", "compression_ratio") or not f.repr:
+                    continue
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                v = getattr(self, f.name)
+                if default is dataclasses.MISSING or v != default:
+                    parts.append(f"{f.name}={v}")
+        return " ".join(parts)
+
     def prefill(self, ctx: PrefillContext) -> Gather | None:
         return None
 
