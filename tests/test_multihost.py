@@ -54,7 +54,8 @@ def fabric():
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("n,extra", [(2, []), (3, ["--protocol", "replicated"])], ids=["2pc", "3pc"])
+@pytest.mark.parametrize("n,extra", [(2, []), (3, ["--protocol", "replicated"]), (3, ["--provider", "ttp"])],
+                         ids=["2pc", "3pc", "2pc-dealer"])
 def test_hostfile_run_across_namespaces_equals_loopback(fabric, tmp_path, n, extra):
     netem, fab = fabric
     hostfile = tmp_path / "hosts"
