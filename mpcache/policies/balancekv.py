@@ -28,12 +28,14 @@ This implementation (one algorithm for plaintext and shares):
   the data, public, identical in plaintext and under MPC (the signs stay secret: they compare a secret running
   sum with a public threshold).
 
-Under MPC (2PC, lean comparisons): per layer, key/value normalisation (``norm_scale``) once; per halving level
-one Gram product (1 round), ``kernel_iters`` squarings and one product, then one walk step per pair of a block
-(P = block / 2^(t+1) steps at level t): a comparison (7 rounds) and one product (1 round) updating the running
-inner products, then one product muxing the kept rows and composing the one-hot. Rounds per layer:
-sum_t [block/2^(t+1) * 8 + kernel_iters + 3] + norm rounds — independent of the prompt length (blocks and heads
-are batched); bytes grow linearly with the number of blocks (the Gram is block x block per block).
+Under MPC (2PC, lean comparisons): per layer, key/value normalisation (``norm_scale``, one call) once; per halving
+level t one Gram product (1 round), ``kernel_iters`` squarings and one product, then one walk step per pair of a
+block (P_t = block / 2^(t+1) steps): a comparison (7 rounds) and, but for the last, one product (1 round) updating
+the running inner products; then one product muxing the kept rows and composing the one-hot. Rounds per layer:
+rsqrt + sum_t [P_t * 8 - 1 + kernel_iters + 3] + the final gather, independent of the prompt length (blocks and
+heads are batched). Measured (SmolLM2 shape, block 32, rate 8, 2PC TFP, ``parties bench``): 261 rounds per layer
+at 1k and at 2k (196 of them the 28 steps' comparisons, 17 the normalisation); bytes grow linearly with the
+number of blocks: 93 MB per layer at 1k, 189 MB at 2k, two thirds of it the normalisation's rsqrt.
 """
 from __future__ import annotations
 
