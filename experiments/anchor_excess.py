@@ -86,7 +86,9 @@ def fixed_point_rows(m: int = 412, excesses=(4, 8, 10, 12, 13, 16), n_rows: int 
 
     import torch
 
+    from mpcache.model.transformer import Transformer
     from mpcache.mpc import ops
+    from mpcache.mpc.config import MpcConfig
 
     def q(x):
         return torch.round(x * 65536) / 65536
@@ -95,10 +97,11 @@ def fixed_point_rows(m: int = 412, excesses=(4, 8, 10, 12, 13, 16), n_rows: int 
     out = []
     for D in excesses:
         x = torch.randn(n_rows, m, generator=g, dtype=torch.float64)
-        cols = list(range(ops.ANCHOR[0])) + list(range(m - ops.ANCHOR[1], m))
+        anchor, iters = Transformer.DECODE_ANCHOR, MpcConfig().anchor_exp_iters
+        cols = list(range(anchor[0])) + list(range(m - anchor[1], m))
         x[:, m // 2] = x[:, cols].max(-1).values + D
-        a = ops._anchor_columns(x, ops.ANCHOR).max(-1, keepdim=True).values
-        e = q(ops.exp_limit_reference(x - a, iters=ops.ANCHOR_EXP_ITERS))
+        a = ops._anchor_columns(x, anchor).max(-1, keepdim=True).values
+        e = q(ops.exp_limit_reference(x - a, iters=iters))
         c = 1 / math.sqrt(m)
         r = q(1 / q(e.sum(-1, keepdim=True) * c))
         p = q(q(e * r) * c)

@@ -115,10 +115,11 @@ def exp_error_table(fit_range=None) -> dict:
     import torch
 
     from mpcache.mpc import ops
+    from mpcache.mpc.config import MpcConfig
 
     x = torch.linspace(-14, 0, 14001, dtype=torch.float64)
     ref, ex = ops.exp_limit_reference(x, fit_range=fit_range), x.exp()
-    out = {"iters": ops.EXP_ITERS, "fit_range": fit_range, "max_abs_err_[-14,0]": (ref - ex).abs().max().item()}
+    out = {"iters": MpcConfig().exp_iters, "fit_range": fit_range, "max_abs_err_[-14,0]": (ref - ex).abs().max().item()}
     for lo in (-1, -2, -5, -10, -14):
         sel = x >= lo
         out[f"max_rel_err_[{lo},0]"] = ((ref[sel] - ex[sel]).abs() / ex[sel]).max().item()
@@ -131,6 +132,7 @@ def party(knobs: Knobs, run_dir: str) -> None:
 
     torch.set_num_threads(1)
     from mpcache.mpc import ops
+    from mpcache.mpc.config import MpcConfig
     from mpcache.mpc.session import open_session, serve_dealer
 
     sess = open_session(knobs.protocol, knobs.provider, "cpu", {"bench": "softmax"}, timeout_s=600)
@@ -154,7 +156,7 @@ def party(knobs: Knobs, run_dir: str) -> None:
     # the exp: secure vs float model on [-14, 0] (what the softmax feeds it after the max)
     xe = torch.round(torch.linspace(-14, 0, 1401) * 2 ** 16) / 2 ** 16
     exp_info = {}
-    for fit in (None, ops.SOFTMAX_EXP_FIT):
+    for fit in (None, MpcConfig().softmax_exp_fit):
         ye, ce, _ = measure(lambda fit=fit: ops.exp_limit(crypten.cryptensor(xe, src=0), fit_range=fit))
         ye = ye.get_plain_text().double()
         model = ops.exp_limit_reference(xe, fit_range=fit)

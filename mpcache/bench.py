@@ -149,7 +149,7 @@ def selection_sets(g: Gather | None, reveal) -> list | None:
     oh = reveal(g.onehot)
     picked = oh.argmax(-1)                                                     # (Hkv, k)
     if g.strata:
-        from .mpc.ops import strata_layout
+        from .layout import strata_layout
 
         layout, _ = strata_layout(g.strata, g.n_blocks_selected)
         picked = layout[torch.arange(layout.shape[0]), picked]

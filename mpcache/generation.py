@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .latency import PROFILES, modelled_seconds
 from .model.transformer import Transformer, generate
 from .model.weights import expected_shapes, fold_norm_gains, folded_norm_names
+from .mpc.config import MpcConfig
 from .mpc.session import CLIENT, SERVER, Session, SessionError
 
 
@@ -37,20 +38,17 @@ class GenerationResult:
 # weight matrices used only as the right operand of matmuls (and embed: onehot @ embed, h @ embed.T): with
 # fixed=True they become FixedOperands. Biases, norm weights and gpt2's pos_embed (indexed) stay plain shares.
 FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
-FIXED_WEIGHTS_DEFAULT = True
-FOLD_NORMS_DEFAULT = True      # block norm gains folded into the next linear layers before sharing (server side)
-FIXED_KV_DEFAULT = True        # cached K/V rows as fixed operands (their W - B opened once, when written)
 
 
 def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None,
                   fixed: bool = False, fold_norms: bool | None = None) -> dict:
     """The server secret-shares every weight tensor (offline phase); other parties pass only public shapes.
     ``fixed``: also open each weight matrix's mask once (fixed-operand triples, offline/weights scope).
-    ``fold_norms`` (default ``FOLD_NORMS_DEFAULT``, public): the server first folds each block's norm gain into
+    ``fold_norms`` (default ``B.cfg.fold_norms``, public): the server first folds each block's norm gain into
     the linear layers that read it (:func:`fold_norm_gains`), which are shared instead of the gains."""
     from .mpc.fixed_operand import FixedOperand
 
-    fold = FOLD_NORMS_DEFAULT if fold_norms is None else fold_norms
+    fold = B.cfg.fold_norms if fold_norms is None else fold_norms
     shapes = expected_shapes(cfg)
     weights = weights if sess.rank == SERVER else None      # only the server's weights are read (None: dry run)
     if fold:
@@ -90,12 +88,13 @@ def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prom
     """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits, backend).
     ``progress(t)`` is called after token t; ``on_phase(name)`` when the phase ``"offline"`` (weights and prompt
     shared) ends (the prefill ends with token 0: the argmax of its last position).
-    ``fixed_weights`` (default ``FIXED_WEIGHTS_DEFAULT``): fixed-operand triples for the weight matrices;
+    ``fixed_weights`` (default: the session's ``cfg.fixed_weights``): fixed-operand triples for the weight matrices;
     ``backend.matmul_paths`` then says which matmul path ran how often. ``fixed_kv`` (default
-    ``FIXED_KV_DEFAULT``): the same for the cached K/V rows (fixed at the end of the prefill and as each new row
+    ``cfg.fixed_kv``): the same for the cached K/V rows (fixed at the end of the prefill and as each new row
     is written; see :meth:`mpcache.model.transformer.Transformer.decode`)."""
-    B = SecureBackend(sess, fixed_weights=FIXED_WEIGHTS_DEFAULT if fixed_weights is None else fixed_weights,
-                      fixed_kv=FIXED_KV_DEFAULT if fixed_kv is None else fixed_kv)
+    mpc = getattr(sess, "cfg", None) or MpcConfig.current()
+    B = SecureBackend(sess, fixed_weights=mpc.fixed_weights if fixed_weights is None else fixed_weights,
+                      fixed_kv=mpc.fixed_kv if fixed_kv is None else fixed_kv)
     w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
     x, _ = share_prompt(sess, B, cfg, prompt_ids)
     if on_phase is not None:

@@ -22,6 +22,9 @@ def _network(p: argparse.ArgumentParser) -> None:
     n.add_argument("--iface", default=None,
                    help="network interface every party's gloo traffic uses (default: the one it reaches rank 0 by)")
     n.add_argument("--port", type=int, default=0, help="rendezvous TCP port on rank 0 (default 0: a free one)")
+    p.add_argument("--mpc", action="append", default=[], metavar="KEY=VALUE",
+                   help="a protocol knob of mpcache.mpc.config.MpcConfig (repeatable), e.g. --mpc softmax_lean=false "
+                        "--mpc exp_iters=10; every party must pass the same (the handshake compares them)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -104,7 +104,8 @@ def run(args) -> None:
               "warmup": args.warmup, "policies": [(lab, repr(p)) for lab, p in policies],
               "fixed_weights": args.fixed_weights, "check": args.check}
     sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout,
-                        master_addr=args.master_addr, iface=args.iface, port=args.port)
+                        master_addr=args.master_addr, iface=args.iface, port=args.port,
+                        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}"])
     os.makedirs(args.out, exist_ok=True)
     if sess.is_dealer:
         serve_dealer(sess)

@@ -105,7 +105,9 @@ def run(args) -> None:
               "device": args.device, "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv,
               "verify": not args.no_plaintext}
     sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout,
-                        master_addr=args.master_addr, iface=args.iface, port=args.port)
+                        master_addr=args.master_addr, iface=args.iface, port=args.port,
+                        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}",
+                             f"fixed_kv={str(args.fixed_kv).lower()}"])
     if sess.is_dealer:
         serve_dealer(sess)
         return

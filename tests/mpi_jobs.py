@@ -1,5 +1,7 @@
 """Jobs that the tests launch under real ``mpirun`` (2 or 3 processes); each writes a JSON result on rank 0.
 
+Why one file: one mpirun entry point for every end-to-end job (``python tests/mpi_jobs.py JOB``).
+
 Usage: mpirun -n N python tests/mpi_jobs.py JOB OUT.json [args...]
 """
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """mpcache/policies: the one-hot Gather path against index gathering, public shapes, incremental summaries,
 MPCache's selection against an independent torch re-implementation, budgets, and every policy inside the model.
 
+Why one file (~550 lines): the plaintext contract of every policy, checked with the same fixtures.
+
 Eviction decisions are compared as kept index sets on random Gaussian inputs (no ties in practice).
 """
 from __future__ import annotations
@@ -65,7 +67,7 @@ def row_indices(g: Gather | None, L: int) -> torch.Tensor:
         assert torch.equal(g.onehot.sum(-1), torch.ones(g.onehot.shape[:-1])), "one-hot rows must hold one 1"
         blocks = g.onehot.argmax(-1)                                              # (Hkv, k)
         if g.strata:                          # compact form: slot j of row r is candidate strata_layout[r, j]
-            from mpcache.mpc.ops import strata_layout
+            from mpcache.layout import strata_layout
 
             layout, _ = strata_layout(g.strata, g.n_blocks_selected)
             blocks = layout[torch.arange(layout.shape[0]), blocks]
@@ -461,7 +463,7 @@ def test_registry():
 
 def test_strata_selection_is_the_max_of_each_stratum():
     """topk="strata": row r of the selection is the best-scoring candidate of public stratum r (ties: first)."""
-    from mpcache.mpc.ops import strata_layout
+    from mpcache.layout import strata_layout
 
     pol = make_policy("mpcache", budget=0.2, topk="strata")
     ctx = decode_ctx(600, seed=3)
@@ -482,7 +484,7 @@ def test_strata_decode_summaries_made_in_the_tournament_match_direct(head_reduce
     """Over a growing cache (strata selection): a cluster is summarised in the step's tournament once complete
     (ops.strata_select ``also``), never scored before it is, and every step the kept summaries equal a direct
     recomputation; the selection is the max of each stratum; the anchors' max is handed to the attention."""
-    from mpcache.mpc.ops import strata_layout
+    from mpcache.layout import strata_layout
 
     pol = make_policy("mpcache", budget=0.1, topk="strata", head_reduce=head_reduce)
     S = pol.cluster_size

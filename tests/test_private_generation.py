@@ -64,6 +64,15 @@ def _launch(n, args, timeout=120):
     return p, time.time() - t0
 
 
+def test_different_protocol_knobs_are_refused_at_startup(tmp_path):
+    """Two parties launched with different MpcConfig knobs (MPMD): refused at the handshake, naming the field."""
+    gen = ["-m", "parties", "generate", "--model", "tiny-llama", "--max-new-tokens", "2", "--out", str(tmp_path / "o")]
+    p = run_mpi(1, [*gen, ":", "-n", "1", sys.executable, *gen, "--mpc", "exp_iters=10"], timeout=120, check=False)
+    assert p.returncode != 0
+    assert "mpc.exp_iters: rank 0" in p.stderr and "pass the same --mpc" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
 def test_handshake_mismatch_is_refused(tmp_path):
     gen = ["-m", "parties", "generate", "--max-new-tokens", "2", "--out", str(tmp_path)]
     p, _ = _launch(1, [*gen, "--model", "tiny-llama", ":", "-n", "1", sys.executable, *gen, "--model", "tiny-gpt2"])

@@ -196,7 +196,7 @@ def walk_reference(k, v, levels, c, beta, iters, coins):
 
 def gathered_rows(g, n: int) -> list[list[int]]:
     """Per KV head, the cache rows a BalanceKV Gather keeps (plaintext one-hot -> indices), in output order."""
-    from mpcache.mpc.ops import strata_layout
+    from mpcache.layout import strata_layout
 
     idx, _ = strata_layout(g.strata, g.n_blocks_selected)
     pick = idx[torch.arange(idx.shape[0]), g.onehot.argmax(-1)] + g.start          # (Hkv, k)

@@ -6,7 +6,6 @@ is a matmul with them, so the plaintext run exercises exactly the data flow of t
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -98,7 +97,7 @@ class PlainBackend:
     def strata_top1_onehot(self, scores: Tensor, k: int) -> Tensor:
         """Compact rows ``(..., k, g)``: row r is the one-hot of the first maximum of public stratum r (candidates
         ``[floor(r m / k), floor((r+1) m / k))``, see :func:`mpcache.mpc.ops.strata_layout`)."""
-        from ..mpc.ops import STRATA_PAD, strata_layout
+        from ..layout import STRATA_PAD, strata_layout
 
         idx, valid = strata_layout(int(scores.shape[-1]), k)
         x = scores[..., idx.to(scores.device)].masked_fill(~valid.to(scores.device), STRATA_PAD)
@@ -120,24 +119,9 @@ class PlainBackend:
 
 def _stable_topk(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores, ties broken towards the lower index (matches the secure rank protocol)."""
-    m = scores.shape[-1]
     # sort descending by score, ascending by index: stable sort on the negated scores keeps index order on ties
     order = torch.sort(-scores, dim=-1, stable=True).indices
     return order[..., :k]
 
 
-def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables (T, head_dim) in HF's rotate_half layout. Positions are public."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    ang = positions.to(torch.float64)[:, None] * inv[None, :]
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
-
-
-def causal_mask(n_q: int, n_k: int) -> Tensor:
-    """Public 0/1 mask (n_q, n_k): query i (the last n_q of n_k positions) sees keys <= its position."""
-    q_pos = torch.arange(n_k - n_q, n_k)[:, None]
-    return (torch.arange(n_k)[None, :] <= q_pos).float()
-
-
-__all__ = ["PlainBackend", "rope_tables", "causal_mask"]
+__all__ = ["PlainBackend"]

@@ -11,6 +11,7 @@ import contextlib
 import torch
 
 from ..mpc import gather_triple, ops
+from ..mpc.config import MpcConfig
 from ..mpc.fixed_operand import FixedOperand, fixed_matmul, unfix
 
 
@@ -22,6 +23,9 @@ class SecureBackend:
 
         self.crypten = crypten
         self.session = session
+        # every protocol knob: the session's (built once from the CLI, in the handshake); else the defaults for the
+        # running CrypTen session
+        self.cfg: MpcConfig = getattr(session, "cfg", None) or MpcConfig.current()
         # fixed_weights: share_weights wraps the weight matrices in FixedOperand (W - B opened once, offline);
         # matmul/embedding then dispatch to fixed_matmul. matmul_paths counts which path each product took.
         self.fixed_weights = fixed_weights
@@ -88,21 +92,18 @@ class SecureBackend:
 
     # ---- reductions ----------------------------------------------------------------------------------------
     # max/min serve the cache policies (cluster summaries of keys, scores, attention probabilities): values far
-    # below the lean comparison's bound (|x| < 16384), so they use it (7 rounds / 96 B per comparison, exact)
-    POLICY_LEAN = True
-    # reductions over at most this many entries (a KV group's query heads, a leaf cluster's rows) take ONE radix
-    # layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries) instead of the pairwise tree (2 x 8 rounds)
-    POLICY_ONE_LAYER = 4
-
-    @classmethod
-    def policy_radix(cls, m: int) -> int:
-        return m if 2 < m <= cls.POLICY_ONE_LAYER else 2
+    # below the lean comparison's bound (|x| < 16384), so they use it (cfg.policy_lean: 7 rounds / 96 B per
+    # comparison, exact). Reductions over at most cfg.policy_one_layer entries (a KV group's query heads, a leaf
+    # cluster's rows) take ONE radix layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries) instead of the
+    # pairwise tree (2 x 8 rounds).
+    def policy_radix(self, m: int) -> int:
+        return m if 2 < m <= self.cfg.policy_one_layer else 2
 
     def max(self, x, dim: int = -1, keepdim: bool = False):
         x = unfix(x)
         with self._scope("max"):
             return ops.tree_max(x, dim=dim, keepdim=keepdim, radix=self.policy_radix(int(x.shape[dim])),
-                                lean=self.POLICY_LEAN)
+                                lean=self.cfg.policy_lean, cfg=self.cfg)
 
     def min(self, x, dim: int = -1, keepdim: bool = False):
         return -self.max(-unfix(x), dim=dim, keepdim=keepdim)
@@ -118,32 +119,32 @@ class SecureBackend:
         dim = dim % a.dim()
         with self._scope("max"):
             both = ops.tree_max(self.crypten.stack([a, -b]), dim=dim + 1, radix=self.policy_radix(int(a.shape[dim])),
-                                lean=self.POLICY_LEAN)
+                                lean=self.cfg.policy_lean, cfg=self.cfg)
         return both[0], -both[1]
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
     def softmax(self, x, dim: int = -1, mask: torch.Tensor | None = None, anchor=None, offset=None):
         """``anchor=(a, b)``: a decode row whose first a and last b columns are always-attended public rows; their
         max is the exp's offset (ops.softmax, ANCHOR): a constant-round softmax, no max over the row."""
-        return ops.softmax(x, dim=dim, mask=mask, anchor=anchor, offset=offset)
+        return ops.softmax(x, dim=dim, mask=mask, anchor=anchor, offset=offset, cfg=self.cfg)
 
     def norm_scale(self, v, add: float = 0.0):
         """v / sqrt(sum(v^2) + add), precise in fixed point (see :func:`mpcache.mpc.ops.norm_scale`)."""
         with self._scope("rsqrt"):
-            return ops.norm_scale(v, add)
+            return ops.norm_scale(v, add, cfg=self.cfg)
 
     def silu(self, x):
         with self._scope("silu"):
-            return ops.silu(x)
+            return ops.silu(x, cfg=self.cfg)
 
     def gelu(self, x):
         with self._scope("gelu"):
-            return ops.gelu(x)
+            return ops.gelu(x, cfg=self.cfg)
 
     # ---- selection -----------------------------------------------------------------------------------------
     def argmax_onehot(self, x, dim: int = -1):
         assert dim in (-1, x.dim() - 1)
-        return ops.argmax_onehot(x)
+        return ops.argmax_onehot(x, cfg=self.cfg)
 
     def topk_onehot(self, scores, k: int):
         with self._scope("topk"):
@@ -155,22 +156,21 @@ class SecureBackend:
 
     def strata_top1_onehot(self, scores, k: int):
         with self._scope("topk"):
-            return ops.strata_top1_onehot(scores, k)
+            return ops.strata_top1_onehot(scores, k, cfg=self.cfg)
 
     def strata_select(self, scores, k: int, heads: bool = False, also=()):
         """ops.strata_select: the stratified top-1 over the max of the group's heads (``heads``) with the maxima of
         ``also`` in the same comparison layers."""
         with self._scope("topk"):
-            oh, maxes = ops.strata_select(unfix(scores), k, heads=heads, also=[unfix(t) for t in also])
+            oh, maxes = ops.strata_select(unfix(scores), k, heads=heads, also=[unfix(t) for t in also], cfg=self.cfg)
             return oh, maxes
 
     # ---- attention over a one-hot selection of the fixed cache (mpcache.mpc.gather_triple) ------------------------
-    GATHER_TRIPLES = True     # three-operand products (TFP, 2PC) instead of gathering scores / scattering probabilities
 
     def gathered_ok(self, g, k, v) -> bool:
         """Whether :meth:`gather_scores` / :meth:`gather_values` run for the compact (strata) Gather ``g`` over the
         fixed K and V (else the two-operand route of ``Transformer._attend_selected``)."""
-        return bool(self.GATHER_TRIPLES and g is not None and g.onehot is not None and g.strata
+        return bool(self.cfg.gather_triples and g is not None and g.onehot is not None and g.strata
                     and gather_triple.available(k) and gather_triple.available(v))
 
     def gather_scores(self, q, g, k):
@@ -198,7 +198,7 @@ class SecureBackend:
         Leaks: shapes only."""
         x = unfix(x)
         with self._scope("cmp"):
-            bit = ops._ltz(x - t, self.POLICY_LEAN)
+            bit = ops._ltz(x - t, self.cfg.policy_lean)
         return ops._from_shares(bit.share * int(x.encoder.scale), precision=None)
 
     def reveal(self, x, dst: int | None = None, label: str = "value"):

@@ -15,9 +15,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.plain import causal_mask, rope_tables
 from ..config import ModelConfig
 from ..policies.base import CachePolicy, DecodeContext, PrefillContext
+
+
+# ---- public tables of the model (positions are public): used by both backends' runs of the model ----------------
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, head_dim) in HF's rotate_half layout. Positions are public."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def causal_mask(n_q: int, n_k: int) -> torch.Tensor:
+    """Public 0/1 mask (n_q, n_k): query i (the last n_q of n_k positions) sees keys <= its position."""
+    q_pos = torch.arange(n_k - n_q, n_k)[:, None]
+    return (torch.arange(n_k)[None, :] <= q_pos).float()
 
 
 def _no_scope(name: str):
@@ -124,7 +138,7 @@ class Transformer:
 
     #: decode rows (one query, no mask) offset the secure softmax's exp by the max of these public columns (the
     #: first rows of the attended cache: attention sinks; the last: the newest rows) instead of the row's max
-    #: (mpcache.mpc.ops.ANCHOR: constant rounds, no max tree over the cache); None = the max over the row.
+    #: (mpcache.mpc.softmax: constant rounds, no max tree over the cache); None = the max over the row.
     #: Over a policy's selection the same offset is used only when the selection always attends those very cache
     #: rows (:meth:`selection_anchor`): the attended row is then a subset of the full row with the same anchors, so
     #: its excess over the anchors (what the anchored softmax's range limits, ops.ANCHOR_MAX_EXCESS) is at most the

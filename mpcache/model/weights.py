@@ -1,5 +1,8 @@
 """Loading model weights into mpcache's internal format.
 
+Why one file (~750 lines): every loader (GGUF with its dequantizers, HF safetensors in LLaMA and GPT-2 layouts, the
+tiny random configs, the cache) produces the same internal layout, and the name/shape mapping is shared by all.
+
 ``load_model(spec)`` returns ``(ModelConfig, weights, Tokenizer)``. ``weights`` is a ``dict[str, torch.Tensor]`` of
 float32 tensors, every linear weight stored as ``(in_features, out_features)`` so the model computes ``x @ W``:
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import MpcConfig
 from .ledger import CostLedger, _counting_communicator_class
 from .schedules import Setting
 
@@ -222,6 +223,12 @@ class DrySession:
     comm: _DryMPI = field(default_factory=lambda: _DryMPI({}))
     device: str = "meta"
     is_dealer: bool = False
+    cfg: MpcConfig | None = None
+
+    def __post_init__(self):
+        s = self.setting
+        if self.cfg is None:
+            self.cfg = MpcConfig(protocol=s.protocol, provider=s.provider, n_parties=s.n)
 
     @property
     def n_parties(self) -> int:
@@ -261,15 +268,18 @@ def _counting_dry_class():
 
 
 @contextlib.contextmanager
-def dry_party(rank: int, setting: Setting, ledger: CostLedger | None = None, public: dict | None = None):
-    """Within this context CrypTen runs as compute party ``rank`` of ``setting`` on a dry communicator counting
-    into ``ledger`` (a new one if None); yields the :class:`DrySession`. The running session's communicator,
+def dry_party(rank: int, setting: Setting | MpcConfig, ledger: CostLedger | None = None, public: dict | None = None):
+    """Within this context CrypTen runs as compute party ``rank`` of ``setting`` (or of an :class:`MpcConfig`, to
+    cost its knobs) on a dry communicator counting into ``ledger`` (a new one if None); yields the
+    :class:`DrySession`. The running session's communicator,
     protocol and provider (if any) are restored on exit, so a live party can dry-run a protocol (the schedule
     search does)."""
     from . import compat
     from .session import PROTOCOLS, PROVIDERS
 
     crypten = compat.crypten()
+    knobs = setting if isinstance(setting, MpcConfig) else None
+    setting = knobs.setting if knobs is not None else setting
     from crypten import communicator as cmod
     from crypten.config import cfg
 
@@ -287,7 +297,7 @@ def dry_party(rank: int, setting: Setting, ledger: CostLedger | None = None, pub
     ttp = _ttp_client(inst) if setting.provider == "ttp" else contextlib.nullcontext()
     try:
         with ttp, _OnMeta():
-            yield DrySession(rank, setting, ledger, _DryMPI(public or {}))
+            yield DrySession(rank, setting, ledger, _DryMPI(public or {}), cfg=knobs)
     finally:
         cmod.DistributedCommunicator, cls.instance, cfg.mpc.protocol, cfg.mpc.provider, _ = saved
 
@@ -309,10 +319,10 @@ def _ttp_client(inst):
         setattr(TTPClient, key, saved)
 
 
-def dry_parties(fn, setting: Setting, public: dict | None = None) -> list[dict]:
+def dry_parties(fn, setting: Setting | MpcConfig, public: dict | None = None) -> list[dict]:
     """Run ``fn(session)`` once as each compute party of ``setting``; returns their ledgers (``to_dict()``)."""
     out = []
-    for rank in range(setting.n):
+    for rank in range(setting.n_parties if isinstance(setting, MpcConfig) else setting.n):
         with dry_party(rank, setting, public=public) as sess:
             fn(sess)
         out.append(sess.ledger.to_dict())
@@ -327,7 +337,7 @@ def dry_share(shape, precision: int | None = None):
                                  precision=precision)
 
 
-def predict_generation(cfg, policy=None, setting: Setting | None = None, n_prompt: int = 16, n_new: int = 2,
+def predict_generation(cfg, policy=None, setting: Setting | MpcConfig | None = None, n_prompt: int = 16, n_new: int = 2,
                        fixed_weights: bool | None = None, fixed_kv: bool | None = None,
                        keep_logits: bool = False) -> tuple[list[dict], list]:
     """The ledgers (one dict per compute party, as ``CostLedger.to_dict()``) of a private greedy generation of

@@ -1,5 +1,8 @@
 """Fixed-operand Beaver triples: open ``W - B`` once, then every product ``x @ W`` opens only ``x - a``.
 
+Why one file (~600 lines): the operand type, its three providers' tuples (TFP, TTP dealer, replicated), the
+dealer's requests and the exact ring product they all use are one protocol; split, each part would import the rest.
+
 Stock CrypTen multiplies two shared matrices with a fresh triple ``(a, B, c = a @ B)`` and opens both ``x - a``
 and ``W - B``, so each decode token re-sends every weight matrix (~1.4 GB per party per token for SmolLM2-135M).
 When ``W`` is reused (weights; later cached K/V rows), its mask ``B`` can be drawn once and ``D = W - B`` opened

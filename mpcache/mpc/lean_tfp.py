@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-ENABLED = True        # False: CrypTen's own TrustedFirstParty (for side-by-side measurements)
 
 
 def _world():

@@ -155,9 +155,6 @@ class _EndsRun:
         return self._work.is_completed()
 
 
-#: Openings (all_reduce of shares) as one simultaneous exchange instead of gloo's all_reduce (see
-#: ``CountingCommunicator._exchange_reduce``); False restores CrypTen's call.
-ONE_EXCHANGE = True
 EXCHANGE_TAG = 7301    # MPI tag of the openings' exchange (when the session hands the communicator an MPI comm)
 
 
@@ -166,6 +163,7 @@ def _counting_communicator_class(base):
 
     class CountingCommunicator(base):
         ledger: CostLedger
+        one_exchange: bool = True
 
         def _kind(self, group) -> str:
             return "online" if group is None or group is self.main_group else "dealer"
@@ -211,7 +209,7 @@ def _counting_communicator_class(base):
             n, b = self._n(), _nbytes(input)
             self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
             xs = input if batched else [input]
-            if ONE_EXCHANGE and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR) and \
+            if self.one_exchange and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR) and \
                     all(x.data.device.type == "cpu" for x in xs):
                 return self._exchange_reduce(xs, op == dist.ReduceOp.BXOR, batched)
             return self._blocked(super().all_reduce, input, batched=batched) if op is None else \
@@ -335,7 +333,7 @@ def _counting_communicator_class(base):
     return CountingCommunicator
 
 
-def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0):
+def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0, one_exchange: bool = True):
     """Make CrypTen's live communicator count into ``ledger``.
 
     NOTE: CrypTen keeps its communicator as a singleton created inside ``crypten.init``; we re-class that one
@@ -350,6 +348,7 @@ def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0):
         inst.__class__ = _counting_communicator_class(base)
     inst.ledger = ledger
     inst.mpi_comm = mpi_comm      # the compute parties' MPI communicator (same ranks), or None: gloo
+    inst.one_exchange = one_exchange  # MpcConfig.one_exchange: an opening's all-reduce as one exchange
     inst.mpi_timeout = mpi_timeout  # seconds an MPI exchange may wait for a peer (gloo has its own timeout)
     return inst
 

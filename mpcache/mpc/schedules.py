@@ -296,21 +296,11 @@ def _radix_schedule(m: int, radix) -> list[int]:
     return out
 
 
-SCHEDULE_PROFILE = "lan"        # the network profile (mpcache/latency.py) whose latency the "auto" schedules minimise
+SCHEDULE_PROFILE = "lan"        # the default network profile whose latency the searches minimise (MpcConfig.schedule_profile)
 SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # candidate layer radices (and any r = m <= 64 last)
 
 
-def current_setting():
-    """The cost-model Setting of the running CrypTen session (compute parties, protocol, provider)."""
-    import crypten
-    import crypten.communicator as comm
-
-    provider = "ttp" if crypten.mpc.get_default_provider().NAME == "TTP" else "tfp"
-    protocol = "replicated" if crypten.cfg.mpc.protocol == "replicated" else "arithmetic"     # CrypTen: "beaver"
-    return Setting(comm.get().get_world_size(), protocol, provider)
-
-
-def max_schedule(rows: int, m: int, lean: bool, setting=None) -> tuple[int, ...]:
+def max_schedule(rows: int, m: int, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
     """The radix schedule of a tournament max over ``m`` entries in each of ``rows`` rows that minimises the modelled
     network latency ``rounds x RTT + bytes / bandwidth`` on ``SCHEDULE_PROFILE`` (LAN: 1 round ~ 112 KB), from the
     layer model above (tested equal to dry runs of the layer protocol). A public function
@@ -319,7 +309,7 @@ def max_schedule(rows: int, m: int, lean: bool, setting=None) -> tuple[int, ...]
     few bytes in all); long rows start with cheap narrow layers. Dynamic programming over the entries left."""
     if m <= 1:
         return ()
-    return _best_levels("max", setting or current_setting(), int(rows), int(m), 0, bool(lean), SCHEDULE_PROFILE)[1]
+    return _best_levels("max", setting, int(rows), int(m), 0, bool(lean), profile)[1]
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -343,7 +333,8 @@ def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, prof
     return best
 
 
-def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting=None) -> tuple[int, ...]:
+def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting: Setting | None = None,
+                    profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
     """The level radices of a stratified tournament over ``g`` slots per stratum (``rows`` strata in all): ``radix``
     an int (every level, capped at the survivors left) or a sequence (in order, the last repeated), or "auto": the
     schedule minimising the modelled latency on ``SCHEDULE_PROFILE`` (as :func:`max_schedule`, but each level
@@ -358,10 +349,11 @@ def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting=None) -
         return tuple(out)
     if g <= 1:
         return ()
-    return _best_levels("strata", setting or current_setting(), int(rows), int(g), 1, bool(lean), SCHEDULE_PROFILE)[1]
+    return _best_levels("strata", setting, int(rows), int(g), 1, bool(lean), profile)[1]
 
 
-def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting=None) -> tuple[int, ...]:
+def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting: Setting,
+                      profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
     """The level radices (1 = idle at that level) of a max over ``n`` entries in each of ``rows`` rows run in
     lockstep beside levels of radices ``caps`` (:func:`strata_select`), then its own levels for what is left.
 
@@ -371,7 +363,7 @@ def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting=None) 
     bytes / bandwidth + added rounds x RTT, from the layer model) is returned: e.g. 12 anchor columns beside one radix-11
     level take radix 12 there (no added round, a few KB), 16-row cluster summaries (tens of thousands of rows)
     take cheap narrow levels. A public function of public sizes and the setting."""
-    return _lockstep_levels(int(n), int(rows), tuple(caps), bool(lean), setting or current_setting(), SCHEDULE_PROFILE)
+    return _lockstep_levels(int(n), int(rows), tuple(caps), bool(lean), setting, profile)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -389,7 +381,7 @@ def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profil
         if left <= 1:
             return 0.0, ()
         if i == len(caps):
-            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting))
+            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting, profile))
             t, m = 0.0, left
             for r in sched:
                 b, rounds = seconds(_lockstep(setting, [(rows, m, 0, r)], lean))

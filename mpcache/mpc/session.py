@@ -15,6 +15,7 @@ Unusual process handling, and why:
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .config import MpcConfig
 from .ledger import CostLedger, attach
 
 PROTOCOLS = {"arithmetic": "beaver", "replicated": "replicated"}
@@ -53,6 +55,7 @@ class Session:
     crypten: object = None
     digests: list = field(default_factory=list)
     network: dict = field(default_factory=dict)   # where the parties met (rank 0's address as this party sees it)
+    cfg: MpcConfig = field(default_factory=MpcConfig)   # every protocol knob (in the handshake)
 
     @property
     def is_dealer(self) -> bool:
@@ -200,6 +203,8 @@ def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str
 
 
 HINTS = {
+    "mpc": "the parties were started with different protocol knobs (MpcConfig): pass the same --mpc KEY=VALUE "
+           "settings (and --fixed-weights/--fixed-kv) to every party",
     "code": "the installed mpcache code differs between the parties' hosts: check out the same commit on every "
             "host (`git rev-parse HEAD`) and reinstall",
     "tokenizer": "the parties' tokenizer files differ: install the same model files on every host",
@@ -233,8 +238,9 @@ def check_handshake(infos: list[dict]) -> None:
             if ref.get(key) != info.get(key):
                 bad.append(f"  {key}: rank 0 ({ref.get('host', '?')}) has {str(ref.get(key))[:80]!r}, "
                            f"rank {r} ({info.get('host', '?')}) has {str(info.get(key))[:80]!r}")
-                if key in HINTS and HINTS[key] not in hints:
-                    hints.append(HINTS[key])
+                hint = HINTS.get("mpc" if key.startswith("mpc.") else key)
+                if hint and hint not in hints:
+                    hints.append(hint)
     if bad:
         raise SessionError("handshake failed: the parties disagree on the public setup:\n" + "\n".join(bad) + "\n" +
                            ("; ".join(hints) if hints else
@@ -243,10 +249,13 @@ def check_handshake(infos: list[dict]) -> None:
 
 def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: str = "cpu",
                  public_info: dict | None = None, timeout_s: float = 120.0, mpi_comm=None,
-                 master_addr: str | None = None, iface: str | None = None, port: int = 0) -> Session:
+                 master_addr: str | None = None, iface: str | None = None, port: int = 0,
+                 mpc: MpcConfig | list[str] | None = None) -> Session:
     """Create the session for this process. ``public_info`` (model config, weight shapes, policy ...) is compared
     across parties before any secret is shared. ``master_addr``/``iface``/``port``: see :func:`find_rendezvous`
-    (default: found over MPI, so the same command runs on one host or on several from an mpirun hostfile)."""
+    (default: found over MPI, so the same command runs on one host or on several from an mpirun hostfile).
+    ``mpc``: the protocol knobs (an :class:`MpcConfig`, or ``--mpc KEY=VALUE`` items over the defaults); its
+    protocol, provider and parties are this session's. Every field is compared in the handshake."""
     from mpi4py import MPI
 
     world = mpi_comm or MPI.COMM_WORLD
@@ -269,8 +278,13 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
 
     from .. import __version__
 
+    base = {"protocol": protocol, "provider": provider, "n_parties": n_parties}
+    try:
+        cfg = dataclasses.replace(mpc, **base) if isinstance(mpc, MpcConfig) else MpcConfig.parse(mpc, **base)
+    except (ValueError, TypeError) as e:
+        raise SessionError(f"bad --mpc setting: {e}") from None
     info = dict(public_info or {}, protocol=protocol, provider=provider, world_size=size, mpcache=__version__,
-                code=code_digest(), host=socket.gethostname())
+                code=code_digest(), host=socket.gethostname(), **{f"mpc.{k}": v for k, v in cfg.public().items()})
     infos = world.allgather(info)
     check_handshake(infos)
 
@@ -291,34 +305,33 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
                       DISTRIBUTED_BACKEND="nccl" if device.startswith("cuda") else "gloo")
     crypten.cfg.mpc.protocol = PROTOCOLS[protocol]
     crypten.cfg.mpc.provider = PROVIDERS[provider]
+    crypten.cfg.encoder.precision_bits = cfg.precision_bits
     ledger = CostLedger(rank, n_parties)
-    sess = Session(rank, size, n_parties, protocol, provider, device, ledger, comm, crypten, infos)
+    sess = Session(rank, size, n_parties, protocol, provider, device, ledger, comm, crypten, infos, cfg=cfg)
     if device.startswith("cuda"):
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    over_mpi = _mpi_exchange(device, n_parties, rdv.local)
+    over_mpi = _mpi_exchange(cfg.mpi_exchange, device, n_parties, rdv.local)
     sess.network = {"rank0_address": rdv.master, "port": rdv.port, "iface": rdv.iface,
                     "hosts": [i.get("host") for i in infos], "openings": "MPI" if over_mpi else "gloo"}
     if sess.is_dealer:
         return sess
     crypten.init()
-    if provider == "tfp" and lean_tfp.ENABLED:
+    if provider == "tfp" and cfg.lean_tfp:
         lean_tfp.install()                     # same tuples' distribution and trust model, fewer PRG draws
-    attach(ledger, comm if over_mpi else None, timeout_s)
+    attach(ledger, comm if over_mpi else None, timeout_s, one_exchange=cfg.one_exchange)
     return sess
 
 
-#: openings (the bulk of the online traffic) go over MPI point-to-point instead of gloo: "auto" = on CPU when
+#: ``MpcConfig.mpi_exchange``: openings (the bulk of the online traffic) go over MPI point-to-point instead of gloo:
+#: "auto" = on CPU when
 #: every compute party can have its own core (MPICH waits by polling, which would starve a computing party on an
 #: oversubscribed host, e.g. 3 parties on 2 cores) and the parties are not behind an emulated link
 #: (every party reached rank 0 on loopback; across hosts or network namespaces, e.g. scripts/netem, MPI might
 #: use shared memory and bypass the network the run is meant to cross); True/False force it. Same bytes, same
 #: rounds, same results.
-MPI_EXCHANGE = "auto"
-
-
-def _mpi_exchange(device: str, n_parties: int, local: bool = True) -> bool:
-    if MPI_EXCHANGE != "auto":
-        return bool(MPI_EXCHANGE)
+def _mpi_exchange(setting, device: str, n_parties: int, local: bool = True) -> bool:
+    if setting != "auto":
+        return bool(setting)
     if not local:
         return False
     try:

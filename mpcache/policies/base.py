@@ -1,5 +1,8 @@
 """The cache-policy contract: what the model asks of a policy, and the oblivious ``Gather`` it gets back.
 
+Why one file (~550 lines): the contract (contexts, Gather, the registry, budgets and per-layer budgets) is what
+every policy module imports; the helpers here are the ones more than one policy uses.
+
 A policy is a small frozen-ish dataclass (kvpress style) with two hooks:
 
 * ``prefill(ctx)`` — once per layer at the end of the prefill (the static, "look-once" stage). Returns a
@@ -89,7 +92,7 @@ class Gather:
 
     def _slots(self):
         """Compact form: the candidate index of each (row, slot) and, per candidate, the first slot holding it."""
-        from ..mpc.ops import strata_layout
+        from ..layout import strata_layout
 
         idx, valid = strata_layout(self.strata, self.n_blocks_selected)
         # each candidate holds exactly one valid slot, and row-major order lists them in candidate order

@@ -83,9 +83,7 @@ class MPCachePolicy(BudgetPolicy):
     rows and start with its 4 sinks (with ``cluster_size >= 4``): the anchors of the secure decode softmax
     (``Transformer.selection_anchor``), so the attention over the selection uses the anchored softmax with the same
     guarantee as the full cache (its excess over the anchors can only be smaller: the same anchors, a subset of
-    the row), and the anchors' max is made inside the selection's tournament. Dev split (budget 0.1, 30 prompts per
-    length): exact match 0.933 / 0.967 at 1k / 2k, the same as ``recent=0`` (the previous layout; RESULTS.md,
-    session 5).
+    the row), and the anchors' max is made inside the selection's tournament.
 
     Layer sharing (``share_layers``): layers < ``share_start`` are independent; after that, groups of
     ``share_group`` consecutive layers reuse their first layer's dynamic Gather (and its static Gather if
@@ -95,53 +93,11 @@ class MPCachePolicy(BudgetPolicy):
     ``S2 + tail + k2·S2`` is nearest to ``kept(n + generated)`` (at least one cluster while any is a candidate),
     and k1 = max(ratio1·C1, ceil(k2 / fanout)). The dynamic ratio is then budget / static fraction.
 
-    Defaults, chosen on the DEV split only (SmolLM2-135M-Instruct Q4_1, passkey in Austen text, budget 0.1,
-    teacher-forced exact match of the 5 key digits, 10 dev seeds x 5 depths = 50 prompts per length; full
-    cache 1.00 everywhere; compare variants with ``experiments/fidelity.py --split dev --policies
-    full,mpcache,x=mpcache --policy-kwargs '{"x": {...}}'``; see experiments/RESULTS.md):
-
-    * ``static=False``. The static stage is what lost the needle: with the authors' settings of this class
-      (static_keep 0.5, "max", window 20%, 16-row clusters, sharing, summed queries) exact match was 0.17 at 1k
-      (30 prompts) and 0.23 at 2k, against 0.64 / 0.72 with the same dynamic stage and no static stage. The
-      window's attention ranks the key's digit tokens *below* the average filler token: after a keep-50% static
-      stage only 32/35/48/60% of the digits survive for needles at depth 0.1/0.3/0.5/0.7 (100% at 0.9, inside the
-      window), and keeping 75% or 90% of the middle still gave 0.23 / 0.22; "mean" instead of "max" and a
-      question-only window (2%) were no better (0.17, 0.04). The retrieval heads attend to the key only at the
-      decode steps that emit it. As the budget counts the rows attended out of the *full* cache, the static
-      stage does not lower what a step attends; it only removes candidates from the dynamic selection (and makes
-      the selection cheaper). It stays available as ``static=True``.
-    * ``cluster_size=4`` (coarse 8 with ``fanout=2``). At 10% of 1k tokens a 16-row grid leaves ~4 selectable
-      clusters per step; exact match rose with finer clusters: 16 / 8 / 4 / 1 rows -> 0.74 / 0.96 / 0.98 / 1.00
-      at 1k (with "max" below) and 0.80 (30 prompts) / 0.82 / 0.88 at 2k (16 / 8 / 4, with sharing). A coarser top level
-      (fanout 4 or 8 with ratio1 0.25) lost again on the hard 2k seeds (0.80 / 0.60 vs 0.90).
-    * ``head_reduce="max"``: one query head of a group of three does the retrieval; summing the queries dilutes
-      it (1k, 16 rows: 0.64 -> 0.74; 8 rows: 0.90 -> 0.96).
-    * ``share_layers=False``: on SmolLM2 several retrieval heads sit in the follower layer of a (2k, 2k+1) pair
-      (7, 15, 17, 21, 23 by full-cache attention mass on the key), so the leader's selection misses them: at 2k,
-      4-row clusters, 0.88 shared vs 0.96 unshared (8-row: 0.82 vs 0.88).
-    * Kept from the authors: ``alpha=0.6`` (0.5: same, 0.8: worse), ``linear=True`` (the exact bound was worse:
-      0.63 vs 0.87 on 30 prompts at 1k, 16 rows), ``hierarchy=True`` with ``ratio1=0.5`` (one level: 0.77 vs
-      0.87), ``keep_last_cluster=False`` (True: 0.46 vs 0.64, it takes a cluster from the budget).
-
-    * ``topk="auto"``: the exact pairwise rank while the candidates are few (<= 32 clusters), the stratified
-      tournament above (one winner per public stratum of ~C2/k2 consecutive fine clusters, one level: with
-      m - k comparisons the hierarchy no longer saves anything, so ``hierarchy`` applies to ``topk="rank"``
-      only). Dev split, 1k tokens, budget 0.1, 24 prompts: exact match 0.96 (strata, 4-row clusters) vs 1.00
-      (rank) vs 0.67 (strata, 16-row clusters: ~5 strata at 1k). Under MPC the rank's m^2 comparisons cost more
-      than the full cache's softmax well below 128 clusters (127 at 512 tokens: 10.1 MB vs 3.4 MB per layer).
-
-    Cost of these defaults under MPC (public sizes): one selection per layer instead of per pair, and four times
-    the candidates of the 16-row grid, so the pairwise-rank top-k (m^2 comparisons per KV head and level) costs
-    ~16x the 16-row grid's comparisons per layer (e.g. 1k: C1 = 127, 128 level-2 candidates, ~33k comparisons
-    per KV head per layer; 16-row: ~2k), rounds unchanged. ``cluster_size=16, share_layers=True,
-    head_reduce="sum"`` is the paper's cost point (lower retrieval, see above). The stratified path
-    (ops.strata_select) runs, in the same comparison layers: the max over the G heads (a radix-G layer; none for
-    "sum"), the strata tournament, the anchors' max (the softmax's offset) and the summaries of clusters completed
-    after the candidate range (the newest rows are never candidates, so a new cluster is summarised before it is
-    first scored). 2PC at 4k, per layer: ~2.0 MB and 27 rounds for the selection with "max" (the head max alone
-    is ~1.2 MB: 3 lean comparisons per cluster and KV head), ~0.6 MB and 11 rounds with the paper's cost point;
-    "sum" with these 4-row clusters ~0.9 MB and 18 rounds, at dev exact match 0.867 / 0.967 (1k / 2k) vs "max"'s
-    0.933 / 0.967.
+    Defaults (``static=False``, ``cluster_size=4``, ``fanout=2``, ``head_reduce="max"``, ``share_layers=False``,
+    ``topk="auto"``; the authors' ``alpha=0.6``, ``linear=True``, ``hierarchy=True``, ``ratio1=0.5``) were chosen on
+    the dev split only; ``cluster_size=16, share_layers=True, head_reduce="sum"`` is the paper's cost point. Why each
+    default, with its dev-split numbers and its MPC cost: experiments/RESULTS.md, "MPCachePolicy: why these
+    defaults".
     """
 
     name: ClassVar[str] = "mpcache"

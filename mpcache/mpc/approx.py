@@ -1,0 +1,169 @@
+"""Function approximations on shares, each beside its float model: the limit exp, and the reciprocal by Newton or by
+Goldschmidt from a one-comparison-layer initial guess. Pure algorithms: their parameters are explicit arguments.
+Leakage: shapes only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .compare import _ltz, _minus_publics
+
+# ---- exp -----------------------------------------------------------------------------------------------------
+EXP_ITERS = 8
+
+
+def exp_fit_coeffs(fit_range: float, iters: int = EXP_ITERS) -> tuple[float, float]:
+    """Base c0 + c1 x whose 2^iters-th power is a minimax-log-error exp on [-fit_range, 0]: u = c1/c0 makes the
+    log error n ln(1 + u x) - x vanish at both ends (n = 2^iters), c0 centres it (equioscillation). For
+    fit_range 8: log error <= 0.0156 on [-8, 0] (relative error 1.6% on [-5, 0], 5.4% at -10, 17% at -14)."""
+    n = 2 ** iters
+    u = (1 - math.exp(-fit_range / n)) / fit_range
+    xs = (n * u - 1) / u
+    c0 = math.exp(-(n * math.log(1 + u * xs) - xs) / 2 / n)
+    return c0, c0 * u
+
+
+def exp_limit(x, iters: int = EXP_ITERS, fit_range: float | None = None):
+    """exp(x) ~ (1 + x / 2^iters)^(2^iters) for x <= 0 (CrypTen's limit approximation).
+
+    Valid for x > -2^iters (= -256): below, the base turns negative; callers only pass x - max(x) with masked
+    entries zeroed afterwards. Error (float model): relative error exp(x) vs approx is x^2/2^(iters+1) to first
+    order, e.g. 5% at x = -5 and 0.2% at x = -1; probabilities renormalise most of it away.
+    ``fit_range``: use the minimax base of ``exp_fit_coeffs`` instead of 1 + x/2^iters (same cost; spreads the
+    error evenly over [-fit_range, 0] instead of exact at 0 and 18% off at -10).
+    Rounds: iters mul (squares: 8 bytes/element each in 2PC).  Leaks: shapes only.
+    """
+    if fit_range:
+        c0, c1 = exp_fit_coeffs(fit_range, iters)
+        y = x * c1 + c0
+    else:
+        y = 1 + x * (1.0 / 2 ** iters)
+    for _ in range(iters):
+        y = y.square()                                  # opens only y - r (a square pair): half a product's bytes
+    return y
+
+
+def exp_limit_reference(x: torch.Tensor, iters: int = EXP_ITERS, fit_range: float | None = None) -> torch.Tensor:
+    if fit_range:
+        c0, c1 = exp_fit_coeffs(fit_range, iters)
+        y = x.double() * c1 + c0
+    else:
+        y = 1 + x.double() / 2 ** iters
+    for _ in range(iters):
+        y = y * y
+    return y
+
+
+# ---- reciprocal and reciprocal square root: range-free initial guess + Newton --------------------------------
+RECIP_RANGE = (-8, 8)      # softmax denominators scaled by 1/sqrt(m) lie in [2^-8, 2^8] for m <= 65536
+RECIP_ITERS = 4
+
+
+def _pow2_guess_coeffs(lo: int, hi: int, power: float, c: float) -> tuple[float, list[float]]:
+    """y0(x) = c * 2^(-j*power) for x in [2^j, 2^(j+1)), written as base + sum_j [x >= 2^j] * delta_j."""
+    ys = [c * 2.0 ** (-j * power) for j in range(lo - 1, hi + 1)]
+    return ys[0], [ys[i + 1] - ys[i] for i in range(len(ys) - 1)]
+
+
+def _pow2_guess(x, lo: int, hi: int, power: float, c: float):
+    """One batched comparison layer against the public thresholds 2^lo .. 2^hi, then a local linear combination
+    of the bits with public fixed-point coefficients (shares times integers: exact)."""
+    base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
+    bits = 1 - _minus_publics(x, [2.0 ** j for j in range(lo, hi + 1)])._ltz()           # (J, ...), scale 1
+    scale = x.encoder.scale
+    d = torch.tensor([round(v * scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
+    y = x.clone()
+    y.share = (bits.share * d.to(bits.share.device)).sum(0)
+    return y + base
+
+
+def _pow2_guess_reference(x: torch.Tensor, lo: int, hi: int, power: float, c: float) -> torch.Tensor:
+    base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
+    y = torch.full_like(x, base, dtype=torch.float64)
+    for j, dj in zip(range(lo, hi + 1), deltas):
+        y = y + (x >= 2.0 ** j).double() * dj
+    return y
+
+
+def reciprocal_nr(x, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]):
+    """1/x for x in [2^lo, 2^(hi+1)): initial guess (2/3) 2^-j on [2^j, 2^(j+1)) (so x*y0 in [2/3, 4/3)),
+    then Newton y <- y (2 - x y), whose relative error squares each step: 1/3 -> 1e-1 -> 1e-2 -> 1e-4 -> 1e-8.
+    Rounds: 1 cmp + 2*iters mul.  Bytes: (hi-lo+1) comparisons per element.  Leaks: shapes only.
+    """
+    y = _pow2_guess(x, lo, hi, 1.0, 2.0 / 3.0)
+    for _ in range(iters):
+        y = y * (2 - x * y)
+    return y
+
+
+def reciprocal_nr_reference(x: torch.Tensor, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0],
+                            hi: int = RECIP_RANGE[1]) -> torch.Tensor:
+    x = x.double()
+    y = _pow2_guess_reference(x, lo, hi, 1.0, 2.0 / 3.0)
+    for _ in range(iters):
+        y = y * (2 - x * y)
+    return y
+
+
+RECIP_GS_ITERS = 3
+RECIP_GS_STEPS = 4         # thresholds per octave of the Goldschmidt initial guess
+
+
+def _step_guess_coeffs(lo: int, hi: int, q: int) -> tuple[list[float], float, list[float]]:
+    """Thresholds t_k = 2^(lo + k/q) on [2^lo, 2^(hi+1)] and the step function y = 2 / (t_k + t_(k+1)) on each
+    [t_k, t_(k+1)) (extended one step below and above), as base + sum_k [x >= t_k] delta_k."""
+    ts = [2.0 ** (lo + k / q) for k in range((hi + 1 - lo) * q + 1)]
+    rho = 2.0 ** (1 / q)
+    edges = [ts[0] / rho] + ts + [ts[-1] * rho]
+    ys = [2.0 / (edges[i] + edges[i + 1]) for i in range(len(edges) - 1)]
+    return ts, ys[0], [ys[i + 1] - ys[i] for i in range(len(ys) - 1)]
+
+
+def _step_guess(x, lo: int, hi: int, q: int, lean: bool):
+    ts, base, deltas = _step_guess_coeffs(lo, hi, q)
+    bits = 1 - _ltz(_minus_publics(x, ts), lean)                        # (T, ...), scale 1
+    d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
+    y = x.clone()
+    y.share = (bits.share * d.to(bits.share.device)).sum(0)
+    return y + base
+
+
+def reciprocal_gs(x, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
+                  q: int = RECIP_GS_STEPS, lean: bool = False):
+    """1/x for x in [2^lo, 2^(hi+1)) by Goldschmidt's iteration from a finer step guess.
+
+    One batched comparison layer against q thresholds per octave gives y0 with |1 - x y0| <= (r-1)/(r+1),
+    r = 2^(1/q) (0.087 for q = 4); then d0 = x y0 and, per step, f = 2 - d, (y, d) <- (y f, d f): the two
+    products are independent, so a step is ONE round (Newton's y (2 - x y) is two). Relative error
+    0.087^(2^iters) ~ 3e-9 after 3 steps (float model), plus ~1 ulp of truncation per step.
+    Rounds: 1 cmp + 1 + iters mul (Newton from the octave guess: 1 cmp + 2*4 mul).
+    Bytes: (hi-lo+1) q comparisons per element (the softmax calls it once per row).  Leaks: shapes only.
+    """
+    import crypten
+
+    y = _step_guess(x, lo, hi, q, lean)
+    d = x * y
+    for k in range(iters):
+        f = 2 - d
+        if k == iters - 1:
+            y = y * f
+        else:
+            yd = crypten.stack([y, d]) * f
+            y, d = yd[0], yd[1]
+    return y
+
+
+def reciprocal_gs_reference(x: torch.Tensor, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0],
+                            hi: int = RECIP_RANGE[1], q: int = RECIP_GS_STEPS) -> torch.Tensor:
+    x = x.double()
+    ts, base, deltas = _step_guess_coeffs(lo, hi, q)
+    y = torch.full_like(x, base)
+    for t, dl in zip(ts, deltas):
+        y = y + (x >= t).double() * dl
+    d = x * y
+    for _ in range(iters):
+        f = 2 - d
+        y, d = y * f, d * f
+    return y

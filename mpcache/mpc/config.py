@@ -1,0 +1,118 @@
+"""One frozen description of how the parties compute: every protocol knob, built once per session.
+
+The session builds an :class:`MpcConfig` from the command line (``--protocol``, ``--provider``, ``--fixed-weights``,
+``--fixed-kv`` and ``--mpc KEY=VALUE`` for any other field), hands it to the backend, which passes it explicitly to
+every protocol; no protocol reads a module constant or a CrypTen global. Its fields go into the party handshake, so
+two parties built with different knobs are refused at startup, naming the field (``mpc.<field>``). Ablations are
+``dataclasses.replace(cfg, softmax_lean=False)``.
+
+Every field is public (it shapes messages, never depends on data).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MpcConfig:
+    # ---- who computes ------------------------------------------------------------------------------------------
+    protocol: str = "arithmetic"   # "arithmetic" (additive, Beaver) or "replicated" (3PC)
+    provider: str = "tfp"          # "tfp" (party 0 makes the triples: benchmark mode) or "ttp" (a dealer rank)
+    n_parties: int = 2             # compute parties
+    precision_bits: int = 16       # CrypTen's fixed-point fraction bits (more breaks its approximations)
+    # ---- comparisons: 32-bit lanes (exact while the compared values stay far inside 2^15) --------------------------
+    softmax_lean: bool = True      # the softmax's max tree: logits must satisfy |x| < 16384
+    act_lean: bool = True          # SiLU/GeLU breakpoints: exact while |x| < 32760
+    norm_lean: bool = True         # the norms' range comparisons (fine sum < 2^12, coarse sum / 2^16)
+    argmax_lean: bool = True       # the vocabulary argmax: |logit| < 16384
+    select_lean: bool = True       # stratified top-k of the cache policies: |score| < 12288
+    policy_lean: bool = True       # the cache policies' max/min/compare reductions
+    # ---- tournament radices ("auto": the schedule minimising modelled latency on ``schedule_profile``) -------------
+    softmax_radix: str | tuple = "auto"
+    argmax_radix: str | tuple = "auto"
+    strata_radix: str | int | tuple = "auto"
+    policy_one_layer: int = 4      # reductions over at most this many entries take ONE radix layer
+    schedule_profile: str = "lan"  # mpcache/latency.py profile whose latency the "auto" schedules minimise
+    # ---- softmax -------------------------------------------------------------------------------------------------
+    softmax_recip: str = "goldschmidt"     # or "newton"
+    softmax_exp_fit: float | None = None   # None: exp base 1 + x/2^iters; 8.0: the minimax base on [-8, 0]
+    exp_iters: int = 8                     # squarings of the limit exp (row-max softmax)
+    anchor_exp_iters: int = 10             # squarings of the anchored softmax's exp: (1 + y/1024)^1024
+    anchor_recip: tuple = (-8, 30, 2)      # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
+    # ---- norms ---------------------------------------------------------------------------------------------------
+    norm_range: tuple = (-10, 30)          # sum of squares (+ D eps) in [2^lo, 2^(hi+1))
+    norm_steps: int = 2                    # thresholds per octave of the rsqrt's step guess
+    norm_iters: int = 3                    # Goldschmidt steps of z^-1/2
+    # ---- routes and transport --------------------------------------------------------------------------------------
+    gather_triples: bool = True    # attention over a strata selection by three-operand products (TFP, 2PC, CPU)
+    one_exchange: bool = True      # an opening's all-reduce as one exchange (send to every peer, receive theirs)
+    mpi_exchange: str | bool = "auto"   # openings over MPI point-to-point ("auto": one host, a core per party)
+    lean_tfp: bool = True          # TFP tuples with one draw per peer share (same distribution, same trust model)
+    fixed_weights: bool = True     # fixed-operand triples for the weight matrices (W - B opened once, offline)
+    fixed_kv: bool = True          # ... and for the cached K/V rows (opened once, when written)
+    fold_norms: bool = True        # block norm gains folded into the next linear layers before sharing
+
+    def __post_init__(self):
+        if self.protocol not in ("arithmetic", "replicated"):
+            raise ValueError(f"MpcConfig.protocol must be 'arithmetic' or 'replicated', got {self.protocol!r}")
+        if self.provider not in ("tfp", "ttp"):
+            raise ValueError(f"MpcConfig.provider must be 'tfp' or 'ttp', got {self.provider!r}")
+        if self.softmax_recip not in ("goldschmidt", "newton"):
+            raise ValueError(f"MpcConfig.softmax_recip must be 'goldschmidt' or 'newton', got {self.softmax_recip!r}")
+
+    @property
+    def setting(self):
+        """The schedule search's view: (parties, protocol, provider)."""
+        from .schedules import Setting
+
+        return Setting(self.n_parties, self.protocol, self.provider)
+
+    def public(self) -> dict:
+        """Every field, JSON-ready (tuples as lists): what the handshake compares, field by field."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.public(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def parse(cls, items: list[str] | None, **base) -> MpcConfig:
+        """``MpcConfig(**base)`` with ``KEY=VALUE`` overrides (``--mpc softmax_lean=false --mpc exp_iters=10``);
+        values are JSON (``true``, ``8``, ``[4, 8]``, ``"auto"``) or a bare word (``auto``). Unknown keys and values
+        of the wrong kind are refused, naming the field."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out = dict(base)
+        for item in items or []:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or key not in fields:
+                raise ValueError(f"--mpc {item!r}: use KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if isinstance(value, list):
+                value = tuple(value)
+            default = fields[key].default
+            if isinstance(default, bool) and not isinstance(value, bool) and key != "mpi_exchange":
+                raise ValueError(f"--mpc {key}={raw}: {key} takes true or false")
+            out[key] = value
+        return cls(**out)
+
+    @classmethod
+    def current(cls, **overrides) -> MpcConfig:
+        """The defaults for the running CrypTen session's parties/protocol/provider: for calling a protocol directly
+        (tests, experiments) outside a backend, which always passes its session's config."""
+        import crypten
+        import crypten.communicator as comm
+
+        provider = "ttp" if crypten.mpc.get_default_provider().NAME == "TTP" else "tfp"
+        protocol = "replicated" if crypten.cfg.mpc.protocol == "replicated" else "arithmetic"
+        return cls(protocol=protocol, provider=provider, n_parties=comm.get().get_world_size(), **overrides)
+
+
+DEFAULT = MpcConfig()
+
+__all__ = ["DEFAULT", "MpcConfig"]

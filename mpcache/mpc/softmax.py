@@ -1,0 +1,133 @@
+"""The softmax on shares (row max or anchored offset, limit exp, range-safe reciprocal), beside its float model.
+Leakage: shapes only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .approx import (
+    exp_limit,
+    exp_limit_reference,
+    reciprocal_gs,
+    reciprocal_gs_reference,
+    reciprocal_nr,
+    reciprocal_nr_reference,
+)
+from .compare import _cat
+from .config import MpcConfig
+from .tournament import tree_max
+
+# ---- softmax -------------------------------------------------------------------------------------------------
+MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
+
+
+# The knobs (MpcConfig.softmax_radix / softmax_lean / softmax_recip / softmax_exp_fit / exp_iters) default to the
+# choice of experiments/softmax_bench.py (RESULTS.md "Lean softmax vs stock"): 2PC, vs the pairwise tree + CrypTen
+# comparison + Newton, rounds 115 -> 58 at 1k and 142 -> 68 at 8k for ~12% more bytes. softmax_exp_fit = 8.0 (the
+# minimax base on [-8, 0]) is ~6-9x more accurate on peaked rows but less on near-flat ones: not the default.
+
+
+# Anchored softmax (decode rows, no mask): the exp's offset is the max over a few always-attended PUBLIC columns
+# (the first a and the last b of the row, ``anchor=(a, b)``: the attention sinks and the newest rows) instead of the
+# max over the whole row. Softmax is shift-invariant, so the result is the same function; what changes is the
+# exp's argument range: y = x - anchor_max <= D, where D = row max - anchor max >= 0. Measured on SmolLM2-135M
+# (full-cache decode, passkey prompts, every layer and head; experiments/anchor_excess.py): D <= 8.9 at 1k and
+# <= 9.9 at 4k tokens, 99% of rows D <= 4.6. Precision: the sum s of the exps reaches ~e^D, and 1/(s/sqrt(m)) in
+# 16-bit fixed point keeps fewer ulps as D grows. Fixed-point emulation on a 412-entry row (RESULTS.md):
+# max abs error 1.6e-3 at D = 4, 4.5e-3 at 8, 8.5e-3 at 10, then a common scale error of the row's probabilities,
+# 3% at D = 12, 8% at 13, and all-zero output from D ~ 15 (the exp itself overflows only past ~21.5). So the
+# anchors must be rows whose logits are near the top: the sinks and the NEWEST rows (Transformer.DECODE_ANCHOR).
+# The low side is always safe: the anchors are attended, so the largest term is >= 1.
+# MpcConfig.anchor_exp_iters (10: (1 + y/1024)^1024, relative error ~y^2/2048) and anchor_recip ((-8, 30, 2): the
+# reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D) set the anchored branch.
+ANCHOR_MAX_EXCESS = 10.0      # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
+#                               m is better: the sum is divided by sqrt(m)); beyond, the row's scale degrades
+
+
+def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
+            recip: str | None = None, exp_fit: float | None | str = "default", anchor=None, offset=None,
+            cfg: MpcConfig | None = None):
+    """Softmax along the last dim, correct for rows of up to 2^16 entries (tested flat and peaked at 8k).
+
+    Stock CrypTen divides by the sum of exponentials with a reciprocal whose Newton iterations diverge once the
+    sum exceeds ~250 (garbage on long flat rows). Here the sum s in [1, m] is scaled by the public 1/sqrt(m) into
+    [m^-1/2, m^1/2], inside the reciprocal's convergence range for m <= 8k, and the result rescaled.
+    ``mask`` (public 0/1, broadcastable): excluded entries are shifted down before the max and zeroed after exp.
+    ``exp_fit``: exp_limit's fit_range ("default" = ``cfg.softmax_exp_fit``). ``radix``/``lean`` go to ``tree_max`` (lean needs |x| < 16384, masked entries included), ``recip`` picks
+    ``reciprocal_gs`` ("goldschmidt") or ``reciprocal_nr`` ("newton"); None = ``cfg``'s.
+    Rounds: sum over max layers of (cmp + ceil(log2 r)) + cfg.exp_iters + reciprocal (cmp + 1 + RECIP_GS_ITERS, or
+    cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
+    ``anchor=(a, b)`` (no mask; see the note above): the offset is the max of the first a and last b columns only (a
+    max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings, the reciprocal over the wider range
+    cfg.anchor_recip with CrypTen's full-width comparison. ``offset`` (with ``anchor``): that max, already computed by
+    the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
+    :func:`strata_select`). Rounds: (cmp + ceil(log2(a + b))) + cfg.anchor_exp_iters +
+    (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 10 + 12 + 1 = 34 for (4, 8), whatever the row length; bytes: the exp's
+    squarings and one product per entry, the rest per row. Leaks: shapes only.
+    """
+    assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
+    m = x.shape[-1]
+    if m > 2 ** 16:
+        raise ValueError(f"secure softmax supports rows of up to 65536 entries, got {m}")
+    cfg = cfg or MpcConfig.current()
+    radix = cfg.softmax_radix if radix is None else radix
+    lean = cfg.softmax_lean if lean is None else lean
+    if anchor is not None and mask is None and sum(anchor) < m:
+        if offset is None:
+            mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
+        else:
+            mx = offset               # (..., 1): the anchors' max, made earlier in a batched layer by the caller
+        e = exp_limit(x - mx, iters=cfg.anchor_exp_iters)
+        c = 1.0 / math.sqrt(m)
+        lo, hi, q = cfg.anchor_recip
+        r = reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
+        return (e * r) * c
+    if mask is not None:
+        x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
+    recip = cfg.softmax_recip if recip is None else recip
+    exp_fit = cfg.softmax_exp_fit if exp_fit == "default" else exp_fit
+    mx = tree_max(x, dim=-1, keepdim=True, radix=radix, lean=lean, cfg=cfg)
+    e = exp_limit(x - mx, iters=cfg.exp_iters, fit_range=exp_fit)
+    if mask is not None:
+        e = e * mask.to(torch.float32)
+    c = 1.0 / math.sqrt(m)
+    s = e.sum(dim=-1, keepdim=True) * c
+    r = reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else reciprocal_nr(s)
+    return (e * r) * c                                        # (e r) first: r c alone can be a few ulps
+
+
+def _anchor_columns(x, anchor):
+    a, b = anchor
+    m = x.shape[-1]
+    parts = ([x[..., :a]] if a else []) + ([x[..., m - b:]] if b else [])
+    if isinstance(x, torch.Tensor):
+        return torch.cat(parts, dim=-1)
+    return parts[0] if len(parts) == 1 else _cat(parts, dim=-1)
+
+
+def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None,
+                      lean: bool | None = None, recip: str | None = None,
+                      exp_fit: float | None | str = "default", anchor=None,
+                      cfg: MpcConfig | None = None) -> torch.Tensor:
+    """The float model of ``softmax`` (the max is exact whatever ``radix``/``lean``; ``recip`` picks the model)."""
+    cfg = cfg or MpcConfig()
+    x = x.double()
+    m = x.shape[-1]
+    if anchor is not None and mask is None and sum(anchor) < m:
+        e = exp_limit_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values,
+                                iters=cfg.anchor_exp_iters)
+        c = 1.0 / math.sqrt(m)
+        lo, hi, q = cfg.anchor_recip
+        return e * (reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
+    if mask is not None:
+        x = x + (mask.double() - 1) * MASK_SHIFT
+    exp_fit = cfg.softmax_exp_fit if exp_fit == "default" else exp_fit
+    e = exp_limit_reference(x - x.max(dim=-1, keepdim=True).values, iters=cfg.exp_iters, fit_range=exp_fit)
+    if mask is not None:
+        e = e * mask.double()
+    c = 1.0 / math.sqrt(m)
+    s = e.sum(dim=-1, keepdim=True) * c
+    recip = cfg.softmax_recip if recip is None else recip
+    return e * ((reciprocal_gs_reference(s) if recip == "goldschmidt" else reciprocal_nr_reference(s)) * c)
