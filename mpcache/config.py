@@ -1,9 +1,9 @@
 """Frozen, validated configuration dataclasses shared by the library, the parties and the experiments."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 
-
 def _world():
     import crypten.communicator as comm
 

@@ -3,6 +3,7 @@ Leakage: shapes only.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -88,7 +89,7 @@ def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | N
     small = bits[:n_small] + _from_shares(prod.share[:n_small], precision=0)
     s = fine + _from_shares(prod.share[n_small], precision=fine.encoder._precision_bits)
     thermo = torch.cat([small.share, bits.share[n_small:]])
-    dy = torch.tensor([b - a for a, b in zip(ys, ys[1:])], dtype=torch.long).reshape(-1, *([1] * (thermo.dim() - 1)))
+    dy = torch.tensor([b - a for a, b in itertools.pairwise(ys)], dtype=torch.long).reshape(-1, *([1] * (thermo.dim() - 1)))
     y = s.clone()
     y.share = (thermo * dy.to(thermo.device)).sum(0)
     y = y + ys[0] / s.encoder.scale
