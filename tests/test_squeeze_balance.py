@@ -386,3 +386,32 @@ def test_balancekv_generation_cost_predicted_equal_measured(tmp_path):
     pred, _ = predict_generation(tiny_config("llama"), pol, Setting(2, "arithmetic", "tfp"), 80, 2)
     bad = _compare_ledgers(res["ledgers"], pred)
     assert not bad, "\n".join(bad[:40])
+
+
+@pytest.mark.mpi
+def test_bench_scales_per_layer_budgets_exactly(tmp_path):
+    """Distinct per-layer budgets are distinct cost classes: ``--layers auto`` runs the first 3 of 4 blocks (layer 2 is
+    the first of the 0.6 class) and its scaled whole-model cost equals the all-layer run's exactly."""
+    import csv
+
+    from conftest import run_mpi
+
+    from mpcache.model.weights import save_safetensors_folder
+
+    cfg = dataclasses.replace(tiny_config("llama"), n_layers=4, name="tiny-llama-4")
+    ckpt = tmp_path / "tiny4"
+    save_safetensors_folder(cfg, init_random_weights(cfg, seed=3), ckpt)
+    rows = {}
+    for layers in ("auto", "all"):
+        out = tmp_path / layers
+        run_mpi(2, ["-m", "parties", "bench", "--model", str(ckpt), "--seq-lens", "80", "--text", "random",
+                    "--budget", "0.3", "--layer-budgets", "0.2,0.2,0.6,0.2", "--policies", "h2o,mpcache", "--layers",
+                    layers, "--steps", "1", "--out", str(out)], timeout=600)
+        with open(out / "bench.csv") as f:
+            rows[layers] = {r["policy"]: r for r in csv.DictReader(f)}
+    for pol in ("h2o", "mpcache"):
+        a, b = rows["auto"][pol], rows["all"][pol]
+        assert (a["bench_layers"], b["bench_layers"]) == ("3", "4")
+        assert float(a["bytes_per_token"]) == float(b["bytes_per_token"]), (a, b)
+        assert float(a["rounds_per_token"]) == float(b["rounds_per_token"]), (a, b)
+        assert float(a["selection_agreement"]) == 1.0
