@@ -58,3 +58,14 @@ def mpi_job(n: int, job: str, tmp_path, *args: str, timeout: float = 600) -> dic
     run_mpi(n, ["tests/mpi_jobs.py", job, str(out), *args], timeout=timeout)
     return json.loads(out.read_text())
 
+
+def netem_module():
+    """scripts/netem (a script, not a module) loaded as a module, for the tests that use its fabric and helpers."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("netem_script", str(ROOT / "scripts" / "netem"))
+    spec = importlib.util.spec_from_loader("netem_script", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod

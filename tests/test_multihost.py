@@ -3,8 +3,6 @@ mpirun hostfile, and nothing else -- no environment variable tells the parties w
 the same tokens, bytes and rounds as the loopback run. Needs root + ip netns + /dev/net/tun: skipped (with the
 reason) where the machine cannot make namespaces. The bad-input cases (an interface that does not exist, a port
 already taken) run anywhere."""
-import importlib.machinery
-import importlib.util
 import json
 import os
 import socket
@@ -12,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MPIRUN, ROOT, run_mpi
+from conftest import MPIRUN, ROOT, netem_module, run_mpi
 from conftest import mpi_env as conftest_mpi_env
 
 pytestmark = pytest.mark.mpi
@@ -28,14 +26,6 @@ def mpi_env(tmp_path, **extra) -> dict:
     return {**conftest_mpi_env(tmp_path), **extra}
 
 
-def _netem():
-    loader = importlib.machinery.SourceFileLoader("netem_script", NETEM)
-    spec = importlib.util.spec_from_loader("netem_script", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
 def _costs(out) -> tuple:
     s = json.loads((out / "summary.json").read_text())
     rows = [s["offline"], s["prefill"], *s["per_token"]]
@@ -44,7 +34,7 @@ def _costs(out) -> tuple:
 
 @pytest.fixture(scope="module")
 def fabric():
-    netem = _netem()
+    netem = netem_module()
     reason = netem.why_not()
     if reason:
         pytest.skip(f"cannot make network namespaces here: {reason}")

@@ -1,23 +1,14 @@
 """scripts/netem: plan (dry run), skip path and the modelled-vs-emulated arithmetic need no root and run in
 seconds; the real link check (namespaces + delay line + tbf, as root) is marked slow."""
-import importlib.machinery
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import netem_module
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "netem")
-
-
-def _module():
-    loader = importlib.machinery.SourceFileLoader("netem_script", SCRIPT)
-    spec = importlib.util.spec_from_loader("netem_script", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.timeout(60)
@@ -36,7 +27,7 @@ def test_plan_prints_fabric_and_launch_without_touching_anything():
 
 @pytest.mark.timeout(60)
 def test_skip_path_when_not_root(monkeypatch, capsys):
-    mod = _module()
+    mod = netem_module()
     monkeypatch.setattr(mod.os, "geteuid", lambda: 1000)
     assert "root" in mod.why_not()
     assert mod.main(["check"]) == 0
@@ -47,14 +38,14 @@ def test_skip_path_when_not_root(monkeypatch, capsys):
 def test_profiles_match_the_latency_model():
     from mpcache.latency import PROFILES
 
-    mod = _module()
+    mod = netem_module()
     for name, (bw, rtt) in mod.PROFILES.items():
         assert (PROFILES[name].bandwidth_bps, PROFILES[name].rtt_s) == (bw, rtt)
     assert mod.parse_profiles("none,edge=0.1:80") == [("none", None, None), ("edge", 0.1e9, 0.08)]
 
 
 def test_compare_adds_network_terms_to_the_loopback_compute_time():
-    mod = _module()
+    mod = netem_module()
     row = {"policy": "full", "seq_len": "512", "layer_seconds": "1.0", "layer_rounds": "100", "layer_bytes": "5e6",
            "seconds_per_token": "10", "rounds_per_token": "1000", "bytes_per_token": "5e7"}
     emu = dict(row, layer_seconds="6.0", seconds_per_token="60")
@@ -68,7 +59,7 @@ def test_compare_adds_network_terms_to_the_loopback_compute_time():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_real_link_has_the_profile_rtt():
-    mod = _module()
+    mod = netem_module()
     reason = mod.why_not()
     if reason:
         pytest.skip(reason)

@@ -7,14 +7,7 @@ import math
 
 import torch
 
-from .approx import (
-    exp_limit,
-    exp_limit_reference,
-    reciprocal_gs,
-    reciprocal_gs_reference,
-    reciprocal_nr,
-    reciprocal_nr_reference,
-)
+from . import approx
 from .compare import _cat
 from .config import MpcConfig
 from .tournament import tree_max
@@ -79,22 +72,22 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
             mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
         else:
             mx = offset               # (..., 1): the anchors' max, made earlier in a batched layer by the caller
-        e = exp_limit(x - mx, iters=cfg.anchor_exp_iters)
+        e = approx.exp_limit(x - mx, iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = cfg.anchor_recip
-        r = reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
+        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
         return (e * r) * c
     if mask is not None:
         x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
     recip = cfg.softmax_recip if recip is None else recip
     exp_fit = cfg.softmax_exp_fit if exp_fit == "default" else exp_fit
     mx = tree_max(x, dim=-1, keepdim=True, radix=radix, lean=lean, cfg=cfg)
-    e = exp_limit(x - mx, iters=cfg.exp_iters, fit_range=exp_fit)
+    e = approx.exp_limit(x - mx, iters=cfg.exp_iters, fit_range=exp_fit)
     if mask is not None:
         e = e * mask.to(torch.float32)
     c = 1.0 / math.sqrt(m)
     s = e.sum(dim=-1, keepdim=True) * c
-    r = reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else reciprocal_nr(s)
+    r = approx.reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else approx.reciprocal_nr(s)
     return (e * r) * c                                        # (e r) first: r c alone can be a few ulps
 
 
@@ -116,18 +109,18 @@ def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None 
     x = x.double()
     m = x.shape[-1]
     if anchor is not None and mask is None and sum(anchor) < m:
-        e = exp_limit_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values,
+        e = approx.exp_limit_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values,
                                 iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = cfg.anchor_recip
-        return e * (reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
+        return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
     if mask is not None:
         x = x + (mask.double() - 1) * MASK_SHIFT
     exp_fit = cfg.softmax_exp_fit if exp_fit == "default" else exp_fit
-    e = exp_limit_reference(x - x.max(dim=-1, keepdim=True).values, iters=cfg.exp_iters, fit_range=exp_fit)
+    e = approx.exp_limit_reference(x - x.max(dim=-1, keepdim=True).values, iters=cfg.exp_iters, fit_range=exp_fit)
     if mask is not None:
         e = e * mask.double()
     c = 1.0 / math.sqrt(m)
     s = e.sum(dim=-1, keepdim=True) * c
     recip = cfg.softmax_recip if recip is None else recip
-    return e * ((reciprocal_gs_reference(s) if recip == "goldschmidt" else reciprocal_nr_reference(s)) * c)
+    return e * ((approx.reciprocal_gs_reference(s) if recip == "goldschmidt" else approx.reciprocal_nr_reference(s)) * c)
