@@ -89,3 +89,34 @@ def test_long_files_say_why():
         if text.count("\n") > MAX_LINES and "Why one file" not in text[:3000]:
             bad.append(f"{p.relative_to(ROOT)}: {text.count(chr(10))} lines, no 'Why one file' note at its top")
     assert not bad, "\n".join(bad)
+
+
+def test_both_backends_implement_the_op_set():
+    """mpcache.backends.base.Backend is the op set: the plaintext and the secure backend define every op with the
+    contract's parameters (in order), so the model and the policies call them without probing."""
+    import inspect
+
+    from mpcache.backends.base import OPS, Backend
+    from mpcache.backends.plain import PlainBackend
+    from mpcache.backends.secure import SecureBackend
+
+    assert len(OPS) >= 24
+    for cls in (PlainBackend, SecureBackend):
+        assert isinstance(cls.secure, bool), cls
+        for op in OPS:
+            assert callable(getattr(cls, op, None)), f"{cls.__name__} lacks {op}"
+            want = list(inspect.signature(getattr(Backend, op)).parameters)
+            got = list(inspect.signature(getattr(cls, op)).parameters)
+            assert got[:len(want)] == want, f"{cls.__name__}.{op}{tuple(got)} != contract {tuple(want)}"
+
+
+def test_the_model_and_policies_do_not_probe_their_backend():
+    bad = []
+    for p in [*_sources("mpcache/model"), *_sources("mpcache/policies"), ROOT / "mpcache" / "bench.py"]:
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Call) and getattr(n.func, "id", None) in ("getattr", "hasattr") and n.args:
+                target = ast.unparse(n.args[0])
+                if target in ("B", "self.B", "backend", "self.backend", "ctx.backend") or "is_fixed_operand" in \
+                        ast.unparse(n):
+                    bad.append(f"{p.relative_to(ROOT)}:{n.lineno}: {ast.unparse(n)}")
+    assert not bad, "\n".join(bad)

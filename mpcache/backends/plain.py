@@ -113,8 +113,26 @@ class PlainBackend:
         """[x < t] as 0/1 (``t`` public, broadcastable): one comparison per element under MPC."""
         return (x < torch.as_tensor(t, dtype=x.dtype, device=x.device)).to(x.dtype)
 
-    def reveal(self, x: Tensor, dst: int | None = None) -> Tensor:
+    def reveal(self, x: Tensor, dst: int | None = None, label: str = "value") -> Tensor:
         return x
+
+    # ---- what has no meaning in the clear (the secure backend's fixed operands and three-operand products) -------
+    def fix_rows(self, xs: list) -> list:
+        """Rows stay as they are (the secure backend opens their mask once here)."""
+        return list(xs)
+
+    def is_fixed(self, x) -> bool:
+        return False
+
+    def gathered_ok(self, g, k, v) -> bool:
+        """No three-operand route in the clear: the model gathers scores / scatters probabilities itself."""
+        return False
+
+    def gather_scores(self, q, g, k):
+        raise NotImplementedError("gather_scores runs only where gathered_ok() is True (the secure backend)")
+
+    def gather_values(self, p_sel, opened, g, v, p_rest=None, ranges=()):
+        raise NotImplementedError("gather_values runs only where gathered_ok() is True (the secure backend)")
 
 
 def _stable_topk(scores: Tensor, k: int) -> Tensor:

@@ -63,6 +63,10 @@ class SecureBackend:
                 xs[i] = f
         return FixedOperand.cat(xs, dim=dim)
 
+    def is_fixed(self, x) -> bool:
+        """Whether ``x`` is a fixed operand (its mask opened once: products with it open only the other side)."""
+        return isinstance(x, FixedOperand)
+
     def stack(self, xs: list, dim: int = 0):
         return self.crypten.stack([unfix(x) for x in xs], dim=dim)
 
@@ -75,9 +79,9 @@ class SecureBackend:
         with self._scope("fix"):
             return FixedOperand.fix_many([unfix(x) for x in xs])
 
-    def embedding(self, table, onehot):
+    def embedding(self, table, tokens):
         """Rows of the shared table (V, D) for shared one-hot tokens (T, V): one secret matmul, no index opened."""
-        return self._matmul(onehot, table)
+        return self._matmul(tokens, table)
 
     def matmul(self, a, b):
         with self._scope("matmul"):

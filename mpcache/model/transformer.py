@@ -227,7 +227,7 @@ class Transformer:
         x = self._embed(tokens, positions)
         # plaintext: fused causal attention, and the probabilities only for the rows a policy reads (a policy
         # that ignores them, e.g. the full cache or Quest, costs nothing); secure: the full softmax, as always
-        plain = not getattr(self.B, "secure", False) and isinstance(x, torch.Tensor)
+        plain = not self.B.secure and isinstance(x, torch.Tensor)
         mask = None if plain else causal_mask(T, T)
         shared: dict = {}
         for i in range(cfg.n_layers):
@@ -255,10 +255,9 @@ class Transformer:
         return self._logits(x)
 
     def _fix_rows(self, xs: list) -> list:
-        """Cached rows become fixed operands when the backend has ``fix_rows`` (secure, fixed_kv on): their mask is
-        opened once, here, and every later product with them opens only its moving operand."""
-        fix = getattr(self.B, "fix_rows", None)
-        return list(xs) if fix is None else fix(list(xs))
+        """Cached rows become fixed operands (secure backend, fixed_kv on): their mask is opened once, here, and
+        every later product with them opens only its moving operand (plaintext: unchanged)."""
+        return self.B.fix_rows(list(xs))
 
     def _fix_cache(self, cache: KVCache) -> None:
         """End of the prefill: fix every layer's K and V (after the static compaction) in one round."""
@@ -273,7 +272,7 @@ class Transformer:
         B = self.B
         if g is None:
             return k, v
-        if getattr(k, "is_fixed_operand", False) and getattr(v, "is_fixed_operand", False):
+        if B.is_fixed(k) and B.is_fixed(v):
             hd = int(k.shape[-1])
             kv = g.apply(B.cat([k, v], dim=-1), B)
             return kv[..., :hd], kv[..., hd:]
@@ -283,7 +282,7 @@ class Transformer:
 
     def _attend_in_place(self, g, k, v) -> bool:
         return (self.ATTEND_IN_PLACE and g is not None and g.onehot is not None
-                and getattr(k, "is_fixed_operand", False) and getattr(v, "is_fixed_operand", False)
+                and self.B.is_fixed(k) and self.B.is_fixed(v)
                 and g.covers(int(k.shape[1])))
 
     def _attend_selected(self, q, g, k, v, logits=None, offset=None):
@@ -322,7 +321,7 @@ class Transformer:
         # one-hot and the fixed K, and p times the selected rows of the fixed V plus the always-attended rows in one
         # opening: opens q, the one-hot and the attended probabilities instead of G·L scores and G·L probabilities,
         # 2 rounds instead of 3; same function
-        gathered = getattr(B, "gathered_ok", None) is not None and B.gathered_ok(g, k, v)
+        gathered = B.gathered_ok(g, k, v)
         with self.scope("gather"):
             if gathered:
                 sel, opened = B.gather_scores((q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), g, k)
@@ -397,7 +396,7 @@ def generate(model: Transformer, tokens, max_new_tokens: int, reveal=None, on_to
     """
     B = model.B
     reveal = reveal or (lambda oh: int(oh.argmax()))
-    if keep_logits is None and not getattr(B, "secure", False):
+    if keep_logits is None and not B.secure:
         keep_logits = lambda x: x
     cache = KVCache(model.cfg.n_layers)
     out, logits_all = [], []

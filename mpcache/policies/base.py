@@ -246,7 +246,7 @@ class DecodeContext:
         hkv, d = int(self.k.shape[0]), int(self.k.shape[2])
         qg = self.q.reshape(hkv, int(self.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))
         c = int(rep.shape[1])
-        if getattr(rep, "is_fixed_operand", False) and getattr(self.k, "is_fixed_operand", False):
+        if B.is_fixed(rep) and B.is_fixed(self.k):
             both = B.matmul(qg, B.cat([rep, self.k], dim=1).transpose(1, 2))       # (Hkv, G, C + L)
             self.logits["qk"] = both[..., c:]
             return both[..., :c]

@@ -63,11 +63,10 @@ def extend(backend, state: dict, key: str, mx, mn, alpha: float | None = None) -
     old = state.get(key) or Summaries()
     count = old.count + int(mx.shape[1])
     rep = None if alpha is None else mx * alpha + mn * (1.0 - alpha)
-    fix = getattr(backend, "fix_rows", None)
-    if rep is not None and fix is not None:
+    if rep is not None:
         # written once, multiplied by every later query: a fixed operand under MPC (its mask opened once, so each
         # step's q · rep opens only q, and a one-hot gather of reps only the one-hot)
-        (rep,) = fix([rep])
+        (rep,) = backend.fix_rows([rep])
     if old.count:
         mx, mn = backend.cat([old.max, mx], dim=1), backend.cat([old.min, mn], dim=1)
         rep = None if alpha is None else backend.cat([old.rep, rep], dim=1)
