@@ -172,18 +172,24 @@ def test_prompt_budgets_follow_the_prompt():
 
 
 # ---- BalanceKV ----------------------------------------------------------------------------------------------------
-def walk_reference(k, v, levels, c, beta, iters, coins):
+def walk_reference(k, v, levels, c, beta, iters, coins, kernel="bounded"):
     """A direct float64 re-implementation of the paired self-balancing walk over one block: the kept row indices,
     with explicit sums over pairs (no Gram matrices, no one-hots)."""
     ku = k.double() / k.double().norm(dim=-1, keepdim=True)
     vu = v.double() / v.double().norm(dim=-1, keepdim=True)
-    n = 2 ** iters
+    vmax = float(v.double().norm(dim=-1).max())
+    n, sd = 2 ** iters, math.sqrt(k.shape[-1])
+    shift = 0.0
 
     def kern(a, b):
+        if kernel == "softmax":     # the paper's kernel, shifted by the current rows' largest |k|^2 / sqrt d
+            return math.exp(float(k[a].double() @ k[b].double()) / sd - shift) * (
+                1 + float(v[a].double() @ v[b].double()) / vmax ** 2)
         return (1 - beta / n + beta / n * float(ku[a] @ ku[b])) ** n * (1 + float(vu[a] @ vu[b]))
 
     idx = list(range(k.shape[0]))
     for t in range(levels):
+        shift = max(float(k[a].double() @ k[a].double()) / sd for a in idx)
         pairs = [(idx[2 * i], idx[2 * i + 1]) for i in range(len(idx) // 2)]
         chi = []
         for i, (a, b) in enumerate(pairs):
@@ -205,11 +211,12 @@ def gathered_rows(g, n: int) -> list[list[int]]:
     return [before + pick[h].tolist() + after for h in range(pick.shape[0])]
 
 
-@pytest.mark.parametrize("rate, block, n", [(2, 8, 50), (4, 16, 71), (8, 16, 90)])
-def test_balancekv_walk_matches_a_direct_reference(rate, block, n):
+@pytest.mark.parametrize("rate, block, n, kernel", [(2, 8, 50, "bounded"), (4, 16, 71, "bounded"),
+                                                   (8, 16, 90, "bounded"), (4, 16, 71, "softmax")])
+def test_balancekv_walk_matches_a_direct_reference(rate, block, n, kernel):
     from mpcache.policies import PrefillContext
 
-    pol = make_policy("balancekv", rate=rate, block=block, sinks=3, window=5, threshold=1.5)
+    pol = make_policy("balancekv", rate=rate, block=block, sinks=3, window=5, threshold=1.5, kernel=kernel)
     g = torch.Generator().manual_seed(rate + n)
     k, v = torch.randn(2, n, 16, generator=g), torch.randn(2, n, 16, generator=g)
     ctx = PrefillContext(PlainBackend(), 1, 2, None, k, v, None, {}, {})
@@ -225,7 +232,7 @@ def test_balancekv_walk_matches_a_direct_reference(rate, block, n):
             a = s + j * block
             coins = lambda t, x=h * nb + j: pol.coins(1, t, (2 * nb, block >> (t + 1)))[x]
             want += [a + i for i in walk_reference(k[h, a:a + block], v[h, a:a + block], levels, pol.threshold,
-                                                   pol.beta, pol.kernel_iters, coins)]
+                                                   pol.beta, pol.kernel_iters, coins, kernel)]
         want += list(range(e, n))
         assert rows[h] == want, f"head {h}: {sum(x != y for x, y in zip(rows[h], want))} rows differ"
     out = gat.apply(k, PlainBackend())
@@ -291,6 +298,7 @@ def test_balancekv_walk_reduces_the_discrepancy():
     ({"block": 24}, "block must be a power of two"),
     ({"beta": 40.0}, "beta <= 2^kernel_iters"),
     ({"sinks": -1}, "must be >= 0"),
+    ({"kernel": "rbf"}, "kernel must be one of ('bounded', 'softmax')"),
 ])
 def test_balancekv_refuses_bad_settings(kw, needle):
     with pytest.raises(ValueError) as e:
@@ -415,3 +423,13 @@ def test_bench_scales_per_layer_budgets_exactly(tmp_path):
         assert float(a["bytes_per_token"]) == float(b["bytes_per_token"]), (a, b)
         assert float(a["rounds_per_token"]) == float(b["rounds_per_token"]), (a, b)
         assert float(a["selection_agreement"]) == 1.0
+
+
+def test_balancekv_softmax_kernel_is_plaintext_only():
+    import types
+
+    from mpcache.policies.balancekv import balance_walk
+
+    k = torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match="plaintext only .* use kernel='bounded' under MPC"):
+        balance_walk(types.SimpleNamespace(secure=True), k, k, 1, 1.0, 4.0, 4, None, kernel="softmax")

@@ -23,7 +23,10 @@ This implementation (one algorithm for plaintext and shares):
   polynomial of cosines with nonnegative coefficients (beta <= n), hence a valid (PSD) kernel, bounded in [0, 2],
   so the walk's threshold is scale-free and the secure computation stays in fixed-point range. NOTE: the paper's
   kernel uses the raw keys (exp(k_a.k_b / sqrt d)); raw keys of real models overflow a 16-bit fixed-point exp, so
-  both backends use the normalised one (documented deviation, the same function everywhere).
+  both backends use the normalised one (documented deviation, the same function everywhere). ``kernel="softmax"``
+  (plaintext only, refused on shares) runs the paper's kernel instead: exp(k_a.k_b / sqrt d) * (1 + v_a.v_b), keys
+  as they are and values scaled by their block's largest norm, the exponent shifted by the block's largest
+  |k|^2 / sqrt d (so every entry is <= 2; a per-block constant that only rescales the walk's threshold).
 * **public coins**: the walk's uniforms come from a generator seeded by (``seed``, layer, level): independent of
   the data, public, identical in plaintext and under MPC (the signs stay secret: they compare a secret running
   sum with a public threshold).
@@ -46,6 +49,8 @@ from typing import ClassVar
 import torch
 
 from .base import BudgetPolicy, Gather, PrefillContext, nonempty, register
+
+KERNELS = ("bounded", "softmax")
 
 
 def _power_of_two(x: int) -> bool:
@@ -72,6 +77,7 @@ class BalanceKVPolicy(BudgetPolicy):
     beta: float = 4.0           # the kernel's inverse temperature on cosines
     kernel_iters: int = 4       # n = 2^kernel_iters in the kernel's limit form (beta <= n keeps it PSD)
     seed: int = 0               # the public coins
+    kernel: str = "bounded"     # "bounded" (both backends) or "softmax" (the paper's kernel, plaintext only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +89,8 @@ class BalanceKVPolicy(BudgetPolicy):
         if self.rate is not None and (not _power_of_two(self.rate) or self.rate < 2 or self.block % self.rate):
             raise ValueError(f"{name}.rate must be a power of two >= 2 that divides block={self.block} (each block is "
                              f"halved log2(rate) times), got {self.rate!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"{name}.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.threshold <= 0 or self.beta <= 0:
             raise ValueError(f"{name}.threshold and .beta must be > 0, got {self.threshold}, {self.beta}")
         if not 1 <= self.kernel_iters <= 10 or self.beta > 2 ** self.kernel_iters:
@@ -130,18 +138,24 @@ class BalanceKVPolicy(BudgetPolicy):
         nb = (e - s) // self.block
         oh = balance_walk(ctx.backend, ctx.k[:, s:e].reshape(hkv * nb, self.block, d),
                           ctx.v[:, s:e].reshape(hkv * nb, self.block, d), int(math.log2(rate)),
-                          self.threshold, self.beta, self.kernel_iters, lambda t, shape: self.coins(ctx.layer, t, shape))
+                          self.threshold, self.beta, self.kernel_iters, lambda t, shape: self.coins(ctx.layer, t, shape),
+                          self.kernel)
         oh = oh.reshape(hkv, (e - s) // rate, rate)
         return Gather(ranges=nonempty((0, s), (e, n)), onehot=oh, start=s, block=1, strata=e - s, weight=float(rate))
 
 
-def kernel_gram(backend, u, d: int, beta: float, iters: int):
+def kernel_gram(backend, u, d: int, beta: float, iters: int, kernel: str = "bounded"):
     """u (X, b, 2d): unit keys | unit values -> (X, b, b) kernel matrix (see the module docstring). Rounds: one
-    product for both cosine matrices, ``iters`` squarings, one product."""
+    product for both cosine matrices, ``iters`` squarings, one product. ``kernel="softmax"`` (plaintext): u holds
+    k / d^(1/4) | v / (the block's max |v|), and the matrix is exp(k_a.k_b / sqrt d - max_a |k_a|^2 / sqrt d) *
+    (1 + v_a.v_b)."""
     X = int(u.shape[0])
     kv = backend.cat([u[..., :d], u[..., d:]], dim=0)                    # (2X, b, d)
     c = backend.matmul(kv, kv.transpose(1, 2))
     ck, cv = c[:X], c[X:]
+    if kernel == "softmax":
+        shift = ck.diagonal(dim1=1, dim2=2).amax(dim=-1)[:, None, None]  # >= every k_a.k_b (Cauchy-Schwarz)
+        return torch.exp(ck - shift) * (cv + 1.0)
     n = 2 ** iters
     y = ck * (beta / n) + (1.0 - beta / n)
     for _ in range(iters):
@@ -149,7 +163,7 @@ def kernel_gram(backend, u, d: int, beta: float, iters: int):
     return y * (cv + 1.0)
 
 
-def balance_walk(backend, k, v, levels: int, threshold: float, beta: float, iters: int, coins):
+def balance_walk(backend, k, v, levels: int, threshold: float, beta: float, iters: int, coins, kernel: str = "bounded"):
     """The paired self-balancing walk, ``levels`` halvings of X independent blocks in lockstep.
 
     k, v (X, b, d) -> one-hot (X, b / 2^levels, 2^levels): for output row r, which of the original rows
@@ -158,13 +172,19 @@ def balance_walk(backend, k, v, levels: int, threshold: float, beta: float, iter
     """
     B = backend
     X, b, d = (int(x) for x in k.shape)
-    kv = B.norm_scale(B.cat([k, v], dim=0))                              # keys and values in one normalisation
-    u = B.cat([kv[:X], kv[X:]], dim=-1)                                  # (X, b, 2d): unit keys | unit values
+    if kernel == "softmax":
+        if getattr(B, "secure", False):
+            raise ValueError("BalanceKVPolicy(kernel='softmax') runs in plaintext only (the exp of raw key products "
+                             "overflows fixed point); use kernel='bounded' under MPC")
+        u = torch.cat([k * d ** -0.25, v / v.norm(dim=-1).amax(dim=1)[:, None, None].clamp_min(1e-30)], dim=-1)
+    else:
+        kv = B.norm_scale(B.cat([k, v], dim=0))                          # keys and values in one normalisation
+        u = B.cat([kv[:X], kv[X:]], dim=-1)                              # (X, b, 2d): unit keys | unit values
     oh = None                                                            # level 0: each row is itself
     for t in range(levels):
         rows = b >> t
         P = rows // 2
-        G = kernel_gram(B, u, d, beta, iters)                            # (X, rows, rows)
+        G = kernel_gram(B, u, d, beta, iters, kernel)                    # (X, rows, rows)
         # Gram of the pair differences u_2i - u_2i+1: (X, P, P), local
         D = G[:, 0::2, 0::2] - G[:, 0::2, 1::2] - G[:, 1::2, 0::2] + G[:, 1::2, 1::2]
         thr = (1.0 - 2.0 * coins(t, (X, P))) * threshold                 # sign +1 w.p. (1 - x/c) / 2
