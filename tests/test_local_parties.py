@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mpcache.mpc.local_parties import PartyFailure, run_parties
+from mpcache.mpc.local_parties import Parties, PartyFailure, run_parties
 
 pytest_plugins = ["pytester"]
 
@@ -111,3 +111,38 @@ def test_a_failing_party_fails_the_test(pytester):
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*party 1 raised AssertionError: rank 1 disagrees*",
                                  "FAILED test_parties.py::test_rank_1_disagrees*"])
+
+
+# ---- Parties: the same parties for many calls ----------------------------------------------------------------
+def _pid_and_product(sess, x):
+    import crypten
+
+    with sess.scope("product"):
+        z = crypten.cryptensor(x, src=0) * crypten.cryptensor(x, src=1)
+    return os.getpid(), z.get_plain_text()
+
+
+def _fail_in(sess, rank):
+    if sess.rank == rank:
+        raise RuntimeError(f"party {rank} gives up")
+    return sess.rank
+
+
+def test_parties_keep_running_between_calls_and_restart_after_a_failure():
+    """Two calls run in the same processes, each with its own ledger; a failing call (party 1 raises) fails with
+    PartyFailure and the next call runs in fresh parties; a closure cannot be sent to running parties."""
+    x = torch.linspace(-2, 2, 5)
+    with Parties(2, timeout=60) as parties:
+        first = parties.run(_pid_and_product, x)
+        second = parties.run(_pid_and_product, x)
+        assert [r.value[0] for r in first] == [r.value[0] for r in second]
+        for a, b in zip(first, second):
+            assert torch.allclose(b.value[1], x * x, atol=2 ** -14)
+            assert b.ledger.totals() == a.ledger.totals() and b.ledger.totals("product")["rounds"] > 0  # per call
+        with pytest.raises(TypeError, match="module-level function"):
+            parties.run(lambda sess: sess.rank)
+        with pytest.raises(PartyFailure, match="^party 1 raised RuntimeError: party 1 gives up"):
+            parties.run(_fail_in, 1)
+        assert not parties.running
+        again = parties.run(_pid_and_product, x)
+        assert {r.value[0] for r in again}.isdisjoint(r.value[0] for r in first)

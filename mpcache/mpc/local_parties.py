@@ -1,14 +1,23 @@
 """Every party of a session on this host, without mpirun: ``run_parties(n, fn)`` runs ``fn(session)`` as each party.
 
 What it is: the multi-party harness of protocol unit tests (and of quick experiments). Each compute party (and,
-with ``provider="ttp"``, the dealer) is a process forked from the caller, so ``fn`` may be any callable, a closure
-or a lambda (nothing is pickled on the way in). A party is built as :func:`mpcache.mpc.session.open_session`
-builds one -- CrypTen through the compatibility layer, ``crypten.cfg`` protocol/provider, ``crypten.init`` over
+with ``provider="ttp"``, the dealer) is a process forked from the caller. A party is built as
+:func:`mpcache.mpc.session.open_session` builds one -- CrypTen through the compatibility layer, ``crypten.cfg``
+protocol/provider/precision from the :class:`~mpcache.mpc.config.MpcConfig`, ``crypten.init`` over
 torch.distributed (gloo on loopback, file rendezvous), the lean TFP provider, the ledger attached to CrypTen's
 live communicator -- so ``fn`` runs the protocols' real code over a real transport and every byte and round is
 counted by the same :class:`~mpcache.mpc.ledger.CostLedger` rules as in a measured run. What differs from
 mpirun: no MPI (no handshake, ``session.comm`` is None, openings go over gloo, which the ledger counts exactly
-as over MPI) and no per-party interpreter start (~3 s each under mpirun; a fork is ~50 ms).
+as over MPI) and no interpreter start per party (~3 s under mpirun; a fork is ~50 ms).
+
+Two ways to run:
+
+* :func:`run_parties` forks the parties for one call: ``fn`` may be any callable, a closure or a lambda (the
+  forks inherit it; nothing is pickled on the way in).
+* :class:`Parties` keeps them running between calls (``parties.run(fn, *args)``): one ``crypten.init`` for many
+  calls, and each party's first-use work (schedule searches, coefficient fits: cached per process) is done once,
+  as in one mpirun job. ``fn`` and ``args`` are pickled to the parties after the first call, so ``fn`` must be a
+  module-level function (or a ``functools.partial`` of one). Each call gets a fresh ledger.
 
 Why processes and not CrypTen's ``init_thread``: CrypTen keeps its generators and ``cfg`` in module globals
 (threads would share them) and its thread communicator is not the ``DistributedCommunicator`` the ledger counts.
@@ -16,10 +25,10 @@ Why processes and not CrypTen's ``init_thread``: CrypTen keeps its generators an
 Settings: 2PC ``arithmetic``/``tfp`` and ``arithmetic``/``ttp`` (a dealer process serving
 :func:`mpcache.mpc.session.serve_dealer`), 3PC ``replicated``/``tfp`` -- the settings of the mpirun jobs.
 
-Failure is loud and bounded: a party that raises (any rank), exits without a result, or is not done within
-``timeout`` seconds makes :func:`run_parties` raise :class:`PartyFailure` (an ``AssertionError``, so a test fails
-rather than errors) naming the rank and carrying its traceback; every other party is then killed (a peer blocked
-on the failed one would otherwise wait for gloo's own timeout).
+Failure is loud and bounded: a party that raises (any rank), exits (the dealer included), or is not done within
+``timeout`` seconds makes the call raise :class:`PartyFailure` (an ``AssertionError``, so a test fails rather than
+errors) naming the rank and carrying its traceback; every party is then killed (a peer blocked on the failed one
+would otherwise wait for gloo's own timeout) and a :class:`Parties` starts afresh on its next call.
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -73,47 +82,61 @@ def _send(conn, msg) -> None:
     conn.send_bytes(pickle.dumps(msg))
 
 
-def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, fn, conn) -> None:
-    """One forked party: build the session, run ``fn``, send ("returned",) then ("ok", value, ledger) -- or
-    ("error", text) -- back."""
+def _session(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float) -> Session:
+    """This process as party ``rank``: CrypTen configured and initialised as :func:`open_session` does it."""
+    torch.set_num_threads(1)
+    from torch.distributed import distributed_c10d
+
+    from . import compat
+
+    crypten = compat.crypten()
+    n = cfg.n_parties
+    distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo",
+                      GLOO_SOCKET_IFNAME="lo")
+    crypten.cfg.mpc.protocol = PROTOCOLS[cfg.protocol]
+    crypten.cfg.mpc.provider = PROVIDERS[cfg.provider]
+    crypten.cfg.encoder.precision_bits = cfg.precision_bits
+    return Session(rank=rank, world_size=n + (cfg.provider == "ttp"), n_parties=n, protocol=cfg.protocol,
+                   provider=cfg.provider, device="cpu", ledger=CostLedger(rank, n), comm=None, crypten=crypten,
+                   network={"openings": "gloo", "transport": "local_parties"}, cfg=cfg)
+
+
+def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, first) -> None:
+    """One forked party. The dealer serves until party 0 stops it. A compute party runs ``first`` (fn, args), then
+    each task it receives, until "stop"; per task it sends ("returned",) when fn returns, then, once every party
+    has returned (a barrier), ("ok", value, ledger) -- or ("error", text) and exits."""
     try:
-        torch.set_num_threads(1)
-        from torch.distributed import distributed_c10d
-
-        from . import compat, lean_tfp
-        from .ledger import attach
-
-        crypten = compat.crypten()
-        n = cfg.n_parties
-        distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo",
-                          GLOO_SOCKET_IFNAME="lo")
-        crypten.cfg.mpc.protocol = PROTOCOLS[cfg.protocol]
-        crypten.cfg.mpc.provider = PROVIDERS[cfg.provider]
-        crypten.cfg.encoder.precision_bits = cfg.precision_bits
-        ledger = CostLedger(rank, n)
-        sess = Session(rank=rank, world_size=n + (cfg.provider == "ttp"), n_parties=n, protocol=cfg.protocol,
-                       provider=cfg.provider, device="cpu", ledger=ledger, comm=None, crypten=crypten,
-                       network={"openings": "gloo", "transport": "local_parties"}, cfg=cfg)
+        sess = _session(rank, cfg, rendezvous, timeout)
         if sess.is_dealer:
             from .session import serve_dealer
 
             serve_dealer(sess)
-            _send(conn, ("returned",))
-            _send(conn, ("ok", None, None))
             os._exit(0)
-        crypten.init()
-        if cfg.provider == "tfp" and cfg.lean_tfp:
-            lean_tfp.install()
-        attach(ledger, None, timeout, one_exchange=cfg.one_exchange)
-        value = fn(sess)
-        _send(conn, ("returned",))
         import torch.distributed as dist
         from crypten import communicator as cmod
 
-        dist.barrier(group=cmod.get().main_group)       # as Session.close: no party leaves while a peer reads
-        _send(conn, ("ok", value, _ledger_copy(ledger)))
-        crypten.uninit()                                # rank 0 tells the dealer (if any) to stop
+        from . import lean_tfp
+        from .ledger import attach
+
+        sess.crypten.init()
+        if cfg.provider == "tfp" and cfg.lean_tfp:
+            lean_tfp.install()
+        live = attach(sess.ledger, None, timeout, one_exchange=cfg.one_exchange)   # once: it re-classes CrypTen's
+        task = first                                                                # communicator each time
+        while True:
+            if task is None:
+                task = pickle.loads(conn.recv_bytes())
+            if task == "stop":
+                break
+            fn, args = task
+            sess.ledger = live.ledger = CostLedger(rank, cfg.n_parties)             # a fresh ledger per call
+            value = fn(sess, *args)
+            _send(conn, ("returned",))
+            dist.barrier(group=cmod.get().main_group)   # as Session.close: no party leaves while a peer reads
+            _send(conn, ("ok", value, _ledger_copy(sess.ledger)))
+            task = None
+        sess.crypten.uninit()                           # party 0 tells the dealer (if any) to stop
     except BaseException as e:                          # noqa: BLE001 - everything goes back to the caller
         with contextlib.suppress(Exception):            # the pipe itself failed: the exit code says it
             _send(conn, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None))
@@ -133,63 +156,125 @@ def _warm() -> None:
     torch.broadcast_shapes((1,), (1,))
 
 
+class Parties:
+    """``n`` compute parties (plus a dealer with ``provider="ttp"``) of one session, forked from this process on
+    the first :meth:`run` and kept until :meth:`close` (or a failure). ``mpc``: the session's protocol knobs
+    (default :class:`MpcConfig`'s; protocol, provider and parties are replaced by the arguments), as
+    ``session.cfg``. ``timeout``: the default bound of each call, in seconds."""
+
+    def __init__(self, n: int, *, protocol: str = "arithmetic", provider: str = "tfp", mpc: MpcConfig | None = None,
+                 timeout: float = 120.0):
+        if protocol not in PROTOCOLS or provider not in PROVIDERS:
+            raise ValueError(f"protocol {protocol!r} / provider {provider!r}: use one of {sorted(PROTOCOLS)} / "
+                             f"{sorted(PROVIDERS)}")
+        if protocol == "replicated" and n != 3:
+            raise ValueError(f"the replicated protocol needs 3 compute parties, got {n}")
+        self.n, self.timeout = n, timeout
+        self.cfg = dataclasses.replace(mpc or MpcConfig(), protocol=protocol, provider=provider, n_parties=n)
+        self._procs: list = []
+        self._conns: list = []
+        self._tmp: str | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._procs)
+
+    def run(self, fn: Callable[..., Any], *args, timeout: float | None = None) -> list[PartyResult]:
+        """``fn(session, *args)`` in every compute party; each party's :class:`PartyResult`, by rank. Raises
+        :class:`PartyFailure` when a party raises or dies, or not every party is done within ``timeout`` s."""
+        timeout = self.timeout if timeout is None else timeout
+        if not self.running:
+            self._start((fn, args))
+        else:
+            try:
+                task = pickle.dumps((fn, args))
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
+                raise TypeError(f"Parties.run: {fn!r} and its arguments go to running parties by pickle: pass a "
+                                f"module-level function (or a functools.partial of one), or use run_parties for a "
+                                f"closure ({e})") from None
+            for c in self._conns[:self.n]:
+                c.send_bytes(task)
+        try:
+            return _collect(self._procs, self._conns, self.n, timeout)
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    def _start(self, first) -> None:
+        import multiprocessing as mp
+
+        _warm()
+        ctx = mp.get_context("fork")
+        self._tmp = tempfile.mkdtemp(prefix="mpcache-parties-")
+        for rank in range(self.n + (self.cfg.provider == "ttp")):
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_party, name=f"party-{rank}", daemon=True,
+                            args=(rank, self.cfg, f"file://{self._tmp}/rendezvous", self.timeout, theirs, first))
+            p.start()
+            theirs.close()
+            self._procs.append(p)
+            self._conns.append(mine)
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the parties (each leaves CrypTen; party 0 stops the dealer); ``kill``: at once."""
+        if not kill:
+            for c in self._conns[:self.n]:
+                with contextlib.suppress(OSError):
+                    c.send_bytes(pickle.dumps("stop"))
+            deadline = time.monotonic() + 10
+            for p in self._procs:
+                p.join(max(deadline - time.monotonic(), 0))
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(5)
+        for c in self._conns:
+            c.close()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._procs, self._conns, self._tmp = [], [], None
+
+
 def run_parties(n: int, fn: Callable[[Session], Any], *, protocol: str = "arithmetic", provider: str = "tfp",
                 mpc: MpcConfig | None = None, timeout: float = 120.0) -> list[PartyResult]:
     """Run ``fn(session)`` as each of ``n`` compute parties (plus a dealer if ``provider="ttp"``), each in a
-    process forked from this one; return every compute party's :class:`PartyResult`, by rank.
+    process forked from this one for this call (``fn`` may be a closure); return every compute party's
+    :class:`PartyResult`, by rank.
 
-    ``mpc``: the session's protocol knobs (default :class:`MpcConfig`'s; its protocol, provider and parties are
-    replaced by the arguments), as ``session.cfg``. ``fn``'s return value comes back pickled (tensors, numbers,
-    dicts). Raises :class:`PartyFailure` when any party raises or dies (the first failure, with its traceback; its
-    consequences on the peers, e.g. a closed connection, are listed after it) or when not every party is done
-    within ``timeout`` seconds (naming the parties still inside ``fn`` and those waiting for them)."""
-    import multiprocessing as mp
-
-    if protocol not in PROTOCOLS or provider not in PROVIDERS:
-        raise ValueError(f"protocol {protocol!r} / provider {provider!r}: use one of {sorted(PROTOCOLS)} / "
-                         f"{sorted(PROVIDERS)}")
-    if protocol == "replicated" and n != 3:
-        raise ValueError(f"the replicated protocol needs 3 compute parties, got {n}")
-    cfg = dataclasses.replace(mpc or MpcConfig(), protocol=protocol, provider=provider, n_parties=n)
-    _warm()
-    ctx = mp.get_context("fork")
-    tmp = tempfile.mkdtemp(prefix="mpcache-parties-")
-    world = n + (provider == "ttp")
-    procs, conns = [], {}
-    try:
-        for rank in range(world):
-            recv_end, send_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_party, name=f"party-{rank}", daemon=True,
-                            args=(rank, cfg, f"file://{tmp}/rendezvous", timeout, fn, send_end))
-            p.start()
-            send_end.close()
-            procs.append(p)
-            conns[recv_end] = rank
-        return _collect(procs, conns, n, timeout)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(5)
-        for c in conns:
-            c.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    ``mpc``: the session's protocol knobs (see :class:`Parties`). ``fn``'s return value comes back pickled
+    (tensors, numbers, dicts). Raises :class:`PartyFailure` when any party raises or dies (the first failure, with
+    its traceback; its consequences on the peers, e.g. a closed connection, are listed after it) or when not every
+    party is done within ``timeout`` seconds (naming the parties still inside ``fn`` and those waiting for them)."""
+    with Parties(n, protocol=protocol, provider=provider, mpc=mpc, timeout=timeout) as parties:
+        return parties.run(fn, timeout=timeout)
 
 
-def _collect(procs, conns: dict, n: int, timeout: float) -> list[PartyResult]:
+def _collect(procs, conns, n: int, timeout: float) -> list[PartyResult]:
+    """Wait for every compute party's result of one call (watching the dealer, if any, for an early exit)."""
     deadline = time.monotonic() + timeout
     returned: set[int] = set()
     results: dict[int, tuple] = {}
     errors: list[tuple[int, str]] = []
-    pending = dict(conns)
+    pending = {c: r for r, c in enumerate(conns[:n])}
+    dealer = {p.sentinel: r for r, p in enumerate(procs[n:], start=n)}
     while pending:
         left = deadline - time.monotonic()
         if errors:                       # a short grace for the failure's consequences on the peers, then report
             left = min(left, 0.5)
         if left <= 0:
             break
-        for c in connection.wait(list(pending), timeout=left):
+        for c in connection.wait([*pending, *dealer], timeout=left):
+            if c in dealer:
+                rank = dealer.pop(c)
+                errors.append((rank, f"(the dealer) exited (code {procs[rank].exitcode}) during the call"))
+                continue
             rank = pending[c]
             try:
                 msg = pickle.loads(c.recv_bytes())
