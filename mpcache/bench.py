@@ -32,7 +32,7 @@ import torch
 from .backends.plain import PlainBackend
 from .config import ModelConfig
 from .model.transformer import KVCache, Transformer
-from .policies.base import CachePolicy, Gather, PrefillContext
+from .policies.base import CachePolicy, Gather, PrefillContext, as_selection
 
 CSV_COLUMNS = ("policy", "seq_len", "world_size", "protocol", "provider", "bytes_per_token", "rounds_per_token",
                "seconds_per_token", "layer_bytes", "layer_rounds", "layer_seconds", "head_bytes", "head_rounds",
@@ -53,9 +53,9 @@ class Recording(CachePolicy):
         return g
 
     def select(self, ctx):
-        g = self.inner.for_layer(ctx.layer).select(ctx)
-        self.log[(self.step, ctx.layer)] = g
-        return g
+        sel = self.inner.for_layer(ctx.layer).select(ctx)
+        self.log[(self.step, ctx.layer)] = as_selection(sel).gather
+        return sel
 
     def bind(self, cfg):
         # the inner policy comes bound to the WHOLE model (its per-layer budgets): the bench runs its first blocks

@@ -25,7 +25,7 @@ from mpcache.policies import (
     make_policy,
     resolve_budget,
 )
-from mpcache.policies.base import kept_count, nonempty
+from mpcache.policies.base import as_selection, kept_count, nonempty
 from mpcache.policies.snapkv import pool1d
 
 torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def hook(name: str, n: int, seed: int, **kw):
     if name in DYNAMIC:
         n_prompt = pol.n_static(n) if name == "mpcache" else n
         ctx = decode_ctx(n_prompt + 1, seed, n_prompt=n_prompt, state={"mpcache/prompt_len": n})
-        return pol.select(ctx), ctx.k
+        return as_selection(pol.select(ctx)).gather, ctx.k
     ctx = prefill_ctx(n, seed)
     return pol.prefill(ctx), ctx.k
 
@@ -305,7 +305,7 @@ def test_mpcache_selection_matches_torch_topk_over_steps(kw):
         L = n_prompt + step + 1
         ctx = decode_ctx(L, seed=step, n_prompt=n_prompt, state=state, K=K)
         state["mpcache/prompt_len"] = n_full
-        gat = pol.select(ctx)
+        gat = as_selection(pol.select(ctx)).gather
         plan = pol.dynamic_plan(L, n_full + L - n_prompt)
         got = [set(gat.onehot[h].argmax(-1).tolist()) for h in range(HKV)]
         assert got == reference_clusters(pol, K[:, :L], ctx.q, n_full, n_prompt), (step, plan)
@@ -331,7 +331,7 @@ def test_mpcache_gather_layout_and_forced_rows():
     pol = MPCachePolicy(budget=0.15, topk="rank")
     n_full, n_prompt, L = 1500, 900, 913
     state = {"mpcache/prompt_len": n_full}
-    gat = pol.select(decode_ctx(L, seed=3, n_prompt=n_prompt, state=state))
+    gat = as_selection(pol.select(decode_ctx(L, seed=3, n_prompt=n_prompt, state=state))).gather
     plan = pol.dynamic_plan(L, n_full + L - n_prompt)
     S2, f = pol.cluster_size, pol.fanout
     assert gat.start == S2 and gat.block == S2 and gat.onehot.shape == (HKV, plan.k2, plan.C2)
@@ -381,8 +381,8 @@ def test_layer_sharing():
     g3 = dataclasses.replace(pol, share_static=False).prefill(prefill_ctx(400, 2, layer=3, n_layers=4, shared=shared))
     assert g3 is not g2 and g3.n_rows == g2.n_rows
     shared = {}
-    d2 = pol.select(decode_ctx(600, seed=1, layer=2, shared=shared))
-    assert pol.select(decode_ctx(600, seed=2, layer=3, shared=shared)) is d2 and d2 is not None
+    d2 = as_selection(pol.select(decode_ctx(600, seed=1, layer=2, shared=shared))).gather
+    assert as_selection(pol.select(decode_ctx(600, seed=2, layer=3, shared=shared))).gather is d2 and d2 is not None
 
 
 # ---- inside the model --------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def test_strata_selection_is_the_max_of_each_stratum():
 
     pol = make_policy("mpcache", budget=0.2, topk="strata")
     ctx = decode_ctx(600, seed=3)
-    g = pol.select(ctx)
+    g = as_selection(pol.select(ctx)).gather
     S = pol.cluster_size
     C = g.strata
     keys = ctx.k[:, S:S + C * S].reshape(HKV, C, S, D)
@@ -495,8 +495,9 @@ def test_strata_decode_summaries_made_in_the_tournament_match_direct(head_reduce
         L = 690 + step
         ctx = decode_ctx(L, seed=step, state=state, K=K)
         ctx.anchor = (4, 8)
-        ctx.logits["qk"] = torch.einsum("hgd,hld->hgl", ctx.q.reshape(HKV, G, D) / D ** 0.5, ctx.k)
-        g = pol.select(ctx)
+        ctx.qk = torch.einsum("hgd,hld->hgl", ctx.q.reshape(HKV, G, D) / D ** 0.5, ctx.k)
+        sel = pol.select(ctx)
+        g = sel.gather
         c_full = (L - S) // S
         fine = state[f"mpcache/fine{S}"]
         blocks = K[:, S:S + c_full * S].reshape(HKV, c_full, S, D)
@@ -507,9 +508,9 @@ def test_strata_decode_summaries_made_in_the_tournament_match_direct(head_reduce
         scores = per_head.amax(1) if head_reduce == "max" else per_head.sum(1)
         layout, valid = strata_layout(g.strata, g.n_blocks_selected)
         assert torch.equal(g.onehot.argmax(-1), scores[:, layout].masked_fill(~valid, float("-inf")).argmax(-1))
-        qk = ctx.logits["qk"]
+        qk = sel.qk
         want = torch.cat([qk[..., :4], qk[..., L - 8:]], -1).amax(-1, keepdim=True)
-        assert g.keeps_ends(4, 8, L) and torch.equal(ctx.logits["offset"], want)
+        assert g.keeps_ends(4, 8, L) and torch.equal(sel.offset, want)
 
 
 @pytest.mark.parametrize("strata", [True, False], ids=["compact", "dense"])

@@ -113,6 +113,10 @@ class PlainBackend:
         """[x < t] as 0/1 (``t`` public, broadcastable): one comparison per element under MPC."""
         return (x < torch.as_tensor(t, dtype=x.dtype, device=x.device)).to(x.dtype)
 
+    def clamp(self, x: Tensor, lo: float, hi: float) -> Tensor:
+        """min(max(x, lo), hi) for public bounds (one comparison layer + one product under MPC)."""
+        return x.clamp(lo, hi)
+
     def reveal(self, x: Tensor, dst: int | None = None, label: str = "value") -> Tensor:
         return x
 

@@ -205,6 +205,11 @@ class SecureBackend:
             bit = ops._ltz(x - t, self.cfg.policy_lean)
         return ops._from_shares(bit.share * int(x.encoder.scale), precision=None)
 
+    def clamp(self, x, lo: float, hi: float):
+        """ops.clamp: min(max(x, lo), hi), public bounds; cmp + 1 rounds, exact. Leaks: shapes only."""
+        with self._scope("clamp"):
+            return ops.clamp(unfix(x), lo, hi, lean=self.cfg.policy_lean)
+
     def reveal(self, x, dst: int | None = None, label: str = "value"):
         """Open ``x`` to party ``dst`` (None = everyone). The only way a share becomes plaintext; audited."""
         self.reveals.append((label, dst, tuple(x.shape)))

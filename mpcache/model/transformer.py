@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
-from ..policies.base import CachePolicy, DecodeContext, PrefillContext
+from ..policies.base import CachePolicy, DecodeContext, PrefillContext, as_selection
 
 
 # ---- public tables of the model (positions are public): used by both backends' runs of the model ----------------
@@ -278,10 +278,8 @@ class Transformer:
             return kv[..., :hd], kv[..., hd:]
         return g.apply(k, B), g.apply(v, B)
 
-    ATTEND_IN_PLACE = True     # a one-hot selection over a fixed cache gathers scores and scatters probabilities
-
     def _attend_in_place(self, g, k, v) -> bool:
-        return (self.ATTEND_IN_PLACE and g is not None and g.onehot is not None
+        return (g is not None and g.onehot is not None
                 and self.B.is_fixed(k) and self.B.is_fixed(v)
                 and g.covers(int(k.shape[1])))
 
@@ -346,6 +344,28 @@ class Transformer:
                 o = B.matmul(B.cat(full, dim=-1) if len(full) > 1 else full[0], v)  # (Hkv, G, hd)
         return o.reshape(cfg.n_heads, 1, hd).transpose(0, 1).reshape(1, cfg.n_heads * hd)
 
+    def _decode_attention(self, q, sel, k, v, logw=None):
+        """The one place a decode step's attention route is chosen, from public facts only (the selection's form,
+        whether the cache rows are fixed operands, the backend's three-operand products):
+
+        * no selection, or a selection by public ranges: gather the rows (views) and attend (:meth:`_attend`);
+        * a one-hot selection over a fixed cache: attend in place (:meth:`_attend_selected`: scores against the
+          fixed K, gathered by the one-hot; with ``B.gathered_ok``, the backend's three-operand products);
+        * a one-hot selection otherwise: gather the selected rows by the one-hot product, then attend.
+
+        The softmax is anchored when the selection keeps the anchor rows and the rows carry no weights (weighted
+        rows may lift logits over the anchors': the row max there). ``sel``: the policy's :class:`Selection`."""
+        g = sel.gather
+        if logw is not None and g is not None:
+            raise NotImplementedError("a per-step selection over a weighted (BalanceKV) cache is not supported")
+        if self._attend_in_place(g, k, v):
+            return self._attend_selected(q, g, k, v, sel.qk, sel.offset)
+        with self.scope("gather"):
+            ks, vs = self._gather(g, k, v)
+        anchor = self.selection_anchor(g, int(k.shape[1])) if logw is None else None
+        o, _ = self._attend(q, ks, vs, anchor=anchor, logw=logw)
+        return o
+
     def decode(self, token, cache: KVCache):
         """One new token (an id, or a one-hot (1, V)) at position ``cache.pos``; returns logits (1, V)."""
         cfg, B = self.cfg, self.B
@@ -367,18 +387,8 @@ class Transformer:
                 with self.scope("selection"):
                     ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
                                         cache.state[i], shared, anchor=self.DECODE_ANCHOR)
-                    g = self.policy.for_layer(i).select(ctx)
-                if cache.logw[i] is not None and g is not None:
-                    raise NotImplementedError("a per-step selection over a weighted (BalanceKV) cache is not supported")
-                if self._attend_in_place(g, cache.k[i], cache.v[i]):
-                    o = self._attend_selected(q, g, cache.k[i], cache.v[i], ctx.logits.get("qk"),
-                                              ctx.logits.get("offset"))
-                else:
-                    with self.scope("gather"):
-                        ks, vs = self._gather(g, cache.k[i], cache.v[i])
-                    # weighted rows may lift logits over the anchors' (the anchored softmax's bound): row max there
-                    anchor = self.selection_anchor(g, int(cache.k[i].shape[1])) if cache.logw[i] is None else None
-                    o, _ = self._attend(q, ks, vs, anchor=anchor, logw=cache.logw[i])
+                    sel = as_selection(self.policy.for_layer(i).select(ctx))
+                o = self._decode_attention(q, sel, cache.k[i], cache.v[i], cache.logw[i])
                 x = self._block_out(x, o, p)
         cache.pos += 1
         return self._logits(x)

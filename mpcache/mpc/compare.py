@@ -116,3 +116,25 @@ def _ring_ones(x):
     if comm.get().get_rank() == 0:
         one += 1
     return _from_shares(one, precision=0)
+
+
+# ---- a protocol built on the comparison: the oblivious clamp --------------------------------------------------------
+def clamp(x, lo: float, hi: float, lean: bool = True):
+    """min(max(x, lo), hi) for public bounds lo < hi: both bounds' comparisons in ONE comparison layer (the stacked
+    [x < lo], [x > hi]), then one stacked product of those bits with (lo - x, hi - x) — ring 0/1 bits times
+    fixed-point values, no truncation — summed onto x. At most one bit is set, so the result is exactly lo, hi or x.
+
+    Rounds: cmp + 1 (8 with the lean comparison, 9 with CrypTen's).  Bytes per element (2PC): 2 comparisons
+    (2 x ~96 B lean, 2 x 216 B full) + 2 products (2 x 16 B).  Exact (no approximation; fixed-point inputs give
+    fixed-point outputs bit for bit).  ``lean``: comparisons in 32-bit lanes, valid while |x - lo|, |x - hi| < 2^15.
+    Leaks: shapes only.  Float model: :func:`clamp_reference`."""
+    import crypten
+
+    if not lo < hi:
+        raise ValueError(f"clamp needs lo < hi, got lo={lo}, hi={hi}")
+    bits = _ltz(crypten.stack([x - lo, -x + hi]), lean)                  # [x < lo], [x > hi]: one layer
+    return x + (bits * crypten.stack([lo - x, hi - x])).sum(0)
+
+
+def clamp_reference(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return x.double().clamp(lo, hi)

@@ -3,7 +3,7 @@
 ==================  ============================================================================================
 module              protocols
 ==================  ============================================================================================
-``compare``         ``_ltz`` / ``_ltz_lean`` (the sign bit, 64-bit circuit or 32-bit lanes), public-threshold helpers
+``compare``         ``_ltz`` / ``_ltz_lean`` (the sign bit, 64-bit circuit or 32-bit lanes), ``clamp``
 ``tournament``      ``tree_max``, ``argmax_onehot``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``,
                     ``strata_select`` (the tournaments; radices from :mod:`mpcache.mpc.schedules`)
 ``approx``          ``exp_limit``, ``reciprocal_nr``, ``reciprocal_gs``
@@ -34,7 +34,7 @@ from .approx import (
     reciprocal_nr,
     reciprocal_nr_reference,
 )
-from .compare import _from_shares, _ltz, _ltz_lean, _minus_publics, _mul_public_int
+from .compare import _from_shares, _ltz, _ltz_lean, _minus_publics, _mul_public_int, clamp, clamp_reference
 from .config import MpcConfig
 from .norms import norm_scale, norm_scale_reference
 from .softmax import ANCHOR_MAX_EXCESS, MASK_SHIFT, _anchor_columns, softmax, softmax_reference
@@ -57,7 +57,7 @@ from .tournament import (
 __all__ = [
     "ANCHOR_MAX_EXCESS", "MASK_SHIFT", "MpcConfig", "_anchor_columns", "_from_shares", "_ltz", "_ltz_lean",
     "_minus_publics", "_mul_public_int", "_onehot_radix_level", "_onehot_radix_levels", "_radix_layer",
-    "argmax_onehot", "argmax_onehot_reference", "exp_fit_coeffs", "exp_limit", "exp_limit_reference", "gelu",
+    "argmax_onehot", "argmax_onehot_reference", "clamp", "clamp_reference", "exp_fit_coeffs", "exp_limit", "exp_limit_reference", "gelu",
     "gelu_reference", "keep_onehot", "norm_scale", "norm_scale_reference", "reciprocal_gs", "reciprocal_gs_reference",
     "reciprocal_nr", "reciprocal_nr_reference", "silu", "silu_reference", "softmax", "softmax_reference",
     "strata_layout", "strata_select", "strata_top1_onehot", "strata_top1_onehot_reference", "topk_onehot",

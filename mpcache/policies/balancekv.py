@@ -173,7 +173,7 @@ def balance_walk(backend, k, v, levels: int, threshold: float, beta: float, iter
     B = backend
     X, b, d = (int(x) for x in k.shape)
     if kernel == "softmax":
-        if getattr(B, "secure", False):
+        if B.secure:
             raise ValueError("BalanceKVPolicy(kernel='softmax') runs in plaintext only (the exp of raw key products "
                              "overflows fixed point); use kernel='bounded' under MPC")
         u = torch.cat([k * d ** -0.25, v / v.norm(dim=-1).amax(dim=1)[:, None, None].clamp_min(1e-30)], dim=-1)

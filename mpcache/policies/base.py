@@ -149,6 +149,23 @@ class Gather:
 
 
 @dataclass
+class Selection:
+    """What a decode step's ``select`` hands the model: the rows to attend (``gather``; None = all) and what the
+    policy already computed in its own rounds, so the attention does not pay for it again: ``qk``, the attention
+    logits against every cached row (DecodeContext.query_products), and ``offset`` (Hkv, G, 1), the anchored
+    softmax's offset (the max of the anchor rows' logits). A policy may return a bare Gather (or None) instead."""
+
+    gather: Gather | None = None
+    qk: Any = None
+    offset: Any = None
+
+
+def as_selection(result) -> Selection:
+    """A policy's ``select`` result (Selection, Gather or None) as a Selection."""
+    return result if isinstance(result, Selection) else Selection(result)
+
+
+@dataclass
 class PrefillContext:
     """What a policy sees at the end of the prefill, for one layer (B = 1).
 
@@ -227,9 +244,8 @@ class DecodeContext:
     n_prompt: int
     state: dict
     shared: dict
-    logits: dict = field(default_factory=dict)   # "qk": the attention logits, when query_products made them;
-    #                                              "offset": (Hkv, G, 1) the max of the anchor rows' logits (the
-    #                                              anchored softmax's offset), when the policy batched it
+    qk: Any = None                               # the attention logits against every cached row, when
+    #                                              query_products made them (the policy passes them on: Selection)
     anchor: tuple | None = None                  # (a, b): the attention anchors its softmax on cache rows [0, a) and
     #                                              [L - b, L) when the selection keeps them (Transformer.DECODE_ANCHOR)
 
@@ -240,7 +256,7 @@ class DecodeContext:
     def query_products(self, rep):
         """Each query head's ``q · rep / sqrt(hd)``, (Hkv, G, C) for ``rep`` (Hkv, C, hd). When ``rep`` and the
         cache are fixed operands (MPC, fixed K/V) this is ONE product with ``[rep | K]`` that also yields the
-        attention logits against every cached row (kept in ``logits["qk"]`` for the attention to reuse): both
+        attention logits against every cached row (kept in ``self.qk`` for the policy's Selection): both
         right operands are fixed, so it opens only q, once, and the attention's q·Kᵀ round is saved."""
         B = self.backend
         hkv, d = int(self.k.shape[0]), int(self.k.shape[2])
@@ -248,7 +264,7 @@ class DecodeContext:
         c = int(rep.shape[1])
         if B.is_fixed(rep) and B.is_fixed(self.k):
             both = B.matmul(qg, B.cat([rep, self.k], dim=1).transpose(1, 2))       # (Hkv, G, C + L)
-            self.logits["qk"] = both[..., c:]
+            self.qk = both[..., c:]
             return both[..., :c]
         return B.matmul(qg, rep.transpose(1, 2))
 
@@ -281,7 +297,7 @@ class CachePolicy:
     def prefill(self, ctx: PrefillContext) -> Gather | None:
         return None
 
-    def select(self, ctx: DecodeContext) -> Gather | None:
+    def select(self, ctx: DecodeContext) -> Selection | Gather | None:
         return None
 
     def for_layer(self, layer: int) -> CachePolicy:
@@ -537,6 +553,8 @@ __all__ = [
     "DecodeContext",
     "Gather",
     "PrefillContext",
+    "Selection",
+    "as_selection",
     "kept_count",
     "make_policy",
     "nonempty",

@@ -22,6 +22,7 @@ from .base import (
     DecodeContext,
     Gather,
     PrefillContext,
+    Selection,
     nonempty,
     register,
     round_half_up,
@@ -213,19 +214,22 @@ class MPCachePolicy(BudgetPolicy):
         ctx.shared[key] = g
         return g
 
-    def select(self, ctx: DecodeContext) -> Gather | None:
+    def select(self, ctx: DecodeContext) -> Selection:
+        """The leader layer's selection (a follower reuses its Gather), with the attention logits and the anchored
+        softmax's offset when the selection made them in its own rounds."""
         leader = self.leader(ctx.layer)
         key = ("mpcache/select", leader)
         if leader != ctx.layer:
-            return ctx.shared[key]
+            return Selection(ctx.shared[key])
         L = ctx.L
         n_full = ctx.state.get("mpcache/prompt_len", ctx.n_prompt)
         plan = self.dynamic_plan(L, n_full + L - ctx.n_prompt)
-        g = None if plan is None else self._select(ctx, plan)
+        g, offset = (None, None) if plan is None else self._select(ctx, plan)
         ctx.shared[key] = g
-        return g
+        return Selection(g, qk=ctx.qk, offset=offset)
 
-    def _select(self, ctx: DecodeContext, p: DynamicPlan) -> Gather:
+    def _select(self, ctx: DecodeContext, p: DynamicPlan) -> tuple[Gather, object]:
+        """(the Gather, the anchored softmax's offset if the tournament made it, else None)."""
         B, S2, f = ctx.backend, self.cluster_size, self.fanout
         hkv, d = int(ctx.k.shape[0]), int(ctx.k.shape[2])
         # scaled like attention logits (q·k / sqrt(d)): the ranking is the same, and the scores stay O(10), far
@@ -260,7 +264,7 @@ class MPCachePolicy(BudgetPolicy):
                 # "sum" adds the heads' products (= the summed query's), "max" lets the tournament take the max
                 # over the heads (ops.strata_select: no comparison layer of its own)
                 prods = ctx.query_products(rep)                                         # (Hkv, G, C2)
-                qk, a = ctx.logits.get("qk"), ctx.anchor
+                qk, a = ctx.qk, ctx.anchor
                 also = []
                 if qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end:
                     # the anchored softmax's offset: the max of the sink rows' and the newest rows' logits, which
@@ -272,12 +276,11 @@ class MPCachePolicy(BudgetPolicy):
                     onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=extra)
                 else:
                     onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=extra)
-                if also:
-                    ctx.logits["offset"] = maxes[0].unsqueeze(-1)
+                offset = maxes[0].unsqueeze(-1) if also else None
                 if grown is not None:
                     extend(B, ctx.state, fkey, maxes[-1][0], B.neg(maxes[-1][1]), alpha)
             return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
-                          strata=p.C2)
+                          strata=p.C2), (offset if self.linear else None)
         if not self.hierarchy or p.k1 == p.C1:     # level 1 would keep every coarse cluster: skip it
             scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
             onehot = B.topk_onehot(scores, p.k2)                                         # (Hkv, k2, C2)
@@ -295,4 +298,4 @@ class MPCachePolicy(BudgetPolicy):
                 scores2 = score(kids[..., :d], kids[..., d:], None)
             onehot2 = B.topk_onehot(scores2, p.k2)                                       # (Hkv, k2, k1·f)
             onehot = B.matmul(onehot2, children_onehot(B, onehot1, f))                   # (Hkv, k2, C2)
-        return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2)
+        return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2), None
