@@ -146,3 +146,34 @@ def test_parties_keep_running_between_calls_and_restart_after_a_failure():
         assert not parties.running
         again = parties.run(_pid_and_product, x)
         assert {r.value[0] for r in again}.isdisjoint(r.value[0] for r in first)
+
+
+# ---- the point-to-point transport ------------------------------------------------------------------------------
+def _softmax_and_reshare(sess, x):
+    import crypten
+
+    from mpcache.mpc import ops
+
+    with sess.scope("softmax"):
+        y = ops.softmax(crypten.cryptensor(x, src=0))
+    with sess.scope("square"):
+        z = crypten.cryptensor(x, src=1).square()
+    return y.get_plain_text(), z.get_plain_text()
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_pipes_and_gloo_carry_the_same_protocol(setting):
+    """The harness's point-to-point pipes and CrypTen's gloo pairs run the same protocol: every party's ledger is
+    the same scope by scope (bytes, rounds, kind), and the results agree within twice the softmax's 512-ulp bound
+    (each run draws its own masks, so its own truncation errors)."""
+    n, protocol, provider = SETTINGS[setting]
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 3
+    runs = {}
+    for p2p in ("pipes", "gloo"):
+        with Parties(n, protocol=protocol, provider=provider, timeout=60, p2p=p2p) as parties:
+            runs[p2p] = parties.run(_softmax_and_reshare, x)
+    for a, b in zip(runs["pipes"], runs["gloo"]):
+        assert {k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in a.ledger.counts.items()} == \
+               {k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in b.ledger.counts.items()}
+        for u, v in zip(a.value, b.value):
+            assert (u - v).abs().max() <= 2 * 512 * 2 ** -16

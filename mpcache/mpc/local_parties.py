@@ -7,8 +7,10 @@ protocol/provider/precision from the :class:`~mpcache.mpc.config.MpcConfig`, ``c
 torch.distributed (gloo on loopback, file rendezvous), the lean TFP provider, the ledger attached to CrypTen's
 live communicator -- so ``fn`` runs the protocols' real code over a real transport and every byte and round is
 counted by the same :class:`~mpcache.mpc.ledger.CostLedger` rules as in a measured run. What differs from
-mpirun: no MPI (no handshake, ``session.comm`` is None, openings go over gloo, which the ledger counts exactly
-as over MPI) and no interpreter start per party (~3 s under mpirun; a fork is ~50 ms).
+mpirun: no MPI (no handshake, ``session.comm`` is None), point-to-point messages (openings, resharing) over OS
+pipes between the forked parties instead of MPI's shared memory (:class:`_Pipes`; ``p2p="gloo"`` keeps CrypTen's
+gloo pairs; the ledger counts above the transport, so the counts are the same), and no interpreter start per
+party (~3 s under mpirun; a fork is ~50 ms).
 
 Two ways to run:
 
@@ -82,6 +84,127 @@ def _send(conn, msg) -> None:
     conn.send_bytes(pickle.dumps(msg))
 
 
+class _Request:
+    """A posted send or receive of :class:`_Pipes`; waiting on it drives every pending transfer of the party."""
+
+    def __init__(self, pipes: _Pipes):
+        self.pipes, self.done = pipes, False
+
+    def wait(self, *args, **kwargs) -> None:
+        while not self.done:
+            self.pipes.progress(block=True)
+
+    def is_completed(self) -> bool:
+        if not self.done:
+            self.pipes.progress(block=False)
+        return self.done
+
+
+class _Pipes:
+    """This party's point-to-point transport: one OS pipe per ordered pair of compute parties (made before the
+    fork), non-blocking, 1 MiB buffers. Messages are raw bytes in order per pair (a receive names its size, as a
+    gloo receive does). Nothing moves in the background: posting a send writes what fits at once, and waiting on
+    any request moves every pending transfer, so two parties sending to each other before receiving never block
+    each other. Why not gloo's TCP pairs: a message there crosses gloo's own thread and the loopback TCP stack (~1 ms
+    of CPU per opening and party; MPI's shared memory, what mpirun runs use, is not available to forked parties)."""
+
+    def __init__(self, reads: dict[int, int], writes: dict[int, int]):
+        import fcntl
+        import io
+
+        self.rfile = {j: io.FileIO(fd, "rb", closefd=True) for j, fd in reads.items()}
+        self.wfile = {j: io.FileIO(fd, "wb", closefd=True) for j, fd in writes.items()}
+        for fd in (*reads.values(), *writes.values()):
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, 1031, 1 << 20)             # F_SETPIPE_SZ: most messages fit in one write
+        self.sends: dict[int, list] = {j: [] for j in writes}   # per peer, in order: [view, offset, request]
+        self.recvs: dict[int, list] = {j: [] for j in reads}    # [view, offset, request, tensor, copy-back target]
+
+    @staticmethod
+    def _view(t: torch.Tensor) -> memoryview:
+        return memoryview(t.numpy()).cast("B")
+
+    def post_send(self, dst: int, tensor: torch.Tensor) -> _Request:
+        data = tensor.data.contiguous()
+        req = _Request(self)
+        self.sends[dst].append([self._view(data), 0, req, data])
+        self.progress(block=False)
+        return req
+
+    def post_recv(self, src: int | None, tensor: torch.Tensor) -> _Request:
+        if src is None:
+            raise NotImplementedError("local_parties: a receive from any party (src=None)")
+        target = tensor.data
+        buf = target if target.is_contiguous() else torch.empty_like(target, memory_format=torch.contiguous_format)
+        req = _Request(self)
+        self.recvs[src].append([self._view(buf), 0, req, buf, target])
+        return req
+
+    def progress(self, block: bool) -> None:
+        """Move what can move now; with ``block``, first wait (poll) until something can."""
+        import select
+
+        if block:
+            poller = select.poll()
+            for j, q in self.sends.items():
+                if q:
+                    poller.register(self.wfile[j].fileno(), select.POLLOUT)
+            for j, q in self.recvs.items():
+                if q:
+                    poller.register(self.rfile[j].fileno(), select.POLLIN)
+            poller.poll(1000)
+        for j, q in self.sends.items():
+            while q:
+                view, off, req, _ = q[0]
+                n = self.wfile[j].write(view[off:])
+                if not n:
+                    break
+                q[0][1] = off = off + n
+                if off < len(view):
+                    break
+                req.done = True
+                q.pop(0)
+        for j, q in self.recvs.items():
+            while q:
+                view, off, req, buf, target = q[0]
+                n = self.rfile[j].readinto(view[off:]) if len(view) else 0
+                if n is None:
+                    break
+                if n == 0 and len(view):
+                    raise ConnectionError(f"party {j} closed its pipe (it died or left)")
+                q[0][1] = off = off + n
+                if off < len(view):
+                    break
+                if buf is not target:
+                    target.copy_(buf)
+                req.done = True
+                q.pop(0)
+
+
+def _pipes_class(base):
+    """CrypTen's communicator with its point-to-point calls over :class:`_Pipes` (collectives stay on gloo)."""
+
+    class PipeCommunicator(base):
+        pipes: _Pipes
+
+        def isend(self, tensor, dst):
+            return self.pipes.post_send(dst, tensor)
+
+        def irecv(self, tensor, src=None):
+            return self.pipes.post_recv(src, tensor)
+
+        def send(self, tensor, dst):
+            self.pipes.post_send(dst, tensor).wait()
+
+        def recv(self, tensor, src=None):
+            result = tensor.clone()
+            self.pipes.post_recv(src, result).wait()
+            return result
+
+    return PipeCommunicator
+
+
 def _session(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float) -> Session:
     """This process as party ``rank``: CrypTen configured and initialised as :func:`open_session` does it."""
     torch.set_num_threads(1)
@@ -102,11 +225,16 @@ def _session(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float) -> Sess
                    network={"openings": "gloo", "transport": "local_parties"}, cfg=cfg)
 
 
-def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, first) -> None:
+def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, first, pipes) -> None:
     """One forked party. The dealer serves until party 0 stops it. A compute party runs ``first`` (fn, args), then
     each task it receives, until "stop"; per task it sends ("returned",) when fn returns, then, once every party
     has returned (a barrier), ("ok", value, ledger) -- or ("error", text) and exits."""
     try:
+        for (a, b), (r, w) in pipes.items():            # keep this party's ends of the point-to-point pipes (a
+            if a != rank:                               # writes to b): a dead peer's pipe then reads as closed
+                os.close(w)
+            if b != rank:
+                os.close(r)
         sess = _session(rank, cfg, rendezvous, timeout)
         if sess.is_dealer:
             from .session import serve_dealer
@@ -120,6 +248,12 @@ def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, fir
         from .ledger import attach
 
         sess.crypten.init()
+        if pipes:
+            mine = _Pipes({a: r for (a, b), (r, _) in pipes.items() if b == rank},
+                          {b: w for (a, b), (_, w) in pipes.items() if a == rank})
+            inst = cmod.get()
+            inst.__class__ = _pipes_class(type(inst))
+            inst.pipes = mine
         if cfg.provider == "tfp" and cfg.lean_tfp:
             lean_tfp.install()
         live = attach(sess.ledger, None, timeout, one_exchange=cfg.one_exchange)   # once: it re-classes CrypTen's
@@ -160,16 +294,20 @@ class Parties:
     """``n`` compute parties (plus a dealer with ``provider="ttp"``) of one session, forked from this process on
     the first :meth:`run` and kept until :meth:`close` (or a failure). ``mpc``: the session's protocol knobs
     (default :class:`MpcConfig`'s; protocol, provider and parties are replaced by the arguments), as
-    ``session.cfg``. ``timeout``: the default bound of each call, in seconds."""
+    ``session.cfg``. ``timeout``: the default bound of each call, in seconds. ``p2p``: the point-to-point
+    transport (openings, resharing): "pipes" (:class:`_Pipes`) or "gloo" (CrypTen's own); collectives, the
+    dealer's traffic and the setup always go over gloo. Both carry the same messages: same results, same ledger."""
 
     def __init__(self, n: int, *, protocol: str = "arithmetic", provider: str = "tfp", mpc: MpcConfig | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, p2p: str = "pipes"):
         if protocol not in PROTOCOLS or provider not in PROVIDERS:
             raise ValueError(f"protocol {protocol!r} / provider {provider!r}: use one of {sorted(PROTOCOLS)} / "
                              f"{sorted(PROVIDERS)}")
         if protocol == "replicated" and n != 3:
             raise ValueError(f"the replicated protocol needs 3 compute parties, got {n}")
-        self.n, self.timeout = n, timeout
+        if p2p not in ("pipes", "gloo"):
+            raise ValueError(f"p2p {p2p!r}: use 'pipes' or 'gloo'")
+        self.n, self.timeout, self.p2p = n, timeout, p2p
         self.cfg = dataclasses.replace(mpc or MpcConfig(), protocol=protocol, provider=provider, n_parties=n)
         self._procs: list = []
         self._conns: list = []
@@ -212,14 +350,22 @@ class Parties:
         _warm()
         ctx = mp.get_context("fork")
         self._tmp = tempfile.mkdtemp(prefix="mpcache-parties-")
-        for rank in range(self.n + (self.cfg.provider == "ttp")):
-            mine, theirs = ctx.Pipe()
-            p = ctx.Process(target=_party, name=f"party-{rank}", daemon=True,
-                            args=(rank, self.cfg, f"file://{self._tmp}/rendezvous", self.timeout, theirs, first))
-            p.start()
-            theirs.close()
-            self._procs.append(p)
-            self._conns.append(mine)
+        pipes = {(a, b): os.pipe() for a in range(self.n) for b in range(self.n) if a != b} \
+            if self.p2p == "pipes" else {}
+        try:
+            for rank in range(self.n + (self.cfg.provider == "ttp")):
+                mine, theirs = ctx.Pipe()
+                p = ctx.Process(target=_party, name=f"party-{rank}", daemon=True,
+                                args=(rank, self.cfg, f"file://{self._tmp}/rendezvous", self.timeout, theirs, first,
+                                      pipes))
+                p.start()
+                theirs.close()
+                self._procs.append(p)
+                self._conns.append(mine)
+        finally:
+            for r, w in pipes.values():
+                os.close(r)
+                os.close(w)
 
     def close(self, kill: bool = False) -> None:
         """Stop the parties (each leaves CrypTen; party 0 stops the dealer); ``kill``: at once."""
@@ -243,17 +389,20 @@ class Parties:
 
 
 def run_parties(n: int, fn: Callable[[Session], Any], *, protocol: str = "arithmetic", provider: str = "tfp",
-                mpc: MpcConfig | None = None, timeout: float = 120.0) -> list[PartyResult]:
+                mpc: MpcConfig | None = None, timeout: float = 120.0, p2p: str = "pipes") -> list[PartyResult]:
     """Run ``fn(session)`` as each of ``n`` compute parties (plus a dealer if ``provider="ttp"``), each in a
     process forked from this one for this call (``fn`` may be a closure); return every compute party's
     :class:`PartyResult`, by rank.
 
-    ``mpc``: the session's protocol knobs (see :class:`Parties`). ``fn``'s return value comes back pickled
+    ``mpc``, ``p2p``: see :class:`Parties`. ``fn``'s return value comes back pickled
     (tensors, numbers, dicts). Raises :class:`PartyFailure` when any party raises or dies (the first failure, with
     its traceback; its consequences on the peers, e.g. a closed connection, are listed after it) or when not every
     party is done within ``timeout`` seconds (naming the parties still inside ``fn`` and those waiting for them)."""
-    with Parties(n, protocol=protocol, provider=provider, mpc=mpc, timeout=timeout) as parties:
+    with Parties(n, protocol=protocol, provider=provider, mpc=mpc, timeout=timeout, p2p=p2p) as parties:
         return parties.run(fn, timeout=timeout)
+
+
+_CONSEQUENCES = ("connection reset", "connection closed", "closed its pipe", "broken pipe", "timed out")
 
 
 def _collect(procs, conns, n: int, timeout: float) -> list[PartyResult]:
@@ -291,7 +440,8 @@ def _collect(procs, conns, n: int, timeout: float) -> list[PartyResult]:
                 errors.append((rank, f"raised {msg[1]}"))
             else:
                 results[rank] = msg[1:]
-    if errors:
+    if errors:                           # the cause first: a peer's broken connection is a consequence
+        errors.sort(key=lambda e: any(k in e[1].split("\n")[0].lower() for k in _CONSEQUENCES))
         (rank, first), rest = errors[0], errors[1:]
         more = "".join(f"\n-- then party {r} {m.splitlines()[0]}" for r, m in rest)
         raise PartyFailure(f"party {rank} {first}{more}")
