@@ -22,206 +22,6 @@ def _open(protocol="arithmetic", provider="tfp", info=None):
     return open_session(protocol, provider, public_info=info or {}, timeout_s=60)
 
 
-def job_ops(out, protocol="arithmetic", provider="tfp"):
-    """Every secure op vs its float model on fixed inputs; returns max abs errors and per-op costs."""
-    from mpcache.mpc import ops
-
-    sess = _open(protocol, provider)
-    if sess.is_dealer:
-        from mpcache.mpc.session import serve_dealer
-
-        return serve_dealer(sess)
-    import crypten
-
-    g = torch.Generator().manual_seed(0)
-    res = {}
-
-    def run(name, f, ref, *xs, exact=None):
-        xs = [torch.round(x * 2 ** 16) / 2 ** 16 for x in xs]     # on the fixed-point grid: no encoding error
-        shares = [crypten.cryptensor(x, src=0) for x in xs]
-        before = sess.ledger.totals()
-        with sess.scope(name):
-            y = f(*shares)
-        after = sess.ledger.totals()
-        y = y.get_plain_text()
-        r = ref(*xs)
-        res[name] = {"err": (y.double() - r.double()).abs().max().item(),
-                     "rel_err": ((y.double() - r.double()).abs() / r.double().abs().clamp_min(1e-30)).max().item(),
-                     "ref_vs_exact": None if exact is None else (r.double() - exact(*xs).double()).abs().max().item(),
-                     "rounds": after["rounds"] - before["rounds"], "bytes": after["bytes_sent"] - before["bytes_sent"]}
-
-    x = torch.randn(3, 257, generator=g) * 4
-    run("tree_max", lambda a: ops.tree_max(a, -1), lambda a: ops.tree_max_reference(a, -1), x,
-        exact=lambda a: a.max(-1).values)
-    run("tree_max_dim0", lambda a: ops.tree_max(a, 0), lambda a: ops.tree_max_reference(a, 0), x)
-    run("exp", ops.exp_limit, ops.exp_limit_reference, -x.abs(), exact=lambda a: a.double().exp())
-    r = torch.logspace(-2.3, 2.3, 64)
-    run("reciprocal", lambda a: ops.reciprocal_nr(a) * a, lambda a: ops.reciprocal_nr_reference(a) * a, r,
-        exact=lambda a: torch.ones_like(a))
-    # rows whose sums of squares span the guess's range (2^-8 .. 2^30), ordinary and massive-activation rows
-    nv = torch.randn(40, 96, generator=g) * torch.logspace(-4.5, 3.5, 40).reshape(-1, 1)
-    nv[-4:, 5] = torch.tensor([2.0e4, 2.2e4, 2.5e4, 3.0e4])
-    run("norm_scale", lambda a: ops.norm_scale(a, 0.05), lambda a: ops.norm_scale_reference(a, 0.05), nv,
-        exact=lambda a: a.double() / ((a.double() ** 2).sum(-1, keepdim=True) + 0.05).sqrt())
-    xs = torch.linspace(-12, 12, 241)
-    run("silu", ops.silu, ops.silu_reference, xs, exact=lambda a: torch.nn.functional.silu(a.double()))
-    run("gelu", ops.gelu, ops.gelu_reference, xs,
-        exact=lambda a: torch.nn.functional.gelu(a.double(), approximate="tanh"))
-    h = torch.randn(33, 576, generator=g)
-    h[1:, 7] = torch.linspace(2.0e4, 2.6e4, 32)               # massive activations (SmolLM2 has ~2.5e4): with 32
-    # rows, a protocol that fails with probability ~15% per row (the bug this guards against) fails this test
-    run("norm_massive", lambda a: ops.norm_scale(a, 5.76e-3), lambda a: ops.norm_scale_reference(a, 5.76e-3), h)
-    am = torch.randn(4, 1000, generator=g)
-    am[1, 10] = am[1, 500] = am[1].max() + 1.0                # a tie: the first maximum wins
-    run("argmax_onehot", ops.argmax_onehot, ops.argmax_onehot_reference, am)
-    sc = torch.randperm(40, generator=g).float().reshape(1, 40) * 0.37 - 5
-    sc2 = torch.stack([sc[0], torch.randn(40, generator=g)])
-    from mpcache.backends.plain import PlainBackend
-
-    P = PlainBackend()
-    run("topk_onehot", lambda a: ops.topk_onehot(a, 7), lambda a: P.topk_onehot(a, 7), sc2)
-    run("keep_onehot", lambda a: ops.keep_onehot(a, 9), lambda a: P.keep_onehot(a, 9), sc2)
-    st = torch.randn(2, 3, 61, generator=g)
-    st[0, 1, 14] = st[0, 1, 15] = st[0, 1, 12:18].max() + 1.0    # a tie inside a stratum: the first wins
-    run("strata_top1_onehot", lambda a: ops.strata_top1_onehot(a, 7, radix=4),
-        lambda a: ops.strata_top1_onehot_reference(a, 7), st)
-    run("strata_top1_onehot_even", lambda a: ops.strata_top1_onehot(a, 8),
-        lambda a: P.strata_top1_onehot(a, 8), torch.randn(4, 64, generator=g))
-    # strata of 2..17 slots with ties (integer scores): every radix-4 level size and padding case, and pairwise
-    ti = torch.randint(-3, 4, (3, 2, 150), generator=g).float()
-    for kk in (75, 50, 30, 17, 9):
-        run(f"strata_r4_k{kk}", lambda a, kk=kk: ops.strata_top1_onehot(a, kk, radix=4),
-            lambda a, kk=kk: ops.strata_top1_onehot_reference(a, kk), ti)
-    run("strata_r2_k9", lambda a: ops.strata_top1_onehot(a, 9, radix=2),
-        lambda a: ops.strata_top1_onehot_reference(a, 9), ti)
-    run("strata_r3_k9", lambda a: ops.strata_top1_onehot(a, 9, radix=3),
-        lambda a: ops.strata_top1_onehot_reference(a, 9), ti)
-    for kk in (75, 17, 9):                  # the default: the latency-minimising level schedule
-        run(f"strata_auto_k{kk}", lambda a, kk=kk: ops.strata_top1_onehot(a, kk),
-            lambda a, kk=kk: ops.strata_top1_onehot_reference(a, kk), ti)
-    for n in (1024, 4096, 8192):
-        flat = torch.randn(2, n, generator=g) * 0.01        # near-uniform rows: stock CrypTen gives garbage here
-        peaked = torch.randn(2, n, generator=g) * 3
-        peaked[:, 5] += 20
-        rows = torch.cat([flat, peaked])
-        run(f"softmax_{n}", ops.softmax, ops.softmax_reference, rows,
-            exact=lambda a: torch.softmax(a.double(), -1))
-        classic = {"radix": 2, "lean": False, "recip": "newton"}      # the softmax before the lean defaults
-        if n in (1024, 8192):
-            kw = classic if n == 1024 else {"radix": 2, "lean": True, "recip": "newton"}
-            run(f"softmax_{'classic' if n == 1024 else 'r2lean'}_{n}", lambda a, kw=kw: ops.softmax(a, **kw),
-                lambda a, kw=kw: ops.softmax_reference(a, **kw), rows, exact=lambda a: torch.softmax(a.double(), -1))
-        if n == 1024:
-            import crypten as _c
-
-            res["stock_softmax_1024"] = {"err": (_c.cryptensor(rows, src=0).softmax(-1).get_plain_text().double()
-                                                 - torch.softmax(rows.double(), -1)).abs().max().item()}
-    mask = (torch.rand(3, 300, generator=g) > 0.3).float()
-    mask[:, 0] = 1
-    mrows = torch.randn(3, 300, generator=g) * 3
-    run("softmax_masked", lambda a: ops.softmax(a, mask=mask), lambda a: ops.softmax_reference(a, mask=mask), mrows,
-        exact=lambda a: torch.softmax(a.double().masked_fill(mask == 0, float("-inf")), -1))
-    # the lean softmax's parts, last and with their own generator (the cases above keep their random streams)
-    g2 = torch.Generator().manual_seed(1)
-    run("tree_max_r4_lean", lambda a: ops.tree_max(a, -1, radix=4, lean=True),
-        lambda a: ops.tree_max_reference(a, -1), x)
-    run("tree_max_r4464_lean_dim0", lambda a: ops.tree_max(a, 0, radix=(4, 4, 64), lean=True),
-        lambda a: ops.tree_max_reference(a, 0), x.t().contiguous())
-    xl = torch.randn(4, 333, generator=g2) * 3000               # the lean comparison's whole range, and its edges
-    xl[0, :12] = torch.tensor([0.0, -2.0 ** -16, 2.0 ** -16, 1.0, -1.0, 32767.0, -32767.0, 32767.5,
-                               -32768.0, 16000.0, -16000.0, 0.0])
-    run("ltz_lean", ops._ltz_lean, lambda a: (a < 0).double(), xl)
-    run("reciprocal_gs", lambda a: ops.reciprocal_gs(a, lean=True) * a,
-        lambda a: ops.reciprocal_gs_reference(a) * a, r, exact=lambda a: torch.ones_like(a))
-    # the stratified top-1 over the max of a group's heads, with anchor maxima in its comparison layers (MPCache's
-    # selection): integer scores with ties across heads and slots (the first slot wins), strata of 4 and 5 slots
-    g4 = torch.Generator().manual_seed(3)
-    ma = torch.randint(-6, 7, (3, 3, 41), generator=g4).float()
-    mb = torch.randn(3, 3, 12, generator=g4) * 5
-
-    def _strata_heads(a, b, k, also):
-        oh, maxes = ops.strata_select(a, k, heads=True, also=[b] if also else [])
-        assert oh.encoder.scale == 1                          # ring 0/1: products with it need no truncation
-        fx = ops._from_shares(oh.share * int(a.encoder.scale), precision=None)   # to a's scale, to cat with maxes
-        fx.encoder = a.encoder
-        return crypten.cat([fx.reshape(-1)] + [t.reshape(-1) for t in maxes])
-
-    for kk, also in ((9, True), (10, False)):
-        run(f"strata_heads_k{kk}{'_also' if also else ''}", lambda a, b, kk=kk, also=also: _strata_heads(a, b, kk, also),
-            lambda a, b, kk=kk, also=also: torch.cat(
-                [ops.strata_top1_onehot_reference(a, kk, heads=True).reshape(-1)]
-                + ([b.amax(-1).reshape(-1).double()] if also else [])), ma, mb)
-    # the anchored decode softmax (offset = max of the first 4 and last 8 columns), last, with its own generator:
-    # attention-like rows (high sinks), a retrieval peak 10 above the anchors, a near-flat row, a row whose max IS
-    # an anchor, at 1k and 8k columns
-    g3 = torch.Generator().manual_seed(2)
-    for n in (1024, 8192):
-        a_rows = torch.randn(4, n, generator=g3) * 2
-        a_rows[:3, :4] += 6.0
-        a_rows[1, n // 3] = a_rows[1, list(range(4)) + list(range(n - 8, n))].max() + 10.0
-        a_rows[2] = torch.randn(n, generator=g3) * 0.01
-        a_rows[3, n - 1] += 12.0
-        run(f"softmax_anchor_{n}", lambda a: ops.softmax(a, anchor=(4, 8)),
-            lambda a: ops.softmax_reference(a, anchor=(4, 8)), a_rows, exact=lambda a: torch.softmax(a.double(), -1))
-    _gathered_cases(sess, res)
-    if sess.rank == 0:
-        json.dump(res, open(out, "w"), indent=1)
-    sess.close()
-
-
-def _gathered_cases(sess, res):
-    """Three-operand attention over a compact one-hot selection of a fixed K/V (mpcache.mpc.gather_triple, 2PC TFP):
-    the selected rows' scores and p times the selected + always-attended rows of V, vs the float model; the costs;
-    and the opened one-hot mask's bits (a one-time pad: ~half of them set, for a one-hot of all zeros or not)."""
-    import crypten
-    import crypten.communicator as comm
-
-    from mpcache.mpc import gather_triple, ops
-    from mpcache.mpc.fixed_operand import FixedOperand
-
-    g5 = torch.Generator().manual_seed(5)
-    hkv, G, d, blk, C, kk, tail = 2, 3, 8, 4, 23, 5, 6
-    L = blk + C * blk + tail
-
-    def grid(*shape, scale=1.0):
-        return torch.round(torch.randn(*shape, generator=g5) * scale * 2 ** 16) / 2 ** 16
-
-    K, V, q = grid(hkv, L, d), grid(hkv, L, d), grid(hkv, G, d, scale=0.5)
-    idx, valid = ops.strata_layout(C, kk)
-    sizes = valid.sum(1)
-    choice = (torch.rand(hkv, kk, generator=g5) * sizes).long()
-    oh = torch.nn.functional.one_hot(choice, int(idx.shape[1])).double()
-    Kf, Vf = FixedOperand.fix_many([crypten.cryptensor(K, src=0), crypten.cryptensor(V, src=0)])
-    res["gathered_available"] = gather_triple.available(Kf)
-    if not res["gathered_available"]:
-        return
-    rank = comm.get().get_rank()
-    ohs = ops._from_shares(oh.long() if rank == 0 else torch.zeros_like(oh, dtype=torch.long), precision=0)
-    opened = gather_triple.OpenedOneHot(ohs)
-    qs = crypten.cryptensor(q, src=0)
-    before = sess.ledger.totals()
-    S = gather_triple.gathered_scores(qs, opened, Kf, blk, C, blk, idx)
-    mid = sess.ledger.totals()
-    S_ref = gather_triple.gathered_reference(q, oh, K, blk, C, blk, idx)
-    p, p_rest = grid(hkv, G, kk * blk, scale=0.1).abs(), grid(hkv, G, blk + tail, scale=0.1).abs()
-    v_rest = FixedOperand.cat([Vf[:, 0:blk], Vf[:, L - tail:L]], dim=1)
-    out = gather_triple.gathered_values(crypten.cryptensor(p, src=0), opened, Vf, blk, C, blk, idx,
-                                        rest=(crypten.cryptensor(p_rest, src=0), v_rest))
-    after = sess.ledger.totals()
-    out_ref = gather_triple.gathered_values_reference(p, oh, V, blk, C, blk, idx,
-                                                      rest=(p_rest, torch.cat([V[:, 0:blk], V[:, L - tail:L]], 1)))
-    bits = torch.stack([(opened.e >> b) & 1 for b in range(64)]).double()
-    res["gathered_scores"] = {"err": (S.get_plain_text().double() - S_ref).abs().max().item(),
-                              "rounds": mid["rounds"] - before["rounds"],
-                              "bytes": mid["bytes_sent"] - before["bytes_sent"],
-                              "opened": int(oh.numel() + q.numel())}
-    res["gathered_values"] = {"err": (out.get_plain_text().double() - out_ref).abs().max().item(),
-                              "rounds": after["rounds"] - mid["rounds"],
-                              "bytes": after["bytes_sent"] - mid["bytes_sent"],
-                              "opened": int(p.numel() + p_rest.numel())}
-    res["gathered_mask_bits"] = {"mean": bits.mean().item(), "n": int(bits.numel())}
-
-
 def job_generate(out, model="tiny-llama", protocol="arithmetic", provider="tfp", seed="0", prompt="0", policy="full",
                  n_new="4"):
     """A private generation with logits revealed (test only); rank 0 writes tokens, logits, plaintext, costs."""
@@ -230,7 +30,7 @@ def job_generate(out, model="tiny-llama", protocol="arithmetic", provider="tfp",
     from mpcache.mpc.session import CLIENT, SERVER, serve_dealer
     from mpcache.policies import make_policy
 
-    cfg, w, tok = load_model(model, seed=int(seed))
+    cfg, w, _ = load_model(model, seed=int(seed))
     pol = make_policy(policy) if policy == "full" else make_policy(policy, budget=0.3)
     info = {"model": cfg.to_dict(), "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
             "policy": repr(pol)}
@@ -247,13 +47,14 @@ def job_generate(out, model="tiny-llama", protocol="arithmetic", provider="tfp",
     if sess.rank == SERVER:
         pt, plog, _ = plaintext_generate(cfg, w, ids, n, pol)
         per_token, phases = per_token_costs(ledgers, n)
-        json.dump({"tokens": toks, "plaintext": pt,
-                   "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
-                   "logit_scale": max(b.abs().max().item() for b in plog),
-                   "plain_gaps": [float(b.reshape(-1).topk(2).values.diff().abs()) for b in plog],
-                   "per_token": per_token, **phases,
-                   "reveals": [[r[0], r[1], list(r[2])] for r in B.reveals],
-                   "ledgers": ledgers}, open(out, "w"), indent=1)
+        with open(out, "w") as fh:
+            json.dump({"tokens": toks, "plaintext": pt,
+                       "logit_err": max((a - b).abs().max().item() for a, b in zip(logits, plog)),
+                       "logit_scale": max(b.abs().max().item() for b in plog),
+                       "plain_gaps": [float(b.reshape(-1).topk(2).values.diff().abs()) for b in plog],
+                       "per_token": per_token, **phases,
+                       "reveals": [[r[0], r[1], list(r[2])] for r in B.reveals],
+                       "ledgers": ledgers}, fh, indent=1)
     sess.close()
 
 
@@ -321,7 +122,8 @@ def job_lean_tfp(out):
     res["same_costs"] = via["mpi"]["rounds"] == via["gloo"]["rounds"] and via["mpi"]["bytes"] == via["gloo"]["bytes"]
     res["max_diff"] = (via["mpi"]["value"] - via["gloo"]["value"]).abs().max().item()
     if sess.rank == 0:
-        json.dump(res, open(out, "w"), indent=1)
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=1)
     sess.close()
 
 
@@ -754,7 +556,8 @@ def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", 
                       "tokens_ok": [r["tokens_ok"] for r in runs]}
     allres = sess.comm.gather(res, root=0)
     if sess.rank == 0:
-        json.dump(allres, open(out, "w"), indent=1)
+        with open(out, "w") as fh:
+            json.dump(allres, fh, indent=1)
     sess.close()
 
 
