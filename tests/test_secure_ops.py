@@ -117,6 +117,18 @@ def test_lean_comparison_is_the_exact_sign(setting):
     assert torch.equal(secure1(setting, ops._ltz_lean, x).value, (x < 0).double())
 
 
+def test_clamp_is_exact(setting):
+    """min(max(x, lo), hi) with public bounds: exactly lo, hi or x (a mux of ring elements), below, inside, above and
+    at the bounds, in one comparison layer + one product round."""
+    x = grid(torch.randn(4, 50, generator=gen(16)) * 6)
+    x[0, :6] = torch.tensor([-2.5, 3.0, -2.5 - 2.0 ** -16, 3.0 + 2.0 ** -16, 0.0, -1000.0])
+    out = secure(setting, {"clamp": (partial(ops.clamp, lo=-2.5, hi=3.0), [x]),
+                           "cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))])})
+    assert torch.equal(out["clamp"].value, ops.clamp_reference(x, -2.5, 3.0))
+    assert torch.equal(ops.clamp_reference(x, -2.5, 3.0), x.clamp(-2.5, 3.0))
+    assert out["clamp"].rounds == out["cmp"].rounds + 1
+
+
 def test_argmax_onehot_is_exact_and_takes_the_first_maximum(setting):
     x = grid(torch.randn(4, 1000, generator=gen(2)))
     x[1, 10] = x[1, 500] = x[1].max() + 1.0                    # a tie: the first maximum wins
