@@ -366,10 +366,11 @@ def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch
     save_calibration(calibrate(cfg, W, [ids(64, 1)], p=0.3, source="test"), cfg)
     for pol in (["--policy", "balancekv", "--budget", "0.25"], ["--policy", "h2o", "--budget", "0.3",
                                                                 "--layer-budgets", "calibrated"]):
-        out = tmp_path / pol[1]
-        run_mpi(2, [*gen, *pol, "--out", str(out)], timeout=300)
-        s = json.loads((out / "summary.json").read_text())
-        assert s["tokens_agree"], (pol, s["tokens"], s["plaintext_tokens"])
+        for n, proto in ((2, []), (3, ["--protocol", "replicated"])):           # 2PC and 3PC
+            out = tmp_path / f"{pol[1]}-{n}"
+            run_mpi(n, [*gen, *pol, *proto, "--out", str(out)], timeout=300)
+            s = json.loads((out / "summary.json").read_text())
+            assert s["tokens_agree"] and s["n_parties"] == n, (pol, n, s["tokens"], s["plaintext_tokens"])
     out = tmp_path / "bench"
     run_mpi(2, ["-m", "parties", "bench", "--model", "tiny-llama", "--text", "random", "--seq-lens", "96",
                 "--policies", "full,balancekv,squeeze-h2o", "--budget", "0.25", "--out", str(out)], timeout=600)
