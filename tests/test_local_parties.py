@@ -177,3 +177,27 @@ def test_pipes_and_gloo_carry_the_same_protocol(setting):
                {k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in b.ledger.counts.items()}
         for u, v in zip(a.value, b.value):
             assert (u - v).abs().max() <= 2 * 512 * 2 ** -16
+
+
+def _exchange_big(sess):
+    from crypten import communicator as comm
+
+    c, other = comm.get(), 1 - sess.rank
+    n = 300_000                                                       # 2.4 MB: more than a pipe holds
+    sent = [c.isend(torch.zeros(0, dtype=torch.long), other), c.isend(torch.arange(n) * (sess.rank + 1), other)]
+    empty, got = torch.zeros(0, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    c.irecv(empty, other).wait()
+    c.irecv(got, other).wait()
+    for r in sent:
+        r.wait()
+    c.isend(torch.ones(2, n, dtype=torch.long), other)                # never waited on
+    strided = torch.empty(n, 2, dtype=torch.long).t()                 # a non-contiguous receive buffer
+    c.irecv(strided, other).wait()
+    return bool(torch.equal(got, torch.arange(n) * (other + 1))), bool((strided == 1).all())
+
+
+def test_pipes_exchange_big_messages_both_ways():
+    """Both parties send 2.4 MB to each other before receiving (and one send is never waited on): sends complete
+    when posted (reading the peer's bytes ahead while the pipe is full), so nothing blocks; empty and strided
+    receives work."""
+    assert [r.value for r in run_parties(2, _exchange_big, timeout=60)] == [(True, True), (True, True)]

@@ -103,10 +103,12 @@ class _Request:
 class _Pipes:
     """This party's point-to-point transport: one OS pipe per ordered pair of compute parties (made before the
     fork), non-blocking, 1 MiB buffers. Messages are raw bytes in order per pair (a receive names its size, as a
-    gloo receive does). Nothing moves in the background: posting a send writes what fits at once, and waiting on
-    any request moves every pending transfer, so two parties sending to each other before receiving never block
-    each other. Why not gloo's TCP pairs: a message there crosses gloo's own thread and the loopback TCP stack (~1 ms
-    of CPU per opening and party; MPI's shared memory, what mpirun runs use, is not available to forked parties)."""
+    gloo receive does). A send completes when posted, like a buffered send: while the pipe is full it reads what
+    the peers have sent meanwhile into per-peer stashes, so two parties sending to each other never block each
+    other, and a send nobody waits on cannot stall its receiver. A receive completes when waited on (from the
+    stash first, then the pipe). Why not gloo's TCP pairs: a message there crosses gloo's own thread and the
+    loopback TCP stack (~1 ms of CPU per opening and party); MPI's shared memory, what mpirun runs use, is not
+    available to forked parties."""
 
     def __init__(self, reads: dict[int, int], writes: dict[int, int]):
         import fcntl
@@ -118,18 +120,41 @@ class _Pipes:
             os.set_blocking(fd, False)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, 1031, 1 << 20)             # F_SETPIPE_SZ: most messages fit in one write
-        self.sends: dict[int, list] = {j: [] for j in writes}   # per peer, in order: [view, offset, request]
-        self.recvs: dict[int, list] = {j: [] for j in reads}    # [view, offset, request, tensor, copy-back target]
+        self.stash = {j: bytearray() for j in reads}      # bytes read ahead of any posted receive, in order
+        self.recvs: dict[int, list] = {j: [] for j in reads}    # per peer, in order: [view, offset, request, ...]
 
     @staticmethod
     def _view(t: torch.Tensor) -> memoryview:
         return memoryview(t.numpy()).cast("B")
 
+    def _read_ahead(self) -> None:
+        """Move whatever the peers have written into the stashes (a pipe that stays full would block them)."""
+        for j, f in self.rfile.items():
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    if chunk is not None:
+                        raise ConnectionError(f"party {j} closed its pipe (it died or left)")
+                    break
+                self.stash[j] += chunk
+
     def post_send(self, dst: int, tensor: torch.Tensor) -> _Request:
-        data = tensor.data.contiguous()
+        import select
+
+        view, off = self._view(tensor.data.contiguous()), 0
+        while off < len(view):
+            n = self.wfile[dst].write(view[off:])
+            if n:
+                off += n
+                continue
+            poller = select.poll()                      # full: wait until it drains, reading meanwhile
+            poller.register(self.wfile[dst].fileno(), select.POLLOUT)
+            for f in self.rfile.values():
+                poller.register(f.fileno(), select.POLLIN)
+            poller.poll(1000)
+            self._read_ahead()
         req = _Request(self)
-        self.sends[dst].append([self._view(data), 0, req, data])
-        self.progress(block=False)
+        req.done = True
         return req
 
     def post_recv(self, src: int | None, tensor: torch.Tensor) -> _Request:
@@ -142,38 +167,30 @@ class _Pipes:
         return req
 
     def progress(self, block: bool) -> None:
-        """Move what can move now; with ``block``, first wait (poll) until something can."""
+        """Move the posted receives along; with ``block``, first wait (poll) until some peer has written."""
         import select
 
-        if block:
+        if block and not any(q and self.stash[j] for j, q in self.recvs.items()):
             poller = select.poll()
-            for j, q in self.sends.items():
-                if q:
-                    poller.register(self.wfile[j].fileno(), select.POLLOUT)
             for j, q in self.recvs.items():
                 if q:
                     poller.register(self.rfile[j].fileno(), select.POLLIN)
             poller.poll(1000)
-        for j, q in self.sends.items():
-            while q:
-                view, off, req, _ = q[0]
-                n = self.wfile[j].write(view[off:])
-                if not n:
-                    break
-                q[0][1] = off = off + n
-                if off < len(view):
-                    break
-                req.done = True
-                q.pop(0)
         for j, q in self.recvs.items():
             while q:
                 view, off, req, buf, target = q[0]
-                n = self.rfile[j].readinto(view[off:]) if len(view) else 0
-                if n is None:
-                    break
-                if n == 0 and len(view):
-                    raise ConnectionError(f"party {j} closed its pipe (it died or left)")
-                q[0][1] = off = off + n
+                st = self.stash[j]
+                if st and off < len(view):              # read-ahead bytes come first
+                    k = min(len(st), len(view) - off)
+                    view[off:off + k] = st[:k]
+                    del st[:k]
+                    off += k
+                if off < len(view) and not st:
+                    n = self.rfile[j].readinto(view[off:])
+                    if n == 0:
+                        raise ConnectionError(f"party {j} closed its pipe (it died or left)")
+                    off += n or 0
+                q[0][1] = off
                 if off < len(view):
                     break
                 if buf is not target:
