@@ -37,7 +37,7 @@ from .policies.base import CachePolicy, Gather, PrefillContext, as_selection
 CSV_COLUMNS = ("policy", "seq_len", "world_size", "protocol", "provider", "bytes_per_token", "rounds_per_token",
                "seconds_per_token", "layer_bytes", "layer_rounds", "layer_seconds", "head_bytes", "head_rounds",
                "static_bytes", "static_rounds", "static_seconds", "attended", "attended_frac", "lan_s", "wan_s",
-               "selection_agreement", "logit_err", "bench_layers", "model_layers", "steps")
+               "selection_agreement", "logit_err", "bench_layers", "model_layers", "steps", "trust_model")
 
 
 class Recording(CachePolicy):

@@ -155,6 +155,9 @@ def run(args) -> None:
     gathered = sess.comm.gather(mine, root=SERVER)
     check_ids = sess.comm.bcast(ids if sess.rank == CLIENT else None, root=CLIENT) if args.check else None
     if sess.rank == SERVER:
+        from mpcache.report import trust_model
+
+        trust = trust_model(args.protocol, args.provider, sess.n_parties)["text"]
         rows = []
         for n in lens:
             for label, pol in policies:
@@ -165,7 +168,7 @@ def run(args) -> None:
                 head = {f: max(p["scaled"]["head"][f] for p in per) for f in ("bytes", "rounds")}
                 att, frac = attended(pol, n, args.warmup, args.steps)
                 row = {"policy": label, "seq_len": n, "world_size": sess.n_parties, "protocol": args.protocol,
-                       "provider": args.provider, "bytes_per_token": whole["bytes"],
+                       "provider": args.provider, "trust_model": trust, "bytes_per_token": whole["bytes"],
                        "rounds_per_token": whole["rounds"], "seconds_per_token": whole["seconds"],
                        "layer_bytes": lay["bytes"], "layer_rounds": lay["rounds"], "layer_seconds": lay["seconds"],
                        "head_bytes": head["bytes"], "head_rounds": head["rounds"],
