@@ -28,6 +28,7 @@ the variant names (``--fidelity`` run folders or CSVs, or ``--run-fidelity`` to 
 Writes results/ablation/<UTC time>-<commit>/: config.json, costs.csv, accuracy.csv, ablation.csv (joined),
 results.md, ablation.png. Never overwrites.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,7 @@ def read_accuracy(paths: list[str], metric: str = "passkey_exact") -> list[dict]
     samples.csv) or CSV files."""
     out = []
     expanded = []
-    for p in map(Path, paths):                # a folder of fidelity runs -> each run in it
+    for p in map(Path, paths):  # a folder of fidelity runs -> each run in it
         runs = sorted(q for q in p.iterdir() if (q / "samples.csv").exists()) if p.is_dir() else []
         expanded += runs if p.is_dir() and not (p / "samples.csv").exists() and runs else [p]
     for p in expanded:
@@ -81,17 +82,37 @@ def read_accuracy(paths: list[str], metric: str = "passkey_exact") -> list[dict]
             p = p / "results.csv" if (p / "results.csv").exists() else p / "samples.csv"
         with open(p) as f:
             raw = list(csv.DictReader(f))
-        if raw and "stderr" in raw[0]:                            # results.csv: already aggregated
-            out += [{"policy": r["policy"], "length": int(r["length"]), "budget": r["budget"],
-                     "metric": metric, "value": float(r["value"]), "n": int(r["n"]), "source": str(p)}
-                    for r in raw if r["metric"] == metric]
+        if raw and "stderr" in raw[0]:  # results.csv: already aggregated
+            out += [
+                {
+                    "policy": r["policy"],
+                    "length": int(r["length"]),
+                    "budget": r["budget"],
+                    "metric": metric,
+                    "value": float(r["value"]),
+                    "n": int(r["n"]),
+                    "source": str(p),
+                }
+                for r in raw
+                if r["metric"] == metric
+            ]
             continue
         agg = defaultdict(list)
         for r in raw:
             if r["metric"] == metric:
                 agg[(r["policy"], int(r["length"]), r["budget"])].append(float(r["value"]))
-        out += [{"policy": k[0], "length": k[1], "budget": k[2], "metric": metric, "value": sum(v) / len(v),
-                 "n": len(v), "source": str(p)} for k, v in sorted(agg.items())]
+        out += [
+            {
+                "policy": k[0],
+                "length": k[1],
+                "budget": k[2],
+                "metric": metric,
+                "value": sum(v) / len(v),
+                "n": len(v),
+                "source": str(p),
+            }
+            for k, v in sorted(agg.items())
+        ]
     return out
 
 
@@ -110,12 +131,18 @@ def ablation_rows(costs: list[dict], acc: list[dict], variants: list[str], basel
             row = {"variant": v, "switch": json.dumps(VARIANTS.get(v, {}), sort_keys=True)}
             if r is not None:
                 b = base.get((r["source"], r["setting"], r["seq_len"]))
-                row |= {"source": r["source"], "setting": r["setting"], "seq_len": r["seq_len"],
-                        "MB": r["bytes_per_token"] / 1e6, "rounds": r["rounds_per_token"], "LAN_s": r["lan_s"],
-                        "WAN_s": r["wan_s"],
-                        "static_MB": r["static_bytes"] / 1e6 if r.get("static_bytes") not in (None, "") else None,
-                        "MB_vs_base": r["bytes_per_token"] / b["bytes_per_token"] if b else None,
-                        "rounds_vs_base": r["rounds_per_token"] / b["rounds_per_token"] if b else None}
+                row |= {
+                    "source": r["source"],
+                    "setting": r["setting"],
+                    "seq_len": r["seq_len"],
+                    "MB": r["bytes_per_token"] / 1e6,
+                    "rounds": r["rounds_per_token"],
+                    "LAN_s": r["lan_s"],
+                    "WAN_s": r["wan_s"],
+                    "static_MB": r["static_bytes"] / 1e6 if r.get("static_bytes") not in (None, "") else None,
+                    "MB_vs_base": r["bytes_per_token"] / b["bytes_per_token"] if b else None,
+                    "rounds_vs_base": r["rounds_per_token"] / b["rounds_per_token"] if b else None,
+                }
             for n in acc_lens:
                 a = acc_by[v].get(n)
                 row[f"passkey_exact@{n}"] = a["value"] if a else None
@@ -125,23 +152,47 @@ def ablation_rows(costs: list[dict], acc: list[dict], variants: list[str], basel
 
 
 def columns(rows: list[dict]) -> list[str]:
-    acc = sorted({k for r in rows for k in r if k.startswith(("passkey_exact@", "n@"))},
-                 key=lambda k: (int(k.split("@")[1]), k.startswith("n@")))
-    return ["variant", "switch", "source", "setting", "seq_len", "MB", "MB_vs_base", "rounds", "rounds_vs_base",
-            "LAN_s", "WAN_s", "static_MB", *acc]
+    acc = sorted(
+        {k for r in rows for k in r if k.startswith(("passkey_exact@", "n@"))},
+        key=lambda k: (int(k.split("@")[1]), k.startswith("n@")),
+    )
+    return [
+        "variant",
+        "switch",
+        "source",
+        "setting",
+        "seq_len",
+        "MB",
+        "MB_vs_base",
+        "rounds",
+        "rounds_vs_base",
+        "LAN_s",
+        "WAN_s",
+        "static_MB",
+        *acc,
+    ]
 
 
-FMT = {"MB": "{:,.2f}".format, "rounds": "{:,.0f}".format, "LAN_s": "{:,.2f}".format, "WAN_s": "{:,.2f}".format,
-       "static_MB": "{:,.2f}".format, "MB_vs_base": "{:.2f}x".format, "rounds_vs_base": "{:.2f}x".format}
+FMT = {
+    "MB": "{:,.2f}".format,
+    "rounds": "{:,.0f}".format,
+    "LAN_s": "{:,.2f}".format,
+    "WAN_s": "{:,.2f}".format,
+    "static_MB": "{:,.2f}".format,
+    "MB_vs_base": "{:.2f}x".format,
+    "rounds_vs_base": "{:.2f}x".format,
+}
 
 
 def results_markdown(rows: list[dict]) -> str:
     cols = columns(rows)
     fmt = FMT | {c: "{:.2f}".format for c in cols if c.startswith("passkey_exact@")}
-    return ("Each MPCache optimisation switched in turn. Cost per decode token (whole model, max party; `vs base` = "
-            "variant / mpcache, < 1 cheaper); `measured` = parties bench (benchmark convention), `predicted` = "
-            "dry run of the protocols (LAN/WAN network only). Accuracy: teacher-forced passkey exact match (plaintext "
-            "fidelity run, n prompts).\n\n" + md_table(rows, cols, fmt) + "\n")
+    return (
+        "Each MPCache optimisation switched in turn. Cost per decode token (whole model, max party; `vs base` = "
+        "variant / mpcache, < 1 cheaper); `measured` = parties bench (benchmark convention), `predicted` = "
+        "dry run of the protocols (LAN/WAN network only). Accuracy: teacher-forced passkey exact match (plaintext "
+        "fidelity run, n prompts).\n\n" + md_table(rows, cols, fmt) + "\n"
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -156,17 +207,28 @@ def plot(rows: list[dict], path: Path) -> None:
     acc_keys = sorted({k for r in rows for k in r if k.startswith("passkey_exact@")})
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     width = 0.8 / max(1, len(points))
-    for ax, col, title in ((axes[0], "MB_vs_base", "MB / token vs mpcache"),
-                           (axes[1], "rounds_vs_base", "rounds / token vs mpcache")):
+    for ax, col, title in (
+        (axes[0], "MB_vs_base", "MB / token vs mpcache"),
+        (axes[1], "rounds_vs_base", "rounds / token vs mpcache"),
+    ):
         for j, pt in enumerate(points):
-            vals = [next((r[col] or 0 for r in rows if r["variant"] == v and
-                          (r.get("source"), r.get("setting"), r.get("seq_len")) == pt), 0) for v in variants]
-            ax.bar([i + j * width for i in range(len(variants))], vals, width,
-                   label=f"{pt[2]} ({pt[0]}, {pt[1]})")
+            vals = [
+                next(
+                    (
+                        r[col] or 0
+                        for r in rows
+                        if r["variant"] == v and (r.get("source"), r.get("setting"), r.get("seq_len")) == pt
+                    ),
+                    0,
+                )
+                for v in variants
+            ]
+            ax.bar([i + j * width for i in range(len(variants))], vals, width, label=f"{pt[2]} ({pt[0]}, {pt[1]})")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_title(title)
-        ax.set_xticks([i + width * (len(points) - 1) / 2 for i in range(len(variants))], variants, rotation=30,
-                      fontsize=8)
+        ax.set_xticks(
+            [i + width * (len(points) - 1) / 2 for i in range(len(variants))], variants, rotation=30, fontsize=8
+        )
     if points:
         axes[0].legend(fontsize=7)
     w2 = 0.8 / max(1, len(acc_keys))
@@ -175,8 +237,9 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[2].bar([i + j * w2 for i in range(len(variants))], vals, w2, label=k)
     axes[2].set_title("passkey exact match")
     axes[2].set_ylim(0, 1.05)
-    axes[2].set_xticks([i + w2 * (len(acc_keys) - 1) / 2 for i in range(len(variants))], variants, rotation=30,
-                       fontsize=8)
+    axes[2].set_xticks(
+        [i + w2 * (len(acc_keys) - 1) / 2 for i in range(len(variants))], variants, rotation=30, fontsize=8
+    )
     if acc_keys:
         axes[2].legend(fontsize=7)
     fig.tight_layout()
@@ -184,13 +247,36 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_fidelity(out: Path, kw: dict[str, dict], lengths: str, budget: float, samples: int, depths: str,
-                 model: str) -> Path:
+def run_fidelity(
+    out: Path, kw: dict[str, dict], lengths: str, budget: float, samples: int, depths: str, model: str
+) -> Path:
     """A small dev-split passkey run of experiments/fidelity.py with the variants as labels; returns its folder."""
     pols = ",".join(["full"] + [f"{v}=mpcache" for v in kw])
-    cmd = [sys.executable, str(REPO / "experiments" / "fidelity.py"), "--model", model, "--split", "dev",
-           "--lengths", lengths, "--budgets", str(budget), "--policies", pols, "--policy-kwargs", json.dumps(kw),
-           "--tasks", "passkey", "--samples", str(samples), "--depths", depths, "--out", str(out), "--no-plot"]
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments" / "fidelity.py"),
+        "--model",
+        model,
+        "--split",
+        "dev",
+        "--lengths",
+        lengths,
+        "--budgets",
+        str(budget),
+        "--policies",
+        pols,
+        "--policy-kwargs",
+        json.dumps(kw),
+        "--tasks",
+        "passkey",
+        "--samples",
+        str(samples),
+        "--depths",
+        depths,
+        "--out",
+        str(out),
+        "--no-plot",
+    ]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     return max(p for p in out.iterdir() if p.is_dir())
@@ -225,20 +311,50 @@ def main(argv=None) -> int:
     out = new_run_dir(a.out, {"args": vars(a), "variant_kwargs": kw})
     sources = [s for s in a.sources.split(",") if s]
     if a.run:
-        sources.append(str(run_bench(out / "bench", 2, [
-            "--model", a.model, "--seq-lens", a.seq_lens, "--policies", ",".join(f"{v}=mpcache" for v in variants),
-            "--policy-kwargs", json.dumps(kw), "--budget", str(a.budget), "--topk", a.topk, "--steps", "1",
-            "--text", a.text])))
+        sources.append(
+            str(
+                run_bench(
+                    out / "bench",
+                    2,
+                    [
+                        "--model",
+                        a.model,
+                        "--seq-lens",
+                        a.seq_lens,
+                        "--policies",
+                        ",".join(f"{v}=mpcache" for v in variants),
+                        "--policy-kwargs",
+                        json.dumps(kw),
+                        "--budget",
+                        str(a.budget),
+                        "--topk",
+                        a.topk,
+                        "--steps",
+                        "1",
+                        "--text",
+                        a.text,
+                    ],
+                )
+            )
+        )
     costs = [r for r in read_costs(sources) if r["policy"] in variants]
     if a.predict:
-        cases = [(a.predict_model, v, "mpcache", kw[v], a.budget, int(n), 2, "tfp")
-                 for n in a.predict.split(",") for v in variants]
+        cases = [
+            (a.predict_model, v, "mpcache", kw[v], a.budget, int(n), 2, "tfp")
+            for n in a.predict.split(",")
+            for v in variants
+        ]
         costs += predict_points(cases, "predict ablation")
     write_csv(out / "costs.csv", costs, COST_FIELDS)
     fid = [f for f in a.fidelity.split(",") if f]
     if a.run_fidelity:
-        fid.append(str(run_fidelity(out / "fidelity", kw, a.fidelity_lengths, a.budget, a.fidelity_samples,
-                                    a.fidelity_depths, a.model)))
+        fid.append(
+            str(
+                run_fidelity(
+                    out / "fidelity", kw, a.fidelity_lengths, a.budget, a.fidelity_samples, a.fidelity_depths, a.model
+                )
+            )
+        )
     acc = read_accuracy(fid)
     write_csv(out / "accuracy.csv", acc, ["policy", "length", "budget", "metric", "value", "n", "source"])
     rows = ablation_rows(costs, acc, variants)

@@ -13,6 +13,7 @@ softmax on those rows.
 
 Writes results/anchor_excess/<UTC time>-<commit>/{rows.csv, results.md}; never overwrites.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def excess_rows(n: int, seeds: int, depths, anchor=(4, 8), policy: str = "full")
     plain_softmax = B.softmax
 
     def softmax(x, dim=-1, mask=None, anchor=None, offset=None):
-        if mask is None:                    # the decode rows (the prefill's rows are masked), anchored or not
+        if mask is None:  # the decode rows (the prefill's rows are masked), anchored or not
             captured.append(x.reshape(-1, x.shape[-1]).double())
         return plain_softmax(x, dim=dim, mask=mask)
 
@@ -68,12 +69,23 @@ def excess_rows(n: int, seeds: int, depths, anchor=(4, 8), policy: str = "full")
                 err_anchor = max(err_anchor, (ops.softmax_reference(x, anchor=anchor) - exact).abs().max().item())
                 err_max = max(err_max, (ops.softmax_reference(x) - exact).abs().max().item())
             d = torch.cat(d_all)
-            out.append({"policy": policy, "length": n, "seed": seed, "depth": depth, "rows": d.numel(), "D_max": round(d.max().item(), 3),
-                        "D_p99.9": round(d.quantile(0.999).item(), 3), "D_p99": round(d.quantile(0.99).item(), 3),
-                        "frac_D_gt_4": round((d > 4).double().mean().item(), 5),
-                        "frac_D_gt_8": round((d > 8).double().mean().item(), 5),
-                        "frac_D_gt_limit": round((d > ops.ANCHOR_MAX_EXCESS).double().mean().item(), 6),
-                        "err_anchored_model": f"{err_anchor:.2e}", "err_rowmax_model": f"{err_max:.2e}"})
+            out.append(
+                {
+                    "policy": policy,
+                    "length": n,
+                    "seed": seed,
+                    "depth": depth,
+                    "rows": d.numel(),
+                    "D_max": round(d.max().item(), 3),
+                    "D_p99.9": round(d.quantile(0.999).item(), 3),
+                    "D_p99": round(d.quantile(0.99).item(), 3),
+                    "frac_D_gt_4": round((d > 4).double().mean().item(), 5),
+                    "frac_D_gt_8": round((d > 8).double().mean().item(), 5),
+                    "frac_D_gt_limit": round((d > ops.ANCHOR_MAX_EXCESS).double().mean().item(), 6),
+                    "err_anchored_model": f"{err_anchor:.2e}",
+                    "err_rowmax_model": f"{err_max:.2e}",
+                }
+            )
             print(out[-1], flush=True)
     return out
 
@@ -107,8 +119,15 @@ def fixed_point_rows(m: int = 412, excesses=(4, 8, 10, 12, 13, 16), n_rows: int 
         p = q(q(e * r) * c)
         err = (p - torch.softmax(x, -1)).abs().max().item()
         tot = p.sum(-1)
-        out.append({"m": m, "D": D, "max_abs_err": f"{err:.2e}", "sum_p_min": round(tot.min().item(), 4),
-                    "sum_p_max": round(tot.max().item(), 4)})
+        out.append(
+            {
+                "m": m,
+                "D": D,
+                "max_abs_err": f"{err:.2e}",
+                "sum_p_min": round(tot.min().item(), 4),
+                "sum_p_max": round(tot.max().item(), 4),
+            }
+        )
     return out
 
 
@@ -138,8 +157,13 @@ def main(argv=None) -> int:
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     fx = fixed_point_rows()
-    md += ["", "Fixed-point emulation of the anchored softmax (412 entries, one entry D above the anchors):", "",
-           "| " + " | ".join(fx[0]) + " |", "|" + "---|" * len(fx[0])]
+    md += [
+        "",
+        "Fixed-point emulation of the anchored softmax (412 entries, one entry D above the anchors):",
+        "",
+        "| " + " | ".join(fx[0]) + " |",
+        "|" + "---|" * len(fx[0]),
+    ]
     md += ["| " + " | ".join(str(r[c]) for c in fx[0]) + " |" for r in fx]
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

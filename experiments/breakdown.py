@@ -37,6 +37,7 @@ existed report the whole as compute).
 Writes results/breakdown/<UTC time>-<commit>/: config.json, breakdown.csv (one row per policy x length x class),
 results.md (pivot: MB and rounds per class), breakdown.png (stacked bars). Never overwrites.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,17 @@ if str(REPO) not in sys.path:
 
 from experiments.decode_scaling import md_table, new_run_dir, parse_policies, run_bench, write_csv
 
-CLASSES = ("linear layers", "attention (q·K, p·V, new K/V row)", "softmax", "selection scoring", "top-k", "gather",
-           "norms/activations", "embedding/argmax/head", "other")
+CLASSES = (
+    "linear layers",
+    "attention (q·K, p·V, new K/V row)",
+    "softmax",
+    "selection scoring",
+    "top-k",
+    "gather",
+    "norms/activations",
+    "embedding/argmax/head",
+    "other",
+)
 # (regex on the path below token/<t>/, class); first match wins
 RULES = [
     (r"L\d+/(qkv|attn_out|mlp)/matmul(/.*)?$", "linear layers"),
@@ -66,7 +76,7 @@ RULES = [
     (r"L\d+/(norm|mlp)(/.*)?$", "norms/activations"),
     (r"lm_head/(rsqrt|norm)(/.*)?$", "norms/activations"),
     (r"(embed|argmax|lm_head)(/.*)?$", "embedding/argmax/head"),
-    (r"$", "embedding/argmax/head"),                            # token/<t> itself: the input token's sharing
+    (r"$", "embedding/argmax/head"),  # token/<t> itself: the input token's sharing
 ]
 _RULES = [(re.compile(p), c) for p, c in RULES]
 FIELDS = ("bytes", "rounds", "seconds", "wait", "copy")
@@ -111,7 +121,7 @@ def layer_weights(policy_label: str, bench_meta: dict | None, bench_layers: int,
             classes_b, classes_m = layer_classes(pol, bench_layers), layer_classes(pol, model_layers)
         except (KeyError, ValueError, TypeError, ImportError):
             classes_b = None
-    if classes_b is None:                                        # every block alike
+    if classes_b is None:  # every block alike
         return [model_layers / bench_layers] * bench_layers
     return [classes_m.count(c) / classes_b.count(c) for c in classes_b]
 
@@ -124,20 +134,20 @@ def class_costs(ledger: dict, base: str, tokens: list[int], weights: list[float]
     for t in tokens:
         tp = f"{pre}/{t}"
         excl = _exclusive_seconds(ledger.get("seconds", {}), tp)
-        excl_w = _exclusive_seconds(ledger.get("wait_seconds", {}), tp)      # the per-round profile (may be absent)
+        excl_w = _exclusive_seconds(ledger.get("wait_seconds", {}), tp)  # the per-round profile (may be absent)
         excl_c = _exclusive_seconds(ledger.get("copy_seconds", {}), tp)
         rows = defaultdict(lambda: dict.fromkeys(FIELDS, 0.0))
         for c in ledger["counts"]:
             if c["scope"] == tp or c["scope"].startswith(tp + "/"):
-                r = rows[c["scope"][len(tp) + 1:]]                   # "" = the token's own scope (its input)
+                r = rows[c["scope"][len(tp) + 1 :]]  # "" = the token's own scope (its input)
                 r["bytes"] += c["bytes_sent"]
                 r["rounds"] += c["rounds"]
         for p, s in excl.items():
-            rows[p[len(tp) + 1:]]["seconds"] += s
+            rows[p[len(tp) + 1 :]]["seconds"] += s
         for p, s in excl_w.items():
-            rows[p[len(tp) + 1:]]["wait"] += s
+            rows[p[len(tp) + 1 :]]["wait"] += s
         for p, s in excl_c.items():
-            rows[p[len(tp) + 1:]]["copy"] += s
+            rows[p[len(tp) + 1 :]]["copy"] += s
         for rel, r in rows.items():
             m = re.match(r"L(\d+)/", rel)
             w = weights[int(m.group(1))] if (m and weights) else 1.0
@@ -158,10 +168,20 @@ def breakdown_rows(acc: dict, policy: str, seq_len: int, source: str, profiles=N
         v = acc[cls]
         if cls == "other" and not (v["bytes"] or v["rounds"]):
             continue
-        row = {"source": source, "policy": policy, "seq_len": seq_len, "op_class": cls, "MB": v["bytes"] / 1e6,
-               "bytes_share": v["bytes"] / tot_b, "rounds": v["rounds"], "rounds_share": v["rounds"] / tot_r,
-               "compute_s": v["seconds"], "compute_local_s": max(v["seconds"] - v["wait"] - v["copy"], 0.0),
-               "wait_s": v["wait"], "copy_s": v["copy"]}
+        row = {
+            "source": source,
+            "policy": policy,
+            "seq_len": seq_len,
+            "op_class": cls,
+            "MB": v["bytes"] / 1e6,
+            "bytes_share": v["bytes"] / tot_b,
+            "rounds": v["rounds"],
+            "rounds_share": v["rounds"] / tot_r,
+            "compute_s": v["seconds"],
+            "compute_local_s": max(v["seconds"] - v["wait"] - v["copy"], 0.0),
+            "wait_s": v["wait"],
+            "copy_s": v["copy"],
+        }
         for name, prof in profiles.items():
             row[f"{name}_s"] = modelled_seconds(v["seconds"], v["rounds"], v["bytes"], prof)
         out.append(row)
@@ -183,7 +203,7 @@ def from_bench_ledger(path: str, policies: list[str] | None, seq_lens: list[int]
         for r in meta.get("rows", []):
             info[(r["policy"], int(r["seq_len"]))] = (int(r["bench_layers"]), int(r["model_layers"]))
     out = []
-    if not cases:                         # a `parties generate` ledger: its decode tokens (token 0 is the prefill's)
+    if not cases:  # a `parties generate` ledger: its decode tokens (token 0 is the prefill's)
         toks = sorted({int(m.group(1)) for c in ledger["counts"] if (m := re.match(r"token/(\d+)/", c["scope"]))})
         toks = [t for t in toks if t > 0]
         if toks:
@@ -194,16 +214,20 @@ def from_bench_ledger(path: str, policies: list[str] | None, seq_lens: list[int]
             continue
         bl, ml = info.get((pol, n), (None, None))
         if bl is None:
-            bl = 1 + max(int(m.group(1)) for c in ledger["counts"]
-                         if (m := re.match(rf"bench/{re.escape(pol)}/{n}/token/\d+/L(\d+)/", c["scope"])))
+            bl = 1 + max(
+                int(m.group(1))
+                for c in ledger["counts"]
+                if (m := re.match(rf"bench/{re.escape(pol)}/{n}/token/\d+/L(\d+)/", c["scope"]))
+            )
             ml = bl
         w = layer_weights(pol, meta, bl, ml)
         out += breakdown_rows(class_costs(ledger, f"bench/{pol}/{n}", sorted(toks), w), pol, n, "measured")
     return out
 
 
-def predicted(model: str, policies: list[tuple[str, str]], budget: float, topk: str, seq_lens: list[int],
-              world: int = 2) -> list[dict]:
+def predicted(
+    model: str, policies: list[tuple[str, str]], budget: float, topk: str, seq_lens: list[int], world: int = 2
+) -> list[dict]:
     """Breakdown of the steady-state decode token (token 2) predicted by the cost tracer, rank 0."""
     from tqdm import tqdm
 
@@ -216,8 +240,9 @@ def predicted(model: str, policies: list[tuple[str, str]], budget: float, topk: 
     for n in tqdm(seq_lens, desc="predict breakdown", unit="length", file=sys.stderr):
         for label, name in policies:
             pol = make_policy(name) if name == "full" else make_policy(name, budget=budget, topk=topk)
-            led, _ = predict_generation(cfg, pol, Setting(world, "replicated" if world == 3 else "arithmetic",
-                                                          "tfp"), n, 3)
+            led, _ = predict_generation(
+                cfg, pol, Setting(world, "replicated" if world == 3 else "arithmetic", "tfp"), n, 3
+            )
             out += breakdown_rows(class_costs(led[0], "", [2]), label, n, "predicted")
     return out
 
@@ -230,8 +255,11 @@ def pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
     for cls in [c for c in CLASSES if any(r["op_class"] == c for r in rows)] + ["total"]:
         row = {"op class": cls}
         for (s, n, p), col in zip(cases, cols):
-            sel = [r for r in rows if (r["source"], r["seq_len"], r["policy"]) == (s, n, p)
-                   and (cls == "total" or r["op_class"] == cls)]
+            sel = [
+                r
+                for r in rows
+                if (r["source"], r["seq_len"], r["policy"]) == (s, n, p) and (cls == "total" or r["op_class"] == cls)
+            ]
             if sel:
                 mb, rd = sum(r["MB"] for r in sel), sum(r["rounds"] for r in sel)
                 share = "" if cls == "total" else f" ({sum(r['bytes_share'] for r in sel):.0%})"
@@ -248,8 +276,13 @@ def time_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
     for cls in [c for c in CLASSES if any(r["op_class"] == c for r in rows)] + ["total"]:
         row = {"op class": cls}
         for (n, p), col in zip(cases, cols):
-            sel = [r for r in rows if r["source"] == "measured" and (r["seq_len"], r["policy"]) == (n, p)
-                   and (cls == "total" or r["op_class"] == cls)]
+            sel = [
+                r
+                for r in rows
+                if r["source"] == "measured"
+                and (r["seq_len"], r["policy"]) == (n, p)
+                and (cls == "total" or r["op_class"] == cls)
+            ]
             if sel:
                 w, c, wt, cp = (sum(r[k] for r in sel) for k in ("compute_s", "compute_local_s", "wait_s", "copy_s"))
                 row[col] = f"{w:.3f} = {c:.3f} + {wt:.3f} + {cp:.3f}"
@@ -259,13 +292,18 @@ def time_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
 
 def results_markdown(rows: list[dict]) -> str:
     table, cols = pivot(rows)
-    md = ("Per decode token, whole model, one party (rank 0): MB sent (share of the token's bytes) / rounds, per "
-          "op class (mapping in experiments/breakdown.py). `pred.` = dry run of the protocols (mpcache/mpc/dryrun.py).\n\n"
-          + md_table(table, cols) + "\n")
+    md = (
+        "Per decode token, whole model, one party (rank 0): MB sent (share of the token's bytes) / rounds, per "
+        "op class (mapping in experiments/breakdown.py). `pred.` = dry run of the protocols (mpcache/mpc/dryrun.py).\n\n"
+        + md_table(table, cols)
+        + "\n"
+    )
     if any(r["source"] == "measured" for r in rows):
         table, cols = time_pivot(rows)
-        md += ("\nMeasured seconds per decode token, same party: wall = local compute + waiting for the peer + "
-               "copies of the exchanges (the ledger's per-round profile).\n\n" + md_table(table, cols) + "\n")
+        md += (
+            "\nMeasured seconds per decode token, same party: wall = local compute + waiting for the peer + "
+            "copies of the exchanges (the ledger's per-round profile).\n\n" + md_table(table, cols) + "\n"
+        )
     return md
 
 
@@ -279,12 +317,15 @@ def plot(rows: list[dict], path: Path) -> None:
     cases = sorted({(r["source"], r["seq_len"], r["policy"]) for r in rows})
     names = [f"{p}\n{n}" + ("\n(pred.)" if s == "predicted" else "") for s, n, p in cases]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
-    for ax, (col, title) in zip(axes, (("MB", "MB sent / token"), ("rounds", "rounds / token"),
-                                       ("wan_s", "WAN s / token"))):
+    for ax, (col, title) in zip(
+        axes, (("MB", "MB sent / token"), ("rounds", "rounds / token"), ("wan_s", "WAN s / token"))
+    ):
         bottom = [0.0] * len(cases)
         for cls in CLASSES:
-            vals = [sum(r[col] for r in rows if (r["source"], r["seq_len"], r["policy"]) == c
-                        and r["op_class"] == cls) for c in cases]
+            vals = [
+                sum(r[col] for r in rows if (r["source"], r["seq_len"], r["policy"]) == c and r["op_class"] == cls)
+                for c in cases
+            ]
             if any(vals):
                 ax.bar(names, vals, bottom=bottom, label=cls)
                 bottom = [b + v for b, v in zip(bottom, vals)]
@@ -316,8 +357,26 @@ def main(argv=None) -> int:
     out = new_run_dir(a.out, {"args": vars(a)})
     ledgers = [x for x in a.ledger.split(",") if x]
     if a.run:
-        run_bench(out / "bench", 2, ["--model", a.model, "--seq-lens", a.seq_lens, "--policies", a.policies,
-                                     "--budget", str(a.budget), "--topk", a.topk, "--steps", "1", "--text", a.text])
+        run_bench(
+            out / "bench",
+            2,
+            [
+                "--model",
+                a.model,
+                "--seq-lens",
+                a.seq_lens,
+                "--policies",
+                a.policies,
+                "--budget",
+                str(a.budget),
+                "--topk",
+                a.topk,
+                "--steps",
+                "1",
+                "--text",
+                a.text,
+            ],
+        )
         ledgers.append(str(out / "bench" / "rank0.json"))
     rows = []
     for led in ledgers:

@@ -23,6 +23,7 @@ results.md (full vs policy side by side per setting and length), decode_scaling.
 This module also holds the small helpers the other experiment scripts share (run folders, bench.csv reading,
 predicted points, mpirun launch): they are about one concept, "a decode cost point".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,22 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 # one decode cost point (a row of costs.csv); bench.csv rows are normalised to it
-COST_FIELDS = ("source", "model", "setting", "policy", "budget", "kwargs", "seq_len", "bytes_per_token",
-               "rounds_per_token", "seconds_per_token", "lan_s", "wan_s", "static_bytes", "attended_frac")
+COST_FIELDS = (
+    "source",
+    "model",
+    "setting",
+    "policy",
+    "budget",
+    "kwargs",
+    "seq_len",
+    "bytes_per_token",
+    "rounds_per_token",
+    "seconds_per_token",
+    "lan_s",
+    "wan_s",
+    "static_bytes",
+    "attended_frac",
+)
 
 
 @dataclass
@@ -65,8 +80,9 @@ class Knobs:
 def git_commit() -> str:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "experiments", "mpcache", "parties"],
-                               check=False, cwd=REPO).returncode
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "experiments", "mpcache", "parties"], check=False, cwd=REPO
+        ).returncode
         return sha + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - not a git checkout
         return "unknown"
@@ -82,8 +98,7 @@ def new_run_dir(root: str, config: dict) -> Path:
     while out.exists():
         out, i = base / f"{stamp}-{commit.replace('+', '-')}-{i}", i + 1
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps({"commit": commit, "argv": sys.argv, **config}, indent=1,
-                                                default=str))
+    (out / "config.json").write_text(json.dumps({"commit": commit, "argv": sys.argv, **config}, indent=1, default=str))
     return out
 
 
@@ -130,9 +145,11 @@ def read_costs(paths: list[str]) -> list[dict]:
         p = Path(p)
         with open(p) as f:
             raw = list(csv.DictReader(f))
-        if raw and "source" in raw[0]:                           # our own costs.csv
-            rows += [{k: _num(v) if k not in ("kwargs", "policy", "setting", "source", "model") else v
-                      for k, v in r.items()} for r in raw]
+        if raw and "source" in raw[0]:  # our own costs.csv
+            rows += [
+                {k: _num(v) if k not in ("kwargs", "policy", "setting", "source", "model") else v for k, v in r.items()}
+                for r in raw
+            ]
             continue
         meta = {}
         if (p.parent / "bench.json").exists():
@@ -141,16 +158,31 @@ def read_costs(paths: list[str]) -> list[dict]:
         kw = json.loads(args.get("policy_kwargs") or "{}")
         for r in raw:
             d = {k: _num(v) for k, v in r.items()}
-            rows.append({"source": "measured", "model": meta.get("model", args.get("model", "")),
-                         "setting": setting_label(int(d["world_size"]), r["protocol"], r["provider"]),
-                         "policy": r["policy"], "budget": "" if r["policy"] == "full" else args.get("budget", ""),
-                         "kwargs": json.dumps(kw.get(r["policy"], {}), sort_keys=True),
-                         **{k: d.get(k) for k in COST_FIELDS[6:]}, "bench": str(p)})
+            rows.append(
+                {
+                    "source": "measured",
+                    "model": meta.get("model", args.get("model", "")),
+                    "setting": setting_label(int(d["world_size"]), r["protocol"], r["provider"]),
+                    "policy": r["policy"],
+                    "budget": "" if r["policy"] == "full" else args.get("budget", ""),
+                    "kwargs": json.dumps(kw.get(r["policy"], {}), sort_keys=True),
+                    **{k: d.get(k) for k in COST_FIELDS[6:]},
+                    "bench": str(p),
+                }
+            )
     return rows
 
 
-def predict_point(model: str, label: str, name: str, kwargs: dict, budget: float | None, seq_len: int,
-                  world: int, provider: str = "tfp") -> dict:
+def predict_point(
+    model: str,
+    label: str,
+    name: str,
+    kwargs: dict,
+    budget: float | None,
+    seq_len: int,
+    world: int,
+    provider: str = "tfp",
+) -> dict:
     """One predicted cost point: the steady-state decode token (token 2) after a ``seq_len``-token prompt."""
     from experiments.predict_cost import model_config
     from mpcache.generation import per_token_costs
@@ -169,13 +201,22 @@ def predict_point(model: str, label: str, name: str, kwargs: dict, budget: float
     tok = per_token_costs(ledgers, n_new, PROFILES)[0][2]
     nbytes = max(tok["bytes_sent"])
     att = pol.attended_tokens(seq_len, 2) if hasattr(pol, "attended_tokens") else seq_len
-    return {"source": "predicted", "model": cfg.name, "setting": setting_label(world, protocol, provider),
-            "policy": label, "budget": "" if name == "full" else budget,
-            "kwargs": json.dumps({k: v for k, v in kwargs.items() if k != "budget"}, sort_keys=True),
-            "seq_len": seq_len, "bytes_per_token": nbytes, "rounds_per_token": tok["rounds"],
-            "seconds_per_token": 0.0, "lan_s": tok["modelled_lan_s"] - tok["seconds"],
-            "wan_s": tok["modelled_wan_s"] - tok["seconds"], "static_bytes": "",
-            "attended_frac": att / (seq_len + 2)}
+    return {
+        "source": "predicted",
+        "model": cfg.name,
+        "setting": setting_label(world, protocol, provider),
+        "policy": label,
+        "budget": "" if name == "full" else budget,
+        "kwargs": json.dumps({k: v for k, v in kwargs.items() if k != "budget"}, sort_keys=True),
+        "seq_len": seq_len,
+        "bytes_per_token": nbytes,
+        "rounds_per_token": tok["rounds"],
+        "seconds_per_token": 0.0,
+        "lan_s": tok["modelled_lan_s"] - tok["seconds"],
+        "wan_s": tok["modelled_wan_s"] - tok["seconds"],
+        "static_bytes": "",
+        "attended_frac": att / (seq_len + 2),
+    }
 
 
 def predict_points(cases: list[tuple], desc: str = "predict") -> list[dict]:
@@ -200,11 +241,25 @@ def run_bench(out_dir: Path, world: int, bench_args: list[str], provider: str = 
     mpirun = str(venv / "mpirun") if (venv / "mpirun").exists() else "mpirun"
     python = str(venv / "python") if (venv / "python").exists() else sys.executable
     protocol = "replicated" if world == 3 else "arithmetic"
-    cmd = [mpirun, "-n", str(world), python, "-m", "parties", "bench", *bench_args, "--protocol", protocol,
-           "--provider", provider, "--out", str(out_dir)]
+    cmd = [
+        mpirun,
+        "-n",
+        str(world),
+        python,
+        "-m",
+        "parties",
+        "bench",
+        *bench_args,
+        "--protocol",
+        protocol,
+        "--provider",
+        provider,
+        "--out",
+        str(out_dir),
+    ]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     env = {**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-    subprocess.run(cmd, cwd=REPO, check=True, env=env)   # its own tqdm bar shows progress on stderr
+    subprocess.run(cmd, cwd=REPO, check=True, env=env)  # its own tqdm bar shows progress on stderr
     return out_dir / "bench.csv"
 
 
@@ -218,8 +273,12 @@ def ratio_rows(costs: list[dict], baseline: str = "full") -> list[dict]:
         if r["policy"] == baseline or b is None:
             continue
         row = {"source": r["source"], "setting": r["setting"], "seq_len": r["seq_len"], "policy": r["policy"]}
-        for key, name in (("bytes_per_token", "MB"), ("rounds_per_token", "rounds"), ("lan_s", "LAN_s"),
-                          ("wan_s", "WAN_s")):
+        for key, name in (
+            ("bytes_per_token", "MB"),
+            ("rounds_per_token", "rounds"),
+            ("lan_s", "LAN_s"),
+            ("wan_s", "WAN_s"),
+        ):
             scale = 1e6 if name == "MB" else 1
             row[f"full_{name}"] = b[key] / scale
             row[f"policy_{name}"] = r[key] / scale
@@ -229,20 +288,43 @@ def ratio_rows(costs: list[dict], baseline: str = "full") -> list[dict]:
     return out
 
 
-RATIO_COLS = ["source", "setting", "seq_len", "policy", "full_MB", "policy_MB", "MB_ratio", "full_rounds",
-              "policy_rounds", "rounds_ratio", "full_LAN_s", "policy_LAN_s", "LAN_s_ratio", "full_WAN_s",
-              "policy_WAN_s", "WAN_s_ratio"]
+RATIO_COLS = [
+    "source",
+    "setting",
+    "seq_len",
+    "policy",
+    "full_MB",
+    "policy_MB",
+    "MB_ratio",
+    "full_rounds",
+    "policy_rounds",
+    "rounds_ratio",
+    "full_LAN_s",
+    "policy_LAN_s",
+    "LAN_s_ratio",
+    "full_WAN_s",
+    "policy_WAN_s",
+    "WAN_s_ratio",
+]
 _F2 = "{:,.2f}".format
-RATIO_FMT = {c: _F2 for c in RATIO_COLS[4:]} | {"full_rounds": "{:,.0f}".format,
-                                                "policy_rounds": "{:,.0f}".format} | \
-    {c: (lambda v: f"{v:.2f}x") for c in RATIO_COLS if c.endswith("ratio")}
+RATIO_FMT = (
+    {c: _F2 for c in RATIO_COLS[4:]}
+    | {"full_rounds": "{:,.0f}".format, "policy_rounds": "{:,.0f}".format}
+    | {c: (lambda v: f"{v:.2f}x") for c in RATIO_COLS if c.endswith("ratio")}
+)
 
 
 def results_markdown(costs: list[dict], ratios: list[dict]) -> str:
-    md = [("Per decode token, whole model, bytes = max over parties of bytes sent; ratio = full / policy "
-          "(> 1: the policy is cheaper). `measured` = parties bench (plaintext-built, secret-shared KV cache: "
-          "benchmark convention; LAN/WAN include measured compute on 2 shared cores); `predicted` = a dry run of the protocols "
-          "(LAN/WAN network only)."), "", md_table(ratios, RATIO_COLS, RATIO_FMT)]
+    md = [
+        (
+            "Per decode token, whole model, bytes = max over parties of bytes sent; ratio = full / policy "
+            "(> 1: the policy is cheaper). `measured` = parties bench (plaintext-built, secret-shared KV cache: "
+            "benchmark convention; LAN/WAN include measured compute on 2 shared cores); `predicted` = a dry run of the protocols "
+            "(LAN/WAN network only)."
+        ),
+        "",
+        md_table(ratios, RATIO_COLS, RATIO_FMT),
+    ]
     return "\n".join(md) + "\n"
 
 
@@ -254,18 +336,31 @@ def plot(costs: list[dict], path: Path, policies: list[str] | None = None) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    keys = sorted({(r["policy"], r["setting"], r["source"]) for r in costs
-                   if policies is None or r["policy"] in policies})
-    for ax, (col, title, scale) in zip(axes.flat, (("bytes_per_token", "MB sent / token (max party)", 1e6),
-                                                   ("rounds_per_token", "rounds / token", 1),
-                                                   ("lan_s", "LAN s / token (3 Gbps, 0.3 ms)", 1),
-                                                   ("wan_s", "WAN s / token (400 Mbps, 40 ms)", 1))):
+    keys = sorted(
+        {(r["policy"], r["setting"], r["source"]) for r in costs if policies is None or r["policy"] in policies}
+    )
+    for ax, (col, title, scale) in zip(
+        axes.flat,
+        (
+            ("bytes_per_token", "MB sent / token (max party)", 1e6),
+            ("rounds_per_token", "rounds / token", 1),
+            ("lan_s", "LAN s / token (3 Gbps, 0.3 ms)", 1),
+            ("wan_s", "WAN s / token (400 Mbps, 40 ms)", 1),
+        ),
+    ):
         for pol, setting, source in keys:
-            pts = sorted((r["seq_len"], r[col] / scale) for r in costs
-                         if (r["policy"], r["setting"], r["source"]) == (pol, setting, source) and r[col] != "")
+            pts = sorted(
+                (r["seq_len"], r[col] / scale)
+                for r in costs
+                if (r["policy"], r["setting"], r["source"]) == (pol, setting, source) and r[col] != ""
+            )
             if pts:
-                ax.plot(*zip(*pts), marker="o", ls="-" if source == "measured" else "--",
-                        label=f"{pol}, {setting} ({source})")
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    ls="-" if source == "measured" else "--",
+                    label=f"{pol}, {setting} ({source})",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cached tokens")
@@ -293,26 +388,72 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default="tfp", choices=["tfp", "ttp"])
     p.add_argument("--out", default="results/decode_scaling")
     a = p.parse_args(argv)
-    ints = (lambda s: [int(x) for x in s.split(",") if x.strip()])
-    knobs = Knobs(sources=[s for s in a.sources.split(",") if s], run=a.run, worlds=ints(a.worlds), model=a.model,
-                  seq_lens=ints(a.seq_lens), policies=a.policies, budget=a.budget, topk=a.topk, steps=a.steps,
-                  text=a.text, predict=ints(a.predict), provider=a.provider, out=a.out)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
+    knobs = Knobs(
+        sources=[s for s in a.sources.split(",") if s],
+        run=a.run,
+        worlds=ints(a.worlds),
+        model=a.model,
+        seq_lens=ints(a.seq_lens),
+        policies=a.policies,
+        budget=a.budget,
+        topk=a.topk,
+        steps=a.steps,
+        text=a.text,
+        predict=ints(a.predict),
+        provider=a.provider,
+        out=a.out,
+    )
     if not (knobs.sources or knobs.run or knobs.predict):
         p.error("nothing to do: give --from, --run or --predict")
     out = new_run_dir(knobs.out, {"knobs": asdict(knobs)})
     sources = list(knobs.sources)
     if knobs.run:
         for w in knobs.worlds:
-            sources.append(str(run_bench(out / f"bench-{w}pc", w, [
-                "--model", knobs.model, "--seq-lens", ",".join(map(str, knobs.seq_lens)), "--policies",
-                knobs.policies, "--budget", str(knobs.budget), "--topk", knobs.topk, "--steps", str(knobs.steps),
-                "--text", knobs.text], knobs.provider)))
+            sources.append(
+                str(
+                    run_bench(
+                        out / f"bench-{w}pc",
+                        w,
+                        [
+                            "--model",
+                            knobs.model,
+                            "--seq-lens",
+                            ",".join(map(str, knobs.seq_lens)),
+                            "--policies",
+                            knobs.policies,
+                            "--budget",
+                            str(knobs.budget),
+                            "--topk",
+                            knobs.topk,
+                            "--steps",
+                            str(knobs.steps),
+                            "--text",
+                            knobs.text,
+                        ],
+                        knobs.provider,
+                    )
+                )
+            )
     labels = [lab for lab, _ in parse_policies(knobs.policies)]
     costs = [r for r in read_costs(sources) if r["policy"] in labels]
     if knobs.predict:
         names = dict(parse_policies(knobs.policies))
-        cases = [(knobs.model, lab, names[lab], {"topk": knobs.topk} if names[lab] != "full" else {}, knobs.budget,
-                  n, w, knobs.provider) for w in knobs.worlds for n in knobs.predict for lab in labels]
+        cases = [
+            (
+                knobs.model,
+                lab,
+                names[lab],
+                {"topk": knobs.topk} if names[lab] != "full" else {},
+                knobs.budget,
+                n,
+                w,
+                knobs.provider,
+            )
+            for w in knobs.worlds
+            for n in knobs.predict
+            for lab in labels
+        ]
         costs += predict_points(cases, "predict decode cost")
     write_csv(out / "costs.csv", costs, COST_FIELDS)
     ratios = ratio_rows(costs)

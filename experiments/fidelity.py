@@ -25,6 +25,7 @@ results.csv (one row per length/policy/budget/metric: mean, stderr, n), results.
 experiments/plot_fidelity.py. SmolLM2's weights are the Q4_1 GGUF dequantized to float32: say so when
 reporting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ class Knobs:
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # prompt tokens (8192 if time allows)
     budgets: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])  # each policy's budget (fraction)
     # Policy labels; "label=name" runs registry policy `name` under another label (with --policy-kwargs).
-    policies: list[str] = field(default_factory=lambda: ["full", "streaming", "h2o", "snapkv", "tova", "quest",
-                                                         "mpcache"])
+    policies: list[str] = field(
+        default_factory=lambda: ["full", "streaming", "h2o", "snapkv", "tova", "quest", "mpcache"]
+    )
     policy_kwargs: dict = field(default_factory=dict)  # {label: {field: value}} extra policy settings
     depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # needle depths
     samples: int = 3  # seeds per length: each gives one passkey prompt per depth and one text continuation
@@ -91,8 +93,12 @@ def parse_args(argv: list[str] | None = None) -> Knobs:
     p.add_argument("--lengths", type=_list(int), default=k.lengths, help="e.g. 1024,2048,4096")
     p.add_argument("--budgets", type=_list(float), default=k.budgets, help="e.g. 0.05,0.1,0.2")
     p.add_argument("--policies", type=_list(str), default=k.policies, help="e.g. full,streaming,mpcache")
-    p.add_argument("--policy-kwargs", type=json.loads, default=k.policy_kwargs,
-                   help='JSON {label: {field: value}}, e.g. \'{"mpc_nostatic": {"static": false}}\'')
+    p.add_argument(
+        "--policy-kwargs",
+        type=json.loads,
+        default=k.policy_kwargs,
+        help='JSON {label: {field: value}}, e.g. \'{"mpc_nostatic": {"static": false}}\'',
+    )
     p.add_argument("--depths", type=_list(float), default=k.depths)
     p.add_argument("--samples", type=int, default=k.samples)
     p.add_argument("--gen-tokens", type=int, default=k.gen_tokens)
@@ -126,7 +132,7 @@ class Config:
     label: str
     budget: float | None
     policy: CachePolicy
-    per_prompt: bool = False   # SqueezeAttention's per-prompt layer budgets (plaintext only): layer_budgets="prompt"
+    per_prompt: bool = False  # SqueezeAttention's per-prompt layer budgets (plaintext only): layer_budgets="prompt"
 
     def for_prompt(self, cfg, weights, ids: list[int]) -> CachePolicy:
         """The policy for one prompt: with ``per_prompt``, layer budgets from the prompt's own similarities."""
@@ -152,7 +158,7 @@ def build_configs(knobs: Knobs) -> list[Config]:
         except ModuleNotFoundError:
             pass
         kw = dict(knobs.policy_kwargs.get(label, {}))
-        per_prompt = kw.get("layer_budgets") == "prompt"      # SqueezeAttention per prompt (see Config.for_prompt)
+        per_prompt = kw.get("layer_budgets") == "prompt"  # SqueezeAttention per prompt (see Config.for_prompt)
         if per_prompt:
             kw.pop("layer_budgets")
         if name == "full":
@@ -225,6 +231,7 @@ def git_info() -> dict:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
+
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
@@ -256,18 +263,29 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def write_markdown(results: list[dict], path: Path, knobs: Knobs, note: str) -> None:
     idx = {(r["length"], r["policy"], r["budget"], r["metric"]): r for r in results}
-    rows = sorted({(r["length"], r["policy"], r["budget"]) for r in results},
-                  key=lambda x: (int(x[0]), knobs_order(knobs, x[1]), float(x[2] or 1)))
+    rows = sorted(
+        {(r["length"], r["policy"], r["budget"]) for r in results},
+        key=lambda x: (int(x[0]), knobs_order(knobs, x[1]), float(x[2] or 1)),
+    )
     extra = ["attended_frac", "sec_passkey", "sec_text"]  # seconds per prompt, per config
     cols = [m for m in MAIN_METRICS + extra if any(r["metric"] == m for r in results)]
-    lines = [f"# Fidelity ({knobs.model}, split={knobs.split})", "", note, "",
-             "| length | policy | budget | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    lines = [
+        f"# Fidelity ({knobs.model}, split={knobs.split})",
+        "",
+        note,
+        "",
+        "| length | policy | budget | " + " | ".join(cols) + " |",
+        "|---" * (3 + len(cols)) + "|",
+    ]
     for length, pol, budget in rows:
         cells = []
         for m in cols:
             r = idx.get((length, pol, budget, m))
-            cells.append("" if r is None else (f"{r['value']:.2f}" if m in ("ppl", "sec_passkey", "sec_text")
-                                                else f"{r['value']:.3f}"))
+            cells.append(
+                ""
+                if r is None
+                else (f"{r['value']:.2f}" if m in ("ppl", "sec_passkey", "sec_text") else f"{r['value']:.3f}")
+            )
         lines.append(f"| {length} | {pol} | {budget if budget != '' else '—'} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -284,8 +302,16 @@ def evaluate(knobs: Knobs, cfg, weights, prompts: list[tuple], configs: list[Con
     rows: list[dict] = []
 
     def emit(length, conf, task, seed, depth, metric, value):
-        r = {"length": length, "policy": conf.label, "budget": "" if conf.budget is None else conf.budget,
-             "task": task, "seed": seed, "depth": depth, "metric": metric, "value": value}
+        r = {
+            "length": length,
+            "policy": conf.label,
+            "budget": "" if conf.budget is None else conf.budget,
+            "task": task,
+            "seed": seed,
+            "depth": depth,
+            "metric": metric,
+            "value": value,
+        }
         rows.append(r)
         writer.writerow(r)
 
@@ -326,7 +352,7 @@ def evaluate(knobs: Knobs, cfg, weights, prompts: list[tuple], configs: list[Con
                         emit(length, conf, task, seed, depth, "gen_agree_prefix", pre)
                         emit(length, conf, task, seed, depth, "gen_agree", agree)
                     if "ppl" in knobs.tasks:
-                        _, nll = runner.force(model, cache, logits, targets[:knobs.ppl_tokens])
+                        _, nll = runner.force(model, cache, logits, targets[: knobs.ppl_tokens])
                         for x in nll:  # one row per token so that ppl = exp(mean NLL over all tokens)
                             emit(length, conf, task, seed, depth, "nll", x)
                 emit(length, conf, task, seed, depth, f"sec_prefill_{task}", t_prefill)
@@ -354,12 +380,19 @@ def main(argv: list[str] | None = None) -> Path:
     n_new = max(knobs.ppl_tokens if "ppl" in knobs.tasks else 0, knobs.gen_tokens if "gen" in knobs.tasks else 0)
     run_dir = new_run_dir(knobs.out, knobs)
     meta = {
-        "knobs": dataclasses.asdict(knobs), "git": git_info(), "model": cfg.to_dict(), "model_digest": cfg.digest(),
-        "weights_note": "SmolLM2-135M-Instruct Q4_1 GGUF dequantized to float32" if "smollm2" in knobs.model
-        else "", "passkey_cases": [dataclasses.asdict(c) for c in cases], "continuation_offsets": offsets,
+        "knobs": dataclasses.asdict(knobs),
+        "git": git_info(),
+        "model": cfg.to_dict(),
+        "model_digest": cfg.digest(),
+        "weights_note": "SmolLM2-135M-Instruct Q4_1 GGUF dequantized to float32" if "smollm2" in knobs.model else "",
+        "passkey_cases": [dataclasses.asdict(c) for c in cases],
+        "continuation_offsets": offsets,
         "configs": [{"label": c.label, "budget": c.budget, "policy": repr(c.policy)} for c in configs],
-        "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-        "started": datetime.datetime.now(datetime.UTC).isoformat(), "load_seconds": t_load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(),
+        "load_seconds": t_load,
     }
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
 
@@ -387,16 +420,22 @@ def main(argv: list[str] | None = None) -> Path:
         w = csv.DictWriter(f, RESULT_FIELDS)
         w.writeheader()
         w.writerows(results)
-    parts = {"passkey": f"passkey: {knobs.samples} seeds × {len(knobs.depths)} depths per cell",
-             "ppl": f"ppl: {knobs.ppl_tokens} tokens × {knobs.samples} texts",
-             "gen": f"gen agreement: {knobs.gen_tokens} greedy tokens × {knobs.samples} texts"}
+    parts = {
+        "passkey": f"passkey: {knobs.samples} seeds × {len(knobs.depths)} depths per cell",
+        "ppl": f"ppl: {knobs.ppl_tokens} tokens × {knobs.samples} texts",
+        "gen": f"gen agreement: {knobs.gen_tokens} greedy tokens × {knobs.samples} texts",
+    }
     note = "; ".join(parts[t] for t in knobs.tasks) + ". " + meta["weights_note"]
     write_markdown(results, run_dir / "results.md", knobs, note)
     meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     if knobs.plot:
-        r = subprocess.run([sys.executable, str(REPO / "experiments" / "plot_fidelity.py"), str(run_dir)],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [sys.executable, str(REPO / "experiments" / "plot_fidelity.py"), str(run_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if r.returncode != 0:
             print(f"plotting failed (results are saved): {r.stderr.strip()[-500:]}", file=sys.stderr)
     print(f"wrote {run_dir}")

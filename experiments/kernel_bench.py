@@ -58,8 +58,9 @@ def parse_args() -> Knobs:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -129,15 +130,18 @@ def main() -> int:
     bench = triton.testing.do_bench  # ms; flushes L2 between runs, so reads come from HBM
     bandwidth = copy_bandwidth(bench, knobs.copy_mib << 20, device)
     print(f"{torch.cuda.get_device_name(device)}: measured copy bandwidth {bandwidth * 1e-9:.0f} GB/s")
-    print(f"{'L':>8} {'k':>6} {'sparse us':>10} {'bound us':>9} {'% bound':>8} {'GB/s':>7} "
-          f"{'dense us':>9} {'speedup':>8}")
+    print(
+        f"{'L':>8} {'k':>6} {'sparse us':>10} {'bound us':>9} {'% bound':>8} {'GB/s':>7} {'dense us':>9} {'speedup':>8}"
+    )
     rows = []
     for L in knobs.seq_lens:
         r = bench_one(knobs, L, bench, bandwidth, device)
         rows.append(r)
-        print(f"{L:>8} {r['clusters_selected']:>6} {r['sparse_ms'] * 1e3:>10.1f} {r['bound_ms'] * 1e3:>9.1f} "
-              f"{r['pct_of_bound']:>7.1f}% {r['sparse_GBps']:>7.0f} {r['dense_ms'] * 1e3:>9.1f} "
-              f"{r['speedup_vs_dense']:>7.2f}x")
+        print(
+            f"{L:>8} {r['clusters_selected']:>6} {r['sparse_ms'] * 1e3:>10.1f} {r['bound_ms'] * 1e3:>9.1f} "
+            f"{r['pct_of_bound']:>7.1f}% {r['sparse_GBps']:>7.0f} {r['dense_ms'] * 1e3:>9.1f} "
+            f"{r['speedup_vs_dense']:>7.2f}x"
+        )
 
     commit = git_commit()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")

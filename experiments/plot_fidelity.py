@@ -5,6 +5,7 @@
 Reads <run>/results.csv written by experiments/fidelity.py; computes nothing. The full cache (no budget) is a
 dashed horizontal line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ def plot_metric(rows: list[dict], metric: str, out: Path) -> bool:
     for ax, length in zip(axes[0], lengths):
         at = [r for r in rows if int(r["length"]) == length]
         for i, pol in enumerate(policies):
-            pts = sorted((float(r["budget"]), float(r["value"]), float(r["stderr"] or "nan"))
-                         for r in at if r["policy"] == pol and r["budget"] != "")
+            pts = sorted(
+                (float(r["budget"]), float(r["value"]), float(r["stderr"] or "nan"))
+                for r in at
+                if r["policy"] == pol and r["budget"] != ""
+            )
             full = [r for r in at if r["policy"] == pol and r["budget"] == ""]
             if full:
                 ax.axhline(float(full[0]["value"]), color="k", ls="--", lw=1, label=f"{pol} (no eviction)")

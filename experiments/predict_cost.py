@@ -15,6 +15,7 @@ of bytes sent per party (max over parties), rounds (max over parties, dealer rou
 counts them) and modelled latency ``rounds x RTT + max bytes / bandwidth`` (compute time not included: 0).
 Writes results/predict_cost/<UTC time>-<commit>/{table.csv, table.md}; never overwrites.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,18 @@ sys.path.insert(0, str(REPO))
 
 from mpcache.config import ModelConfig
 
-LLAMA_7B = ModelConfig(arch="llama", vocab_size=32000, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                       head_dim=128, intermediate_size=11008, max_position=1 << 17, name="llama-7b-shape")
+LLAMA_7B = ModelConfig(
+    arch="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=32,
+    head_dim=128,
+    intermediate_size=11008,
+    max_position=1 << 17,
+    name="llama-7b-shape",
+)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -45,9 +56,19 @@ def model_config(name: str) -> ModelConfig:
 
         return dataclasses.replace(tiny_config(name.split("-")[1]), max_position=1 << 17)
     if name == "smollm2":
-        return ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                           head_dim=64, intermediate_size=1536, max_position=1 << 17, rope_theta=100000.0,
-                           name="smollm2-135m-shape")
+        return ModelConfig(
+            arch="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            head_dim=64,
+            intermediate_size=1536,
+            max_position=1 << 17,
+            rope_theta=100000.0,
+            name="smollm2-135m-shape",
+        )
     raise SystemExit(f"unknown --model {name!r}: llama-7b-shape, smollm2, tiny-llama, tiny-gpt2")
 
 
@@ -68,14 +89,24 @@ def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: in
     ledgers, _ = predict_generation(cfg, pol, setting, L, n_new)
     per_token, phases = per_token_costs(ledgers, n_new, profiles)
     dec = per_token[1:] or per_token
-    mean = {k: sum(max(r[k]) if isinstance(r[k], list) else r[k] for r in dec) / len(dec)
-            for k in ("bytes_sent", "rounds", "dealer_bytes")}
-    row = {"model": cfg.name, "policy": policy_name, "budget": budget if policy_name != "full" else 1.0,
-           "cached_len": L, "setting": setting.label, "bytes_per_party_per_token": int(mean["bytes_sent"]),
-           "MB_per_token": round(mean["bytes_sent"] / 1e6, 3), "rounds_per_token": round(mean["rounds"], 1),
-           "dealer_bytes_per_token": int(mean["dealer_bytes"]),
-           "prefill_MB": round(max(phases["prefill"]["bytes_sent"]) / 1e6, 1),
-           "prefill_rounds": phases["prefill"]["rounds"], "trace_s": round(time.perf_counter() - t0, 2)}
+    mean = {
+        k: sum(max(r[k]) if isinstance(r[k], list) else r[k] for r in dec) / len(dec)
+        for k in ("bytes_sent", "rounds", "dealer_bytes")
+    }
+    row = {
+        "model": cfg.name,
+        "policy": policy_name,
+        "budget": budget if policy_name != "full" else 1.0,
+        "cached_len": L,
+        "setting": setting.label,
+        "bytes_per_party_per_token": int(mean["bytes_sent"]),
+        "MB_per_token": round(mean["bytes_sent"] / 1e6, 3),
+        "rounds_per_token": round(mean["rounds"], 1),
+        "dealer_bytes_per_token": int(mean["dealer_bytes"]),
+        "prefill_MB": round(max(phases["prefill"]["bytes_sent"]) / 1e6, 1),
+        "prefill_rounds": phases["prefill"]["rounds"],
+        "trace_s": round(time.perf_counter() - t0, 2),
+    }
     from mpcache.latency import modelled_seconds
 
     for name, prof in profiles.items():
@@ -118,9 +149,15 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     show = ["policy", "cached_len", "MB_per_token", "rounds_per_token", *[f"{n}_s_per_token" for n in profiles]]
-    md = [(f"Predicted decode cost per token: {cfg.name}, {setting.label}, budget {a.budget} "
-          f"(dry run of the protocols; fixed-operand weights and K/V; compute time excluded)"), "",
-          "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    md = [
+        (
+            f"Predicted decode cost per token: {cfg.name}, {setting.label}, budget {a.budget} "
+            f"(dry run of the protocols; fixed-operand weights and K/V; compute time excluded)"
+        ),
+        "",
+        "| " + " | ".join(show) + " |",
+        "|" + "---|" * len(show),
+    ]
     md += ["| " + " | ".join(str(r[c]) for c in show) + " |" for r in rows]
     text = "\n".join(md) + "\n"
     (out / "table.md").write_text(text)

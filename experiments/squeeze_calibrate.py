@@ -10,6 +10,7 @@ writes the calibration JSON (similarities, k-means groups, p, the model's config
 ``layer_budgets="calibrated"`` (any budget policy) and the ``squeeze-*`` policies read it at load and refuse a
 missing file or one made for another model (mpcache/policies/squeeze.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,11 @@ from mpcache.policies.squeeze import SQUEEZE_P, allocate, calibrate, save_calibr
 
 @dataclass
 class Knobs:
-    model: str = "smollm2"   # load_model spec
-    length: int = 1024       # tokens per calibration window
-    samples: int = 4         # windows of public text (averaged)
-    p: float = SQUEEZE_P     # the least important group's share of its uniform budget
-    seed: int = 0            # picks the windows; the tiny random models' weight seed too
+    model: str = "smollm2"  # load_model spec
+    length: int = 1024  # tokens per calibration window
+    samples: int = 4  # windows of public text (averaged)
+    p: float = SQUEEZE_P  # the least important group's share of its uniform budget
+    seed: int = 0  # picks the windows; the tiny random models' weight seed too
     out_dir: str | None = None
 
 
@@ -46,7 +47,7 @@ def public_windows(tok, n: int, samples: int, seed: int) -> list[list[int]]:
     out = []
     for _ in range(samples):
         off = rng.randrange(max(1, len(text) - 8 * n - 1000))
-        ids = tok.encode(text[off: off + 8 * n + 1000])
+        ids = tok.encode(text[off : off + 8 * n + 1000])
         while len(ids) < n:
             ids = ids + ids
         out.append(ids[:n])
@@ -66,8 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     cfg, weights, tok = load_model(k.model, seed=k.seed)
     n = min(k.length, cfg.max_position)
-    cal = calibrate(cfg, weights, public_windows(tok, n, k.samples, k.seed), p=k.p,
-                    source=f"austen dev split, {k.samples} x {n} tokens, seed {k.seed}")
+    cal = calibrate(
+        cfg,
+        weights,
+        public_windows(tok, n, k.samples, k.seed),
+        p=k.p,
+        source=f"austen dev split, {k.samples} x {n} tokens, seed {k.seed}",
+    )
     path = save_calibration(cal, cfg, k.out_dir)
     print(f"wrote {path}")
     print("similarities:", " ".join(f"{s:.3f}" for s in cal["similarities"]))

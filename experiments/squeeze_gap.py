@@ -9,6 +9,7 @@ vectors (as a fraction of the total budget), and the largest similarity deviatio
 the fidelity table (``squeeze-h2o`` vs ``sqh2o-prompt=squeeze-h2o`` with ``layer_budgets="prompt"``).
 Prints a markdown table; writes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if i % 2 == 0:
                 ids = passkey_sample(tok, text, n, [0.3, 0.6, 0.9][i % 3], c.key, c.seed).prompt_ids
             else:
-                ids, _ = continuation_task(tok, text, n, 1, random.Random(f"continuation-{c.seed}").randrange(len(text)))
+                ids, _ = continuation_task(
+                    tok, text, n, 1, random.Random(f"continuation-{c.seed}").randrange(len(text))
+                )
             sims = layer_similarities(cfg, w, ids)
             groups = kmeans_1d(sims)
             b = allocate(sims, a.budget, cal["p"], 1, groups)

@@ -78,11 +78,20 @@ def cluster_scores_exact_reference(q: torch.Tensor, rmax: torch.Tensor, rmin: to
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cluster_scores_kernel(
-    Q, RMAX, RMIN, OUT,  # pointers
-    C, D, alpha,
-    stride_qh, stride_qd,
-    stride_rh, stride_rc, stride_rd,  # RMAX and RMIN share one layout
-    stride_oh, stride_oc,
+    Q,
+    RMAX,
+    RMIN,
+    OUT,  # pointers
+    C,
+    D,
+    alpha,
+    stride_qh,
+    stride_qd,
+    stride_rh,
+    stride_rc,
+    stride_rd,  # RMAX and RMIN share one layout
+    stride_oh,
+    stride_oc,
     EXACT: tl.constexpr,  # True: Quest bound; False: MPCache linearisation
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next_pow2(D)
@@ -122,11 +131,20 @@ def cluster_scores_triton(
     BLOCK_C = min(next_pow2(C), 32)
     grid = (Hkv, triton.cdiv(C, BLOCK_C))
     _cluster_scores_kernel[grid](
-        q, rmax, rmin, s,
-        C, D, float(alpha),
-        q.stride(0), q.stride(1),
-        rmax.stride(0), rmax.stride(1), rmax.stride(2),
-        s.stride(0), s.stride(1),
+        q,
+        rmax,
+        rmin,
+        s,
+        C,
+        D,
+        float(alpha),
+        q.stride(0),
+        q.stride(1),
+        rmax.stride(0),
+        rmax.stride(1),
+        rmax.stride(2),
+        s.stride(0),
+        s.stride(1),
         EXACT=bool(exact),
         BLOCK_C=BLOCK_C,
         BLOCK_D=next_pow2(D),

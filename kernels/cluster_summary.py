@@ -104,10 +104,18 @@ def parent_summary(rmax: torch.Tensor, rmin: torch.Tensor) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cluster_summary_kernel(
-    K, RMAX, RMIN,  # pointers
-    L, S, D,  # valid rows, cluster size, head dim
-    stride_kh, stride_kl, stride_kd,
-    stride_rh, stride_rc, stride_rd,  # RMAX and RMIN share one layout
+    K,
+    RMAX,
+    RMIN,  # pointers
+    L,
+    S,
+    D,  # valid rows, cluster size, head dim
+    stride_kh,
+    stride_kl,
+    stride_kd,
+    stride_rh,
+    stride_rc,
+    stride_rd,  # RMAX and RMIN share one layout
     TAIL_WINDOW: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next_pow2(S)
     BLOCK_D: tl.constexpr,  # next_pow2(D)
@@ -149,10 +157,18 @@ def cluster_summary_triton(
     # Not tuned on a GPU yet; much larger S * D would want a loop over row blocks.
     grid = (Hkv, C)
     _cluster_summary_kernel[grid](
-        K, rmax, rmin,
-        L, cluster_size, D,
-        K.stride(0), K.stride(1), K.stride(2),
-        rmax.stride(0), rmax.stride(1), rmax.stride(2),
+        K,
+        rmax,
+        rmin,
+        L,
+        cluster_size,
+        D,
+        K.stride(0),
+        K.stride(1),
+        K.stride(2),
+        rmax.stride(0),
+        rmax.stride(1),
+        rmax.stride(2),
         TAIL_WINDOW=tail == "window",
         BLOCK_S=next_pow2(cluster_size),
         BLOCK_D=next_pow2(D),

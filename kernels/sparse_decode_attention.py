@@ -28,8 +28,9 @@ LOG2E = 1.4426950408889634
 
 def _check(q, K, V, L):
     if q.dim() != 2 or K.dim() != 3 or K.shape != V.shape or q.shape[1] != K.shape[2]:
-        raise ValueError(f"need q (H, D), K = V (Hkv, Lmax, D); got {tuple(q.shape)}, {tuple(K.shape)}, "
-                         f"{tuple(V.shape)}")
+        raise ValueError(
+            f"need q (H, D), K = V (Hkv, Lmax, D); got {tuple(q.shape)}, {tuple(K.shape)}, {tuple(V.shape)}"
+        )
     H, Hkv = q.shape[0], K.shape[0]
     if H % Hkv:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
@@ -118,16 +119,35 @@ def sparse_decode_attention_reference(
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _sparse_decode_split_kernel(
-    Q, K, V, SEL,  # inputs
-    M_PART, L_PART, ACC_PART,  # per-chunk running max (H, NS), running sum (H, NS), accumulator (H, NS, D)
-    L, S, G, D, n_sel, clusters_per_split,
+    Q,
+    K,
+    V,
+    SEL,  # inputs
+    M_PART,
+    L_PART,
+    ACC_PART,  # per-chunk running max (H, NS), running sum (H, NS), accumulator (H, NS, D)
+    L,
+    S,
+    G,
+    D,
+    n_sel,
+    clusters_per_split,
     qk_scale,  # scale * log2(e): logits in base 2, so exp2 can be used
-    stride_qh, stride_qd,
-    stride_kh, stride_kl, stride_kd,
-    stride_vh, stride_vl, stride_vd,
-    stride_sh, stride_sk,
-    stride_mh, stride_ms,  # M_PART and L_PART share one layout
-    stride_ah, stride_as, stride_ad,
+    stride_qh,
+    stride_qd,
+    stride_kh,
+    stride_kl,
+    stride_kd,
+    stride_vh,
+    stride_vl,
+    stride_vd,
+    stride_sh,
+    stride_sk,
+    stride_mh,
+    stride_ms,  # M_PART and L_PART share one layout
+    stride_ah,
+    stride_as,
+    stride_ad,
     BLOCK_G: tl.constexpr,  # next_pow2(G): query heads of one KV head
     BLOCK_S: tl.constexpr,  # next_pow2(S): one cluster of tokens per loop step
     BLOCK_D: tl.constexpr,  # next_pow2(D)
@@ -142,8 +162,9 @@ def _sparse_decode_split_kernel(
     g_ok = g < G
     d_ok = d < D
 
-    q = tl.load(Q + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q = tl.load(
+        Q + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=g_ok[:, None] & d_ok[None, :], other=0.0
+    ).to(tl.float32)
     q = q * qk_scale
 
     # A finite start for the running max: a step whose rows are all masked then gives exp2(-inf - (-1e30)) = 0
@@ -159,10 +180,12 @@ def _sparse_decode_split_kernel(
         rows = c * S + t
         row_ok = (t < S) & (rows < L)  # power-of-two padding and padding rows >= L are excluded
         kv_mask = row_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv * stride_kh + rows[:, None] * stride_kl + d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + kv * stride_vh + rows[:, None] * stride_vl + d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(
+            K + kv * stride_kh + rows[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0
+        ).to(tl.float32)
+        v = tl.load(
+            V + kv * stride_vh + rows[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0
+        ).to(tl.float32)
 
         # NOTE: (G, S, D) broadcast-and-sum instead of tl.dot: tl.dot needs every block dim >= 16 and G is 1-8,
         # and fp32 tl.dot would round through tf32. Decode attention is bandwidth bound, so the FLOPs are free.
@@ -185,11 +208,19 @@ def _sparse_decode_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    M_PART, L_PART, ACC_PART, OUT,
-    n_splits, D,
-    stride_mh, stride_ms,
-    stride_ah, stride_as, stride_ad,
-    stride_oh, stride_od,
+    M_PART,
+    L_PART,
+    ACC_PART,
+    OUT,
+    n_splits,
+    D,
+    stride_mh,
+    stride_ms,
+    stride_ah,
+    stride_as,
+    stride_ad,
+    stride_oh,
+    stride_od,
     BLOCK_SPLITS: tl.constexpr,  # next_pow2(n_splits)
     BLOCK_D: tl.constexpr,
 ):
@@ -201,8 +232,11 @@ def _merge_splits_kernel(
 
     m = tl.load(M_PART + h * stride_mh + sp * stride_ms, mask=sp_ok, other=-1e30)
     l_sum = tl.load(L_PART + h * stride_mh + sp * stride_ms, mask=sp_ok, other=0.0)
-    acc = tl.load(ACC_PART + h * stride_ah + sp[:, None] * stride_as + d[None, :] * stride_ad,
-                  mask=sp_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.load(
+        ACC_PART + h * stride_ah + sp[:, None] * stride_as + d[None, :] * stride_ad,
+        mask=sp_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
 
     # Bring every chunk to the common max, then normalise once.
     w = tl.exp2(m - tl.max(m, axis=0))  # (BLOCK_SPLITS,)
@@ -250,27 +284,54 @@ def sparse_decode_attention_triton(
     acc_part = torch.empty(H, n_splits, D, **f32)
     BLOCK_D = next_pow2(D)
     _sparse_decode_split_kernel[(Hkv, n_splits)](
-        q, K, V, sel,
-        m_part, l_part, acc_part,
-        L, cluster_size, G, D, k_sel, per_split,
+        q,
+        K,
+        V,
+        sel,
+        m_part,
+        l_part,
+        acc_part,
+        L,
+        cluster_size,
+        G,
+        D,
+        k_sel,
+        per_split,
         float(scale) * LOG2E,
-        q.stride(0), q.stride(1),
-        K.stride(0), K.stride(1), K.stride(2),
-        V.stride(0), V.stride(1), V.stride(2),
-        sel.stride(0), sel.stride(1),
-        m_part.stride(0), m_part.stride(1),
-        acc_part.stride(0), acc_part.stride(1), acc_part.stride(2),
+        q.stride(0),
+        q.stride(1),
+        K.stride(0),
+        K.stride(1),
+        K.stride(2),
+        V.stride(0),
+        V.stride(1),
+        V.stride(2),
+        sel.stride(0),
+        sel.stride(1),
+        m_part.stride(0),
+        m_part.stride(1),
+        acc_part.stride(0),
+        acc_part.stride(1),
+        acc_part.stride(2),
         BLOCK_G=next_pow2(G),
         BLOCK_S=next_pow2(cluster_size),
         BLOCK_D=BLOCK_D,
     )
     o = torch.empty_like(q)
     _merge_splits_kernel[(H,)](
-        m_part, l_part, acc_part, o,
-        n_splits, D,
-        m_part.stride(0), m_part.stride(1),
-        acc_part.stride(0), acc_part.stride(1), acc_part.stride(2),
-        o.stride(0), o.stride(1),
+        m_part,
+        l_part,
+        acc_part,
+        o,
+        n_splits,
+        D,
+        m_part.stride(0),
+        m_part.stride(1),
+        acc_part.stride(0),
+        acc_part.stride(1),
+        acc_part.stride(2),
+        o.stride(0),
+        o.stride(1),
         BLOCK_SPLITS=next_pow2(n_splits),
         BLOCK_D=BLOCK_D,
     )

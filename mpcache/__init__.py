@@ -2,4 +2,5 @@
 
 Importing the package has no side effects: CrypTen is imported (and patched) only by ``mpcache.mpc.session``.
 """
+
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ logits are opened in a separate ``check`` scope, after the measured steps — te
 ``seq_len`` is the number of cached rows the last measured step attends over before eviction (the prompt has
 ``seq_len - warmup - steps`` tokens; the warm-up step builds the cluster summaries once, like a prefill would).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,10 +35,34 @@ from .config import ModelConfig
 from .model.transformer import KVCache, Transformer
 from .policies.base import CachePolicy, Gather, PrefillContext, as_selection
 
-CSV_COLUMNS = ("policy", "seq_len", "world_size", "protocol", "provider", "bytes_per_token", "rounds_per_token",
-               "seconds_per_token", "layer_bytes", "layer_rounds", "layer_seconds", "head_bytes", "head_rounds",
-               "static_bytes", "static_rounds", "static_seconds", "attended", "attended_frac", "lan_s", "wan_s",
-               "selection_agreement", "logit_err", "bench_layers", "model_layers", "steps", "trust_model")
+CSV_COLUMNS = (
+    "policy",
+    "seq_len",
+    "world_size",
+    "protocol",
+    "provider",
+    "bytes_per_token",
+    "rounds_per_token",
+    "seconds_per_token",
+    "layer_bytes",
+    "layer_rounds",
+    "layer_seconds",
+    "head_bytes",
+    "head_rounds",
+    "static_bytes",
+    "static_rounds",
+    "static_seconds",
+    "attended",
+    "attended_frac",
+    "lan_s",
+    "wan_s",
+    "selection_agreement",
+    "logit_err",
+    "bench_layers",
+    "model_layers",
+    "steps",
+    "trust_model",
+)
 
 
 class Recording(CachePolicy):
@@ -97,8 +122,7 @@ def truncated(cfg: ModelConfig, weights: dict | None, layers: int):
     cfg_k = dataclasses.replace(cfg, n_layers=layers)
     if weights is None:
         return cfg_k, None
-    keep = {k: v for k, v in weights.items()
-            if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
+    keep = {k: v for k, v in weights.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
     return cfg_k, keep
 
 
@@ -147,7 +171,7 @@ def selection_sets(g: Gather | None, reveal) -> list | None:
     if g is None or g.onehot is None:
         return None
     oh = reveal(g.onehot)
-    picked = oh.argmax(-1)                                                     # (Hkv, k)
+    picked = oh.argmax(-1)  # (Hkv, k)
     if g.strata:
         from .layout import strata_layout
 
@@ -168,8 +192,21 @@ def agreement(secure: dict, plain: dict) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def run_case(sess, B, cfg: ModelConfig, w_shared: dict, plain_w: dict | None, policy: CachePolicy, label: str,
-             seq_len: int, ids: list[int] | None, layers: int, warmup: int, steps: int, check: bool) -> dict:
+def run_case(
+    sess,
+    B,
+    cfg: ModelConfig,
+    w_shared: dict,
+    plain_w: dict | None,
+    policy: CachePolicy,
+    label: str,
+    seq_len: int,
+    ids: list[int] | None,
+    layers: int,
+    warmup: int,
+    steps: int,
+    check: bool,
+) -> dict:
     """One (policy, seq_len) case on shares; returns the measured per-scope costs on this party (and, on the
     server with ``check``, the agreement with plaintext). ``ids`` (client only): prompt + teacher-forced tokens."""
     from .mpc.session import CLIENT
@@ -216,8 +253,8 @@ def run_case(sess, B, cfg: ModelConfig, w_shared: dict, plain_w: dict | None, po
                     g = rec.prefill(ctx)
                     k, v = (ks[i], vs[i]) if g is None else (g.apply(ks[i], B), g.apply(vs[i], B))
                     cache.k[i], cache.v[i] = k, v
-                    cache.logw[i] = None if g is None else g.log_weights()       # BalanceKV's row weights
-            model._fix_cache(cache)           # rows fixed once, as at the end of a real prefill (fixed_kv)
+                    cache.logw[i] = None if g is None else g.log_weights()  # BalanceKV's row weights
+            model._fix_cache(cache)  # rows fixed once, as at the end of a real prefill (fixed_kv)
         cache.n_prompt, cache.pos = cache.length, n_prompt
         static_s = time.perf_counter() - t0
         logits_sec = []
@@ -233,6 +270,7 @@ def run_case(sess, B, cfg: ModelConfig, w_shared: dict, plain_w: dict | None, po
     out = {"static_seconds": static_s}
     if check:
         with sess.scope(f"check/{label}/{seq_len}"):
+
             def reveal(x):
                 return B.reveal(x, dst=None, label="selection (bench check)")
 
@@ -241,8 +279,16 @@ def run_case(sess, B, cfg: ModelConfig, w_shared: dict, plain_w: dict | None, po
     return out
 
 
-def plaintext_twin(cfg: ModelConfig, weights: dict, policy: CachePolicy, ids: list[int], seq_len: int, layers: int,
-                   warmup: int, steps: int) -> dict:
+def plaintext_twin(
+    cfg: ModelConfig,
+    weights: dict,
+    policy: CachePolicy,
+    ids: list[int],
+    seq_len: int,
+    layers: int,
+    warmup: int,
+    steps: int,
+) -> dict:
     """The same case in the clear (same truncated model, prefix, teacher-forced tokens): selections and logits."""
     n_prompt = seq_len - warmup - steps
     cfg_k, w = truncated(cfg, weights, layers)
@@ -254,8 +300,7 @@ def plaintext_twin(cfg: ModelConfig, weights: dict, policy: CachePolicy, ids: li
     for t in range(warmup + steps):
         rec.step = "warmup" if t < warmup else f"token/{t - warmup}"
         logits.append(model.decode(ids[n_prompt + t], cache))
-    return {"sel": {f"{k[0]}|{k[1]}": selection_sets(g, lambda x: x) for k, g in rec.log.items()},
-            "logits": logits}
+    return {"sel": {f"{k[0]}|{k[1]}": selection_sets(g, lambda x: x) for k, g in rec.log.items()}, "logits": logits}
 
 
 def scale_costs(totals, policy: CachePolicy, cfg: ModelConfig, layers: int, base: str, steps: int) -> dict:
@@ -285,7 +330,7 @@ def scale_costs(totals, policy: CachePolicy, cfg: ModelConfig, layers: int, base
 def attended(policy: CachePolicy, seq_len: int, warmup: int, steps: int) -> tuple[int, float]:
     """Rows the last measured step attends to (its full cache has ``seq_len`` rows), and that fraction."""
     lb = getattr(policy, "layer_budgets", None)
-    if isinstance(lb, tuple):              # per-layer budgets: the mean over the model's layers
+    if isinstance(lb, tuple):  # per-layer budgets: the mean over the model's layers
         per = policy.attended_by_layer(seq_len - warmup - steps, warmup + steps - 1, len(lb))
         a = round(sum(per) / len(per))
     else:
@@ -294,33 +339,70 @@ def attended(policy: CachePolicy, seq_len: int, warmup: int, steps: int) -> tupl
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["policy", "seq_len", "world_size", "protocol", "MB/token", "rounds/token", "s/token", "LAN s", "WAN s",
-            "MB/layer", "rounds/layer", "static MB", "attended", "agreement", "logit err"]
+    cols = [
+        "policy",
+        "seq_len",
+        "world_size",
+        "protocol",
+        "MB/token",
+        "rounds/token",
+        "s/token",
+        "LAN s",
+        "WAN s",
+        "MB/layer",
+        "rounds/layer",
+        "static MB",
+        "attended",
+        "agreement",
+        "logit err",
+    ]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         agree = "—" if r.get("selection_agreement") in (None, "") else f"{r['selection_agreement']:.3f}"
         lerr = "—" if r.get("logit_err") in (None, "") else f"{r['logit_err']:.2g}"
-        out.append("| " + " | ".join([
-            r["policy"], str(r["seq_len"]), str(r["world_size"]), r["protocol"],
-            f"{r['bytes_per_token'] / 1e6:,.1f}", f"{r['rounds_per_token']:,.0f}", f"{r['seconds_per_token']:.1f}",
-            f"{r['lan_s']:.1f}", f"{r['wan_s']:.1f}", f"{r['layer_bytes'] / 1e6:,.2f}", f"{r['layer_rounds']:,.0f}",
-            f"{r['static_bytes'] / 1e6:,.1f}", f"{r['attended']} ({r['attended_frac']:.1%})", agree, lerr]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["policy"],
+                    str(r["seq_len"]),
+                    str(r["world_size"]),
+                    r["protocol"],
+                    f"{r['bytes_per_token'] / 1e6:,.1f}",
+                    f"{r['rounds_per_token']:,.0f}",
+                    f"{r['seconds_per_token']:.1f}",
+                    f"{r['lan_s']:.1f}",
+                    f"{r['wan_s']:.1f}",
+                    f"{r['layer_bytes'] / 1e6:,.2f}",
+                    f"{r['layer_rounds']:,.0f}",
+                    f"{r['static_bytes'] / 1e6:,.1f}",
+                    f"{r['attended']} ({r['attended_frac']:.1%})",
+                    agree,
+                    lerr,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
 def ratio_table(rows: list[dict], baseline: str = "full") -> str:
     """full / policy ratios of bytes, rounds and modelled LAN/WAN seconds per token, per length and world size."""
     base = {(r["seq_len"], r["world_size"]): r for r in rows if r["policy"] == baseline}
-    out = ["| policy | seq_len | world_size | comm ratio | rounds ratio | LAN latency ratio | WAN latency ratio |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| policy | seq_len | world_size | comm ratio | rounds ratio | LAN latency ratio | WAN latency ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         b = base.get((r["seq_len"], r["world_size"]))
         if b is None or r["policy"] == baseline:
             continue
-        out.append(f"| {r['policy']} | {r['seq_len']} | {r['world_size']} | "
-                   f"{b['bytes_per_token'] / r['bytes_per_token']:.2f}x | "
-                   f"{b['rounds_per_token'] / r['rounds_per_token']:.2f}x | {b['lan_s'] / r['lan_s']:.2f}x | "
-                   f"{b['wan_s'] / r['wan_s']:.2f}x |")
+        out.append(
+            f"| {r['policy']} | {r['seq_len']} | {r['world_size']} | "
+            f"{b['bytes_per_token'] / r['bytes_per_token']:.2f}x | "
+            f"{b['rounds_per_token'] / r['rounds_per_token']:.2f}x | {b['lan_s'] / r['lan_s']:.2f}x | "
+            f"{b['wan_s'] / r['wan_s']:.2f}x |"
+        )
     return "\n".join(out)
 
 
@@ -338,5 +420,18 @@ def prompt_ids(tok, n: int, text: str = "austen", seed: int = 0) -> list[int]:
     return ids[:n]
 
 
-__all__ = ["CSV_COLUMNS", "Recording", "agreement", "attended", "bench_layers_needed", "layer_classes",
-           "markdown_table", "plaintext_twin", "prompt_ids", "ratio_table", "run_case", "scale_costs", "truncated"]
+__all__ = [
+    "CSV_COLUMNS",
+    "Recording",
+    "agreement",
+    "attended",
+    "bench_layers_needed",
+    "layer_classes",
+    "markdown_table",
+    "plaintext_twin",
+    "prompt_ids",
+    "ratio_table",
+    "run_case",
+    "scale_costs",
+    "truncated",
+]

@@ -1,4 +1,5 @@
 """Frozen, validated configuration dataclasses shared by the library, the parties and the experiments."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "gpt2"):
             raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
-        for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                  "intermediate_size", "max_position"):
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position",
+        ):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
         if self.n_heads % self.n_kv_heads:

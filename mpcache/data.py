@@ -17,6 +17,7 @@ Tasks:
 * :func:`passkey_cases` / :func:`split_text` — the dev/eval split: disjoint seeds *and* disjoint text regions
   (dev: the first 20% of the text; eval: the rest). Choose defaults on dev, report on eval.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -71,18 +72,21 @@ def fetch_deb(package: str, dest: Path) -> Path:
         return root
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found: fetching {package} needs a Debian-like system. On one, run "
-                               f"`apt-get update && cd {dest} && apt-get download {package} && "
-                               f"dpkg-deb -x {package}_*.deb root`, or copy an extracted tree to {root}.")
+            raise RuntimeError(
+                f"{tool} not found: fetching {package} needs a Debian-like system. On one, run "
+                f"`apt-get update && cd {dest} && apt-get download {package} && "
+                f"dpkg-deb -x {package}_*.deb root`, or copy an extracted tree to {root}."
+            )
     dest.mkdir(parents=True, exist_ok=True)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if not debs:
-        r = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True,
-                           check=False)
+        r = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True, check=False)
         debs = sorted(dest.glob(f"{package}_*.deb"))
         if r.returncode != 0 or not debs:
-            raise RuntimeError(f"`apt-get download {package}` failed (rc={r.returncode}): {r.stderr.strip()[-400:]}"
-                               f"\nIf the package lists are missing, run `apt-get update` (as root) first.")
+            raise RuntimeError(
+                f"`apt-get download {package}` failed (rc={r.returncode}): {r.stderr.strip()[-400:]}"
+                f"\nIf the package lists are missing, run `apt-get update` (as root) first."
+            )
     tmp = Path(tempfile.mkdtemp(dir=dest))  # extract then rename, so a killed run leaves no half tree behind
     subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
     tmp.rename(root)
@@ -121,8 +125,10 @@ def read_lazyload_db(base: str | Path) -> dict:
     index = _unserialize(base.with_suffix(".rdx").read_bytes())
     compressed = int(index["compressed"][0])
     data = base.with_suffix(".rdb").read_bytes()
-    return {str(name): _unserialize(_inflate_record(data[offset:offset + length], compressed))
-            for name, (offset, length) in index["variables"].items()}
+    return {
+        str(name): _unserialize(_inflate_record(data[offset : offset + length], compressed))
+        for name, (offset, length) in index["variables"].items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,14 +177,14 @@ def split_text(text: str, split: str, dev_fraction: float = 0.2) -> str:
         raise ValueError(f"split must be 'dev' or 'eval', got {split!r}")
     cut = text.find("\n\n", int(len(text) * dev_fraction))
     cut = len(text) if cut < 0 else cut
-    return text[:cut] if split == "dev" else text[cut + 2:]
+    return text[:cut] if split == "dev" else text[cut + 2 :]
 
 
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PasskeyCase:
     seed: int  # picks the filler's place in the text
-    key: int   # the 5-digit pass key
+    key: int  # the 5-digit pass key
 
 
 _SPLIT_SEED_BASE = {"eval": 0, "dev": 100_000}  # disjoint seed ranges
@@ -196,9 +202,9 @@ def passkey_cases(split: str, n: int) -> list[PasskeyCase]:
 class PasskeySample:
     prompt_ids: list[int]
     answer_ids: list[int]
-    needle_start: int   # token index of the needle's first token in prompt_ids
+    needle_start: int  # token index of the needle's first token in prompt_ids
     needle_end: int
-    hay_start: int      # token span of the haystack (filler + needle) in prompt_ids
+    hay_start: int  # token span of the haystack (filler + needle) in prompt_ids
     hay_end: int
     prompt_text: str
 
@@ -258,11 +264,11 @@ def passkey_sample(tokenizer, filler_text: str, n_tokens: int, depth: float, key
     paras = [m.end() for m in re.finditer(r"\n\n", filler_text)]
     rng = random.Random(f"filler-{seed}")
     start = rng.choice([0] + paras[: max(1, len(paras) - 1)])
-    chunk_ids = tokenizer.encode(filler_text[start:start + 12 * n_tokens + 1000])
+    chunk_ids = tokenizer.encode(filler_text[start : start + 12 * n_tokens + 1000])
     want, best = n_tokens - overhead, None
     for _ in range(8):  # adjust the filler's token budget until the whole prompt lands just under n_tokens
-        filler = tokenizer.decode(chunk_ids[:max(want, 0)])
-        filler = filler[:filler.rstrip().rfind(" ")].rstrip()  # whole words (the last may end mid-sentence)
+        filler = tokenizer.decode(chunk_ids[: max(want, 0)])
+        filler = filler[: filler.rstrip().rfind(" ")].rstrip()  # whole words (the last may end mid-sentence)
         prompt, hay, before_needle = build(filler)
         ids = tokenizer.encode(prompt)
         if len(ids) <= n_tokens and (best is None or len(ids) > len(best[1])):
@@ -274,16 +280,17 @@ def passkey_sample(tokenizer, filler_text: str, n_tokens: int, depth: float, key
         raise ValueError(f"could not fit a passkey prompt in {n_tokens} tokens")
     prompt, ids, hay, before_needle = best
     ans = tokenizer.encode(prompt + str(key))
-    answer_ids = ans[len(ids):] if ans[:len(ids)] == ids else tokenizer.encode(str(key))
-    head = prompt[:prompt.index(hay)]
+    answer_ids = ans[len(ids) :] if ans[: len(ids)] == ids else tokenizer.encode(str(key))
+    head = prompt[: prompt.index(hay)]
     hs, he = _span_tokens(tokenizer, head, hay)
     # the space before the needle joins its first token (" The"), so count the prefix without it
     ns, ne = _span_tokens(tokenizer, head + before_needle, (" " if before_needle else "") + needle)
     return PasskeySample(ids, answer_ids, ns, ne, hs, he, prompt)
 
 
-def passkey_prompt(tokenizer, filler_text: str, n_tokens: int, depth: float, key: int,
-                   seed: int) -> tuple[list[int], list[int]]:
+def passkey_prompt(
+    tokenizer, filler_text: str, n_tokens: int, depth: float, key: int, seed: int
+) -> tuple[list[int], list[int]]:
     """(prompt_ids, answer_ids) of :func:`passkey_sample`."""
     s = passkey_sample(tokenizer, filler_text, n_tokens, depth, key, seed)
     return s.prompt_ids, s.answer_ids
@@ -299,9 +306,9 @@ def continuation_task(tokenizer, text: str, n_ctx: int, n_cont: int, offset: int
     need = n_ctx + n_cont
     span = 8 * need + 1000
     while True:
-        piece = text[at:at + span]
+        piece = text[at : at + span]
         if at + span > len(text):  # wrap around
-            piece += "\n\n" + text[:at + span - len(text)]
+            piece += "\n\n" + text[: at + span - len(text)]
         ids = tokenizer.encode(piece)
         if len(ids) >= need:
             return ids[:n_ctx], ids[n_ctx:need]

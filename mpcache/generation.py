@@ -7,6 +7,7 @@ single-machine demo can read the checkpoint file; the non-server parties use onl
 The plaintext check (same prompt, same weights, in the clear) is a verification oracle run by the operator on
 rank 0; it is reported beside the private run and never feeds it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,8 +41,14 @@ class GenerationResult:
 FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
 
 
-def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: dict | None,
-                  fixed: bool = False, fold_norms: bool | None = None) -> dict:
+def share_weights(
+    sess: Session,
+    B: SecureBackend,
+    cfg: ModelConfig,
+    weights: dict | None,
+    fixed: bool = False,
+    fold_norms: bool | None = None,
+) -> dict:
     """The server secret-shares every weight tensor (offline phase); other parties pass only public shapes.
     ``fixed``: also open each weight matrix's mask once (fixed-operand triples, offline/weights scope).
     ``fold_norms`` (default ``B.cfg.fold_norms``, public): the server first folds each block's norm gain into
@@ -50,22 +57,28 @@ def share_weights(sess: Session, B: SecureBackend, cfg: ModelConfig, weights: di
 
     fold = B.cfg.fold_norms if fold_norms is None else fold_norms
     shapes = expected_shapes(cfg)
-    weights = weights if sess.rank == SERVER else None      # only the server's weights are read (None: dry run)
+    weights = weights if sess.rank == SERVER else None  # only the server's weights are read (None: dry run)
     if fold:
         gone = folded_norm_names(cfg)
         shapes = {k: v for k, v in shapes.items() if k not in gone}
         if weights is not None:
             weights = fold_norm_gains(cfg, weights)
     with sess.scope("offline"), sess.scope("weights"):
-        w = {name: B.share(weights[name] if weights is not None else None, src=SERVER, shape=shape)
-             for name, shape in shapes.items()}
+        w = {
+            name: B.share(weights[name] if weights is not None else None, src=SERVER, shape=shape)
+            for name, shape in shapes.items()
+        }
         if fixed:
-            w = {name: FixedOperand.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t
-                 for name, t in w.items()}
+            w = {
+                name: FixedOperand.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t
+                for name, t in w.items()
+            }
             # decode multiplies one row by each linear layer: store those column-major (torch.mv); the token table
             # stays row-major (the tied head reads it transposed, the embedding's one-hot product is one call)
-            w = {name: t.vector_layout() if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES and name != "embed" else t
-                 for name, t in w.items()}
+            w = {
+                name: t.vector_layout() if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES and name != "embed" else t
+                for name, t in w.items()
+            }
         return w
 
 
@@ -82,9 +95,19 @@ def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[in
         return B.crypten.cryptensor(x, src=CLIENT, precision=0), T
 
 
-def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prompt_ids: list[int] | None,
-                     max_new_tokens: int, policy=None, progress=None, keep_logits: bool = False,
-                     fixed_weights: bool | None = None, fixed_kv: bool | None = None, on_phase=None):
+def private_generate(
+    sess: Session,
+    cfg: ModelConfig,
+    weights: dict | None,
+    prompt_ids: list[int] | None,
+    max_new_tokens: int,
+    policy=None,
+    progress=None,
+    keep_logits: bool = False,
+    fixed_weights: bool | None = None,
+    fixed_kv: bool | None = None,
+    on_phase=None,
+):
     """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits, backend).
     ``progress(t)`` is called after token t; ``on_phase(name)`` when the phase ``"offline"`` (weights and prompt
     shared) ends (the prefill ends with token 0: the argmax of its last position).
@@ -93,8 +116,11 @@ def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prom
     ``cfg.fixed_kv``): the same for the cached K/V rows (fixed at the end of the prefill and as each new row
     is written; see :meth:`mpcache.model.transformer.Transformer.decode`)."""
     mpc = getattr(sess, "cfg", None) or MpcConfig.current()
-    B = SecureBackend(sess, fixed_weights=mpc.fixed_weights if fixed_weights is None else fixed_weights,
-                      fixed_kv=mpc.fixed_kv if fixed_kv is None else fixed_kv)
+    B = SecureBackend(
+        sess,
+        fixed_weights=mpc.fixed_weights if fixed_weights is None else fixed_weights,
+        fixed_kv=mpc.fixed_kv if fixed_kv is None else fixed_kv,
+    )
     w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
     x, _ = share_prompt(sess, B, cfg, prompt_ids)
     if on_phase is not None:
@@ -106,8 +132,9 @@ def private_generate(sess: Session, cfg: ModelConfig, weights: dict | None, prom
             progress(t)
 
     keep = (lambda lg: B.reveal(lg, dst=None, label="logits (test only)")) if keep_logits else None
-    tokens, logits = generate(model, x, max_new_tokens, reveal=lambda oh: B.reveal_token(oh, dst=CLIENT),
-                              on_token=on_token, keep_logits=keep)
+    tokens, logits = generate(
+        model, x, max_new_tokens, reveal=lambda oh: B.reveal_token(oh, dst=CLIENT), on_token=on_token, keep_logits=keep
+    )
     return (tokens if sess.rank == CLIENT else None), logits, B
 
 
@@ -116,8 +143,9 @@ def plaintext_generate(cfg: ModelConfig, weights: dict, prompt_ids: list[int], m
     its argmax (token 0), step t > 0 the decode pass that produced token t."""
     model = Transformer(cfg, weights, PlainBackend(), policy)
     stamps = [time.perf_counter()]
-    tokens, logits = generate(model, prompt_ids, max_new_tokens,
-                              on_token=lambda t, tok: stamps.append(time.perf_counter()))
+    tokens, logits = generate(
+        model, prompt_ids, max_new_tokens, on_token=lambda t, tok: stamps.append(time.perf_counter())
+    )
     return tokens, logits, [b - a for a, b in itertools.pairwise(stamps)]
 
 
@@ -137,9 +165,13 @@ def per_token_costs(ledgers: list[dict], max_new_tokens: int, profiles=PROFILES)
 
     def row(prefix: str) -> dict:
         tots = [L.totals(prefix) for L in parsed]
-        r = {"bytes_sent": [t["bytes_sent"] for t in tots], "bytes_recv": [t["bytes_recv"] for t in tots],
-             "rounds": max(t["rounds"] for t in tots), "seconds": max(L.time_of(prefix) for L in parsed),
-             "dealer_bytes": [L.totals(prefix, kind="dealer")["bytes_recv"] for L in parsed]}
+        r = {
+            "bytes_sent": [t["bytes_sent"] for t in tots],
+            "bytes_recv": [t["bytes_recv"] for t in tots],
+            "rounds": max(t["rounds"] for t in tots),
+            "seconds": max(L.time_of(prefix) for L in parsed),
+            "dealer_bytes": [L.totals(prefix, kind="dealer")["bytes_recv"] for L in parsed],
+        }
         for name, prof in profiles.items():
             r[f"modelled_{name}_s"] = modelled_seconds(r["seconds"], r["rounds"], max(r["bytes_sent"]), prof)
         return r

@@ -3,6 +3,7 @@
 Profiles are data: LAN = 3 Gbps / 0.3 ms RTT and WAN = 400 Mbps / 40 ms RTT (the Cheetah/BumbleBee convention).
 Users add their own with ``parse_profile("name=GBPS:RTT_MS")``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """Public layouts shared by the plaintext and the secure code: which candidate sits in which slot of a stratified
 selection. Pure functions of public sizes (torch only: no MPC import), so policies, both backends and the bench
 use the same layout the secure tournament (:func:`mpcache.mpc.tournament.strata_select`) is built on."""
+
 from __future__ import annotations
 
 import torch
@@ -26,5 +27,5 @@ def strata_layout(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, valid
 
 
-STRATA_PAD = -(2.0 ** 20)    # the score of a padding slot (below any real score; never wins)
-STRATA_PAD_LEAN = -12288.0   # the same with lean comparisons (scores must then satisfy |s| < 12288)
+STRATA_PAD = -(2.0**20)  # the score of a padding slot (below any real score; never wins)
+STRATA_PAD_LEAN = -12288.0  # the same with lean comparisons (scores must then satisfy |s| < 12288)

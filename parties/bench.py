@@ -4,6 +4,7 @@ A BENCHMARK CONVENTION, NOT AN END-TO-END SECURE RUN (see :mod:`mpcache.bench`):
 plaintext and its K/V cache shared as the client's input; static eviction and the decode steps run on shares.
 Rank 0 writes ``OUT/bench.csv``, ``OUT/bench.md`` and ``OUT/bench.json``; every rank its ledger ``rank{r}.json``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,9 @@ def _policies(args, cfg):
     try:
         extra = json.loads(args.policy_kwargs) if args.policy_kwargs else {}
     except json.JSONDecodeError as e:
-        raise SessionError(f"--policy-kwargs is not valid JSON ({e}); e.g. '{{\"mpcache\": {{\"topk\": \"rank\"}}}}'") \
-            from None
+        raise SessionError(
+            f'--policy-kwargs is not valid JSON ({e}); e.g. \'{{"mpcache": {{"topk": "rank"}}}}\''
+        ) from None
     out = []
     for item in args.policies.split(","):
         label, _, name = item.strip().partition("=")
@@ -54,8 +56,10 @@ def _seq_lens(args, cfg):
     lo = args.warmup + args.steps + 8
     for n in lens:
         if not lo <= n <= cfg.max_position:
-            raise SessionError(f"--seq-lens value {n} is outside [{lo}, {cfg.max_position}] (the model's context is "
-                               f"{cfg.max_position} tokens; at least warmup + steps + 8 rows are needed)")
+            raise SessionError(
+                f"--seq-lens value {n} is outside [{lo}, {cfg.max_position}] (the model's context is "
+                f"{cfg.max_position} tokens; at least warmup + steps + 8 rows are needed)"
+            )
     return lens
 
 
@@ -98,14 +102,32 @@ def run(args) -> None:
             raise SessionError(f"--layers must be 'auto', 'all' or an integer, got {args.layers!r}") from None
         need = max(bench_layers_needed(p, cfg.n_layers) for _, p in policies)
         if not need <= layers <= cfg.n_layers:
-            raise SessionError(f"--layers {layers} must be in [{need}, {cfg.n_layers}] (every block class of the "
-                               "policies must be measured)")
-    public = {"job": "bench", "model": cfg.to_dict(), "seq_lens": lens, "layers": layers, "steps": args.steps,
-              "warmup": args.warmup, "policies": [(lab, repr(p)) for lab, p in policies],
-              "fixed_weights": args.fixed_weights, "check": args.check}
-    sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout,
-                        master_addr=args.master_addr, iface=args.iface, port=args.port,
-                        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}"])
+            raise SessionError(
+                f"--layers {layers} must be in [{need}, {cfg.n_layers}] (every block class of the "
+                "policies must be measured)"
+            )
+    public = {
+        "job": "bench",
+        "model": cfg.to_dict(),
+        "seq_lens": lens,
+        "layers": layers,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "policies": [(lab, repr(p)) for lab, p in policies],
+        "fixed_weights": args.fixed_weights,
+        "check": args.check,
+    }
+    sess = open_session(
+        args.protocol,
+        args.provider,
+        args.device,
+        public,
+        timeout_s=args.timeout,
+        master_addr=args.master_addr,
+        iface=args.iface,
+        port=args.port,
+        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}"],
+    )
     os.makedirs(args.out, exist_ok=True)
     if sess.is_dealer:
         serve_dealer(sess)
@@ -114,22 +136,40 @@ def run(args) -> None:
     cfg_k, w_k = truncated(cfg, weights if sess.rank == SERVER else None, layers)
     w_shared = share_weights(sess, B, cfg_k, w_k, fixed=args.fixed_weights)
     ids = prompt_ids(tok, max(lens), args.text, args.seed) if sess.rank == CLIENT else None
-    plain_w = weights if sess.rank in (SERVER, CLIENT) else None      # client: the plaintext prefix (convention)
+    plain_w = weights if sess.rank in (SERVER, CLIENT) else None  # client: the plaintext prefix (convention)
 
     bar = None
     if sess.rank == SERVER:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(lens) * len(policies), desc=f"bench ({sess.n_parties}PC, {args.protocol})",
-                   unit="case", file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=len(lens) * len(policies),
+            desc=f"bench ({sess.n_parties}PC, {args.protocol})",
+            unit="case",
+            file=sys.stderr,
+            leave=False,
+        )
     results = {}
     t_all = time.perf_counter()
     for n in lens:
         for label, pol in policies:
             if bar:
                 bar.set_postfix_str(f"{label} @ {n}")
-            results[(label, n)] = run_case(sess, B, cfg, w_shared, plain_w if sess.rank == CLIENT else None, pol,
-                                           label, n, ids, layers, args.warmup, args.steps, args.check)
+            results[(label, n)] = run_case(
+                sess,
+                B,
+                cfg,
+                w_shared,
+                plain_w if sess.rank == CLIENT else None,
+                pol,
+                label,
+                n,
+                ids,
+                layers,
+                args.warmup,
+                args.steps,
+                args.check,
+            )
             if bar:
                 bar.update(1)
     if bar:
@@ -149,9 +189,13 @@ def run(args) -> None:
         pol = dict(policies)[label]
         sc = scale_costs(totals, pol, cfg, layers, base, args.steps)
         st = totals(f"{base}/static")
-        mine[(label, n)] = {"scaled": sc, "static": st, "static_seconds": res["static_seconds"],
-                            "sel": res.get("secure_sel"),
-                            "logits": [x.tolist() for x in res.get("secure_logits", [])]}
+        mine[(label, n)] = {
+            "scaled": sc,
+            "static": st,
+            "static_seconds": res["static_seconds"],
+            "sel": res.get("secure_sel"),
+            "logits": [x.tolist() for x in res.get("secure_logits", [])],
+        }
     gathered = sess.comm.gather(mine, root=SERVER)
     check_ids = sess.comm.bcast(ids if sess.rank == CLIENT else None, root=CLIENT) if args.check else None
     if sess.rank == SERVER:
@@ -163,20 +207,42 @@ def run(args) -> None:
             for label, pol in policies:
                 per = [g[(label, n)] for g in gathered]
                 whole = {f: max(p["scaled"]["whole"][f] for p in per) for f in ("bytes", "rounds", "seconds")}
-                lay = {f: max(sum(p["scaled"]["per_layer"][c][f] for c in p["scaled"]["per_layer"])
-                              / len(p["scaled"]["per_layer"]) for p in per) for f in ("bytes", "rounds", "seconds")}
+                lay = {
+                    f: max(
+                        sum(p["scaled"]["per_layer"][c][f] for c in p["scaled"]["per_layer"])
+                        / len(p["scaled"]["per_layer"])
+                        for p in per
+                    )
+                    for f in ("bytes", "rounds", "seconds")
+                }
                 head = {f: max(p["scaled"]["head"][f] for p in per) for f in ("bytes", "rounds")}
                 att, frac = attended(pol, n, args.warmup, args.steps)
-                row = {"policy": label, "seq_len": n, "world_size": sess.n_parties, "protocol": args.protocol,
-                       "provider": args.provider, "trust_model": trust, "bytes_per_token": whole["bytes"],
-                       "rounds_per_token": whole["rounds"], "seconds_per_token": whole["seconds"],
-                       "layer_bytes": lay["bytes"], "layer_rounds": lay["rounds"], "layer_seconds": lay["seconds"],
-                       "head_bytes": head["bytes"], "head_rounds": head["rounds"],
-                       "static_bytes": max(p["static"]["bytes"] for p in per),
-                       "static_rounds": max(p["static"]["rounds"] for p in per),
-                       "static_seconds": max(p["static_seconds"] for p in per), "attended": att,
-                       "attended_frac": frac, "bench_layers": layers, "model_layers": cfg.n_layers,
-                       "steps": args.steps, "selection_agreement": "", "logit_err": ""}
+                row = {
+                    "policy": label,
+                    "seq_len": n,
+                    "world_size": sess.n_parties,
+                    "protocol": args.protocol,
+                    "provider": args.provider,
+                    "trust_model": trust,
+                    "bytes_per_token": whole["bytes"],
+                    "rounds_per_token": whole["rounds"],
+                    "seconds_per_token": whole["seconds"],
+                    "layer_bytes": lay["bytes"],
+                    "layer_rounds": lay["rounds"],
+                    "layer_seconds": lay["seconds"],
+                    "head_bytes": head["bytes"],
+                    "head_rounds": head["rounds"],
+                    "static_bytes": max(p["static"]["bytes"] for p in per),
+                    "static_rounds": max(p["static"]["rounds"] for p in per),
+                    "static_seconds": max(p["static_seconds"] for p in per),
+                    "attended": att,
+                    "attended_frac": frac,
+                    "bench_layers": layers,
+                    "model_layers": cfg.n_layers,
+                    "steps": args.steps,
+                    "selection_agreement": "",
+                    "logit_err": "",
+                }
                 for name, prof in PROFILES.items():
                     row[f"{name.lower()}_s"] = modelled_seconds(whole["seconds"], whole["rounds"], whole["bytes"], prof)
                 if args.check:
@@ -184,12 +250,24 @@ def run(args) -> None:
                     row["selection_agreement"] = agreement(per[0]["sel"], twin["sel"])
                     import torch
 
-                    row["logit_err"] = max(float((torch.tensor(a) - b).abs().max()) for a, b in
-                                           zip(per[0]["logits"], twin["logits"]))
+                    row["logit_err"] = max(
+                        float((torch.tensor(a) - b).abs().max()) for a, b in zip(per[0]["logits"], twin["logits"])
+                    )
                 rows.append(row)
-        _write(args.out, rows, {"args": vars(args), "wall_seconds": time.perf_counter() - t_all,
-                                "model": cfg.name, "reveals": [list(r[:2]) for r in B.reveals]},
-               markdown_table, ratio_table, CSV_COLUMNS, write_json)
+        _write(
+            args.out,
+            rows,
+            {
+                "args": vars(args),
+                "wall_seconds": time.perf_counter() - t_all,
+                "model": cfg.name,
+                "reveals": [list(r[:2]) for r in B.reveals],
+            },
+            markdown_table,
+            ratio_table,
+            CSV_COLUMNS,
+            write_json,
+        )
     sess.close()
 
 
@@ -201,10 +279,15 @@ def _write(out, rows, meta, markdown_table, ratio_table, columns, write_json):
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
-    md = ("**Benchmark convention**: the prompt's K/V cache was built in plaintext and secret-shared as the "
-          "client's input; static eviction and decode steps ran on shares. Whole-model costs are scaled from "
-          f"{rows[0]['bench_layers']} measured block(s) of {rows[0]['model_layers']}.\n\n"
-          + markdown_table(rows) + "\n\nRatios (full / policy):\n\n" + ratio_table(rows) + "\n")
+    md = (
+        "**Benchmark convention**: the prompt's K/V cache was built in plaintext and secret-shared as the "
+        "client's input; static eviction and decode steps ran on shares. Whole-model costs are scaled from "
+        f"{rows[0]['bench_layers']} measured block(s) of {rows[0]['model_layers']}.\n\n"
+        + markdown_table(rows)
+        + "\n\nRatios (full / policy):\n\n"
+        + ratio_table(rows)
+        + "\n"
+    )
     with open(os.path.join(out, "bench.md.tmp"), "w") as f:
         f.write(md)
     os.replace(os.path.join(out, "bench.md.tmp"), os.path.join(out, "bench.md"))

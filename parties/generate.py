@@ -6,6 +6,7 @@ ids to the model owner (rank 0), which runs the same generation in the clear and
 It needs both secrets by design, so it is a labelled verification step outside the private data flow: every
 report says whether it ran.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,16 +39,20 @@ def _policy(args, cfg):
     if args.budget is not None:
         b = args.budget
         if args.policy == "full":
-            raise SessionError(f"--budget {b:g}: the full cache attends every row and takes no budget; drop "
-                               "--budget, or pick a policy that evicts (e.g. --policy mpcache --budget 0.1).")
+            raise SessionError(
+                f"--budget {b:g}: the full cache attends every row and takes no budget; drop "
+                "--budget, or pick a policy that evicts (e.g. --policy mpcache --budget 0.1)."
+            )
         if b > 1 and b != int(b):
-            raise SessionError(f"--budget {b:g}: a budget above 1 is a token count and must be a whole number "
-                               "(e.g. --budget 64); a fraction of the prompt lies in (0, 1] (e.g. --budget 0.1).")
+            raise SessionError(
+                f"--budget {b:g}: a budget above 1 is a token count and must be a whole number "
+                "(e.g. --budget 64); a fraction of the prompt lies in (0, 1] (e.g. --budget 0.1)."
+            )
         kwargs["budget"] = int(b) if b > 1 else b
     try:
         if args.layer_budgets is not None:
             kwargs["layer_budgets"] = parse_layer_budgets(args.layer_budgets)
-        return make_policy(args.policy, **kwargs).bind(cfg)       # e.g. --layer-budgets calibrated: read, checked
+        return make_policy(args.policy, **kwargs).bind(cfg)  # e.g. --layer-budgets calibrated: read, checked
     except (ValueError, TypeError) as e:
         raise SessionError(f"bad --policy/--budget: {e}") from None
 
@@ -63,9 +68,11 @@ def _launch_check(args) -> None:
     size = MPI.COMM_WORLD.Get_size()
     compute = size - (args.provider == "ttp")
     if args.protocol == "arithmetic" and compute == 3:
-        raise SessionError("3 compute parties with --protocol arithmetic are not supported: launch 3 parties with "
-                           "--protocol replicated (3PC), or 2 parties (`mpirun -n 2`), or 2 parties + a dealer "
-                           "(`mpirun -n 3 ... --provider ttp`).")
+        raise SessionError(
+            "3 compute parties with --protocol arithmetic are not supported: launch 3 parties with "
+            "--protocol replicated (3PC), or 2 parties (`mpirun -n 2`), or 2 parties + a dealer "
+            "(`mpirun -n 3 ... --provider ttp`)."
+        )
 
 
 def _peak_rss() -> int:
@@ -89,7 +96,7 @@ def run(args) -> None:
         raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
     policy = _policy(args, cfg)
     ids = None
-    if rank == CLIENT:            # the client checks its prompt before anyone shares anything
+    if rank == CLIENT:  # the client checks its prompt before anyone shares anything
         text = _read_prompt(args)
         if args.chat and tok.chat_format == "chatml" and tok.chat_template:
             text = tok.apply_chat_template(text)
@@ -97,22 +104,38 @@ def run(args) -> None:
         if not ids:
             raise SessionError("the prompt is empty after tokenization; give a non-empty --prompt")
         if len(ids) + args.max_new_tokens > cfg.max_position:
-            raise SessionError(f"the prompt has {len(ids)} tokens and --max-new-tokens is {args.max_new_tokens}: "
-                               f"{len(ids) + args.max_new_tokens} positions, but the model's context is "
-                               f"{cfg.max_position}; shorten the prompt or ask for fewer new tokens.")
-    public = {"model": cfg.to_dict(), "weight_shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
-              "tokenizer": _digest(tok.to_json()), "policy": repr(policy), "max_new_tokens": args.max_new_tokens,
-              "device": args.device, "fixed_weights": args.fixed_weights, "fixed_kv": args.fixed_kv,
-              "verify": not args.no_plaintext}
-    sess = open_session(args.protocol, args.provider, args.device, public, timeout_s=args.timeout,
-                        master_addr=args.master_addr, iface=args.iface, port=args.port,
-                        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}",
-                             f"fixed_kv={str(args.fixed_kv).lower()}"])
+            raise SessionError(
+                f"the prompt has {len(ids)} tokens and --max-new-tokens is {args.max_new_tokens}: "
+                f"{len(ids) + args.max_new_tokens} positions, but the model's context is "
+                f"{cfg.max_position}; shorten the prompt or ask for fewer new tokens."
+            )
+    public = {
+        "model": cfg.to_dict(),
+        "weight_shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
+        "tokenizer": _digest(tok.to_json()),
+        "policy": repr(policy),
+        "max_new_tokens": args.max_new_tokens,
+        "device": args.device,
+        "fixed_weights": args.fixed_weights,
+        "fixed_kv": args.fixed_kv,
+        "verify": not args.no_plaintext,
+    }
+    sess = open_session(
+        args.protocol,
+        args.provider,
+        args.device,
+        public,
+        timeout_s=args.timeout,
+        master_addr=args.master_addr,
+        iface=args.iface,
+        port=args.port,
+        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}", f"fixed_kv={str(args.fixed_kv).lower()}"],
+    )
     if sess.is_dealer:
         serve_dealer(sess)
         return
     if sess.rank != SERVER:
-        weights = None                                   # only the server holds (and shares) the weights
+        weights = None  # only the server holds (and shares) the weights
 
     bar, phase_t = None, [time.perf_counter()]
     if sess.rank == CLIENT:
@@ -122,8 +145,10 @@ def run(args) -> None:
     def on_phase(name):
         now = time.perf_counter()
         if sess.rank == CLIENT:
-            sys.stderr.write(f"[client] offline done in {now - phase_t[0]:.1f} s; prefill over {len(ids)} prompt "
-                             f"tokens ({cfg.n_layers} layers) ...\n")
+            sys.stderr.write(
+                f"[client] offline done in {now - phase_t[0]:.1f} s; prefill over {len(ids)} prompt "
+                f"tokens ({cfg.n_layers} layers) ...\n"
+            )
         phase_t[0] = now
 
     def on_token(t):
@@ -131,8 +156,10 @@ def run(args) -> None:
         if sess.rank != CLIENT:
             return
         if t == 0:
-            sys.stderr.write(f"[client] prefill done in {time.perf_counter() - phase_t[0]:.1f} s (token 0 is the "
-                             "argmax of its last position)\n")
+            sys.stderr.write(
+                f"[client] prefill done in {time.perf_counter() - phase_t[0]:.1f} s (token 0 is the "
+                "argmax of its last position)\n"
+            )
             if args.max_new_tokens > 1:
                 from tqdm import tqdm
 
@@ -141,8 +168,18 @@ def run(args) -> None:
             bar.update(1)
 
     t0 = time.perf_counter()
-    tokens, _, B = private_generate(sess, cfg, weights, ids, args.max_new_tokens, policy, progress=on_token,
-                                    fixed_weights=args.fixed_weights, fixed_kv=args.fixed_kv, on_phase=on_phase)
+    tokens, _, B = private_generate(
+        sess,
+        cfg,
+        weights,
+        ids,
+        args.max_new_tokens,
+        policy,
+        progress=on_token,
+        fixed_weights=args.fixed_weights,
+        fixed_kv=args.fixed_kv,
+        on_phase=on_phase,
+    )
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -155,8 +192,9 @@ def run(args) -> None:
             check = sess.comm.recv(source=SERVER, tag=12)
         elif sess.rank == SERVER:
             prompt = sess.comm.recv(source=CLIENT, tag=11)
-            pt, _, pt_s = plaintext_generate(cfg, load_model(args.model, seed=args.seed)[1], prompt,
-                                             args.max_new_tokens, policy)
+            pt, _, pt_s = plaintext_generate(
+                cfg, load_model(args.model, seed=args.seed)[1], prompt, args.max_new_tokens, policy
+            )
             sess.comm.send({"tokens": pt, "step_seconds": pt_s}, dest=CLIENT, tag=12)
     # ledgers (public costs) and peak memory go to the client, who reports
     ledgers = sess.comm.gather(sess.ledger.to_dict(), root=CLIENT)
@@ -166,18 +204,37 @@ def run(args) -> None:
     if sess.rank == CLIENT:
         per_token, phases = per_token_costs(ledgers, args.max_new_tokens)
         summary = {
-            "world_size": sess.world_size, "n_parties": sess.n_parties, "protocol": args.protocol,
-            "provider": args.provider, "trust_model": trust_model(args.protocol, args.provider, sess.n_parties)["text"],
-            "device": args.device, "model": cfg.name, "policy": str(policy), "policy_repr": repr(policy),
-            "network": sess.network, "prompt_tokens": len(ids), "tokens": tokens, "text": tok.decode(tokens),
-            "per_token": per_token, **phases, "wall_seconds": wall, "peak_rss_bytes": peaks,
-            "reveals": [list(r[:2]) for r in B.reveals], "fixed_weights": args.fixed_weights,
-            "fixed_kv": args.fixed_kv, "matmul_paths": dict(B.matmul_paths), "verify_mode": check is not None,
+            "world_size": sess.world_size,
+            "n_parties": sess.n_parties,
+            "protocol": args.protocol,
+            "provider": args.provider,
+            "trust_model": trust_model(args.protocol, args.provider, sess.n_parties)["text"],
+            "device": args.device,
+            "model": cfg.name,
+            "policy": str(policy),
+            "policy_repr": repr(policy),
+            "network": sess.network,
+            "prompt_tokens": len(ids),
+            "tokens": tokens,
+            "text": tok.decode(tokens),
+            "per_token": per_token,
+            **phases,
+            "wall_seconds": wall,
+            "peak_rss_bytes": peaks,
+            "reveals": [list(r[:2]) for r in B.reveals],
+            "fixed_weights": args.fixed_weights,
+            "fixed_kv": args.fixed_kv,
+            "matmul_paths": dict(B.matmul_paths),
+            "verify_mode": check is not None,
         }
         if check is not None:
-            summary.update(plaintext_tokens=check["tokens"], plaintext_text=tok.decode(check["tokens"]),
-                           plaintext_seconds=sum(check["step_seconds"]),
-                           plaintext_step_seconds=check["step_seconds"], tokens_agree=check["tokens"] == tokens)
+            summary.update(
+                plaintext_tokens=check["tokens"],
+                plaintext_text=tok.decode(check["tokens"]),
+                plaintext_seconds=sum(check["step_seconds"]),
+                plaintext_step_seconds=check["step_seconds"],
+                tokens_agree=check["tokens"] == tokens,
+            )
         write_json(os.path.join(args.out, "summary.json"), summary)
         print_summary(summary)
         if getattr(args, "profile", False):

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = str(Path(sys.executable).parent / "mpirun")
-_MPI_TMP: Path | None = None        # this session's folder for what mpirun and the parties write (see run_mpi)
+_MPI_TMP: Path | None = None  # this session's folder for what mpirun and the parties write (see run_mpi)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,11 +45,19 @@ def mpi_env(tmp_dir: Path | None = None) -> dict:
 def run_mpi(n: int, args: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Launch ``mpirun -n n python ARGS`` from the repository root (real MPI, real CrypTen), in :func:`mpi_env`.
     The one place the tests start mpirun on this host: ARGS may continue an MPMD line (``... : -n 1 python ...``)."""
-    p = subprocess.run([MPIRUN, "-n", str(n), sys.executable, *args], check=False, cwd=ROOT, env=mpi_env(),
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [MPIRUN, "-n", str(n), sys.executable, *args],
+        check=False,
+        cwd=ROOT,
+        env=mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"mpirun -n {n} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"mpirun -n {n} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 

@@ -1,13 +1,14 @@
 """The layout is the architecture: imports flow kernels <- mpcache <- parties <- experiments (never upward), the
 library's modules import each other without a cycle, and no source file grows past ~500 lines without saying why
 at its top. Static checks (ast), no imports executed."""
+
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["kernels", "mpcache", "parties", "experiments"]       # each may import only the layers before it
+LAYERS = ["kernels", "mpcache", "parties", "experiments"]  # each may import only the layers before it
 MAX_LINES = 500
 
 
@@ -28,9 +29,13 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
     mod = _module(path)
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     nodes = tree.body if top_level_only else list(ast.walk(tree))
-    if top_level_only:                       # module level, including `if TYPE_CHECKING:`-free try/if blocks
-        nodes = [n for stmt in tree.body for n in ast.walk(stmt)
-                 if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    if top_level_only:  # module level, including `if TYPE_CHECKING:`-free try/if blocks
+        nodes = [
+            n
+            for stmt in tree.body
+            for n in ast.walk(stmt)
+            if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        ]
     out = set()
     for n in nodes:
         if isinstance(n, ast.Import):
@@ -43,15 +48,19 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
             else:
                 name = n.module or ""
             out.add(name)
-            out |= {f"{name}.{a.name}" for a in n.names}       # `from pkg import module`
+            out |= {f"{name}.{a.name}" for a in n.names}  # `from pkg import module`
     return out
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_imports_never_flow_upward(layer):
-    above = LAYERS[LAYERS.index(layer) + 1:]
-    bad = [f"{p.relative_to(ROOT)} imports {name}" for p in _sources(layer)
-           for name in sorted(_imports(p, top_level_only=False)) if name.split(".")[0] in above]
+    above = LAYERS[LAYERS.index(layer) + 1 :]
+    bad = [
+        f"{p.relative_to(ROOT)} imports {name}"
+        for p in _sources(layer)
+        for name in sorted(_imports(p, top_level_only=False))
+        if name.split(".")[0] in above
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -69,7 +78,7 @@ def test_no_import_cycle_in_the_library():
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycle = stack[stack.index(n):] + [n]
+                cycle = stack[stack.index(n) :] + [n]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if n not in state:
                 visit(n)
@@ -107,7 +116,7 @@ def test_both_backends_implement_the_op_set():
             assert callable(getattr(cls, op, None)), f"{cls.__name__} lacks {op}"
             want = list(inspect.signature(getattr(Backend, op)).parameters)
             got = list(inspect.signature(getattr(cls, op)).parameters)
-            assert got[:len(want)] == want, f"{cls.__name__}.{op}{tuple(got)} != contract {tuple(want)}"
+            assert got[: len(want)] == want, f"{cls.__name__}.{op}{tuple(got)} != contract {tuple(want)}"
 
 
 def test_the_model_and_policies_do_not_probe_their_backend():
@@ -116,7 +125,12 @@ def test_the_model_and_policies_do_not_probe_their_backend():
         for n in ast.walk(ast.parse(p.read_text())):
             if isinstance(n, ast.Call) and getattr(n.func, "id", None) in ("getattr", "hasattr") and n.args:
                 target = ast.unparse(n.args[0])
-                if target in ("B", "self.B", "backend", "self.backend", "ctx.backend") or "is_fixed_operand" in \
-                        ast.unparse(n):
+                if target in (
+                    "B",
+                    "self.B",
+                    "backend",
+                    "self.backend",
+                    "ctx.backend",
+                ) or "is_fixed_operand" in ast.unparse(n):
                     bad.append(f"{p.relative_to(ROOT)}:{n.lineno}: {ast.unparse(n)}")
     assert not bad, "\n".join(bad)

@@ -1,6 +1,7 @@
 """``parties bench`` (the long-context decode benchmark) under real mpirun: whole-model costs scaled from a few
 measured blocks equal an all-block run exactly; secure selections agree with plaintext; the CSV has the columns
 the issue asks for; bad arguments fail with a clear message."""
+
 import csv
 import json
 
@@ -27,8 +28,30 @@ def four_layer_model(tmp_path_factory):
 
 def _bench(tmp_path, name, model, layers, *extra):
     out = tmp_path / name
-    run_mpi(2, ["-m", "parties", "bench", "--model", model, "--seq-lens", "48,80", "--text", "random",
-                "--budget", "0.3", "--layers", layers, "--steps", "1", "--out", str(out), *extra], timeout=600)
+    run_mpi(
+        2,
+        [
+            "-m",
+            "parties",
+            "bench",
+            "--model",
+            model,
+            "--seq-lens",
+            "48,80",
+            "--text",
+            "random",
+            "--budget",
+            "0.3",
+            "--layers",
+            layers,
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        timeout=600,
+    )
     with open(out / "bench.csv") as f:
         return list(csv.DictReader(f)), json.loads((out / "bench.json").read_text())
 
@@ -56,19 +79,36 @@ def test_bench_scales_exactly_and_agrees_with_plaintext(tmp_path, four_layer_mod
     per = {(r["policy"], r["seq_len"]): r for r in scaled}
     assert float(per[("shared", "80")]["bytes_per_token"]) < float(per[("mpcache", "80")]["bytes_per_token"])
     # the only openings besides the benchmark's check scope: the generated tokens, to the client
-    assert {tuple(x) for x in meta["reveals"]} <= {("token", 1), ("selection (bench check)", None),
-                                                  ("logits (bench check)", None)}
+    assert {tuple(x) for x in meta["reveals"]} <= {
+        ("token", 1),
+        ("selection (bench check)", None),
+        ("logits (bench check)", None),
+    }
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--seq-lens", "100000"], "outside"),
-    (["--policies", "full,nosuch"], "bad policy"),
-    (["--policy-kwargs", "{not json"], "not valid JSON"),
-    (["--layers", "0"], "--layers"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--seq-lens", "100000"], "outside"),
+        (["--policies", "full,nosuch"], "bad policy"),
+        (["--policy-kwargs", "{not json"], "not valid JSON"),
+        (["--layers", "0"], "--layers"),
+    ],
+)
 def test_bench_bad_arguments_are_explained(tmp_path, extra, needle):
-    args = ["-m", "parties", "bench", "--model", "tiny-llama", "--seq-lens", "48", "--text", "random",
-            "--out", str(tmp_path / "x")]
+    args = [
+        "-m",
+        "parties",
+        "bench",
+        "--model",
+        "tiny-llama",
+        "--seq-lens",
+        "48",
+        "--text",
+        "random",
+        "--out",
+        str(tmp_path / "x"),
+    ]
     p = run_mpi(2, args + extra, timeout=120, check=False)
     assert p.returncode != 0
     assert needle in p.stdout + p.stderr, p.stdout[-2000:] + p.stderr[-2000:]

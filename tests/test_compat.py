@@ -1,5 +1,6 @@
 """Each CrypTen compatibility patch, tested on its own (in a subprocess: CrypTen keeps process-global state).
 The replicated-contiguity patch is exercised end to end by the 3-party generation test (transposed K shares)."""
+
 import subprocess
 import sys
 
@@ -24,20 +25,32 @@ print("OK", applied)
 
 
 def test_patches_apply_and_work(tmp_path):
-    p = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", SNIPPET, str(tmp_path / "x.pt")],
-                       capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", SNIPPET, str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
-    for name in ("onnx_registration", "torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod",
-                 "fast_config", "fast_rng", "fixed_point_decode"):
+    for name in (
+        "onnx_registration",
+        "torch_load_weights_only",
+        "replicated_contiguous",
+        "torch_function_classmethod",
+        "fast_config",
+        "fast_rng",
+        "fixed_point_decode",
+    ):
         assert name in p.stdout
 
 
 def test_crypten_does_not_import_without_the_shim():
     """Guards against a silent upgrade that would make the shim unnecessary (then delete it)."""
-    p = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", "import crypten"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert p.returncode != 0 and ("registration" in p.stderr or "onnx" in p.stderr)
 
 
@@ -89,8 +102,7 @@ print("OK")
 
 
 def test_fast_config_mirror_equals_omegaconf():
-    p = subprocess.run([sys.executable, "-c", FAST_CONFIG], capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = subprocess.run([sys.executable, "-c", FAST_CONFIG], capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
 
@@ -126,8 +138,7 @@ print("OK")
 
 
 def test_fast_rng_streams_are_shared_and_uniform():
-    p = subprocess.run([sys.executable, "-c", FAST_RNG], capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = subprocess.run([sys.executable, "-c", FAST_RNG], capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
 
@@ -206,8 +217,9 @@ print("OK")
 def test_fixed_point_decode_is_exact():
     """Patch 7: ring elements decode to the nearest float32 of their exact quotient, just above negative integers
     (where CrypTen's decode is 1.0 too low), at zero, for positives, near 2^40 and across (-20, 0)."""
-    p = subprocess.run([sys.executable, "-c", DECODE, "patched"], capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", DECODE, "patched"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OK" in p.stdout
 
@@ -215,7 +227,8 @@ def test_fixed_point_decode_is_exact():
 def test_fixed_point_decode_checks_fail_on_stock_crypten():
     """The same checks against CrypTen's own decode fail at the first boundary value (-9.99998 decodes as
     -10.99998): guards against a CrypTen that fixed it (then delete the patch)."""
-    p = subprocess.run([sys.executable, "-c", DECODE, "stock"], capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", DECODE, "stock"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert p.returncode != 0 and "OK" not in p.stdout
     assert "decode(-655359) = -10.99998" in p.stderr, p.stderr[-3000:]

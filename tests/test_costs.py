@@ -3,6 +3,7 @@ shares, counted by the same ledger) == ledger measurements of live runs, exactly
 at two or more shapes (odd sizes for the tree max) and whole private generations, under 2PC TFP, 2PC TTP (dealer
 rank) and 3PC replicated. The schedule search's layer model (mpcache/mpc/schedules.py) == dry runs of the layer
 protocol, without MPI."""
+
 import pytest
 from conftest import mpi_job
 
@@ -14,8 +15,11 @@ SETTINGS = [("arithmetic", "tfp", 2), ("arithmetic", "ttp", 3), ("replicated", "
 def test_op_costs_predicted_equal_measured(tmp_path, protocol, provider, n_procs):
     res = mpi_job(n_procs, "op_costs", tmp_path, protocol, provider)
     assert len(res) >= 40
-    bad = [f"{name}: measured {r['measured']} predicted {r['predicted']}" for name, r in res.items()
-           if r["measured"] != r["predicted"]]
+    bad = [
+        f"{name}: measured {r['measured']} predicted {r['predicted']}"
+        for name, r in res.items()
+        if r["measured"] != r["predicted"]
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -34,7 +38,7 @@ def _compare_ledgers(measured: list[dict], predicted: list[dict]) -> list[str]:
     for r, (m, p) in enumerate(zip(measured, predicted)):
         cm, cp = _counts(m), _counts(p)
         for key in sorted(set(cm) | set(cp)):
-            if key[0] == "setup":                  # session setup (TTP seeds): not part of the generation
+            if key[0] == "setup":  # session setup (TTP seeds): not part of the generation
                 continue
             a, b = cm.get(key, (0, 0, 0)), cp.get(key, (0, 0, 0))
             if a != b:
@@ -42,15 +46,17 @@ def _compare_ledgers(measured: list[dict], predicted: list[dict]) -> list[str]:
     return bad
 
 
-SLOW = pytest.mark.slow                      # ~1 min each on 2 busy cores; the default run keeps the mpcache cases
-GEN_CASES = [pytest.param("arithmetic", "tfp", 2, "full", id="2pc-full", marks=SLOW),
-             pytest.param("arithmetic", "tfp", 2, "mpcache", id="2pc-mpcache"),
-             pytest.param("replicated", "tfp", 3, "full", id="3pc-full", marks=SLOW),
-             pytest.param("replicated", "tfp", 3, "mpcache", id="3pc-mpcache"),
-             pytest.param("arithmetic", "ttp", 3, "mpcache", id="2pc-ttp-mpcache", marks=SLOW),
-             # the stratified selection, with a leaf cluster completed at the last step (its summary made in the
-             # tournament's comparison layers) and the anchored softmax's offset from them
-             pytest.param("arithmetic", "tfp", 2, "mpcache-strata", id="2pc-mpcache-strata")]
+SLOW = pytest.mark.slow  # ~1 min each on 2 busy cores; the default run keeps the mpcache cases
+GEN_CASES = [
+    pytest.param("arithmetic", "tfp", 2, "full", id="2pc-full", marks=SLOW),
+    pytest.param("arithmetic", "tfp", 2, "mpcache", id="2pc-mpcache"),
+    pytest.param("replicated", "tfp", 3, "full", id="3pc-full", marks=SLOW),
+    pytest.param("replicated", "tfp", 3, "mpcache", id="3pc-mpcache"),
+    pytest.param("arithmetic", "ttp", 3, "mpcache", id="2pc-ttp-mpcache", marks=SLOW),
+    # the stratified selection, with a leaf cluster completed at the last step (its summary made in the
+    # tournament's comparison layers) and the anchored softmax's offset from them
+    pytest.param("arithmetic", "tfp", 2, "mpcache-strata", id="2pc-mpcache-strata"),
+]
 
 
 @pytest.mark.mpi
@@ -62,11 +68,15 @@ def test_generation_cost_predicted_equal_measured(tmp_path, protocol, provider, 
     from mpcache.mpc.dryrun import Setting, predict_generation
     from mpcache.policies import make_policy
 
-    n_new, n_prompt = 3, (26 if policy.endswith("-strata") else 24)     # 26: decode steps at 27 and 28 rows
-    res = mpi_job(n_procs, "generation_costs", tmp_path, "tiny-llama", protocol, provider, policy, str(n_new),
-                  str(n_prompt))
-    pol = make_policy(policy) if policy == "full" else make_policy(
-        policy.split("-")[0], budget=0.3, **({"topk": "strata"} if policy.endswith("-strata") else {}))
+    n_new, n_prompt = 3, (26 if policy.endswith("-strata") else 24)  # 26: decode steps at 27 and 28 rows
+    res = mpi_job(
+        n_procs, "generation_costs", tmp_path, "tiny-llama", protocol, provider, policy, str(n_new), str(n_prompt)
+    )
+    pol = (
+        make_policy(policy)
+        if policy == "full"
+        else make_policy(policy.split("-")[0], budget=0.3, **({"topk": "strata"} if policy.endswith("-strata") else {}))
+    )
     assert repr(pol) == res["policy"]
     n = n_procs - (provider == "ttp")
     pred, _ = predict_generation(tiny_config("llama"), pol, Setting(n, protocol, provider), n_prompt, n_new)
@@ -93,14 +103,20 @@ def _dry_cost(setting, make, f) -> dict:
             before = {k: d.ledger.totals(kind=k) for k in ("online", "dealer")}
             f(*xs)
             after = {k: d.ledger.totals(kind=k) for k in ("online", "dealer")}
-        out.append({k: {f_: after[k][f_] - before[k][f_] for f_ in ("bytes_sent", "bytes_recv", "rounds")}
-                    for k in ("online", "dealer")})
+        out.append(
+            {
+                k: {f_: after[k][f_] - before[k][f_] for f_ in ("bytes_sent", "bytes_recv", "rounds")}
+                for k in ("online", "dealer")
+            }
+        )
     return out
 
 
 def _model_cost(cost) -> list:
-    return [{k: {f_: cost.c[k][f_][r] for f_ in ("bytes_sent", "bytes_recv", "rounds")} for k in ("online", "dealer")}
-            for r in range(cost.n)]
+    return [
+        {k: {f_: cost.c[k][f_][r] for f_ in ("bytes_sent", "bytes_recv", "rounds")} for k in ("online", "dealer")}
+        for r in range(cost.n)
+    ]
 
 
 @pytest.mark.parametrize("protocol,provider,n", SETTINGS_DRY, ids=["2pc-tfp", "3pc-rep", "2pc-ttp"])
@@ -111,23 +127,35 @@ def test_layer_model_equals_dry_runs(protocol, provider, n):
     from mpcache.mpc.dryrun import dry_share
 
     s = schedules.Setting(n, protocol, provider)
-    for rows, m, r, lean in [(9, 412, 4, True), (1, 49152, 64, True), (2, 37, 5, False), (5, 12, 12, True),
-                             (1, 3, 3, False)]:
-        got = _dry_cost(s, lambda rows=rows, m=m: [dry_share((rows, m))],
-                        lambda x, r=r, ln=lean: ops._onehot_radix_level(x, None, r, ln))
+    for rows, m, r, lean in [
+        (9, 412, 4, True),
+        (1, 49152, 64, True),
+        (2, 37, 5, False),
+        (5, 12, 12, True),
+        (1, 3, 3, False),
+    ]:
+        got = _dry_cost(
+            s,
+            lambda rows=rows, m=m: [dry_share((rows, m))],
+            lambda x, r=r, ln=lean: ops._onehot_radix_level(x, None, r, ln),
+        )
         assert got == _model_cost(schedules.max_layer(s, (rows,), m, r, lean)), (rows, m, r, lean)
-    for rows, m, lean in [(4, 10, True), (3, 7, False)]:       # the pairwise tree: compare + mux layers
-        got = _dry_cost(s, lambda rows=rows, m=m: [dry_share((rows, m))],
-                        lambda x, ln=lean: ops.tree_max(x, -1, radix=2, lean=ln))
+    for rows, m, lean in [(4, 10, True), (3, 7, False)]:  # the pairwise tree: compare + mux layers
+        got = _dry_cost(
+            s, lambda rows=rows, m=m: [dry_share((rows, m))], lambda x, ln=lean: ops.tree_max(x, -1, radix=2, lean=ln)
+        )
         want, left = schedules.Cost(n), m
         for r in schedules._radix_schedule(m, 2):
             want += schedules.max_layer(s, (rows,), left, r, lean)
             left = -(-left // r)
         assert got == _model_cost(want), (rows, m, lean)
     for tasks, lean in [([(30, 10, 1, 4)], True), ([(12, 7, 3, 3), (27, 12, 0, 4)], True), ([(6, 5, 2, 2)], False)]:
+
         def make(tasks=tasks):
-            return [(dry_share((rows, nn)), None if w == 0 else dry_share((rows, nn, w), precision=0), rr)
-                    for rows, nn, w, rr in tasks]
+            return [
+                (dry_share((rows, nn)), None if w == 0 else dry_share((rows, nn, w), precision=0), rr)
+                for rows, nn, w, rr in tasks
+            ]
 
         got = _dry_cost(s, lambda make=make: [make()], lambda ts, ln=lean: ops._onehot_radix_levels(ts, ln))
         assert got == _model_cost(schedules._lockstep(s, tasks, lean)), (tasks, lean)
@@ -158,19 +186,27 @@ def test_auto_schedules_reduce_to_one_and_beat_fixed_radices():
                 left = -(-left // r)
             assert left == 1, (m, sch)
             if m > 412:
-                continue                               # the long rows: schedule properties only (dry runs ~1 s)
+                continue  # the long rows: schedule properties only (dry runs ~1 s)
 
             def run(radix, rows=rows, m=m, setting=setting):
-                return t(_dry_cost(setting, lambda: [dry_share((rows, m))],
-                                   lambda x: ops.tree_max(x, -1, radix=radix, lean=True)))
+                return t(
+                    _dry_cost(
+                        setting, lambda: [dry_share((rows, m))], lambda x: ops.tree_max(x, -1, radix=radix, lean=True)
+                    )
+                )
 
             assert run(sch) <= run((4, 4, 4, 16)) + 1e-12, (setting, rows, m)
         for rows, g in ((300, 10), (48, 4)):
             m = g * rows // 3
 
             def run(radix, rows=rows, m=m, setting=setting):
-                return t(_dry_cost(setting, lambda: [dry_share((3, m))],
-                                   lambda x: ops.strata_top1_onehot(x, rows // 3, radix=radix)))
+                return t(
+                    _dry_cost(
+                        setting,
+                        lambda: [dry_share((3, m))],
+                        lambda x: ops.strata_top1_onehot(x, rows // 3, radix=radix),
+                    )
+                )
 
             assert run("auto") <= run(4) + 1e-12, (setting, rows, g)
 
@@ -185,7 +221,7 @@ def test_ring_matmul_equals_torch_matmul_for_every_layout():
     g = torch.Generator().manual_seed(0)
 
     def R(*s):
-        return torch.randint(-(2 ** 63), 2 ** 63 - 1, s, generator=g)
+        return torch.randint(-(2**63), 2**63 - 1, s, generator=g)
 
     for b in (R(40, 24), R(24, 40).t()):
         for a in (R(1, 40), R(5, 40), R(3, 2, 40), R(40)):

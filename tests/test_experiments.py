@@ -1,4 +1,5 @@
 """The experiment scripts' table and plot functions on tiny synthetic inputs (no MPI, no model): they cannot rot."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,22 @@ pytest.importorskip("matplotlib")
 
 from experiments import ablation, breakdown, budget_sweep, decode_scaling
 
-BENCH_COLS = ["policy", "seq_len", "world_size", "protocol", "provider", "bytes_per_token", "rounds_per_token",
-              "seconds_per_token", "lan_s", "wan_s", "static_bytes", "attended_frac", "bench_layers", "model_layers"]
+BENCH_COLS = [
+    "policy",
+    "seq_len",
+    "world_size",
+    "protocol",
+    "provider",
+    "bytes_per_token",
+    "rounds_per_token",
+    "seconds_per_token",
+    "lan_s",
+    "wan_s",
+    "static_bytes",
+    "attended_frac",
+    "bench_layers",
+    "model_layers",
+]
 
 
 def _bench(tmp: Path, rows: list[dict], args: dict) -> Path:
@@ -30,16 +45,31 @@ def _bench(tmp: Path, rows: list[dict], args: dict) -> Path:
 
 
 def _row(policy, n, world, nbytes, rounds):
-    return {"policy": policy, "seq_len": n, "world_size": world, "protocol": "arithmetic" if world == 2 else
-            "replicated", "provider": "tfp", "bytes_per_token": nbytes, "rounds_per_token": rounds,
-            "seconds_per_token": 1.0, "lan_s": 1.0 + rounds * 3e-4, "wan_s": 1.0 + rounds * 0.04,
-            "static_bytes": 0, "attended_frac": 1.0 if policy == "full" else 0.1, "bench_layers": 2,
-            "model_layers": 4}
+    return {
+        "policy": policy,
+        "seq_len": n,
+        "world_size": world,
+        "protocol": "arithmetic" if world == 2 else "replicated",
+        "provider": "tfp",
+        "bytes_per_token": nbytes,
+        "rounds_per_token": rounds,
+        "seconds_per_token": 1.0,
+        "lan_s": 1.0 + rounds * 3e-4,
+        "wan_s": 1.0 + rounds * 0.04,
+        "static_bytes": 0,
+        "attended_frac": 1.0 if policy == "full" else 0.1,
+        "bench_layers": 2,
+        "model_layers": 4,
+    }
 
 
 def test_decode_scaling_ratios_and_plot(tmp_path):
-    rows = [_row(p, n, w, b * n, 100 + n // 8) for w in (2, 3) for n in (512, 1024)
-            for p, b in (("full", 1000), ("mpcache", 300))]
+    rows = [
+        _row(p, n, w, b * n, 100 + n // 8)
+        for w in (2, 3)
+        for n in (512, 1024)
+        for p, b in (("full", 1000), ("mpcache", 300))
+    ]
     args = {"policies": "full,mpcache", "budget": 0.1, "policy_kwargs": None, "topk": "strata"}
     costs = decode_scaling.read_costs([str(_bench(tmp_path / "b", rows, args))])
     assert len(costs) == 8 and {c["source"] for c in costs} == {"measured"}
@@ -63,19 +93,25 @@ def _ledger():
     for t in range(2):
         base = f"bench/mpcache/64/token/{t}"
         for i in range(2):
-            counts += [{"scope": f"{base}/L{i}/qkv/matmul", "kind": "online", "bytes_sent": 10, "rounds": 1},
-                       {"scope": f"{base}/L{i}/softmax", "kind": "online", "bytes_sent": 20, "rounds": 5},
-                       {"scope": f"{base}/L{i}/selection/matmul", "kind": "online", "bytes_sent": 3, "rounds": 1},
-                       {"scope": f"{base}/L{i}/selection/topk", "kind": "online", "bytes_sent": 7, "rounds": 2},
-                       {"scope": f"{base}/L{i}/gather/matmul", "kind": "online", "bytes_sent": 4, "rounds": 1},
-                       {"scope": f"{base}/L{i}/mlp/silu", "kind": "online", "bytes_sent": 6, "rounds": 3}]
-        counts += [{"scope": f"{base}/argmax", "kind": "online", "bytes_sent": 50, "rounds": 9},
-                   {"scope": f"{base}/lm_head/matmul", "kind": "online", "bytes_sent": 2, "rounds": 1},
-                   {"scope": f"{base}/weird", "kind": "online", "bytes_sent": 1, "rounds": 1},
-                   {"scope": "bench/mpcache/64/warmup/L0/selection/topk", "kind": "online", "bytes_sent": 999,
-                    "rounds": 99}]
-    seconds = {"bench/mpcache/64/token/0": 2.0, "bench/mpcache/64/token/0/L0": 0.5,
-               "bench/mpcache/64/token/0/L0/softmax": 0.2}
+            counts += [
+                {"scope": f"{base}/L{i}/qkv/matmul", "kind": "online", "bytes_sent": 10, "rounds": 1},
+                {"scope": f"{base}/L{i}/softmax", "kind": "online", "bytes_sent": 20, "rounds": 5},
+                {"scope": f"{base}/L{i}/selection/matmul", "kind": "online", "bytes_sent": 3, "rounds": 1},
+                {"scope": f"{base}/L{i}/selection/topk", "kind": "online", "bytes_sent": 7, "rounds": 2},
+                {"scope": f"{base}/L{i}/gather/matmul", "kind": "online", "bytes_sent": 4, "rounds": 1},
+                {"scope": f"{base}/L{i}/mlp/silu", "kind": "online", "bytes_sent": 6, "rounds": 3},
+            ]
+        counts += [
+            {"scope": f"{base}/argmax", "kind": "online", "bytes_sent": 50, "rounds": 9},
+            {"scope": f"{base}/lm_head/matmul", "kind": "online", "bytes_sent": 2, "rounds": 1},
+            {"scope": f"{base}/weird", "kind": "online", "bytes_sent": 1, "rounds": 1},
+            {"scope": "bench/mpcache/64/warmup/L0/selection/topk", "kind": "online", "bytes_sent": 999, "rounds": 99},
+        ]
+    seconds = {
+        "bench/mpcache/64/token/0": 2.0,
+        "bench/mpcache/64/token/0/L0": 0.5,
+        "bench/mpcache/64/token/0/L0/softmax": 0.2,
+    }
     return {"rank": 0, "world_size": 2, "counts": counts, "seconds": seconds}
 
 
@@ -91,8 +127,9 @@ def test_breakdown_classes_scaling_and_plot(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / "rank0.json").write_text(json.dumps(_ledger()))
-    (d / "bench.json").write_text(json.dumps({"rows": [{"policy": "mpcache", "seq_len": 64, "bench_layers": 2,
-                                                        "model_layers": 6}], "args": {}}))
+    (d / "bench.json").write_text(
+        json.dumps({"rows": [{"policy": "mpcache", "seq_len": 64, "bench_layers": 2, "model_layers": 6}], "args": {}})
+    )
     rows = breakdown.from_bench_ledger(str(d / "rank0.json"), ["mpcache"], [64])
     by = {r["op_class"]: r for r in rows}
     # 2 measured blocks stand for 6: x3; warm-up excluded; unknown scopes kept as "other"
@@ -112,8 +149,13 @@ def _fidelity(tmp: Path) -> Path:
     with open(tmp / "samples.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["length", "policy", "budget", "task", "seed", "depth", "metric", "value"])
-        for pol, b, vals in (("full", "", (1, 1)), ("mpcache", "0.1", (1, 0)), ("static_on", "0.1", (0, 0)),
-                             ("h2o", "0.1", (0, 1)), ("h2o", "0.2", (1, 1))):
+        for pol, b, vals in (
+            ("full", "", (1, 1)),
+            ("mpcache", "0.1", (1, 0)),
+            ("static_on", "0.1", (0, 0)),
+            ("h2o", "0.1", (0, 1)),
+            ("h2o", "0.2", (1, 1)),
+        ):
             for i, v in enumerate(vals):
                 w.writerow([64, pol, b, "passkey", i, 0.5, "passkey_exact", v])
                 w.writerow([64, pol, b, "passkey", i, 0.5, "attended_frac", 0.1])
@@ -123,15 +165,28 @@ def _fidelity(tmp: Path) -> Path:
 def test_ablation_rows_and_plot(tmp_path):
     acc = ablation.read_accuracy([str(_fidelity(tmp_path / "f"))])
     assert {(a["policy"], a["value"], a["n"]) for a in acc if a["policy"] == "mpcache"} == {("mpcache", 0.5, 2)}
-    costs = [{"source": "predicted", "setting": "2PC arithmetic/tfp", "policy": v, "seq_len": 64,
-              "bytes_per_token": b, "rounds_per_token": r, "lan_s": 0.1, "wan_s": 2.0, "static_bytes": ""}
-             for v, b, r in (("mpcache", 1000, 100), ("static_on", 500, 120), ("exact_bound", 2000, 100))]
+    costs = [
+        {
+            "source": "predicted",
+            "setting": "2PC arithmetic/tfp",
+            "policy": v,
+            "seq_len": 64,
+            "bytes_per_token": b,
+            "rounds_per_token": r,
+            "lan_s": 0.1,
+            "wan_s": 2.0,
+            "static_bytes": "",
+        }
+        for v, b, r in (("mpcache", 1000, 100), ("static_on", 500, 120), ("exact_bound", 2000, 100))
+    ]
     rows = ablation.ablation_rows(costs, acc, ["mpcache", "static_on", "exact_bound"])
     by = {r["variant"]: r for r in rows}
     assert by["static_on"]["MB_vs_base"] == pytest.approx(0.5) and by["static_on"]["passkey_exact@64"] == 0
     assert by["exact_bound"]["passkey_exact@64"] is None
-    assert ablation.variant_kwargs(["topk_rank", "static_on"], "strata") == \
-        {"topk_rank": {"topk": "rank"}, "static_on": {"topk": "strata", "static": True}}
+    assert ablation.variant_kwargs(["topk_rank", "static_on"], "strata") == {
+        "topk_rank": {"topk": "rank"},
+        "static_on": {"topk": "strata", "static": True},
+    }
     assert "static_on" in ablation.results_markdown(rows)
     ablation.plot(rows, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 1000
@@ -139,16 +194,31 @@ def test_ablation_rows_and_plot(tmp_path):
 
 def test_budget_sweep_joins_measured_before_predicted(tmp_path):
     acc = ablation.read_accuracy([str(_fidelity(tmp_path / "f"))])
-    costs = [{"source": s, "policy": p, "budget": b, "seq_len": 64, "bytes_per_token": nb, "rounds_per_token": 10,
-              "lan_s": 0.1, "wan_s": 1.0, "attended_frac": 0.1}
-             for s, p, b, nb in (("predicted", "h2o", 0.1, 5e5), ("measured", "h2o", 0.1, 6e5),
-                                 ("predicted", "h2o", 0.2, 7e5), ("measured", "full", "", 9e6))]
+    costs = [
+        {
+            "source": s,
+            "policy": p,
+            "budget": b,
+            "seq_len": 64,
+            "bytes_per_token": nb,
+            "rounds_per_token": 10,
+            "lan_s": 0.1,
+            "wan_s": 1.0,
+            "attended_frac": 0.1,
+        }
+        for s, p, b, nb in (
+            ("predicted", "h2o", 0.1, 5e5),
+            ("measured", "h2o", 0.1, 6e5),
+            ("predicted", "h2o", 0.2, 7e5),
+            ("measured", "full", "", 9e6),
+        )
+    ]
     rows = budget_sweep.sweep_rows(acc, costs)
     by = {(r["policy"], r["budget"]): r for r in rows}
     assert by[("h2o", 0.1)]["cost_source"] == "measured" and by[("h2o", 0.1)]["MB"] == pytest.approx(0.6)
     assert by[("h2o", 0.2)]["cost_source"] == "predicted"
     assert by[("full", None)]["MB"] == pytest.approx(9.0)
-    assert by[("mpcache", 0.1)]["MB"] is None                      # no cost: kept, shown as —
+    assert by[("mpcache", 0.1)]["MB"] is None  # no cost: kept, shown as —
     assert "passkey_exact" in budget_sweep.results_markdown(rows, "passkey_exact")
     budget_sweep.plot(rows, tmp_path / "s.png", "passkey_exact")
     assert (tmp_path / "s.png").stat().st_size > 1000

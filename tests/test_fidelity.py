@@ -1,4 +1,5 @@
 """mpcache.data (Austen lazy-load reader, passkey and continuation tasks) and a smoke run of experiments/fidelity.py."""
+
 from __future__ import annotations
 
 import csv
@@ -55,7 +56,7 @@ def _str(xs: list, names=None) -> bytes:
 
 
 def _int(xs: list) -> bytes:
-    return _flags(13) + _i(len(xs)) + b"".join(_i(-(2 ** 31) if x is None else x) for x in xs)
+    return _flags(13) + _i(len(xs)) + b"".join(_i(-(2**31) if x is None else x) for x in xs)
 
 
 def _vec(items: list, names=None) -> bytes:
@@ -86,8 +87,10 @@ def _lazyload_db(base: Path, objects: dict[str, bytes]) -> None:
 
 
 def test_lazyload_db_and_austen_books(tmp_path, monkeypatch):
-    books = {name: ["TITLE " + name.upper(), "", f"First  line of {name},", "wrapped here.", "", None, "Second."]
-             for name in data.AUSTEN_BOOKS}  # None: an NA line reads as a blank one
+    books = {
+        name: ["TITLE " + name.upper(), "", f"First  line of {name},", "wrapped here.", "", None, "Second."]
+        for name in data.AUSTEN_BOOKS
+    }  # None: an NA line reads as a blank one
     root = tmp_path / "root"
     db = root / data._AUSTEN_DB
     db.parent.mkdir(parents=True)
@@ -115,11 +118,34 @@ def test_fetch_deb_without_apt_says_what_to_run(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------
 def _filler(n_paragraphs: int = 400) -> str:
-    words = ["the", "of", "and", "to", "a", "in", "was", "her", "it", "she", "that", "not", "be", "he", "his", "as", "had", "with", "for", "you"]
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "a",
+        "in",
+        "was",
+        "her",
+        "it",
+        "she",
+        "that",
+        "not",
+        "be",
+        "he",
+        "his",
+        "as",
+        "had",
+        "with",
+        "for",
+        "you",
+    ]
     paras = []
     for p in range(n_paragraphs):
-        sents = [" ".join(words[(p * 7 + s * 3 + i) % len(words)] for i in range(4 + (p + s) % 9)).capitalize() + "."
-                 for s in range(3)]
+        sents = [
+            " ".join(words[(p * 7 + s * 3 + i) % len(words)] for i in range(4 + (p + s) % 9)).capitalize() + "."
+            for s in range(3)
+        ]
         paras.append(" ".join(sents))
     return "\n\n".join(paras)
 
@@ -134,7 +160,7 @@ def test_passkey_prompt_length_and_depth(n, depth):
     text = tok.decode(s.prompt_ids)
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\nThe pass key is ")
     assert "What is the pass key?" in text
-    needle = tok.decode(s.prompt_ids[s.needle_start:s.needle_end])
+    needle = tok.decode(s.prompt_ids[s.needle_start : s.needle_end])
     assert needle.strip() == "The pass key is 71432. Remember it. 71432 is the pass key."
     assert s.hay_start <= s.needle_start < s.needle_end <= s.hay_end
     assert abs(s.depth - depth) < 0.06  # sentence granularity
@@ -173,6 +199,7 @@ def test_passkey_answer_tokens_smollm2():
     pytest.importorskip("gguf")
     try:
         from mpcache.model.weights import load_model
+
         _, _, tok = load_model("smollm2")
     except (ImportError, FileNotFoundError) as e:
         pytest.skip(f"SmolLM2 not available: {e}")
@@ -198,16 +225,37 @@ def test_agreement_and_aggregate():
     cell = {"length": 8, "policy": "p", "budget": 0.1, "task": "text", "seed": 0, "depth": ""}
     rows = [{**cell, "metric": "nll", "value": v} for v in (1.0, 3.0)]
     res = {r["metric"]: r for r in fid.aggregate(rows)}
-    assert res["nll"]["value"] == 2.0 and abs(res["ppl"]["value"] - 2.718281828 ** 2) < 1e-6
+    assert res["nll"]["value"] == 2.0 and abs(res["ppl"]["value"] - 2.718281828**2) < 1e-6
 
 
 def test_fidelity_smoke(tmp_path):
     fid = _load_fidelity()
     text = tmp_path / "text.txt"
     text.write_text(_filler(), encoding="utf-8")
-    run = fid.main(["--model", "tiny-llama", "--lengths", "320,480", "--budgets", "0.25,0.5",
-                    "--policies", "full,streaming", "--depths", "0.3,0.8", "--samples", "2", "--gen-tokens", "6",
-                    "--ppl-tokens", "5", "--text", str(text), "--out", str(tmp_path / "out")])
+    run = fid.main(
+        [
+            "--model",
+            "tiny-llama",
+            "--lengths",
+            "320,480",
+            "--budgets",
+            "0.25,0.5",
+            "--policies",
+            "full,streaming",
+            "--depths",
+            "0.3,0.8",
+            "--samples",
+            "2",
+            "--gen-tokens",
+            "6",
+            "--ppl-tokens",
+            "5",
+            "--text",
+            str(text),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert run.parent == tmp_path / "out"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["knobs"]["policies"] == ["full", "streaming"] and len(cfg["passkey_cases"]) == 2
@@ -226,7 +274,27 @@ def test_fidelity_smoke(tmp_path):
         assert (length, "streaming", "0.25", "passkey_exact@0.3") in cell
     assert "| 320 | streaming | 0.25 |" in (run / "results.md").read_text()
     assert (run / "passkey_exact.png").stat().st_size > 0 and (run / "gen_agree.png").is_file()
-    run2 = fid.main(["--model", "tiny-llama", "--lengths", "320", "--budgets", "0.5", "--policies", "streaming",
-                     "--tasks", "passkey", "--depths", "0.5", "--samples", "1", "--text", str(text),
-                     "--out", str(tmp_path / "out"), "--no-plot"])
+    run2 = fid.main(
+        [
+            "--model",
+            "tiny-llama",
+            "--lengths",
+            "320",
+            "--budgets",
+            "0.5",
+            "--policies",
+            "streaming",
+            "--tasks",
+            "passkey",
+            "--depths",
+            "0.5",
+            "--samples",
+            "1",
+            "--text",
+            str(text),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-plot",
+        ]
+    )
     assert run2 != run and (run / "results.csv").is_file()  # a new folder; "full" added as the reference

@@ -8,6 +8,7 @@ p @ V, the one-hot gathers, dense and stratified) open only the moving operand; 
 uniform D independent of its contents; private generation with a fixed cache (full cache and MPCache's one-hot
 gather; 2PC TFP, 2PC TTP dealer, 3PC replicated) equals plaintext, and every attention product's bytes are
 exactly its moving operand (plus each row's one fixing), the saving over the stock path exactly the formula."""
+
 import math
 
 import pytest
@@ -15,13 +16,13 @@ from conftest import mpi_job
 
 pytestmark = pytest.mark.mpi
 
-ULP = 2.0 ** -16
+ULP = 2.0**-16
 # Inputs lie on the 2^-16 grid, so the ring product before truncation is exact; each party truncates its share
 # toward zero, each off by < 1 ulp, so the decoded product is within 2 ulps (2PC; replicated 3PC truncates two
 # summed shares on one party: 1 ulp). One-hot x (scale 1) needs no truncation: exact. (Additive 3PC, not run
 # here, truncates by CrypTen's wraps protocol: ~3 ulps seen, for the stock matmul too.)
 MATMUL_TOL = 2 * ULP
-LOGIT_TOL = 0.05              # as in test_private_generation: fixed-point errors over 2 layers, logits O(1-10)
+LOGIT_TOL = 0.05  # as in test_private_generation: fixed-point errors over 2 layers, logits O(1-10)
 
 
 def fixed_matmul_cost(x_shape, w_shape, n_parties: int = 2, replicated: bool = False) -> dict:
@@ -30,11 +31,17 @@ def fixed_matmul_cost(x_shape, w_shape, n_parties: int = 2, replicated: bool = F
     element), against the stock product's both operands; fixing W once opens W's."""
     nx, nw = math.prod(x_shape), math.prod(w_shape)
     k = 8 * (n_parties - 1) if not replicated else 8
-    return {"fixed_bytes": k * nx, "fixed_rounds": 1, "stock_bytes": k * (nx + nw), "stock_rounds": 1,
-            "offline_bytes": k * nw, "offline_rounds": 1}
+    return {
+        "fixed_bytes": k * nx,
+        "fixed_rounds": 1,
+        "stock_bytes": k * (nx + nw),
+        "stock_rounds": 1,
+        "offline_bytes": k * nw,
+        "offline_rounds": 1,
+    }
 
 
-def _z(n):                    # 5 standard deviations, two-sided: ~6e-7 false alarms per check
+def _z(n):  # 5 standard deviations, two-sided: ~6e-7 false alarms per check
     return 5.0 / math.sqrt(n)
 
 
@@ -43,7 +50,7 @@ def _check_uses(r, n_parties, replicated=False):
         assert u["err"] <= (0 if u["name"] == "onehot" else MATMUL_TOL), u
         assert u["stock_err"] <= (0 if u["name"] == "onehot" else MATMUL_TOL), u
         want = fixed_matmul_cost(u["x_shape"], u["w_shape"], n_parties, replicated)
-        if n_parties == 2 or replicated:       # truncation sends nothing from rank 0 here: bytes are exact
+        if n_parties == 2 or replicated:  # truncation sends nothing from rank 0 here: bytes are exact
             assert u["fixed"]["bytes_sent"] == want["fixed_bytes"], u
             assert u["stock"]["bytes_sent"] == want["stock_bytes"], u
         # the saving is exactly the stock opening of W - B (or W's share replication), whatever else is sent
@@ -56,35 +63,44 @@ def test_fixed_matmul_2pc_tfp(tmp_path):
     r = mpi_job(2, "fixed_ops", tmp_path)
     assert r["path"] == "fixed-tfp"
     _check_uses(r, 2)
-    assert {u["name"] for u in r["uses"]} >= {"xT", "xT1", "onehot", "batched",       # transposed and embedding uses
-                                              "qKT", "pV", "onehot_gather", "onehot_strata"}   # cache views
-    assert r["offline"] == {"bytes_sent": 48 * 80 * 8, "bytes_recv": 48 * 80 * 8, "rounds": 1,
-                            "dealer_bytes_recv": 0}
+    assert {u["name"] for u in r["uses"]} >= {
+        "xT",
+        "xT1",
+        "onehot",
+        "batched",  # transposed and embedding uses
+        "qKT",
+        "pV",
+        "onehot_gather",
+        "onehot_strata",
+    }  # cache views
+    assert r["offline"] == {"bytes_sent": 48 * 80 * 8, "bytes_recv": 48 * 80 * 8, "rounds": 1, "dealer_bytes_recv": 0}
     # D = W - B is uniform on the ring and independent of W: compare its empirical law with U[0, 1) after
     # u = D / 2^64 + 1/2, for a Gaussian W (twice: a fresh B each time) and a constant W.
     st = r["stats"]
     for name in ("gauss", "gauss_again", "const", "cache_gauss", "cache_const"):
         s, n = st[name], st[name]["n"]
         assert abs(s["mean"] - 0.5) <= _z(n) / math.sqrt(12), (name, s)
-        sd_of_std = math.sqrt((1 / 80 - 1 / 144) / n) / (2 / math.sqrt(12))      # delta method, uniform moments
+        sd_of_std = math.sqrt((1 / 80 - 1 / 144) / n) / (2 / math.sqrt(12))  # delta method, uniform moments
         assert abs(s["std"] - 1 / math.sqrt(12)) <= 5 * sd_of_std, (name, s)
-        assert s["bit_freq_dev"] <= 0.5 * _z(n), (name, s)                      # every one of the 64 bits fair
+        assert s["bit_freq_dev"] <= 0.5 * _z(n), (name, s)  # every one of the 64 bits fair
         assert abs(s["corr_w"]) <= _z(n), (name, s)
         assert s["ks_uniform"] <= math.sqrt(-math.log(1e-6 / 2) / 2) / math.sqrt(n), (name, s)
     n = st["gauss"]["n"]
     assert st["ks_gauss_vs_const"] <= math.sqrt(-math.log(1e-6 / 2) / 2) * math.sqrt(2 / n), st
-    n = st["cache_gauss"]["n"]           # a cache fixed row by row: D's law does not depend on the cached values
+    n = st["cache_gauss"]["n"]  # a cache fixed row by row: D's law does not depend on the cached values
     assert st["ks_cache_gauss_vs_const"] <= math.sqrt(-math.log(1e-6 / 2) / 2) * math.sqrt(2 / n), st
-    assert not st["same_w_same_d"]                   # fixing the same W twice draws a fresh B
+    assert not st["same_w_same_d"]  # fixing the same W twice draws a fresh B
 
 
-@pytest.mark.parametrize("protocol,provider,path", [("arithmetic", "ttp", "fixed-ttp"),
-                                                    ("replicated", "tfp", "fixed-replicated")],
-                         ids=["2pc-ttp", "3pc-replicated"])
+@pytest.mark.parametrize(
+    "protocol,provider,path",
+    [("arithmetic", "ttp", "fixed-ttp"), ("replicated", "tfp", "fixed-replicated")],
+    ids=["2pc-ttp", "3pc-replicated"],
+)
 def test_fixed_matmul_ttp_and_replicated(tmp_path, protocol, provider, path):
     r = mpi_job(3, "fixed_ops", tmp_path, protocol, provider)
     assert r["path"] == path
-    if provider == "ttp":           # 2 compute parties + the dealer, which sends party 0 its share of c per use
+    if provider == "ttp":  # 2 compute parties + the dealer, which sends party 0 its share of c per use
         _check_uses(r, 2)
         assert all(u["fixed"]["dealer_bytes_recv"] > 0 for u in r["uses"])
         assert r["stats"]["gauss"]["bit_freq_dev"] <= 0.5 * _z(r["stats"]["gauss"]["n"])
@@ -94,7 +110,7 @@ def test_fixed_matmul_ttp_and_replicated(tmp_path, protocol, provider, path):
 
 
 def _decode_rows(r):
-    return [t for t in r["per_token"] if t["token"] > 0]       # token 0's scope has no decode pass
+    return [t for t in r["per_token"] if t["token"] > 0]  # token 0's scope has no decode pass
 
 
 def test_private_generation_fixed_weights(tmp_path):
@@ -106,8 +122,11 @@ def test_private_generation_fixed_weights(tmp_path):
     assert set(fixed["matmul_paths"]) == {"fixed-tfp", "stock"} and set(stock["matmul_paths"]) == {"stock"}
     # each decode step uses every weight matrix once (untied: embed as the embedding, lm_head as the head):
     # the stock path re-opens all of them, the fixed path opened them once, offline.
-    mats = sum(n for k, n in fixed["weight_numel"].items()
-               if k.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", "embed"))
+    mats = sum(
+        n
+        for k, n in fixed["weight_numel"].items()
+        if k.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", "embed")
+    )
     assert fixed["offline"]["bytes_sent"] == [8 * mats] * 2 and stock["offline"]["bytes_sent"] == [0, 0]
     for f, s in zip(_decode_rows(fixed), _decode_rows(stock)):
         assert [b - a for a, b in zip(f["bytes_sent"], s["bytes_sent"])] == [8 * mats] * 2, (f, s)
@@ -140,8 +159,9 @@ def _attn_scopes(r, t, i):
     base = f"token/{t}/L{i}"
     out = {}
     for name in ATTN:
-        recs = [u for p, us in r["uses"].items() if p == f"{base}/{name}" or p.startswith(f"{base}/{name}/")
-                for u in us]
+        recs = [
+            u for p, us in r["uses"].items() if p == f"{base}/{name}" or p.startswith(f"{base}/{name}/") for u in us
+        ]
         if recs:
             out[name] = recs
     return out
@@ -159,7 +179,7 @@ def _check_kv_run(r, policy, two_party=True):
         n_att, L = r["attended"][t - 1], r["n_prompt"] + t
         for i in range(c["layers"]):
             sc = _attn_scopes(r, t, i)
-            assert sc["fix_kv"] == [["fix", 2 * Hkv * hd]], sc                  # the new K and V rows, once
+            assert sc["fix_kv"] == [["fix", 2 * Hkv * hd]], sc  # the new K and V rows, once
             if "gather" not in sc:
                 # every product has a fixed right operand: what is recorded is its moving operand only
                 assert all(kind in ("fixed", "fix") for recs in sc.values() for kind, _ in recs), sc
@@ -172,7 +192,7 @@ def _check_kv_run(r, policy, two_party=True):
                 assert policy != "full" and n_att < L
                 assert "qk" not in sc and sc["av"] == [["fixed", H * L]], (t, i, sc)
                 assert [kind for kind, _ in sc["gather"]] == ["stock", "stock"], sc
-            for name, recs in sc.items():      # the ledger agrees to the byte: 8 bytes per opened element
+            for name, recs in sc.items():  # the ledger agrees to the byte: 8 bytes per opened element
                 sent, rounds = _scope_bytes(r["ledger"], f"token/{t}/L{i}/{name}")
                 assert sent == 8 * sum(n for _, n in recs), (t, i, name, sent, recs)
                 if two_party:
@@ -207,14 +227,18 @@ def test_fixed_kv_generation_2pc_tfp(tmp_path, policy):
                 want = got
             assert got == want, (t, i, got, want)
             ad = 0
-            for name in ATTN:                    # the ledger's attention bytes differ by exactly that
-                ad += _scope_bytes(stock["ledger"], f"token/{t}/L{i}/{name}")[0] - \
-                    _scope_bytes(fixed["ledger"], f"token/{t}/L{i}/{name}")[0]
-                rdiff += _scope_bytes(fixed["ledger"], f"token/{t}/L{i}/{name}")[1] - \
-                    _scope_bytes(stock["ledger"], f"token/{t}/L{i}/{name}")[1]
+            for name in ATTN:  # the ledger's attention bytes differ by exactly that
+                ad += (
+                    _scope_bytes(stock["ledger"], f"token/{t}/L{i}/{name}")[0]
+                    - _scope_bytes(fixed["ledger"], f"token/{t}/L{i}/{name}")[0]
+                )
+                rdiff += (
+                    _scope_bytes(fixed["ledger"], f"token/{t}/L{i}/{name}")[1]
+                    - _scope_bytes(stock["ledger"], f"token/{t}/L{i}/{name}")[1]
+                )
             assert ad == 8 * want, (t, i, ad, want)
             diff += ad
-            other = 0                            # the selection may use fixed operands of its own: its difference
+            other = 0  # the selection may use fixed operands of its own: its difference
             for run, sign in ((stock, 1), (fixed, -1)):
                 other += sign * _scope_bytes(run["ledger"], f"token/{t}/L{i}/selection")[0]
             diff += other

@@ -73,8 +73,11 @@ def test_cluster_summary_matches_reference(L, D, S, tail):
     assert rmax.abs().max() < POISON  # padding rows were never read
 
 
-@pytest.mark.parametrize("L, S", [(37, 16), (100, 16), (257, 16), (100, 32), (96, 16)],
-                         ids=["L37-S16", "L100-S16", "L257-S16", "L100-S32", "L96-S16-no_tail"])
+@pytest.mark.parametrize(
+    "L, S",
+    [(37, 16), (100, 16), (257, 16), (100, 32), (96, 16)],
+    ids=["L37-S16", "L100-S16", "L257-S16", "L100-S32", "L96-S16-no_tail"],
+)
 def test_cluster_summary_reference_matches_definition(L, S):
     """The vectorised reference equals a literal per-cluster loop (both tail rules)."""
     K = keys(2, L, 48)
@@ -82,12 +85,15 @@ def test_cluster_summary_reference_matches_definition(L, S):
         rmax, rmin = cluster_summary_reference(K, S, L=L, tail=tail)
         for c in range(-(-L // S)):
             start = c * S if (tail == "valid" or (c + 1) * S <= L) else max(L - S, 0)
-            rows = K[:, start:min(start + S, L)]
+            rows = K[:, start : min(start + S, L)]
             assert torch.equal(rmax[:, c], rows.amax(1)) and torch.equal(rmin[:, c], rows.amin(1))
 
 
-@pytest.mark.parametrize("L, S", [(37, 16), (100, 16), (257, 16), (96, 16), (100, 8)],
-                         ids=["L37-S16-odd_C", "L100-S16-odd_C", "L257-S16-odd_C", "L96-S16-even_C", "L100-S8-odd_C"])
+@pytest.mark.parametrize(
+    "L, S",
+    [(37, 16), (100, 16), (257, 16), (96, 16), (100, 8)],
+    ids=["L37-S16-odd_C", "L100-S16-odd_C", "L257-S16-odd_C", "L96-S16-even_C", "L100-S8-odd_C"],
+)
 def test_parent_summary_equals_direct_summary_at_2S(L, S):
     K = keys(3, L, 48)
     child_max, child_min = cluster_summary(K, S, L=L)
@@ -100,13 +106,16 @@ def test_parent_summary_equals_direct_summary_at_2S(L, S):
 # cluster_scores
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("exact", [False, True], ids=["linear", "exact"])
-@pytest.mark.parametrize("C, D, alpha", [
-    pytest.param(1, 64, 0.6, id="C1-D64"),
-    pytest.param(7, 48, 0.6, id="C7-D48"),
-    pytest.param(17, 64, 0.6, id="C17-D64"),
-    pytest.param(33, 48, 0.6, id="C33-D48-two_blocks"),
-    pytest.param(17, 48, 0.25, id="C17-D48-alpha0.25"),
-])
+@pytest.mark.parametrize(
+    "C, D, alpha",
+    [
+        pytest.param(1, 64, 0.6, id="C1-D64"),
+        pytest.param(7, 48, 0.6, id="C7-D48"),
+        pytest.param(17, 64, 0.6, id="C17-D64"),
+        pytest.param(33, 48, 0.6, id="C33-D48-two_blocks"),
+        pytest.param(17, 48, 0.25, id="C17-D48-alpha0.25"),
+    ],
+)
 def test_cluster_scores_matches_reference(C, D, alpha, exact):
     g = torch.Generator().manual_seed(1)
     q = torch.randn(3, D, generator=g) * 3  # a KV group's query: the sum of G = 3 heads
@@ -171,10 +180,13 @@ def test_sparse_decode_attention_matches_reference(Hkv, G, D, L, S, k, with_last
 
 # (dtype, tolerance): both sides compute in fp32 from the same rounded inputs, so the only new error is the final
 # rounding of o to the storage dtype: half an ulp, 2**-11 (fp16) or 2**-8 (bf16) relative, for |o| <= ~3.
-@pytest.mark.parametrize("dtype, tol", [
-    pytest.param(torch.float16, {"rtol": 1e-3, "atol": 2e-3}, id="fp16"),
-    pytest.param(torch.bfloat16, {"rtol": 8e-3, "atol": 1.6e-2}, id="bf16"),
-])
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [
+        pytest.param(torch.float16, {"rtol": 1e-3, "atol": 2e-3}, id="fp16"),
+        pytest.param(torch.bfloat16, {"rtol": 8e-3, "atol": 1.6e-2}, id="bf16"),
+    ],
+)
 def test_sparse_decode_attention_low_precision_inputs(dtype, tol):
     q, K, V = (x.to(dtype) for x in attention_inputs(3, 3, 100, 48, seed=5))
     sel = random_selection(3, 7, 3, with_last=True)
@@ -183,11 +195,14 @@ def test_sparse_decode_attention_low_precision_inputs(dtype, tol):
     torch.testing.assert_close(o, sparse_decode_attention_reference(q, K, V, sel, 16, L=100), **tol)
 
 
-@pytest.mark.parametrize("Hkv, G, D, L, S", [
-    pytest.param(3, 3, 64, 37, 16, id="Hkv3-G3-D64-L37-S16"),
-    pytest.param(3, 3, 48, 257, 32, id="Hkv3-G3-D48-L257-S32"),
-    pytest.param(3, 3, 48, 100, 16, id="Hkv3-G3-D48-L100-S16"),
-])
+@pytest.mark.parametrize(
+    "Hkv, G, D, L, S",
+    [
+        pytest.param(3, 3, 64, 37, 16, id="Hkv3-G3-D64-L37-S16"),
+        pytest.param(3, 3, 48, 257, 32, id="Hkv3-G3-D48-L257-S32"),
+        pytest.param(3, 3, 48, 100, 16, id="Hkv3-G3-D48-L100-S16"),
+    ],
+)
 def test_sparse_with_all_clusters_equals_dense(Hkv, G, D, L, S):
     q, K, V = attention_inputs(Hkv, G, L, D, seed=3)
     C = -(-L // S)
@@ -212,8 +227,9 @@ def test_dispatch_uses_reference_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(kt, "INTERPRET", False)
     q, K, V = attention_inputs(3, 3, 37, 48)
     sel = random_selection(3, 3, 2, with_last=True)
-    assert torch.equal(sparse_decode_attention(q, K, V, sel, 16, L=37),
-                       sparse_decode_attention_reference(q, K, V, sel, 16, L=37))
+    assert torch.equal(
+        sparse_decode_attention(q, K, V, sel, 16, L=37), sparse_decode_attention_reference(q, K, V, sel, 16, L=37)
+    )
     summary = cluster_summary(K, 16, L=37)
     assert all(torch.equal(a, b) for a, b in zip(summary, cluster_summary_reference(K, 16, L=37)))
     assert torch.equal(cluster_scores(q[:3], *summary), cluster_scores_reference(q[:3], *summary))
@@ -235,22 +251,47 @@ def test_bad_arguments_raise_value_error():
 ATTN_BLOCKS = {"BLOCK_G": 4, "BLOCK_S": 16, "BLOCK_D": 64}
 PARTS = {"M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32"}
 COMPILE_CASES = {  # id -> (module, kernel, pointer types, constexprs, float args); every other argument is i32
-    "cluster_summary-fp32": ("cluster_summary", "_cluster_summary_kernel",
-                             {"K": "*fp32", "RMAX": "*fp32", "RMIN": "*fp32"},
-                             {"TAIL_WINDOW": False, "BLOCK_S": 16, "BLOCK_D": 64}, []),
-    "cluster_summary-window-fp16": ("cluster_summary", "_cluster_summary_kernel",
-                                    {"K": "*fp16", "RMAX": "*fp16", "RMIN": "*fp16"},
-                                    {"TAIL_WINDOW": True, "BLOCK_S": 32, "BLOCK_D": 128}, []),
-    **{f"cluster_scores-{mode}": ("cluster_scores", "_cluster_scores_kernel",
-                                  {"Q": "*fp32", "RMAX": "*fp32", "RMIN": "*fp32", "OUT": "*fp32"},
-                                  {"EXACT": mode == "exact", "BLOCK_C": 32, "BLOCK_D": 64}, ["alpha"])
-       for mode in ("linear", "exact")},
-    **{f"sparse_decode_split-{dt}": ("sparse_decode_attention", "_sparse_decode_split_kernel",
-                                     dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", SEL="*i64", **PARTS), ATTN_BLOCKS,
-                                     ["qk_scale"])
-       for dt in ("fp32", "fp16", "bf16")},
-    "merge_splits-fp16": ("sparse_decode_attention", "_merge_splits_kernel", dict(OUT="*fp16", **PARTS),
-                          {"BLOCK_SPLITS": 64, "BLOCK_D": 64}, []),
+    "cluster_summary-fp32": (
+        "cluster_summary",
+        "_cluster_summary_kernel",
+        {"K": "*fp32", "RMAX": "*fp32", "RMIN": "*fp32"},
+        {"TAIL_WINDOW": False, "BLOCK_S": 16, "BLOCK_D": 64},
+        [],
+    ),
+    "cluster_summary-window-fp16": (
+        "cluster_summary",
+        "_cluster_summary_kernel",
+        {"K": "*fp16", "RMAX": "*fp16", "RMIN": "*fp16"},
+        {"TAIL_WINDOW": True, "BLOCK_S": 32, "BLOCK_D": 128},
+        [],
+    ),
+    **{
+        f"cluster_scores-{mode}": (
+            "cluster_scores",
+            "_cluster_scores_kernel",
+            {"Q": "*fp32", "RMAX": "*fp32", "RMIN": "*fp32", "OUT": "*fp32"},
+            {"EXACT": mode == "exact", "BLOCK_C": 32, "BLOCK_D": 64},
+            ["alpha"],
+        )
+        for mode in ("linear", "exact")
+    },
+    **{
+        f"sparse_decode_split-{dt}": (
+            "sparse_decode_attention",
+            "_sparse_decode_split_kernel",
+            dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", SEL="*i64", **PARTS),
+            ATTN_BLOCKS,
+            ["qk_scale"],
+        )
+        for dt in ("fp32", "fp16", "bf16")
+    },
+    "merge_splits-fp16": (
+        "sparse_decode_attention",
+        "_merge_splits_kernel",
+        dict(OUT="*fp16", **PARTS),
+        {"BLOCK_SPLITS": 64, "BLOCK_D": 64},
+        [],
+    ),
 }
 
 # Runs in a fresh interpreter WITHOUT TRITON_INTERPRET: under the interpreter, triton.language's own @jit helpers
@@ -281,8 +322,16 @@ def sm90_cubins():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the current default, set to silence triton 3.9's FutureWarning
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], input=json.dumps(COMPILE_CASES), env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT],
+        input=json.dumps(COMPILE_CASES),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

@@ -1,5 +1,6 @@
 """The communicator-level counting rules of the cost ledger, on a fake transport (no processes), and the per-round
 profile (compute / wait / copy seconds per scope) on a real 2-party run (this file is also that run's job script)."""
+
 import json
 import os
 import sys
@@ -19,15 +20,32 @@ class FakeComm:
     def get_rank(self):
         return self.rank
 
-    def send(self, t, dst): pass
-    def recv(self, t, src=None): return t
-    def isend(self, t, dst): pass
-    def irecv(self, t, src=None): pass
-    def all_reduce(self, x, op=None, batched=False): return x
-    def reduce(self, x, dst, op=None, batched=False): return x
-    def broadcast(self, x, src, group=None, batched=False): return x
-    def send_obj(self, obj, dst, group=None): pass
-    def recv_obj(self, src, group=None): return "obj"
+    def send(self, t, dst):
+        pass
+
+    def recv(self, t, src=None):
+        return t
+
+    def isend(self, t, dst):
+        pass
+
+    def irecv(self, t, src=None):
+        pass
+
+    def all_reduce(self, x, op=None, batched=False):
+        return x
+
+    def reduce(self, x, dst, op=None, batched=False):
+        return x
+
+    def broadcast(self, x, src, group=None, batched=False):
+        return x
+
+    def send_obj(self, obj, dst, group=None):
+        pass
+
+    def recv_obj(self, src, group=None):
+        return "obj"
 
 
 def make(rank=0, n=2):
@@ -38,13 +56,13 @@ def make(rank=0, n=2):
     return c
 
 
-T = torch.zeros(10, dtype=torch.long)      # 80 bytes
+T = torch.zeros(10, dtype=torch.long)  # 80 bytes
 
 
 def test_collectives_and_rounds():
     c = make(n=3)
     with c.ledger.scope("decode"), c.ledger.scope("L0"):
-        c.all_reduce(T)                    # 1 round, (n-1) x 80 each way
+        c.all_reduce(T)  # 1 round, (n-1) x 80 each way
         c.all_reduce([T, T], batched=True)  # batched: 1 round
     t = c.ledger.totals("decode")
     assert t == {"bytes_sent": 2 * 80 + 2 * 160, "bytes_recv": 2 * 80 + 2 * 160, "rounds": 2, "calls": 2}
@@ -52,21 +70,21 @@ def test_collectives_and_rounds():
 
 def test_posted_irecvs_are_one_round():
     c = make(n=3)
-    for _ in range(2):                     # replicated resharing of two tensors: isend, irecv, isend, irecv
+    for _ in range(2):  # replicated resharing of two tensors: isend, irecv, isend, irecv
         c.isend(T, 1)
         c.irecv(T, 2)
     assert c.ledger.totals()["rounds"] == 1
-    c.ledger._irecv_run = False          # the protocol waited: the next posted irecv is a new exchange
+    c.ledger._irecv_run = False  # the protocol waited: the next posted irecv is a new exchange
     c.irecv(T, 2)
     assert c.ledger.totals()["rounds"] == 2
-    c.recv(T, 1)                           # a later blocking receive is a new round
+    c.recv(T, 1)  # a later blocking receive is a new round
     assert c.ledger.totals()["rounds"] == 3
 
 
 def test_waiting_ends_an_irecv_run():
     c = make(n=3)
     req = c.irecv(T, 2)
-    req._work = None                     # the fake transport has no request object
+    req._work = None  # the fake transport has no request object
     req.wait()
     c.irecv(T, 2)
     assert c.ledger.totals()["rounds"] == 2
@@ -96,9 +114,10 @@ def test_scopes_nest_and_time():
 
 def test_profile_splits_wall_time_on_a_fake_transport():
     """Transfers handed to the transport count as waiting; the split is inclusive and sums to the wall time."""
+
     class SlowComm(FakeComm):
         def recv(self, t, src=None):
-            time.sleep(0.02)                                  # the peer is late
+            time.sleep(0.02)  # the peer is late
             return t
 
     cls = _counting_communicator_class(SlowComm)
@@ -107,12 +126,13 @@ def test_profile_splits_wall_time_on_a_fake_transport():
     c.ledger = CostLedger(0, 2)
     with c.ledger.scope("token/1"), c.ledger.scope("L0"), c.ledger.scope("norm"):
         c.recv(T, 1)
-        sum(range(20000))                                     # local work
+        sum(range(20000))  # local work
     d = c.ledger.to_dict()
     for p in ("token/1", "token/1/L0", "token/1/L0/norm"):
         w, cp, cm, s = d["wait_seconds"][p], d["copy_seconds"][p], d["compute_seconds"][p], d["seconds"][p]
         assert w >= 0.02 and cp == 0 and cm > 0 and abs(w + cp + cm - s) < 1e-9, (p, w, cp, cm, s)
     from mpcache.mpc.ledger import decode_profile
+
     rows = {r["op"]: r for r in decode_profile(d)}
     assert rows["norm"]["rounds"] == 1 and rows["norm"]["wait_s"] >= 0.02 and rows["token"]["rounds"] == 1
 
@@ -166,7 +186,7 @@ def _profile_job(out):
     sess.close()
 
 
-if __name__ == "__main__":             # the job of test_profile_on_a_real_two_party_run, under mpirun -n 2
+if __name__ == "__main__":  # the job of test_profile_on_a_real_two_party_run, under mpirun -n 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     torch.set_num_threads(1)
     from mpcache.mpc.session import run_party

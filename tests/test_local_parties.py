@@ -1,5 +1,6 @@
 """The multi-party harness of the protocol tests (mpcache/mpc/local_parties.py): every party runs, every party's
 result and ledger come back, and any party's failure or hang fails the caller, in bounded time."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,11 @@ from mpcache.mpc.local_parties import Parties, PartyFailure, run_parties
 
 pytest_plugins = ["pytester"]
 
-SETTINGS = {"2pc-tfp": (2, "arithmetic", "tfp"), "3pc-replicated": (3, "replicated", "tfp"),
-            "2pc-ttp": (2, "arithmetic", "ttp")}
+SETTINGS = {
+    "2pc-tfp": (2, "arithmetic", "tfp"),
+    "3pc-replicated": (3, "replicated", "tfp"),
+    "2pc-ttp": (2, "arithmetic", "ttp"),
+}
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -37,10 +41,10 @@ def test_every_party_returns_its_value_and_its_ledger(setting):
     for r in results:
         rank, parties, proto, prov, z = r.value
         assert (rank, parties, proto, prov) == (r.rank, n, protocol, provider)
-        assert torch.allclose(z, x * y, atol=2 ** -14)
+        assert torch.allclose(z, x * y, atol=2**-14)
     rounds = [r.ledger.totals("product", kind="online")["rounds"] for r in results]
     assert rounds == ([1, 2, 1] if protocol == "replicated" else [1, 1])
-    if provider == "ttp":               # party 0 asks the dealer for the triple
+    if provider == "ttp":  # party 0 asks the dealer for the triple
         assert results[0].ledger.totals("product", kind="dealer")["rounds"] > 0
 
 
@@ -66,6 +70,7 @@ def test_a_failure_in_a_nonzero_rank_fails_the_call(setting, rank):
 
 def test_a_party_that_dies_fails_the_call():
     """A party that exits without a result (a crash, ``os._exit``) is named with its exit code."""
+
     def fn(sess):
         if sess.rank == 1:
             os._exit(3)
@@ -95,7 +100,8 @@ def test_a_hang_is_bounded_by_the_timeout():
 def test_a_failing_party_fails_the_test(pytester):
     """The harness's purpose, end to end: a test whose party 1 fails an assertion is reported as FAILED by pytest
     (with that party's message), and a test whose parties all pass passes."""
-    pytester.makepyfile(test_parties="""
+    pytester.makepyfile(
+        test_parties="""
         from mpcache.mpc.local_parties import run_parties
 
         def test_rank_1_disagrees():
@@ -106,11 +112,13 @@ def test_a_failing_party_fails_the_test(pytester):
 
         def test_all_agree():
             assert [r.value for r in run_parties(2, lambda sess: sess.rank, timeout=60)] == [0, 1]
-    """)
+    """
+    )
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1, passed=1)
-    result.stdout.fnmatch_lines(["*party 1 raised AssertionError: rank 1 disagrees*",
-                                 "FAILED test_parties.py::test_rank_1_disagrees*"])
+    result.stdout.fnmatch_lines(
+        ["*party 1 raised AssertionError: rank 1 disagrees*", "FAILED test_parties.py::test_rank_1_disagrees*"]
+    )
 
 
 # ---- Parties: the same parties for many calls ----------------------------------------------------------------
@@ -137,7 +145,7 @@ def test_parties_keep_running_between_calls_and_restart_after_a_failure():
         second = parties.run(_pid_and_product, x)
         assert [r.value[0] for r in first] == [r.value[0] for r in second]
         for a, b in zip(first, second):
-            assert torch.allclose(b.value[1], x * x, atol=2 ** -14)
+            assert torch.allclose(b.value[1], x * x, atol=2**-14)
             assert b.ledger.totals() == a.ledger.totals() and b.ledger.totals("product")["rounds"] > 0  # per call
         with pytest.raises(TypeError, match="module-level function"):
             parties.run(lambda sess: sess.rank)
@@ -173,25 +181,26 @@ def test_pipes_and_gloo_carry_the_same_protocol(setting):
         with Parties(n, protocol=protocol, provider=provider, timeout=60, p2p=p2p) as parties:
             runs[p2p] = parties.run(_softmax_and_reshare, x)
     for a, b in zip(runs["pipes"], runs["gloo"]):
-        assert {k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in a.ledger.counts.items()} == \
-               {k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in b.ledger.counts.items()}
+        assert {k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in a.ledger.counts.items()} == {
+            k: {f: v[f] for f in ("bytes_sent", "bytes_recv", "rounds")} for k, v in b.ledger.counts.items()
+        }
         for u, v in zip(a.value, b.value):
-            assert (u - v).abs().max() <= 2 * 512 * 2 ** -16
+            assert (u - v).abs().max() <= 2 * 512 * 2**-16
 
 
 def _exchange_big(sess):
     from crypten import communicator as comm
 
     c, other = comm.get(), 1 - sess.rank
-    n = 300_000                                                       # 2.4 MB: more than a pipe holds
+    n = 300_000  # 2.4 MB: more than a pipe holds
     sent = [c.isend(torch.zeros(0, dtype=torch.long), other), c.isend(torch.arange(n) * (sess.rank + 1), other)]
     empty, got = torch.zeros(0, dtype=torch.long), torch.empty(n, dtype=torch.long)
     c.irecv(empty, other).wait()
     c.irecv(got, other).wait()
     for r in sent:
         r.wait()
-    c.isend(torch.ones(2, n, dtype=torch.long), other)                # never waited on
-    strided = torch.empty(n, 2, dtype=torch.long).t()                 # a non-contiguous receive buffer
+    c.isend(torch.ones(2, n, dtype=torch.long), other)  # never waited on
+    strided = torch.empty(n, 2, dtype=torch.long).t()  # a non-contiguous receive buffer
     c.irecv(strided, other).wait()
     return bool(torch.equal(got, torch.arange(n) * (other + 1))), bool((strided == 1).all())
 

@@ -3,6 +3,7 @@ mpirun hostfile, and nothing else -- no environment variable tells the parties w
 the same tokens, bytes and rounds as the loopback run. Needs root + ip netns + /dev/net/tun: skipped (with the
 reason) where the machine cannot make namespaces. The bad-input cases (an interface that does not exist, a port
 already taken) run anywhere."""
+
 import json
 import os
 import socket
@@ -16,8 +17,18 @@ from conftest import mpi_env as conftest_mpi_env
 pytestmark = pytest.mark.mpi
 
 NETEM = os.path.join(ROOT, "scripts", "netem")
-GEN = ["-m", "parties", "generate", "--model", "tiny-llama", "--prompt", "hosts", "--max-new-tokens", "3",
-       "--no-plaintext"]
+GEN = [
+    "-m",
+    "parties",
+    "generate",
+    "--model",
+    "tiny-llama",
+    "--prompt",
+    "hosts",
+    "--max-new-tokens",
+    "3",
+    "--no-plaintext",
+]
 
 
 def mpi_env(tmp_path, **extra) -> dict:
@@ -44,21 +55,43 @@ def fabric():
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("n,extra", [(2, []), (3, ["--protocol", "replicated"]), (3, ["--provider", "ttp"])],
-                         ids=["2pc", "3pc", "2pc-dealer"])
+@pytest.mark.parametrize(
+    "n,extra",
+    [(2, []), (3, ["--protocol", "replicated"]), (3, ["--provider", "ttp"])],
+    ids=["2pc", "3pc", "2pc-dealer"],
+)
 def test_hostfile_run_across_namespaces_equals_loopback(fabric, tmp_path, n, extra):
     netem, fab = fabric
     hostfile = tmp_path / "hosts"
     hostfile.write_text("".join(f"{netem.addr(i)}\n" for i in range(n)))
     run_mpi(n, [*GEN, *extra, "--out", str(tmp_path / "loop")], timeout=180)
-    env = mpi_env(tmp_path, NETEM_PREFIX=fab.prefix)       # the ssh stand-in's setting, not the parties'
-    cmd = ["ip", "netns", "exec", f"{fab.prefix}0", MPIRUN, "-f", str(hostfile), "-launcher", "ssh",
-           "-launcher-exec", NETEM, "-iface", netem.DEV, "-n", str(n), sys.executable, *GEN, *extra,
-           "--out", str(tmp_path / "hosts-run")]
+    env = mpi_env(tmp_path, NETEM_PREFIX=fab.prefix)  # the ssh stand-in's setting, not the parties'
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        f"{fab.prefix}0",
+        MPIRUN,
+        "-f",
+        str(hostfile),
+        "-launcher",
+        "ssh",
+        "-launcher-exec",
+        NETEM,
+        "-iface",
+        netem.DEV,
+        "-n",
+        str(n),
+        sys.executable,
+        *GEN,
+        *extra,
+        "--out",
+        str(tmp_path / "hosts-run"),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert _costs(tmp_path / "hosts-run") == _costs(tmp_path / "loop")
-    assert "10.77.0.1" in p.stdout                          # the run header names where the parties met
+    assert "10.77.0.1" in p.stdout  # the run header names where the parties met
 
 
 @pytest.mark.timeout(120)

@@ -5,6 +5,7 @@ Why one file (~550 lines): the plaintext contract of every policy, checked with 
 
 Eviction decisions are compared as kept index sets on random Gaussian inputs (no ties in practice).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,13 +47,29 @@ def prefill_ctx(n: int, seed: int, layer: int = 0, n_layers: int = 2, shared: di
     return PrefillContext(B, layer, n_layers, q, k, v, attn, {}, {} if shared is None else shared)
 
 
-def decode_ctx(L: int, seed: int, n_prompt: int | None = None, state: dict | None = None, K=None,
-               layer: int = 0, shared: dict | None = None) -> DecodeContext:
+def decode_ctx(
+    L: int,
+    seed: int,
+    n_prompt: int | None = None,
+    state: dict | None = None,
+    K=None,
+    layer: int = 0,
+    shared: dict | None = None,
+) -> DecodeContext:
     g = torch.Generator().manual_seed(seed)
     K = torch.randn(HKV, L, D, generator=g) if K is None else K[:, :L]
     q = torch.randn(H, D, generator=g)
-    return DecodeContext(B, layer, 2, q, K, K + 1.0, L if n_prompt is None else n_prompt,
-                         {} if state is None else state, {} if shared is None else shared)
+    return DecodeContext(
+        B,
+        layer,
+        2,
+        q,
+        K,
+        K + 1.0,
+        L if n_prompt is None else n_prompt,
+        {} if state is None else state,
+        {} if shared is None else shared,
+    )
 
 
 def row_indices(g: Gather | None, L: int) -> torch.Tensor:
@@ -65,13 +82,13 @@ def row_indices(g: Gather | None, L: int) -> torch.Tensor:
     parts = [torch.cat(before).expand(HKV, -1)] if before else []
     if g.onehot is not None:
         assert torch.equal(g.onehot.sum(-1), torch.ones(g.onehot.shape[:-1])), "one-hot rows must hold one 1"
-        blocks = g.onehot.argmax(-1)                                              # (Hkv, k)
-        if g.strata:                          # compact form: slot j of row r is candidate strata_layout[r, j]
+        blocks = g.onehot.argmax(-1)  # (Hkv, k)
+        if g.strata:  # compact form: slot j of row r is candidate strata_layout[r, j]
             from mpcache.layout import strata_layout
 
             layout, _ = strata_layout(g.strata, g.n_blocks_selected)
             blocks = layout[torch.arange(layout.shape[0]), blocks]
-        rows = g.start + blocks[..., None] * g.block + torch.arange(g.block)      # (Hkv, k, block)
+        rows = g.start + blocks[..., None] * g.block + torch.arange(g.block)  # (Hkv, k, block)
         parts.append(rows.reshape(HKV, -1))
     if after:
         parts.append(torch.cat(after).expand(HKV, -1))
@@ -98,47 +115,80 @@ def hook(name: str, n: int, seed: int, **kw):
 def test_budget_arithmetic():
     assert resolve_budget(None, None) == 0.1
     assert resolve_budget(0.25, None) == 0.25 and resolve_budget(None, 0.75) == 0.25 and resolve_budget(64, None) == 64
-    assert kept_count(200, resolve_budget(None, 0.9)) == 20      # 1 - 0.9 is 0.0999...: round, never truncate
+    assert kept_count(200, resolve_budget(None, 0.9)) == 20  # 1 - 0.9 is 0.0999...: round, never truncate
     assert kept_count(200, 0.1) == 20 and kept_count(205, 0.1) == 21 and kept_count(10, 0.01) == 1
     assert kept_count(100, 500) == 100 and kept_count(100, 1.0) == 100
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"budget": 0.1, "compression_ratio": 0.9}, "not both"),
-    ({"budget": 0.0}, r"\(0, 1\]"), ({"budget": 1.5}, "pass an int"), ({"budget": -0.2}, r"\(0, 1\]"),
-    ({"budget": 0}, ">= 1"), ({"budget": True}, "fraction"), ({"budget": "0.1"}, "fraction"),
-    ({"compression_ratio": 1.0}, r"\[0, 1\)"), ({"compression_ratio": -0.1}, r"\[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"budget": 0.1, "compression_ratio": 0.9}, "not both"),
+        ({"budget": 0.0}, r"\(0, 1\]"),
+        ({"budget": 1.5}, "pass an int"),
+        ({"budget": -0.2}, r"\(0, 1\]"),
+        ({"budget": 0}, ">= 1"),
+        ({"budget": True}, "fraction"),
+        ({"budget": "0.1"}, "fraction"),
+        ({"compression_ratio": 1.0}, r"\[0, 1\)"),
+        ({"compression_ratio": -0.1}, r"\[0, 1\)"),
+    ],
+)
 @pytest.mark.parametrize("name", STATIC + DYNAMIC)
 def test_budget_validation(name, kw, match):
     with pytest.raises(ValueError, match=match):
         make_policy(name, **kw)
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("streaming", {"sinks": -1}), ("h2o", {"recent_ratio": 1.5}), ("snapkv", {"kernel_size": 4}),
-    ("snapkv", {"pooling": "median"}), ("snapkv", {"window": 0}), ("quest", {"page_size": 0}),
-    ("mpcache", {"static_keep": 1.2}), ("mpcache", {"static_reduce": "sum"}), ("mpcache", {"alpha": 2.0}),
-    ("mpcache", {"fanout": 1}), ("mpcache", {"ratio1": 0.0}), ("mpcache", {"window_fraction": 1.0}),
-    ("mpcache", {"share_group": 0}), ("nosuch", {}),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("streaming", {"sinks": -1}),
+        ("h2o", {"recent_ratio": 1.5}),
+        ("snapkv", {"kernel_size": 4}),
+        ("snapkv", {"pooling": "median"}),
+        ("snapkv", {"window": 0}),
+        ("quest", {"page_size": 0}),
+        ("mpcache", {"static_keep": 1.2}),
+        ("mpcache", {"static_reduce": "sum"}),
+        ("mpcache", {"alpha": 2.0}),
+        ("mpcache", {"fanout": 1}),
+        ("mpcache", {"ratio1": 0.0}),
+        ("mpcache", {"window_fraction": 1.0}),
+        ("mpcache", {"share_group": 0}),
+        ("nosuch", {}),
+    ],
+)
 def test_setting_validation(name, kw):
     with pytest.raises(ValueError):
         make_policy(name, **kw)
 
 
 # ---- the one-hot Gather path equals index gathering; public shapes --------------------------------------------
-CASES = [("streaming", {"budget": 0.3}), ("h2o", {"budget": 0.3}), ("snapkv", {"budget": 0.3}),
-         ("snapkv", {"budget": 0.3, "pooling": "max"}), ("snapkv", {"budget": 40}), ("tova", {"budget": 0.3}),
-         ("quest", {"budget": 0.2}), ("mpcache", {"budget": 0.2}), ("mpcache", {"budget": 0.2, "linear": False}),
-         ("mpcache", {"budget": 0.2, "hierarchy": False}), ("mpcache", {"budget": 0.2, "keep_last_cluster": True}),
-         ("mpcache", {"budget": 0.5, "static": True, "static_reduce": "mean"}),
-         ("mpcache", {"budget": 0.2, "head_reduce": "sum", "cluster_size": 16}), ("h2o", {"budget": 0.3, "recent_ratio": 0.0}),
-         # the stratified tournament (compact one-hots) and the "auto" rule
-         ("h2o", {"budget": 0.3, "topk": "strata"}), ("snapkv", {"budget": 0.3, "topk": "strata"}),
-         ("tova", {"budget": 0.3, "topk": "auto"}), ("quest", {"budget": 0.2, "topk": "strata"}),
-         ("mpcache", {"budget": 0.2, "topk": "strata"}), ("mpcache", {"budget": 0.2, "topk": "auto"}),
-         ("mpcache", {"budget": 0.5, "static": True, "topk": "strata"})]
+CASES = [
+    ("streaming", {"budget": 0.3}),
+    ("h2o", {"budget": 0.3}),
+    ("snapkv", {"budget": 0.3}),
+    ("snapkv", {"budget": 0.3, "pooling": "max"}),
+    ("snapkv", {"budget": 40}),
+    ("tova", {"budget": 0.3}),
+    ("quest", {"budget": 0.2}),
+    ("mpcache", {"budget": 0.2}),
+    ("mpcache", {"budget": 0.2, "linear": False}),
+    ("mpcache", {"budget": 0.2, "hierarchy": False}),
+    ("mpcache", {"budget": 0.2, "keep_last_cluster": True}),
+    ("mpcache", {"budget": 0.5, "static": True, "static_reduce": "mean"}),
+    ("mpcache", {"budget": 0.2, "head_reduce": "sum", "cluster_size": 16}),
+    ("h2o", {"budget": 0.3, "recent_ratio": 0.0}),
+    # the stratified tournament (compact one-hots) and the "auto" rule
+    ("h2o", {"budget": 0.3, "topk": "strata"}),
+    ("snapkv", {"budget": 0.3, "topk": "strata"}),
+    ("tova", {"budget": 0.3, "topk": "auto"}),
+    ("quest", {"budget": 0.2, "topk": "strata"}),
+    ("mpcache", {"budget": 0.2, "topk": "strata"}),
+    ("mpcache", {"budget": 0.2, "topk": "auto"}),
+    ("mpcache", {"budget": 0.5, "static": True, "topk": "strata"}),
+]
 
 
 def case_id(kw) -> str:
@@ -151,7 +201,7 @@ def test_onehot_gather_equals_index_gather(name, kw):
         g, k = hook(name, n, seed=n, **kw)
         assert g is not None and (g.onehot is not None or name == "streaming")
         idx = row_indices(g, k.shape[1])
-        for h in range(HKV):   # every row at most once, and the Gather's row count
+        for h in range(HKV):  # every row at most once, and the Gather's row count
             assert len(set(idx[h].tolist())) == idx.shape[1] == g.n_rows
         assert torch.equal(g.apply(k, B), index_gather(k, idx))
 
@@ -167,7 +217,7 @@ def test_rows_depend_only_on_public_sizes(name, budget):
             rows.append(k.shape[1] if g is None else g.n_rows)
             if g is not None and g.onehot is not None:  # the one-hot's shape is public too
                 rows.append(tuple(g.onehot.shape) + (g.start, g.block))
-        assert rows[: len(rows) // 2] == rows[len(rows) // 2:]
+        assert rows[: len(rows) // 2] == rows[len(rows) // 2 :]
         pol = make_policy(name, **kw)
         expected = pol.attended_tokens(n, 0) if name in DYNAMIC else pol.attended_tokens(n, 0) - 1
         assert rows[0] == expected, (name, n, rows, expected)
@@ -177,14 +227,20 @@ def test_attended_fraction_tracks_budget():
     for name in STATIC:
         assert make_policy(name, budget=0.1).attended_fraction(4000) == pytest.approx(0.1, abs=1e-3)
     assert QuestPolicy(budget=0.1).attended_fraction(4000) == pytest.approx(0.1, abs=0.01)
-    for kw in ({}, {"static": True}, {"hierarchy": False}, {"static": True, "static_keep": 0.1},
-               {"cluster_size": 16}, {"share_layers": True}):
+    for kw in (
+        {},
+        {"static": True},
+        {"hierarchy": False},
+        {"static": True, "static_keep": 0.1},
+        {"cluster_size": 16},
+        {"share_layers": True},
+    ):
         pol = MPCachePolicy(budget=0.1, **kw)
         assert pol.attended_fraction(4000) == pytest.approx(0.1, abs=0.01), kw
         assert pol.attended_fraction(4000, step=100) == pytest.approx(0.1, abs=0.01), kw
-    assert MPCachePolicy(budget=0.1).n_static(4000) == 4000                 # no static stage by default
+    assert MPCachePolicy(budget=0.1).n_static(4000) == 4000  # no static stage by default
     pol = MPCachePolicy(budget=0.1, static=True)
-    assert pol.n_static(4000) == 4 + 800 + round(0.5 * (4000 - 804))   # sinks + window + half the middle
+    assert pol.n_static(4000) == 4 + 800 + round(0.5 * (4000 - 804))  # sinks + window + half the middle
     for name in POLICIES[1:]:
         assert make_policy(name, budget=1.0).attended_fraction(500, 3) == 1.0
 
@@ -213,10 +269,12 @@ def test_static_selections_match_reference():
     assert torch.equal(kept(make_policy("tova", budget=0.3).prefill(ctx)), ref)
     # mpcache: sinks 4, window 60, half of the 236 middle tokens by the window attention (max or mean)
     for red in ("max", "mean"):
-        win = ctx.attn[:, n - 60:, 4: n - 60]
+        win = ctx.attn[:, n - 60 :, 4 : n - 60]
         s = grouped(win.amax(1) if red == "max" else win.mean(1))
         ref = torch.cat([torch.arange(4).expand(HKV, -1), 4 + top(s, 118), torch.arange(n - 60, n).expand(HKV, -1)], 1)
-        assert torch.equal(kept(MPCachePolicy(budget=0.1, static=True, static_reduce=red, topk="rank").prefill(ctx)), ref)
+        assert torch.equal(
+            kept(MPCachePolicy(budget=0.1, static=True, static_reduce=red, topk="rank").prefill(ctx)), ref
+        )
 
 
 def test_lazy_attention_context_gives_the_same_selections():
@@ -241,7 +299,7 @@ def test_lazy_attention_context_gives_the_same_selections():
             got, ref = make_policy(name, budget=b, **kw).prefill(lazy), make_policy(name, budget=b, **kw).prefill(ctx)
             assert got is not None, name
             assert torch.equal(row_indices(got, n), row_indices(ref, n)), (name, b)
-            assert all(e - a < n for a, e in calls) or name == "h2o", (name, calls)   # never all rows at once
+            assert all(e - a < n for a, e in calls) or name == "h2o", (name, calls)  # never all rows at once
     lazy = PrefillContext(B, 0, 2, ctx.q, ctx.k, ctx.v, None, {}, {}, attn_fn=rows)
     assert torch.equal(lazy.attn, ctx.attn) and "attn" not in repr(lazy)
 
@@ -259,12 +317,12 @@ def reference_clusters(pol: MPCachePolicy, K: torch.Tensor, q: torch.Tensor, n_f
     plan = pol.dynamic_plan(L, n_full + L - n_prompt)
     qg = q.reshape(HKV, G, D)
 
-    def scores(size: int, c: int) -> torch.Tensor:               # (Hkv, c) over clusters of `size` rows from S2
-        blocks = K[:, S2: S2 + c * size].reshape(HKV, c, size, D)
+    def scores(size: int, c: int) -> torch.Tensor:  # (Hkv, c) over clusters of `size` rows from S2
+        blocks = K[:, S2 : S2 + c * size].reshape(HKV, c, size, D)
         rmax, rmin = blocks.amax(2), blocks.amin(2)
-        if pol.linear and pol.head_reduce == "sum":     # the group's queries summed first: one product per cluster
+        if pol.linear and pol.head_reduce == "sum":  # the group's queries summed first: one product per cluster
             return torch.einsum("hd,hcd->hc", qg.sum(1), pol.alpha * rmax + (1 - pol.alpha) * rmin)
-        if pol.linear:                                   # each head's score, then the max over the group's heads
+        if pol.linear:  # each head's score, then the max over the group's heads
             per_head = torch.einsum("hgd,hcd->hgc", qg, pol.alpha * rmax + (1 - pol.alpha) * rmin)
         else:
             per_head = torch.maximum(qg[:, :, None] * rmax[:, None], qg[:, :, None] * rmin[:, None]).sum(3)
@@ -282,24 +340,32 @@ def reference_clusters(pol: MPCachePolicy, K: torch.Tensor, q: torch.Tensor, n_f
     return out
 
 
-SELECT_CASES = [{}, {"linear": False}, {"hierarchy": False}, {"keep_last_cluster": True},
-                {"fanout": 4, "cluster_size": 8}, {"ratio1": 0.25}, {"head_reduce": "sum"},
-                {"head_reduce": "sum", "linear": False}, {"cluster_size": 16, "share_layers": True}]
+SELECT_CASES = [
+    {},
+    {"linear": False},
+    {"hierarchy": False},
+    {"keep_last_cluster": True},
+    {"fanout": 4, "cluster_size": 8},
+    {"ratio1": 0.25},
+    {"head_reduce": "sum"},
+    {"head_reduce": "sum", "linear": False},
+    {"cluster_size": 16, "share_layers": True},
+]
 
 
 @pytest.mark.parametrize("kw", SELECT_CASES, ids=case_id)
 def test_mpcache_selection_matches_torch_topk_over_steps(kw):
     """Decode 70 steps over a growing cache: the selected clusters equal a from-scratch torch re-implementation,
     and the incrementally kept summaries equal a direct recomputation at every step."""
-    pol = MPCachePolicy(budget=0.15, **{"topk": "rank", **kw})   # the exact top-k (strata: own test)
-    n_full, n_prompt = 1500, 900                  # as if the static stage had kept 900 of 1500 prompt rows
+    pol = MPCachePolicy(budget=0.15, **{"topk": "rank", **kw})  # the exact top-k (strata: own test)
+    n_full, n_prompt = 1500, 900  # as if the static stage had kept 900 of 1500 prompt rows
     g = torch.Generator().manual_seed(11)
     K = torch.randn(HKV, n_prompt + 70, D, generator=g)
     state: dict = {}
     S2, f = pol.cluster_size, pol.fanout
     try:
         from kernels.cluster_summary import cluster_summary_reference
-    except ImportError:                           # pragma: no cover
+    except ImportError:  # pragma: no cover
         cluster_summary_reference = None
     for step in range(70):
         L = n_prompt + step + 1
@@ -312,10 +378,10 @@ def test_mpcache_selection_matches_torch_topk_over_steps(kw):
         assert gat.n_rows == L - (plan.C2 - plan.k2) * S2 and gat.ranges == nonempty((0, S2), (plan.end, L))
         fine = state[f"mpcache/fine{S2}"]
         c2 = (L - S2) // S2
-        blocks = K[:, S2: S2 + c2 * S2].reshape(HKV, c2, S2, D)
+        blocks = K[:, S2 : S2 + c2 * S2].reshape(HKV, c2, S2, D)
         assert fine.count == c2 and torch.equal(fine.max, blocks.amax(2)) and torch.equal(fine.min, blocks.amin(2))
         if cluster_summary_reference is not None:
-            ref_max, ref_min = cluster_summary_reference(K[:, S2: S2 + c2 * S2], S2)
+            ref_max, ref_min = cluster_summary_reference(K[:, S2 : S2 + c2 * S2], S2)
             assert torch.equal(fine.max, ref_max) and torch.equal(fine.min, ref_min)
         if pol.linear:
             assert torch.allclose(fine.rep, pol.alpha * fine.max + (1 - pol.alpha) * fine.min)
@@ -323,7 +389,7 @@ def test_mpcache_selection_matches_torch_topk_over_steps(kw):
         if coarse is not None and coarse.count:
             c1 = coarse.count
             assert c1 <= c2 // f
-            big = K[:, S2: S2 + c1 * f * S2].reshape(HKV, c1, f * S2, D)
+            big = K[:, S2 : S2 + c1 * f * S2].reshape(HKV, c1, f * S2, D)
             assert torch.equal(coarse.max, big.amax(2)) and torch.equal(coarse.min, big.amin(2))
 
 
@@ -336,9 +402,9 @@ def test_mpcache_gather_layout_and_forced_rows():
     S2, f = pol.cluster_size, pol.fanout
     assert gat.start == S2 and gat.block == S2 and gat.onehot.shape == (HKV, plan.k2, plan.C2)
     assert gat.ranges == ((0, S2), (plan.end, L)) and plan.end == S2 + f * S2 * plan.C1
-    assert pol.recent <= L - plan.end < pol.recent + f * S2            # the newest rows are never candidates
+    assert pol.recent <= L - plan.end < pol.recent + f * S2  # the newest rows are never candidates
     assert gat.keeps_ends(4, pol.recent, L) and not gat.keeps_ends(S2 + 1, 1, L)
-    assert abs(gat.n_rows - pol.kept(n_full + L - n_prompt)) <= S2 // 2   # nearest multiple of the cluster size
+    assert abs(gat.n_rows - pol.kept(n_full + L - n_prompt)) <= S2 // 2  # nearest multiple of the cluster size
 
 
 def test_quest_selection_and_page_summaries():
@@ -350,15 +416,17 @@ def test_quest_selection_and_page_summaries():
         ctx = decode_ctx(L, seed=L, state=state, K=K)
         gat = pol.select(ctx)
         C, k, end = pol.plan(L)
-        pages = K[:, 16: 16 + 16 * C].reshape(HKV, C, 16, D)
+        pages = K[:, 16 : 16 + 16 * C].reshape(HKV, C, 16, D)
         rmax, rmin = pages.amax(2), pages.amin(2)
         qg = ctx.q.reshape(HKV, G, D)
         s = torch.maximum(qg[:, :, None] * rmax[:, None], qg[:, :, None] * rmin[:, None]).sum((1, 3))
         try:
             from kernels.cluster_scores import cluster_scores_exact_reference
-            assert torch.allclose(s, sum(cluster_scores_exact_reference(qg[:, j], rmax, rmin) for j in range(G)),
-                                  rtol=1e-5, atol=1e-5)
-        except ImportError:                       # pragma: no cover
+
+            assert torch.allclose(
+                s, sum(cluster_scores_exact_reference(qg[:, j], rmax, rmin) for j in range(G)), rtol=1e-5, atol=1e-5
+            )
+        except ImportError:  # pragma: no cover
             pass
         ref = [set(s[h].topk(k).indices.tolist()) for h in range(HKV)]
         assert [set(gat.onehot[h].argmax(-1).tolist()) for h in range(HKV)] == ref
@@ -369,11 +437,19 @@ def test_quest_selection_and_page_summaries():
 
 
 def test_layer_sharing():
-    assert [MPCachePolicy().leader(i) for i in range(4)] == [0, 1, 2, 3]      # no sharing by default
+    assert [MPCachePolicy().leader(i) for i in range(4)] == [0, 1, 2, 3]  # no sharing by default
     pol = MPCachePolicy(budget=0.2, static=True, share_layers=True)
     assert [pol.leader(i) for i in range(8)] == [0, 1, 2, 2, 4, 4, 6, 6]
-    assert [MPCachePolicy(share_layers=True, share_start=1, share_group=3).leader(i) for i in range(8)] == \
-        [0, 1, 1, 1, 4, 4, 4, 7]
+    assert [MPCachePolicy(share_layers=True, share_start=1, share_group=3).leader(i) for i in range(8)] == [
+        0,
+        1,
+        1,
+        1,
+        4,
+        4,
+        4,
+        7,
+    ]
     assert [MPCachePolicy(share_layers=False).leader(i) for i in range(4)] == [0, 1, 2, 3]
     shared: dict = {}
     g2 = pol.prefill(prefill_ctx(400, seed=1, layer=2, n_layers=4, shared=shared))
@@ -388,7 +464,7 @@ def test_layer_sharing():
 # ---- inside the model --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_config("llama")        # 2 layers, hidden 64, 4 heads, 2 KV heads, head dim 16
+    cfg = tiny_config("llama")  # 2 layers, hidden 64, 4 heads, 2 KV heads, head dim 16
     return cfg, init_random_weights(cfg, seed=0)
 
 
@@ -397,7 +473,7 @@ def run_model(cfg, w, policy, n: int = 200, steps: int = 5):
     cache = KVCache(cfg.n_layers)
     tokens = torch.randint(0, cfg.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(0)).tolist()
     logits = [model.prefill(tokens[:n], cache)]
-    for t in tokens[n:]:               # teacher forcing: every policy sees the same tokens
+    for t in tokens[n:]:  # teacher forcing: every policy sees the same tokens
         logits.append(model.decode(t, cache))
     return torch.cat(logits), cache
 
@@ -410,27 +486,35 @@ def full_run(tiny):
 @pytest.mark.parametrize("name", POLICIES)
 def test_policy_in_model(tiny, full_run, name):
     cfg, w = tiny
-    for kw in ([{}] if name == "full" else [{"budget": 0.1}, {"budget": 0.3}, {"compression_ratio": 0.5}]):
+    for kw in [{}] if name == "full" else [{"budget": 0.1}, {"budget": 0.3}, {"compression_ratio": 0.5}]:
         pol = make_policy(name, **kw)
         logits, cache = run_model(cfg, w, pol)
         assert logits.shape == (6, cfg.vocab_size) and torch.isfinite(logits).all(), kw
-        assert torch.equal(logits[0], full_run[0][0])          # the prefill itself is never evicted
+        assert torch.equal(logits[0], full_run[0][0])  # the prefill itself is never evicted
         n_static = pol.n_static(200) if name == "mpcache" else (200 if name in ("full", "quest") else pol.kept(200))
         assert cache.n_prompt == n_static and cache.length == n_static + 5
-    if name != "full":   # keep everything: exactly the full cache's computation
+    if name != "full":  # keep everything: exactly the full cache's computation
         same, cache = run_model(cfg, w, make_policy(name, budget=1.0))
         assert cache.n_prompt == 200 and torch.equal(same, full_run[0])
 
 
 def test_mpcache_switches_in_model(tiny, full_run):
     cfg, w = tiny
-    for kw in ({"static": True}, {"linear": False}, {"hierarchy": False}, {"static": True, "static_reduce": "mean"},
-               {"head_reduce": "sum"}, {"share_layers": True}, {"cluster_size": 16}):
+    for kw in (
+        {"static": True},
+        {"linear": False},
+        {"hierarchy": False},
+        {"static": True, "static_reduce": "mean"},
+        {"head_reduce": "sum"},
+        {"share_layers": True},
+        {"cluster_size": 16},
+    ):
         logits, _ = run_model(cfg, w, MPCachePolicy(budget=0.3, **kw))
         assert torch.isfinite(logits).all(), kw
     four = dataclasses.replace(cfg, n_layers=4)
-    logits, cache = run_model(four, init_random_weights(four, seed=1),
-                              MPCachePolicy(budget=0.3, static=True, share_layers=True))
+    logits, cache = run_model(
+        four, init_random_weights(four, seed=1), MPCachePolicy(budget=0.3, static=True, share_layers=True)
+    )
     assert torch.isfinite(logits).all()
     # layer 3 shares layer 2's static selection: same number of rows, and the state of the follower stays empty
     assert cache.k[3].shape == cache.k[2].shape and not any(k.startswith("mpcache/fine") for k in cache.state[3])
@@ -470,10 +554,10 @@ def test_strata_selection_is_the_max_of_each_stratum():
     g = as_selection(pol.select(ctx)).gather
     S = pol.cluster_size
     C = g.strata
-    keys = ctx.k[:, S:S + C * S].reshape(HKV, C, S, D)
-    rep = 0.6 * keys.max(2).values + 0.4 * keys.min(2).values                   # (Hkv, C, D)
+    keys = ctx.k[:, S : S + C * S].reshape(HKV, C, S, D)
+    rep = 0.6 * keys.max(2).values + 0.4 * keys.min(2).values  # (Hkv, C, D)
     q = ctx.q.reshape(HKV, G, D)
-    scores = torch.einsum("hgd,hcd->hgc", q, rep).max(1).values                 # max over the group's heads
+    scores = torch.einsum("hgd,hcd->hgc", q, rep).max(1).values  # max over the group's heads
     layout, valid = strata_layout(C, g.n_blocks_selected)
     s = scores[:, layout].masked_fill(~valid, float("-inf"))
     assert torch.equal(g.onehot.argmax(-1), s.argmax(-1))
@@ -495,21 +579,21 @@ def test_strata_decode_summaries_made_in_the_tournament_match_direct(head_reduce
         L = 690 + step
         ctx = decode_ctx(L, seed=step, state=state, K=K)
         ctx.anchor = (4, 8)
-        ctx.qk = torch.einsum("hgd,hld->hgl", ctx.q.reshape(HKV, G, D) / D ** 0.5, ctx.k)
+        ctx.qk = torch.einsum("hgd,hld->hgl", ctx.q.reshape(HKV, G, D) / D**0.5, ctx.k)
         sel = pol.select(ctx)
         g = sel.gather
         c_full = (L - S) // S
         fine = state[f"mpcache/fine{S}"]
-        blocks = K[:, S:S + c_full * S].reshape(HKV, c_full, S, D)
+        blocks = K[:, S : S + c_full * S].reshape(HKV, c_full, S, D)
         assert fine.count == c_full and g.strata <= c_full
         assert torch.equal(fine.max, blocks.amax(2)) and torch.equal(fine.min, blocks.amin(2))
-        rep = 0.6 * blocks[:, :g.strata].amax(2) + 0.4 * blocks[:, :g.strata].amin(2)
-        per_head = torch.einsum("hgd,hcd->hgc", ctx.q.reshape(HKV, G, D) / D ** 0.5, rep)
+        rep = 0.6 * blocks[:, : g.strata].amax(2) + 0.4 * blocks[:, : g.strata].amin(2)
+        per_head = torch.einsum("hgd,hcd->hgc", ctx.q.reshape(HKV, G, D) / D**0.5, rep)
         scores = per_head.amax(1) if head_reduce == "max" else per_head.sum(1)
         layout, valid = strata_layout(g.strata, g.n_blocks_selected)
         assert torch.equal(g.onehot.argmax(-1), scores[:, layout].masked_fill(~valid, float("-inf")).argmax(-1))
         qk = sel.qk
-        want = torch.cat([qk[..., :4], qk[..., L - 8:]], -1).amax(-1, keepdim=True)
+        want = torch.cat([qk[..., :4], qk[..., L - 8 :]], -1).amax(-1, keepdim=True)
         assert g.keeps_ends(4, 8, L) and torch.equal(sel.offset, want)
 
 

@@ -1,5 +1,6 @@
 """End-to-end private generation under real mpirun + CrypTen: agreement with plaintext, obliviousness (bytes
 and rounds independent of secret inputs), the reveal audit, and clear failures (handshake, dead party, bad launch)."""
+
 import json
 import sys
 import time
@@ -13,11 +14,15 @@ pytestmark = pytest.mark.mpi
 LOGIT_TOL = 0.05
 
 
-@pytest.mark.parametrize("n,protocol,provider,model", [
-    (2, "arithmetic", "tfp", "tiny-llama"),
-    (3, "replicated", "tfp", "tiny-llama"),
-    (3, "arithmetic", "ttp", "tiny-gpt2"),          # 2 compute parties + a dealer rank
-], ids=["2pc-tfp-llama", "3pc-replicated-llama", "2pc-ttp-gpt2"])
+@pytest.mark.parametrize(
+    "n,protocol,provider,model",
+    [
+        (2, "arithmetic", "tfp", "tiny-llama"),
+        (3, "replicated", "tfp", "tiny-llama"),
+        (3, "arithmetic", "ttp", "tiny-gpt2"),  # 2 compute parties + a dealer rank
+    ],
+    ids=["2pc-tfp-llama", "3pc-replicated-llama", "2pc-ttp-gpt2"],
+)
 def test_private_generation_matches_plaintext(tmp_path, n, protocol, provider, model):
     r = mpi_job(n, "generate", tmp_path, model, protocol, provider)
     assert r["tokens"] == r["plaintext"], r
@@ -25,7 +30,7 @@ def test_private_generation_matches_plaintext(tmp_path, n, protocol, provider, m
     # the only openings: one token per step to the client (rank 1) — plus the test-only logits
     assert [x[:2] for x in r["reveals"] if x[0] != "logits (test only)"] == [["token", 1]] * 4
     if provider == "ttp":
-        assert sum(sum(t["dealer_bytes"]) for t in r["per_token"]) > 0   # triples came from the dealer
+        assert sum(sum(t["dealer_bytes"]) for t in r["per_token"]) > 0  # triples came from the dealer
 
 
 def test_costs_do_not_depend_on_secrets(tmp_path):
@@ -34,8 +39,18 @@ def test_costs_do_not_depend_on_secrets(tmp_path):
     token per step to the client (the reveal audit); the tokens equal plaintext."""
     per_rank = mpi_job(2, "oblivious", tmp_path, timeout=900)
     labels = set(per_rank[0])
-    assert {"full", "streaming", "h2o", "snapkv", "tova", "quest", "mpcache", "mpcache-strata", "mpcache-static",
-            "mpcache-shared"} <= labels
+    assert {
+        "full",
+        "streaming",
+        "h2o",
+        "snapkv",
+        "tova",
+        "quest",
+        "mpcache",
+        "mpcache-strata",
+        "mpcache-static",
+        "mpcache-shared",
+    } <= labels
     for res in per_rank:
         for label, r in res.items():
             assert r["same_costs"] and r["n_scopes"] > 10, (label, r["n_scopes"])
@@ -45,11 +60,38 @@ def test_costs_do_not_depend_on_secrets(tmp_path):
 
 def test_cli_generate_writes_summary(tmp_path):
     out = tmp_path / "run"
-    p = run_mpi(2, ["-m", "parties", "generate", "--model", "tiny-llama", "--prompt", "hello there",
-                    "--max-new-tokens", "3", "--out", str(out)], timeout=300)
+    p = run_mpi(
+        2,
+        [
+            "-m",
+            "parties",
+            "generate",
+            "--model",
+            "tiny-llama",
+            "--prompt",
+            "hello there",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+        ],
+        timeout=300,
+    )
     s = json.loads((out / "summary.json").read_text())
-    for key in ("world_size", "protocol", "provider", "model", "prompt_tokens", "tokens", "text", "plaintext_tokens",
-                "tokens_agree", "per_token", "offline", "prefill"):
+    for key in (
+        "world_size",
+        "protocol",
+        "provider",
+        "model",
+        "prompt_tokens",
+        "tokens",
+        "text",
+        "plaintext_tokens",
+        "tokens_agree",
+        "per_token",
+        "offline",
+        "prefill",
+    ):
         assert key in s, key
     assert s["tokens_agree"] and len(s["per_token"]) == 3
     assert len(s["per_token"][1]["bytes_sent"]) == 2 and s["per_token"][1]["rounds"] > 0
@@ -94,15 +136,19 @@ def test_hung_party_times_out_with_a_clear_message(tmp_path):
     assert "no opening from parties" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
 
 
-@pytest.mark.parametrize("n,extra,needle", [
-    (1, [], "launch with `mpirun -n 2"),
-    (2, ["--protocol", "replicated"], "exactly 3 compute parties"),
-    (3, [], "launch 3 parties with --protocol replicated"),
-    (2, ["--policy", "mpcache", "--budget", "1.5"], "must be a whole number (e.g. --budget 64)"),
-    (2, ["--budget", "0.1"], "the full cache attends every row and takes no budget"),
-    # tiny-llama's context is 8192 positions: 8190 new tokens do not fit beside any prompt
-    (2, ["--max-new-tokens", "8190"], "shorten the prompt or ask for fewer new tokens"),
-], ids=["one-party", "replicated-2", "arithmetic-3", "fractional-count", "budget-full", "too-long"])
+@pytest.mark.parametrize(
+    "n,extra,needle",
+    [
+        (1, [], "launch with `mpirun -n 2"),
+        (2, ["--protocol", "replicated"], "exactly 3 compute parties"),
+        (3, [], "launch 3 parties with --protocol replicated"),
+        (2, ["--policy", "mpcache", "--budget", "1.5"], "must be a whole number (e.g. --budget 64)"),
+        (2, ["--budget", "0.1"], "the full cache attends every row and takes no budget"),
+        # tiny-llama's context is 8192 positions: 8190 new tokens do not fit beside any prompt
+        (2, ["--max-new-tokens", "8190"], "shorten the prompt or ask for fewer new tokens"),
+    ],
+    ids=["one-party", "replicated-2", "arithmetic-3", "fractional-count", "budget-full", "too-long"],
+)
 def test_bad_launch_is_explained(n, extra, needle, tmp_path):
     """Refused before any work (no offline sharing: a few seconds), with the fix named, nothing in --out."""
     out = tmp_path / "out"
@@ -125,4 +171,4 @@ def test_every_policy_runs_on_shares_like_plaintext(tmp_path, policy):
     # equal tokens up to the first step whose plaintext top-2 logit gap is within twice the fixed-point logit
     # tolerance (the random tiny model has near-ties; a flip there says nothing about the policy); token 0 always
     same = next((t for t, g in enumerate(r["plain_gaps"]) if g <= 2 * LOGIT_TOL), len(r["tokens"]))
-    assert r["tokens"][:max(1, same)] == r["plaintext"][:max(1, same)], (r["tokens"], r["plaintext"], r["plain_gaps"])
+    assert r["tokens"][: max(1, same)] == r["plaintext"][: max(1, same)], (r["tokens"], r["plaintext"], r["plain_gaps"])

@@ -1,5 +1,7 @@
 """Secure ops, one specification per test: its inputs, the protocol run on shares in every party, the assertions.
 
+Why one file: every protocol's specification runs on the same module-scoped parties per setting.
+
 Each op is checked against its float model (the same algorithm in float64: the error left is the fixed-point
 error alone) and its float model against the exact op (the approximation error alone). Tolerances derive from
 the fixed-point resolution (16 fractional bits); each is derived beside its assertion. The parties are processes
@@ -8,6 +10,7 @@ module, in three settings: 2PC with party 0 making the tuples (TFP), 3PC replica
 process (TTP). Inputs are on the fixed-point grid (no encoding error) and dealt by party 0. What runs in the
 parties goes there by pickle: ops, ``functools.partial`` of ops, module-level helpers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,10 +23,13 @@ from mpcache.mpc import gather_triple, ops
 from mpcache.mpc.fixed_operand import FixedOperand
 from mpcache.mpc.local_parties import Parties
 
-ULP = 2.0 ** -16          # CrypTen's fixed-point resolution (16 fractional bits)
+ULP = 2.0**-16  # CrypTen's fixed-point resolution (16 fractional bits)
 
-SETTINGS = {"2pc-tfp": (2, "arithmetic", "tfp"), "3pc-replicated": (3, "replicated", "tfp"),
-            "2pc-ttp": (2, "arithmetic", "ttp")}
+SETTINGS = {
+    "2pc-tfp": (2, "arithmetic", "tfp"),
+    "3pc-replicated": (3, "replicated", "tfp"),
+    "2pc-ttp": (2, "arithmetic", "ttp"),
+}
 # With a dealer, every tuple is a request/answer pair with the dealer process (over gloo, pickled): the tests take
 # ~13 s in 2PC TTP against ~4 s in 2PC TFP and ~5 s in 3PC.
 # The default run (scripts/test: -m "not slow") keeps 2PC TTP for the tests marked EVERY_SETTING below (each
@@ -42,7 +48,7 @@ def setting(request):
 
 def grid(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to the fixed-point grid, in float64."""
-    return torch.round(x.double() * 2 ** 16) / 2 ** 16
+    return torch.round(x.double() * 2**16) / 2**16
 
 
 def gen(seed: int) -> torch.Generator:
@@ -53,6 +59,7 @@ def gen(seed: int) -> torch.Generator:
 class Opened:
     """A secure op's output, opened, and its online cost to party 0 (the op's calls only: not the inputs' sharing;
     not the dealer's traffic with TTP)."""
+
     value: torch.Tensor
     rounds: int
     bytes: int
@@ -96,15 +103,22 @@ def test_tree_max_is_an_exact_selection(setting):
     """A max tree muxes ring elements: exact along either dim, in radix 2, radix 4 and a mixed (4, 4, 64)
     schedule, with CrypTen's comparison or the lean (32-bit-lane) one."""
     x = grid(torch.randn(3, 257, generator=gen(0)) * 4)
-    out = secure(setting, {
-        "r2": (partial(ops.tree_max, dim=-1), [x]),
-        "r2 dim 0": (partial(ops.tree_max, dim=0), [x]),
-        "r4 lean": (partial(ops.tree_max, dim=-1, radix=4, lean=True), [x]),
-        "r(4,4,64) lean dim 0": (partial(ops.tree_max, dim=0, radix=(4, 4, 64), lean=True), [x.t().contiguous()]),
-    })
+    out = secure(
+        setting,
+        {
+            "r2": (partial(ops.tree_max, dim=-1), [x]),
+            "r2 dim 0": (partial(ops.tree_max, dim=0), [x]),
+            "r4 lean": (partial(ops.tree_max, dim=-1, radix=4, lean=True), [x]),
+            "r(4,4,64) lean dim 0": (partial(ops.tree_max, dim=0, radix=(4, 4, 64), lean=True), [x.t().contiguous()]),
+        },
+    )
     assert torch.equal(ops.tree_max_reference(x, -1), x.max(-1).values)
-    for name, want in (("r2", x.max(-1).values), ("r2 dim 0", x.max(0).values), ("r4 lean", x.max(-1).values),
-                       ("r(4,4,64) lean dim 0", x.max(-1).values)):
+    for name, want in (
+        ("r2", x.max(-1).values),
+        ("r2 dim 0", x.max(0).values),
+        ("r4 lean", x.max(-1).values),
+        ("r(4,4,64) lean dim 0", x.max(-1).values),
+    ):
         assert err(out[name].value, want) == 0, name
 
 
@@ -112,8 +126,9 @@ def test_tree_max_is_an_exact_selection(setting):
 def test_lean_comparison_is_the_exact_sign(setting):
     """The lean comparison (32-bit lanes) gives the exact sign for |x| < 2^15: its whole range and its edges."""
     x = grid(torch.randn(4, 333, generator=gen(1)) * 3000)
-    x[0, :12] = torch.tensor([0.0, -2.0 ** -16, 2.0 ** -16, 1.0, -1.0, 32767.0, -32767.0, 32767.5, -32768.0,
-                              16000.0, -16000.0, 0.0])
+    x[0, :12] = torch.tensor(
+        [0.0, -(2.0**-16), 2.0**-16, 1.0, -1.0, 32767.0, -32767.0, 32767.5, -32768.0, 16000.0, -16000.0, 0.0]
+    )
     assert torch.equal(secure1(setting, ops._ltz_lean, x).value, (x < 0).double())
 
 
@@ -121,9 +136,14 @@ def test_clamp_is_exact(setting):
     """min(max(x, lo), hi) with public bounds: exactly lo, hi or x (a mux of ring elements), below, inside, above and
     at the bounds, in one comparison layer + one product round."""
     x = grid(torch.randn(4, 50, generator=gen(16)) * 6)
-    x[0, :6] = torch.tensor([-2.5, 3.0, -2.5 - 2.0 ** -16, 3.0 + 2.0 ** -16, 0.0, -1000.0])
-    out = secure(setting, {"clamp": (partial(ops.clamp, lo=-2.5, hi=3.0), [x]),
-                           "cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))])})
+    x[0, :6] = torch.tensor([-2.5, 3.0, -2.5 - 2.0**-16, 3.0 + 2.0**-16, 0.0, -1000.0])
+    out = secure(
+        setting,
+        {
+            "clamp": (partial(ops.clamp, lo=-2.5, hi=3.0), [x]),
+            "cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))]),
+        },
+    )
     assert torch.equal(out["clamp"].value, ops.clamp_reference(x, -2.5, 3.0))
     assert torch.equal(ops.clamp_reference(x, -2.5, 3.0), x.clamp(-2.5, 3.0))
     assert out["clamp"].rounds == out["cmp"].rounds + 1
@@ -131,7 +151,7 @@ def test_clamp_is_exact(setting):
 
 def test_argmax_onehot_is_exact_and_takes_the_first_maximum(setting):
     x = grid(torch.randn(4, 1000, generator=gen(2)))
-    x[1, 10] = x[1, 500] = x[1].max() + 1.0                    # a tie: the first maximum wins
+    x[1, 10] = x[1, 500] = x[1].max() + 1.0  # a tie: the first maximum wins
     y = secure1(setting, ops.argmax_onehot, x).value
     assert torch.equal(y, ops.argmax_onehot_reference(x).double())
     assert y[1, 10] == 1 and y[1, 500] == 0
@@ -143,8 +163,14 @@ def test_topk_and_keep_onehots_are_exact(setting):
     from mpcache.backends.plain import PlainBackend
 
     plain = PlainBackend()
-    s = grid(torch.stack([torch.randperm(40, generator=gen(3)).double() * 0.37 - 5,
-                          torch.randn(40, generator=gen(4), dtype=torch.float64)]))
+    s = grid(
+        torch.stack(
+            [
+                torch.randperm(40, generator=gen(3)).double() * 0.37 - 5,
+                torch.randn(40, generator=gen(4), dtype=torch.float64),
+            ]
+        )
+    )
     out = secure(setting, {"topk": (partial(ops.topk_onehot, k=7), [s]), "keep": (partial(ops.keep_onehot, k=9), [s])})
     assert torch.equal(out["topk"].value, plain.topk_onehot(s, 7))
     assert torch.equal(out["keep"].value, plain.keep_onehot(s, 9))
@@ -158,12 +184,17 @@ def test_strata_top1_onehot_is_exact_with_linear_comparisons(setting):
     from mpcache.backends.plain import PlainBackend
 
     st = grid(torch.randn(2, 3, 61, generator=gen(5)))
-    st[0, 1, 14] = st[0, 1, 15] = st[0, 1, 12:18].max() + 1.0    # a tie inside a stratum: the first wins
+    st[0, 1, 14] = st[0, 1, 15] = st[0, 1, 12:18].max() + 1.0  # a tie inside a stratum: the first wins
     even = grid(torch.randn(4, 64, generator=gen(6)))
-    out = secure(setting, {"k7 r4": (partial(ops.strata_top1_onehot, k=7, radix=4), [st]),
-                           "k8 of 64": (partial(ops.strata_top1_onehot, k=8), [even]),
-                           "cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))]),
-                           "rank top-7": (partial(ops.topk_onehot, k=7), [torch.randn(2, 40, generator=gen(10))])})
+    out = secure(
+        setting,
+        {
+            "k7 r4": (partial(ops.strata_top1_onehot, k=7, radix=4), [st]),
+            "k8 of 64": (partial(ops.strata_top1_onehot, k=8), [even]),
+            "cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))]),
+            "rank top-7": (partial(ops.topk_onehot, k=7), [torch.randn(2, 40, generator=gen(10))]),
+        },
+    )
     assert torch.equal(out["k7 r4"].value, ops.strata_top1_onehot_reference(st, 7).double())
     assert torch.equal(out["k8 of 64"].value, PlainBackend().strata_top1_onehot(even, 8))
     assert out["k7 r4"].rounds == 2 * (out["cmp"].rounds + 2)
@@ -179,9 +210,13 @@ def test_strata_top1_onehot_at_every_level_size(setting):
     ti = torch.randint(-3, 4, (3, 2, 150), generator=gen(7)).double()
     cases = {f"r4 k{k}": (k, 4) for k in (75, 50, 30, 17, 9)}
     cases |= {"r2 k9": (9, 2), "r3 k9": (9, 3)} | {f"auto k{k}": (k, None) for k in (75, 17, 9)}
-    out = secure(setting, {"cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))]),
-                           **{name: (partial(ops.strata_top1_onehot, k=k, radix=r), [ti])
-                              for name, (k, r) in cases.items()}})
+    out = secure(
+        setting,
+        {
+            "cmp": (ops._ltz_lean, [torch.randn(5, generator=gen(10))]),
+            **{name: (partial(ops.strata_top1_onehot, k=k, radix=r), [ti]) for name, (k, r) in cases.items()},
+        },
+    )
     for name, (k, _) in cases.items():
         assert torch.equal(out[name].value, ops.strata_top1_onehot_reference(ti, k).double()), name
     cmp = out["cmp"].rounds
@@ -210,8 +245,13 @@ def test_strata_select_folds_heads_and_anchor_maxima_exactly(setting):
     strata of 4 and 5 slots. The one-hot comes back at ring scale 1 (0/1: products need no truncation)."""
     a = torch.randint(-6, 7, (3, 3, 41), generator=gen(8)).double()
     b = grid(torch.randn(3, 3, 12, generator=gen(9)) * 5)
-    out = secure(setting, {"k9 + anchors": (partial(heads_onehot_and_maxima, k=9), [a, b]),
-                           "k10": (partial(heads_onehot_and_maxima, k=10), [a])})
+    out = secure(
+        setting,
+        {
+            "k9 + anchors": (partial(heads_onehot_and_maxima, k=9), [a, b]),
+            "k10": (partial(heads_onehot_and_maxima, k=10), [a]),
+        },
+    )
     oh9, oh10 = (ops.strata_top1_onehot_reference(a, k, heads=True).reshape(-1).double() for k in (9, 10))
     assert torch.equal(out["k9 + anchors"].value, torch.cat([oh9, b.amax(-1).reshape(-1)]))
     assert torch.equal(out["k10"].value, oh10)
@@ -254,13 +294,13 @@ def test_norm_scale_over_the_guess_range(setting):
     sum here); nearer 2^31 the guess is ~1 ulp and the float model drifts (0.04% .. 0.5% relative at s = 2^30.7 ..
     2^30.9: other draws of these rows)."""
     g = gen(0)
-    torch.randn(3, 257, generator=g)            # the rows the tolerance was set on: the second draw of seed 0
+    torch.randn(3, 257, generator=g)  # the rows the tolerance was set on: the second draw of seed 0
     v = torch.randn(40, 96, generator=g) * torch.logspace(-4.5, 3.5, 40).reshape(-1, 1)
     v[-4:, 5] = torch.tensor([2.0e4, 2.2e4, 2.5e4, 3.0e4])
     v = grid(v)
     y = secure1(setting, partial(ops.norm_scale, add=0.05), v).value
     assert err(y, ops.norm_scale_reference(v, 0.05)) <= 2e-3
-    assert err(ops.norm_scale_reference(v, 0.05), v / ((v ** 2).sum(-1, keepdim=True) + 0.05).sqrt()) <= 5e-5
+    assert err(ops.norm_scale_reference(v, 0.05), v / ((v**2).sum(-1, keepdim=True) + 0.05).sqrt()) <= 5e-5
 
 
 def test_norm_scale_massive_activation(setting):
@@ -311,9 +351,14 @@ def test_softmax_on_long_rows(setting):
     257 columns: 9 levels). The reason we ship our own: CrypTen's softmax diverges on the near-uniform rows (its
     reciprocal's Newton iterations leave their range once the sum of exponentials exceeds ~250)."""
     rows = {n: attention_rows(n, seed=n) for n in (1024, 4096, 8192)}
-    out = secure(setting, {**{str(n): (ops.softmax, [x]) for n, x in rows.items()},
-                           "stock 1024": (stock_softmax, [rows[1024]]),
-                           "tree 257": (partial(ops.tree_max, dim=-1), [torch.randn(1, 257, generator=gen(15))])})
+    out = secure(
+        setting,
+        {
+            **{str(n): (ops.softmax, [x]) for n, x in rows.items()},
+            "stock 1024": (stock_softmax, [rows[1024]]),
+            "tree 257": (partial(ops.tree_max, dim=-1), [torch.randn(1, 257, generator=gen(15))]),
+        },
+    )
     for n, x in rows.items():
         assert err(out[str(n)].value, ops.softmax_reference(x)) <= SOFTMAX_TOL, n
         assert err(ops.softmax_reference(x), torch.softmax(x, -1)) <= SOFTMAX_APPROX_TOL, n
@@ -323,9 +368,14 @@ def test_softmax_on_long_rows(setting):
     assert err(out["stock 1024"].value, exact) > 10 * err(out["1024"].value, exact)
 
 
-@pytest.mark.parametrize("n,kw", [(1024, {"radix": 2, "lean": False, "recip": "newton"}),   # the old default
-                                  (8192, {"radix": 2, "lean": True, "recip": "newton"})],    # the fewest bytes
-                         ids=["classic-1024", "r2lean-8192"])
+@pytest.mark.parametrize(
+    "n,kw",
+    [
+        (1024, {"radix": 2, "lean": False, "recip": "newton"}),  # the old default
+        (8192, {"radix": 2, "lean": True, "recip": "newton"}),
+    ],  # the fewest bytes
+    ids=["classic-1024", "r2lean-8192"],
+)
 def test_softmax_variants(setting, n, kw):
     """The softmax before the lean defaults (radix-2 max tree, CrypTen's comparison, Newton reciprocal) and the
     one of fewest bytes (radix 2, lean comparison, Newton), each within the same bounds as the default's."""
@@ -343,8 +393,10 @@ def test_softmax_masked(setting):
     x = grid(torch.randn(3, 300, generator=g) * 3)
     y = secure1(setting, partial(ops.softmax, mask=mask), x).value
     assert err(y, ops.softmax_reference(x, mask=mask)) <= SOFTMAX_TOL
-    assert err(ops.softmax_reference(x, mask=mask), torch.softmax(x.masked_fill(mask == 0, float("-inf")), -1)) \
+    assert (
+        err(ops.softmax_reference(x, mask=mask), torch.softmax(x.masked_fill(mask == 0, float("-inf")), -1))
         <= SOFTMAX_APPROX_TOL
+    )
 
 
 def anchored_rows(n: int, seed: int) -> torch.Tensor:
@@ -366,8 +418,14 @@ def test_anchored_softmax(setting):
     turns into < 0.02. The same rounds at both lengths, and fewer rounds and bytes than the row-max softmax on the
     same rows."""
     rows = {n: anchored_rows(n, seed=n + 2) for n in (1024, 8192)}
-    out = secure(setting, {f"{kind} {n}": (f, [x]) for n, x in rows.items()
-                           for kind, f in (("anchored", partial(ops.softmax, anchor=(4, 8))), ("row max", ops.softmax))})
+    out = secure(
+        setting,
+        {
+            f"{kind} {n}": (f, [x])
+            for n, x in rows.items()
+            for kind, f in (("anchored", partial(ops.softmax, anchor=(4, 8))), ("row max", ops.softmax))
+        },
+    )
     for n, x in rows.items():
         assert err(out[f"anchored {n}"].value, ops.softmax_reference(x, anchor=(4, 8))) <= 2048 * ULP, n
         assert err(ops.softmax_reference(x, anchor=(4, 8)), torch.softmax(x, -1)) <= SOFTMAX_APPROX_TOL, n
@@ -392,8 +450,19 @@ def _gathered_setup(seed=5):
     choice = (torch.rand(hkv, k, generator=g) * valid.sum(1)).long()
     oh = torch.nn.functional.one_hot(choice, int(idx.shape[1])).double()
     p, p_rest = rnd(hkv, G, k * blk, scale=0.1).abs(), rnd(hkv, G, blk + tail, scale=0.1).abs()
-    return {"K": K, "V": V, "q": q, "idx": idx, "oh": oh, "p": p, "p_rest": p_rest, "blk": blk, "C": C, "L": L,
-            "tail": tail}
+    return {
+        "K": K,
+        "V": V,
+        "q": q,
+        "idx": idx,
+        "oh": oh,
+        "p": p,
+        "p_rest": p_rest,
+        "blk": blk,
+        "C": C,
+        "L": L,
+        "tail": tail,
+    }
 
 
 @EVERY_SETTING
@@ -424,9 +493,11 @@ def test_gathered_attention_matches_its_float_model(setting):
     scores, out, cost, bit_mean = setting.run(_gathered_attention, s)[0].value
     V, oh = s["V"], s["oh"]
     assert err(scores, gather_triple.gathered_reference(s["q"], oh, s["K"], blk, C, blk, idx)) <= 4 * ULP
-    v_rest = torch.cat([V[:, 0:blk], V[:, L - tail:L]], 1)
-    assert err(out, gather_triple.gathered_values_reference(s["p"], oh, V, blk, C, blk, idx,
-                                                            rest=(s["p_rest"], v_rest))) <= 4 * ULP
+    v_rest = torch.cat([V[:, 0:blk], V[:, L - tail : L]], 1)
+    assert (
+        err(out, gather_triple.gathered_values_reference(s["p"], oh, V, blk, C, blk, idx, rest=(s["p_rest"], v_rest)))
+        <= 4 * ULP
+    )
     for name, opened in (("scores", oh.numel() + s["q"].numel()), ("values", s["p"].numel() + s["p_rest"].numel())):
         assert cost[name]["rounds"] == 1 and cost[name]["bytes_sent"] == 8 * opened, (name, cost[name])
     assert abs(bit_mean - 0.5) < 0.05
@@ -438,13 +509,14 @@ def _gathered_attention(sess, s):
     import crypten
 
     blk, C, L, tail, idx = s["blk"], s["C"], s["L"], s["tail"], s["idx"]
-    Kf, Vf = FixedOperand.fix_many([crypten.cryptensor(s["K"].float(), src=0),
-                                    crypten.cryptensor(s["V"].float(), src=0)])
+    Kf, Vf = FixedOperand.fix_many(
+        [crypten.cryptensor(s["K"].float(), src=0), crypten.cryptensor(s["V"].float(), src=0)]
+    )
     oh = s["oh"].long() if sess.rank == 0 else torch.zeros_like(s["oh"], dtype=torch.long)
     opened = gather_triple.OpenedOneHot(ops._from_shares(oh, precision=0))
     q = crypten.cryptensor(s["q"].float(), src=0)
     p, p_rest = crypten.cryptensor(s["p"].float(), src=0), crypten.cryptensor(s["p_rest"].float(), src=0)
-    v_rest = FixedOperand.cat([Vf[:, 0:blk], Vf[:, L - tail:L]], dim=1)
+    v_rest = FixedOperand.cat([Vf[:, 0:blk], Vf[:, L - tail : L]], dim=1)
     with sess.scope("scores"):
         scores = gather_triple.gathered_scores(q, opened, Kf, blk, C, blk, idx)
     with sess.scope("values"):
@@ -465,7 +537,7 @@ def test_lean_tfp_tuples_and_mpi_exchange(tmp_path):
     assert r["provider"] == "LeanTrustedFirstParty"
     for k in ("mul_ok", "matmul_ok", "and_ok", "square_ok", "b2a_ok"):
         assert r[k], (k, r)
-    assert abs(r["b2a_mean"] - 0.5) < 5 / (2 * 5000 ** 0.5), r          # 5 sigma of a fair bit's mean
+    assert abs(r["b2a_mean"] - 0.5) < 5 / (2 * 5000**0.5), r  # 5 sigma of a fair bit's mean
     assert r["p1_share_bit_dev"] < 5 / (2 * (1 << 15) ** 0.5), r
     assert r["mpi_exchange_on"] and r["same_costs"], r
-    assert r["max_diff"] <= 4 * ULP, r                                  # two products, each within 2 ulps
+    assert r["max_diff"] <= 4 * ULP, r  # two products, each within 2 ulps

@@ -1,7 +1,10 @@
 """SqueezeAttention's layer-wise budgets (mpcache/policies/squeeze.py, BudgetPolicy.layer_budgets) and BalanceKV
+
+Why one file: both founding systems share the calibration, walk and CLI fixtures here.
 (mpcache/policies/balancekv.py): validation, allocation, the stored public calibration, the per-prompt allocation,
 the per-layer policies inside the model, BalanceKV's walk against a direct float reference and the weighted
 attention. MPC twins: tests/mpi_jobs.py (job_squeeze_balance)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,14 +45,17 @@ def cal_dir(tmp_path, monkeypatch):
 
 
 # ---- layer_budgets: validation -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw, needle", [
-    ({"budget": 0.2, "layer_budgets": (0.1, 0.2)}, "sum to 0.3 but 2 layers x budget 0.2 = 0.4"),
-    ({"budget": 10, "layer_budgets": (5, 6)}, "sum to 11 but 2 layers x budget 10 = 20"),
-    ({"budget": 10, "layer_budgets": (0.5, 0.5)}, "must be token counts"),
-    ({"budget": 0.5, "layer_budgets": (1.0, 0.0)}, "layer_budgets[1]"),
-    ({"budget": 0.5, "layer_budgets": "uniform"}, "or 'calibrated'"),
-    ({"budget": 0.5, "layer_budgets": ()}, "non-empty tuple"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"budget": 0.2, "layer_budgets": (0.1, 0.2)}, "sum to 0.3 but 2 layers x budget 0.2 = 0.4"),
+        ({"budget": 10, "layer_budgets": (5, 6)}, "sum to 11 but 2 layers x budget 10 = 20"),
+        ({"budget": 10, "layer_budgets": (0.5, 0.5)}, "must be token counts"),
+        ({"budget": 0.5, "layer_budgets": (1.0, 0.0)}, "layer_budgets[1]"),
+        ({"budget": 0.5, "layer_budgets": "uniform"}, "or 'calibrated'"),
+        ({"budget": 0.5, "layer_budgets": ()}, "non-empty tuple"),
+    ],
+)
 def test_layer_budgets_refused(kw, needle):
     with pytest.raises(ValueError) as e:
         make_policy("h2o", **kw)
@@ -57,8 +63,11 @@ def test_layer_budgets_refused(kw, needle):
 
 
 def test_layer_budget_below_the_policy_minimum_is_refused():
-    with pytest.raises(ValueError, match=r"layer_budgets\[0\] = 10 is below the policy's minimum of 40 rows per layer "
-                                         r"\(window=32 \+ sinks=8|sinks=8 \+ window=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer_budgets\[0\] = 10 is below the policy's minimum of 40 rows per layer "
+        r"\(window=32 \+ sinks=8|sinks=8 \+ window=32",
+    ):
         make_policy("balancekv", budget=50, sinks=8, window=32, layer_budgets=(10, 90))
     with pytest.raises(ValueError, match=r"minimum of 4 rows per layer \(sinks=4\)"):
         make_policy("streaming", budget=10, layer_budgets=(3, 17))
@@ -66,7 +75,7 @@ def test_layer_budget_below_the_policy_minimum_is_refused():
     pol = make_policy("streaming", budget=0.2, layer_budgets=(0.05, 0.35))
     with pytest.raises(ValueError, match=r"keeps 2 of 40 prompt rows, below the policy's minimum of 4"):
         Transformer(CFG, W, PlainBackend(), pol).prefill(ids(40), KVCache(CFG.n_layers))
-    Transformer(CFG, W, PlainBackend(), pol).prefill(ids(100), KVCache(CFG.n_layers))   # 5 >= 4: runs
+    Transformer(CFG, W, PlainBackend(), pol).prefill(ids(100), KVCache(CFG.n_layers))  # 5 >= 4: runs
 
 
 def test_layer_budgets_must_match_the_model():
@@ -74,10 +83,13 @@ def test_layer_budgets_must_match_the_model():
         Transformer(CFG, W, PlainBackend(), make_policy("h2o", budget=0.2, layer_budgets=(0.1, 0.2, 0.3)))
     with pytest.raises(ValueError, match="not resolved: call policy.bind"):
         make_policy("h2o", layer_budgets="calibrated").for_layer(0)
-    with pytest.raises(ValueError, match=r"shares the selection of layer 2 \(share_layers\) but their layer budgets differ"):
+    with pytest.raises(
+        ValueError, match=r"shares the selection of layer 2 \(share_layers\) but their layer budgets differ"
+    ):
         cfg4 = dataclasses.replace(CFG, n_layers=4)
-        make_policy("mpcache", budget=0.2, share_layers=True, share_start=2,
-                    layer_budgets=(0.2, 0.2, 0.1, 0.3)).bind(cfg4)
+        make_policy("mpcache", budget=0.2, share_layers=True, share_start=2, layer_budgets=(0.2, 0.2, 0.1, 0.3)).bind(
+            cfg4
+        )
 
 
 @pytest.mark.parametrize("name", ["h2o", "streaming", "snapkv", "tova", "balancekv"])
@@ -89,7 +101,7 @@ def test_each_layer_keeps_its_own_budget(name):
     model = Transformer(CFG, W, PlainBackend(), pol)
     cache = KVCache(CFG.n_layers)
     model.prefill(ids(120), cache)
-    if name == "balancekv":             # sinks + window + whole blocks halved (see BalanceKV's plan)
+    if name == "balancekv":  # sinks + window + whole blocks halved (see BalanceKV's plan)
         assert [int(k.shape[1]) for k in cache.k] == [pol.for_layer(i).n_kept(120) for i in range(2)]
     else:
         assert [int(k.shape[1]) for k in cache.k] == [24, 56]
@@ -109,17 +121,17 @@ def test_kmeans_groups_by_similarity():
 def test_allocate_moves_budget_from_the_least_important_group():
     sims = [0.91, 0.2, 0.95, 0.5, 0.52, 0.9]
     b = allocate(sims, 0.1, p=0.3)
-    assert b[0] == b[2] == b[5] == pytest.approx(0.03)                       # the high-similarity group: p * 0.1
+    assert b[0] == b[2] == b[5] == pytest.approx(0.03)  # the high-similarity group: p * 0.1
     assert b[1] == b[3] == b[4] == pytest.approx(0.1 + 3 * 0.07 / 3)
     assert sum(b) == pytest.approx(0.6)
-    make_policy("h2o", budget=0.1, layer_budgets=b)                          # a valid setting
-    capped = allocate(sims, 0.8, p=0.5)                 # 0.4 low, the rest capped at 1, the excess back to the low
+    make_policy("h2o", budget=0.1, layer_budgets=b)  # a valid setting
+    capped = allocate(sims, 0.8, p=0.5)  # 0.4 low, the rest capped at 1, the excess back to the low
     assert capped == (0.6, 1.0, 0.6, 1.0, 1.0, 0.6)
-    counts = allocate(sims, 20, p=0.3, floor=8)                              # counts: low at the floor, sum kept
+    counts = allocate(sims, 20, p=0.3, floor=8)  # counts: low at the floor, sum kept
     assert counts == (8, 32, 8, 32, 32, 8) and sum(counts) == 120
     counts = allocate([0.9, 0.1, 0.2, 0.95], 10, p=0.3)
     assert sum(counts) == 40 and counts[0] == counts[3] == 3 and sorted(counts[1:3]) == [17, 17]
-    assert allocate([0.5, 0.5, 0.5], 0.2) == (0.2, 0.2, 0.2)                  # one group: uniform
+    assert allocate([0.5, 0.5, 0.5], 0.2) == (0.2, 0.2, 0.2)  # one group: uniform
     with pytest.raises(ValueError, match="p .* must be in"):
         allocate(sims, 0.1, p=1.5)
 
@@ -134,8 +146,11 @@ def test_similarity_is_one_when_attention_adds_nothing():
 
 # ---- the stored public calibration --------------------------------------------------------------------------------
 def test_calibrated_needs_a_stored_calibration(cal_dir):
-    with pytest.raises(ValueError, match=r"no SqueezeAttention calibration for model 'tiny-llama'.*"
-                                         r"python -m experiments.squeeze_calibrate --model tiny-llama"):
+    with pytest.raises(
+        ValueError,
+        match=r"no SqueezeAttention calibration for model 'tiny-llama'.*"
+        r"python -m experiments.squeeze_calibrate --model tiny-llama",
+    ):
         Transformer(CFG, W, PlainBackend(), make_policy("squeeze-h2o", budget=0.2))
 
 
@@ -148,12 +163,15 @@ def test_calibration_roundtrip_and_mismatch(cal_dir):
     assert bound.layer_budgets == allocate(cal["similarities"], 0.2, 0.3, 1, cal["groups"])
     assert bound.layer_budgets == calibrated_budgets(CFG, 0.2)
     assert sum(bound.layer_budgets) == pytest.approx(0.4) and bound.layer_budgets != (0.2, 0.2)
-    out = Transformer(CFG, W, PlainBackend(), pol).prefill(ids(50), KVCache(2))   # runs
+    out = Transformer(CFG, W, PlainBackend(), pol).prefill(ids(50), KVCache(2))  # runs
     assert out.shape == (1, CFG.vocab_size)
     # the same file read for another architecture / another config of the same name: refused
     other = dataclasses.replace(CFG, n_layers=3)
-    with pytest.raises(ValueError, match=r"made for another model or architecture .*n_layers 2 != 3.*"
-                                         r"squeeze_calibrate --model tiny-llama"):
+    with pytest.raises(
+        ValueError,
+        match=r"made for another model or architecture .*n_layers 2 != 3.*"
+        r"squeeze_calibrate --model tiny-llama",
+    ):
         make_policy("squeeze-h2o", budget=0.2).bind(other)
     bad = dict(cal, arch="gpt2")
     path.write_text(json.dumps(bad))
@@ -167,7 +185,7 @@ def test_prompt_budgets_follow_the_prompt():
     assert b == allocate(layer_similarities(CFG, W, x), 0.2, 0.3)
     assert sum(b) == pytest.approx(0.4)
     s = layer_similarities(CFG, W, x)
-    assert b[int(s.argmax())] == pytest.approx(0.06)                         # the more similar layer gets p * 0.2
+    assert b[int(s.argmax())] == pytest.approx(0.06)  # the more similar layer gets p * 0.2
     assert math.isclose(b[int(s.argmin())], 0.34)
 
 
@@ -178,13 +196,14 @@ def walk_reference(k, v, levels, c, beta, iters, coins, kernel="bounded"):
     ku = k.double() / k.double().norm(dim=-1, keepdim=True)
     vu = v.double() / v.double().norm(dim=-1, keepdim=True)
     vmax = float(v.double().norm(dim=-1).max())
-    n, sd = 2 ** iters, math.sqrt(k.shape[-1])
+    n, sd = 2**iters, math.sqrt(k.shape[-1])
     shift = 0.0
 
     def kern(a, b):
-        if kernel == "softmax":     # the paper's kernel, shifted by the current rows' largest |k|^2 / sqrt d
+        if kernel == "softmax":  # the paper's kernel, shifted by the current rows' largest |k|^2 / sqrt d
             return math.exp(float(k[a].double() @ k[b].double()) / sd - shift) * (
-                1 + float(v[a].double() @ v[b].double()) / vmax ** 2)
+                1 + float(v[a].double() @ v[b].double()) / vmax**2
+            )
         return (1 - beta / n + beta / n * float(ku[a] @ ku[b])) ** n * (1 + float(vu[a] @ vu[b]))
 
     idx = list(range(k.shape[0]))
@@ -193,8 +212,9 @@ def walk_reference(k, v, levels, c, beta, iters, coins, kernel="bounded"):
         pairs = [(idx[2 * i], idx[2 * i + 1]) for i in range(len(idx) // 2)]
         chi = []
         for i, (a, b) in enumerate(pairs):
-            x = sum(chi[j] * (kern(aj, a) - kern(aj, b) - kern(bj, a) + kern(bj, b))
-                    for j, (aj, bj) in enumerate(pairs[:i]))
+            x = sum(
+                chi[j] * (kern(aj, a) - kern(aj, b) - kern(bj, a) + kern(bj, b)) for j, (aj, bj) in enumerate(pairs[:i])
+            )
             chi.append(1 if x < c * (1 - 2 * float(coins(t)[i])) else -1)
         idx = [a if s > 0 else b for (a, b), s in zip(pairs, chi)]
     return idx
@@ -205,14 +225,16 @@ def gathered_rows(g, n: int) -> list[list[int]]:
     from mpcache.layout import strata_layout
 
     idx, _ = strata_layout(g.strata, g.n_blocks_selected)
-    pick = idx[torch.arange(idx.shape[0]), g.onehot.argmax(-1)] + g.start          # (Hkv, k)
+    pick = idx[torch.arange(idx.shape[0]), g.onehot.argmax(-1)] + g.start  # (Hkv, k)
     before = [r for s, e in g.ranges if e <= g.start for r in range(s, e)]
     after = [r for s, e in g.ranges if s >= g.start for r in range(s, e)]
     return [before + pick[h].tolist() + after for h in range(pick.shape[0])]
 
 
-@pytest.mark.parametrize("rate, block, n, kernel", [(2, 8, 50, "bounded"), (4, 16, 71, "bounded"),
-                                                   (8, 16, 90, "bounded"), (4, 16, 71, "softmax")])
+@pytest.mark.parametrize(
+    "rate, block, n, kernel",
+    [(2, 8, 50, "bounded"), (4, 16, 71, "bounded"), (8, 16, 90, "bounded"), (4, 16, 71, "softmax")],
+)
 def test_balancekv_walk_matches_a_direct_reference(rate, block, n, kernel):
     from mpcache.policies import PrefillContext
 
@@ -231,8 +253,19 @@ def test_balancekv_walk_matches_a_direct_reference(rate, block, n, kernel):
         for j in range(nb):
             a = s + j * block
             coins = lambda t, x=h * nb + j: pol.coins(1, t, (2 * nb, block >> (t + 1)))[x]
-            want += [a + i for i in walk_reference(k[h, a:a + block], v[h, a:a + block], levels, pol.threshold,
-                                                   pol.beta, pol.kernel_iters, coins, kernel)]
+            want += [
+                a + i
+                for i in walk_reference(
+                    k[h, a : a + block],
+                    v[h, a : a + block],
+                    levels,
+                    pol.threshold,
+                    pol.beta,
+                    pol.kernel_iters,
+                    coins,
+                    kernel,
+                )
+            ]
         want += list(range(e, n))
         assert rows[h] == want, f"head {h}: {sum(x != y for x, y in zip(rows[h], want))} rows differ"
     out = gat.apply(k, PlainBackend())
@@ -251,7 +284,7 @@ def test_weighted_attention_is_the_weighted_softmax():
     for h in range(4):
         s = (q[h, 0] @ k[h // 2].T) / 4.0
         want = (w * s.exp()) @ v[h // 2] / (w * s.exp()).sum()
-        torch.testing.assert_close(out[0, h * 16:(h + 1) * 16], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[0, h * 16 : (h + 1) * 16], want, rtol=1e-5, atol=1e-6)
 
 
 def test_balancekv_cache_carries_weights_through_decode():
@@ -287,19 +320,22 @@ def test_balancekv_walk_reduces_the_discrepancy():
         u = torch.cat([B.norm_scale(k[0]), B.norm_scale(v[0])], -1).reshape(2, 64, 32)
         G = kernel_gram(B, u, 16, pol.beta, pol.kernel_iters)
         for j in range(2):
-            walk += float(chi[j * 64:(j + 1) * 64] @ G[j] @ chi[j * 64:(j + 1) * 64])
-            rand += float(rnd[j * 64:(j + 1) * 64] @ G[j] @ rnd[j * 64:(j + 1) * 64])
+            walk += float(chi[j * 64 : (j + 1) * 64] @ G[j] @ chi[j * 64 : (j + 1) * 64])
+            rand += float(rnd[j * 64 : (j + 1) * 64] @ G[j] @ rnd[j * 64 : (j + 1) * 64])
     assert walk < 0.8 * rand, (walk, rand)
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({"rate": 3}, "power of two >= 2 that divides block=32"),
-    ({"rate": 64}, "divides block=32"),
-    ({"block": 24}, "block must be a power of two"),
-    ({"beta": 40.0}, "beta <= 2^kernel_iters"),
-    ({"sinks": -1}, "must be >= 0"),
-    ({"kernel": "rbf"}, "kernel must be one of ('bounded', 'softmax')"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"rate": 3}, "power of two >= 2 that divides block=32"),
+        ({"rate": 64}, "divides block=32"),
+        ({"block": 24}, "block must be a power of two"),
+        ({"beta": 40.0}, "beta <= 2^kernel_iters"),
+        ({"sinks": -1}, "must be >= 0"),
+        ({"kernel": "rbf"}, "kernel must be one of ('bounded', 'softmax')"),
+    ],
+)
 def test_balancekv_refuses_bad_settings(kw, needle):
     with pytest.raises(ValueError) as e:
         make_policy("balancekv", **kw)
@@ -308,11 +344,11 @@ def test_balancekv_refuses_bad_settings(kw, needle):
 
 def test_balancekv_rate_from_the_budget():
     assert [make_policy("balancekv", budget=b).plan(1000)[2] for b in (0.5, 0.2, 0.1, 0.05)] == [2, 4, 8, 16]
-    assert make_policy("balancekv", budget=0.01).plan(1000)[2] == 32                      # capped at block
-    pol = make_policy("balancekv", budget=120)                       # 992 - 24 = 968... (s=4, w=16: m = 960)
+    assert make_policy("balancekv", budget=0.01).plan(1000)[2] == 32  # capped at block
+    pol = make_policy("balancekv", budget=120)  # 992 - 24 = 968... (s=4, w=16: m = 960)
     s, e, r = pol.plan(1000)
     assert (e - s) == 960 and r == 2 ** round(math.log2(960 / (120 - 40)))
-    assert make_policy("balancekv", budget=0.1).plan(30) is None                           # no whole block
+    assert make_policy("balancekv", budget=0.1).plan(30) is None  # no whole block
 
 
 # ---- under MPC (2PC, real mpirun): tests/mpi_jobs.py job_squeeze_balance ---------------------------------------
@@ -334,7 +370,7 @@ def test_squeeze_and_balancekv_on_shares_like_plaintext(tmp_path, monkeypatch):
     assert res["squeeze-h2o"]["layer_budgets"] == list(calibrated_budgets(cfg, 0.3))
     assert res["squeeze-h2o"]["kept"] == [round(b * 40 + 1e-9) + 1 for b in calibrated_budgets(cfg, 0.3)]
     assert all(x is not None for x in res["balancekv4"]["sel"].values())
-    assert res["balancekv4"]["kept"] == [2 + 32 // 4 + 6 + 1] * 2                # sinks + blocks / rate + rest, +1
+    assert res["balancekv4"]["kept"] == [2 + 32 // 4 + 6 + 1] * 2  # sinks + blocks / rate + rest, +1
     # the walk's rounds do not depend on the prompt length (blocks batched): per layer, rate 2 < rate 4
     assert 0 < res["balancekv2"]["static_rounds"] < res["balancekv4"]["static_rounds"]
 
@@ -358,22 +394,47 @@ def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch
     prompt = tmp_path / "p.txt"
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 3)
     gen = ["-m", "parties", "generate", "--model", "tiny-llama", "--prompt-file", str(prompt), "--max-new-tokens", "2"]
-    p = run_mpi(2, [*gen, "--policy", "h2o", "--budget", "0.3", "--layer-budgets", "calibrated", "--out",
-                    str(tmp_path / "bad")], check=False, timeout=300)
+    p = run_mpi(
+        2,
+        [*gen, "--policy", "h2o", "--budget", "0.3", "--layer-budgets", "calibrated", "--out", str(tmp_path / "bad")],
+        check=False,
+        timeout=300,
+    )
     assert p.returncode != 0 and "python -m experiments.squeeze_calibrate --model tiny-llama" in p.stdout + p.stderr
     assert not (tmp_path / "bad").exists()
     cfg = tiny_config("llama")
     save_calibration(calibrate(cfg, W, [ids(64, 1)], p=0.3, source="test"), cfg)
-    for pol in (["--policy", "balancekv", "--budget", "0.25"], ["--policy", "h2o", "--budget", "0.3",
-                                                                "--layer-budgets", "calibrated"]):
-        for n, proto in ((2, []), (3, ["--protocol", "replicated"])):           # 2PC and 3PC
+    for pol in (
+        ["--policy", "balancekv", "--budget", "0.25"],
+        ["--policy", "h2o", "--budget", "0.3", "--layer-budgets", "calibrated"],
+    ):
+        for n, proto in ((2, []), (3, ["--protocol", "replicated"])):  # 2PC and 3PC
             out = tmp_path / f"{pol[1]}-{n}"
             run_mpi(n, [*gen, *pol, *proto, "--out", str(out)], timeout=300)
             s = json.loads((out / "summary.json").read_text())
             assert s["tokens_agree"] and s["n_parties"] == n, (pol, n, s["tokens"], s["plaintext_tokens"])
     out = tmp_path / "bench"
-    run_mpi(2, ["-m", "parties", "bench", "--model", "tiny-llama", "--text", "random", "--seq-lens", "96",
-                "--policies", "full,balancekv,squeeze-h2o", "--budget", "0.25", "--out", str(out)], timeout=600)
+    run_mpi(
+        2,
+        [
+            "-m",
+            "parties",
+            "bench",
+            "--model",
+            "tiny-llama",
+            "--text",
+            "random",
+            "--seq-lens",
+            "96",
+            "--policies",
+            "full,balancekv,squeeze-h2o",
+            "--budget",
+            "0.25",
+            "--out",
+            str(out),
+        ],
+        timeout=600,
+    )
     rows = {r["policy"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
     assert set(rows) == {"full", "balancekv", "squeeze-h2o"}
     for label in ("balancekv", "squeeze-h2o"):
@@ -413,9 +474,33 @@ def test_bench_scales_per_layer_budgets_exactly(tmp_path):
     rows = {}
     for layers in ("auto", "all"):
         out = tmp_path / layers
-        run_mpi(2, ["-m", "parties", "bench", "--model", str(ckpt), "--seq-lens", "80", "--text", "random",
-                    "--budget", "0.3", "--layer-budgets", "0.2,0.2,0.6,0.2", "--policies", "h2o,mpcache", "--layers",
-                    layers, "--steps", "1", "--out", str(out)], timeout=600)
+        run_mpi(
+            2,
+            [
+                "-m",
+                "parties",
+                "bench",
+                "--model",
+                str(ckpt),
+                "--seq-lens",
+                "80",
+                "--text",
+                "random",
+                "--budget",
+                "0.3",
+                "--layer-budgets",
+                "0.2,0.2,0.6,0.2",
+                "--policies",
+                "h2o,mpcache",
+                "--layers",
+                layers,
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+            ],
+            timeout=600,
+        )
         with open(out / "bench.csv") as f:
             rows[layers] = {r["policy"]: r for r in csv.DictReader(f)}
     for pol in ("h2o", "mpcache"):

@@ -5,6 +5,7 @@ tokenizer builder, its jinja chat template rendering, and its LlamaForCausalLM /
 reference forwards below are plain torch, written from the standard LLaMA / GPT-2 math, independent of mpcache's
 model code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ def ref_llama(cfg, w, ids):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * g
 
     def rope(t):  # (heads, T, hd)
-        return t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+        return t * cos + torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
 
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
@@ -129,8 +130,14 @@ def hf_smol_tokenizer():
 # ============================================================================ SmolLM2
 def test_smollm2_config_and_shapes(smol):
     cfg, w, tok = smol
-    assert (cfg.arch, cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == \
-        ("llama", 576, 30, 9, 3, 64)
+    assert (cfg.arch, cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (
+        "llama",
+        576,
+        30,
+        9,
+        3,
+        64,
+    )
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_position) == (1536, 49152, 8192)
     assert cfg.rope_theta == 100000.0 and cfg.norm_eps == 1e-5 and cfg.tie_embeddings
     assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2) and tok.eos_token_id == 2
@@ -162,9 +169,11 @@ def test_smollm2_weight_cache(smol, smol_cache_dir):
 @_hf_mark
 def test_smollm2_logits_match_hf(smol, hf_smol_model):
     cfg, w, tok = smol
-    prompts = [tok.encode(tok.apply_chat_template("What is the capital of France?")),
-               tok.encode("The quick brown fox jumps over the lazy dog."),
-               tok.encode("Ünïcödé 日本語 🙂 1234567")]
+    prompts = [
+        tok.encode(tok.apply_chat_template("What is the capital of France?")),
+        tok.encode("The quick brown fox jumps over the lazy dog."),
+        tok.encode("Ünïcödé 日本語 🙂 1234567"),
+    ]
     for ids in prompts:
         with torch.no_grad():
             ours = ref_llama(cfg, w, ids)
@@ -194,10 +203,16 @@ def test_smollm2_answers_paris(smol):
 
 
 TOKENIZER_STRINGS = [
-    "Hello, world!", "The capital of France is Paris.", "  leading spaces\tand\ttabs\n\nnew lines  ",
-    "Ünïcödé façade — naïve café 日本語のテキスト 🙂👍🏽", "def f(x):\n    return x**2  # comment",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|>text<file_sep>more",
-    "numbers 3.14159 and 2025-01-01, 1e-5", "don't won't I'm we'll they've", "",
+    "Hello, world!",
+    "The capital of France is Paris.",
+    "  leading spaces\tand\ttabs\n\nnew lines  ",
+    "Ünïcödé façade — naïve café 日本語のテキスト 🙂👍🏽",
+    "def f(x):\n    return x**2  # comment",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>text<file_sep>more",
+    "numbers 3.14159 and 2025-01-01, 1e-5",
+    "don't won't I'm we'll they've",
+    "",
 ]
 
 
@@ -211,12 +226,15 @@ def test_tokenizer_matches_hf(smol, hf_smol_tokenizer):
         assert tok.decode(ours) == s == hf_smol_tokenizer.decode(ours)
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
     for msg in ["What is 2+2?", "Tell me a story\nabout 日本.", ""]:
-        jinja = hf_smol_tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                                      add_generation_prompt=True)
+        jinja = hf_smol_tokenizer.apply_chat_template(
+            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+        )
         assert tok.apply_chat_template(msg) == jinja
         jinja_sys = hf_smol_tokenizer.apply_chat_template(
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": msg}], tokenize=False,
-            add_generation_prompt=True)
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": msg}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         assert tok.apply_chat_template(msg, system_prompt="Be brief.") == jinja_sys
 
 
@@ -252,8 +270,9 @@ def test_safetensors_roundtrip(tmp_path, spec, layout):
     save_safetensors_folder(cfg, w, tmp_path, layout=layout)
     cfg2, w2, tok2 = load_model(str(tmp_path))
     assert tok2.is_byte_level
-    assert {k: v for k, v in cfg2.to_dict().items() if k != "name"} == \
-        {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    assert {k: v for k, v in cfg2.to_dict().items() if k != "name"} == {
+        k: v for k, v in cfg.to_dict().items() if k != "name"
+    }
     assert set(w2) == set(w) and all(torch.equal(w[k], w2[k]) for k in w)
     with pytest.raises(ValueError, match="does not match"):
         save_safetensors_folder(cfg, w, tmp_path / "x", layout="llama" if layout == "gpt2" else "gpt2")

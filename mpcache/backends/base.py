@@ -8,6 +8,7 @@ hold no ``getattr`` probe of a backend). Ops with no meaning in the clear are de
 ``False`` (``fix_rows``, ``is_fixed``, ``gathered_ok``). Adding a secure op: a method here, in both backends, and
 a test row.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

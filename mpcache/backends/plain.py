@@ -4,6 +4,7 @@ Every method has a secure twin in :mod:`mpcache.backends.secure` with the same s
 model and every cache policy are written once. Selections are one-hot matrices here too (design §4); gathering
 is a matmul with them, so the plaintext run exercises exactly the data flow of the secure one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -106,8 +107,7 @@ class PlainBackend:
     def strata_select(self, scores: Tensor, k: int, heads: bool = False, also=()):
         """:meth:`strata_top1_onehot` of the scores (their max over dim -2, the group's heads, if ``heads``), and
         the max along the last dim of each tensor in ``also`` (see :func:`mpcache.mpc.ops.strata_select`)."""
-        return (self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k),
-                [t.amax(dim=-1) for t in also])
+        return (self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k), [t.amax(dim=-1) for t in also])
 
     def less_than(self, x: Tensor, t) -> Tensor:
         """[x < t] as 0/1 (``t`` public, broadcastable): one comparison per element under MPC."""

@@ -4,6 +4,7 @@ Same method names and semantics as :class:`mpcache.backends.plain.PlainBackend`;
 from :mod:`mpcache.mpc.ops` (cost and leakage stated there), each public/structural op is local. Every op opens
 a ledger scope so its bytes and rounds are attributed (``.../softmax``, ``.../topk`` ...).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +34,7 @@ class SecureBackend:
         # q @ K^T, p @ V and the one-hot gathers open only the moving operand (see Transformer.prefill/decode).
         self.fixed_kv = fixed_weights if fixed_kv is None else fixed_kv
         self.matmul_paths: dict[str, int] = {}
-        self.reveals: list[tuple[str, int | None, tuple]] = []     # audit trail of every opening (tests read it)
+        self.reveals: list[tuple[str, int | None, tuple]] = []  # audit trail of every opening (tests read it)
         # where shares live: the session's device; "meta" in a dry run (mpcache.mpc.dryrun: shapes only, no data)
         self.device = torch.device("meta" if getattr(session, "device", None) == "meta" else "cpu")
 
@@ -89,7 +90,7 @@ class SecureBackend:
 
     def _matmul(self, a, b):
         # hook: a FixedOperand b (fixed weights) opens only a - mask per use (see mpcache.mpc.fixed_operand)
-        a = unfix(a)                  # a fixed left operand (e.g. a K row in a policy's product) moves as a share
+        a = unfix(a)  # a fixed left operand (e.g. a K row in a policy's product) moves as a share
         path = b.path if isinstance(b, FixedOperand) else "stock"
         self.matmul_paths[path] = self.matmul_paths.get(path, 0) + 1
         return fixed_matmul(a, b) if isinstance(b, FixedOperand) else a.matmul(b)
@@ -106,8 +107,14 @@ class SecureBackend:
     def max(self, x, dim: int = -1, keepdim: bool = False):
         x = unfix(x)
         with self._scope("max"):
-            return ops.tree_max(x, dim=dim, keepdim=keepdim, radix=self.policy_radix(int(x.shape[dim])),
-                                lean=self.cfg.policy_lean, cfg=self.cfg)
+            return ops.tree_max(
+                x,
+                dim=dim,
+                keepdim=keepdim,
+                radix=self.policy_radix(int(x.shape[dim])),
+                lean=self.cfg.policy_lean,
+                cfg=self.cfg,
+            )
 
     def min(self, x, dim: int = -1, keepdim: bool = False):
         return -self.max(-unfix(x), dim=dim, keepdim=keepdim)
@@ -122,8 +129,13 @@ class SecureBackend:
         a, b = unfix(a), unfix(b)
         dim = dim % a.dim()
         with self._scope("max"):
-            both = ops.tree_max(self.crypten.stack([a, -b]), dim=dim + 1, radix=self.policy_radix(int(a.shape[dim])),
-                                lean=self.cfg.policy_lean, cfg=self.cfg)
+            both = ops.tree_max(
+                self.crypten.stack([a, -b]),
+                dim=dim + 1,
+                radix=self.policy_radix(int(a.shape[dim])),
+                lean=self.cfg.policy_lean,
+                cfg=self.cfg,
+            )
         return both[0], -both[1]
 
     # ---- nonlinearities ------------------------------------------------------------------------------------
@@ -174,8 +186,14 @@ class SecureBackend:
     def gathered_ok(self, g, k, v) -> bool:
         """Whether :meth:`gather_scores` / :meth:`gather_values` run for the compact (strata) Gather ``g`` over the
         fixed K and V (else the two-operand route of ``Transformer._attend_selected``)."""
-        return bool(self.cfg.gather_triples and g is not None and g.onehot is not None and g.strata
-                    and gather_triple.available(k) and gather_triple.available(v))
+        return bool(
+            self.cfg.gather_triples
+            and g is not None
+            and g.onehot is not None
+            and g.strata
+            and gather_triple.available(k)
+            and gather_triple.available(v)
+        )
 
     def gather_scores(self, q, g, k):
         """q (Hkv, G, d) against the rows ``g`` selects of the fixed K: (Hkv, G, k·block) in ``g.apply`` order, and
@@ -224,6 +242,6 @@ class SecureBackend:
         val = self.reveal(idx, dst=dst, label="token")
         if val is None:
             return None
-        if val.device.type == "meta":         # a dry run (mpcache.mpc.dryrun): no value; costs do not depend on it
+        if val.device.type == "meta":  # a dry run (mpcache.mpc.dryrun): no value; costs do not depend on it
             return 0
         return int(torch.round(val.reshape(-1)[0]).item())

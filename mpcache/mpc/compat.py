@@ -39,6 +39,7 @@ session before ``import crypten``), and each has a test in ``tests/test_compat.p
    beyond, at most one float32 ulp off), on the tensor's own device, as float32 as before. Integer encoders
    (scale 1, precision 0) keep CrypTen's code.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,7 +65,7 @@ def _onnx_registration() -> None:
         # dry runs) sees a module instead of raising "onnx.__spec__ is None"
         placeholder.__spec__ = importlib.machinery.ModuleSpec("onnx", None)
         placeholder.__doc__ = "placeholder registered by mpcache.mpc.compat: onnx is not installed"
-        placeholder.numpy_helper = types.ModuleType("onnx.numpy_helper")   # imported by name, never used
+        placeholder.numpy_helper = types.ModuleType("onnx.numpy_helper")  # imported by name, never used
         sys.modules["onnx"] = placeholder
         sys.modules["onnx.numpy_helper"] = placeholder.numpy_helper
 
@@ -142,10 +143,10 @@ def _fast_config() -> None:
                 object.__setattr__(self, key, mirror(node[key]))
 
         def __setattr__(self, key, value):
-            setattr(self._node, key, value)            # OmegaConf's validation and semantics first
+            setattr(self._node, key, value)  # OmegaConf's validation and semantics first
             object.__setattr__(self, key, mirror(self._node[key]))
 
-    recent: dict[int, tuple] = {}                      # id(config) -> (config, mirror): temp_override restores
+    recent: dict[int, tuple] = {}  # id(config) -> (config, mirror): temp_override restores
 
     def build(config):
         hit = recent.get(id(config))
@@ -182,7 +183,7 @@ def _fast_config() -> None:
     CrypTenConfig._mpcache_fast = True
 
 
-FAST_RNG_MIN = 4096     # below this many elements torch.randint is cheaper than seeding a NumPy generator
+FAST_RNG_MIN = 4096  # below this many elements torch.randint is cheaper than seeding a NumPy generator
 
 
 def _fast_rng() -> None:
@@ -198,21 +199,21 @@ def _fast_rng() -> None:
         return
 
     @functools.wraps(original)
-    def generate_random_ring_element(size, ring_size=(2 ** 64), generator=None, **kwargs):
+    def generate_random_ring_element(size, ring_size=(2**64), generator=None, **kwargs):
         shape = torch.Size([size] if isinstance(size, int) else size)
         device = kwargs.get("device")
         on_cpu = device is None or torch.device(device).type == "cpu"
-        if ring_size != 2 ** 64 or not on_cpu or shape.numel() < FAST_RNG_MIN or set(kwargs) - {"device"}:
+        if ring_size != 2**64 or not on_cpu or shape.numel() < FAST_RNG_MIN or set(kwargs) - {"device"}:
             return original(size, ring_size=ring_size, generator=generator, **kwargs)
         if generator is None:
             generator = crypten.generators["local"][torch.device("cpu")]
-        seed = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), generator=generator, dtype=torch.long)
+        seed = torch.randint(-(2**63), 2**63 - 1, (2,), generator=generator, dtype=torch.long)
         words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist()]
         bits = np.random.PCG64DXSM(np.random.SeedSequence(words)).random_raw(shape.numel())
         return torch.from_numpy(bits.view(np.int64)).reshape(shape)
 
     generate_random_ring_element._mpcache_patched = True
-    for mod in (rng, arithmetic, tfp_provider, ttp_provider):     # modules that imported the function by name
+    for mod in (rng, arithmetic, tfp_provider, ttp_provider):  # modules that imported the function by name
         mod.generate_random_ring_element = generate_random_ring_element
 
 
@@ -227,7 +228,7 @@ def _fixed_point_decode() -> None:
     @functools.wraps(original)
     def decode(self, tensor):
         if tensor is None or self._scale <= 1:
-            return original(self, tensor)                  # integer encoders: CrypTen's nearest-integer division
+            return original(self, tensor)  # integer encoders: CrypTen's nearest-integer division
         assert is_int_tensor(tensor), "input must be a LongTensor"
         return (tensor.double() / self._scale).float().data
 
@@ -249,12 +250,18 @@ PATCHES = {
 def apply() -> list[str]:
     """Apply every patch once (idempotent). Returns the names applied so far."""
     if not _APPLIED:
-        _onnx_registration()          # must run before `import crypten`
+        _onnx_registration()  # must run before `import crypten`
         _APPLIED.append("onnx_registration")
         import crypten  # noqa: F401
 
-        for name in ("torch_load_weights_only", "replicated_contiguous", "torch_function_classmethod",
-                     "fast_config", "fast_rng", "fixed_point_decode"):
+        for name in (
+            "torch_load_weights_only",
+            "replicated_contiguous",
+            "torch_function_classmethod",
+            "fast_config",
+            "fast_rng",
+            "fixed_point_decode",
+        ):
             PATCHES[name]()
             _APPLIED.append(name)
     return list(_APPLIED)

@@ -8,6 +8,7 @@ two parties built with different knobs are refused at startup, naming the field 
 
 Every field is public (it shapes messages, never depends on data).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,41 +20,41 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MpcConfig:
     # ---- who computes ------------------------------------------------------------------------------------------
-    protocol: str = "arithmetic"   # "arithmetic" (additive, Beaver) or "replicated" (3PC)
-    provider: str = "tfp"          # "tfp" (party 0 makes the triples: benchmark mode) or "ttp" (a dealer rank)
-    n_parties: int = 2             # compute parties
-    precision_bits: int = 16       # CrypTen's fixed-point fraction bits (more breaks its approximations)
+    protocol: str = "arithmetic"  # "arithmetic" (additive, Beaver) or "replicated" (3PC)
+    provider: str = "tfp"  # "tfp" (party 0 makes the triples: benchmark mode) or "ttp" (a dealer rank)
+    n_parties: int = 2  # compute parties
+    precision_bits: int = 16  # CrypTen's fixed-point fraction bits (more breaks its approximations)
     # ---- comparisons: 32-bit lanes (exact while the compared values stay far inside 2^15) --------------------------
-    softmax_lean: bool = True      # the softmax's max tree: logits must satisfy |x| < 16384
-    act_lean: bool = True          # SiLU/GeLU breakpoints: exact while |x| < 32760
-    norm_lean: bool = True         # the norms' range comparisons (fine sum < 2^12, coarse sum / 2^16)
-    argmax_lean: bool = True       # the vocabulary argmax: |logit| < 16384
-    select_lean: bool = True       # stratified top-k of the cache policies: |score| < 12288
-    policy_lean: bool = True       # the cache policies' max/min/compare reductions
+    softmax_lean: bool = True  # the softmax's max tree: logits must satisfy |x| < 16384
+    act_lean: bool = True  # SiLU/GeLU breakpoints: exact while |x| < 32760
+    norm_lean: bool = True  # the norms' range comparisons (fine sum < 2^12, coarse sum / 2^16)
+    argmax_lean: bool = True  # the vocabulary argmax: |logit| < 16384
+    select_lean: bool = True  # stratified top-k of the cache policies: |score| < 12288
+    policy_lean: bool = True  # the cache policies' max/min/compare reductions
     # ---- tournament radices ("auto": the schedule minimising modelled latency on ``schedule_profile``) -------------
     softmax_radix: str | tuple = "auto"
     argmax_radix: str | tuple = "auto"
     strata_radix: str | int | tuple = "auto"
-    policy_one_layer: int = 4      # reductions over at most this many entries take ONE radix layer
+    policy_one_layer: int = 4  # reductions over at most this many entries take ONE radix layer
     schedule_profile: str = "lan"  # mpcache/latency.py profile whose latency the "auto" schedules minimise
     # ---- softmax -------------------------------------------------------------------------------------------------
-    softmax_recip: str = "goldschmidt"     # or "newton"
-    softmax_exp_fit: float | None = None   # None: exp base 1 + x/2^iters; 8.0: the minimax base on [-8, 0]
-    exp_iters: int = 8                     # squarings of the limit exp (row-max softmax)
-    anchor_exp_iters: int = 10             # squarings of the anchored softmax's exp: (1 + y/1024)^1024
-    anchor_recip: tuple = (-8, 30, 2)      # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
+    softmax_recip: str = "goldschmidt"  # or "newton"
+    softmax_exp_fit: float | None = None  # None: exp base 1 + x/2^iters; 8.0: the minimax base on [-8, 0]
+    exp_iters: int = 8  # squarings of the limit exp (row-max softmax)
+    anchor_exp_iters: int = 10  # squarings of the anchored softmax's exp: (1 + y/1024)^1024
+    anchor_recip: tuple = (-8, 30, 2)  # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
     # ---- norms ---------------------------------------------------------------------------------------------------
-    norm_range: tuple = (-10, 30)          # sum of squares (+ D eps) in [2^lo, 2^(hi+1))
-    norm_steps: int = 2                    # thresholds per octave of the rsqrt's step guess
-    norm_iters: int = 3                    # Goldschmidt steps of z^-1/2
+    norm_range: tuple = (-10, 30)  # sum of squares (+ D eps) in [2^lo, 2^(hi+1))
+    norm_steps: int = 2  # thresholds per octave of the rsqrt's step guess
+    norm_iters: int = 3  # Goldschmidt steps of z^-1/2
     # ---- routes and transport --------------------------------------------------------------------------------------
-    gather_triples: bool = True    # attention over a strata selection by three-operand products (TFP, 2PC, CPU)
-    one_exchange: bool = True      # an opening's all-reduce as one exchange (send to every peer, receive theirs)
-    mpi_exchange: str | bool = "auto"   # openings over MPI point-to-point ("auto": one host, a core per party)
-    lean_tfp: bool = True          # TFP tuples with one draw per peer share (same distribution, same trust model)
-    fixed_weights: bool = True     # fixed-operand triples for the weight matrices (W - B opened once, offline)
-    fixed_kv: bool = True          # ... and for the cached K/V rows (opened once, when written)
-    fold_norms: bool = True        # block norm gains folded into the next linear layers before sharing
+    gather_triples: bool = True  # attention over a strata selection by three-operand products (TFP, 2PC, CPU)
+    one_exchange: bool = True  # an opening's all-reduce as one exchange (send to every peer, receive theirs)
+    mpi_exchange: str | bool = "auto"  # openings over MPI point-to-point ("auto": one host, a core per party)
+    lean_tfp: bool = True  # TFP tuples with one draw per peer share (same distribution, same trust model)
+    fixed_weights: bool = True  # fixed-operand triples for the weight matrices (W - B opened once, offline)
+    fixed_kv: bool = True  # ... and for the cached K/V rows (opened once, when written)
+    fold_norms: bool = True  # block norm gains folded into the next linear layers before sharing
 
     def __post_init__(self):
         if self.protocol not in ("arithmetic", "replicated"):

@@ -20,6 +20,7 @@ party and collect the ledgers; :func:`predict_generation` does it for a whole pr
 
 Leakage: none (nothing secret exists here).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,7 @@ def _dry_communicator_class():
             self.main_group, self.ttp_group, self.ttp_comm_group = "main", "ttp", "ttp-comm"
             self.ttp_initialized = dealer is not None
             self._name = f"rank{rank}"
-            self.dealer = dealer                 # the dealer's request handlers (TTP), or None
+            self.dealer = dealer  # the dealer's request handlers (TTP), or None
             self._answer = None
 
         @classmethod
@@ -78,9 +79,8 @@ def _dry_communicator_class():
         def get_ttp_rank(self) -> int:
             return self.world_size
 
-        def _n(self, group=None) -> int:       # overrides the counting class's torch.distributed lookup
-            return {None: self.world_size, "main": self.world_size, "ttp": self.world_size + 1,
-                    "ttp-comm": 2}[group]
+        def _n(self, group=None) -> int:  # overrides the counting class's torch.distributed lookup
+            return {None: self.world_size, "main": self.world_size, "ttp": self.world_size + 1, "ttp-comm": 2}[group]
 
         def send(self, tensor, dst):
             return None
@@ -115,7 +115,7 @@ def _dry_communicator_class():
             return torch.empty(size, dtype=torch.long, device=device if device is not None else META)
 
         def send_obj(self, obj, dst, group=None):
-            if group == "ttp" and isinstance(obj, dict) and self.dealer is not None:   # a TTP request
+            if group == "ttp" and isinstance(obj, dict) and self.dealer is not None:  # a TTP request
                 self.dealer.device = META
                 self._answer = getattr(self.dealer, obj["function"])(*obj["args"], **obj["kwargs"]).size()
 
@@ -157,8 +157,16 @@ def _elementwise_table() -> dict:
         for attr in (f"__i{name}__", f"{name}_", f"bitwise_{name}_"):
             if hasattr(T, attr):
                 out[getattr(T, attr)] = "inplace"
-    for fn in (torch.add, torch.sub, torch.mul, torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor,
-               torch.bitwise_left_shift, torch.bitwise_right_shift):
+    for fn in (
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.bitwise_and,
+        torch.bitwise_or,
+        torch.bitwise_xor,
+        torch.bitwise_left_shift,
+        torch.bitwise_right_shift,
+    ):
         out[fn] = "out"
     return out
 
@@ -189,6 +197,7 @@ class _OnMeta(torch.overrides.TorchFunctionMode):
         flat = [*args, *kwargs.values()]
         flat += [t for a in flat if isinstance(a, (list, tuple)) for t in a]
         if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in flat):
+
             def move(a):
                 if isinstance(a, torch.Tensor) and a.device.type == "cpu":
                     return a.to(META)
@@ -257,6 +266,7 @@ def _counting_dry_class():
     compat.crypten()
     dry = _dry_communicator_class()
     counting = _counting_communicator_class(dry)
+
     def send_obj(self, obj, dst, group=None):
         # a TTP request names the device of its tensors: the CPU session this dry run stands for (same pickle size)
         if isinstance(obj, dict) and obj.get("device") == "meta":
@@ -311,7 +321,7 @@ def _ttp_client(inst):
     saved = getattr(TTPClient, key)
     client = object.__new__(TTPClient._TTPClient__TTPClient)
     client.ttp_group, client.comm_group = inst.ttp_group, inst.ttp_comm_group
-    client.generator, client.generator_cuda = torch.Generator(), None     # the seed it shares with the dealer
+    client.generator, client.generator_cuda = torch.Generator(), None  # the seed it shares with the dealer
     setattr(TTPClient, key, client)
     try:
         yield client
@@ -333,13 +343,21 @@ def dry_share(shape, precision: int | None = None):
     """A shape-only arithmetic share (to run a protocol on inside :func:`dry_party`)."""
     from crypten.mpc import MPCTensor
 
-    return MPCTensor.from_shares(torch.empty(tuple(int(s) for s in shape), dtype=torch.long, device=META),
-                                 precision=precision)
+    return MPCTensor.from_shares(
+        torch.empty(tuple(int(s) for s in shape), dtype=torch.long, device=META), precision=precision
+    )
 
 
-def predict_generation(cfg, policy=None, setting: Setting | MpcConfig | None = None, n_prompt: int = 16, n_new: int = 2,
-                       fixed_weights: bool | None = None, fixed_kv: bool | None = None,
-                       keep_logits: bool = False) -> tuple[list[dict], list]:
+def predict_generation(
+    cfg,
+    policy=None,
+    setting: Setting | MpcConfig | None = None,
+    n_prompt: int = 16,
+    n_new: int = 2,
+    fixed_weights: bool | None = None,
+    fixed_kv: bool | None = None,
+    keep_logits: bool = False,
+) -> tuple[list[dict], list]:
     """The ledgers (one dict per compute party, as ``CostLedger.to_dict()``) of a private greedy generation of
     ``n_new`` tokens after an ``n_prompt``-token prompt: :func:`mpcache.generation.private_generate` itself, run dry
     as every party (no weights, no prompt, no communication). Returns (ledgers, each party's backend)."""
@@ -349,8 +367,17 @@ def predict_generation(cfg, policy=None, setting: Setting | MpcConfig | None = N
     backends = []
 
     def run(sess):
-        _, _, B = private_generate(sess, cfg, None, None, n_new, policy, keep_logits=keep_logits,
-                                   fixed_weights=fixed_weights, fixed_kv=fixed_kv)
+        _, _, B = private_generate(
+            sess,
+            cfg,
+            None,
+            None,
+            n_new,
+            policy,
+            keep_logits=keep_logits,
+            fixed_weights=fixed_weights,
+            fixed_kv=fixed_kv,
+        )
         backends.append(B)
 
     return dry_parties(run, setting, public={"bcast": n_prompt}), backends

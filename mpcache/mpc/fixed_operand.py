@@ -68,6 +68,7 @@ What must never happen, and does not: one ``B`` masking two different values (a 
 (hence the cache); that is the TFP convention (stock TFP triples give party 0 every ``x - a``'s ``x`` too). Under
 TTP the dealer knows ``B`` but never sees any ``D``. **Leakage: shapes only** (all public: lengths, budgets).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -84,7 +85,7 @@ NOTES = {
     PATH_TTP: "fixed-operand triples (TTP dealer keeps B): W - B opened once, x - a per use",
     PATH_REPLICATED: "replicated 3PC, no triples: W's share replicated once, only x's share per use",
 }
-_KEYS = itertools.count()      # names each fixed mask for the TTP dealer (same order, same names on every party)
+_KEYS = itertools.count()  # names each fixed mask for the TTP dealer (same order, same names on every party)
 
 
 def _comm():
@@ -142,9 +143,9 @@ _LIMB_SHIFTS = (0, 22, 43)
 #: are bit-identical). One extra product per class, about a dozen classes in a prefill.
 LIMB_MIN_ROWS = 8
 LIMB_MIN_MACS = 1 << 20
-_LIMB_CHUNK_BYTES = 256 << 20          # bound on one call's float64 limb buffers (cut along N above it)
-_ROUTES: dict[tuple, str] = {}         # "auto": the measured route per shape class, this process
-ROUTE_LOG: list[tuple] = []            # (class, int64 s, limbs s) of each measurement (reports, tests)
+_LIMB_CHUNK_BYTES = 256 << 20  # bound on one call's float64 limb buffers (cut along N above it)
+_ROUTES: dict[tuple, str] = {}  # "auto": the measured route per shape class, this process
+ROUTE_LOG: list[tuple] = []  # (class, int64 s, limbs s) of each measurement (reports, tests)
 
 
 def _route_class(a_shape, b_shape) -> tuple:
@@ -185,40 +186,40 @@ def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
     mod 2^64 once shifted back by 22."""
     w0, w1 = LIMB_BITS[0], LIMB_BITS[1]
     q1 = torch.add(x, 1 << (w0 - 1)).bitwise_right_shift_(w0)
-    q2 = torch.add(q1, 1 << (w1 - 1)).bitwise_right_shift_(w1)      # from q1: one wrap, consistent digits
+    q2 = torch.add(q1, 1 << (w1 - 1)).bitwise_right_shift_(w1)  # from q1: one wrap, consistent digits
     l0 = torch.sub(x, torch.bitwise_left_shift(q1, w0))
     l1 = q1.sub_(torch.bitwise_left_shift(q2, w1))
     return [l0.to(torch.float64), l1.to(torch.float64), q2.to(torch.float64)]
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.int64)               # the float64 sums are exact integers of magnitude <= 2^53
+    return t.to(torch.int64)  # the float64 sums are exact integers of magnitude <= 2^53
 
 
 def limb_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` on int64 ring tensors (``a`` (..., M, K), ``b`` (..., K, N), torch.matmul's broadcasting) through
     float64 BLAS on three split limbs per operand: bit-identical to the wrapping int64 product (see LIMB_BITS)."""
     k, n = a.shape[-1], b.shape[-1]
-    if k > LIMB_MAX_K:                     # exactness: at most LIMB_MAX_K terms per float64 sum
+    if k > LIMB_MAX_K:  # exactness: at most LIMB_MAX_K terms per float64 sum
         out = None
         for s in range(0, k, LIMB_MAX_K):
-            part = limb_matmul(a[..., s:s + LIMB_MAX_K], b[..., s:s + LIMB_MAX_K, :])
+            part = limb_matmul(a[..., s : s + LIMB_MAX_K], b[..., s : s + LIMB_MAX_K, :])
             out = part if out is None else out.add_(part)
         return out
-    per_col = 8 * 3 * (k * _batch(b.shape) + a.numel() // max(k, 1) * 2)   # B's limbs + the products, per column
+    per_col = 8 * 3 * (k * _batch(b.shape) + a.numel() // max(k, 1) * 2)  # B's limbs + the products, per column
     step = max(1, min(n, _LIMB_CHUNK_BYTES // max(per_col, 1)))
-    if step < n:                           # bounded memory (e.g. a vocabulary-wide head over many rows)
-        return torch.cat([limb_matmul(a, b[..., s:s + step]) for s in range(0, n, step)], dim=-1)
+    if step < n:  # bounded memory (e.g. a vocabulary-wide head over many rows)
+        return torch.cat([limb_matmul(a, b[..., s : s + step]) for s in range(0, n, step)], dim=-1)
     a0, a1, a2 = _limbs(a)
     bl = _limbs(b)
-    bcat = torch.cat(bl, dim=-1)                       # (..., K, 3N): b0 | b1 | b2
-    p0 = torch.matmul(a0, bcat)                        # a0 b0, a0 b1, a0 b2
-    p1 = torch.matmul(a1, bcat[..., :2 * n])           # a1 b0, a1 b1
-    p2 = torch.matmul(a2, bl[0])                       # a2 b0
+    bcat = torch.cat(bl, dim=-1)  # (..., K, 3N): b0 | b1 | b2
+    p0 = torch.matmul(a0, bcat)  # a0 b0, a0 b1, a0 b2
+    p1 = torch.matmul(a1, bcat[..., : 2 * n])  # a1 b0, a1 b1
+    p2 = torch.matmul(a2, bl[0])  # a2 b0
     s1, s2, s3 = _LIMB_SHIFTS[1], _LIMB_SHIFTS[2], 2 * _LIMB_SHIFTS[1]
     out = _i64(p0[..., :n])
-    out += (_i64(p0[..., n:2 * n]) + _i64(p1[..., :n])) << s1
-    out += (_i64(p0[..., 2 * n:]) + _i64(p2)) << s2
+    out += (_i64(p0[..., n : 2 * n]) + _i64(p1[..., :n])) << s1
+    out += (_i64(p0[..., 2 * n :]) + _i64(p2)) << s2
     out += _i64(p1[..., n:]) << s3
     return out
 
@@ -236,7 +237,7 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         route = ring_matmul_route(a.shape, b.shape)
         if route == "limbs":
             return limb_matmul(a, b)
-        if route == "measure":                         # first of its shape class: time both, keep the faster
+        if route == "measure":  # first of its shape class: time both, keep the faster
             t0 = time.perf_counter()
             out = _int64_matmul(a, b)
             t1 = time.perf_counter()
@@ -255,7 +256,7 @@ def _int64_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         bt, lead = b.t(), a.shape[:-1]
         a2 = a.reshape(-1, a.shape[-1])
         out = torch.mv(bt, a2[0]).unsqueeze(0) if a2.shape[0] == 1 else torch.matmul(bt, a2.t()).t().contiguous()
-        return out.reshape(*lead, bt.shape[0])      # contiguous, like torch.matmul's (gloo sends need it)
+        return out.reshape(*lead, bt.shape[0])  # contiguous, like torch.matmul's (gloo sends need it)
     return torch.matmul(a, b)
 
 
@@ -270,7 +271,7 @@ def _flat_open(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     out, at = [], 0
     for s in sizes:
         n = int(torch.Size(s).numel())
-        out.append(flat[at:at + n].reshape(s))
+        out.append(flat[at : at + n].reshape(s))
         at += n
     return out
 
@@ -373,11 +374,11 @@ class FixedOperand:
             from crypten.mpc.primitives import replicated
 
             flat = torch.cat([w.share.reshape(-1) for w in ws])
-            ((_, prev),) = replicated.replicate_shares([flat])      # looked up now: the compat shim applies
+            ((_, prev),) = replicated.replicate_shares([flat])  # looked up now: the compat shim applies
             out, at = [], 0
             for w in ws:
                 n = w.share.numel()
-                out.append(cls(w, prev[at:at + n].reshape(w.share.size()), None, path))
+                out.append(cls(w, prev[at : at + n].reshape(w.share.size()), None, path))
                 at += n
             return out
         rank, b_plains, b_shares, specs = _comm().get_rank(), [], [], []
@@ -394,9 +395,9 @@ class FixedOperand:
             dev = ws[0].device
             gen = _ttp().get_generator(device=dev)
             for w in ws:
-                b_shares.append(_rand(w.size(), dev, gen))          # the dealer sums these shares into B
+                b_shares.append(_rand(w.size(), dev, gen))  # the dealer sums these shares into B
                 b_plains.append(None)
-                specs.append(("key", next(_KEYS)))                   # the same counter on every party
+                specs.append(("key", next(_KEYS)))  # the same counter on every party
             if rank == 0:
                 _ttp().ttp_request("fixed_register", dev, [(s[1], tuple(w.size())) for s, w in zip(specs, ws)])
         ds = _flat_open([w.share - b for w, b in zip(ws, b_shares)])
@@ -409,7 +410,7 @@ class FixedOperand:
         same shape, same spec (the dealer's ``B`` is unchanged); no traffic. Multi-row products (the prefill) pay
         ~1.7x instead. Anything but a 2-D operand is returned unchanged."""
         if self.dim() != 2 or self.w.share.device.type != "cpu":
-            return self                            # (ring_matmul's fast routes are for CPU int64 tensors)
+            return self  # (ring_matmul's fast routes are for CPU int64 tensors)
 
         def col_major(t):
             return None if t is None else t.t().contiguous().t()
@@ -478,7 +479,7 @@ class FixedOperand:
         spec = None
         if parts[0].spec is not None:
             kids = []
-            for p in parts:                                  # flatten nested concatenations along the same dim
+            for p in parts:  # flatten nested concatenations along the same dim
                 kids.extend(p.spec[1] if p.spec[0] == "cat" and p.spec[2] == dim else (p.spec,))
             spec = ("cat", tuple(kids), dim)
         return FixedOperand(w, d, b, paths.pop(), spec)
@@ -530,7 +531,7 @@ def _triple(x, fixed: FixedOperand, out_size):
 
         a = _rand(size, dev) if rank == 0 else None
         c = ring_matmul(a, fixed.b_plain) if rank == 0 else None
-        a = ArithmeticSharedTensor(a, size=size, precision=0, src=0, device=dev).share              # no traffic
+        a = ArithmeticSharedTensor(a, size=size, precision=0, src=0, device=dev).share  # no traffic
         c = ArithmeticSharedTensor(c, size=out_size, precision=0, src=0, device=dev).share
         return a, c
     gen = _ttp().get_generator(device=dev)
@@ -554,24 +555,24 @@ def fixed_matmul(x, fixed: FixedOperand):
     """
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
-    x = _unfix(x)                                                  # a fixed left operand moves like any share
+    x = _unfix(x)  # a fixed left operand moves like any share
     if not hasattr(x, "share"):
         raise TypeError(f"fixed_matmul needs a secret-shared x (MPCTensor), got {type(x).__name__}")
     if fixed.path == PATH_REPLICATED:
         from crypten.mpc.primitives import replicated
 
-        ((x1, x2),) = replicated.replicate_shares([x.share])         # only x's share travels
+        ((x1, x2),) = replicated.replicate_shares([x.share])  # only x's share travels
         w1, w2 = fixed.w.share, fixed.d
         z = ring_matmul(x1, w1) + ring_matmul(x1, w2) + ring_matmul(x2, w1)
     else:
         a, c = _triple(x, fixed, _matmul_size(x.size(), fixed.shape))
-        eps = _comm().all_reduce(x.share - a)                      # the only opening: x - a, uniform
+        eps = _comm().all_reduce(x.share - a)  # the only opening: x - a, uniform
         z = c + ring_matmul(eps, fixed.w.share) + ring_matmul(a, fixed.d)
     out = ArithmeticSharedTensor.from_shares(z)
     sx, sw = x.encoder.scale, fixed.w.encoder.scale
     out.encoder = x.encoder if sx > 1 or sw == 1 else fixed.w.encoder
     if sx > 1 and sw > 1:
-        out = out.div_(sx)                                         # truncation, as in CrypTen's matmul
+        out = out.div_(sx)  # truncation, as in CrypTen's matmul
     res = x.shallow_copy()
     res._tensor = out
     return res
@@ -593,10 +594,10 @@ def _dealer_class():
 
         def __init__(self):
             self.fixed_masks: dict[int, torch.Tensor] = {}
-            super().__init__()                     # runs the serve loop until the parties terminate
+            super().__init__()  # runs the serve loop until the parties terminate
 
         def fixed_register(self, entries):
-            for key, size in entries:                    # in the parties' drawing order
+            for key, size in entries:  # in the parties' drawing order
                 self.fixed_masks[key] = self._get_additive_PRSS(size)
             return torch.zeros(1, dtype=torch.long, device=self.device)
 

@@ -32,6 +32,7 @@ public already. Every dealer term is a fresh additive sharing (pseudo-random zer
 the uniform openings plus its uniform shares, simulatable from the shapes alone: **leakage: shapes only** (the
 number of candidates, rows, slots: public functions of the budget).
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,12 @@ from .fixed_operand import PATH_TFP, FixedOperand, _comm, _flat_open, _rand
 def available(fixed) -> bool:
     """Whether the three-operand route runs for this fixed operand and session: TFP, 2 parties, CPU tensors (its
     int64 contractions use torch's CPU kernels; CUDA has no int64 matmul and keeps the two-operand route)."""
-    return (isinstance(fixed, FixedOperand) and fixed.path == PATH_TFP and _comm().get_world_size() == 2
-            and fixed.w.share.device.type in ("cpu", "meta"))          # meta: a dry run of a CPU party
+    return (
+        isinstance(fixed, FixedOperand)
+        and fixed.path == PATH_TFP
+        and _comm().get_world_size() == 2
+        and fixed.w.share.device.type in ("cpu", "meta")
+    )  # meta: a dry run of a CPU party
 
 
 def _shared(plain, size, dev):
@@ -81,7 +86,7 @@ def _slots(fixed: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Te
     (public views: the same D, B and share re-arranged, nothing opened)."""
     hkv, d = int(fixed.shape[0]), int(fixed.shape[-1])
     k, g = (int(s) for s in idx.shape)
-    blocks = fixed[:, start:start + n_cand * blk].reshape(hkv, n_cand, blk * d)
+    blocks = fixed[:, start : start + n_cand * blk].reshape(hkv, n_cand, blk * d)
     return blocks.index_select(1, idx.reshape(-1).to(fixed.d.device)).reshape(hkv, k, g, blk, d)
 
 
@@ -91,7 +96,7 @@ def _finish(z, like, scale):
 
     out = ArithmeticSharedTensor.from_shares(z)
     out.encoder = like.encoder
-    out = out.div_(scale)                                              # local truncation in 2PC
+    out = out.div_(scale)  # local truncation in 2PC
     res = like.shallow_copy()
     res._tensor = out
     return res
@@ -112,9 +117,9 @@ def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: in
     out_size = torch.Size((hkv, G, kk, blk))
     if rank == 0:
         A, B, D = oh.a_plain, ks.b_plain, ks.d
-        c1 = _sel(A, B)                                                        # A ⊙ B
-        t = torch.einsum("hgd,hrjid->hgrji", a_plain, B)                               # a ⊗ B (uncontracted in j)
-        c34 = torch.einsum("hgd,hrid->hgri", a_plain, _sel(A, D + B))                  # a·A·D + a·A·B
+        c1 = _sel(A, B)  # A ⊙ B
+        t = torch.einsum("hgd,hrjid->hgrji", a_plain, B)  # a ⊗ B (uncontracted in j)
+        c34 = torch.einsum("hgd,hrid->hgri", a_plain, _sel(A, D + B))  # a·A·D + a·A·B
     else:
         c1 = t = c34 = None
     c1 = _shared(c1, torch.Size((hkv, kk, blk, d)), dev)
@@ -129,8 +134,9 @@ def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: in
     return _finish(z.reshape(hkv, G, kk * blk), q, k.w.encoder.scale)
 
 
-def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor,
-                    rest=None):
+def gathered_values(
+    p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor, rest=None
+):
     """``o[h, γ, :] = Σ_{r,i,j} p[h,γ,r·blk+i] O[h,r,j] V[h, cand(r,j)·blk + i, :]`` for the selected rows'
     probabilities p (Hkv, G, k·blk) and the one-hot already opened by :func:`gathered_scores`; ``rest``: an optional
     ``(p_rest, v_rest)`` (shares, fixed rows) added as ``p_rest @ v_rest`` in the SAME opening. Opens ``p - a'``
@@ -158,7 +164,7 @@ def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: in
         t = torch.einsum("hgri,hrjiv->hgrjv", ap, B)
         c34 = torch.einsum("hgri,hriv->hgv", ap, _sel(A, D + B))
         if rest is not None:
-            c34 = c34 + torch.matmul(a2_plain, v2.b_plain)                    # the rest's triple c = a'' @ B
+            c34 = c34 + torch.matmul(a2_plain, v2.b_plain)  # the rest's triple c = a'' @ B
     else:
         c1 = t = c34 = None
     c1 = _shared(c1, torch.Size((hkv, kk, blk, dv)), dev)
@@ -168,32 +174,42 @@ def gathered_values(p, oh: OpenedOneHot, v: FixedOperand, start: int, n_cand: in
     e, E = opened[0].reshape(hkv, G, kk, blk), oh.e
     av = a.reshape(hkv, G, kk, blk)
     z = torch.einsum("hgri,hriv->hgv", e, _sel(E, vs.w.share) + _sel(oh.a, vs.d) + c1)
-    z = z + torch.einsum("hgri,hriv->hgv", av, _sel(E, vs.d))                         # [a']·(E⊙D)
+    z = z + torch.einsum("hgri,hriv->hgv", av, _sel(E, vs.d))  # [a']·(E⊙D)
     z = z + torch.einsum("hrj,hgrjv->hgv", E, t) + c34
-    if rest is not None:                                                       # fixed_matmul's form, same opening
+    if rest is not None:  # fixed_matmul's form, same opening
         z = z + torch.matmul(opened[1], v2.w.share) + torch.matmul(a2, v2.d)
     return _finish(z, p, v.w.encoder.scale)
 
 
-def _selected_rows(onehot: torch.Tensor, x: torch.Tensor, start: int, n_cand: int, blk: int,
-                   idx: torch.Tensor) -> torch.Tensor:
+def _selected_rows(
+    onehot: torch.Tensor, x: torch.Tensor, start: int, n_cand: int, blk: int, idx: torch.Tensor
+) -> torch.Tensor:
     """The rows of x (Hkv, L, d) the compact one-hot selects, (Hkv, k·blk, d) in g.apply order (float64)."""
     hkv, d = int(x.shape[0]), int(x.shape[-1])
     kk, g = (int(s) for s in idx.shape)
-    blocks = x[:, start:start + n_cand * blk].reshape(hkv, n_cand, blk, d).double()[:, idx.reshape(-1)]
+    blocks = x[:, start : start + n_cand * blk].reshape(hkv, n_cand, blk, d).double()[:, idx.reshape(-1)]
     sel = torch.einsum("hrj,hrjid->hrid", onehot.double(), blocks.reshape(hkv, kk, g, blk, d))
     return sel.reshape(hkv, kk * blk, d)
 
 
-def gathered_reference(q: torch.Tensor, onehot: torch.Tensor, k: torch.Tensor, start: int, n_cand: int, blk: int,
-                       idx: torch.Tensor) -> torch.Tensor:
+def gathered_reference(
+    q: torch.Tensor, onehot: torch.Tensor, k: torch.Tensor, start: int, n_cand: int, blk: int, idx: torch.Tensor
+) -> torch.Tensor:
     """The float model of :func:`gathered_scores`: the masks cancel exactly in the ring, so it is the plain product
     of q with the selected rows (float64)."""
     return q.double() @ _selected_rows(onehot, k, start, n_cand, blk, idx).transpose(1, 2)
 
 
-def gathered_values_reference(p: torch.Tensor, onehot: torch.Tensor, v: torch.Tensor, start: int, n_cand: int,
-                              blk: int, idx: torch.Tensor, rest=None) -> torch.Tensor:
+def gathered_values_reference(
+    p: torch.Tensor,
+    onehot: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    n_cand: int,
+    blk: int,
+    idx: torch.Tensor,
+    rest=None,
+) -> torch.Tensor:
     """The float model of :func:`gathered_values`: p times the selected rows of v, plus ``p_rest @ v_rest``."""
     out = p.double() @ _selected_rows(onehot, v, start, n_cand, blk, idx)
     return out if rest is None else out + rest[0].double() @ rest[1].double()

@@ -20,6 +20,7 @@ CrypTen's provider (a dry run, ``mpcache/mpc/dryrun.py``, counts it like any oth
 generator, both ends draw the same sizes in the same order. World sizes other than 2 and 3, and ops other than
 ``mul``/``matmul``, fall back to CrypTen's code.
 """
+
 from __future__ import annotations
 
 import torch
@@ -111,8 +112,10 @@ def provider_class():
                 a = generate_random_ring_element(size0, device=device)
                 b = generate_random_ring_element(size1, device=device)
                 c = getattr(torch, op)(a, b)
-            return tuple(AST.from_shares(share_from_party0(v, s, device), precision=0)
-                         for v, s in ((a, size0), (b, size1), (c, out_size)))
+            return tuple(
+                AST.from_shares(share_from_party0(v, s, device), precision=0)
+                for v, s in ((a, size0), (b, size1), (c, out_size))
+            )
 
         def square(self, size, device=None):
             if not self._supported():
@@ -120,7 +123,7 @@ def provider_class():
             both = None
             if _world()[0] == 0:
                 r = generate_random_ring_element(size, device=device)
-                both = torch_stack([r, r.mul(r)])              # CrypTen's stack: CUDALongTensor-aware
+                both = torch_stack([r, r.mul(r)])  # CrypTen's stack: CUDALongTensor-aware
             s = share_from_party0(both, (2, *torch.Size(size)), device)
             return AST.from_shares(s[0], precision=0), AST.from_shares(s[1], precision=0)
 
@@ -133,8 +136,10 @@ def provider_class():
                 b = generate_kbit_random_tensor(size1, device=device)
                 c = a & b
             out_size = _broadcast(size0, size1)
-            return tuple(BST.from_shares(share_from_party0(v, s, device, binary=True))
-                         for v, s in ((a, size0), (b, size1), (c, out_size)))
+            return tuple(
+                BST.from_shares(share_from_party0(v, s, device, binary=True))
+                for v, s in ((a, size0), (b, size1), (c, out_size))
+            )
 
         def B2A_rng(self, size, device=None):
             if not self._supported():

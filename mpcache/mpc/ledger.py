@@ -27,6 +27,7 @@ goes to the full path of the innermost scope. Wall time is recorded per scope, i
 
 The cost is a few ``perf_counter`` calls per transfer (two running totals, read again when a scope closes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,9 +57,9 @@ class CostLedger:
         self.rank, self.world_size = rank, world_size
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         self.seconds: dict[str, float] = defaultdict(float)
-        self.wait_seconds: dict[str, float] = defaultdict(float)     # inclusive, like seconds
+        self.wait_seconds: dict[str, float] = defaultdict(float)  # inclusive, like seconds
         self.copy_seconds: dict[str, float] = defaultdict(float)
-        self._wait = 0.0          # running totals since the ledger was made (scopes keep their differences)
+        self._wait = 0.0  # running totals since the ledger was made (scopes keep their differences)
         self._copy = 0.0
         self._stack: list[str] = []
         self._irecv_run = False
@@ -84,8 +85,7 @@ class CostLedger:
 
     def profile_of(self, path: str) -> dict[str, float]:
         """Scope ``path``'s inclusive wall seconds split into compute / wait / copy (see the module docstring)."""
-        return _split(self.seconds.get(path, 0.0), self.wait_seconds.get(path, 0.0),
-                      self.copy_seconds.get(path, 0.0))
+        return _split(self.seconds.get(path, 0.0), self.wait_seconds.get(path, 0.0), self.copy_seconds.get(path, 0.0))
 
     # ---- recording ---------------------------------------------------------------------------------------
     def record(self, sent: int = 0, recv: int = 0, rounds: int = 0, kind: str = "online") -> None:
@@ -155,13 +155,14 @@ class _EndsRun:
         return self._work.is_completed()
 
 
-EXCHANGE_TAG = 7301    # MPI tag of the openings' exchange (when the session hands the communicator an MPI comm)
+EXCHANGE_TAG = 7301  # MPI tag of the openings' exchange (when the session hands the communicator an MPI comm)
 
 
 def _counting_communicator_class(base):
     """A subclass of CrypTen's DistributedCommunicator whose every transfer is recorded in ``self.ledger``."""
 
     class CountingCommunicator(base):
+        counting = True
         ledger: CostLedger
         one_exchange: bool = True
 
@@ -196,7 +197,7 @@ def _counting_communicator_class(base):
             return self._blocked(super().recv, tensor, src)
 
         def isend(self, tensor, dst):
-            self.ledger.record(sent=_nbytes(tensor))      # does not end a run of posted irecvs
+            self.ledger.record(sent=_nbytes(tensor))  # does not end a run of posted irecvs
             return self._blocked(super().isend, tensor, dst)
 
         def irecv(self, tensor, src=None):
@@ -209,11 +210,17 @@ def _counting_communicator_class(base):
             n, b = self._n(), _nbytes(input)
             self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
             xs = input if batched else [input]
-            if self.one_exchange and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR) and \
-                    all(x.data.device.type == "cpu" for x in xs):
+            if (
+                self.one_exchange
+                and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
+                and all(x.data.device.type == "cpu" for x in xs)
+            ):
                 return self._exchange_reduce(xs, op == dist.ReduceOp.BXOR, batched)
-            return self._blocked(super().all_reduce, input, batched=batched) if op is None else \
-                self._blocked(super().all_reduce, input, op=op, batched=batched)
+            return (
+                self._blocked(super().all_reduce, input, batched=batched)
+                if op is None
+                else self._blocked(super().all_reduce, input, op=op, batched=batched)
+            )
 
         def _exchange_reduce(self, xs, xor: bool, batched: bool):
             """The all-reduce of an opening as ONE exchange: every party sends its share to every other and
@@ -221,7 +228,7 @@ def _counting_communicator_class(base):
             ledger records. gloo's own all_reduce takes ~2 round trips for the same data (measured under
             emulated WAN, scripts/netem), so this halves the latency of every opening. Same result, bit for bit."""
             led = self.ledger
-            t0 = _clock()                          # profile: copies until the transfers are posted ...
+            t0 = _clock()  # profile: copies until the transfers are posted ...
             me = self.get_rank()
             peers = [j for j in range(self._n()) if j != me]
             data = [x.data.contiguous() for x in xs]
@@ -230,44 +237,47 @@ def _counting_communicator_class(base):
             # flat buffer, not one isend/irecv pair per tensor (each gloo call costs ~0.1 ms of CPU here)
             one = len(data) > 1 and all(d.dtype == data[0].dtype and d.device == data[0].device for d in data)
             msgs = [torch.cat([d.reshape(-1) for d in data])] if one else data
-            bufs = [[torch.empty_like(m) for _ in peers] for m in msgs]      # every element is overwritten
-            if mpi is not None:      # MPI point-to-point (shared memory on one host: ~5 us vs gloo's ~0.4 ms per
+            bufs = [[torch.empty_like(m) for _ in peers] for m in msgs]  # every element is overwritten
+            if mpi is not None:  # MPI point-to-point (shared memory on one host: ~5 us vs gloo's ~0.4 ms per
                 from mpi4py import MPI  # exchange over loopback TCP)
 
                 reqs = []
                 for m, bl in zip(msgs, bufs):
                     for j, buf in zip(peers, bl):
-                        reqs += [mpi.Isend(m.numpy(), dest=j, tag=EXCHANGE_TAG),
-                                 mpi.Irecv(buf.numpy(), source=j, tag=EXCHANGE_TAG)]
-                t1 = _clock()                      # ... waiting for the peer while the requests are open ...
+                        reqs += [
+                            mpi.Isend(m.numpy(), dest=j, tag=EXCHANGE_TAG),
+                            mpi.Irecv(buf.numpy(), source=j, tag=EXCHANGE_TAG),
+                        ]
+                t1 = _clock()  # ... waiting for the peer while the requests are open ...
                 if not MPI.Request.Testall(reqs):  # a dead peer ends the job (mpiexec); a hung one must not
                     deadline = time.monotonic() + self.mpi_timeout
                     while not MPI.Request.Testall(reqs):
                         if time.monotonic() > deadline:
                             raise TimeoutError(
                                 f"party {me}: no opening from parties {peers} for {self.mpi_timeout:.0f} s; a peer "
-                                "died or hangs (see its output); raise --timeout if the peers are merely slow")
+                                "died or hangs (see its output); raise --timeout if the peers are merely slow"
+                            )
             else:
                 reqs = []
                 for m, bl in zip(msgs, bufs):
-                    for j, buf in zip(peers, bl):      # CrypTen's own (uncounted) point-to-point calls
+                    for j, buf in zip(peers, bl):  # CrypTen's own (uncounted) point-to-point calls
                         reqs.append(base.isend(self, m, j))
                         reqs.append(base.irecv(self, buf, j))
                 t1 = _clock()
                 for r in reqs:
                     if r is not None:
                         r.wait()
-            t2 = _clock()                          # ... then the local add/xor and the result's views: copies
+            t2 = _clock()  # ... then the local add/xor and the result's views: copies
             sums = []
             for m, bl in zip(msgs, bufs):
                 y = m
-                for buf in bl:                     # new tensors: the caller's input is never modified
+                for buf in bl:  # new tensors: the caller's input is never modified
                     y = torch.bitwise_xor(y, buf) if xor else y + buf
                 sums.append(y)
             if one:
                 out, at = [], 0
                 for d in data:
-                    out.append(sums[0][at:at + d.numel()].view(d.shape))
+                    out.append(sums[0][at : at + d.numel()].view(d.shape))
                     at += d.numel()
             else:
                 out = sums
@@ -278,14 +288,21 @@ def _counting_communicator_class(base):
         def reduce(self, input, dst, op=None, batched=False):
             n, b = self._n(), _nbytes(input)
             me = self.get_rank() == dst
-            self.ledger.record(sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0)
-            return self._blocked(super().reduce, input, dst, batched=batched) if op is None else \
-                self._blocked(super().reduce, input, dst, op=op, batched=batched)
+            self.ledger.record(
+                sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0
+            )
+            return (
+                self._blocked(super().reduce, input, dst, batched=batched)
+                if op is None
+                else self._blocked(super().reduce, input, dst, op=op, batched=batched)
+            )
 
         def gather(self, tensor, dst):
             n, b = self._n(), _nbytes(tensor)
             me = self.get_rank() == dst
-            self.ledger.record(sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0)
+            self.ledger.record(
+                sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0
+            )
             return self._blocked(super().gather, tensor, dst)
 
         def all_gather(self, tensor):
@@ -297,8 +314,9 @@ def _counting_communicator_class(base):
             n, b = self._n(group), _nbytes(input)
             me = self.get_rank() == src
             self.ledger._irecv_run = False
-            self.ledger.record(sent=(n - 1) * b if me else 0, recv=0 if me else b, rounds=0 if me else 1,
-                               kind=self._kind(group))
+            self.ledger.record(
+                sent=(n - 1) * b if me else 0, recv=0 if me else b, rounds=0 if me else 1, kind=self._kind(group)
+            )
             return self._blocked(super().broadcast, input, src, group=group, batched=batched)
 
         def scatter(self, scatter_list, src, size=None, device=None):
@@ -326,8 +344,12 @@ def _counting_communicator_class(base):
             out = self._blocked(super().broadcast_obj, obj, src, group=group)
             b = len(pickle.dumps(out)) + 4
             self.ledger._irecv_run = False
-            self.ledger.record(sent=(self._n(group) - 1) * b if me else 0, recv=0 if me else b,
-                               rounds=0 if me else 1, kind=self._kind(group))
+            self.ledger.record(
+                sent=(self._n(group) - 1) * b if me else 0,
+                recv=0 if me else b,
+                rounds=0 if me else 1,
+                kind=self._kind(group),
+            )
             return out
 
     return CountingCommunicator
@@ -344,10 +366,10 @@ def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0, one_ex
 
     inst = comm.get()
     base = type(inst)
-    if not hasattr(base, "ledger"):
+    if not getattr(base, "counting", False):  # re-class once: a second counting layer would count twice
         inst.__class__ = _counting_communicator_class(base)
     inst.ledger = ledger
-    inst.mpi_comm = mpi_comm      # the compute parties' MPI communicator (same ranks), or None: gloo
+    inst.mpi_comm = mpi_comm  # the compute parties' MPI communicator (same ranks), or None: gloo
     inst.one_exchange = one_exchange  # MpcConfig.one_exchange: an opening's all-reduce as one exchange
     inst.mpi_timeout = mpi_timeout  # seconds an MPI exchange may wait for a peer (gloo has its own timeout)
     return inst
@@ -371,8 +393,9 @@ def decode_profile(ledger: dict, tokens: list[int] | None = None, depth: int = 2
     pre = f"{base}/token/" if base else "token/"
     secs = ledger.get("seconds", {})
     waits, copies = ledger.get("wait_seconds", {}), ledger.get("copy_seconds", {})
-    found = sorted({int(p[len(pre):].split("/")[0]) for p in secs
-                    if p.startswith(pre) and p[len(pre):].split("/")[0].isdigit()})
+    found = sorted(
+        {int(p[len(pre) :].split("/")[0]) for p in secs if p.startswith(pre) and p[len(pre) :].split("/")[0].isdigit()}
+    )
     toks = [t for t in (tokens if tokens is not None else [t for t in found if t > 0]) if t in found]
     if not toks:
         return []
@@ -391,7 +414,7 @@ def decode_profile(ledger: dict, tokens: list[int] | None = None, depth: int = 2
             if p == tp:
                 add("token", s, waits.get(p, 0.0), copies.get(p, 0.0))
             elif p.startswith(tp + "/"):
-                rel = p[len(tp) + 1:]
+                rel = p[len(tp) + 1 :]
                 op = _op_of(rel)
                 # an op is counted at the scope that names it (the L<i> scopes themselves are skipped)
                 if op and op.count("/") < depth and op.split("/")[-1] == rel.split("/")[-1]:
@@ -400,15 +423,15 @@ def decode_profile(ledger: dict, tokens: list[int] | None = None, depth: int = 2
             p = c["scope"]
             if p == tp or p.startswith(tp + "/"):
                 add("token", rounds=c["rounds"])
-                rel = p[len(tp) + 1:] if p != tp else ""
+                rel = p[len(tp) + 1 :] if p != tp else ""
                 op = _op_of(rel)
-                for d in range(1, depth + 1):              # rounds go to every enclosing op (inclusive)
+                for d in range(1, depth + 1):  # rounds go to every enclosing op (inclusive)
                     head = "/".join(op.split("/")[:d]) if op else ""
                     if head and head.count("/") == d - 1:
                         add(head, rounds=c["rounds"])
     tops = [op for op in acc if op != "token" and "/" not in op]
     rest = {k: max(acc["token"][k] - sum(acc[o][k] for o in tops), 0.0) for k in ("wall", "wait", "copy", "rounds")}
-    rest["rounds"] = round(rest["rounds"], 6)             # a mean over tokens: float rounding, not a round
+    rest["rounds"] = round(rest["rounds"], 6)  # a mean over tokens: float rounding, not a round
     order = ["token"]
     for op in sorted(tops, key=lambda o: -acc[o]["wall"]):
         order.append(op)
@@ -416,9 +439,17 @@ def decode_profile(ledger: dict, tokens: list[int] | None = None, depth: int = 2
     rows = []
     for op, a in [(o, acc[o]) for o in order] + [("(token itself)", rest)]:
         sp = _split(a["wall"], a["wait"], a["copy"])
-        rows.append({"op": op, "wall_s": sp["wall"], "compute_s": sp["compute"], "wait_s": sp["wait"],
-                     "copy_s": sp["copy"], "rounds": a["rounds"],
-                     "ms_per_round": 1e3 * sp["wall"] / a["rounds"] if a["rounds"] else float("nan")})
+        rows.append(
+            {
+                "op": op,
+                "wall_s": sp["wall"],
+                "compute_s": sp["compute"],
+                "wait_s": sp["wait"],
+                "copy_s": sp["copy"],
+                "rounds": a["rounds"],
+                "ms_per_round": 1e3 * sp["wall"] / a["rounds"] if a["rounds"] else float("nan"),
+            }
+        )
     return rows
 
 
@@ -428,6 +459,8 @@ def format_profile(rows: list[dict]) -> str:
     for r in rows:
         name = ("  " * r["op"].count("/")) + r["op"].rsplit("/", 1)[-1] if r["op"] != "(token itself)" else r["op"]
         mspr = f"{r['ms_per_round']:11.2f}" if r["rounds"] else f"{'-':>11}"
-        lines.append(f"{name:<24}{r['wall_s']:11.3f}{r['compute_s']:11.3f}{r['wait_s']:11.3f}{r['copy_s']:11.3f}"
-                     f"{r['rounds']:11.0f}{mspr}")
+        lines.append(
+            f"{name:<24}{r['wall_s']:11.3f}{r['compute_s']:11.3f}{r['wait_s']:11.3f}{r['copy_s']:11.3f}"
+            f"{r['rounds']:11.0f}{mspr}"
+        )
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """Every party of a session on this host, without mpirun: ``run_parties(n, fn)`` runs ``fn(session)`` as each party.
 
+Why one file: the forked parties, their pipe transport and their failure handling are one harness.
+
 What it is: the multi-party harness of protocol unit tests (and of quick experiments). Each compute party (and,
 with ``provider="ttp"``, the dealer) is a process forked from the caller. A party is built as
 :func:`mpcache.mpc.session.open_session` builds one -- CrypTen through the compatibility layer, ``crypten.cfg``
@@ -32,6 +34,7 @@ Failure is loud and bounded: a party that raises (any rank), exits (the dealer i
 errors) naming the rank and carrying its traceback; every party is then killed (a peer blocked on the failed one
 would otherwise wait for gloo's own timeout) and a :class:`Parties` starts afresh on its next call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,6 +65,7 @@ class PartyFailure(AssertionError):
 @dataclass
 class PartyResult:
     """What one compute party's ``fn`` returned, and its ledger (every transfer it made, per scope)."""
+
     rank: int
     value: Any
     ledger: CostLedger
@@ -119,9 +123,9 @@ class _Pipes:
         for fd in (*reads.values(), *writes.values()):
             os.set_blocking(fd, False)
             with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, 1031, 1 << 20)             # F_SETPIPE_SZ: most messages fit in one write
-        self.stash = {j: bytearray() for j in reads}      # bytes read ahead of any posted receive, in order
-        self.recvs: dict[int, list] = {j: [] for j in reads}    # per peer, in order: [view, offset, request, ...]
+                fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: most messages fit in one write
+        self.stash = {j: bytearray() for j in reads}  # bytes read ahead of any posted receive, in order
+        self.recvs: dict[int, list] = {j: [] for j in reads}  # per peer, in order: [view, offset, request, ...]
 
     @staticmethod
     def _view(t: torch.Tensor) -> memoryview:
@@ -147,7 +151,7 @@ class _Pipes:
             if n:
                 off += n
                 continue
-            poller = select.poll()                      # full: wait until it drains, reading meanwhile
+            poller = select.poll()  # full: wait until it drains, reading meanwhile
             poller.register(self.wfile[dst].fileno(), select.POLLOUT)
             for f in self.rfile.values():
                 poller.register(f.fileno(), select.POLLIN)
@@ -180,9 +184,9 @@ class _Pipes:
             while q:
                 view, off, req, buf, target = q[0]
                 st = self.stash[j]
-                if st and off < len(view):              # read-ahead bytes come first
+                if st and off < len(view):  # read-ahead bytes come first
                     k = min(len(st), len(view) - off)
-                    view[off:off + k] = st[:k]
+                    view[off : off + k] = st[:k]
                     del st[:k]
                     off += k
                 if off < len(view) and not st:
@@ -232,14 +236,25 @@ def _session(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float) -> Sess
     crypten = compat.crypten()
     n = cfg.n_parties
     distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo",
-                      GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(n), RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo", GLOO_SOCKET_IFNAME="lo"
+    )
     crypten.cfg.mpc.protocol = PROTOCOLS[cfg.protocol]
     crypten.cfg.mpc.provider = PROVIDERS[cfg.provider]
     crypten.cfg.encoder.precision_bits = cfg.precision_bits
-    return Session(rank=rank, world_size=n + (cfg.provider == "ttp"), n_parties=n, protocol=cfg.protocol,
-                   provider=cfg.provider, device="cpu", ledger=CostLedger(rank, n), comm=None, crypten=crypten,
-                   network={"openings": "gloo", "transport": "local_parties"}, cfg=cfg)
+    return Session(
+        rank=rank,
+        world_size=n + (cfg.provider == "ttp"),
+        n_parties=n,
+        protocol=cfg.protocol,
+        provider=cfg.provider,
+        device="cpu",
+        ledger=CostLedger(rank, n),
+        comm=None,
+        crypten=crypten,
+        network={"openings": "gloo", "transport": "local_parties"},
+        cfg=cfg,
+    )
 
 
 def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, first, pipes) -> None:
@@ -247,8 +262,8 @@ def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, fir
     each task it receives, until "stop"; per task it sends ("returned",) when fn returns, then, once every party
     has returned (a barrier), ("ok", value, ledger) -- or ("error", text) and exits."""
     try:
-        for (a, b), (r, w) in pipes.items():            # keep this party's ends of the point-to-point pipes (a
-            if a != rank:                               # writes to b): a dead peer's pipe then reads as closed
+        for (a, b), (r, w) in pipes.items():  # keep this party's ends of the point-to-point pipes (a
+            if a != rank:  # writes to b): a dead peer's pipe then reads as closed
                 os.close(w)
             if b != rank:
                 os.close(r)
@@ -266,30 +281,32 @@ def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, fir
 
         sess.crypten.init()
         if pipes:
-            mine = _Pipes({a: r for (a, b), (r, _) in pipes.items() if b == rank},
-                          {b: w for (a, b), (_, w) in pipes.items() if a == rank})
+            mine = _Pipes(
+                {a: r for (a, b), (r, _) in pipes.items() if b == rank},
+                {b: w for (a, b), (_, w) in pipes.items() if a == rank},
+            )
             inst = cmod.get()
             inst.__class__ = _pipes_class(type(inst))
             inst.pipes = mine
         if cfg.provider == "tfp" and cfg.lean_tfp:
             lean_tfp.install()
-        live = attach(sess.ledger, None, timeout, one_exchange=cfg.one_exchange)   # once: it re-classes CrypTen's
-        task = first                                                                # communicator each time
+        live = attach(sess.ledger, None, timeout, one_exchange=cfg.one_exchange)  # once: it re-classes CrypTen's
+        task = first  # communicator each time
         while True:
             if task is None:
                 task = pickle.loads(conn.recv_bytes())
             if task == "stop":
                 break
             fn, args = task
-            sess.ledger = live.ledger = CostLedger(rank, cfg.n_parties)             # a fresh ledger per call
+            sess.ledger = live.ledger = CostLedger(rank, cfg.n_parties)  # a fresh ledger per call
             value = fn(sess, *args)
             _send(conn, ("returned",))
-            dist.barrier(group=cmod.get().main_group)   # as Session.close: no party leaves while a peer reads
+            dist.barrier(group=cmod.get().main_group)  # as Session.close: no party leaves while a peer reads
             _send(conn, ("ok", value, _ledger_copy(sess.ledger)))
             task = None
-        sess.crypten.uninit()                           # party 0 tells the dealer (if any) to stop
-    except BaseException as e:                          # noqa: BLE001 - everything goes back to the caller
-        with contextlib.suppress(Exception):            # the pipe itself failed: the exit code says it
+        sess.crypten.uninit()  # party 0 tells the dealer (if any) to stop
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the caller
+        with contextlib.suppress(Exception):  # the pipe itself failed: the exit code says it
             _send(conn, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None))
         conn.close()
         os._exit(1)
@@ -315,11 +332,20 @@ class Parties:
     transport (openings, resharing): "pipes" (:class:`_Pipes`) or "gloo" (CrypTen's own); collectives, the
     dealer's traffic and the setup always go over gloo. Both carry the same messages: same results, same ledger."""
 
-    def __init__(self, n: int, *, protocol: str = "arithmetic", provider: str = "tfp", mpc: MpcConfig | None = None,
-                 timeout: float = 120.0, p2p: str = "pipes"):
+    def __init__(
+        self,
+        n: int,
+        *,
+        protocol: str = "arithmetic",
+        provider: str = "tfp",
+        mpc: MpcConfig | None = None,
+        timeout: float = 120.0,
+        p2p: str = "pipes",
+    ):
         if protocol not in PROTOCOLS or provider not in PROVIDERS:
-            raise ValueError(f"protocol {protocol!r} / provider {provider!r}: use one of {sorted(PROTOCOLS)} / "
-                             f"{sorted(PROVIDERS)}")
+            raise ValueError(
+                f"protocol {protocol!r} / provider {provider!r}: use one of {sorted(PROTOCOLS)} / {sorted(PROVIDERS)}"
+            )
         if protocol == "replicated" and n != 3:
             raise ValueError(f"the replicated protocol needs 3 compute parties, got {n}")
         if p2p not in ("pipes", "gloo"):
@@ -350,10 +376,12 @@ class Parties:
             try:
                 task = pickle.dumps((fn, args))
             except (pickle.PicklingError, AttributeError, TypeError) as e:
-                raise TypeError(f"Parties.run: {fn!r} and its arguments go to running parties by pickle: pass a "
-                                f"module-level function (or a functools.partial of one), or use run_parties for a "
-                                f"closure ({e})") from None
-            for c in self._conns[:self.n]:
+                raise TypeError(
+                    f"Parties.run: {fn!r} and its arguments go to running parties by pickle: pass a "
+                    f"module-level function (or a functools.partial of one), or use run_parties for a "
+                    f"closure ({e})"
+                ) from None
+            for c in self._conns[: self.n]:
                 c.send_bytes(task)
         try:
             return _collect(self._procs, self._conns, self.n, timeout)
@@ -367,14 +395,18 @@ class Parties:
         _warm()
         ctx = mp.get_context("fork")
         self._tmp = tempfile.mkdtemp(prefix="mpcache-parties-")
-        pipes = {(a, b): os.pipe() for a in range(self.n) for b in range(self.n) if a != b} \
-            if self.p2p == "pipes" else {}
+        pipes = (
+            {(a, b): os.pipe() for a in range(self.n) for b in range(self.n) if a != b} if self.p2p == "pipes" else {}
+        )
         try:
             for rank in range(self.n + (self.cfg.provider == "ttp")):
                 mine, theirs = ctx.Pipe()
-                p = ctx.Process(target=_party, name=f"party-{rank}", daemon=True,
-                                args=(rank, self.cfg, f"file://{self._tmp}/rendezvous", self.timeout, theirs, first,
-                                      pipes))
+                p = ctx.Process(
+                    target=_party,
+                    name=f"party-{rank}",
+                    daemon=True,
+                    args=(rank, self.cfg, f"file://{self._tmp}/rendezvous", self.timeout, theirs, first, pipes),
+                )
                 p.start()
                 theirs.close()
                 self._procs.append(p)
@@ -387,7 +419,7 @@ class Parties:
     def close(self, kill: bool = False) -> None:
         """Stop the parties (each leaves CrypTen; party 0 stops the dealer); ``kill``: at once."""
         if not kill:
-            for c in self._conns[:self.n]:
+            for c in self._conns[: self.n]:
                 with contextlib.suppress(OSError):
                     c.send_bytes(pickle.dumps("stop"))
             deadline = time.monotonic() + 10
@@ -405,8 +437,16 @@ class Parties:
         self._procs, self._conns, self._tmp = [], [], None
 
 
-def run_parties(n: int, fn: Callable[[Session], Any], *, protocol: str = "arithmetic", provider: str = "tfp",
-                mpc: MpcConfig | None = None, timeout: float = 120.0, p2p: str = "pipes") -> list[PartyResult]:
+def run_parties(
+    n: int,
+    fn: Callable[[Session], Any],
+    *,
+    protocol: str = "arithmetic",
+    provider: str = "tfp",
+    mpc: MpcConfig | None = None,
+    timeout: float = 120.0,
+    p2p: str = "pipes",
+) -> list[PartyResult]:
     """Run ``fn(session)`` as each of ``n`` compute parties (plus a dealer if ``provider="ttp"``), each in a
     process forked from this one for this call (``fn`` may be a closure); return every compute party's
     :class:`PartyResult`, by rank.
@@ -432,7 +472,7 @@ def _collect(procs, conns, n: int, timeout: float) -> list[PartyResult]:
     dealer = {p.sentinel: r for r, p in enumerate(procs[n:], start=n)}
     while pending:
         left = deadline - time.monotonic()
-        if errors:                       # a short grace for the failure's consequences on the peers, then report
+        if errors:  # a short grace for the failure's consequences on the peers, then report
             left = min(left, 0.5)
         if left <= 0:
             break
@@ -457,13 +497,15 @@ def _collect(procs, conns, n: int, timeout: float) -> list[PartyResult]:
                 errors.append((rank, f"raised {msg[1]}"))
             else:
                 results[rank] = msg[1:]
-    if errors:                           # the cause first: a peer's broken connection is a consequence
+    if errors:  # the cause first: a peer's broken connection is a consequence
         errors.sort(key=lambda e: any(k in e[1].split("\n")[0].lower() for k in _CONSEQUENCES))
         (rank, first), rest = errors[0], errors[1:]
         more = "".join(f"\n-- then party {r} {m.splitlines()[0]}" for r, m in rest)
         raise PartyFailure(f"party {rank} {first}{more}")
     if pending:
         inside = sorted(r for r in pending.values() if r not in returned)
-        raise PartyFailure(f"not done within {timeout:g} s: parties {inside} still inside fn (hung?); "
-                           f"returned: {sorted(returned)}, done: {sorted(results)}")
+        raise PartyFailure(
+            f"not done within {timeout:g} s: parties {inside} still inside fn (hung?); "
+            f"returned: {sorted(returned)}, done: {sorted(results)}"
+        )
     return [PartyResult(r, results[r][0], _ledger_from(results[r][1])) for r in range(n)]

@@ -1,6 +1,7 @@
 """v / sqrt(sum v^2 + c) on shares, the normalisation of RMSNorm and LayerNorm, beside its float model.
 Leakage: shapes only.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -17,7 +18,7 @@ from .config import MpcConfig
 # norm_iters (3): Goldschmidt steps for z^-1/2 (float model <= 1e-7 relative for z in [0.84, 1.19]); norm_lean:
 # comparisons in 32-bit lanes (the fine sum is < 2^12 where used, the coarse one is s / 2^16).
 # The split of the two sums is part of the algorithm (not a knob):
-SUMSQ_SPLIT_LOG2 = 12    # sums >= 2^12 are taken from the coarse sum of (x / 2^8)^2, smaller ones from the fine sum
+SUMSQ_SPLIT_LOG2 = 12  # sums >= 2^12 are taken from the coarse sum of (x / 2^8)^2, smaller ones from the fine sum
 SUMSQ_SHIFT = 8
 
 
@@ -30,10 +31,11 @@ def _norm_table(lo: int, hi: int, q: int) -> tuple[list[float], list[int]]:
     ys = []
     for i in range(n + 2):
         a, b = 2.0 ** (lo + (i - 1) / q), 2.0 ** (lo + i / q)
-        y = (a * b) ** -0.25 * 2 ** 16
+        y = (a * b) ** -0.25 * 2**16
         cands = {max(1, math.floor(y)), max(1, math.ceil(y))}
-        ys.append(min(cands, key=lambda c: max(abs(math.log(a * (c / 2 ** 16) ** 2)),
-                                               abs(math.log(b * (c / 2 ** 16) ** 2)))))
+        ys.append(
+            min(cands, key=lambda c: max(abs(math.log(a * (c / 2**16) ** 2)), abs(math.log(b * (c / 2**16) ** 2))))
+        )
     return ts, ys
 
 
@@ -75,21 +77,24 @@ def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | N
     cfg = cfg or MpcConfig()
     lean = cfg.norm_lean if lean is None else lean
     ts, ys = _norm_table(*cfg.norm_range, cfg.norm_steps)
-    split = 2.0 ** SUMSQ_SPLIT_LOG2
+    split = 2.0**SUMSQ_SPLIT_LOG2
     n_small = sum(t < split for t in ts)
-    sq = crypten.stack([v, v * (1.0 / 2 ** SUMSQ_SHIFT)]).square().sum(-1, keepdim=True)     # (2, ..., 1)
+    sq = crypten.stack([v, v * (1.0 / 2**SUMSQ_SHIFT)]).square().sum(-1, keepdim=True)  # (2, ..., 1)
     fine, coarse = sq[0] + add, sq[1] + add / 2 ** (2 * SUMSQ_SHIFT)
-    d = crypten.cat([_minus_publics(fine, ts[:n_small]),
-                     _minus_publics(coarse, [t / 2 ** (2 * SUMSQ_SHIFT) for t in ts[n_small:]])])
-    bits = 1 - _ltz(d, lean)                                                                # (T, ..., 1) [s >= t]
+    d = crypten.cat(
+        [_minus_publics(fine, ts[:n_small]), _minus_publics(coarse, [t / 2 ** (2 * SUMSQ_SHIFT) for t in ts[n_small:]])]
+    )
+    bits = 1 - _ltz(d, lean)  # (T, ..., 1) [s >= t]
     u = bits[n_small]
     coarse_full = _mul_public_int(coarse, torch.tensor(2 ** (2 * SUMSQ_SHIFT)))
     w = _from_shares(torch.cat([(1 - bits[:n_small]).share, (coarse_full - fine).share.unsqueeze(0)]), precision=0)
-    prod = u * w                                                                            # exact ring products
+    prod = u * w  # exact ring products
     small = bits[:n_small] + _from_shares(prod.share[:n_small], precision=0)
     s = fine + _from_shares(prod.share[n_small], precision=fine.encoder._precision_bits)
     thermo = torch.cat([small.share, bits.share[n_small:]])
-    dy = torch.tensor([b - a for a, b in itertools.pairwise(ys)], dtype=torch.long).reshape(-1, *([1] * (thermo.dim() - 1)))
+    dy = torch.tensor([b - a for a, b in itertools.pairwise(ys)], dtype=torch.long).reshape(
+        -1, *([1] * (thermo.dim() - 1))
+    )
     y = s.clone()
     y.share = (thermo * dy.to(thermo.device)).sum(0)
     y = y + ys[0] / s.encoder.scale
@@ -105,7 +110,7 @@ def norm_scale_reference(v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | Non
     s = (v * v).sum(-1, keepdim=True) + add
     ts, ys = _norm_table(*cfg.norm_range, cfg.norm_steps)
     count = sum((s >= t).long() for t in ts)
-    y = torch.tensor(ys, dtype=torch.float64)[count] / 2 ** 16
+    y = torch.tensor(ys, dtype=torch.float64)[count] / 2**16
     z = s * y * y
     h = _goldschmidt_rsqrt(z, cfg.norm_iters, torch.stack)
     return v * y * (h + h)

@@ -22,6 +22,7 @@ rounds and bytes. **Leakage of every protocol: none beyond the shapes of its inp
 Adding a protocol: a function in the module of its concept (or a new module), its ``_reference`` beside it, its
 name here, a backend method, and a test row.
 """
+
 from __future__ import annotations
 
 from .activations import gelu, gelu_reference, silu, silu_reference
@@ -55,11 +56,43 @@ from .tournament import (
 )
 
 __all__ = [
-    "ANCHOR_MAX_EXCESS", "MASK_SHIFT", "MpcConfig", "_anchor_columns", "_from_shares", "_ltz", "_ltz_lean",
-    "_minus_publics", "_mul_public_int", "_onehot_radix_level", "_onehot_radix_levels", "_radix_layer",
-    "argmax_onehot", "argmax_onehot_reference", "clamp", "clamp_reference", "exp_fit_coeffs", "exp_limit", "exp_limit_reference", "gelu",
-    "gelu_reference", "keep_onehot", "norm_scale", "norm_scale_reference", "reciprocal_gs", "reciprocal_gs_reference",
-    "reciprocal_nr", "reciprocal_nr_reference", "silu", "silu_reference", "softmax", "softmax_reference",
-    "strata_layout", "strata_select", "strata_top1_onehot", "strata_top1_onehot_reference", "topk_onehot",
-    "tree_max", "tree_max_reference",
+    "ANCHOR_MAX_EXCESS",
+    "MASK_SHIFT",
+    "MpcConfig",
+    "_anchor_columns",
+    "_from_shares",
+    "_ltz",
+    "_ltz_lean",
+    "_minus_publics",
+    "_mul_public_int",
+    "_onehot_radix_level",
+    "_onehot_radix_levels",
+    "_radix_layer",
+    "argmax_onehot",
+    "argmax_onehot_reference",
+    "clamp",
+    "clamp_reference",
+    "exp_fit_coeffs",
+    "exp_limit",
+    "exp_limit_reference",
+    "gelu",
+    "gelu_reference",
+    "keep_onehot",
+    "norm_scale",
+    "norm_scale_reference",
+    "reciprocal_gs",
+    "reciprocal_gs_reference",
+    "reciprocal_nr",
+    "reciprocal_nr_reference",
+    "silu",
+    "silu_reference",
+    "softmax",
+    "softmax_reference",
+    "strata_layout",
+    "strata_select",
+    "strata_top1_onehot",
+    "strata_top1_onehot_reference",
+    "topk_onehot",
+    "tree_max",
+    "tree_max_reference",
 ]

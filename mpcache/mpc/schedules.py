@@ -24,6 +24,7 @@ per halving of the n sharings and a B2A opening: 8 rounds and 216 B per element 
 comparison (``ops._ltz_lean``) packs two elements a word: 1 AND + 5 levels + B2A, 7 rounds, ~96 B.
 Leakage: none (public sizes only).
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-SCALE = 2 ** 16               # CrypTen's default fixed-point scale
-SPK_LEVELS = 6                # log2(64): levels of the carry tree of one binary adder
+SCALE = 2**16  # CrypTen's default fixed-point scale
+SPK_LEVELS = 6  # log2(64): levels of the carry tree of one binary adder
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ KINDS = ("online", "dealer")
 FIELDS = ("bytes_sent", "bytes_recv", "rounds")
 
 
-ELT = 8                       # bytes per ring element (int64)
+ELT = 8  # bytes per ring element (int64)
 
 
 @dataclass
@@ -106,9 +107,14 @@ class Cost:
     def summary(self) -> dict:
         """bytes_sent/bytes_recv per party (online), rounds = max over parties (all kinds, as the reports),
         dealer bytes received per party."""
-        return {"bytes_sent": self.get("bytes_sent", "online"), "bytes_recv": self.get("bytes_recv", "online"),
-                "rounds": max(self.get("rounds")), "online_rounds": max(self.get("rounds", "online")),
-                "dealer_bytes": self.get("bytes_recv", "dealer"), "dealer_sent": self.get("bytes_sent", "dealer")}
+        return {
+            "bytes_sent": self.get("bytes_sent", "online"),
+            "bytes_recv": self.get("bytes_recv", "online"),
+            "rounds": max(self.get("rounds")),
+            "online_rounds": max(self.get("rounds", "online")),
+            "dealer_bytes": self.get("bytes_recv", "dealer"),
+            "dealer_sent": self.get("bytes_sent", "dealer"),
+        }
 
     def __repr__(self):
         return f"Cost({self.summary()})"
@@ -123,7 +129,16 @@ def _size(shape) -> torch.Size:
 
 
 def _bshape(*shapes) -> torch.Size:
-    return torch.broadcast_shapes(*[_size(s) for s in shapes])
+    """Broadcast shape, in plain Python (torch.broadcast_shapes imports sympy on first use: ~3 s per process)."""
+    shapes = [tuple(_size(s)) for s in shapes]
+    n = max(len(s) for s in shapes)
+    out = []
+    for dims in zip(*[(1,) * (n - len(s)) + s for s in shapes]):
+        big = {d for d in dims if d != 1}
+        if len(big) > 1:
+            raise ValueError(f"shapes {shapes} do not broadcast")
+        out.append(big.pop() if big else 1)
+    return torch.Size(out)
 
 
 def open_(s: Setting, numel: int, dst: int | None = None) -> Cost:
@@ -141,7 +156,7 @@ def open_(s: Setting, numel: int, dst: int | None = None) -> Cost:
 
 
 def _pickled(obj) -> int:
-    return len(pickle.dumps(obj)) + 4          # the ledger's count for send_obj/recv_obj
+    return len(pickle.dumps(obj)) + 4  # the ledger's count for send_obj/recv_obj
 
 
 def ttp_request(s: Setting, func: str, out_shape, *args) -> Cost:
@@ -197,7 +212,7 @@ def ltz(s: Setting, shape) -> Cost:
     c = Cost(s.n)
     k = s.n
     one = _size((1, *shape))
-    while k > 1:                      # BinarySharedTensor.sum's log-reduction over the n stacked sharings
+    while k > 1:  # BinarySharedTensor.sum's log-reduction over the n stacked sharings
         c += _adder(s, one)
         k = k // 2 + k % 2
     c += ttp_request(s, "B2A", shape, shape)
@@ -226,7 +241,6 @@ def _cmp(s: Setting, shape, lean: bool) -> Cost:
     return ltz_lean(s, shape) if lean else ltz(s, shape)
 
 
-
 # ---- layers of the tournaments -------------------------------------------------------------------------------
 def _product_rounds(r: int, w: int) -> list[list[int]]:
     """The product tree of one radix-r level of the one-hot tournament: r - 1 bits (width 1) and the member's
@@ -237,7 +251,7 @@ def _product_rounds(r: int, w: int) -> list[list[int]]:
     while len(widths) > 1:
         pairs = [max(widths[i], widths[i + 1]) for i in range(0, len(widths) - 1, 2)]
         rounds.append(pairs)
-        widths = pairs + widths[2 * len(pairs):]
+        widths = pairs + widths[2 * len(pairs) :]
     return rounds
 
 
@@ -250,7 +264,7 @@ def max_layer(s: Setting, lead, m: int, r: int, lean: bool) -> Cost:
     if r == 2:
         hs = (*lead, m // 2)
         return _cmp(s, hs, lean) + mul(s, hs, hs, trunc=False)
-    G = -(-m // r)                       # ops._onehot_radix_levels: flat comparisons and flat products
+    G = -(-m // r)  # ops._onehot_radix_levels: flat comparisons and flat products
     c = _cmp(s, (_numel((*lead, G, r * (r - 1) // 2)),), lean)
     k = r
     while k > 1:
@@ -282,7 +296,6 @@ def _lockstep(s: Setting, tasks, lean: bool) -> Cost:
     return c
 
 
-
 # ---- the searches ----------------------------------------------------------------------------------------------
 def _radix_schedule(m: int, radix) -> list[int]:
     """Radices of the layers of a tournament over m entries: ``radix`` an int (every layer) or a sequence (used in
@@ -296,8 +309,8 @@ def _radix_schedule(m: int, radix) -> list[int]:
     return out
 
 
-SCHEDULE_PROFILE = "lan"        # the default network profile whose latency the searches minimise (MpcConfig.schedule_profile)
-SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # candidate layer radices (and any r = m <= 64 last)
+SCHEDULE_PROFILE = "lan"  # the default network profile whose latency the searches minimise (MpcConfig.schedule_profile)
+SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # candidate layer radices (and any r = m <= 64 last)
 
 
 def max_schedule(rows: int, m: int, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
@@ -324,7 +337,9 @@ def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, prof
     prof = PROFILES[profile]
     best = None
     for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
-        cost = max_layer(setting, (rows,), n, r, lean) if kind == "max" else strata_level(setting, (rows,), n, w, r, lean)
+        cost = (
+            max_layer(setting, (rows,), n, r, lean) if kind == "max" else strata_level(setting, (rows,), n, w, r, lean)
+        )
         sm = cost.summary()
         t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
         sub_t, sub = _best_levels(kind, setting, rows, -(-n // r), r * w, lean, profile)
@@ -333,8 +348,9 @@ def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, prof
     return best
 
 
-def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting: Setting | None = None,
-                    profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
+def strata_schedule(
+    rows: int, g: int, lean: bool, radix="auto", setting: Setting | None = None, profile: str = SCHEDULE_PROFILE
+) -> tuple[int, ...]:
     """The level radices of a stratified tournament over ``g`` slots per stratum (``rows`` strata in all): ``radix``
     an int (every level, capped at the survivors left) or a sequence (in order, the last repeated), or "auto": the
     schedule minimising the modelled latency on ``SCHEDULE_PROFILE`` (as :func:`max_schedule`, but each level
@@ -352,8 +368,9 @@ def strata_schedule(rows: int, g: int, lean: bool, radix="auto", setting: Settin
     return _best_levels("strata", setting, int(rows), int(g), 1, bool(lean), profile)[1]
 
 
-def lockstep_schedule(n: int, rows: int, caps: tuple, lean: bool, setting: Setting,
-                      profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
+def lockstep_schedule(
+    n: int, rows: int, caps: tuple, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE
+) -> tuple[int, ...]:
     """The level radices (1 = idle at that level) of a max over ``n`` entries in each of ``rows`` rows run in
     lockstep beside levels of radices ``caps`` (:func:`strata_select`), then its own levels for what is left.
 
@@ -390,7 +407,9 @@ def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profil
             return t, tuple(sched)
         bound = 1 << max(1, math.ceil(math.log2(caps[i])))
         out = None
-        for r in [1] + sorted({r for r in SCHEDULE_RADICES if r <= min(left, bound)} | ({left} if left <= bound else set())):
+        for r in [1] + sorted(
+            {r for r in SCHEDULE_RADICES if r <= min(left, bound)} | ({left} if left <= bound else set())
+        ):
             t = 0.0 if r == 1 else seconds(_lockstep(setting, [(rows, left, 0, r)], lean))[0]
             sub_t, sub = best(i + 1, -(-left // r))
             if out is None or t + sub_t < out[0]:
@@ -398,5 +417,3 @@ def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profil
         return out
 
     return best(0, int(n))[1]
-
-

@@ -13,6 +13,7 @@ Unusual process handling, and why:
 * With a dealer, MPI collectives over the whole world would hang (the dealer sits in CrypTen's serve loop), so
   the compute parties use their own sub-communicator ``self.comm``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,17 +46,17 @@ class SessionError(RuntimeError):
 @dataclass
 class Session:
     rank: int
-    world_size: int            # MPI world (compute parties + dealer)
-    n_parties: int             # compute parties
+    world_size: int  # MPI world (compute parties + dealer)
+    n_parties: int  # compute parties
     protocol: str
     provider: str
     device: str
     ledger: CostLedger
-    comm: object = None        # MPI communicator of the compute parties (None on the dealer)
+    comm: object = None  # MPI communicator of the compute parties (None on the dealer)
     crypten: object = None
     digests: list = field(default_factory=list)
-    network: dict = field(default_factory=dict)   # where the parties met (rank 0's address as this party sees it)
-    cfg: MpcConfig = field(default_factory=MpcConfig)   # every protocol knob (in the handshake)
+    network: dict = field(default_factory=dict)  # where the parties met (rank 0's address as this party sees it)
+    cfg: MpcConfig = field(default_factory=MpcConfig)  # every protocol knob (in the handshake)
 
     @property
     def is_dealer(self) -> bool:
@@ -88,7 +89,7 @@ def local_addresses() -> dict[str, str]:
             try:
                 res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
             except OSError:
-                continue                                       # no IPv4 address on this interface
+                continue  # no IPv4 address on this interface
             out[name] = socket.inet_ntoa(res[20:24])
     return out
 
@@ -100,8 +101,10 @@ def _bind_port(port: int) -> socket.socket:
         s.bind(("0.0.0.0", port))
     except OSError as e:
         s.close()
-        raise SessionError(f"rank 0 ({socket.gethostname()}) cannot listen on TCP port {port}: {e.strerror}; "
-                           f"pass a free --port, or --port 0 to let rank 0 pick one.") from None
+        raise SessionError(
+            f"rank 0 ({socket.gethostname()}) cannot listen on TCP port {port}: {e.strerror}; "
+            f"pass a free --port, or --port 0 to let rank 0 pick one."
+        ) from None
     s.listen(16)
     return s
 
@@ -110,14 +113,21 @@ def _bind_port(port: int) -> socket.socket:
 class Rendezvous:
     """Where this party meets rank 0 for torch.distributed: rank 0's address as THIS party reaches it, the
     rendezvous port, and the local interface gloo should bind (the one this party reaches rank 0 through)."""
+
     master: str
     port: int
     iface: str
-    local: bool            # every compute party reached rank 0 on loopback: one host, one network namespace
+    local: bool  # every compute party reached rank 0 on loopback: one host, one network namespace
 
 
-def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str | None = None, port: int = 0,
-                    probe_timeout_s: float = 5.0) -> Rendezvous:
+def find_rendezvous(
+    world,
+    rank: int,
+    master_addr: str | None = None,
+    iface: str | None = None,
+    port: int = 0,
+    probe_timeout_s: float = 5.0,
+) -> Rendezvous:
     """Rank 0's address as its peers reach it, found over MPI (no environment variables, no loopback default).
 
     Rank 0 lists its interfaces' IPv4 addresses (loopback first), listens on a probe port and broadcasts
@@ -134,10 +144,12 @@ def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str
     here = socket.gethostname()
     addrs = local_addresses()
     if iface is not None and iface not in addrs:
-        raise SessionError(f"--iface {iface!r} is not an IPv4 interface on host {here} (rank {rank}); "
-                           f"its interfaces are {sorted(addrs)}: pass one of them, or leave --iface out.")
+        raise SessionError(
+            f"--iface {iface!r} is not an IPv4 interface on host {here} (rank {rank}); "
+            f"its interfaces are {sorted(addrs)}: pass one of them, or leave --iface out."
+        )
     if rank == 0:
-        store = _bind_port(port)                    # checked now (a taken port fails here, clearly), freed below
+        store = _bind_port(port)  # checked now (a taken port fails here, clearly), freed below
         rdv_port = store.getsockname()[1]
         probe = _bind_port(0)
         token = secrets.token_hex(16)
@@ -148,7 +160,7 @@ def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str
                 try:
                     c, _ = probe.accept()
                 except OSError:
-                    return                            # closed: every peer has found us
+                    return  # closed: every peer has found us
                 with c:
                     c.sendall(token.encode())
 
@@ -179,10 +191,12 @@ def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str
             except OSError as e:
                 tried.append(f"{a} ({e.strerror or e})")
         if found is None:
-            raise SessionError(f"rank {rank} on host {here} cannot reach rank 0 on host {offer['host']}: tried "
-                               f"{'; '.join(tried)}. Make rank 0's host reachable over TCP from {here} (firewall, "
-                               f"routing) or pass --master-addr with an address of {offer['host']} that {here} "
-                               f"reaches.")
+            raise SessionError(
+                f"rank {rank} on host {here} cannot reach rank 0 on host {offer['host']}: tried "
+                f"{'; '.join(tried)}. Make rank 0's host reachable over TCP from {here} (firewall, "
+                f"routing) or pass --master-addr with an address of {offer['host']} that {here} "
+                f"reaches."
+            )
     reports = world.allgather(found)
     if rank == 0:
         probe.close()
@@ -190,7 +204,7 @@ def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str
     peers = [r for r in reports[1:] if r is not None]
     local = all(a.startswith("127.") for a, _ in peers)
     if rank == 0:
-        mine = "127.0.0.1" if local else peers[0][0]              # the address the first peer reached us at
+        mine = "127.0.0.1" if local else peers[0][0]  # the address the first peer reached us at
         master = mine
     else:
         master, mine = found
@@ -204,9 +218,9 @@ def find_rendezvous(world, rank: int, master_addr: str | None = None, iface: str
 
 HINTS = {
     "mpc": "the parties were started with different protocol knobs (MpcConfig): pass the same --mpc KEY=VALUE "
-           "settings (and --fixed-weights/--fixed-kv) to every party",
+    "settings (and --fixed-weights/--fixed-kv) to every party",
     "code": "the installed mpcache code differs between the parties' hosts: check out the same commit on every "
-            "host (`git rev-parse HEAD`) and reinstall",
+    "host (`git rev-parse HEAD`) and reinstall",
     "tokenizer": "the parties' tokenizer files differ: install the same model files on every host",
     "model": "the parties load different model configs: pass the same --model (and model files) on every host",
     "weight_shapes": "the parties' checkpoints have different shapes: use the same --model on every host",
@@ -236,21 +250,38 @@ def check_handshake(infos: list[dict]) -> None:
     for r, info in enumerate(infos[1:], start=1):
         for key in sorted((set(ref) | set(info)) - {"host"}):
             if ref.get(key) != info.get(key):
-                bad.append(f"  {key}: rank 0 ({ref.get('host', '?')}) has {str(ref.get(key))[:80]!r}, "
-                           f"rank {r} ({info.get('host', '?')}) has {str(info.get(key))[:80]!r}")
+                bad.append(
+                    f"  {key}: rank 0 ({ref.get('host', '?')}) has {str(ref.get(key))[:80]!r}, "
+                    f"rank {r} ({info.get('host', '?')}) has {str(info.get(key))[:80]!r}"
+                )
                 hint = HINTS.get("mpc" if key.startswith("mpc.") else key)
                 if hint and hint not in hints:
                     hints.append(hint)
     if bad:
-        raise SessionError("handshake failed: the parties disagree on the public setup:\n" + "\n".join(bad) + "\n" +
-                           ("; ".join(hints) if hints else
-                            "run every party with the same model config, policy, protocol and mpcache version."))
+        raise SessionError(
+            "handshake failed: the parties disagree on the public setup:\n"
+            + "\n".join(bad)
+            + "\n"
+            + (
+                "; ".join(hints)
+                if hints
+                else "run every party with the same model config, policy, protocol and mpcache version."
+            )
+        )
 
 
-def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: str = "cpu",
-                 public_info: dict | None = None, timeout_s: float = 120.0, mpi_comm=None,
-                 master_addr: str | None = None, iface: str | None = None, port: int = 0,
-                 mpc: MpcConfig | list[str] | None = None) -> Session:
+def open_session(
+    protocol: str = "arithmetic",
+    provider: str = "tfp",
+    device: str = "cpu",
+    public_info: dict | None = None,
+    timeout_s: float = 120.0,
+    mpi_comm=None,
+    master_addr: str | None = None,
+    iface: str | None = None,
+    port: int = 0,
+    mpc: MpcConfig | list[str] | None = None,
+) -> Session:
     """Create the session for this process. ``public_info`` (model config, weight shapes, policy ...) is compared
     across parties before any secret is shared. ``master_addr``/``iface``/``port``: see :func:`find_rendezvous`
     (default: found over MPI, so the same command runs on one host or on several from an mpirun hostfile).
@@ -267,12 +298,16 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
         raise SessionError(f"unknown --provider {provider!r}: use one of {sorted(PROVIDERS)}")
     n_parties = size - (1 if provider == "ttp" else 0)
     if n_parties < 2:
-        raise SessionError(f"{size} MPI process(es) give {n_parties} compute part{'y' if n_parties == 1 else 'ies'}; "
-                           f"launch with `mpirun -n {2 + (provider == 'ttp')} python -m parties ...` "
-                           f"(2 compute parties{' + 1 dealer' if provider == 'ttp' else ''}).")
+        raise SessionError(
+            f"{size} MPI process(es) give {n_parties} compute part{'y' if n_parties == 1 else 'ies'}; "
+            f"launch with `mpirun -n {2 + (provider == 'ttp')} python -m parties ...` "
+            f"(2 compute parties{' + 1 dealer' if provider == 'ttp' else ''})."
+        )
     if protocol == "replicated" and n_parties != 3:
-        raise SessionError(f"--protocol replicated needs exactly 3 compute parties, got {n_parties}: "
-                           f"use `mpirun -n {3 + (provider == 'ttp')}`.")
+        raise SessionError(
+            f"--protocol replicated needs exactly 3 compute parties, got {n_parties}: "
+            f"use `mpirun -n {3 + (provider == 'ttp')}`."
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SessionError("--device cuda was requested but no CUDA GPU is visible; use --device cpu.")
 
@@ -283,8 +318,16 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
         cfg = dataclasses.replace(mpc, **base) if isinstance(mpc, MpcConfig) else MpcConfig.parse(mpc, **base)
     except (ValueError, TypeError) as e:
         raise SessionError(f"bad --mpc setting: {e}") from None
-    info = dict(public_info or {}, protocol=protocol, provider=provider, world_size=size, mpcache=__version__,
-                code=code_digest(), host=socket.gethostname(), **{f"mpc.{k}": v for k, v in cfg.public().items()})
+    info = dict(
+        public_info or {},
+        protocol=protocol,
+        provider=provider,
+        world_size=size,
+        mpcache=__version__,
+        code=code_digest(),
+        host=socket.gethostname(),
+        **{f"mpc.{k}": v for k, v in cfg.public().items()},
+    )
     infos = world.allgather(info)
     check_handshake(infos)
 
@@ -300,9 +343,13 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     from torch.distributed import distributed_c10d
 
     distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(n_parties), RENDEZVOUS=f"tcp://{rdv.master}:{rdv.port}",
-                      GLOO_SOCKET_IFNAME=rdv.iface,
-                      DISTRIBUTED_BACKEND="nccl" if device.startswith("cuda") else "gloo")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(n_parties),
+        RENDEZVOUS=f"tcp://{rdv.master}:{rdv.port}",
+        GLOO_SOCKET_IFNAME=rdv.iface,
+        DISTRIBUTED_BACKEND="nccl" if device.startswith("cuda") else "gloo",
+    )
     crypten.cfg.mpc.protocol = PROTOCOLS[protocol]
     crypten.cfg.mpc.provider = PROVIDERS[provider]
     crypten.cfg.encoder.precision_bits = cfg.precision_bits
@@ -311,13 +358,18 @@ def open_session(protocol: str = "arithmetic", provider: str = "tfp", device: st
     if device.startswith("cuda"):
         torch.cuda.set_device(rank % torch.cuda.device_count())
     over_mpi = _mpi_exchange(cfg.mpi_exchange, device, n_parties, rdv.local)
-    sess.network = {"rank0_address": rdv.master, "port": rdv.port, "iface": rdv.iface,
-                    "hosts": [i.get("host") for i in infos], "openings": "MPI" if over_mpi else "gloo"}
+    sess.network = {
+        "rank0_address": rdv.master,
+        "port": rdv.port,
+        "iface": rdv.iface,
+        "hosts": [i.get("host") for i in infos],
+        "openings": "MPI" if over_mpi else "gloo",
+    }
     if sess.is_dealer:
         return sess
     crypten.init()
     if provider == "tfp" and cfg.lean_tfp:
-        lean_tfp.install()                     # same tuples' distribution and trust model, fewer PRG draws
+        lean_tfp.install()  # same tuples' distribution and trust model, fewer PRG draws
     attach(ledger, comm if over_mpi else None, timeout_s, one_exchange=cfg.one_exchange)
     return sess
 
@@ -372,7 +424,7 @@ def run_party(main, *args, **kwargs) -> int:
         rank = "?"
     sys.stderr.write(f"[mpcache rank {rank}] error: {msg}\n")
     sys.stderr.flush()
-    time.sleep(0.5)   # let mpirun forward the message before the abort tears the job down
+    time.sleep(0.5)  # let mpirun forward the message before the abort tears the job down
     try:
         from mpi4py import MPI
 

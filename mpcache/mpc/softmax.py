@@ -1,6 +1,7 @@
 """The softmax on shares (row max or anchored offset, limit exp, range-safe reciprocal), beside its float model.
 Leakage: shapes only.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from .config import MpcConfig
 from .tournament import tree_max
 
 # ---- softmax -------------------------------------------------------------------------------------------------
-MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
+MASK_SHIFT = 1024.0  # masked logits are shifted down by this before the max; exp(.) of them is zeroed publicly
 
 
 # The knobs (MpcConfig.softmax_radix / softmax_lean / softmax_recip / softmax_exp_fit / exp_iters) default to the
@@ -35,13 +36,23 @@ MASK_SHIFT = 1024.0   # masked logits are shifted down by this before the max; e
 # The low side is always safe: the anchors are attended, so the largest term is >= 1.
 # MpcConfig.anchor_exp_iters (10: (1 + y/1024)^1024, relative error ~y^2/2048) and anchor_recip ((-8, 30, 2): the
 # reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D) set the anchored branch.
-ANCHOR_MAX_EXCESS = 10.0      # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
+ANCHOR_MAX_EXCESS = 10.0  # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
 #                               m is better: the sum is divided by sqrt(m)); beyond, the row's scale degrades
 
 
-def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, lean: bool | None = None,
-            recip: str | None = None, exp_fit: float | None | str = "default", anchor=None, offset=None,
-            cfg: MpcConfig | None = None):
+def softmax(
+    x,
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+    *,
+    radix=None,
+    lean: bool | None = None,
+    recip: str | None = None,
+    exp_fit: float | None | str = "default",
+    anchor=None,
+    offset=None,
+    cfg: MpcConfig | None = None,
+):
     """Softmax along the last dim, correct for rows of up to 2^16 entries (tested flat and peaked at 8k).
 
     Stock CrypTen divides by the sum of exponentials with a reciprocal whose Newton iterations diverge once the
@@ -62,7 +73,7 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     """
     assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
     m = x.shape[-1]
-    if m > 2 ** 16:
+    if m > 2**16:
         raise ValueError(f"secure softmax supports rows of up to 65536 entries, got {m}")
     cfg = cfg or MpcConfig.current()
     radix = cfg.softmax_radix if radix is None else radix
@@ -71,7 +82,7 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
         if offset is None:
             mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
         else:
-            mx = offset               # (..., 1): the anchors' max, made earlier in a batched layer by the caller
+            mx = offset  # (..., 1): the anchors' max, made earlier in a batched layer by the caller
         e = approx.exp_limit(x - mx, iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = cfg.anchor_recip
@@ -88,29 +99,38 @@ def softmax(x, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None, l
     c = 1.0 / math.sqrt(m)
     s = e.sum(dim=-1, keepdim=True) * c
     r = approx.reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else approx.reciprocal_nr(s)
-    return (e * r) * c                                        # (e r) first: r c alone can be a few ulps
+    return (e * r) * c  # (e r) first: r c alone can be a few ulps
 
 
 def _anchor_columns(x, anchor):
     a, b = anchor
     m = x.shape[-1]
-    parts = ([x[..., :a]] if a else []) + ([x[..., m - b:]] if b else [])
+    parts = ([x[..., :a]] if a else []) + ([x[..., m - b :]] if b else [])
     if isinstance(x, torch.Tensor):
         return torch.cat(parts, dim=-1)
     return parts[0] if len(parts) == 1 else _cat(parts, dim=-1)
 
 
-def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, *, radix=None,
-                      lean: bool | None = None, recip: str | None = None,
-                      exp_fit: float | None | str = "default", anchor=None,
-                      cfg: MpcConfig | None = None) -> torch.Tensor:
+def softmax_reference(
+    x: torch.Tensor,
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+    *,
+    radix=None,
+    lean: bool | None = None,
+    recip: str | None = None,
+    exp_fit: float | None | str = "default",
+    anchor=None,
+    cfg: MpcConfig | None = None,
+) -> torch.Tensor:
     """The float model of ``softmax`` (the max is exact whatever ``radix``/``lean``; ``recip`` picks the model)."""
     cfg = cfg or MpcConfig()
     x = x.double()
     m = x.shape[-1]
     if anchor is not None and mask is None and sum(anchor) < m:
-        e = approx.exp_limit_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values,
-                                iters=cfg.anchor_exp_iters)
+        e = approx.exp_limit_reference(
+            x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, iters=cfg.anchor_exp_iters
+        )
         c = 1.0 / math.sqrt(m)
         lo, hi, q = cfg.anchor_recip
         return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
@@ -123,4 +143,6 @@ def softmax_reference(x: torch.Tensor, dim: int = -1, mask: torch.Tensor | None 
     c = 1.0 / math.sqrt(m)
     s = e.sum(dim=-1, keepdim=True) * c
     recip = cfg.softmax_recip if recip is None else recip
-    return e * ((approx.reciprocal_gs_reference(s) if recip == "goldschmidt" else approx.reciprocal_nr_reference(s)) * c)
+    return e * (
+        (approx.reciprocal_gs_reference(s) if recip == "goldschmidt" else approx.reciprocal_nr_reference(s)) * c
+    )

@@ -3,6 +3,7 @@ of the cache policies (one winner per public stratum) with side maxima in lockst
 model (``*_reference``) and states its rounds, bytes and leakage (shapes only). Radix schedules ("auto") come from
 :mod:`mpcache.mpc.schedules`, for the setting of the :class:`~mpcache.mpc.config.MpcConfig` passed in.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,20 +42,21 @@ def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = F
     x = x.transpose(dim, -1) if dim != x.dim() - 1 else x
     if radix == "auto":
         cfg = cfg or MpcConfig.current()
-        radix = max_schedule(int(torch.Size(x.shape[:-1]).numel()), int(x.shape[-1]), lean, cfg.setting,
-                             cfg.schedule_profile)
+        radix = max_schedule(
+            int(torch.Size(x.shape[:-1]).numel()), int(x.shape[-1]), lean, cfg.setting, cfg.schedule_profile
+        )
     for r in _radix_schedule(x.shape[-1], radix):
-        if r == 2:                                      # compare + mux: 1 product per pair
+        if r == 2:  # compare + mux: 1 product per pair
             m = x.shape[-1]
             h = m // 2
-            a, b = x[..., :h], x[..., h:2 * h]
+            a, b = x[..., :h], x[..., h : 2 * h]
             d = a - b
-            top = b + d * (1 - _ltz(d, lean))           # max(a, b) = b + (a - b) * [a - b >= 0]
-            x = top if m % 2 == 0 else _cat([top, x[..., 2 * h:]], dim=-1)
+            top = b + d * (1 - _ltz(d, lean))  # max(a, b) = b + (a - b) * [a - b >= 0]
+            x = top if m % 2 == 0 else _cat([top, x[..., 2 * h :]], dim=-1)
         else:
             x = _radix_layer(x, r, lean)
     if dim != x.dim() - 1:
-        x = x.transpose(dim, -1)                        # the size-1 reduced axis goes back to ``dim``
+        x = x.transpose(dim, -1)  # the size-1 reduced axis goes back to ``dim``
     return x if keepdim else x.squeeze(dim)
 
 
@@ -77,7 +79,7 @@ def argmax_onehot(x, cfg: MpcConfig | None = None):
     lean = cfg.argmax_lean
     mx = tree_max(x, dim=-1, keepdim=True, radix=cfg.argmax_radix, lean=lean, cfg=cfg)
     eq = 1 - _ltz(x - mx, lean)
-    first_or_later = (eq.cumsum(-1) - 2)                      # >= 0 exactly at the 2nd, 3rd, ... maxima
+    first_or_later = eq.cumsum(-1) - 2  # >= 0 exactly at the 2nd, 3rd, ... maxima
     return eq - eq * (1 - _ltz(first_or_later, lean))
 
 
@@ -93,19 +95,19 @@ def _pairwise_rank(s):
     1 - [s_i - s_j >= 0]; both come from one ``_ltz`` of w_ij = (s_j - s_i) * sign_ij (sign public).
     """
     m = s.shape[-1]
-    diff = s.unsqueeze(-2) - s.unsqueeze(-1)                  # [..., i, j] = s_j - s_i
-    lower = torch.tril(torch.ones(m, m), diagonal=-1)         # j < i
-    upper = torch.triu(torch.ones(m, m), diagonal=1)          # j > i
-    neg = _mul_public_int(diff, (lower - upper).long())._ltz()   # [w_ij < 0]
+    diff = s.unsqueeze(-2) - s.unsqueeze(-1)  # [..., i, j] = s_j - s_i
+    lower = torch.tril(torch.ones(m, m), diagonal=-1)  # j < i
+    upper = torch.triu(torch.ones(m, m), diagonal=1)  # j > i
+    neg = _mul_public_int(diff, (lower - upper).long())._ltz()  # [w_ij < 0]
     # j < i: [s_j >= s_i] = 1 - neg ; j > i: [s_j > s_i] = 1 - [s_i - s_j >= 0] = neg ; diagonal: 0
     bits = (1 - neg) * lower + neg * upper
-    return bits.sum(-1)                                       # (..., m), integer-valued (scale 1)
+    return bits.sum(-1)  # (..., m), integer-valued (scale 1)
 
 
 def _onehot_of_small_int(v, k: int):
     """(..., k, m) with row r = [v == r] for integer-valued shares v (..., m), via [v >= r] - [v >= r+1]."""
-    ge = 1 - _minus_publics(v, [float(r) for r in range(k + 1)])._ltz()       # (k+1, ..., m)
-    oh = ge[:k] - ge[1:]                                                       # (k, ..., m)
+    ge = 1 - _minus_publics(v, [float(r) for r in range(k + 1)])._ltz()  # (k+1, ..., m)
+    oh = ge[:k] - ge[1:]  # (k, ..., m)
     perm = list(range(1, oh.dim() - 1)) + [0, oh.dim() - 1]
     return oh.permute(*perm)
 
@@ -134,7 +136,7 @@ def keep_onehot(scores, k: int):
     if not 0 < k <= m:
         raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
     rank = _pairwise_rank(scores)
-    keep = (rank - float(k))._ltz()                                             # [rank < k]
+    keep = (rank - float(k))._ltz()  # [rank < k]
     slot = keep.cumsum(-1) - keep + (1 - keep) * float(2 * k)
     return _onehot_of_small_int(slot, k)
 
@@ -164,30 +166,32 @@ def _onehot_radix_levels(tasks, lean: bool) -> list:
         idx = torch.tensor(list(range(n)) + [n - 1] * (G * r - n))
         sv = v.share.index_select(v.dim() - 1, idx.to(v.share.device)).reshape(*lead, G, r)
         iu, ju = torch.triu_indices(r, r, offset=1)
-        diffs.append(sv[..., iu] - sv[..., ju])                            # v_i - v_j for i < j
+        diffs.append(sv[..., iu] - sv[..., ju])  # v_i - v_j for i < j
         preps.append((v, oh, r, w, lead, G, idx, sv, iu, ju))
     d = _from_shares(torch.cat([x.reshape(-1) for x in diffs]), precision=None)
     d.encoder = tasks[0][0].encoder
-    b_all = 1 - _ltz(d, lean)                                              # [v_i >= v_j]: i beats j
+    b_all = 1 - _ltz(d, lean)  # [v_i >= v_j]: i beats j
     nb_all = (1 - b_all).share
     trees, at = [], 0
     for (v, oh, r, w, lead, G, idx, sv, iu, ju), x in zip(preps, diffs):
-        b, nb = b_all.share[at:at + x.numel()].reshape(x.shape), nb_all[at:at + x.numel()].reshape(x.shape)
+        b, nb = b_all.share[at : at + x.numel()].reshape(x.shape), nb_all[at : at + x.numel()].reshape(x.shape)
         at += x.numel()
         pair = {(int(i), int(j)): t for t, (i, j) in enumerate(zip(iu, ju))}
         opponents = [[j for j in range(r) if j != i] for i in range(r)]
         factors = []
-        for t in range(r - 1):                                             # member i's t-th opponent
-            cols = [b[..., pair[(i, j)]] if i < j else nb[..., pair[(j, i)]]
-                    for i, j in ((i, opponents[i][t]) for i in range(r))]
-            factors.append(torch.stack(cols, dim=-1).unsqueeze(-1))       # (..., G, r, 1)
-        vec = sv.unsqueeze(-1)                                             # (..., G, r, 1 + w)
+        for t in range(r - 1):  # member i's t-th opponent
+            cols = [
+                b[..., pair[(i, j)]] if i < j else nb[..., pair[(j, i)]]
+                for i, j in ((i, opponents[i][t]) for i in range(r))
+            ]
+            factors.append(torch.stack(cols, dim=-1).unsqueeze(-1))  # (..., G, r, 1)
+        vec = sv.unsqueeze(-1)  # (..., G, r, 1 + w)
         if oh is not None:
             so = oh.share.index_select(oh.dim() - 2, idx.to(oh.share.device)).reshape(*lead, G, r, w)
             vec = torch.cat([vec, so], dim=-1)
         factors.append(vec)
         trees.append(factors)
-    while any(len(f) > 1 for f in trees):                                  # one batched product per round
+    while any(len(f) > 1 for f in trees):  # one batched product per round
         plans, left_flat, right_flat = [], [], []
         for factors in trees:
             if len(factors) <= 1:
@@ -203,22 +207,24 @@ def _onehot_radix_levels(tasks, lean: bool) -> list:
             plans.append((left, lt.shape))
             left_flat.append(lt.reshape(-1))
             right_flat.append(torch.cat(right, -1).reshape(-1))
-        prod = (_from_shares(torch.cat(left_flat), precision=0) * _from_shares(torch.cat(right_flat), precision=0)).share
+        prod = (
+            _from_shares(torch.cat(left_flat), precision=0) * _from_shares(torch.cat(right_flat), precision=0)
+        ).share
         at = 0
         for ti, plan in enumerate(plans):
             if plan is None:
                 continue
             left, shape = plan
-            p = prod[at:at + shape.numel()].reshape(shape)
+            p = prod[at : at + shape.numel()].reshape(shape)
             at += shape.numel()
             out, col = [], 0
             for x in left:
-                out.append(p[..., col:col + x.shape[-1]])
+                out.append(p[..., col : col + x.shape[-1]])
                 col += x.shape[-1]
-            trees[ti] = out + trees[ti][2 * len(left):]
+            trees[ti] = out + trees[ti][2 * len(left) :]
     results = []
     for (v, oh, r, w, lead, G, *_), factors in zip(preps, trees):
-        f = factors[0]                                                     # (..., G, r, 1 + w): indicator x [v_i, oh_i]
+        f = factors[0]  # (..., G, r, 1 + w): indicator x [v_i, oh_i]
         top = _from_shares(f[..., 0].sum(-1), precision=None)
         top.encoder = v.encoder
         if oh is None:
@@ -250,8 +256,9 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None, cfg
     return strata_select(scores, k, lean=lean, radix=radix, cfg=cfg)[0]
 
 
-def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | None = None, radix=None,
-                  cfg: MpcConfig | None = None):
+def strata_select(
+    scores, k: int, *, heads: bool = False, also=(), lean: bool | None = None, radix=None, cfg: MpcConfig | None = None
+):
     """:func:`strata_top1_onehot` with two fusions that save whole comparison layers. Returns (one-hot, maxima).
 
     ``heads=True``: ``scores`` is (..., G, m), one score per query head of a group, and a candidate's score is
@@ -272,35 +279,39 @@ def strata_select(scores, k: int, *, heads: bool = False, also=(), lean: bool | 
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k)
     g = int(idx.shape[1])
-    rows = int(torch.Size(scores.shape[:-2 if heads else -1]).numel()) * k
+    rows = int(torch.Size(scores.shape[: -2 if heads else -1]).numel()) * k
     G = int(scores.shape[-2]) if heads else 1
     caps = ((G,) if G > 1 else ()) + tuple(strata_schedule(rows, g, lean, radix, cfg.setting, cfg.schedule_profile))
     extra = list(also)
-    plans = [lockstep_schedule(int(t.shape[-1]), int(torch.Size(t.shape[:-1]).numel()), caps, lean, cfg.setting,
-                               cfg.schedule_profile) for t in also]
+    plans = [
+        lockstep_schedule(
+            int(t.shape[-1]), int(torch.Size(t.shape[:-1]).numel()), caps, lean, cfg.setting, cfg.schedule_profile
+        )
+        for t in also
+    ]
     step = 0
 
-    def level(tasks):               # one lockstep level: the given tasks plus this level of every extra max
+    def level(tasks):  # one lockstep level: the given tasks plus this level of every extra max
         nonlocal step
         live = [i for i, pl in enumerate(plans) if step < len(pl) and pl[step] > 1]
         outs = _onehot_radix_levels(tasks + [(extra[i], None, plans[i][step]) for i in live], lean)
-        for i, (top, _) in zip(live, outs[len(tasks):]):
+        for i, (top, _) in zip(live, outs[len(tasks) :]):
             extra[i] = top
         step += 1
-        return outs[:len(tasks)]
+        return outs[: len(tasks)]
 
-    if G > 1:                       # the max over the G heads: a radix-G max layer, no one-hots to carry
-        xh = scores.transpose(-1, -2)                                       # (..., m, G)
+    if G > 1:  # the max over the G heads: a radix-G max layer, no one-hots to carry
+        xh = scores.transpose(-1, -2)  # (..., m, G)
         scores = level([(xh, None, G)])[0][0].squeeze(-1)
     elif heads:
         scores = scores.squeeze(-2)
     x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
-    x = x.reshape(*scores.shape[:-1], k, g)                                 # (..., k, g)
+    x = x.reshape(*scores.shape[:-1], k, g)  # (..., k, g)
     if not bool(valid.all()):
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
     v = x
-    oh = _ring_ones(x).unsqueeze(-1)        # (..., k, n, w): each survivor's one-hot, ring 0/1 at scale 1 (exact)
-    for r in caps[1 if G > 1 else 0:]:
+    oh = _ring_ones(x).unsqueeze(-1)  # (..., k, n, w): each survivor's one-hot, ring 0/1 at scale 1 (exact)
+    for r in caps[1 if G > 1 else 0 :]:
         v, oh = level([(v, oh, r)])[0]
     while any(step < len(pl) for pl in plans):
         level([])
@@ -313,5 +324,5 @@ def strata_top1_onehot_reference(scores: torch.Tensor, k: int, heads: bool = Fal
         scores = scores.amax(dim=-2)
     idx, valid = strata_layout(int(scores.shape[-1]), k)
     x = scores.double()[..., idx].masked_fill(~valid, STRATA_PAD)
-    best = x.argmax(dim=-1, keepdim=True)                             # first maximum
+    best = x.argmax(dim=-1, keepdim=True)  # first maximum
     return torch.zeros_like(x).scatter_(-1, best, 1.0)

@@ -1,4 +1,5 @@
 """KV-cache policies (kvpress-style dataclasses). Importing this package registers every policy."""
+
 from .balancekv import BalanceKVPolicy
 from .base import (
     REGISTRY,

@@ -40,6 +40,7 @@ heads are batched). Measured (SmolLM2 shape, block 32, rate 8, 2PC TFP, ``partie
 at 1k and at 2k (196 of them the 28 steps' comparisons, 17 the normalisation); bytes grow linearly with the
 number of blocks: 93 MB per layer at 1k, 189 MB at 2k, two thirds of it the normalisation's rsqrt.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,11 +74,11 @@ class BalanceKVPolicy(BudgetPolicy):
     sinks: int = 4
     window: int = 16
     block: int = 32
-    threshold: float = 1.0      # the walk's c: |<s, u>| >= c makes the sign deterministic
-    beta: float = 4.0           # the kernel's inverse temperature on cosines
-    kernel_iters: int = 4       # n = 2^kernel_iters in the kernel's limit form (beta <= n keeps it PSD)
-    seed: int = 0               # the public coins
-    kernel: str = "bounded"     # "bounded" (both backends) or "softmax" (the paper's kernel, plaintext only)
+    threshold: float = 1.0  # the walk's c: |<s, u>| >= c makes the sign deterministic
+    beta: float = 4.0  # the kernel's inverse temperature on cosines
+    kernel_iters: int = 4  # n = 2^kernel_iters in the kernel's limit form (beta <= n keeps it PSD)
+    seed: int = 0  # the public coins
+    kernel: str = "bounded"  # "bounded" (both backends) or "softmax" (the paper's kernel, plaintext only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,15 +88,19 @@ class BalanceKVPolicy(BudgetPolicy):
         if not _power_of_two(self.block) or self.block < 2:
             raise ValueError(f"{name}.block must be a power of two >= 2 (rows per balancing walk), got {self.block}")
         if self.rate is not None and (not _power_of_two(self.rate) or self.rate < 2 or self.block % self.rate):
-            raise ValueError(f"{name}.rate must be a power of two >= 2 that divides block={self.block} (each block is "
-                             f"halved log2(rate) times), got {self.rate!r}")
+            raise ValueError(
+                f"{name}.rate must be a power of two >= 2 that divides block={self.block} (each block is "
+                f"halved log2(rate) times), got {self.rate!r}"
+            )
         if self.kernel not in KERNELS:
             raise ValueError(f"{name}.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.threshold <= 0 or self.beta <= 0:
             raise ValueError(f"{name}.threshold and .beta must be > 0, got {self.threshold}, {self.beta}")
-        if not 1 <= self.kernel_iters <= 10 or self.beta > 2 ** self.kernel_iters:
-            raise ValueError(f"{name}: need 1 <= kernel_iters <= 10 and beta <= 2^kernel_iters (a PSD kernel), got "
-                             f"kernel_iters={self.kernel_iters}, beta={self.beta}")
+        if not 1 <= self.kernel_iters <= 10 or self.beta > 2**self.kernel_iters:
+            raise ValueError(
+                f"{name}: need 1 <= kernel_iters <= 10 and beta <= 2^kernel_iters (a PSD kernel), got "
+                f"kernel_iters={self.kernel_iters}, beta={self.beta}"
+            )
 
     # ---- public sizes ------------------------------------------------------------------------------------------
     def plan(self, n: int) -> tuple[int, int, int] | None:
@@ -108,7 +113,7 @@ class BalanceKVPolicy(BudgetPolicy):
         if rate is None:
             keep = self.keep
             if isinstance(keep, int):
-                target = keep - (n - m)                          # rows left for the balanced region
+                target = keep - (n - m)  # rows left for the balanced region
                 ratio = m / target if target > 0 else float(self.block)
             else:
                 ratio = 1.0 / keep
@@ -136,10 +141,17 @@ class BalanceKVPolicy(BudgetPolicy):
         s, e, rate = p
         hkv, _, d = (int(x) for x in ctx.k.shape)
         nb = (e - s) // self.block
-        oh = balance_walk(ctx.backend, ctx.k[:, s:e].reshape(hkv * nb, self.block, d),
-                          ctx.v[:, s:e].reshape(hkv * nb, self.block, d), int(math.log2(rate)),
-                          self.threshold, self.beta, self.kernel_iters, lambda t, shape: self.coins(ctx.layer, t, shape),
-                          self.kernel)
+        oh = balance_walk(
+            ctx.backend,
+            ctx.k[:, s:e].reshape(hkv * nb, self.block, d),
+            ctx.v[:, s:e].reshape(hkv * nb, self.block, d),
+            int(math.log2(rate)),
+            self.threshold,
+            self.beta,
+            self.kernel_iters,
+            lambda t, shape: self.coins(ctx.layer, t, shape),
+            self.kernel,
+        )
         oh = oh.reshape(hkv, (e - s) // rate, rate)
         return Gather(ranges=nonempty((0, s), (e, n)), onehot=oh, start=s, block=1, strata=e - s, weight=float(rate))
 
@@ -150,13 +162,13 @@ def kernel_gram(backend, u, d: int, beta: float, iters: int, kernel: str = "boun
     k / d^(1/4) | v / (the block's max |v|), and the matrix is exp(k_a.k_b / sqrt d - max_a |k_a|^2 / sqrt d) *
     (1 + v_a.v_b)."""
     X = int(u.shape[0])
-    kv = backend.cat([u[..., :d], u[..., d:]], dim=0)                    # (2X, b, d)
+    kv = backend.cat([u[..., :d], u[..., d:]], dim=0)  # (2X, b, d)
     c = backend.matmul(kv, kv.transpose(1, 2))
     ck, cv = c[:X], c[X:]
     if kernel == "softmax":
         shift = ck.diagonal(dim1=1, dim2=2).amax(dim=-1)[:, None, None]  # >= every k_a.k_b (Cauchy-Schwarz)
         return torch.exp(ck - shift) * (cv + 1.0)
-    n = 2 ** iters
+    n = 2**iters
     y = ck * (beta / n) + (1.0 - beta / n)
     for _ in range(iters):
         y = y * y
@@ -174,39 +186,41 @@ def balance_walk(backend, k, v, levels: int, threshold: float, beta: float, iter
     X, b, d = (int(x) for x in k.shape)
     if kernel == "softmax":
         if B.secure:
-            raise ValueError("BalanceKVPolicy(kernel='softmax') runs in plaintext only (the exp of raw key products "
-                             "overflows fixed point); use kernel='bounded' under MPC")
-        u = torch.cat([k * d ** -0.25, v / v.norm(dim=-1).amax(dim=1)[:, None, None].clamp_min(1e-30)], dim=-1)
+            raise ValueError(
+                "BalanceKVPolicy(kernel='softmax') runs in plaintext only (the exp of raw key products "
+                "overflows fixed point); use kernel='bounded' under MPC"
+            )
+        u = torch.cat([k * d**-0.25, v / v.norm(dim=-1).amax(dim=1)[:, None, None].clamp_min(1e-30)], dim=-1)
     else:
-        kv = B.norm_scale(B.cat([k, v], dim=0))                          # keys and values in one normalisation
-        u = B.cat([kv[:X], kv[X:]], dim=-1)                              # (X, b, 2d): unit keys | unit values
-    oh = None                                                            # level 0: each row is itself
+        kv = B.norm_scale(B.cat([k, v], dim=0))  # keys and values in one normalisation
+        u = B.cat([kv[:X], kv[X:]], dim=-1)  # (X, b, 2d): unit keys | unit values
+    oh = None  # level 0: each row is itself
     for t in range(levels):
         rows = b >> t
         P = rows // 2
-        G = kernel_gram(B, u, d, beta, iters, kernel)                    # (X, rows, rows)
+        G = kernel_gram(B, u, d, beta, iters, kernel)  # (X, rows, rows)
         # Gram of the pair differences u_2i - u_2i+1: (X, P, P), local
         D = G[:, 0::2, 0::2] - G[:, 0::2, 1::2] - G[:, 1::2, 0::2] + G[:, 1::2, 1::2]
-        thr = (1.0 - 2.0 * coins(t, (X, P))) * threshold                 # sign +1 w.p. (1 - x/c) / 2
-        x = None                                                         # running <s, delta_j> for every j
+        thr = (1.0 - 2.0 * coins(t, (X, P))) * threshold  # sign +1 w.p. (1 - x/c) / 2
+        x = None  # running <s, delta_j> for every j
         bits = []
         for i in range(P):
             xi = x[:, i] if x is not None else D[:, i, i] * 0.0
-            bit = B.less_than(xi, thr[:, i])                             # 1: keep row 2i (sign +1)
+            bit = B.less_than(xi, thr[:, i])  # 1: keep row 2i (sign +1)
             bits.append(bit)
             if i + 1 < P:
                 upd = (bit * 2.0 - 1.0).unsqueeze(-1).expand(X, P) * D[:, i, :]
                 x = upd if x is None else x + upd
-        bit = B.stack(bits, dim=1).unsqueeze(-1)                         # (X, P, 1)
+        bit = B.stack(bits, dim=1).unsqueeze(-1)  # (X, P, 1)
         even, odd = u[:, 0::2], u[:, 1::2]
         if oh is None:
             u = odd + bit.expand(X, P, 2 * d) * (even - odd)
-            oh = B.cat([bit, 1.0 - bit], dim=-1)                          # (X, P, 2)
+            oh = B.cat([bit, 1.0 - bit], dim=-1)  # (X, P, 2)
         else:
             w = int(oh.shape[-1])
             both = bit.expand(X, P, 2 * d + 2 * w) * B.cat([even - odd, oh[:, 0::2], oh[:, 1::2]], dim=-1)  # 1 round
-            u = odd + both[..., :2 * d]
-            oh = B.cat([both[..., 2 * d:2 * d + w], oh[:, 1::2] - both[..., 2 * d + w:]], dim=-1)
+            u = odd + both[..., : 2 * d]
+            oh = B.cat([both[..., 2 * d : 2 * d + w], oh[:, 1::2] - both[..., 2 * d + w :]], dim=-1)
     return oh
 
 

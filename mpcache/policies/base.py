@@ -18,6 +18,7 @@ A policy is a value: it never mutates itself, the model or the cache. Per-layer 
 steps (e.g. MPCache's cluster summaries) lives in ``ctx.state`` (a dict owned by the KV cache, one per layer);
 values shared between the layers of one forward call (e.g. a leader layer's selection) live in ``ctx.shared``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,7 @@ class Gather:
     start: int = 0
     block: int = 1
     strata: int = 0
-    weight: float = 1.0     # public count of prompt rows each gathered row stands for (BalanceKV: 2^T); ranges: 1
+    weight: float = 1.0  # public count of prompt rows each gathered row stands for (BalanceKV: 2^T); ranges: 1
 
     def log_weights(self) -> torch.Tensor | None:
         """(n_rows,) public log row weights of the gather's output (in its order), None when every weight is 1.
@@ -117,14 +118,16 @@ class Gather:
         if self.strata:
             idx, first = self._slots()
             g = int(idx.shape[1])
-            outer = backend.matmul(self.onehot.unsqueeze(-1), y.unsqueeze(-2))               # (Hkv, k, g, X)
+            outer = backend.matmul(self.onehot.unsqueeze(-1), y.unsqueeze(-2))  # (Hkv, k, g, X)
             return outer.reshape(hkv, k * g, width).index_select(1, first.to(getattr(y, "device", "cpu")))
         return backend.matmul(self.onehot.transpose(1, 2), y)
 
     def covers(self, length: int) -> bool:
         """True when the ranges and the block region tile rows [0, length) exactly (in order)."""
-        spans = sorted(list(self.ranges) + ([(self.start, self.start + self.n_candidates * self.block)]
-                                            if self.onehot is not None else []))
+        spans = sorted(
+            list(self.ranges)
+            + ([(self.start, self.start + self.n_candidates * self.block)] if self.onehot is not None else [])
+        )
         at = 0
         for s, e in spans:
             if s != at:
@@ -141,8 +144,8 @@ class Gather:
         assert len(before) + len(after) == len(self.ranges), f"ranges {self.ranges} overlap blocks [{self.start},{end})"
         parts = before
         if self.onehot is not None:
-            blocks = x[:, self.start:end].reshape(hkv, self.n_candidates, self.block * d)
-            picked = self.select_blocks(blocks, backend)                          # (Hkv, k, block*D)
+            blocks = x[:, self.start : end].reshape(hkv, self.n_candidates, self.block * d)
+            picked = self.select_blocks(blocks, backend)  # (Hkv, k, block*D)
             parts = parts + [picked.reshape(hkv, self.n_blocks_selected * self.block, d)]
         parts = parts + after
         return parts[0] if len(parts) == 1 else backend.cat(parts, dim=1)
@@ -244,9 +247,9 @@ class DecodeContext:
     n_prompt: int
     state: dict
     shared: dict
-    qk: Any = None                               # the attention logits against every cached row, when
+    qk: Any = None  # the attention logits against every cached row, when
     #                                              query_products made them (the policy passes them on: Selection)
-    anchor: tuple | None = None                  # (a, b): the attention anchors its softmax on cache rows [0, a) and
+    anchor: tuple | None = None  # (a, b): the attention anchors its softmax on cache rows [0, a) and
     #                                              [L - b, L) when the selection keeps them (Transformer.DECODE_ANCHOR)
 
     @property
@@ -263,7 +266,7 @@ class DecodeContext:
         qg = self.q.reshape(hkv, int(self.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))
         c = int(rep.shape[1])
         if B.is_fixed(rep) and B.is_fixed(self.k):
-            both = B.matmul(qg, B.cat([rep, self.k], dim=1).transpose(1, 2))       # (Hkv, G, C + L)
+            both = B.matmul(qg, B.cat([rep, self.k], dim=1).transpose(1, 2))  # (Hkv, G, C + L)
             self.qk = both[..., c:]
             return both[..., :c]
         return B.matmul(qg, rep.transpose(1, 2))
@@ -341,10 +344,15 @@ def resolve_budget(budget: float | None, compression_ratio: float | None) -> flo
     if budget is not None and compression_ratio is not None:
         raise ValueError(f"give either budget ({budget!r}) or compression_ratio ({compression_ratio!r}), not both")
     if compression_ratio is not None:
-        if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, Real) \
-                or not 0.0 <= compression_ratio < 1.0:
-            raise ValueError(f"compression_ratio is the fraction removed, a number in [0, 1); got {compression_ratio!r}"
-                             " (for a token count use budget=<int>)")
+        if (
+            isinstance(compression_ratio, bool)
+            or not isinstance(compression_ratio, Real)
+            or not 0.0 <= compression_ratio < 1.0
+        ):
+            raise ValueError(
+                f"compression_ratio is the fraction removed, a number in [0, 1); got {compression_ratio!r}"
+                " (for a token count use budget=<int>)"
+            )
         return 1.0 - float(compression_ratio)
     if budget is None:
         return DEFAULT_BUDGET
@@ -389,7 +397,9 @@ def nonempty(*ranges: tuple[int, int]) -> tuple[tuple[int, int], ...]:
 #: log2(m/k) comparison layers; the budget is spread evenly over positions);
 #: "auto" — "rank" while m <= AUTO_RANK_MAX, else "strata" (a public rule of the public m).
 TOPK_METHODS = ("rank", "strata", "auto")
-AUTO_RANK_MAX = 32    # the rank's m^2 comparisons exceed a 512-row softmax's beyond ~32 (bench at 512: 127 -> 2.4x the full cache)
+AUTO_RANK_MAX = (
+    32  # the rank's m^2 comparisons exceed a 512-row softmax's beyond ~32 (bench at 512: 127 -> 2.4x the full cache)
+)
 
 
 def select_k(backend, scores, k: int, method: str, ordered: bool = False):
@@ -443,8 +453,10 @@ class BudgetPolicy(CachePolicy):
         if lb is None or lb == "calibrated":
             return
         if isinstance(lb, str) or not hasattr(lb, "__len__") or len(lb) == 0:
-            raise ValueError(f"{type(self).__name__}.layer_budgets must be a non-empty tuple of per-layer budgets or "
-                             f"'calibrated', got {lb!r}")
+            raise ValueError(
+                f"{type(self).__name__}.layer_budgets must be a non-empty tuple of per-layer budgets or "
+                f"'calibrated', got {lb!r}"
+            )
         lb = tuple(int(b) if isinstance(keep, int) and isinstance(b, Integral) else b for b in lb)
         for i, b in enumerate(lb):
             try:
@@ -453,20 +465,26 @@ class BudgetPolicy(CachePolicy):
                 raise ValueError(f"{type(self).__name__}.layer_budgets[{i}]: {e}") from None
             if isinstance(got, int) != isinstance(keep, int):
                 kind = "token counts (ints)" if isinstance(keep, int) else "fractions (floats)"
-                raise ValueError(f"{type(self).__name__}.layer_budgets[{i}] = {b!r}: per-layer budgets must be {kind}"
-                                 f", like budget={keep!r}")
+                raise ValueError(
+                    f"{type(self).__name__}.layer_budgets[{i}] = {b!r}: per-layer budgets must be {kind}"
+                    f", like budget={keep!r}"
+                )
         total, want = sum(lb), len(lb) * keep
         if abs(total - want) > (0 if isinstance(keep, int) else 1e-6 * len(lb)):
-            raise ValueError(f"{type(self).__name__}.layer_budgets sum to {total:g} but {len(lb)} layers x budget "
-                             f"{keep!r} = {want:g}: per-layer budgets redistribute the uniform total, so they must "
-                             "sum to it (or use layer_budgets='calibrated')")
+            raise ValueError(
+                f"{type(self).__name__}.layer_budgets sum to {total:g} but {len(lb)} layers x budget "
+                f"{keep!r} = {want:g}: per-layer budgets redistribute the uniform total, so they must "
+                "sum to it (or use layer_budgets='calibrated')"
+            )
         floor = self.min_layer_budget()
         if isinstance(keep, int):
             low = [(i, b) for i, b in enumerate(lb) if b < floor]
             if low:
-                raise ValueError(f"{type(self).__name__}.layer_budgets[{low[0][0]}] = {low[0][1]} is below the policy's "
-                                 f"minimum of {floor} rows per layer ({self._floor_text()}); raise it or lower those "
-                                 "settings")
+                raise ValueError(
+                    f"{type(self).__name__}.layer_budgets[{low[0][0]}] = {low[0][1]} is below the policy's "
+                    f"minimum of {floor} rows per layer ({self._floor_text()}); raise it or lower those "
+                    "settings"
+                )
         self.layer_budgets = lb
 
     def min_layer_budget(self) -> int:
@@ -490,8 +508,10 @@ class BudgetPolicy(CachePolicy):
         if lb is None:
             return self
         if isinstance(lb, str):
-            raise ValueError(f"{type(self).__name__}.layer_budgets={lb!r} is not resolved: call policy.bind(cfg) "  # noqa: TRY004
-                             "with the model's config first (the Transformer does)")
+            raise ValueError(  # noqa: TRY004 (a usage error, not a wrong type: the string is a valid setting)
+                f"{type(self).__name__}.layer_budgets={lb!r} is not resolved: call policy.bind(cfg) "
+                "with the model's config first (the Transformer does)"
+            )
         if not 0 <= layer < len(lb):
             raise ValueError(f"{type(self).__name__}.layer_budgets has {len(lb)} entries, no budget for layer {layer}")
         return dataclasses.replace(self, budget=lb[layer], compression_ratio=None, layer_budgets=None)
@@ -506,14 +526,18 @@ class BudgetPolicy(CachePolicy):
         if lb is None:
             return pol
         if len(lb) != cfg.n_layers:
-            raise ValueError(f"{type(self).__name__}.layer_budgets has {len(lb)} entries but model "
-                             f"{cfg.name!r} has {cfg.n_layers} layers")
-        leader = getattr(pol, "leader", None)          # MPCache's layer sharing: a follower reuses its leader's picks
+            raise ValueError(
+                f"{type(self).__name__}.layer_budgets has {len(lb)} entries but model "
+                f"{cfg.name!r} has {cfg.n_layers} layers"
+            )
+        leader = getattr(pol, "leader", None)  # MPCache's layer sharing: a follower reuses its leader's picks
         if leader is not None and getattr(pol, "share_layers", False):
             bad = [i for i in range(cfg.n_layers) if lb[leader(i)] != lb[i]]
             if bad:
-                raise ValueError(f"layer {bad[0]} shares the selection of layer {leader(bad[0])} (share_layers) but "
-                                 f"their layer budgets differ ({lb[bad[0]]} vs {lb[leader(bad[0])]})")
+                raise ValueError(
+                    f"layer {bad[0]} shares the selection of layer {leader(bad[0])} (share_layers) but "
+                    f"their layer budgets differ ({lb[bad[0]]} vs {lb[leader(bad[0])]})"
+                )
         return pol
 
     def check_prompt(self, n_prompt: int) -> None:
@@ -523,9 +547,11 @@ class BudgetPolicy(CachePolicy):
         for i in range(len(self.layer_budgets)):
             got = self.for_layer(i).kept(n_prompt)
             if got < min(floor, n_prompt):
-                raise ValueError(f"{type(self).__name__}.layer_budgets[{i}] = {self.layer_budgets[i]:g} keeps {got} "
-                                 f"of {n_prompt} prompt rows, below the policy's minimum of {floor} per layer "
-                                 f"({self._floor_text()}); raise the budget or lower those settings")
+                raise ValueError(
+                    f"{type(self).__name__}.layer_budgets[{i}] = {self.layer_budgets[i]:g} keeps {got} "
+                    f"of {n_prompt} prompt rows, below the policy's minimum of {floor} per layer "
+                    f"({self._floor_text()}); raise the budget or lower those settings"
+                )
 
 
 REGISTRY: dict[str, type[CachePolicy]] = {}

@@ -5,6 +5,7 @@ step at which the cluster is full, and stored in ``ctx.state``; a parent cluster
 its children's summaries, never a recomputation from the keys. Cache rows never change after the prefill's
 compaction (decoding only appends), so a stored summary stays valid.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ class Summaries:
     rep: Any = None
 
 
-def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: float | None = None,
-         upto: int | None = None) -> Summaries:
+def grow(
+    backend, state: dict, key: str, src_max, src_min, group: int, alpha: float | None = None, upto: int | None = None
+) -> Summaries:
     """Extend ``state[key]`` to every full group of ``group`` rows of ``src_max``/``src_min`` (Hkv, N, D) (to the
     first ``upto`` groups at most).
 
@@ -40,8 +42,9 @@ def grow(backend, state: dict, key: str, src_max, src_min, group: int, alpha: fl
     hkv, d = int(src_max.shape[0]), int(src_max.shape[2])
     rows = slice(old.count * group, full * group)
     new = full - old.count
-    mx, mn = backend.max_min(src_max[:, rows].reshape(hkv, new, group, d),
-                             src_min[:, rows].reshape(hkv, new, group, d), dim=2)       # one tournament for both
+    mx, mn = backend.max_min(
+        src_max[:, rows].reshape(hkv, new, group, d), src_min[:, rows].reshape(hkv, new, group, d), dim=2
+    )  # one tournament for both
     return extend(backend, state, key, mx, mn, alpha)
 
 
@@ -54,7 +57,7 @@ def pending(backend, state: dict, key: str, keys, group: int):
     if full <= old.count:
         return None
     hkv, d = int(keys.shape[0]), int(keys.shape[2])
-    blk = keys[:, old.count * group:full * group].reshape(hkv, full - old.count, group, d).transpose(2, 3)
+    blk = keys[:, old.count * group : full * group].reshape(hkv, full - old.count, group, d).transpose(2, 3)
     return backend.stack([blk, backend.neg(blk)], dim=0)
 
 
@@ -88,7 +91,7 @@ def bound_scores(backend, q, rmax, rmin, head_reduce: str = "sum"):
     secret products and G·C·D secret maxima (one comparison layer). ``head_reduce="max"``: the max over the
     group's heads of each head's bound instead of the sum (G·C more comparisons, log2(G) more layers).
     """
-    q = q.unsqueeze(2)                                            # (Hkv, G, 1, D)
-    hi, lo = q * rmax.unsqueeze(1), q * rmin.unsqueeze(1)         # (Hkv, G, C, D)
-    per_head = backend.max(backend.stack([hi, lo], dim=0), dim=0).sum(dim=-1)   # (Hkv, G, C)
+    q = q.unsqueeze(2)  # (Hkv, G, 1, D)
+    hi, lo = q * rmax.unsqueeze(1), q * rmin.unsqueeze(1)  # (Hkv, G, C, D)
+    per_head = backend.max(backend.stack([hi, lo], dim=0), dim=0).sum(dim=-1)  # (Hkv, G, C)
     return per_head.sum(dim=1) if head_reduce == "sum" else backend.max(per_head, dim=1)

@@ -1,4 +1,5 @@
 """H2O (Zhang et al., arXiv:2306.14048): heavy hitters by accumulated attention, plus a recent window."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ class H2OPolicy(BudgetPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"H2OPolicy.recent_ratio is the share of the budget kept as recent tokens, in [0, 1]; "
-                             f"got {self.recent_ratio}")
+            raise ValueError(
+                f"H2OPolicy.recent_ratio is the share of the budget kept as recent tokens, in [0, 1]; "
+                f"got {self.recent_ratio}"
+            )
 
     def _split(self, n: int) -> tuple[int, int]:
         keep = self.kept(n)
@@ -40,7 +43,7 @@ class H2OPolicy(BudgetPolicy):
             return None
         if heavy == 0:
             return Gather(ranges=((n - recent, n),))
-        scores = sum_groups(ctx.attn_colsum(), int(ctx.k.shape[0]))[:, : n - recent]   # (Hkv, n - recent)
+        scores = sum_groups(ctx.attn_colsum(), int(ctx.k.shape[0]))[:, : n - recent]  # (Hkv, n - recent)
         onehot, strata = select_k(ctx.backend, scores, heavy, self.topk, ordered=True)
         return Gather(ranges=nonempty((n - recent, n)), onehot=onehot, start=0, block=1, strata=strata)
 

@@ -10,6 +10,7 @@ authors' code, all so that every shape is public:
   newest ``recent`` and up to one coarse cluster more) are always attended, so no padding with duplicated keys is
   needed. k1/k2 come from the budget, not fixed ratios.
 """
+
 from __future__ import annotations
 
 import math
@@ -138,8 +139,10 @@ class MPCachePolicy(BudgetPolicy):
             (self.fanout >= 2, f"fanout must be >= 2, got {self.fanout} (use hierarchy=False for one level)"),
             (0.0 < self.ratio1 <= 1.0, f"ratio1 must be in (0, 1], got {self.ratio1}"),
             (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
-            (self.head_reduce in HEAD_REDUCTIONS,
-             f"head_reduce must be in {HEAD_REDUCTIONS}, got {self.head_reduce!r}"),
+            (
+                self.head_reduce in HEAD_REDUCTIONS,
+                f"head_reduce must be in {HEAD_REDUCTIONS}, got {self.head_reduce!r}",
+            ),
             (self.share_start >= 0, f"share_start must be >= 0, got {self.share_start}"),
             (self.share_group >= 1, f"share_group must be >= 1, got {self.share_group}"),
         ]
@@ -205,10 +208,10 @@ class MPCachePolicy(BudgetPolicy):
             if k == 0:
                 g = Gather(ranges=ranges)
             else:
-                window = ctx.attn_rows(n - w, n)[:, :, s:s + m]                                    # (H, w, m)
+                window = ctx.attn_rows(n - w, n)[:, :, s : s + m]  # (H, w, m)
                 # "mean" is computed as the sum: the same ranking, without a fixed-point truncation
                 per_head = B.max(window, dim=1) if self.static_reduce == "max" else window.sum(dim=1)
-                scores = sum_groups(per_head, int(ctx.k.shape[0]))                       # (Hkv, m)
+                scores = sum_groups(per_head, int(ctx.k.shape[0]))  # (Hkv, m)
                 onehot, strata = select_k(B, scores, k, self.topk, ordered=True)
                 g = Gather(ranges=ranges, onehot=onehot, start=s, block=1, strata=strata)
         ctx.shared[key] = g
@@ -234,8 +237,8 @@ class MPCachePolicy(BudgetPolicy):
         hkv, d = int(ctx.k.shape[0]), int(ctx.k.shape[2])
         # scaled like attention logits (q·k / sqrt(d)): the ranking is the same, and the scores stay O(10), far
         # inside the lean comparison's range under MPC
-        qg = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))   # (Hkv, G, D)
-        qs = qg.sum(dim=1)                                                               # (Hkv, D)
+        qg = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))  # (Hkv, G, D)
+        qs = qg.sum(dim=1)  # (Hkv, D)
         alpha = self.alpha if self.linear else None
         keys = ctx.k[:, S2:]
         fkey = f"mpcache/fine{S2}"
@@ -248,14 +251,14 @@ class MPCachePolicy(BudgetPolicy):
         def score(mx, mn, rep):
             if not self.linear:
                 return bound_scores(B, qg, mx, mn, self.head_reduce)
-            if self.head_reduce == "sum":     # (sum of the group's queries) · rep: one product per cluster
+            if self.head_reduce == "sum":  # (sum of the group's queries) · rep: one product per cluster
                 return linear_scores(B, qs, rep)
-            return B.max(ctx.query_products(rep), dim=1)                               # max over the G heads
+            return B.max(ctx.query_products(rep), dim=1)  # max over the G heads
 
         def head(x, c):
             return None if x is None else x[:, :c]
 
-        if method == "strata":                     # one level: a tournament over the fine clusters' strata
+        if method == "strata":  # one level: a tournament over the fine clusters' strata
             rep = head(fine.rep, p.C2)
             if not self.linear:
                 onehot, _ = select_k(B, score(head(fine.max, p.C2), head(fine.min, p.C2), rep), p.k2, "strata")
@@ -263,14 +266,14 @@ class MPCachePolicy(BudgetPolicy):
                 # per-head products (one product with [rep | K] on a fixed cache: the attention's logits too);
                 # "sum" adds the heads' products (= the summed query's), "max" lets the tournament take the max
                 # over the heads (ops.strata_select: no comparison layer of its own)
-                prods = ctx.query_products(rep)                                         # (Hkv, G, C2)
+                prods = ctx.query_products(rep)  # (Hkv, G, C2)
                 qk, a = ctx.qk, ctx.anchor
                 also = []
                 if qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end:
                     # the anchored softmax's offset: the max of the sink rows' and the newest rows' logits, which
                     # this gather always attends (Transformer.selection_anchor), in the tournament's own rounds
-                    also = [B.cat([qk[..., :a[0]], qk[..., ctx.L - a[1]:]], dim=-1)]   # (Hkv, G, a + b)
-                grown = pending(B, ctx.state, fkey, keys, S2)                           # (2, Hkv, new, D, S2)
+                    also = [B.cat([qk[..., : a[0]], qk[..., ctx.L - a[1] :]], dim=-1)]  # (Hkv, G, a + b)
+                grown = pending(B, ctx.state, fkey, keys, S2)  # (2, Hkv, new, D, S2)
                 extra = also + ([] if grown is None else [grown])
                 if self.head_reduce == "sum":
                     onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=extra)
@@ -279,23 +282,25 @@ class MPCachePolicy(BudgetPolicy):
                 offset = maxes[0].unsqueeze(-1) if also else None
                 if grown is not None:
                     extend(B, ctx.state, fkey, maxes[-1][0], B.neg(maxes[-1][1]), alpha)
-            return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2,
-                          strata=p.C2), (offset if self.linear else None)
-        if not self.hierarchy or p.k1 == p.C1:     # level 1 would keep every coarse cluster: skip it
+            return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2, strata=p.C2), (
+                offset if self.linear else None
+            )
+        if not self.hierarchy or p.k1 == p.C1:  # level 1 would keep every coarse cluster: skip it
             scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
-            onehot = B.topk_onehot(scores, p.k2)                                         # (Hkv, k2, C2)
+            onehot = B.topk_onehot(scores, p.k2)  # (Hkv, k2, C2)
         else:
             coarse = grow(B, ctx.state, f"mpcache/coarse{S2}x{f}", fine.max, fine.min, f, alpha)
-            onehot1 = B.topk_onehot(score(head(coarse.max, p.C1), head(coarse.min, p.C1), head(coarse.rep, p.C1)),
-                                    p.k1)                                                # (Hkv, k1, C1)
+            onehot1 = B.topk_onehot(
+                score(head(coarse.max, p.C1), head(coarse.min, p.C1), head(coarse.rep, p.C1)), p.k1
+            )  # (Hkv, k1, C1)
             # the chosen clusters' children: one matmul of the one-hot with the fine summaries viewed (C1, f·X)
             if self.linear:
-                kids = B.matmul(onehot1, fine.rep[:, :p.C2].reshape(hkv, p.C1, f * d)).reshape(hkv, p.k1 * f, d)
+                kids = B.matmul(onehot1, fine.rep[:, : p.C2].reshape(hkv, p.C1, f * d)).reshape(hkv, p.k1 * f, d)
                 scores2 = score(None, None, kids)
             else:
-                both = B.cat([fine.max[:, :p.C2], fine.min[:, :p.C2]], dim=-1).reshape(hkv, p.C1, f * 2 * d)
+                both = B.cat([fine.max[:, : p.C2], fine.min[:, : p.C2]], dim=-1).reshape(hkv, p.C1, f * 2 * d)
                 kids = B.matmul(onehot1, both).reshape(hkv, p.k1 * f, 2 * d)
                 scores2 = score(kids[..., :d], kids[..., d:], None)
-            onehot2 = B.topk_onehot(scores2, p.k2)                                       # (Hkv, k2, k1·f)
-            onehot = B.matmul(onehot2, children_onehot(B, onehot1, f))                   # (Hkv, k2, C2)
+            onehot2 = B.topk_onehot(scores2, p.k2)  # (Hkv, k2, k1·f)
+            onehot = B.matmul(onehot2, children_onehot(B, onehot1, f))  # (Hkv, k2, C2)
         return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2), None

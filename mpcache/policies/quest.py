@@ -1,4 +1,5 @@
 """Quest (Tang et al., arXiv:2406.10774): query-aware page selection by an exact per-dimension bound."""
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,8 @@ class QuestPolicy(BudgetPolicy):
         hkv, d = int(ctx.k.shape[0]), int(ctx.k.shape[2])
         keys = ctx.k[:, S:]
         pages = grow(B, ctx.state, f"quest/pages{S}", keys, keys, S)
-        q = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))   # logit scale: same ranking
-        scores = bound_scores(B, q, pages.max[:, :C], pages.min[:, :C])          # (Hkv, C)
+        q = ctx.q.reshape(hkv, int(ctx.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))  # logit scale: same ranking
+        scores = bound_scores(B, q, pages.max[:, :C], pages.min[:, :C])  # (Hkv, C)
         onehot, strata = select_k(B, scores, k, self.topk)
         return Gather(ranges=nonempty((0, S), (end, L)), onehot=onehot, start=S, block=S, strata=strata)
 

@@ -1,4 +1,5 @@
 """SnapKV (Li et al., arXiv:2404.14469): prompt tokens ranked by the attention of an observation window."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ def pool1d(backend, x, kernel: int, mode: str):
     p, m = kernel // 2, int(x.shape[-1])
     zero = x[:, :1] * 0
     xp = backend.cat([zero] * p + [x] + [zero] * p, dim=1)
-    shifted = [xp[:, o:o + m] for o in range(kernel)]
+    shifted = [xp[:, o : o + m] for o in range(kernel)]
     if mode == "max":
         return backend.max(backend.stack(shifted, dim=0), dim=0)
     out = shifted[0]
@@ -69,7 +70,7 @@ class SnapKVPolicy(BudgetPolicy):
             return Gather(ranges=((n - w_keep, n),))
         w_obs = min(self.window, n)
         m = n - w_keep
-        scores = sum_groups(ctx.attn_rows(n - w_obs, n)[:, :, :m].sum(dim=1), int(ctx.k.shape[0]))   # (Hkv, m)
+        scores = sum_groups(ctx.attn_rows(n - w_obs, n)[:, :, :m].sum(dim=1), int(ctx.k.shape[0]))  # (Hkv, m)
         scores = pool1d(ctx.backend, scores, self.kernel_size, self.pooling)
         onehot, strata = select_k(ctx.backend, scores, picked, self.topk, ordered=True)
         return Gather(ranges=nonempty((m, n)), onehot=onehot, start=0, block=1, strata=strata)

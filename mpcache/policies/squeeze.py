@@ -21,6 +21,7 @@ Two ways to get the similarities:
   the prompt itself (a plaintext forward pass) — what the calibration gives up is measured in
   experiments/RESULTS.md (fidelity table, ``squeeze-h2o`` vs ``squeeze-h2o-prompt``).
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,7 @@ def kmeans_1d(values, k: int = SQUEEZE_GROUPS, iters: int = 100) -> list[int]:
     return rank[(x[:, None] - c[None, :]).abs().argmin(dim=1)].tolist()
 
 
-def allocate(similarities, keep: float, p: float = SQUEEZE_P, floor: int = 1,
-             groups: list[int] | None = None) -> tuple:
+def allocate(similarities, keep: float, p: float = SQUEEZE_P, floor: int = 1, groups: list[int] | None = None) -> tuple:
     """Per-layer budgets from the layers' similarities: the group with the highest similarity keeps ``p`` times the
     uniform budget ``keep`` per layer, the rest goes evenly to the other layers; the total is ``n_layers * keep``.
 
@@ -96,14 +96,16 @@ def allocate(similarities, keep: float, p: float = SQUEEZE_P, floor: int = 1,
     one row at a time from the most important layer (lowest similarity) down. A public function of public values.
     """
     if not 0.0 < p <= 1.0:
-        raise ValueError(f"SqueezeAttention's p (the low group's share of its uniform budget) must be in (0, 1], got {p}")
+        raise ValueError(
+            f"SqueezeAttention's p (the low group's share of its uniform budget) must be in (0, 1], got {p}"
+        )
     sims = [float(s) for s in similarities]
     L = len(sims)
     groups = kmeans_1d(sims) if groups is None else list(groups)
     top = max(groups)
     low = [i for i in range(L) if groups[i] == top and top > 0]
     high = [i for i in range(L) if i not in low]
-    if not low or not high:                                   # one group: nothing to redistribute
+    if not low or not high:  # one group: nothing to redistribute
         return tuple([keep] * L)
     if isinstance(keep, int):
         total = L * keep
@@ -118,7 +120,7 @@ def allocate(similarities, keep: float, p: float = SQUEEZE_P, floor: int = 1,
         return tuple(out)
     out = [p * keep if i in low else 0.0 for i in range(L)]
     free, pool = list(high), L * keep - p * keep * len(low)
-    while free:                                               # water-fill: cap at 1, spread the excess again
+    while free:  # water-fill: cap at 1, spread the excess again
         share = pool / len(free)
         capped = [i for i in free if share > 1.0]
         if not capped:
@@ -129,14 +131,13 @@ def allocate(similarities, keep: float, p: float = SQUEEZE_P, floor: int = 1,
             out[i] = 1.0
         pool -= len(capped)
         free = [i for i in free if i not in capped]
-    if not free and pool > 1e-12:                             # every other layer full: the rest back to the low group
+    if not free and pool > 1e-12:  # every other layer full: the rest back to the low group
         for i in low:
             out[i] += pool / len(low)
     return tuple(round(b, 9) for b in out)
 
 
-def prompt_budgets(cfg, weights: dict, ids: list[int], keep: float, p: float = SQUEEZE_P,
-                   floor: int = 1) -> tuple:
+def prompt_budgets(cfg, weights: dict, ids: list[int], keep: float, p: float = SQUEEZE_P, floor: int = 1) -> tuple:
     """The paper's per-prompt allocation (plaintext only: it reads the prompt's hidden states)."""
     return allocate(layer_similarities(cfg, weights, ids), keep, p, floor)
 
@@ -156,11 +157,19 @@ def calibrate(cfg, weights: dict, prompts: list[list[int]], p: float = SQUEEZE_P
     """The public calibration of a model: similarities averaged over public ``prompts`` (token ids), their
     groups and ``p``. Run offline by the model owner; nothing about any client's prompt enters it."""
     sims = torch.stack([layer_similarities(cfg, weights, ids) for ids in prompts]).mean(dim=0)
-    allocate(sims, 0.5, p)                                    # validates p
-    return {"format": CALIBRATION_FORMAT, "model": cfg.name, "digest": cfg.digest(), "arch": cfg.arch,
-            "n_layers": cfg.n_layers, "similarities": [round(float(s), 6) for s in sims],
-            "groups": kmeans_1d(sims), "p": p, "source": source,
-            "prompt_tokens": [len(ids) for ids in prompts]}
+    allocate(sims, 0.5, p)  # validates p
+    return {
+        "format": CALIBRATION_FORMAT,
+        "model": cfg.name,
+        "digest": cfg.digest(),
+        "arch": cfg.arch,
+        "n_layers": cfg.n_layers,
+        "similarities": [round(float(s), 6) for s in sims],
+        "groups": kmeans_1d(sims),
+        "p": p,
+        "source": source,
+        "prompt_tokens": [len(ids) for ids in prompts],
+    }
 
 
 def save_calibration(cal: dict, cfg, directory: str | os.PathLike | None = None) -> Path:
@@ -168,7 +177,7 @@ def save_calibration(cal: dict, cfg, directory: str | os.PathLike | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cal, indent=1))
-    os.replace(tmp, path)                                     # atomic: a reader never sees half a file
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
 
 
@@ -177,9 +186,11 @@ def load_calibration(cfg, directory: str | os.PathLike | None = None) -> dict:
     path = calibration_path(cfg, directory)
     fix = CALIBRATE_COMMAND.format(model=cfg.name)
     if not path.is_file():
-        raise ValueError(f"layer_budgets='calibrated': no SqueezeAttention calibration for model {cfg.name!r} "
-                         f"(config digest {cfg.digest()}) at {path}; make it offline on public text with `{fix}` "
-                         "(or give explicit per-layer budgets)")
+        raise ValueError(
+            f"layer_budgets='calibrated': no SqueezeAttention calibration for model {cfg.name!r} "
+            f"(config digest {cfg.digest()}) at {path}; make it offline on public text with `{fix}` "
+            "(or give explicit per-layer budgets)"
+        )
     try:
         cal = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -188,8 +199,10 @@ def load_calibration(cfg, directory: str | os.PathLike | None = None) -> dict:
     bad = {k: (cal.get(k), v) for k, v in want.items() if cal.get(k) != v}
     if bad or len(cal.get("similarities", ())) != cfg.n_layers:
         what = ", ".join(f"{k} {got!r} != {exp!r}" for k, (got, exp) in bad.items()) or "wrong number of layers"
-        raise ValueError(f"the SqueezeAttention calibration {path} was made for another model or architecture "
-                         f"({cal.get('model')!r}: {what}); remake it for this model with `{fix}`")
+        raise ValueError(
+            f"the SqueezeAttention calibration {path} was made for another model or architecture "
+            f"({cal.get('model')!r}: {what}); remake it for this model with `{fix}`"
+        )
     return cal
 
 
@@ -251,6 +264,21 @@ class SqueezeMPCachePolicy(MPCachePolicy):
     layer_budgets: tuple | str | None = "calibrated"
 
 
-__all__ = ["SQUEEZE_P", "SqueezeH2OPolicy", "SqueezeMPCachePolicy", "SqueezeSnapKVPolicy", "SqueezeStreamingPolicy",
-           "allocate", "calibrate", "calibrated_budgets", "calibration_dir", "calibration_path", "kmeans_1d",
-           "layer_similarities", "load_calibration", "parse_layer_budgets", "prompt_budgets", "save_calibration"]
+__all__ = [
+    "SQUEEZE_P",
+    "SqueezeH2OPolicy",
+    "SqueezeMPCachePolicy",
+    "SqueezeSnapKVPolicy",
+    "SqueezeStreamingPolicy",
+    "allocate",
+    "calibrate",
+    "calibrated_budgets",
+    "calibration_dir",
+    "calibration_path",
+    "kmeans_1d",
+    "layer_similarities",
+    "load_calibration",
+    "parse_layer_budgets",
+    "prompt_budgets",
+    "save_calibration",
+]

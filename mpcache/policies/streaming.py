@@ -1,4 +1,5 @@
 """StreamingLLM (Xiao et al., arXiv:2309.17453): keep the first ``sinks`` tokens and the most recent ones."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

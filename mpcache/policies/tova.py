@@ -1,4 +1,5 @@
 """TOVA (Oren et al., arXiv:2401.06104): keep the tokens the last query attends to most."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class TOVAPolicy(BudgetPolicy):
         keep = self.kept(n)
         if keep >= n:
             return None
-        scores = sum_groups(ctx.attn_rows(n - 1, n)[:, 0], int(ctx.k.shape[0]))                      # (Hkv, n)
+        scores = sum_groups(ctx.attn_rows(n - 1, n)[:, 0], int(ctx.k.shape[0]))  # (Hkv, n)
         onehot, strata = select_k(ctx.backend, scores, keep, self.topk, ordered=True)
         return Gather(onehot=onehot, start=0, block=1, strata=strata)
 
