@@ -81,7 +81,7 @@ def run(args) -> None:
     from mpcache.generation import share_weights, write_json
     from mpcache.latency import PROFILES, modelled_seconds
     from mpcache.model.weights import load_model
-    from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session, serve_dealer
+    from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session_from_cli, serve_dealer
 
     if args.steps < 1 or args.warmup < 0:
         raise SessionError("--steps must be >= 1 and --warmup >= 0")
@@ -117,17 +117,7 @@ def run(args) -> None:
         "fixed_weights": args.fixed_weights,
         "check": args.check,
     }
-    sess = open_session(
-        args.protocol,
-        args.provider,
-        args.device,
-        public,
-        timeout_s=args.timeout,
-        master_addr=args.master_addr,
-        iface=args.iface,
-        port=args.port,
-        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}"],
-    )
+    sess = open_session_from_cli(args, public, fixed_weights=args.fixed_weights)
     os.makedirs(args.out, exist_ok=True)
     if sess.is_dealer:
         serve_dealer(sess)

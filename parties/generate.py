@@ -85,7 +85,7 @@ def run(args) -> None:
 
     from mpcache.generation import per_token_costs, plaintext_generate, private_generate, write_json
     from mpcache.model.weights import expected_shapes, load_model
-    from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session, serve_dealer
+    from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session_from_cli, serve_dealer
     from mpcache.report import print_summary, trust_model
 
     rank = MPI.COMM_WORLD.Get_rank()
@@ -120,17 +120,7 @@ def run(args) -> None:
         "fixed_kv": args.fixed_kv,
         "verify": not args.no_plaintext,
     }
-    sess = open_session(
-        args.protocol,
-        args.provider,
-        args.device,
-        public,
-        timeout_s=args.timeout,
-        master_addr=args.master_addr,
-        iface=args.iface,
-        port=args.port,
-        mpc=[*args.mpc, f"fixed_weights={str(args.fixed_weights).lower()}", f"fixed_kv={str(args.fixed_kv).lower()}"],
-    )
+    sess = open_session_from_cli(args, public, fixed_weights=args.fixed_weights, fixed_kv=args.fixed_kv)
     if sess.is_dealer:
         serve_dealer(sess)
         return

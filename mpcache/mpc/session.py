@@ -374,6 +374,24 @@ def open_session(
     return sess
 
 
+def open_session_from_cli(args, public_info: dict, **knobs) -> Session:
+    """:func:`open_session` from a ``parties`` command line (``--protocol``, ``--provider``, ``--device``,
+    ``--timeout``, ``--master-addr``, ``--iface``, ``--port``, ``--mpc``); ``knobs``: MpcConfig fields the job sets
+    from its own flags (e.g. ``fixed_weights``), given to every party alike."""
+    mpc = [*args.mpc, *(f"{k}={json.dumps(v)}" for k, v in knobs.items())]
+    return open_session(
+        args.protocol,
+        args.provider,
+        args.device,
+        public_info,
+        timeout_s=args.timeout,
+        master_addr=args.master_addr,
+        iface=args.iface,
+        port=args.port,
+        mpc=mpc,
+    )
+
+
 #: ``MpcConfig.mpi_exchange``: openings (the bulk of the online traffic) go over MPI point-to-point instead of gloo:
 #: "auto" = on CPU when
 #: every compute party can have its own core (MPICH waits by polling, which would starve a computing party on an
