@@ -602,6 +602,7 @@ def test_attention_in_place_equals_gathered_rows(strata):
     """The MPC decode path that never moves K/V (scores against every row, the selected blocks' scores gathered by
     the one-hot, probabilities scattered back by its transpose, p·V over every row) gives the attention of the
     gathered rows; scatter_blocks is the transpose of select_blocks (zeros at unselected blocks)."""
+    from mpcache.model import attention
     from mpcache.mpc.ops import strata_top1_onehot_reference
     from mpcache.policies.base import Gather
 
@@ -621,7 +622,7 @@ def test_attention_in_place_equals_gathered_rows(strata):
         gather = Gather(ranges=nonempty((0, blk), (blk + C * blk, L)), onehot=onehot, start=blk, block=blk)
     assert gather.covers(L)
     want, _ = model._attend(q, gather.apply(kk, B), gather.apply(vv, B))
-    got = model._attend_selected(q, gather, kk, vv)
+    got = attention.attend_selected(B, model.heads, q, gather, kk, vv, anchor=model.DECODE_ANCHOR)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     y = torch.randn(Hkv, k, 7, generator=g)
     blocks = torch.randn(Hkv, C, 7, generator=g)

@@ -120,6 +120,13 @@ class PlainBackend:
     def reveal(self, x: Tensor, dst: int | None = None, label: str = "value") -> Tensor:
         return x
 
+    def decode_attention(self, heads, q, sel, k, v, scope, anchor=None, logw=None) -> Tensor:
+        """Gather the selected rows and attend (:func:`mpcache.model.attention.gather_and_attend`): in the clear
+        there is no fixed cache to attend in place over."""
+        from ..model import attention
+
+        return attention.gather_and_attend(self, heads, q, sel, k, v, scope, anchor=anchor, logw=logw)
+
     # ---- what has no meaning in the clear (the secure backend's fixed operands and three-operand products) -------
     def fix_rows(self, xs: list) -> list:
         """Rows stay as they are (the secure backend opens their mask once here)."""

@@ -181,11 +181,24 @@ class SecureBackend:
             oh, maxes = ops.strata_select(unfix(scores), k, heads=heads, also=[unfix(t) for t in also], cfg=self.cfg)
             return oh, maxes
 
+    # ---- a decode step's attention: the route ---------------------------------------------------------------------
+    def decode_attention(self, heads, q, sel, k, v, scope, anchor=None, logw=None):
+        """A one-hot selection over a fixed K/V cache is attended in place (K and V never move; with the
+        three-operand products below, :meth:`gathered_ok`, in two rounds): :func:`mpcache.model.attention
+        .attend_selected`, reusing the logits and the anchored offset the policy made (``sel.qk``, ``sel.offset``).
+        Anything else (no selection, public ranges, a cache that is not fixed) is gathered, then attended."""
+        from ..model import attention
+
+        g = sel.gather
+        if logw is None and attention.in_place(self, g, k, v):
+            return attention.attend_selected(self, heads, q, g, k, v, scope, anchor, sel.qk, sel.offset)
+        return attention.gather_and_attend(self, heads, q, sel, k, v, scope, anchor=anchor, logw=logw)
+
     # ---- attention over a one-hot selection of the fixed cache (mpcache.mpc.gather_triple) ------------------------
 
     def gathered_ok(self, g, k, v) -> bool:
         """Whether :meth:`gather_scores` / :meth:`gather_values` run for the compact (strata) Gather ``g`` over the
-        fixed K and V (else the two-operand route of ``Transformer._attend_selected``)."""
+        fixed K and V (else the two-operand route of ``mpcache.model.attention.attend_selected``)."""
         return bool(
             self.cfg.gather_triples
             and g is not None

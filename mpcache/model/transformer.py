@@ -18,6 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from ..policies.base import CachePolicy, DecodeContext, PrefillContext, as_selection
+from . import attention
 
 
 # ---- public tables of the model (positions are public): used by both backends' runs of the model ----------------
@@ -71,6 +72,7 @@ class Transformer:
 
     def __init__(self, cfg: ModelConfig, weights: dict, backend, policy: CachePolicy | None = None, scope=None):
         self.cfg, self.w, self.B = cfg, weights, backend
+        self.heads = attention.Heads(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
         self.policy = (policy or CachePolicy()).bind(cfg)  # e.g. layer_budgets="calibrated" resolved and checked
         self.scope = scope or _no_scope
 
@@ -148,33 +150,12 @@ class Transformer:
 
     def selection_anchor(self, g, L: int):
         """``DECODE_ANCHOR`` when the Gather ``g`` over an L-row cache attends its first and last anchor rows by
-        public range (so they are the attended row's first and last columns), else None."""
-        a = self.DECODE_ANCHOR
-        if a is None or g is None:
-            return a
-        return a if g.keeps_ends(a[0], a[1], L) else None
+        public range, else None (:func:`mpcache.model.attention.selection_anchor`)."""
+        return attention.selection_anchor(self.DECODE_ANCHOR, g, L)
 
     def _attend(self, q, k, v, mask=None, anchor=None, logw=None):
-        """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
-        are stacked so one batched matmul serves the group (GQA). ``logw`` (Lk,), public: log row weights added
-        to the logits (a weighted softmax: sum_i w_i e^{s_i} v_i / sum_i w_i e^{s_i}; BalanceKV's cache)."""
-        cfg, B = self.cfg, self.B
-        H, Hkv, hd, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
-        Tq = q.shape[1]
-        qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G * Tq, hd)
-        with self.scope("qk"):
-            s = B.matmul(qg, k.transpose(1, 2))  # (Hkv, G*Tq, Lk)
-            if logw is not None:
-                s = s + logw.to(torch.float32)  # public: a local add on shares
-        with self.scope("softmax"):
-            if mask is not None:
-                mask = mask.repeat(G, 1)  # (G*Tq, Lk), public
-            anchor = anchor if (mask is None and Tq == 1) else None  # decode rows only (selection_anchor)
-            p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
-        with self.scope("av"):
-            o = B.matmul(p, v)  # (Hkv, G*Tq, hd)
-        o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
-        return o, p
+        """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk): :func:`attention.attend`."""
+        return attention.attend(self.B, self.heads, q, k, v, self.scope, mask=mask, anchor=anchor, logw=logw)
 
     def _causal_attend_plain(self, q, k, v):
         """Plaintext prefill attention, memory-light: q (H, T, hd), k/v (Hkv, T, hd) -> out (T, H*hd) and
@@ -272,116 +253,10 @@ class Transformer:
             fixed = self._fix_rows(cache.k + cache.v)
         cache.k, cache.v = fixed[:n], fixed[n:]
 
-    def _gather(self, g, k, v):
-        """The rows of K and V the policy's gather selects. A fixed cache is gathered as one [K | V] operand (one
-        one-hot product opening the one-hot once, and one fixing of the picked rows), then split: views only."""
-        B = self.B
-        if g is None:
-            return k, v
-        if B.is_fixed(k) and B.is_fixed(v):
-            hd = int(k.shape[-1])
-            kv = g.apply(B.cat([k, v], dim=-1), B)
-            return kv[..., :hd], kv[..., hd:]
-        return g.apply(k, B), g.apply(v, B)
-
-    def _attend_in_place(self, g, k, v) -> bool:
-        return (
-            g is not None
-            and g.onehot is not None
-            and self.B.is_fixed(k)
-            and self.B.is_fixed(v)
-            and g.covers(int(k.shape[1]))
-        )
-
-    def _attend_selected(self, q, g, k, v, logits=None, offset=None):
-        """Decode attention over the rows a one-hot Gather selects, on a fixed K/V cache, without moving K or V:
-        scores against every cached row (q·Kᵀ opens only q), the selected blocks' scores gathered by the one-hot
-        (opens the one-hot and the G·L candidate scores per KV head), softmax over the attended scores, the
-        selected probabilities scattered back by the one-hot's transpose (opens the one-hot and k·block·G
-        probabilities), and p·V over every row (opens p: G·L). Gathering the K and V rows instead opens the
-        picked rows twice as wide (2·k·block·hd per KV head, to fix them): ~2x the bytes at hd = 64, G = 3. Same
-        4 rounds, 3 when the selection's q·rep product already made the logits (``logits``: DecodeContext
-        .query_products). The attended set and its order are those of ``g.apply`` (same logits up to rounding).
-        The softmax is anchored when ``g`` always attends the anchor rows (:meth:`selection_anchor`); ``offset``
-        (Hkv, G, 1) is then their logits' max if the policy already made it in its own comparison rounds. With the
-        backend's three-operand products (``gathered_ok``) the gather and the scatter + p·V are one product each."""
-        cfg, B = self.cfg, self.B
-        Hkv, hd, G = cfg.n_kv_heads, cfg.head_dim, cfg.group_size
-        L = int(k.shape[1])
-        anchor = self.selection_anchor(g, L)
-        start, blk, C, ksel = g.start, g.block, g.n_candidates, g.n_blocks_selected
-        end = start + C * blk
-        s = logits
-        if s is None:
-            qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
-            with self.scope("qk"):
-                s = B.matmul(qg, k.transpose(1, 2))  # (Hkv, G, L)
-
-        def to_blocks(x, n):  # (Hkv, G, n*blk) -> (Hkv, n, G*blk)
-            return x.reshape(Hkv, G, n, blk).transpose(1, 2).reshape(Hkv, n, G * blk)
-
-        def from_blocks(x, n):  # (Hkv, n, G*blk) -> (Hkv, G, n*blk)
-            return x.reshape(Hkv, n, G, blk).transpose(1, 2).reshape(Hkv, G, n * blk)
-
-        before = [(a, b) for a, b in g.ranges if b <= start]
-        after = [(a, b) for a, b in g.ranges if a >= end]
-        # three-operand products (mpcache.mpc.gather_triple, TFP 2PC): the selected rows' scores straight from q, the
-        # one-hot and the fixed K, and p times the selected rows of the fixed V plus the always-attended rows in one
-        # opening: opens q, the one-hot and the attended probabilities instead of G·L scores and G·L probabilities,
-        # 2 rounds instead of 3; same function
-        gathered = B.gathered_ok(g, k, v)
-        with self.scope("gather"):
-            if gathered:
-                sel, opened = B.gather_scores((q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), g, k)
-            else:
-                sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
-        parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]
-        with self.scope("softmax"):
-            p = B.softmax(
-                B.cat(parts, dim=-1), dim=-1, anchor=anchor, offset=offset if anchor is not None else None
-            )  # (Hkv, G, n_attended)
-        at = sum(b - a for a, b in before)
-        p_sel = p[..., at : at + ksel * blk]
-        rest = ([p[..., :at]] if at else []) + ([p[..., at + ksel * blk :]] if after else [])
-        if gathered:
-            with self.scope("av"):
-                o = B.gather_values(
-                    p_sel,
-                    opened,
-                    g,
-                    v,
-                    B.cat(rest, dim=-1) if len(rest) > 1 else (rest[0] if rest else None),
-                    tuple(before) + tuple(after),
-                )  # (Hkv, G, hd)
-        else:
-            with self.scope("gather"):
-                cand = from_blocks(g.scatter_blocks(to_blocks(p_sel, ksel), B), C)
-            full = rest[: 1 if at else 0] + [cand] + rest[1 if at else 0 :]
-            with self.scope("av"):
-                o = B.matmul(B.cat(full, dim=-1) if len(full) > 1 else full[0], v)  # (Hkv, G, hd)
-        return o.reshape(cfg.n_heads, 1, hd).transpose(0, 1).reshape(1, cfg.n_heads * hd)
-
     def _decode_attention(self, q, sel, k, v, logw=None):
-        """The one place a decode step's attention route is chosen, from public facts only (the selection's form,
-        whether the cache rows are fixed operands, the backend's three-operand products):
-
-        * no selection, or a selection by public ranges: gather the rows (views) and attend (:meth:`_attend`);
-        * a one-hot selection over a fixed cache: attend in place (:meth:`_attend_selected`: scores against the
-          fixed K, gathered by the one-hot; with ``B.gathered_ok``, the backend's three-operand products);
-        * a one-hot selection otherwise: gather the selected rows by the one-hot product, then attend.
-
-        The softmax is anchored when the selection keeps the anchor rows and the rows carry no weights (weighted
-        rows may lift logits over the anchors': the row max there). ``sel``: the policy's :class:`Selection`."""
-        g = sel.gather
-        if logw is not None and g is not None:
-            raise NotImplementedError("a per-step selection over a weighted (BalanceKV) cache is not supported")
-        if self._attend_in_place(g, k, v):
-            return self._attend_selected(q, g, k, v, sel.qk, sel.offset)
-        with self.scope("gather"):
-            ks, vs = self._gather(g, k, v)
-        anchor = self.selection_anchor(g, int(k.shape[1])) if logw is None else None
-        o, _ = self._attend(q, ks, vs, anchor=anchor, logw=logw)
-        return o
+        """A decode step's attention over the policy's :class:`Selection`: the backend chooses the route
+        (``Backend.decode_attention``; the routes are in :mod:`mpcache.model.attention`)."""
+        return self.B.decode_attention(self.heads, q, sel, k, v, self.scope, anchor=self.DECODE_ANCHOR, logw=logw)
 
     def decode(self, token, cache: KVCache):
         """One new token (an id, or a one-hot (1, V)) at position ``cache.pos``; returns logits (1, V)."""

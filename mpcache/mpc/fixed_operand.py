@@ -52,7 +52,7 @@ indices, the transposed ``K^T``, the ``[K | V]`` split): the same op applied to 
 block region, for K and for V); the rows it picks are a fresh secret combination, so they are fixed once
 (``|picked|`` elements, 1 round) before ``q @ K^T`` / ``p @ V`` use them. Rounds: +1 per layer and step (the new
 rows' fixing); the gather's 2 rounds (product, fixing) replace the stock path's 2 (K's product, V's product).
-By default a decode step does not move K or V at all (``Transformer._attend_selected``): ``q @ K^T`` over every
+By default a decode step does not move K or V at all (``mpcache.model.attention.attend_selected``): ``q @ K^T`` over every
 fixed row (fused with the selection's ``q @ rep``, opening only q), the selected scores gathered and the
 probabilities scattered back by the one-hot, then ``p @ V`` over every fixed row.
 

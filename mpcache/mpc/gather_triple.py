@@ -1,7 +1,7 @@
 """Three-operand fixed-mask products: attention over a secret one-hot selection of a fixed K/V cache, opening only
 the query, the one-hot and the selected probabilities.
 
-MPCache's attention over its selection (``Transformer._attend_selected``) needs, per KV head, the scores of the
+MPCache's attention over its selection (``mpcache.model.attention.attend_selected``) needs, per KV head, the scores of the
 selected blocks ``S = q · (O ⊙ K)ᵀ`` and the output ``o = p · (O ⊙ V)``, where ``O`` is the stratified selection's
 compact one-hot (``k`` rows, one of ``g`` slots each; row r's slot j is candidate block ``idx[r, j]``) and K, V are
 fixed operands (``D = W - B`` opened once, :mod:`mpcache.mpc.fixed_operand`). Done as two two-operand products
