@@ -297,7 +297,7 @@ def dry_party(rank: int, setting: Setting | MpcConfig, ledger: CostLedger | None
     cls = _counting_dry_class()
     inst = cls(rank, setting.n, _dry_dealer() if setting.provider == "ttp" else None)
     inst.ledger, inst.mpi_comm, inst.mpi_timeout = ledger, None, 1.0
-    saved = (cmod.DistributedCommunicator, cls.instance, cfg.mpc.protocol, cfg.mpc.provider, ledger._stack[:])
+    saved = (cmod.DistributedCommunicator, cls.instance, cfg.mpc.protocol, cfg.mpc.provider)
     cls.instance = inst
     cmod.DistributedCommunicator = cls
     cfg.mpc.protocol, cfg.mpc.provider = PROTOCOLS[setting.protocol], PROVIDERS[setting.provider]
@@ -309,7 +309,7 @@ def dry_party(rank: int, setting: Setting | MpcConfig, ledger: CostLedger | None
         with ttp, _OnMeta():
             yield DrySession(rank, setting, ledger, _DryMPI(public or {}), cfg=knobs)
     finally:
-        cmod.DistributedCommunicator, cls.instance, cfg.mpc.protocol, cfg.mpc.provider, _ = saved
+        cmod.DistributedCommunicator, cls.instance, cfg.mpc.protocol, cfg.mpc.provider = saved
 
 
 @contextlib.contextmanager

@@ -170,9 +170,7 @@ def find_rendezvous(
         offer = None
     offer = world.bcast(offer, root=0)
     found = None
-    if rank == 0:
-        found = None
-    else:
+    if rank != 0:
         tried = []
         for a in offer["candidates"]:
             try:

@@ -39,6 +39,8 @@ rsqrt + sum_t [P_t * 8 - 1 + kernel_iters + 3] + the final gather, independent o
 heads are batched). Measured (SmolLM2 shape, block 32, rate 8, 2PC TFP, ``parties bench``): 261 rounds per layer
 at 1k and at 2k (196 of them the 28 steps' comparisons, 17 the normalisation); bytes grow linearly with the
 number of blocks: 93 MB per layer at 1k, 189 MB at 2k, two thirds of it the normalisation's rsqrt.
+Leaks: shapes only (the kept count is exactly half per halving, a public function of the prompt length and the
+rate; which row of each pair is kept stays a secret one-hot).
 """
 
 from __future__ import annotations
