@@ -133,7 +133,7 @@ def private_generate(
 
     keep = (lambda lg: B.reveal(lg, dst=None, label="logits (test only)")) if keep_logits else None
     tokens, logits = generate(
-        model, x, max_new_tokens, reveal=lambda oh: B.reveal_token(oh, dst=CLIENT), on_token=on_token, keep_logits=keep
+        model, x, max_new_tokens, reveal_to=CLIENT, on_token=on_token, keep_logits=keep
     )
     return (tokens if sess.rank == CLIENT else None), logits, B
 

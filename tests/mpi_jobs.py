@@ -470,7 +470,7 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
     )
     case("strata_select_sum", lambda: [sh(2, 3, 12)], lambda xb: ops.strata_select(xb[:, 0], 3, also=[xb]))
     for shape in [(2, 37), (1, 64)]:
-        case(f"argmax_onehot{shape}", lambda shape=shape: [sh(*shape)], ops.argmax_onehot)
+        case(f"argmax_index{shape}", lambda shape=shape: [sh(*shape)], ops.argmax_index)
     for shape, k in [((2, 9), 3), ((1, 2, 6), 2)]:
         case(f"topk_onehot{shape}k{k}", lambda shape=shape: [sh(*shape)], lambda x, k=k: ops.topk_onehot(x, k))
         case(f"keep_onehot{shape}k{k}", lambda shape=shape: [sh(*shape)], lambda x, k=k: ops.keep_onehot(x, k))

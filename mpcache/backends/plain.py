@@ -74,10 +74,10 @@ class PlainBackend:
         return torch.nn.functional.gelu(x, approximate="tanh")
 
     # ---- selection -----------------------------------------------------------------------------------------
-    def argmax_onehot(self, x: Tensor, dim: int = -1) -> Tensor:
-        """One-hot of the (first) maximum along ``dim``."""
-        idx = x.argmax(dim=dim, keepdim=True)
-        return torch.zeros_like(x).scatter_(dim, idx, 1.0)
+    def next_token(self, logits: Tensor, dst: int | None = None) -> tuple[int, Tensor]:
+        """Greedy decoding's next token: (the first maximum's index, its one-hot row (1, V) for the next step)."""
+        idx = logits.argmax(dim=-1, keepdim=True)
+        return int(idx.reshape(-1)[0]), torch.zeros_like(logits).scatter_(-1, idx, 1.0)
 
     def topk_onehot(self, scores: Tensor, k: int) -> Tensor:
         """Rows ``(..., k, m)``: row r is the one-hot of the r-th largest score (ties: lower index first)."""

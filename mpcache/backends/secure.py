@@ -158,9 +158,28 @@ class SecureBackend:
             return ops.gelu(x, cfg=self.cfg)
 
     # ---- selection -----------------------------------------------------------------------------------------
-    def argmax_onehot(self, x, dim: int = -1):
-        assert dim in (-1, x.dim() - 1)
-        return ops.argmax_onehot(x, cfg=self.cfg)
+    def next_token(self, logits, dst: int | None):
+        """Greedy decoding's next token, learnt by ``dst`` alone (the client): the tournament's index of the first
+        maximum (:func:`mpcache.mpc.ops.argmax_index`: no size-V one-hot is built), opened to ``dst`` only (one
+        scalar: 8 B from each other party), then ``dst`` inputs the token's one-hot (1, V) for the next step as a
+        fresh sharing of its own value (CrypTen's pseudo-random zero sharing: no traffic). The other parties learn
+        nothing (they see one uniform share); ``dst`` learns the token, which it is meant to. Returns (the id on
+        ``dst``, None elsewhere; the one-hot share)."""
+        import crypten
+
+        with self._scope("argmax"):
+            idx = ops.argmax_index(logits, cfg=self.cfg)
+        val = self.reveal(idx, dst=dst, label="token")
+        tok = None
+        if val is not None:
+            tok = 0 if val.device.type == "meta" else int(torch.round(val.reshape(-1)[0]).item())  # meta: a dry run
+        V = int(logits.shape[-1])
+        plain = torch.zeros(1, V, device=logits.share.device)
+        if tok is not None and plain.device.type != "meta":
+            plain[0, tok] = 1.0
+        with self._scope("token_input"):
+            oh = crypten.cryptensor(plain, src=dst, precision=0, device=logits.share.device)
+        return tok, oh
 
     def topk_onehot(self, scores, k: int):
         with self._scope("topk"):
@@ -246,15 +265,3 @@ class SecureBackend:
         self.reveals.append((label, dst, tuple(x.shape)))
         with self._scope("reveal"):
             return x.get_plain_text(dst=dst)
-
-    def reveal_token(self, onehot, dst: int) -> int | None:
-        """Open the index of a one-hot (1, V) to ``dst`` only: index = sum_i i * onehot_i is local, then one
-        scalar is opened. Returns the id on ``dst``, None elsewhere."""
-        V = onehot.shape[-1]
-        idx = (onehot * torch.arange(V, dtype=torch.float32)).sum(-1)
-        val = self.reveal(idx, dst=dst, label="token")
-        if val is None:
-            return None
-        if val.device.type == "meta":  # a dry run (mpcache.mpc.dryrun): no value; costs do not depend on it
-            return 0
-        return int(torch.round(val.reshape(-1)[0]).item())

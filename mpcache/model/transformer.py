@@ -296,18 +296,17 @@ class Transformer:
         return self._logits(x)
 
 
-def generate(model: Transformer, tokens, max_new_tokens: int, reveal=None, on_token=None, keep_logits=None):
+def generate(model: Transformer, tokens, max_new_tokens: int, reveal_to=None, on_token=None, keep_logits=None):
     """Greedy generation of exactly ``max_new_tokens`` tokens (a public count: no early stop on EOS, which would
     reveal when it appeared).
 
-    ``tokens``: prompt ids (plaintext) or one-hot rows (T, V) (secure). The argmax stays a one-hot in the backend
-    (a secret share under MPC) and is fed back as the next input; ``reveal(onehot) -> int | None`` opens it (to
-    the client only, under MPC). Costs are scoped ``prefill`` (the prompt's forward pass) and ``token/t`` (the
+    ``tokens``: prompt ids (plaintext) or one-hot rows (T, V) (secure). Each step's token comes from
+    ``B.next_token(logits, reveal_to)``: under MPC its index is opened to party ``reveal_to`` (the client) alone,
+    which feeds its one-hot back as a fresh sharing; elsewhere the token is None. Costs are scoped ``prefill`` (the prompt's forward pass) and ``token/t`` (the
     decode pass that produced token t's logits — none for t = 0 — plus its argmax and reveal).
     ``keep_logits(logits) -> tensor`` (tests only) records the logits of every step. Returns (ids, logits list).
     """
     B = model.B
-    reveal = reveal or (lambda oh: int(oh.argmax()))
     if keep_logits is None and not B.secure:
         keep_logits = lambda x: x
     cache = KVCache(model.cfg.n_layers)
@@ -321,9 +320,7 @@ def generate(model: Transformer, tokens, max_new_tokens: int, reveal=None, on_to
                 logits = model.decode(oh, cache)
             if keep_logits is not None:
                 logits_all.append(keep_logits(logits))
-            with model.scope("argmax"):
-                oh = B.argmax_onehot(logits, dim=-1)  # (1, V)
-                tok = reveal(oh)
+            tok, oh = B.next_token(logits, reveal_to)  # oh: (1, V), the next step's input
         out.append(tok)
         if on_token is not None:
             on_token(t, tok)

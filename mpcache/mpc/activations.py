@@ -1,5 +1,5 @@
-"""SiLU and GeLU on shares as piecewise polynomials (all breakpoints in one comparison layer, the pieces in one
-stacked Horner chain, the mux in one product), beside their float models. Leakage: shapes only.
+"""SiLU and GeLU on shares as x/2 plus an even part (a Chebyshev polynomial inside +-T, |x|/2 beyond), the two
+breakpoints in one coarse comparison layer, beside their float models. Leakage: shapes only.
 """
 
 from __future__ import annotations
@@ -9,85 +9,46 @@ import math
 import numpy as np
 import torch
 
-from .compare import _ltz
+from .compare import _ltz_lanes
 from .config import MpcConfig
 
 
-# ---- piecewise-polynomial activations ------------------------------------------------------------------------
-def _fit_even(f, degree: int, lo: float, hi: float) -> list[float]:
-    """Least-squares coefficients c0, c2, c4, ... of an even polynomial on [lo, hi] (deterministic grid)."""
-    xs = np.linspace(lo, hi, 4001)
-    A = np.stack([xs**p for p in range(0, degree + 1, 2)], axis=1)
-    return np.linalg.lstsq(A, f(xs), rcond=None)[0].tolist()
+def _cheb_fit(f, degree: int, T: float) -> list[float]:
+    """Chebyshev coefficients (ascending) of f on x in [0, T] in the variable u = 2 (x/T)^2 - 1: a near-minimax
+    fit (iteratively re-weighted least squares on a deterministic grid)."""
+    from numpy.polynomial import chebyshev as C
+
+    xs = np.linspace(0.0, T, 8001)
+    u, y = 2 * (xs / T) ** 2 - 1, f(xs)
+    w = np.ones_like(xs)
+    for _ in range(60):
+        c = C.chebfit(u, y, degree, w=np.sqrt(w))
+        w = w * (np.abs(C.chebval(u, c) - y) + 1e-9)
+        w /= w.sum()
+    return C.chebfit(u, y, degree, w=np.sqrt(w)).tolist()
 
 
-def _np_silu(x):
-    return x / (1 + np.exp(-x))
+def _h_silu(x):
+    return 0.5 * x * np.tanh(0.5 * x)  # SiLU(x) - x/2
 
 
-def _np_gelu(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+def _h_gelu(x):
+    return 0.5 * x * np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))  # GeLU_tanh(x) - x/2
 
 
-def _fit_u(f, degree: int, lo: float, hi: float) -> list[float]:
-    """Coefficients (ascending) of a polynomial in u = (x - mid) / half on [lo, hi] (well conditioned)."""
-    mid, half = (lo + hi) / 2, (hi - lo) / 2
-    xs = np.linspace(lo, hi, 2001)
-    return np.polynomial.polynomial.polyfit((xs - mid) / half, f(xs), degree).tolist()
-
-
-# SiLU, piecewise like the authors' SPU code but tighter (max abs error of the float model 2.7e-3, at |x| = 8
-# where the tails are cut): 0 below -8; cubic on [-8, -4); 0.5x + even degree-10 on [-4, 4]; cubic on (4, 8]; x above.
-SILU_LOW = _fit_u(_np_silu, 3, -8.0, -4.0)
-SILU_MID = _fit_even(lambda x: _np_silu(x) - 0.5 * x, 10, -4.0, 4.0)
-SILU_HIGH = _fit_u(_np_silu, 3, 4.0, 8.0)
-# GeLU (tanh form): 0 below -4; 0.5x + even degree-12 on [-4, 4]; x above (max abs error 2e-3).
-GELU_MID = _fit_even(lambda x: _np_gelu(x) - 0.5 * x, 12, -4.0, 4.0)
-POLY_T = 16.0  # even polynomials are evaluated in t = x^2 / 16 in [0, 1] so every coefficient is O(1) in fixed point
-
-
-def _even_poly(x2, coeffs):
-    """c0 + c2 x^2 + c4 x^4 + ... given x^2, by Horner in t = x^2/16 with coefficients c_2k 16^k."""
-    cs = [c * POLY_T**k for k, c in enumerate(coeffs)]
-    t = x2 * (1.0 / POLY_T)
-    y = t * cs[-1]
-    for c in reversed(cs[1:-1]):
-        y = (y + c) * t
-    return y + cs[0]
-
-
-# MpcConfig.act_lean: the breakpoints in 32-bit lanes (_ltz_lean): exact while |x| < 32760; SmolLM2's gate inputs
-# reach |x| ~ 50 on Austen text (measured over 3 x 1k-token prompts), 650x inside it.
-
-
-def _stacked_horner(v, coeffs: torch.Tensor):
-    """Row i of the result is sum_k coeffs[i, k] v[i]^k: several independent polynomials (lower-degree rows padded
-    with zero top coefficients) share each Horner step's multiplication, so their rounds overlap: deg - 1 rounds
-    for all of them. ``v``: (P, ...) shares or a float tensor; ``coeffs``: (P, deg + 1) float64, ascending."""
-    shape = (int(coeffs.shape[0]), *([1] * (v.dim() - 1)))
-
-    def col(k):
-        c = coeffs[:, k].reshape(shape)
-        return c if isinstance(v, torch.Tensor) and v.dtype == torch.float64 else c.float()
-
-    y = v * col(-1)
-    for k in range(int(coeffs.shape[1]) - 2, 0, -1):
-        y = (y + col(k)) * v
-    return y + col(0)
-
-
-def _padded(*rows) -> torch.Tensor:
-    n = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [0.0] * (n - len(r)) for r in rows], dtype=torch.float64)
-
-
-def _silu_pieces(x, x2):
-    """[low cubic, x/2 + even poly, high cubic, x]: the three polynomials in one stacked Horner chain in
-    (u_low, t = x^2/16, u_high)."""
-    mid_t = [c * POLY_T**k for k, c in enumerate(SILU_MID)]
-    v = _stack([(x + 6.0) * 0.5, x2 * (1.0 / POLY_T), (x - 6.0) * 0.5])
-    p = _stacked_horner(v, _padded(SILU_LOW, mid_t, SILU_HIGH))
-    return [p[0], x * 0.5 + p[1], p[2], x]
+# SiLU(x) = x/2 + h(x) with h(x) = (x/2) tanh(x/2) even and smooth, ~|x|/2 for large |x|: on |x| <= SILU_T a degree-8
+# polynomial in u = 2 (x/SILU_T)^2 - 1 in the Chebyshev basis (every |coefficient| < 2.5 and every term in [-1, 1]:
+# fixed-point errors are not amplified, unlike a monomial basis whose coefficients reach ~1e3 here); beyond, |x|/2.
+# Max abs error of the float model: 2.7e-3 (the tail |x| e^-|x| at |x| = 8; the fit inside: 1.9e-3). The pieces
+# differ by that much at +-T, so a comparison that errs next to a breakpoint (the coarse one, within 1/16) picks a
+# piece whose error there is still <= 2.7e-3 + 1e-4.
+SILU_T, SILU_DEGREE = 8.0, 8
+SILU_CHEB = _cheb_fit(_h_silu, SILU_DEGREE, SILU_T)
+# GeLU (tanh form): the same split with T = 4, degree 6: max abs error 8.1e-4 (the tail beyond 4: 7e-5).
+GELU_T, GELU_DEGREE = 4.0, 6
+GELU_CHEB = _cheb_fit(_h_gelu, GELU_DEGREE, GELU_T)
+# MpcConfig.act_lanes = 16: the breakpoints by 16-bit-lane comparisons at 1/16 resolution, valid for |x| < 2032;
+# SmolLM2's gate inputs reach |x| ~ 50 on Austen text (measured over 3 x 1k-token prompts), 40x inside it.
 
 
 def _stack(xs):
@@ -102,45 +63,83 @@ def _square(x):
     return x * x if isinstance(x, torch.Tensor) else x.square()
 
 
-def _telescope(z, pieces):
-    """sum_i z_i (p_i - p_(i-1)) with p_(-1) = 0 as ONE stacked product (a telescoping mux). Exact in the ring, so
-    a piece that is garbage (overflowed) far outside its interval cancels exactly wherever it is not selected."""
-    diffs = _stack([pieces[0]] + [pieces[i] - pieces[i - 1] for i in range(1, len(pieces))])
-    return (z * diffs).sum(0)
+def _cmp_lanes(x, lanes: int):
+    """[x < 0] with the comparison ``lanes`` names: 16 (coarse: 1/16 resolution, |x| < 2032, :func:`_ltz_lanes`),
+    32 (exact, |x| < 32760, the lean circuit) or 64 (CrypTen's 64-bit circuit)."""
+    if lanes == 64:
+        return x._ltz()
+    return _ltz_lanes(x, lanes, 12 if lanes == 16 else 0)
 
 
-def silu(x, lean: bool | None = None, cfg: MpcConfig | None = None):
-    """SiLU by the piecewise polynomial above: the 4 breakpoints in one comparison layer, x^2 (a square), the three
-    polynomials in one stacked Horner chain (4 rounds), the mux in one stacked product.
-    Rounds: cmp + 1 + 4 + 1 (cmp = 7 lean / 8).  Bytes: 4 comparisons + ~15 products per element.
-    ``lean`` (default ``cfg.act_lean``): breakpoints in 32-bit lanes, exact for |x| < 32760.  Leaks: shapes only."""
-    lean = (cfg or MpcConfig()).act_lean if lean is None else lean
-    shape = (4, *([1] * x.dim()))
-    c = _ltz(_stack([x + 8, x + 4, -x + 4, -x + 8]), lean)  # [x<-8], [x<-4], [x>4], [x>8]
-    z = c * torch.tensor([-1.0, -1.0, 1.0, 1.0]).reshape(shape) + torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(shape)
-    return _telescope(z, _silu_pieces(x, _square(x)))
+def chebyshev_terms(u, degree: int):
+    """[T_1(u), ..., T_degree(u)] for u in [-1, 1] (shares or a float tensor), by T_(m+n) = 2 T_m T_n - T_(m-n)
+    with m - n in {0, 1}: each doubling of the known degrees is ONE stacked product (T_2 alone: a square).
+    Rounds: ceil(log2 degree). Bytes per element (2PC): 8 for T_2, then 16 per term. Every term stays in [-1, 1],
+    so each carries a few ulps of fixed-point error (a doubling multiplies an earlier error by <= 4)."""
+    ts = [None, u]
+    if degree >= 2:
+        ts.append(_square(u) * 2 - 1)
+    while len(ts) <= degree:
+        k = len(ts) - 1
+        js = list(range(k + 1, min(2 * k, degree) + 1))
+        ms = [(j + 1) // 2 for j in js]
+        prod = _stack([ts[m] for m in ms]) * _stack([ts[j - m] for j, m in zip(js, ms)]) * 2
+        for i, (j, m) in enumerate(zip(js, ms)):
+            ts.append(prod[i] - (ts[2 * m - j] if 2 * m - j > 0 else 1))
+    return ts[1:]
+
+
+def _chebyshev(u, coeffs):
+    """sum_k coeffs[k] T_k(u): the terms, then one public linear combination (local)."""
+    ts = _stack(chebyshev_terms(u, len(coeffs) - 1))
+    c = torch.tensor(coeffs[1:], dtype=torch.float64).reshape(-1, *([1] * (ts.dim() - 1)))
+    return (ts * (c if isinstance(ts, torch.Tensor) else c.float())).sum(0) + coeffs[0]
+
+
+def _half_plus_even(x, T: float, coeffs, lanes: int):
+    """x/2 + h(x) for an even h ~ |x|/2 beyond +-T: h a Chebyshev polynomial in u = 2 (x/T)^2 - 1 inside, |x|/2
+    outside. The shared body of :func:`silu` and :func:`gelu` (their docstrings state the costs)."""
+    b = _cmp_lanes(_stack([-x + T, x + T]), lanes)  # [x > T], [x < -T]: one comparison layer
+    p = _chebyshev(_square(x) * (2.0 / T**2) - 1.0, coeffs)
+    half = x * 0.5
+    return half + p + (b * _stack([half - p, -half - p])).sum(0)
+
+
+def _half_plus_even_reference(x: torch.Tensor, T: float, coeffs) -> torch.Tensor:
+    x = x.double()
+    b = torch.stack([(x > T).double(), (x < -T).double()])
+    p = _chebyshev(x * x * (2.0 / T**2) - 1.0, coeffs)
+    half = x * 0.5
+    return half + p + (b * torch.stack([half - p, -half - p])).sum(0)
+
+
+def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
+    """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
+    [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
+    1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
+    errs there adds no error beyond the bound), x^2 (a square), the Chebyshev terms (a square + 2 stacked products), the mux (one stacked
+    product of 2 bits x 2 values).
+    Rounds: cmp + 1 + 3 + 1 (cmp = 6 with 16-bit lanes, 7 with 32, 8 with CrypTen's).
+    Bytes per element (2PC): 2 comparisons (2 x 44 B with 16-bit lanes) + 8 (x^2) + 8 + 32 + 64 (Chebyshev) +
+    32 (mux) ~ 232 B (the previous 4-breakpoint, monomial-Horner design: ~680 B). Float model:
+    :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8). Leaks: shapes only."""
+    cfg = cfg or MpcConfig()
+    return _half_plus_even(x, SILU_T, SILU_CHEB, cfg.act_lanes if lanes is None else lanes)
 
 
 def silu_reference(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    z = torch.stack([(x >= -8).double(), (x >= -4).double(), (x > 4).double(), (x > 8).double()])
-    return _telescope(z, _silu_pieces(x, x * x))
+    """The float model of :func:`silu` (exact comparisons)."""
+    return _half_plus_even_reference(x, SILU_T, SILU_CHEB)
 
 
-def gelu(x, lean: bool | None = None, cfg: MpcConfig | None = None):
-    """GeLU (tanh form) by the piecewise polynomial above: x/2 + even polynomial of x^2 (a square + 5 rounds),
-    2 breakpoints in one comparison layer, both muxes in one stacked product.
-    Rounds: cmp + 1 + 5 + 1.  ``lean`` as in silu.  Leaks: shapes only."""
-    lean = (cfg or MpcConfig()).act_lean if lean is None else lean
-    mid = x * 0.5 + _even_poly(_square(x), GELU_MID)
-    z = 1 - _ltz(_stack([x + 4, -x + 4]), lean)  # [x >= -4], [x <= 4]
-    one_minus = z * torch.tensor([1.0, -1.0]).reshape(2, *([1] * x.dim())) + torch.tensor([0.0, 1.0]).reshape(
-        2, *([1] * x.dim())
-    )  # [x >= -4], [x > 4]
-    return (one_minus * _stack([mid, x - mid])).sum(0)
+def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
+    """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
+    beyond (as :func:`silu`). Rounds: cmp + 1 + 3 + 1. Bytes per element (2PC): 2 x 44 (16-bit lanes) + 8 + 8 +
+    32 + 32 + 32 ~ 200 B. Float model: :func:`gelu_reference` (max abs error vs GeLU 8.1e-4). Leaks: shapes only."""
+    cfg = cfg or MpcConfig()
+    return _half_plus_even(x, GELU_T, GELU_CHEB, cfg.act_lanes if lanes is None else lanes)
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    mid = 0.5 * x + _even_poly(x * x, GELU_MID)
-    return (x >= -4).double() * mid + (x > 4).double() * (x - mid)
+    """The float model of :func:`gelu` (exact comparisons)."""
+    return _half_plus_even_reference(x, GELU_T, GELU_CHEB)

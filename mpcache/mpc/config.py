@@ -26,7 +26,7 @@ class MpcConfig:
     precision_bits: int = 16  # CrypTen's fixed-point fraction bits (more breaks its approximations)
     # ---- comparisons: 32-bit lanes (exact while the compared values stay far inside 2^15) --------------------------
     softmax_lean: bool = True  # the softmax's max tree: logits must satisfy |x| < 16384
-    act_lean: bool = True  # SiLU/GeLU breakpoints: exact while |x| < 32760
+    act_lanes: int = 16  # SiLU/GeLU breakpoints' comparison: 16-bit lanes (1/16 resolution, |x| < 2032), 32, 64
     norm_lean: bool = True  # the norms' range comparisons (fine sum < 2^12, coarse sum / 2^16)
     argmax_lean: bool = True  # the vocabulary argmax: |logit| < 16384
     select_lean: bool = True  # stratified top-k of the cache policies: |score| < 12288

@@ -4,7 +4,7 @@
 module              protocols
 ==================  ============================================================================================
 ``compare``         ``_ltz`` / ``_ltz_lean`` (the sign bit, 64-bit circuit or 32-bit lanes), ``clamp``
-``tournament``      ``tree_max``, ``argmax_onehot``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``,
+``tournament``      ``tree_max``, ``argmax_index``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``,
                     ``strata_select`` (the tournaments; radices from :mod:`mpcache.mpc.schedules`)
 ``approx``          ``exp_limit``, ``reciprocal_nr``, ``reciprocal_gs``
 ``softmax``         ``softmax`` (row max or anchored offset)
@@ -43,8 +43,8 @@ from .tournament import (
     _onehot_radix_level,
     _onehot_radix_levels,
     _radix_layer,
-    argmax_onehot,
-    argmax_onehot_reference,
+    argmax_index,
+    argmax_index_reference,
     keep_onehot,
     strata_layout,
     strata_select,
@@ -68,8 +68,8 @@ __all__ = [
     "_onehot_radix_level",
     "_onehot_radix_levels",
     "_radix_layer",
-    "argmax_onehot",
-    "argmax_onehot_reference",
+    "argmax_index",
+    "argmax_index_reference",
     "clamp",
     "clamp_reference",
     "exp_fit_coeffs",
