@@ -101,3 +101,45 @@ def test_activation_split(parties, act):
     if n == 2:  # stated: ~232 B (SiLU) / ~200 B (GeLU) per element, cmp (6) + 1 + 3 + 1 rounds
         assert sent / x.numel() <= (233 if act == "silu" else 201), sent / x.numel()
         assert rounds == 11
+
+
+def _anchored(x, guard):
+    import dataclasses
+
+    from mpcache.mpc.config import MpcConfig
+
+    return ops.softmax(x, anchor=(4, 8), cfg=dataclasses.replace(MpcConfig.current(), anchor_guard=guard))
+
+
+def test_anchored_softmax_guard_holds_beyond_the_bound(parties):
+    """A crafted decode row whose max exceeds its anchors' max by 15 (beyond ops.ANCHOR_MAX_EXCESS = 10, where the
+    unguarded anchored softmax loses its scale) and one 25 above (where the unguarded exp itself overflows): with
+    the guard the output is the softmax of the row clamped at anchor max + 10 (its float model) within the
+    anchored softmax's tolerance (2048 ulp: see test_anchored_softmax) plus the one-sided window's effect (none
+    here: no entry lies within 1/8 below the bound), a distribution summing to 1 within the reciprocal's scale
+    error at D = G (1.5% at G = 10: the fixed-point 1/sum keeps ~6 significant bits there); without it, far off."""
+    import dataclasses
+
+    from mpcache.mpc.config import MpcConfig
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 300, generator=g)
+    x[:, :4] += 4.0
+    x[0, 100] = x[0, list(range(4)) + list(range(292, 300))].max() + 15.0
+    x[1, 200] = x[1, list(range(4)) + list(range(292, 300))].max() + 25.0
+    x[1, 201] = x[1, 200] - 3.0  # above the bound too: clamped to the same weight
+    x = grid(x)
+    cfg = dataclasses.replace(MpcConfig(), anchor_guard=10.0)
+    want = ops.softmax_reference(x, anchor=(4, 8), cfg=cfg)
+    amax = x[:, list(range(4)) + list(range(292, 300))].max(-1, keepdim=True).values
+    assert torch.allclose(want, torch.softmax(torch.minimum(x, amax + 10.0), -1), atol=2e-3)  # the stated model
+    out = run(
+        parties,
+        {"guarded": (partial(_anchored, guard=10.0), x), "unguarded": (partial(_anchored, guard=None), x)},
+    )
+    got = out["guarded"][0]
+    assert (got - want).abs().max() <= 2048 * ULP
+    assert (got.sum(-1) - 1).abs().max() <= 2e-2  # the reciprocal's fixed-point scale error at D = G: 1.5%
+    assert (out["unguarded"][0] - torch.softmax(x, -1)).abs().max() > 0.05  # what the guard prevents
+    cmp = 6 + (parties.n > 2)  # a 16-bit-lane comparison (3PC: + its carry-save layer)
+    assert out["guarded"][1] == out["unguarded"][1] + cmp + 1  # the guard's rounds: the comparison + 1 product

@@ -38,6 +38,18 @@ MASK_SHIFT = 1024.0  # masked logits are shifted down by this before the max; ex
 # reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D) set the anchored branch.
 ANCHOR_MAX_EXCESS = 10.0  # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
 #                               m is better: the sum is divided by sqrt(m)); beyond, the row's scale degrades
+# The guard (MpcConfig.anchor_guard = G, default ANCHOR_MAX_EXCESS): every entry's exp argument y = x - anchor max is
+# clamped at G by a coarse comparison (16-bit lanes, 1/16 resolution: compare.py _ltz_lanes) and one product, so the
+# exp and the reciprocal never leave the range above, whatever the row. The output is then EXACTLY the softmax of the
+# clamped row min(x, anchor max + G) (the float model, up to the fixed-point error: at most the unguarded error at
+# D = G, i.e. ~8.5e-3 per entry and a common scale error of the row up to 1.5% at G = 10): a distribution in which
+# an entry above the bound weighs e^G relative to the anchors instead of e^y -- the row's mass moves from the
+# entries above the bound to the others, and every entry above the bound still weighs at least as much as any
+# entry below it. The coarse comparison may also clamp entries up to (n - 1)/16 BELOW G to G (one-sided): a weight
+# error of at most e^((n-1)/16) - 1 (6.5% in 2PC) on entries already e^(G - 1/16) above the anchors. Rows inside
+# the bound (measured: every SmolLM2 row at 1k-4k, experiments/anchor_excess.py) are unchanged. Cost per entry
+# (2PC): 44 B (comparison) + 16 B (product), 7 rounds per softmax call; None turns the guard off (the row then
+# degrades silently beyond ANCHOR_MAX_EXCESS, as described above).
 
 
 def softmax(
@@ -67,9 +79,10 @@ def softmax(
     max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings, the reciprocal over the wider range
     cfg.anchor_recip with CrypTen's full-width comparison. ``offset`` (with ``anchor``): that max, already computed by
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
-    :func:`strata_select`). Rounds: (cmp + ceil(log2(a + b))) + cfg.anchor_exp_iters +
-    (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 10 + 12 + 1 = 34 for (4, 8), whatever the row length; bytes: the exp's
-    squarings and one product per entry, the rest per row. Leaks: shapes only.
+    :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
+    is the softmax of the clamped row). Rounds: (cmp + ceil(log2(a + b))) + 7 (guard) + cfg.anchor_exp_iters +
+    (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 7 + 10 + 12 + 1 = 41 for (4, 8), whatever the row length; bytes: the guard
+    (60 B), the exp's squarings and one product per entry, the rest per row. Leaks: shapes only.
     """
     assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
     m = x.shape[-1]
@@ -83,7 +96,7 @@ def softmax(
             mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
         else:
             mx = offset  # (..., 1): the anchors' max, made earlier in a batched layer by the caller
-        e = approx.exp_limit(x - mx, iters=cfg.anchor_exp_iters)
+        e = approx.exp_limit(anchor_guarded(x - mx, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = cfg.anchor_recip
         r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
@@ -100,6 +113,21 @@ def softmax(
     s = e.sum(dim=-1, keepdim=True) * c
     r = approx.reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else approx.reciprocal_nr(s)
     return (e * r) * c  # (e r) first: r c alone can be a few ulps
+
+
+def anchor_guarded(y, guard: float | None):
+    """min(y, guard) for shares (or a float tensor: the float model, exact comparison): y + [y > guard] (guard - y)
+    with the coarse 16-bit-lane comparison (1/16 resolution, |guard - y| < 2032; one-sided: entries within
+    (n - 1)/16 below ``guard`` may be clamped too) and one product (bit x ring element: exact). None: y unchanged.
+    Rounds 6 + 1; bytes (2PC) 44 + 16 per entry. Leaks: shapes only."""
+    if guard is None:
+        return y
+    if isinstance(y, torch.Tensor):
+        return y.clamp(max=guard)
+    from .compare import _ltz_lanes
+
+    d = -y + guard
+    return y + _ltz_lanes(d, 16, 12) * d
 
 
 def _anchor_columns(x, anchor):
@@ -128,9 +156,8 @@ def softmax_reference(
     x = x.double()
     m = x.shape[-1]
     if anchor is not None and mask is None and sum(anchor) < m:
-        e = approx.exp_limit_reference(
-            x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, iters=cfg.anchor_exp_iters
-        )
+        y = anchor_guarded(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
+        e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = cfg.anchor_recip
         return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
