@@ -43,6 +43,7 @@ class MpcConfig:
     exp_iters: int = 8  # squarings of the limit exp (row-max softmax)
     anchor_exp_iters: int = 10  # squarings of the anchored softmax's exp: (1 + y/1024)^1024
     anchor_recip: tuple = (-8, 30, 2)  # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
+    anchor_guard: float | None = 10.0  # the anchored exp's argument clamped at this excess (None: unguarded)
     # ---- norms ---------------------------------------------------------------------------------------------------
     norm_range: tuple = (-10, 30)  # sum of squares (+ D eps) in [2^lo, 2^(hi+1))
     norm_steps: int = 2  # thresholds per octave of the rsqrt's step guess
