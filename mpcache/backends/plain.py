@@ -31,6 +31,10 @@ class PlainBackend:
     def stack(self, xs: list, dim: int = 0) -> Tensor:
         return torch.stack(xs, dim=dim)
 
+    def pad_cols(self, x: Tensor, n: int) -> Tensor:
+        """``x`` (..., m) padded with zero columns to (..., n)."""
+        return torch.nn.functional.pad(x, (0, n - int(x.shape[-1])))
+
     def embedding(self, table: Tensor, tokens) -> Tensor:
         """Rows of ``table`` (V, D) for ``tokens``: a list/LongTensor of ids (T,) or a one-hot (T, V)."""
         if isinstance(tokens, Tensor) and tokens.dim() == 2:

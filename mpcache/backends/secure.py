@@ -71,14 +71,27 @@ class SecureBackend:
     def stack(self, xs: list, dim: int = 0):
         return self.crypten.stack([unfix(x) for x in xs], dim=dim)
 
+    def pad_cols(self, x, n: int):
+        """``x`` (..., m) padded with zero columns to (..., n): every party pads its share with ring zeros (a valid
+        sharing of the public zeros; no traffic)."""
+        x = unfix(x)
+        out = x.clone()
+        out.share = torch.nn.functional.pad(x.share, (0, n - int(x.shape[-1])))
+        return out
+
     def fix_rows(self, xs: list) -> list:
         """Fix shares that later products reuse as their right operand (cached K/V rows): a fresh mask ``B`` each,
         ``W - B`` opened for all of them in one round (:meth:`FixedOperand.fix_many`; bytes ``sum |x| * 8`` per
         party in 2PC). Returns them unchanged when fixed_kv is off."""
         if not self.fixed_kv or not xs:
             return list(xs)
-        with self._scope("fix"):
-            return FixedOperand.fix_many([unfix(x) for x in xs])
+        loose = [i for i, x in enumerate(xs) if not isinstance(x, FixedOperand)]
+        out = list(xs)  # already fixed ones (e.g. the prefill's K/V, fixed for its blocks) stay as they are
+        if loose:
+            with self._scope("fix"):
+                for i, f in zip(loose, FixedOperand.fix_many([xs[i] for i in loose])):
+                    out[i] = f
+        return out
 
     def embedding(self, table, tokens):
         """Rows of the shared table (V, D) for shared one-hot tokens (T, V): one secret matmul, no index opened."""

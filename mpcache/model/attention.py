@@ -13,6 +13,7 @@ operands, the protocol setting).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -58,12 +59,41 @@ def attend(B, heads: Heads, q, k, v, scope=_no_scope, mask=None, anchor=None, lo
     with scope("softmax"):
         if mask is not None:
             mask = mask.repeat(G, 1)  # (G*Tq, Lk), public
-        anchor = anchor if (mask is None and Tq == 1) else None  # decode rows only (selection_anchor)
+        anchor = anchor if (mask is not None or Tq == 1) else None  # decode rows, or causal (prefix-mask) rows
         p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
     with scope("av"):
         o = B.matmul(p, v)  # (Hkv, G*Tq, hd)
     o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
     return o, p
+
+
+def attend_causal(B, heads: Heads, q, k, v, block: int, keep: int, scope=_no_scope, anchor=None, progress=None):
+    """Causal attention of T queries over their own T keys in query blocks of ``block`` rows, blocks aligned to the
+    END (the first block is the partial one): block [r0, r1) attends keys [0, r1) only, so the (T, T) scores are
+    never built (memory ~ block x T per head) and the masked upper triangle beyond each block is never computed
+    (about half the softmax's entries at T >> block). ``k``/``v`` may be fixed operands (each block's products then
+    open only its queries and probabilities). ``anchor``: the anchored softmax of causal rows (ops.softmax).
+    Returns (out (T, H*hd), tail (H, keep', T): the probabilities of the last keep' >= keep rows (the last blocks),
+    colsum (H, T): the probabilities summed over all T rows) -- what prefill policies read (PrefillContext).
+    ``progress(r1)`` after each block. Public: T, block, keep (shapes only)."""
+    H = heads.n_heads
+    T = int(q.shape[1])
+    edges = [0, *list(range(T - block, 0, -block))[::-1], T]
+    n_tail = -(-keep // block)  # the last blocks hold the last >= keep rows
+    outs, tails, colsum = [], [], None
+    for b, (r0, r1) in enumerate(itertools.pairwise(edges)):
+        mask = (torch.arange(r1)[None, :] <= torch.arange(r0, r1)[:, None]).float()  # (r1 - r0, r1)
+        o, p = attend(B, heads, q[:, r0:r1], k[:, :r1], v[:, :r1], scope, mask=mask, anchor=anchor)
+        outs.append(o)
+        p = p.reshape(H, r1 - r0, r1)
+        part = B.pad_cols(p.sum(dim=1), T)  # (H, T): this block's rows never attend keys >= r1
+        colsum = part if colsum is None else colsum + part
+        if b >= len(edges) - 1 - n_tail:
+            tails.append(B.pad_cols(p, T))
+        if progress is not None:
+            progress(r1)
+    tail = tails[0] if len(tails) == 1 else B.cat(tails, dim=1)
+    return (outs[0] if len(outs) == 1 else B.cat(outs, dim=0)), tail, colsum
 
 
 def gather(B, g, k, v):

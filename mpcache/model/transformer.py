@@ -30,12 +30,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return ang.cos().float(), ang.sin().float()
 
 
-def causal_mask(n_q: int, n_k: int) -> torch.Tensor:
-    """Public 0/1 mask (n_q, n_k): query i (the last n_q of n_k positions) sees keys <= its position."""
-    q_pos = torch.arange(n_k - n_q, n_k)[:, None]
-    return (torch.arange(n_k)[None, :] <= q_pos).float()
-
-
 def _no_scope(name: str):
     return contextlib.nullcontext()
 
@@ -157,6 +151,34 @@ class Transformer:
         """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk): :func:`attention.attend`."""
         return attention.attend(self.B, self.heads, q, k, v, self.scope, mask=mask, anchor=anchor, logw=logw)
 
+    #: the secure prefill's query blocks (rows): memory ~ PREFILL_BLOCK x T per head; and how many last rows'
+    #: attention probabilities it keeps for the policies' static eviction (SnapKV's window 32, MPCache's, TOVA's 1)
+    PREFILL_BLOCK = 128
+    PREFILL_KEEP = 64
+
+    def _causal_attend_secure(self, q, k, v):
+        """Secure prefill attention (:func:`attention.attend_causal`): K and V fixed once (fixed_kv: each block's
+        products open only its queries and probabilities), query blocks of PREFILL_BLOCK rows, the anchored
+        softmax of causal rows. Returns (out, rows(start, end) of the kept last rows, the column sums, (K, V) as
+        fixed)."""
+        T = int(q.shape[1])
+        with self.scope("fix"):
+            kf, vf = self._fix_rows([k, v])
+        o, tail, colsum = attention.attend_causal(
+            self.B, self.heads, q, kf, vf, self.PREFILL_BLOCK, self.PREFILL_KEEP, self.scope, self.DECODE_ANCHOR
+        )
+        kept = int(tail.shape[1])
+
+        def rows(start: int, end: int):
+            if start < T - kept:
+                raise ValueError(
+                    f"the secure prefill keeps the attention probabilities of the last {kept} query rows; a policy "
+                    f"asked for rows {start}..{end} of {T}: raise Transformer.PREFILL_KEEP"
+                )
+            return tail[:, start - (T - kept) : end - (T - kept)]
+
+        return o, rows, colsum, (kf, vf)
+
     def _causal_attend_plain(self, q, k, v):
         """Plaintext prefill attention, memory-light: q (H, T, hd), k/v (Hkv, T, hd) -> out (T, H*hd) and
         ``probs(start, end) -> (H, end - start, T)``, the causal probabilities of query rows [start, end), computed
@@ -212,29 +234,31 @@ class Transformer:
         positions = torch.arange(T)
         x = self._embed(tokens, positions)
         # plaintext: fused causal attention, and the probabilities only for the rows a policy reads (a policy
-        # that ignores them, e.g. the full cache or Quest, costs nothing); secure: the full softmax, as always
+        # that ignores them, e.g. the full cache or Quest, costs nothing); secure: blocked causal attention over
+        # keys fixed once per layer (attention.attend_causal), the anchored softmax of causal rows
         plain = not self.B.secure and isinstance(x, torch.Tensor)
-        mask = None if plain else causal_mask(T, T)
         shared: dict = {}
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
                 q, k, v = self._block_in(x, p, positions)
+                colsum = None
                 if plain:
                     o, probs_fn = self._causal_attend_plain(q, k, v)
-                    attn = None
+                    kf, vf = k, v
                 else:
-                    o, probs = self._attend(q, k, v, mask)
-                    attn, probs_fn = probs.reshape(cfg.n_heads, T, T), None
+                    o, probs_fn, colsum, (kf, vf) = self._causal_attend_secure(q, k, v)
                 x = self._block_out(x, o, p)  # the compaction below does not touch x
                 with self.scope("static_eviction"):
                     ctx = PrefillContext(
-                        self.B, i, cfg.n_layers, q, k, v, attn, cache.state[i], shared, attn_fn=probs_fn
+                        self.B, i, cfg.n_layers, q, k, v, None, cache.state[i], shared, attn_fn=probs_fn, colsum=colsum
                     )
                     g = self.policy.for_layer(i).prefill(ctx)
                     if g is not None:
                         k, v = g.apply(k, self.B), g.apply(v, self.B)
                         cache.logw[i] = g.log_weights()
+                    else:
+                        k, v = kf, vf  # already fixed for the blocks: the cache keeps them (no second opening)
                 cache.k[i], cache.v[i] = k, v
         self._fix_cache(cache)
         cache.n_prompt = cache.length

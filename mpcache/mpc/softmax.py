@@ -82,7 +82,11 @@ def softmax(
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row). Rounds: (cmp + ceil(log2(a + b))) + 7 (guard) + cfg.anchor_exp_iters +
     (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 7 + 10 + 12 + 1 = 41 for (4, 8), whatever the row length; bytes: the guard
-    (60 B), the exp's squarings and one product per entry, the rest per row. Leaks: shapes only.
+    (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
+    are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
+    columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
+    zeroed publicly and 1/sqrt(n_r) replaces 1/sqrt(m); same rounds, whatever the row lengths (the causal prefill:
+    no max tree over each row). Leaks: shapes only.
     """
     assert dim in (-1, x.dim() - 1), "secure softmax works along the last dim"
     m = x.shape[-1]
@@ -101,6 +105,8 @@ def softmax(
         lo, hi, q = cfg.anchor_recip
         r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
         return (e * r) * c
+    if anchor is not None and mask is not None:
+        return _anchored_prefix(x, mask, anchor, lean, cfg)
     if mask is not None:
         x = x + (mask.to(torch.float32) - 1) * MASK_SHIFT
     recip = cfg.softmax_recip if recip is None else recip
@@ -130,6 +136,43 @@ def anchor_guarded(y, guard: float | None):
     return y + _ltz_lanes(d, 16, 12) * d
 
 
+def _prefix_anchors(mask: torch.Tensor, anchor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a public 0/1 mask whose rows are prefixes (R, m): each row's length n_r (R, 1) and the columns of its
+    first a and last b attended entries (R, a + b), clipped into the prefix (repeats are harmless to a max)."""
+    mask = mask.reshape(-1, mask.shape[-1])
+    lens = mask.sum(-1).long()
+    m = int(mask.shape[-1])
+    if not torch.equal(mask.bool(), torch.arange(m)[None, :] < lens[:, None]) or int(lens.min()) < 1:
+        raise ValueError("an anchored softmax with a mask needs non-empty prefix rows (a causal mask)")
+    a, b = anchor
+    idx = torch.cat([torch.arange(a).expand(len(lens), a), lens[:, None] - b + torch.arange(b)], dim=-1)
+    return lens[:, None], torch.minimum(idx.clamp(min=0), lens[:, None] - 1)
+
+
+def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
+    """The anchored softmax of causal rows (see :func:`softmax`): the anchors' max (a public gather, one small
+    tournament), the guarded exp, the mask's public zeroing, the per-row 1/sqrt(n_r) scaling."""
+    lens, idx = _prefix_anchors(mask, anchor)
+    idx = idx.reshape(*([1] * (x.dim() - 2)), *idx.shape).expand(*x.shape[:-1], idx.shape[-1])
+    mx = tree_max(x.gather(-1, idx), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
+    e = approx.exp_limit(anchor_guarded(x - mx, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
+    e = e * mask.to(torch.float32)
+    c = (1.0 / lens.double().sqrt()).float()  # (R, 1), public
+    lo, hi, q = cfg.anchor_recip
+    r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
+    return (e * r) * c
+
+
+def _anchored_prefix_reference(x, mask, anchor, cfg: MpcConfig):
+    lens, idx = _prefix_anchors(mask, anchor)
+    idx = idx.reshape(*([1] * (x.dim() - 2)), *idx.shape).expand(*x.shape[:-1], idx.shape[-1])
+    y = anchor_guarded(x - x.gather(-1, idx).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
+    e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters) * mask.double()
+    c = 1.0 / lens.double().sqrt()
+    lo, hi, q = cfg.anchor_recip
+    return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
+
+
 def _anchor_columns(x, anchor):
     a, b = anchor
     m = x.shape[-1]
@@ -155,6 +198,8 @@ def softmax_reference(
     cfg = cfg or MpcConfig()
     x = x.double()
     m = x.shape[-1]
+    if anchor is not None and mask is not None:
+        return _anchored_prefix_reference(x, mask, anchor, cfg)
     if anchor is not None and mask is None and sum(anchor) < m:
         y = anchor_guarded(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
         e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters)

@@ -192,6 +192,7 @@ class PrefillContext:
     state: dict
     shared: dict
     attn_fn: Any = field(default=None, repr=False, compare=False)
+    colsum: Any = field(default=None, repr=False, compare=False)  # (H, n) column sums, when the model made them
 
     @property
     def n(self) -> int:
@@ -205,6 +206,8 @@ class PrefillContext:
 
     def attn_colsum(self, chunk: int = 256):
         """(H, n): the attention each key receives, summed over all n query rows (H2O's accumulated score)."""
+        if self.colsum is not None:
+            return self.colsum
         if self.__dict__.get("_attn") is not None or self.attn_fn is None:
             return self.attn.sum(dim=1)
         total = None
