@@ -70,8 +70,9 @@ def attend(B, heads: Heads, q, k, v, scope=_no_scope, mask=None, anchor=None, lo
 def attend_causal(B, heads: Heads, q, k, v, block: int, keep: int, scope=_no_scope, anchor=None, progress=None):
     """Causal attention of T queries over their own T keys in query blocks of ``block`` rows, blocks aligned to the
     END (the first block is the partial one): block [r0, r1) attends keys [0, r1) only, so the (T, T) scores are
-    never built (memory ~ block x T per head) and the masked upper triangle beyond each block is never computed
-    (about half the softmax's entries at T >> block). ``k``/``v`` may be fixed operands (each block's products then
+    never built (memory ~ block x T per head) and the masked upper triangle beyond each block is never computed;
+    inside a block the anchored softmax of causal rows works on the attended entries only (ops.softmax). Blocks
+    run one after the other: rounds grow with the number of blocks, memory does not. ``k``/``v`` may be fixed operands (each block's products then
     open only its queries and probabilities). ``anchor``: the anchored softmax of causal rows (ops.softmax).
     Returns (out (T, H*hd), tail (H, keep', T): the probabilities of the last keep' >= keep rows (the last blocks),
     colsum (H, T): the probabilities summed over all T rows) -- what prefill policies read (PrefillContext).

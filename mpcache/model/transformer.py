@@ -151,21 +151,24 @@ class Transformer:
         """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk): :func:`attention.attend`."""
         return attention.attend(self.B, self.heads, q, k, v, self.scope, mask=mask, anchor=anchor, logw=logw)
 
-    #: the secure prefill's query blocks (rows): memory ~ PREFILL_BLOCK x T per head; and how many last rows'
-    #: attention probabilities it keeps for the policies' static eviction (SnapKV's window 32, MPCache's, TOVA's 1)
-    PREFILL_BLOCK = 128
+    #: the secure prefill's query blocks: at most PREFILL_ENTRIES scores per query head each (memory ~ 8 B x heads x
+    #: that per tensor: 150 MB for SmolLM2's 9 heads), so one block up to 1,448 prompt tokens, 8 at 4k (rounds grow
+    #: with the blocks, memory does not); and how many last rows' attention probabilities it keeps for the
+    #: policies' static eviction (SnapKV's window 32, MPCache's, TOVA's 1)
+    PREFILL_ENTRIES = 1 << 21
     PREFILL_KEEP = 64
 
     def _causal_attend_secure(self, q, k, v):
         """Secure prefill attention (:func:`attention.attend_causal`): K and V fixed once (fixed_kv: each block's
-        products open only its queries and probabilities), query blocks of PREFILL_BLOCK rows, the anchored
+        products open only its queries and probabilities), query blocks of PREFILL_ENTRIES / T rows, the anchored
         softmax of causal rows. Returns (out, rows(start, end) of the kept last rows, the column sums, (K, V) as
         fixed)."""
         T = int(q.shape[1])
         with self.scope("fix"):
             kf, vf = self._fix_rows([k, v])
+        block = max(self.PREFILL_KEEP, self.PREFILL_ENTRIES // T)
         o, tail, colsum = attention.attend_causal(
-            self.B, self.heads, q, kf, vf, self.PREFILL_BLOCK, self.PREFILL_KEEP, self.scope, self.DECODE_ANCHOR
+            self.B, self.heads, q, kf, vf, block, self.PREFILL_KEEP, self.scope, self.DECODE_ANCHOR
         )
         kept = int(tail.shape[1])
 

@@ -150,17 +150,40 @@ def _prefix_anchors(mask: torch.Tensor, anchor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
-    """The anchored softmax of causal rows (see :func:`softmax`): the anchors' max (a public gather, one small
-    tournament), the guarded exp, the mask's public zeroing, the per-row 1/sqrt(n_r) scaling."""
+    """The anchored softmax of causal rows (see :func:`softmax`) on the attended entries only: they are gathered
+    into one flat (ragged) vector by public indices (local), so the masked entries cost nothing; the anchors' max
+    (one small tournament per row), the guarded exp, the per-row sums (a local segment sum), the reciprocal per row,
+    one product per entry; scattered back with zeros at the masked entries (local). Rounds as the decode rows'."""
+    from .compare import _from_shares
+
     lens, idx = _prefix_anchors(mask, anchor)
-    idx = idx.reshape(*([1] * (x.dim() - 2)), *idx.shape).expand(*x.shape[:-1], idx.shape[-1])
-    mx = tree_max(x.gather(-1, idx), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
-    e = approx.exp_limit(anchor_guarded(x - mx, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
-    e = e * mask.to(torch.float32)
-    c = (1.0 / lens.double().sqrt()).float()  # (R, 1), public
+    R, m = int(lens.shape[0]), int(x.shape[-1])
+    lead = tuple(int(d) for d in x.shape[:-2])
+    valid = mask.reshape(R, m).bool().reshape(-1)
+    flat = valid.nonzero().reshape(-1)  # public: the attended entries, row-major
+    row_of = flat // m
+    dev = x.share.device
+    flat_d, row_d = flat.to(dev), row_of.to(dev)
+    xs = x.share.reshape(*lead, R * m)
+
+    def wrap(share, like):
+        t = _from_shares(share, precision=None)
+        t.encoder = like.encoder
+        return t
+
+    cols = (torch.arange(R)[:, None] * m + idx).reshape(-1).to(dev)  # the anchors' flat positions
+    anchors = wrap(xs.index_select(-1, cols).reshape(*lead, R, idx.shape[-1]), x)
+    mx = tree_max(anchors, dim=-1, keepdim=False, radix="auto", lean=lean, cfg=cfg)  # (..., R)
+    y = wrap(xs.index_select(-1, flat_d), x) - wrap(mx.share.index_select(-1, row_d), mx)
+    e = approx.exp_limit(anchor_guarded(y, cfg.anchor_guard), iters=cfg.anchor_exp_iters)  # (..., E)
+    s = wrap(torch.zeros(*lead, R, dtype=e.share.dtype, device=dev).index_add_(-1, row_d, e.share), e)
+    c = (1.0 / lens.reshape(-1).double().sqrt()).float()  # (R,), public
     lo, hi, q = cfg.anchor_recip
-    r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
-    return (e * r) * c
+    r = approx.reciprocal_gs(s * c, lo=lo, hi=hi, q=q, lean=False)  # (..., R)
+    p = (e * wrap(r.share.index_select(-1, row_d), r)) * c[row_of]
+    out = torch.zeros(*lead, R * m, dtype=p.share.dtype, device=dev)
+    out[..., flat_d] = p.share
+    return wrap(out.reshape(*lead, R, m), p)
 
 
 def _anchored_prefix_reference(x, mask, anchor, cfg: MpcConfig):
