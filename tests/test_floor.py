@@ -171,7 +171,7 @@ def test_causal_anchored_softmax(parties):
     out = run(parties, cases)
     for T in (256, 1024):
         x, mask = _causal_rows(T, T)
-        got, rounds, sent = out[f"anchored {T}"]
+        got, rounds, _ = out[f"anchored {T}"]
         ref = ops.softmax_reference(x, mask=mask, anchor=(4, 8))
         exact = torch.softmax(x.masked_fill(mask == 0, float("-inf")), -1)
         assert (got - ref).abs().max() <= 2048 * ULP, T
@@ -180,3 +180,28 @@ def test_causal_anchored_softmax(parties):
         assert rounds < out[f"row max {T}"][1], (T, rounds, out[f"row max {T}"][1])
     assert out["anchored 256"][1] == out["anchored 1024"][1]
     assert out["anchored 1024"][2] < out["row max 1024"][2]  # 2PC: 23.1 vs 25.8 MB (at 256: 7.8 vs 7.7)
+
+
+def test_reciprocal_split_guess(parties):
+    """1/x over [2^-3, 2^22] (the anchored softmax's guarded range) with the split lean guess: thresholds below
+    2^12 on x, above on x / 2^16, in ONE 32-bit-lane comparison layer and one product: against the float model
+    (Goldschmidt: ~1 ulp per step, relative to 1/x) and the exact 1/x; the same rounds as CrypTen's comparison (8)
+    for less than half its bytes per element (T = 51 thresholds: ~4.9 KB vs ~11 KB)."""
+    x = grid(2.0 ** torch.linspace(-3, 22.9, 400, dtype=torch.float64))
+    x[:4] = torch.tensor([2.0**12, 2.0**12 - 1, 2.0**12 + 1, 2.0**15])
+    lo, hi, q = -3, 22, 2
+    out = run(
+        parties,
+        {
+            "split": (partial(ops.reciprocal_gs, lo=lo, hi=hi, q=q, lean="split"), x),
+            "crypten": (partial(ops.reciprocal_gs, lo=lo, hi=hi, q=q, lean=False), x),
+        },
+    )
+    ref = ops.reciprocal_gs_reference(x, lo=lo, hi=hi, q=q)
+    got = out["split"][0]
+    assert ((got - ref).abs() <= 8 * ULP + 1e-3 * ref).all()
+    assert ((ref * x - 1).abs() <= 1e-6).all()
+    assert ((got - out["crypten"][0]).abs() <= 8 * ULP + 1e-3 * ref).all()
+    assert out["split"][1] <= out["crypten"][1]
+    if parties.n == 2:
+        assert out["split"][2] < 0.5 * out["crypten"][2], (out["split"][2], out["crypten"][2])

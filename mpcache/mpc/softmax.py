@@ -76,12 +76,12 @@ def softmax(
     Rounds: sum over max layers of (cmp + ceil(log2 r)) + cfg.exp_iters + reciprocal (cmp + 1 + RECIP_GS_ITERS, or
     cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
     ``anchor=(a, b)`` (no mask; see the note above): the offset is the max of the first a and last b columns only (a
-    max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings, the reciprocal over the wider range
-    cfg.anchor_recip with CrypTen's full-width comparison. ``offset`` (with ``anchor``): that max, already computed by
+    max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings, the reciprocal over the range the
+    guard bounds (:func:`anchored_recip_range`) with the split lean comparison (approx._step_guess_split). ``offset`` (with ``anchor``): that max, already computed by
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row). Rounds: (cmp + ceil(log2(a + b))) + 7 (guard) + cfg.anchor_exp_iters +
-    (8 + 1 + RECIP_GS_ITERS) + 1 = 11 + 7 + 10 + 12 + 1 = 41 for (4, 8), whatever the row length; bytes: the guard
+    (7 + 1 + 1 + RECIP_GS_ITERS) + 1 = 11 + 7 + 10 + 12 + 1 = 41 for (4, 8), whatever the row length; bytes: the guard
     (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
     columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
@@ -102,8 +102,8 @@ def softmax(
             mx = offset  # (..., 1): the anchors' max, made earlier in a batched layer by the caller
         e = approx.exp_limit(anchor_guarded(x - mx, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
-        lo, hi, q = cfg.anchor_recip
-        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean=False)
+        lo, hi, q = anchored_recip_range(m, cfg)
+        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean="split")
         return (e * r) * c
     if anchor is not None and mask is not None:
         return _anchored_prefix(x, mask, anchor, lean, cfg)
@@ -119,6 +119,18 @@ def softmax(
     s = e.sum(dim=-1, keepdim=True) * c
     r = approx.reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else approx.reciprocal_nr(s)
     return (e * r) * c  # (e r) first: r c alone can be a few ulps
+
+
+def anchored_recip_range(m: int, cfg: MpcConfig) -> tuple[int, int, int]:
+    """The anchored reciprocal's (lo, hi, q): its input s / sqrt(m) lies in [2^lo, 2^(hi+1)). The anchors' max
+    entry contributes exp(0) = 1, so s >= 1; with the guard every entry is <= e^G, so s <= m e^G: the range is
+    [m^-1/2, m^1/2 e^G] (m = 45: 2^-3 .. 2^17.2; m = 65536: 2^-8 .. 2^22.5), fewer thresholds than the unguarded
+    ``cfg.anchor_recip`` (up to 2^31). Public (m, G)."""
+    lo, hi, q = cfg.anchor_recip
+    if cfg.anchor_guard is None:
+        return lo, hi, q
+    half = 0.5 * math.log2(max(m, 1))
+    return max(lo, math.floor(-half)), min(hi, math.ceil(half + cfg.anchor_guard / math.log(2))), q
 
 
 def anchor_guarded(y, guard: float | None):
@@ -178,8 +190,8 @@ def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
     e = approx.exp_limit(anchor_guarded(y, cfg.anchor_guard), iters=cfg.anchor_exp_iters)  # (..., E)
     s = wrap(torch.zeros(*lead, R, dtype=e.share.dtype, device=dev).index_add_(-1, row_d, e.share), e)
     c = (1.0 / lens.reshape(-1).double().sqrt()).float()  # (R,), public
-    lo, hi, q = cfg.anchor_recip
-    r = approx.reciprocal_gs(s * c, lo=lo, hi=hi, q=q, lean=False)  # (..., R)
+    lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
+    r = approx.reciprocal_gs(s * c, lo=lo, hi=hi, q=q, lean="split")  # (..., R)
     p = (e * wrap(r.share.index_select(-1, row_d), r)) * c[row_of]
     out = torch.zeros(*lead, R * m, dtype=p.share.dtype, device=dev)
     out[..., flat_d] = p.share
@@ -192,7 +204,7 @@ def _anchored_prefix_reference(x, mask, anchor, cfg: MpcConfig):
     y = anchor_guarded(x - x.gather(-1, idx).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
     e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters) * mask.double()
     c = 1.0 / lens.double().sqrt()
-    lo, hi, q = cfg.anchor_recip
+    lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
     return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
 
 
@@ -227,7 +239,7 @@ def softmax_reference(
         y = anchor_guarded(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
         e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters)
         c = 1.0 / math.sqrt(m)
-        lo, hi, q = cfg.anchor_recip
+        lo, hi, q = anchored_recip_range(m, cfg)
         return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
     if mask is not None:
         x = x + (mask.double() - 1) * MASK_SHIFT
