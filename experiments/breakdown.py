@@ -19,7 +19,8 @@ top-k                                  ``L<i>/selection/topk/*``
 gather                                 ``L<i>/gather/*`` (one-hot x clustered K/V)
 norms/activations                      ``L<i>/norm/*``, ``L<i>/mlp/silu/*``, ``L<i>/mlp`` (gate x up),
                                        ``lm_head/rsqrt`` (final RMSNorm)
-embedding/argmax/head                  ``embed/*``, ``argmax/*`` (vocabulary argmax + the token's reveal),
+embedding/argmax/head                  ``embed/*``, ``argmax/*`` (the vocabulary argmax), ``reveal`` (the token's
+                                       opening to the client), ``token_input`` (the client's one-hot),
                                        ``lm_head`` itself, ``token/<t>`` itself (sharing the input token)
 other                                  anything else (reported, so a new scope is never silently lost)
 =====================================  =================================================================
@@ -75,7 +76,7 @@ RULES = [
     (r"L\d+/gather(/.*)?$", "gather"),
     (r"L\d+/(norm|mlp)(/.*)?$", "norms/activations"),
     (r"lm_head/(rsqrt|norm)(/.*)?$", "norms/activations"),
-    (r"(embed|argmax|lm_head)(/.*)?$", "embedding/argmax/head"),
+    (r"(embed|argmax|reveal|token_input|lm_head)(/.*)?$", "embedding/argmax/head"),
     (r"$", "embedding/argmax/head"),  # token/<t> itself: the input token's sharing
 ]
 _RULES = [(re.compile(p), c) for p, c in RULES]

@@ -93,7 +93,12 @@ def argmax_index(x, cfg: MpcConfig | None = None):
         n = int(v.shape[-1])
         if r == 2:
             h = n // 2
-            a, b, ia, ib = v[..., 0 : 2 * h : 2], v[..., 1 : 2 * h : 2], idx[..., 0 : 2 * h : 2], idx[..., 1 : 2 * h : 2]
+            a, b, ia, ib = (
+                v[..., 0 : 2 * h : 2],
+                v[..., 1 : 2 * h : 2],
+                idx[..., 0 : 2 * h : 2],
+                idx[..., 1 : 2 * h : 2],
+            )
             d = a - b
             bit = 1 - _ltz(d, lean)  # [a >= b]: the left (lower index) wins ties
             di = ia - ib
