@@ -6,13 +6,15 @@ moves nothing, the same ledger (checked == measured in tests/test_costs.py). No 
 communication; the time grows with the number of protocol calls (layers, tokens), not with the shapes.
 
     python -m experiments.predict_cost --model llama-7b-shape --policy full,mpcache --seq-lens 1024,8192
-    python -m experiments.predict_cost --model tiny-llama --protocol replicated --provider tfp --new-tokens 3
+    python -m experiments.predict_cost --model tiny-llama --protocol replicated --new-tokens 3   # dealer-free 3PC
     python -m experiments.predict_cost --model smollm2 --profile edge=0.1:80
 
 Per (policy, cached length): the prefill over ``L`` prompt tokens is traced (the secure prefill, not the
 plaintext shortcut), then ``--new-tokens`` tokens; the table reports the mean over the decode tokens (token/1 ..)
-of bytes sent per party (max over parties), rounds (max over parties, dealer round trips included as the ledger
-counts them) and modelled latency ``rounds x RTT + max bytes / bandwidth`` (compute time not included: 0).
+of online bytes sent per party (max over parties), online rounds (max over parties), the dealer's bytes apart
+(``--provider ttp``: requests + answers, no rounds: the pipelined dealer is off the critical path,
+mpcache/mpc/dealer.py) and modelled latency ``rounds x RTT + max bytes / bandwidth`` of the online traffic (compute
+time not included: 0).
 Writes results/predict_cost/<UTC time>-<commit>/{table.csv, table.md}; never overwrites.
 """
 
@@ -79,37 +81,61 @@ def git_commit() -> str:
         return "unknown"
 
 
+def kind_totals(ledgers: list[dict], prefix: str, kind: str) -> list[dict]:
+    """Per party: bytes sent/received and rounds of ``kind`` ("online" or "dealer") in scope ``prefix`` and below."""
+    out = []
+    for led in ledgers:
+        t = {"bytes_sent": 0, "bytes_recv": 0, "rounds": 0}
+        for c in led["counts"]:
+            if c["kind"] == kind and (c["scope"] == prefix or c["scope"].startswith(prefix + "/")):
+                for k in t:
+                    t[k] += c[k]
+        out.append(t)
+    return out
+
+
 def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: int, profiles) -> dict:
-    from mpcache.generation import per_token_costs
+    """One table row: per decode token (mean over tokens 1..), the ONLINE bytes sent (max over parties) and rounds
+    (max over parties) -- what the latency model prices -- and, apart, the dealer's bytes (``--provider ttp``:
+    party 0's requests and the answers it receives, summed over parties; no rounds: off the critical path,
+    mpcache/mpc/dealer.py)."""
     from mpcache.mpc.dryrun import predict_generation
     from mpcache.policies import make_policy
 
     pol = make_policy(policy_name) if policy_name == "full" else make_policy(policy_name, budget=budget)
     t0 = time.perf_counter()
     ledgers, _ = predict_generation(cfg, pol, setting, L, n_new)
-    per_token, phases = per_token_costs(ledgers, n_new, profiles)
-    dec = per_token[1:] or per_token
+    toks = list(range(1, n_new)) or [0]  # token 0 comes from the prefill
+    online = [kind_totals(ledgers, f"token/{t}", "online") for t in toks]
+    dealer = [kind_totals(ledgers, f"token/{t}", "dealer") for t in toks]
     mean = {
-        k: sum(max(r[k]) if isinstance(r[k], list) else r[k] for r in dec) / len(dec)
-        for k in ("bytes_sent", "rounds", "dealer_bytes")
+        "bytes_sent": sum(max(p["bytes_sent"] for p in tok) for tok in online) / len(toks),
+        "rounds": sum(max(p["rounds"] for p in tok) for tok in online) / len(toks),
+        "dealer_bytes": sum(sum(p["bytes_sent"] + p["bytes_recv"] for p in tok) for tok in dealer) / len(toks),
+        "dealer_rounds": sum(max(p["rounds"] for p in tok) for tok in dealer) / len(toks),
     }
+    pre = kind_totals(ledgers, "prefill", "online")
+    pre_dealer = kind_totals(ledgers, "prefill", "dealer")
     row = {
         "model": cfg.name,
         "policy": policy_name,
         "budget": budget if policy_name != "full" else 1.0,
         "cached_len": L,
         "setting": setting.label,
-        "bytes_per_party_per_token": int(mean["bytes_sent"]),
-        "MB_per_token": round(mean["bytes_sent"] / 1e6, 3),
-        "rounds_per_token": round(mean["rounds"], 1),
+        "online_bytes_per_party_per_token": int(mean["bytes_sent"]),
+        "online_MB_per_token": round(mean["bytes_sent"] / 1e6, 3),
+        "online_rounds_per_token": round(mean["rounds"], 1),
         "dealer_bytes_per_token": int(mean["dealer_bytes"]),
-        "prefill_MB": round(max(phases["prefill"]["bytes_sent"]) / 1e6, 1),
-        "prefill_rounds": phases["prefill"]["rounds"],
+        "dealer_MB_per_token": round(mean["dealer_bytes"] / 1e6, 3),
+        "dealer_rounds_per_token": round(mean["dealer_rounds"], 1),
+        "prefill_online_MB": round(max(p["bytes_sent"] for p in pre) / 1e6, 1),
+        "prefill_rounds": max(p["rounds"] for p in pre),
+        "prefill_dealer_MB": round(sum(p["bytes_sent"] + p["bytes_recv"] for p in pre_dealer) / 1e6, 1),
         "trace_s": round(time.perf_counter() - t0, 2),
     }
     from mpcache.latency import modelled_seconds
 
-    for name, prof in profiles.items():
+    for name, prof in profiles.items():  # the critical path: online rounds and bytes (dealer traffic overlaps)
         row[f"{name}_s_per_token"] = round(modelled_seconds(0.0, mean["rounds"], mean["bytes_sent"], prof), 3)
     return row
 
@@ -124,13 +150,20 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.1, help="kept fraction for budget policies")
     p.add_argument("--seq-lens", default="1024,8192", help="comma-separated cached (prompt) lengths")
     p.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"])
-    p.add_argument("--provider", default="tfp", choices=["tfp", "ttp"])
+    p.add_argument(
+        "--provider",
+        default=None,
+        choices=["tfp", "ttp", "none"],
+        help="default: none (dealer-free) for replicated, tfp for arithmetic; replicated + tfp: the insecure 3PC "
+        "baseline (dry run only)",
+    )
     p.add_argument("--new-tokens", type=int, default=2, help="tokens generated (token 0 comes from the prefill)")
     p.add_argument("--profile", action="append", default=[], help="extra network profile NAME=GBPS:RTT_MS")
     p.add_argument("--out-dir", default="results/predict_cost")
     a = p.parse_args(argv)
     cfg = model_config(a.model)
-    setting = Setting(3 if a.protocol == "replicated" else 2, a.protocol, a.provider)
+    provider = a.provider or ("none" if a.protocol == "replicated" else "tfp")
+    setting = Setting(3 if a.protocol == "replicated" else 2, a.protocol, provider)
     profiles = dict(PROFILES)
     for spec in a.profile:
         prof = parse_profile(spec)
@@ -148,7 +181,14 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    show = ["policy", "cached_len", "MB_per_token", "rounds_per_token", *[f"{n}_s_per_token" for n in profiles]]
+    show = [
+        "policy",
+        "cached_len",
+        "online_MB_per_token",
+        "online_rounds_per_token",
+        "dealer_MB_per_token",
+        *[f"{n}_s_per_token" for n in profiles],
+    ]
     md = [
         (
             f"Predicted decode cost per token: {cfg.name}, {setting.label}, budget {a.budget} "

@@ -2,10 +2,11 @@
 
 Who knows what (design §2): the server (rank 0) shares the weights, the client (rank 1) shares its prompt as
 one-hot rows and is the only party that learns the generated tokens. Public: the architecture, the prompt
-length, the number of new tokens, the policy and its budgets — hence every shape. All processes of this
-single-machine demo can read the checkpoint file; the non-server parties use only its config and shapes.
-The plaintext check (same prompt, same weights, in the clear) is a verification oracle run by the operator on
-rank 0; it is reported beside the private run and never feeds it.
+length, the number of new tokens, the policy and its budgets — hence every shape. Only the server reads the
+weights (``parties generate``: the others load the config and tokenizer alone, ``load_public``); the others pass
+``weights=None`` and share by shape. The plaintext check (same prompt, same weights, in the clear) is a
+verification oracle run by the operator on rank 0, after the private run; it is reported beside it, labelled, and
+never feeds it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config import ModelConfig
 from .latency import PROFILES, modelled_seconds
 from .model.transformer import Transformer, generate
 from .model.weights import expected_shapes, fold_norm_gains, folded_norm_names
+from .mpc import audit
 from .mpc.config import MpcConfig
 from .mpc.session import CLIENT, SERVER, Session, SessionError
 
@@ -84,7 +86,8 @@ def share_weights(
 
 def share_prompt(sess: Session, B: SecureBackend, cfg: ModelConfig, ids: list[int] | None):
     """The client shares its prompt as one-hot rows (T, V) (integer scale: exact); T is public."""
-    T = sess.comm.bcast(len(ids) if sess.rank == CLIENT and ids is not None else None, root=CLIENT)
+    with audit.label("public: prompt length"):
+        T = sess.comm.bcast(len(ids) if sess.rank == CLIENT and ids is not None else None, root=CLIENT)
     if T > cfg.max_position:
         raise SessionError(f"the prompt has {T} tokens but the model's context is {cfg.max_position}; shorten it.")
     onehot = None
@@ -132,9 +135,7 @@ def private_generate(
             progress(t)
 
     keep = (lambda lg: B.reveal(lg, dst=None, label="logits (test only)")) if keep_logits else None
-    tokens, logits = generate(
-        model, x, max_new_tokens, reveal_to=CLIENT, on_token=on_token, keep_logits=keep
-    )
+    tokens, logits = generate(model, x, max_new_tokens, reveal_to=CLIENT, on_token=on_token, keep_logits=keep)
     return (tokens if sess.rank == CLIENT else None), logits, B
 
 

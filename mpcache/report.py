@@ -6,6 +6,12 @@ from __future__ import annotations
 
 def trust_model(protocol: str, provider: str, n_parties: int) -> dict:
     """The trust model of a configuration, in words (``text``) and as the one-line warning a run prints."""
+    if provider == "none":
+        text = (
+            f"{n_parties}PC {protocol}, dealer-free: secure against one semi-honest party (honest majority); "
+            "every tuple comes from the parties' pairwise seeds, no dealer"
+        )
+        return {"text": text, "warning": f"trust model: {text}\n"}
     if provider == "tfp":
         text = (
             f"{n_parties}PC {protocol}, TFP: party 0 (the model owner) makes every Beaver triple, so it can "

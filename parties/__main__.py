@@ -85,10 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--provider",
-        default="tfp",
-        choices=["tfp", "ttp"],
-        help="triples from party 0 (tfp: a benchmark convention, NOT secure against party 0) or from a "
-        "dealer process (ttp: the last MPI rank)",
+        default=None,
+        choices=["tfp", "ttp", "none"],
+        help="2PC only: triples from party 0 (tfp, the 2PC default: a benchmark convention, NOT secure against "
+        "party 0) or from a dealer process (ttp: the last MPI rank). --protocol replicated is dealer-free "
+        "('none', its only and default value): leave --provider out",
     )
     g.add_argument(
         "--fixed-weights",
@@ -179,13 +180,28 @@ def _parser() -> argparse.ArgumentParser:
         "only) and compare them with the same case in plaintext",
     )
     b.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"])
-    b.add_argument("--provider", default="tfp", choices=["tfp", "ttp"])
+    b.add_argument(
+        "--provider", default=None, choices=["tfp", "ttp", "none"], help="as for generate (default: by --protocol)"
+    )
     b.add_argument("--fixed-weights", action=argparse.BooleanOptionalAction, default=True)
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", default="runs/bench", help="directory for bench.csv, bench.md, bench.json, rank{r}.json")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds before a silent peer is declared dead")
     _network(b)
     return p
+
+
+def _resolved(run):
+    """``run(args)`` after ``--provider`` is resolved from ``--protocol`` (a refusal is a SessionError: a clear
+    message and a non-zero exit, from every party)."""
+
+    def job(args):
+        from mpcache.mpc.session import resolve_provider
+
+        args.provider = resolve_provider(args.protocol, args.provider)
+        return run(args)
+
+    return job
 
 
 def main(argv=None) -> int:
@@ -195,11 +211,11 @@ def main(argv=None) -> int:
     if args.job == "generate":
         from parties.generate import run
 
-        return run_party(run, args)
+        return run_party(_resolved(run), args)
     if args.job == "bench":
         from parties.bench import run
 
-        return run_party(run, args)
+        return run_party(_resolved(run), args)
     return 2
 
 

@@ -3,6 +3,11 @@
 A BENCHMARK CONVENTION, NOT AN END-TO-END SECURE RUN (see :mod:`mpcache.bench`): the prompt's prefill is run in
 plaintext and its K/V cache shared as the client's input; static eviction and the decode steps run on shares.
 Rank 0 writes ``OUT/bench.csv``, ``OUT/bench.md`` and ``OUT/bench.json``; every rank its ledger ``rank{r}.json``.
+
+Who reads the weights: the model owner (rank 0), which shares them, and -- the convention -- the client (rank 1),
+which builds the prompt's K/V cache in plaintext; a third party or the dealer loads the public part alone. The
+convention is named in every output: the first line on stderr, the ``convention`` column of ``bench.csv``, the
+head of ``bench.md`` and ``bench.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ import json
 import os
 import sys
 import time
+
+#: how the benchmark departs from an end-to-end private run (in every output)
+CONVENTION = (
+    "benchmark convention, not an end-to-end private run: the client holds the plaintext weights to build the "
+    "prompt's K/V cache (prefill in plaintext), shared as its input; static eviction and decode run on shares"
+)
 
 
 def _policies(args, cfg):
@@ -64,6 +75,8 @@ def _seq_lens(args, cfg):
 
 
 def run(args) -> None:
+    from mpi4py import MPI
+
     from mpcache.backends.secure import SecureBackend
     from mpcache.bench import (
         CSV_COLUMNS,
@@ -80,15 +93,21 @@ def run(args) -> None:
     )
     from mpcache.generation import share_weights, write_json
     from mpcache.latency import PROFILES, modelled_seconds
-    from mpcache.model.weights import load_model
+    from mpcache.model.weights import load_model, load_public
     from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session_from_cli, serve_dealer
 
     if args.steps < 1 or args.warmup < 0:
         raise SessionError("--steps must be >= 1 and --warmup >= 0")
+    rank = MPI.COMM_WORLD.Get_rank()
     try:
-        cfg, weights, tok = load_model(args.model, seed=args.seed)
+        if rank in (SERVER, CLIENT):  # the owner shares them; the client builds the plaintext prefix (convention)
+            cfg, weights, tok = load_model(args.model, seed=args.seed)
+        else:  # a third party or the dealer: the public part only
+            (cfg, tok), weights = load_public(args.model, seed=args.seed), None
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
+    if rank == SERVER:
+        sys.stderr.write(f"[bench] {CONVENTION}\n")
     policies = _policies(args, cfg)
     lens = _seq_lens(args, cfg)
     if args.layers == "all":
@@ -214,6 +233,7 @@ def run(args) -> None:
                     "protocol": args.protocol,
                     "provider": args.provider,
                     "trust_model": trust,
+                    "convention": CONVENTION,
                     "bytes_per_token": whole["bytes"],
                     "rounds_per_token": whole["rounds"],
                     "seconds_per_token": whole["seconds"],
@@ -251,11 +271,12 @@ def run(args) -> None:
                 "args": vars(args),
                 "wall_seconds": time.perf_counter() - t_all,
                 "model": cfg.name,
+                "convention": CONVENTION,
                 "reveals": [list(r[:2]) for r in B.reveals],
             },
             markdown_table,
             ratio_table,
-            CSV_COLUMNS,
+            (*CSV_COLUMNS, *(("convention",) if "convention" not in CSV_COLUMNS else ())),
             write_json,
         )
     sess.close()
@@ -270,8 +291,9 @@ def _write(out, rows, meta, markdown_table, ratio_table, columns, write_json):
         w.writerows(rows)
     os.replace(tmp, path)
     md = (
-        "**Benchmark convention**: the prompt's K/V cache was built in plaintext and secret-shared as the "
-        "client's input; static eviction and decode steps ran on shares. Whole-model costs are scaled from "
+        "**Benchmark convention** (not an end-to-end private run): the client holds the plaintext weights and built "
+        "the prompt's K/V cache in plaintext, secret-shared as its input; static eviction and decode steps ran on "
+        "shares. Whole-model costs are scaled from "
         f"{rows[0]['bench_layers']} measured block(s) of {rows[0]['model_layers']}.\n\n"
         + markdown_table(rows)
         + "\n\nRatios (full / policy):\n\n"

@@ -5,6 +5,14 @@ Verify mode (the default; ``--no-plaintext`` turns it off): after the private ru
 ids to the model owner (rank 0), which runs the same generation in the clear and returns its tokens and times.
 It needs both secrets by design, so it is a labelled verification step outside the private data flow: every
 report says whether it ran.
+
+Who reads what: only the model owner (rank 0) reads the weights (``load_model``); every other rank -- the client,
+a third party, the dealer -- loads the public part alone (``load_public``: the config and tokenizer, no weight),
+gets the shapes from the config and its weight shares from the sharing itself.
+
+``MPCACHE_AUDIT=DIR`` (the reveal audit, :mod:`mpcache.mpc.audit`): every rank records what it receives on every
+channel (CrypTen's openings and transfers, the dealer's requests, the session's MPI messages, each labelled), the
+weight sources it read and the files it opened under the model's folder, and writes them to ``DIR/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -15,6 +23,10 @@ import sys
 import time
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+AUDIT_ENV = "MPCACHE_AUDIT"  # a folder: record and write what every rank receives (mpcache/mpc/audit.py)
+#: the labels of every MPI message of a run (the audit checks that nothing else crosses MPI)
+PUBLIC_LABELS = ("public: prompt length", "public: cost ledgers", "public: peak memory")
+VERIFY_LABELS = ("verify: the client's prompt ids to the model owner", "verify: plaintext tokens to the client")
 
 
 def _read_prompt(args) -> str:
@@ -80,20 +92,50 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _model_root(spec: str):
+    """The GGUF file or HF folder a model spec reads (the audit watches opens under it); None for the tiny configs
+    or a spec that does not resolve (the load then explains)."""
+    from mpcache.model.weights import model_source
+
+    try:
+        return model_source(spec)
+    except (ValueError, FileNotFoundError, TypeError):
+        return None
+
+
+def _load(args, rank: int):
+    """(config, weights or None, tokenizer): only the model owner (rank 0) reads the weights; every other rank loads
+    the public part (config + tokenizer, no weight) and gets its weight shares from the sharing."""
+    from mpcache.model.weights import load_model, load_public
+    from mpcache.mpc.session import SERVER, SessionError
+
+    try:
+        if rank == SERVER:
+            return load_model(args.model, seed=args.seed)
+        cfg, tok = load_public(args.model, seed=args.seed)
+        return cfg, None, tok
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
+
+
 def run(args) -> None:
     from mpi4py import MPI
 
     from mpcache.generation import per_token_costs, plaintext_generate, private_generate, write_json
     from mpcache.model.weights import expected_shapes, load_model
+    from mpcache.mpc import audit
     from mpcache.mpc.session import CLIENT, SERVER, SessionError, open_session_from_cli, serve_dealer
     from mpcache.report import print_summary, trust_model
 
     rank = MPI.COMM_WORLD.Get_rank()
+    audit_dir = os.environ.get(AUDIT_ENV) or None
+    if audit_dir:  # before anything is read or received
+        audit.enable()
+        root = _model_root(args.model)
+        if root is not None:
+            audit.watch_files(root)
     _launch_check(args)
-    try:
-        cfg, weights, tok = load_model(args.model, seed=args.seed)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SessionError(f"cannot load --model {args.model!r}: {e}") from None
+    cfg, weights, tok = _load(args, rank)
     policy = _policy(args, cfg)
     ids = None
     if rank == CLIENT:  # the client checks its prompt before anyone shares anything
@@ -120,12 +162,15 @@ def run(args) -> None:
         "fixed_kv": args.fixed_kv,
         "verify": not args.no_plaintext,
     }
+    if audit_dir and rank >= MPI.COMM_WORLD.Get_size() - (args.provider == "ttp"):
+        audit.watch_dealer()  # the dealer's communicator is made inside its serve loop
     sess = open_session_from_cli(args, public, fixed_weights=args.fixed_weights, fixed_kv=args.fixed_kv)
     if sess.is_dealer:
         serve_dealer(sess)
+        if audit_dir:
+            audit.dump(audit_dir, sess.rank, role="dealer")
         return
-    if sess.rank != SERVER:
-        weights = None  # only the server holds (and shares) the weights
+    sess.comm = audit.wrap_mpi(sess.comm)  # recorded when the audit is on (else unchanged)
 
     bar, phase_t = None, [time.perf_counter()]
     if sess.rank == CLIENT:
@@ -179,16 +224,20 @@ def run(args) -> None:
     if not args.no_plaintext:
         if sess.rank == CLIENT:
             sess.comm.send(ids, dest=SERVER, tag=11)
-            check = sess.comm.recv(source=SERVER, tag=12)
+            with audit.label(VERIFY_LABELS[1]):
+                check = sess.comm.recv(source=SERVER, tag=12)
         elif sess.rank == SERVER:
-            prompt = sess.comm.recv(source=CLIENT, tag=11)
+            with audit.label(VERIFY_LABELS[0]):
+                prompt = sess.comm.recv(source=CLIENT, tag=11)
             pt, _, pt_s = plaintext_generate(
                 cfg, load_model(args.model, seed=args.seed)[1], prompt, args.max_new_tokens, policy
             )
             sess.comm.send({"tokens": pt, "step_seconds": pt_s}, dest=CLIENT, tag=12)
     # ledgers (public costs) and peak memory go to the client, who reports
-    ledgers = sess.comm.gather(sess.ledger.to_dict(), root=CLIENT)
-    peaks = sess.comm.gather(_peak_rss(), root=CLIENT)
+    with audit.label(PUBLIC_LABELS[1]):
+        ledgers = sess.comm.gather(sess.ledger.to_dict(), root=CLIENT)
+    with audit.label(PUBLIC_LABELS[2]):
+        peaks = sess.comm.gather(_peak_rss(), root=CLIENT)
     os.makedirs(args.out, exist_ok=True)
     sess.ledger.write(os.path.join(args.out, f"rank{sess.rank}.json"))
     if sess.rank == CLIENT:
@@ -230,6 +279,15 @@ def run(args) -> None:
         if getattr(args, "profile", False):
             _print_profile(ledgers, sess.n_parties)
     sess.close()
+    if audit_dir:
+        audit.dump(
+            audit_dir,
+            sess.rank,
+            role=sess.role,
+            tokens=tokens,
+            verify=not args.no_plaintext,
+            prompt_tokens=len(ids) if ids is not None else None,
+        )
 
 
 def _digest(text: str) -> str:

@@ -561,8 +561,9 @@ def job_generate_kv(
         return matmul(self, a, b)
 
     def rec_fix(self, xs):
-        if self.fixed_kv:
-            note("fix", sum(unfix(x).numel() for x in xs))
+        loose = sum(unfix(x).numel() for x in xs if not isinstance(x, FixedOperand))  # fixed ones stay as they are
+        if self.fixed_kv and loose:
+            note("fix", loose)
         return fix_rows(self, xs)
 
     SecureBackend._matmul, SecureBackend.fix_rows = rec_matmul, rec_fix

@@ -62,6 +62,9 @@ def test_bench_scales_exactly_and_agrees_with_plaintext(tmp_path, four_layer_mod
     scaled, meta = _bench(tmp_path, "scaled", four_layer_model, "auto", *pols)
     full, _ = _bench(tmp_path, "all", four_layer_model, "all", *pols)
     assert COLUMNS <= set(scaled[0]), scaled[0].keys()
+    # the benchmark convention (the client holds plaintext weights for the prefix) is named in every output
+    assert all(r["convention"].startswith("benchmark convention") for r in scaled)
+    assert meta["convention"] == scaled[0]["convention"]
     by = {(r["policy"], r["seq_len"]): r for r in full}
     for r in scaled:
         # share_start=1, groups of 2: blocks 0..2 (own, own, follower) hold every class; the 4th is scaled

@@ -18,7 +18,7 @@ LOGIT_TOL = 0.05
     "n,protocol,provider,model",
     [
         (2, "arithmetic", "tfp", "tiny-llama"),
-        (3, "replicated", "tfp", "tiny-llama"),
+        (3, "replicated", "none", "tiny-llama"),
         (3, "arithmetic", "ttp", "tiny-gpt2"),  # 2 compute parties + a dealer rank
     ],
     ids=["2pc-tfp-llama", "3pc-replicated-llama", "2pc-ttp-gpt2"],

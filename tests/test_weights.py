@@ -147,6 +147,16 @@ def test_smollm2_config_and_shapes(smol):
     assert sum(t.numel() for t in w.values()) == 134_515_008
 
 
+def test_smollm2_public_part_reads_no_weights(smol):
+    """The non-owners' load: config and tokenizer from the GGUF header only, equal to the full load's."""
+    from mpcache.model.weights import load_public, weight_reads
+
+    before = weight_reads()
+    cfg, tok = load_public("smollm2")
+    assert weight_reads() == before
+    assert cfg == smol[0] and tok.to_json() == smol[2].to_json()
+
+
 def test_smollm2_weight_cache(smol, smol_cache_dir):
     cfg, w, tok = smol
     files = list(smol_cache_dir.glob("*.safetensors"))
@@ -364,6 +374,28 @@ def test_hf_folder_without_tokenizer_warns(tmp_path):
     with pytest.warns(UserWarning, match="byte-level"):
         _, _, tok = load_model(str(tmp_path))
     assert isinstance(tok, Tokenizer) and tok.is_byte_level
+
+
+@pytest.mark.parametrize("spec,layout", [("tiny-gpt2", "gpt2"), ("tiny-llama", "llama")])
+def test_public_part_needs_no_weights(tmp_path, spec, layout):
+    """load_public: the config and tokenizer load_model returns, without reading (or needing) any weight; only
+    load_model adds to weight_reads (what the reveal audit reports per rank)."""
+    from mpcache.model.weights import load_public, model_source, weight_reads
+
+    cfg, w, tok = load_model(spec, seed=1)
+    n = len(weight_reads())
+    pcfg, ptok = load_public(spec, seed=1)
+    assert (pcfg, ptok.to_json()) == (cfg, tok.to_json()) and len(weight_reads()) == n and model_source(spec) is None
+    save_safetensors_folder(cfg, w, tmp_path, layout=layout)
+    full = load_model(str(tmp_path))
+    assert weight_reads()[n:] == [str(tmp_path / "model.safetensors")]
+    (tmp_path / "model.safetensors").unlink()  # a client's copy: config and tokenizer only
+    pcfg, ptok = load_public(str(tmp_path))
+    assert (pcfg, ptok.to_json()) == (full[0], full[2].to_json()) and len(weight_reads()) == n + 1
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model spec"):
+        load_public("no-such-model")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -164,7 +164,7 @@ class Transformer:
         softmax of causal rows. Returns (out, rows(start, end) of the kept last rows, the column sums, (K, V) as
         fixed)."""
         T = int(q.shape[1])
-        with self.scope("fix"):
+        with self.scope("fix_kv"):
             kf, vf = self._fix_rows([k, v])
         block = max(self.PREFILL_KEEP, self.PREFILL_ENTRIES // T)
         o, tail, colsum = attention.attend_causal(

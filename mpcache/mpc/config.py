@@ -21,7 +21,7 @@ from dataclasses import dataclass
 class MpcConfig:
     # ---- who computes ------------------------------------------------------------------------------------------
     protocol: str = "arithmetic"  # "arithmetic" (additive, Beaver) or "replicated" (3PC)
-    provider: str = "tfp"  # "tfp" (party 0 makes the triples: benchmark mode) or "ttp" (a dealer rank)
+    provider: str = "tfp"  # "tfp" (party 0 makes the triples: benchmark mode), "ttp" (a dealer rank) or "none" (3PC)
     n_parties: int = 2  # compute parties
     precision_bits: int = 16  # CrypTen's fixed-point fraction bits (more breaks its approximations)
     # ---- comparisons: 32-bit lanes (exact while the compared values stay far inside 2^15) --------------------------
@@ -60,8 +60,10 @@ class MpcConfig:
     def __post_init__(self):
         if self.protocol not in ("arithmetic", "replicated"):
             raise ValueError(f"MpcConfig.protocol must be 'arithmetic' or 'replicated', got {self.protocol!r}")
-        if self.provider not in ("tfp", "ttp"):
-            raise ValueError(f"MpcConfig.provider must be 'tfp' or 'ttp', got {self.provider!r}")
+        if self.provider not in ("tfp", "ttp", "none"):
+            raise ValueError(f"MpcConfig.provider must be 'tfp', 'ttp' or 'none', got {self.provider!r}")
+        if self.provider == "none" and self.protocol != "replicated":
+            raise ValueError("MpcConfig.provider 'none' (dealer-free) needs protocol 'replicated' (3 parties)")
         if self.softmax_recip not in ("goldschmidt", "newton"):
             raise ValueError(f"MpcConfig.softmax_recip must be 'goldschmidt' or 'newton', got {self.softmax_recip!r}")
 
@@ -110,7 +112,7 @@ class MpcConfig:
         import crypten
         import crypten.communicator as comm
 
-        provider = "ttp" if crypten.mpc.get_default_provider().NAME == "TTP" else "tfp"
+        provider = {"TTP": "ttp", "R3": "none"}.get(crypten.mpc.get_default_provider().NAME, "tfp")
         protocol = "replicated" if crypten.cfg.mpc.protocol == "replicated" else "arithmetic"
         return cls(protocol=protocol, provider=provider, n_parties=comm.get().get_world_size(), **overrides)
 

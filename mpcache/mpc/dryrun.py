@@ -5,9 +5,10 @@ in this one process, party after party, on CrypTen shares whose tensors live on 
 and dtypes, no data, no arithmetic), over a :class:`DryCommunicator` that moves nothing: a receive hands back an
 empty buffer of the right shape, a collective returns its input. The counting communicator of a real session
 (:mod:`mpcache.mpc.ledger`) is layered on top unchanged, so every message is counted by the same code, with the
-same rules, as in a measured run: bytes, rounds, kind (online / dealer), per scope. With ``provider="ttp"`` the
-dealer's answers are made by the dealer's own request handlers (CrypTen's ``TTPServer`` + the fixed-operand
-requests), also on ``meta``, so party 0's request/answer traffic is the real one too.
+same rules, as in a measured run: bytes, rounds, kind (online / dealer), per scope. With ``provider="ttp"`` party 0
+runs the pipelined dealer client's own code (:mod:`mpcache.mpc.dealer`: the same pickled requests, counted by the
+same ledger call) and each request is answered by the dealer's own handlers on ``meta`` (:func:`_dry_dealer`), whose
+answer shape must equal the one party 0 allocated for it (a dry run checks the dealer's shapes too).
 
 Why this is exact: every size that crosses the wire is a public function of public shapes (the project's rule,
 tested by running two secret inputs through the same code and comparing ledgers). A dry run follows the same code
@@ -60,7 +61,6 @@ def _dry_communicator_class():
             self.ttp_initialized = dealer is not None
             self._name = f"rank{rank}"
             self.dealer = dealer  # the dealer's request handlers (TTP), or None
-            self._answer = None
 
         @classmethod
         def is_initialized(cls) -> bool:
@@ -115,15 +115,10 @@ def _dry_communicator_class():
             return torch.empty(size, dtype=torch.long, device=device if device is not None else META)
 
         def send_obj(self, obj, dst, group=None):
-            if group == "ttp" and isinstance(obj, dict) and self.dealer is not None:  # a TTP request
-                self.dealer.device = META
-                self._answer = getattr(self.dealer, obj["function"])(*obj["args"], **obj["kwargs"]).size()
+            return None  # (TTP requests go through the dealer client, mpcache.mpc.dealer: see _ttp_client)
 
         def recv_obj(self, src, group=None):
-            answer, self._answer = self._answer, None
-            if answer is None:
-                raise RuntimeError("dry run: a party waits for an object nobody sent")
-            return answer
+            raise RuntimeError("dry run: a party waits for an object nobody sent")
 
         def broadcast_obj(self, obj, src, group=None):
             return obj
@@ -131,17 +126,22 @@ def _dry_communicator_class():
     return DryCommunicator
 
 
-def _dry_dealer():
-    """The dealer's request handlers (CrypTen's TTPServer + the fixed-operand requests) without its serve loop,
-    drawing on ``meta``: answers of the right size, no data."""
-    from .fixed_operand import _dealer_class
+def _dry_dealer(n: int = 2):
+    """The dealer's request handlers (:func:`mpcache.mpc.dealer.handlers_class`: CrypTen's TTPServer + the
+    fixed-operand and gather requests) without its serve loop, drawing shape-only ``meta`` tensors: answers of the
+    right size, no data."""
+    from .dealer import handlers_class
 
-    server = _dealer_class().__new__(_dealer_class())
-    server.device = META
-    server.fixed_masks = {}
-    server.generators = [torch.Generator() for _ in range(3)]
-    server.generators_cuda = [None] * 3
-    server._get_generators = lambda device=None: server.generators
+    class DryDealer(handlers_class()):
+        def _get_additive_PRSS(self, size, remove_rank=False):
+            return torch.empty(torch.Size(size), dtype=torch.long, device=META)
+
+        def _get_binary_PRSS(self, size, bitlength=None, remove_rank=None):
+            return torch.empty(torch.Size(size), dtype=torch.long, device=META)
+
+    server = DryDealer(device=META)
+    server.generators = [torch.Generator() for _ in range(n)]
+    server.generators_cuda = [None] * n
     return server
 
 
@@ -266,15 +266,8 @@ def _counting_dry_class():
     compat.crypten()
     dry = _dry_communicator_class()
     counting = _counting_communicator_class(dry)
-
-    def send_obj(self, obj, dst, group=None):
-        # a TTP request names the device of its tensors: the CPU session this dry run stands for (same pickle size)
-        if isinstance(obj, dict) and obj.get("device") == "meta":
-            obj = dict(obj, device="cpu")
-        return counting.send_obj(self, obj, dst, group)
-
     # the counting layer asks torch.distributed for a group's size; a dry party answers itself
-    return type("DryCountingCommunicator", (counting,), {"_n": dry._n, "send_obj": send_obj})
+    return type("DryCountingCommunicator", (counting,), {"_n": dry._n})
 
 
 @contextlib.contextmanager
@@ -295,7 +288,7 @@ def dry_party(rank: int, setting: Setting | MpcConfig, ledger: CostLedger | None
 
     ledger = ledger if ledger is not None else CostLedger(rank, setting.n)
     cls = _counting_dry_class()
-    inst = cls(rank, setting.n, _dry_dealer() if setting.provider == "ttp" else None)
+    inst = cls(rank, setting.n, _dry_dealer(setting.n) if setting.provider == "ttp" else None)
     inst.ledger, inst.mpi_comm, inst.mpi_timeout = ledger, None, 1.0
     saved = (cmod.DistributedCommunicator, cls.instance, cfg.mpc.protocol, cfg.mpc.provider)
     cls.instance = inst
@@ -304,6 +297,10 @@ def dry_party(rank: int, setting: Setting | MpcConfig, ledger: CostLedger | None
     for key in crypten.generators:
         crypten.generators[key].setdefault(META, torch.Generator())
         crypten.generators[key].setdefault(torch.device("cpu"), torch.Generator())
+    if setting.provider == "none":
+        from . import dealer_free
+
+        dealer_free.install()  # the provider name "R3" and its B2A exchange (what a live party installs)
     ttp = _ttp_client(inst) if setting.provider == "ttp" else contextlib.nullcontext()
     try:
         with ttp, _OnMeta():
@@ -314,8 +311,24 @@ def dry_party(rank: int, setting: Setting | MpcConfig, ledger: CostLedger | None
 
 @contextlib.contextmanager
 def _ttp_client(inst):
-    """This party's TTP client (party 0 sends the requests), talking to the dry communicator."""
+    """This party's dealer client (:class:`mpcache.mpc.dealer.DealerClient`: party 0 posts the requests) over the
+    dry communicator: the same request code and ledger records; each request is answered at once by the dry
+    dealer's handlers (shapes checked against party 0's allocation), and nothing is ever pending."""
     from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from . import dealer
+
+    dealer.register()  # the provider a live TTP party runs (idempotent; no link in a dry run)
+
+    class DryDealerClient(dealer.DealerClient):
+        def _post(self, payload, func, args, kwargs, out):
+            handlers = inst.dealer
+            handlers.device = META
+            _, _, pargs, pkwargs = dealer.decode(payload)  # what the live dealer would unpickle
+            ans = getattr(handlers, func)(*pargs, **pkwargs)
+            got, want = (None if ans is None else tuple(ans.shape)), (None if out is None else tuple(out.shape))
+            if got != want:
+                raise AssertionError(f"dry run: dealer request {func} answers {got}, party 0 expects {want}")
 
     key = "_TTPClient__instance"
     saved = getattr(TTPClient, key)
@@ -323,6 +336,8 @@ def _ttp_client(inst):
     client.ttp_group, client.comm_group = inst.ttp_group, inst.ttp_comm_group
     client.generator, client.generator_cuda = torch.Generator(), None  # the seed it shares with the dealer
     setattr(TTPClient, key, client)
+    inst.dealer_client = DryDealerClient(inst, client)
+    inst.dealer_settle = None  # nothing is ever pending
     try:
         yield client
     finally:

@@ -30,9 +30,11 @@ simulatable exactly as in the stock protocol, which opens the same ``x - a`` and
 for triples, as in stock CrypTen; here party 0 is also the model owner), shares it by pseudo-random zero sharing
 (no traffic: the other parties' shares come from shared seeds, party 0's share is the difference), and per use
 draws ``a`` and computes ``c = a @ B`` locally. ``TTP`` — every party draws its share of ``B`` (and of each ``a``,
-``c``) from the seed it shares with the dealer; the dealer (:class:`FixedOperandTTPServer`) sums the shares of ``B``
-once, keeps ``B`` per fixed operand, and per use sends party 0 its share of ``c = a @ B`` (dealer traffic: ``|x @ W|``
-elements to party 0, as for a stock triple). ``replicated`` (3PC): products need no triples, but CrypTen keeps
+``c``) from the seed it shares with the dealer; the dealer (:mod:`mpcache.mpc.dealer`) sums the shares of ``B``
+once (a ``fixed_register`` request, no answer), keeps ``B`` per fixed operand, and per use sends party 0 its share
+of ``c = a @ B`` (a ``fixed_triple`` request; dealer traffic: ``|x @ W|`` elements to party 0, as for a stock
+triple, off the critical path: party 0 posts the request when it draws ``a`` and takes the answer after the
+opening of ``x - a``, which ``c`` is used after). ``replicated`` (3PC): products need no triples, but CrypTen keeps
 shares additive at rest and its replicated matmul first sends each party's share of *both* operands to the next
 party — the same share of ``W`` at every use. Here :meth:`FixedOperand.fix` replicates ``W``'s share once
 (offline: ``|W|`` elements to the next party, 1 round) and each use replicates only ``x`` (``|x|`` elements), then
@@ -115,9 +117,11 @@ def _rand(size, device, generator=None):
 
 
 def _ttp():
-    from crypten.mpc.provider.ttp_provider import TTPClient
+    """This party's pipelined dealer client (:mod:`mpcache.mpc.dealer`): generator shared with the dealer, and
+    party 0's non-blocking requests."""
+    from .dealer import client
 
-    return TTPClient.get()
+    return client()
 
 
 # ---- the int64 ring product on CPU -------------------------------------------------------------------------------
@@ -393,13 +397,13 @@ class FixedOperand:
                 specs.append(None)
         else:
             dev = ws[0].device
-            gen = _ttp().get_generator(device=dev)
+            gen = _ttp().generator(dev)
             for w in ws:
                 b_shares.append(_rand(w.size(), dev, gen))  # the dealer sums these shares into B
                 b_plains.append(None)
                 specs.append(("key", next(_KEYS)))  # the same counter on every party
-            if rank == 0:
-                _ttp().ttp_request("fixed_register", dev, [(s[1], tuple(w.size())) for s, w in zip(specs, ws)])
+            if rank == 0:  # a request without answer (non-blocking)
+                _ttp().request("fixed_register", dev, ([(s[1], tuple(w.size())) for s, w in zip(specs, ws)],))
         ds = _flat_open([w.share - b for w, b in zip(ws, b_shares)])
         return [cls(w, d, b, path, s) for w, d, b, s in zip(ws, ds, b_plains, specs)]
 
@@ -534,10 +538,10 @@ def _triple(x, fixed: FixedOperand, out_size):
         a = ArithmeticSharedTensor(a, size=size, precision=0, src=0, device=dev).share  # no traffic
         c = ArithmeticSharedTensor(c, size=out_size, precision=0, src=0, device=dev).share
         return a, c
-    gen = _ttp().get_generator(device=dev)
+    gen = _ttp().generator(dev)
     a = _rand(size, dev, gen)
-    if rank == 0:
-        c = _ttp().ttp_request("fixed_triple", dev, fixed.spec, tuple(size))
+    if rank == 0:  # pending until the opening of x - a (the dealer's answer arrives meanwhile)
+        c = _ttp().request("fixed_triple", dev, (fixed.spec, tuple(size)), out_size)
     else:
         c = _rand(out_size, dev, gen)
     return a, c
@@ -564,6 +568,9 @@ def fixed_matmul(x, fixed: FixedOperand):
         ((x1, x2),) = replicated.replicate_shares([x.share])  # only x's share travels
         w1, w2 = fixed.w.share, fixed.d
         z = ring_matmul(x1, w1) + ring_matmul(x1, w2) + ring_matmul(x2, w1)
+        from .dealer_free import rerandomize
+
+        z = rerandomize(z)  # a PRZS, as ABY3: unmasked, party 2's z reaches party 1 (truncation) and leaks x, W
     else:
         a, c = _triple(x, fixed, _matmul_size(x.size(), fixed.shape))
         eps = _comm().all_reduce(x.share - a)  # the only opening: x - a, uniform
@@ -582,34 +589,3 @@ def fixed_matmul_reference(x: torch.Tensor, w: torch.Tensor, transpose: bool = F
     """The float model: the masks cancel exactly in the ring, so the result is the plain product (float64)."""
     w = w.double()
     return x.double() @ (w.transpose(-2, -1) if transpose else w)
-
-
-def _dealer_class():
-    from crypten.mpc.provider.ttp_provider import TTPServer
-
-    class FixedOperandTTPServer(TTPServer):
-        """CrypTen's dealer plus two requests: ``fixed_register`` (sum the parties' seeded shares of ``B`` and keep
-        ``B`` under party 0's key) and ``fixed_triple`` (a fresh ``a`` from the seeds, party 0's share of
-        ``c = a @ B``). Everything else is the stock dealer. Memory: one ``B`` per fixed operand (|W| int64)."""
-
-        def __init__(self):
-            self.fixed_masks: dict[int, torch.Tensor] = {}
-            super().__init__()  # runs the serve loop until the parties terminate
-
-        def fixed_register(self, entries):
-            for key, size in entries:  # in the parties' drawing order
-                self.fixed_masks[key] = self._get_additive_PRSS(size)
-            return torch.zeros(1, dtype=torch.long, device=self.device)
-
-        def fixed_triple(self, spec, size0):
-            b = eval_spec(spec, self.fixed_masks)
-            a = self._get_additive_PRSS(size0)
-            c = ring_matmul(a, b)
-            return c - self._get_additive_PRSS(c.size(), remove_rank=True)
-
-    return FixedOperandTTPServer
-
-
-def serve_dealer() -> None:
-    """Run the dealer (stock requests + fixed-operand ones) until the compute parties shut down."""
-    _dealer_class()()

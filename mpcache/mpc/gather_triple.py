@@ -20,32 +20,48 @@ the SAME ``E, A`` (O is one value, masked once) and V's ``D, B``. Then the usual
   products of the always-attended rows, :func:`fixed_matmul`'s opening). The two-operand route took 3.
 * **bytes/party** (2PC): ``8·(|O| + |q|)`` and ``8·|p_sel|`` — the one-hot (``k·g`` ≈ the candidate clusters)
   and the query/probabilities of the attended rows only, instead of ``8·G·L`` twice.
-* **dealer** (TFP: party 0, no traffic): ``[a]``, ``[A]``, ``[A⊙B]`` (``k·blk·d``), ``[a⊗B]`` (``G·k·g·blk``
-  for K, ``G·k·g·d`` for V), ``[a·A·D]``, ``[a·A·B]`` (output-sized), all fresh per use. A TTP dealer would also
-  need ``D`` (public) once per fixed piece; only the TFP realisation is implemented (2 parties, CPU), the others
-  keep the two-operand route (``available``).
+* **dealer** terms, fresh per use: ``[a]``, ``[A]``, ``[A⊙B]`` (``k·blk·d``), ``[a⊗B]`` (``G·k·g·blk`` for K,
+  ``G·k·g·d`` for V) and ``[a·A·B]`` (output-sized); and the term with ``D``, ``[a·A·D]``, realised per provider:
 
-Security (semi-honest, TFP convention as everywhere: party 0 draws the masks). ``e = q - a``, ``E = O - A`` and
-``e' = p - a'`` are one-time pads: ``a``, ``A``, ``a'`` are fresh, uniform and mask one value each (``A`` masks
-the one-hot in both products: the same value with the same pad, opened once). ``D`` is K's (V's) earlier opening,
-public already. Every dealer term is a fresh additive sharing (pseudo-random zero sharing). So a party's view is
-the uniform openings plus its uniform shares, simulatable from the shapes alone: **leakage: shapes only** (the
-number of candidates, rows, slots: public functions of the budget).
+  - **TFP** (2 parties, party 0 makes every mask: no traffic): party 0 computes ``a·A·D`` itself and shares
+    ``a·A·(D + B)``.
+  - **TTP** (the pipelined dealer, :mod:`mpcache.mpc.dealer`): the dealer knows ``B``, so it must never see ``D``
+    (``D + B = W``). It supplies only D-free terms: ``[a⊗A]``, the shares of the outer product of the two masks
+    (``G·d·k·g`` for the scores, ``G·k·blk·g`` for the output: one entry per (query, contracted index of D)), and
+    every party contracts its share with the public ``D`` locally: ``Σ [a⊗A]·D = [a·A·D]``. Its other terms come
+    from its own ``B`` (the fixed operand's view recipe, ``spec``/:func:`eval_spec`), ``a`` and ``A`` from the
+    seeds it shares with the parties (``A`` registered once per one-hot, dropped after the output's request).
+    Party 0 posts one request per product (public: keys, view recipe with the public candidate indices, sizes)
+    and receives all its terms as one answer, off the critical path (taken after the product's opening);
+    party 1 draws its terms from its seed. **Dealer bytes** (party 0 receives, 8 per element):
+    ``k·blk·d + G·k·g·blk + G·d·k·g + G·k·blk`` for the scores, ``k·blk·dv + G·k·g·dv + G·k·blk·g + G·dv`` for
+    the output, per KV head; sent: the pickled requests (a few hundred bytes). **Online: the same openings,
+    bytes and rounds as TFP.**
+
+Security (semi-honest). ``e = q - a``, ``E = O - A`` and ``e' = p - a'`` are one-time pads: ``a``, ``A``, ``a'``
+are fresh, uniform and mask one value each (``A`` masks the one-hot in both products: the same value with the same
+pad, opened once). ``D`` is K's (V's) earlier opening, public already to the compute parties. Every dealer term is
+a fresh additive sharing (TFP: pseudo-random zero sharing by party 0; TTP: seeded shares for party 1, party 0's
+share from the dealer). So a compute party's view is the uniform openings plus its uniform shares, simulatable from
+the shapes alone. The TTP dealer sees the request stream only (sizes, keys, view recipes: public), never ``D``,
+an opening or a share. **Leakage: shapes only** (the number of candidates, rows, slots: public functions of the
+budget). TFP: party 0 knows every mask (the TFP convention: a benchmark mode).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fixed_operand import PATH_TFP, FixedOperand, _comm, _flat_open, _rand
+from .fixed_operand import _KEYS, PATH_TFP, PATH_TTP, FixedOperand, _comm, _flat_open, _rand, _ttp
 
 
 def available(fixed) -> bool:
-    """Whether the three-operand route runs for this fixed operand and session: TFP, 2 parties, CPU tensors (its
-    int64 contractions use torch's CPU kernels; CUDA has no int64 matmul and keeps the two-operand route)."""
+    """Whether the three-operand route runs for this fixed operand and session: TFP or the TTP dealer, 2 parties,
+    CPU tensors (its int64 contractions use torch's CPU kernels; CUDA has no int64 matmul and keeps the two-operand
+    route)."""
     return (
         isinstance(fixed, FixedOperand)
-        and fixed.path == PATH_TFP
+        and fixed.path in (PATH_TFP, PATH_TTP)
         and _comm().get_world_size() == 2
         and fixed.w.share.device.type in ("cpu", "meta")
     )  # meta: a dry run of a CPU party
@@ -70,15 +86,30 @@ def _sel(o, x):
 
 
 class OpenedOneHot:
-    """A one-hot ``O`` (scale 1, ring 0/1) with its mask drawn: ``A`` (party 0), ``[A]``, and ``E = O - A`` once
-    opened. Used by :func:`gathered_scores` (which opens ``E``) and then :func:`gathered_values` (same ``E, A``)."""
+    """A one-hot ``O`` (scale 1, ring 0/1) with its mask drawn: ``[A]`` (and ``A`` itself on TFP party 0; under
+    TTP the dealer's key for ``A``), and ``E = O - A`` once opened. Used by :func:`gathered_scores` (which opens
+    ``E``) and then :func:`gathered_values` (same ``E, A``). Under TTP every party draws its share of ``A`` from the
+    seed it shares with the dealer and party 0 registers ``A`` with the dealer (a request without answer)."""
 
     def __init__(self, onehot):
         self.onehot = onehot
         dev, size = onehot.share.device, onehot.share.size()
-        self.a_plain = _rand(size, dev) if _comm().get_rank() == 0 else None
-        self.a = _shared(self.a_plain, size, dev)
-        self.e = None
+        rank = _comm().get_rank()
+        self.e, self.key = None, None
+        if _ttp_session():
+            self.a_plain, self.key = None, next(_KEYS)  # the same counter on every party
+            self.a = _rand(size, dev, _ttp().generator(dev))
+            if rank == 0:
+                _ttp().request("fixed_register", dev, ([(self.key, tuple(size))],))
+        else:
+            self.a_plain = _rand(size, dev) if rank == 0 else None
+            self.a = _shared(self.a_plain, size, dev)
+
+
+def _ttp_session() -> bool:
+    from .fixed_operand import _path
+
+    return _path() == PATH_TTP
 
 
 def _slots(fixed: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor) -> FixedOperand:
@@ -87,7 +118,10 @@ def _slots(fixed: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Te
     hkv, d = int(fixed.shape[0]), int(fixed.shape[-1])
     k, g = (int(s) for s in idx.shape)
     blocks = fixed[:, start : start + n_cand * blk].reshape(hkv, n_cand, blk * d)
-    return blocks.index_select(1, idx.reshape(-1).to(fixed.d.device)).reshape(hkv, k, g, blk, d)
+    where = idx.reshape(-1)
+    if fixed.d.device.type != "meta":  # (a dry run keeps the public indices on the CPU: the TTP recipe lists them)
+        where = where.to(fixed.d.device)
+    return blocks.index_select(1, where).reshape(hkv, k, g, blk, d)
 
 
 def _finish(z, like, scale):
@@ -102,35 +136,97 @@ def _finish(z, like, scale):
     return res
 
 
+# ---- the dealer's D-free terms (TTP): computed by the dealer, shapes known to every party ---------------------------
+def score_term_sizes(hkv, G, k, g, blk, d) -> list[tuple]:
+    """Sizes of ``[A⊙B]``, ``[a⊗B]``, ``[a⊗A]``, ``[a·A·B]`` for the scores (the dealer's answer, in order)."""
+    return [(hkv, k, blk, d), (hkv, G, k, g, blk), (hkv, G, d, k, g), (hkv, G, k, blk)]
+
+
+def dealer_score_terms(a, A, B) -> list[torch.Tensor]:
+    """The scores' D-free mask products from a (Hkv, G, d), A (Hkv, k, g), B (Hkv, k, g, blk, d) (dealer side)."""
+    AB = _sel(A, B)  # A ⊙ B, summed over the slots
+    return [
+        AB,
+        torch.einsum("hgd,hrjid->hgrji", a, B),  # a ⊗ B (uncontracted in j)
+        torch.einsum("hgd,hrj->hgdrj", a, A),  # a ⊗ A: contracted with D by each party
+        torch.einsum("hgd,hrid->hgri", a, AB),  # a·A·B
+    ]
+
+
+def value_term_sizes(hkv, G, k, g, blk, dv) -> list[tuple]:
+    """Sizes of ``[A⊙B]``, ``[a'⊗B]``, ``[a'⊗A]``, ``[a'·A·B (+ a''·B_rest)]`` for the output (in order)."""
+    return [(hkv, k, blk, dv), (hkv, G, k, g, dv), (hkv, G, k, blk, g), (hkv, G, dv)]
+
+
+def dealer_value_terms(a, A, B) -> list[torch.Tensor]:
+    """The output's D-free mask products from a' (Hkv, G, k·blk), A (Hkv, k, g), B (Hkv, k, g, blk, dv)."""
+    hkv, kk, _, blk, _ = (int(s) for s in B.shape)
+    ap = a.reshape(hkv, int(a.shape[1]), kk, blk)
+    AB = _sel(A, B)
+    return [
+        AB,
+        torch.einsum("hgri,hrjiv->hgrjv", ap, B),
+        torch.einsum("hgri,hrj->hgrij", ap, A),  # a' ⊗ A (r shared): contracted with D by each party
+        torch.einsum("hgri,hriv->hgv", ap, AB),
+    ]
+
+
+def _dealer_terms(func: str, args: tuple, sizes: list[tuple], dev) -> list[torch.Tensor]:
+    """This party's shares of the dealer's terms: party 0 posts the request (its answer, pending until the next
+    opening, fills the views returned), party 1 draws them from its seed; same flat layout on both."""
+    total = sum(int(torch.Size(s).numel()) for s in sizes)
+    cl = _ttp()
+    if _comm().get_rank() == 0:
+        flat = cl.request(func, dev, args, (total,))
+    else:
+        flat = _rand((total,), dev, cl.generator(dev))
+    out, at = [], 0
+    for s in sizes:
+        n = int(torch.Size(s).numel())
+        out.append(flat[at : at + n].view(s))
+        at += n
+    return out
+
+
 def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor):
     """``S[h, γ, r, i] = Σ_{j,d} q[h,γ,d] O[h,r,j] K[h, cand(r,j)·blk + i, d]``: q (Hkv, G, d) shares (fixed-point),
     ``oh`` the (Hkv, k, g) compact one-hot (scale 1), K the fixed (Hkv, L, d) cache -> (Hkv, G, k·blk) at q's scale.
     Opens ``E = O - A`` (kept in ``oh`` for :func:`gathered_values`) and ``q - a``: 1 round, ``|O| + |q|`` elements.
+    TTP: one dealer request (answer ``k·blk·d + G·k·g·blk + G·d·k·g + G·k·blk`` elements per KV head, no round).
     Leaks: shapes only (module docstring)."""
     q = getattr(q, "w", q)
     ks = _slots(k, start, n_cand, blk, idx)
     hkv, kk, g, _, d = (int(s) for s in ks.shape)
     G = int(q.shape[1])
     dev, rank = q.share.device, _comm().get_rank()
-    a_plain = _rand(q.share.size(), dev) if rank == 0 else None
-    a = _shared(a_plain, q.share.size(), dev)
     out_size = torch.Size((hkv, G, kk, blk))
-    if rank == 0:
-        A, B, D = oh.a_plain, ks.b_plain, ks.d
-        c1 = _sel(A, B)  # A ⊙ B
-        t = torch.einsum("hgd,hrjid->hgrji", a_plain, B)  # a ⊗ B (uncontracted in j)
-        c34 = torch.einsum("hgd,hrid->hgri", a_plain, _sel(A, D + B))  # a·A·D + a·A·B
+    if ks.path == PATH_TTP:
+        a = _rand(q.share.size(), dev, _ttp().generator(dev))
+        c1, t, aA, c4 = _dealer_terms(
+            "gather_scores", (oh.key, ks.spec, tuple(q.share.size())), score_term_sizes(hkv, G, kk, g, blk, d), dev
+        )
     else:
-        c1 = t = c34 = None
-    c1 = _shared(c1, torch.Size((hkv, kk, blk, d)), dev)
-    t = _shared(t, torch.Size((hkv, G, kk, g, blk)), dev)
-    c34 = _shared(c34, out_size, dev)
-    e, E = _flat_open([q.share - a, oh.onehot.share - oh.a])
+        a_plain = _rand(q.share.size(), dev) if rank == 0 else None
+        a = _shared(a_plain, q.share.size(), dev)
+        if rank == 0:
+            A, B, D = oh.a_plain, ks.b_plain, ks.d
+            c1 = _sel(A, B)  # A ⊙ B
+            t = torch.einsum("hgd,hrjid->hgrji", a_plain, B)  # a ⊗ B (uncontracted in j)
+            c4 = torch.einsum("hgd,hrid->hgri", a_plain, _sel(A, D + B))  # a·A·D + a·A·B
+        else:
+            c1 = t = c4 = None
+        c1 = _shared(c1, torch.Size((hkv, kk, blk, d)), dev)
+        t = _shared(t, torch.Size((hkv, G, kk, g, blk)), dev)
+        c4 = _shared(c4, out_size, dev)
+        aA = None
+    e, E = _flat_open([q.share - a, oh.onehot.share - oh.a])  # (a TTP answer is complete after this exchange)
     oh.e = E
     # e·(E⊙[K] + [A]⊙D + [A⊙B]) + [a]·(E⊙D) + E·[a⊗B] + [a·A·D + a·A·B]   (pairwise contractions: cheap)
     z = torch.einsum("hgd,hrid->hgri", e, _sel(E, ks.w.share) + _sel(oh.a, ks.d) + c1)
     z = z + torch.einsum("hgd,hrid->hgri", a, _sel(E, ks.d))
-    z = z + torch.einsum("hrj,hgrji->hgri", E, t) + c34
+    z = z + torch.einsum("hrj,hgrji->hgri", E, t) + c4
+    if aA is not None:  # TTP: [a⊗A]·D, the D term the dealer must not compute
+        z = z + torch.einsum("hgdrj,hrjid->hgri", aA, ks.d)
     return _finish(z.reshape(hkv, G, kk * blk), q, k.w.encoder.scale)
 
 
@@ -140,7 +236,9 @@ def gathered_values(
     """``o[h, γ, :] = Σ_{r,i,j} p[h,γ,r·blk+i] O[h,r,j] V[h, cand(r,j)·blk + i, :]`` for the selected rows'
     probabilities p (Hkv, G, k·blk) and the one-hot already opened by :func:`gathered_scores`; ``rest``: an optional
     ``(p_rest, v_rest)`` (shares, fixed rows) added as ``p_rest @ v_rest`` in the SAME opening. Opens ``p - a'``
-    (and ``p_rest - a''``): 1 round, ``|p| (+ |p_rest|)`` elements. Leaks: shapes only (module docstring)."""
+    (and ``p_rest - a''``): 1 round, ``|p| (+ |p_rest|)`` elements. TTP: one dealer request (answer
+    ``k·blk·dv + G·k·g·dv + G·k·blk·g + G·dv`` elements per KV head, no round; the rest's ``a''·B`` folded into
+    the last term). Leaks: shapes only (module docstring)."""
     assert oh.e is not None, "gathered_values needs the one-hot opened by gathered_scores first"
     p = getattr(p, "w", p)
     vs = _slots(v, start, n_cand, blk, idx)
@@ -148,34 +246,45 @@ def gathered_values(
     G = int(p.shape[1])
     dev, rank = p.share.device, _comm().get_rank()
     psz = p.share.size()
-    a_plain = _rand(psz, dev) if rank == 0 else None
-    a = _shared(a_plain, psz, dev)
     out_size = torch.Size((hkv, G, dv))
+    ttp = vs.path == PATH_TTP
+    gen = _ttp().generator(dev) if ttp else None
+    a_plain = None if ttp or rank != 0 else _rand(psz, dev)
+    a = _rand(psz, dev, gen) if ttp else _shared(a_plain, psz, dev)
     opens = [p.share - a]
     if rest is not None:
         p2, v2 = getattr(rest[0], "w", rest[0]), rest[1]
-        a2_plain = _rand(p2.share.size(), dev) if rank == 0 else None
-        a2 = _shared(a2_plain, p2.share.size(), dev)
+        a2_plain = None if ttp or rank != 0 else _rand(p2.share.size(), dev)
+        a2 = _rand(p2.share.size(), dev, gen) if ttp else _shared(a2_plain, p2.share.size(), dev)
         opens.append(p2.share - a2)
-    if rank == 0:
-        A, B, D = oh.a_plain, vs.b_plain, vs.d
-        ap = a_plain.reshape(hkv, G, kk, blk)
-        c1 = _sel(A, B)
-        t = torch.einsum("hgri,hrjiv->hgrjv", ap, B)
-        c34 = torch.einsum("hgri,hriv->hgv", ap, _sel(A, D + B))
+    aA = None
+    if ttp:
+        args = (oh.key, vs.spec, tuple(psz))
         if rest is not None:
-            c34 = c34 + torch.matmul(a2_plain, v2.b_plain)  # the rest's triple c = a'' @ B
+            args += (v2.spec, tuple(p2.share.size()))
+        c1, t, aA, c4 = _dealer_terms("gather_values", args, value_term_sizes(hkv, G, kk, g, blk, dv), dev)
     else:
-        c1 = t = c34 = None
-    c1 = _shared(c1, torch.Size((hkv, kk, blk, dv)), dev)
-    t = _shared(t, torch.Size((hkv, G, kk, g, dv)), dev)
-    c34 = _shared(c34, out_size, dev)
+        if rank == 0:
+            A, B, D = oh.a_plain, vs.b_plain, vs.d
+            ap = a_plain.reshape(hkv, G, kk, blk)
+            c1 = _sel(A, B)
+            t = torch.einsum("hgri,hrjiv->hgrjv", ap, B)
+            c4 = torch.einsum("hgri,hriv->hgv", ap, _sel(A, D + B))
+            if rest is not None:
+                c4 = c4 + torch.matmul(a2_plain, v2.b_plain)  # the rest's triple c = a'' @ B
+        else:
+            c1 = t = c4 = None
+        c1 = _shared(c1, torch.Size((hkv, kk, blk, dv)), dev)
+        t = _shared(t, torch.Size((hkv, G, kk, g, dv)), dev)
+        c4 = _shared(c4, out_size, dev)
     opened = _flat_open(opens)
     e, E = opened[0].reshape(hkv, G, kk, blk), oh.e
     av = a.reshape(hkv, G, kk, blk)
     z = torch.einsum("hgri,hriv->hgv", e, _sel(E, vs.w.share) + _sel(oh.a, vs.d) + c1)
     z = z + torch.einsum("hgri,hriv->hgv", av, _sel(E, vs.d))  # [a']·(E⊙D)
-    z = z + torch.einsum("hrj,hgrjv->hgv", E, t) + c34
+    z = z + torch.einsum("hrj,hgrjv->hgv", E, t) + c4
+    if aA is not None:  # TTP: [a'⊗A]·D, the D term the dealer must not compute
+        z = z + torch.einsum("hgrij,hrjiv->hgv", aA, vs.d)
     if rest is not None:  # fixed_matmul's form, same opening
         z = z + torch.matmul(opened[1], v2.w.share) + torch.matmul(a2, v2.d)
     return _finish(z, p, v.w.encoder.scale)

@@ -1,5 +1,9 @@
 """Cost ledger: bytes and rounds counted at the communicator, per party, attributed to nested scopes.
 
+Why one file (~520 lines): the ledger, the counting communicator that feeds it (every transfer, the openings'
+one exchange and the dealer's pipelined traffic) and the per-round profile read from it are one accounting; split,
+each part would import the others' private counters.
+
 CrypTen's own counters are misleading (its "rounds" counts communicator calls; its time is not a wall clock),
 so we count every message where it is sent, with its real ``nbytes``:
 
@@ -12,6 +16,14 @@ so we count every message where it is sent, with its real ``nbytes``:
   collective over a list is one round); sends are free; a run of ``irecv`` calls posted together (only ``isend``
   in between, as in replicated sharing's resharing) is one round, which ends when one of them is waited on.
 * **kind**: traffic on CrypTen's trusted-third-party groups is ``dealer`` (triple generation), the rest ``online``.
+  With the pipelined dealer (:mod:`mpcache.mpc.dealer`, ``--provider ttp``) party 0 records each tuple request as
+  ``dealer`` bytes sent (pickle + 4-byte size header) and its answer as ``dealer`` bytes received (8 per element),
+  in the scope that draws the tuple, with **no round**: the request is a non-blocking send posted when the tuple is
+  drawn, the answer a receive posted at the same moment, and party 0 waits for it only after the next opening's
+  exchange (:meth:`CountingCommunicator._after_exchange`), which every tuple's answer waits for anyway (a tuple's
+  c is used only after the opening it masks). The dealer's round trip overlaps that opening: it is off the
+  critical path, so it adds no sequential exchange (its CPU time, where the dealer shares a core, is in the
+  measured seconds; waiting for a late answer is profiled as ``wait``).
 
 Scopes nest (``with ledger.scope("decode/3"), ledger.scope("L2"), ledger.scope("softmax"):``); each record
 goes to the full path of the innermost scope. Wall time is recorded per scope, inclusive, beside the counts.
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import time
 from collections import defaultdict
@@ -138,8 +151,8 @@ def _split(wall: float, wait: float, copy: float) -> dict[str, float]:
 class _EndsRun:
     """A posted irecv's request: waiting on it ends the run of irecvs that share one round."""
 
-    def __init__(self, work, ledger):
-        self._work, self._ledger = work, ledger
+    def __init__(self, work, ledger, after=None):
+        self._work, self._ledger, self._after = work, ledger, after
 
     def wait(self, *args, **kwargs):
         self._ledger._irecv_run = False
@@ -150,12 +163,20 @@ class _EndsRun:
             return self._work.wait(*args, **kwargs)
         finally:
             self._ledger._wait += _clock() - t0
+            if self._after is not None:
+                self._after()
 
     def is_completed(self):
         return self._work.is_completed()
 
 
 EXCHANGE_TAG = 7301  # MPI tag of the openings' exchange (when the session hands the communicator an MPI comm)
+#: an MPI exchange polls (MPICH's progress engine needs it); on a host with fewer cores than processes (2PC + the
+#: dealer on 2 cores) a party that has polled this long for its peer yields its core between polls
+#: (``sched_yield``), so the dealer, computing the answers party 0 waits for, is not starved by a spinning party.
+#: Measured on 2 shared cores (SmolLM2 decode, 3 runs each): yielding 3.6-4.0 s/token, napping (``sleep``) between
+#: polls 4.3-7.8 s (the nap's wake-up latency lands on every round).
+MPI_SPIN_S = 50e-6
 
 
 def _counting_communicator_class(base):
@@ -165,9 +186,27 @@ def _counting_communicator_class(base):
         counting = True
         ledger: CostLedger
         one_exchange: bool = True
+        mpi_nap: bool = False
+        dealer_settle = None  # the pipelined dealer client's completion (mpcache.mpc.dealer), if any
 
         def _kind(self, group) -> str:
             return "online" if group is None or group is self.main_group else "dealer"
+
+        def _after_exchange(self, final: bool = False):
+            """After every exchange of the compute parties: complete the pending dealer answers (their tuples'
+            openings have happened or are this one; see the module docstring). Time spent: ``wait``. ``final``:
+            the session's end (before CrypTen's "terminate" to the dealer): also end the dealer link."""
+            settle = self.dealer_settle
+            if settle is not None:
+                t0 = _clock()
+                try:
+                    settle(final=True) if final else settle()
+                finally:
+                    self.ledger._wait += _clock() - t0
+
+        def dealer_traffic(self, sent: int = 0, recv: int = 0):
+            """One pipelined dealer request (``sent``) and its answer (``recv``): dealer bytes, no round."""
+            self.ledger.record(sent=sent, recv=recv, kind="dealer")
 
         def _n(self, group=None) -> int:
             import torch.distributed as dist
@@ -194,7 +233,9 @@ def _counting_communicator_class(base):
 
         def recv(self, tensor, src=None):
             self.ledger.record(recv=_nbytes(tensor), rounds=self._recv_round())
-            return self._blocked(super().recv, tensor, src)
+            out = self._blocked(super().recv, tensor, src)
+            self._after_exchange()
+            return out
 
         def isend(self, tensor, dst):
             self.ledger.record(sent=_nbytes(tensor))  # does not end a run of posted irecvs
@@ -202,7 +243,7 @@ def _counting_communicator_class(base):
 
         def irecv(self, tensor, src=None):
             self.ledger.record(recv=_nbytes(tensor), rounds=self._recv_round(is_irecv=True))
-            return _EndsRun(self._blocked(super().irecv, tensor, src), self.ledger)
+            return _EndsRun(self._blocked(super().irecv, tensor, src), self.ledger, self._after_exchange)
 
         def all_reduce(self, input, op=None, batched=False):
             import torch.distributed as dist
@@ -215,12 +256,15 @@ def _counting_communicator_class(base):
                 and op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
                 and all(x.data.device.type == "cpu" for x in xs)
             ):
-                return self._exchange_reduce(xs, op == dist.ReduceOp.BXOR, batched)
-            return (
-                self._blocked(super().all_reduce, input, batched=batched)
-                if op is None
-                else self._blocked(super().all_reduce, input, op=op, batched=batched)
-            )
+                out = self._exchange_reduce(xs, op == dist.ReduceOp.BXOR, batched)
+            else:
+                out = (
+                    self._blocked(super().all_reduce, input, batched=batched)
+                    if op is None
+                    else self._blocked(super().all_reduce, input, op=op, batched=batched)
+                )
+            self._after_exchange()
+            return out
 
         def _exchange_reduce(self, xs, xor: bool, batched: bool):
             """The all-reduce of an opening as ONE exchange: every party sends its share to every other and
@@ -251,7 +295,10 @@ def _counting_communicator_class(base):
                 t1 = _clock()  # ... waiting for the peer while the requests are open ...
                 if not MPI.Request.Testall(reqs):  # a dead peer ends the job (mpiexec); a hung one must not
                     deadline = time.monotonic() + self.mpi_timeout
+                    nap_after = t1 + MPI_SPIN_S if self.mpi_nap else None
                     while not MPI.Request.Testall(reqs):
+                        if nap_after is not None and _clock() > nap_after:
+                            os.sched_yield()  # the dealer (if runnable here) computes meanwhile (MPI_SPIN_S)
                         if time.monotonic() > deadline:
                             raise TimeoutError(
                                 f"party {me}: no opening from parties {peers} for {self.mpi_timeout:.0f} s; a peer "
@@ -291,11 +338,13 @@ def _counting_communicator_class(base):
             self.ledger.record(
                 sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0
             )
-            return (
+            out = (
                 self._blocked(super().reduce, input, dst, batched=batched)
                 if op is None
                 else self._blocked(super().reduce, input, dst, op=op, batched=batched)
             )
+            self._after_exchange()
+            return out
 
         def gather(self, tensor, dst):
             n, b = self._n(), _nbytes(tensor)
@@ -303,12 +352,16 @@ def _counting_communicator_class(base):
             self.ledger.record(
                 sent=0 if me else b, recv=(n - 1) * b if me else 0, rounds=self._recv_round() if me else 0
             )
-            return self._blocked(super().gather, tensor, dst)
+            out = self._blocked(super().gather, tensor, dst)
+            self._after_exchange()
+            return out
 
         def all_gather(self, tensor):
             n, b = self._n(), _nbytes(tensor)
             self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
-            return self._blocked(super().all_gather, tensor)
+            out = self._blocked(super().all_gather, tensor)
+            self._after_exchange()
+            return out
 
         def broadcast(self, input, src, group=None, batched=False):
             n, b = self._n(group), _nbytes(input)
@@ -317,7 +370,9 @@ def _counting_communicator_class(base):
             self.ledger.record(
                 sent=(n - 1) * b if me else 0, recv=0 if me else b, rounds=0 if me else 1, kind=self._kind(group)
             )
-            return self._blocked(super().broadcast, input, src, group=group, batched=batched)
+            out = self._blocked(super().broadcast, input, src, group=group, batched=batched)
+            self._after_exchange()
+            return out
 
         def scatter(self, scatter_list, src, size=None, device=None):
             me = self.get_rank() == src
@@ -326,9 +381,13 @@ def _counting_communicator_class(base):
                 b = int(torch.Size(size).numel()) * 8
             self.ledger._irecv_run = False
             self.ledger.record(sent=(self._n() - 1) * b if me else 0, recv=0 if me else b, rounds=0 if me else 1)
-            return self._blocked(super().scatter, scatter_list, src, size=size, device=device)
+            out = self._blocked(super().scatter, scatter_list, src, size=size, device=device)
+            self._after_exchange()
+            return out
 
         def send_obj(self, obj, dst, group=None):
+            if self._kind(group) == "dealer":  # CrypTen's "terminate": every pending answer first, then the link ends
+                self._after_exchange(final=isinstance(obj, str) and obj == "terminate")
             self.ledger._irecv_run = False
             self.ledger.record(sent=len(pickle.dumps(obj)) + 4, kind=self._kind(group))
             return self._blocked(super().send_obj, obj, dst, group=group)
@@ -355,6 +414,20 @@ def _counting_communicator_class(base):
     return CountingCommunicator
 
 
+ATTACH_HOOKS: list = []  # callables run on the communicator by every attach (empty unless an audit is on)
+
+
+def _oversubscribed(inst) -> bool:
+    """A dealer process beside the compute parties, and fewer cores than processes on this host."""
+    if not getattr(inst, "ttp_initialized", False):
+        return False
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores < inst.get_world_size() + 1
+
+
 def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0, one_exchange: bool = True):
     """Make CrypTen's live communicator count into ``ledger``.
 
@@ -372,6 +445,9 @@ def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0, one_ex
     inst.mpi_comm = mpi_comm  # the compute parties' MPI communicator (same ranks), or None: gloo
     inst.one_exchange = one_exchange  # MpcConfig.one_exchange: an opening's all-reduce as one exchange
     inst.mpi_timeout = mpi_timeout  # seconds an MPI exchange may wait for a peer (gloo has its own timeout)
+    inst.mpi_nap = _oversubscribed(inst)  # a long MPI wait yields the core between polls (MPI_SPIN_S)
+    for hook in ATTACH_HOOKS:  # e.g. the reveal audit (mpcache/mpc/audit.py) recording what this party receives
+        hook(inst)
     return inst
 
 

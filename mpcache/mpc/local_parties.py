@@ -27,7 +27,8 @@ Why processes and not CrypTen's ``init_thread``: CrypTen keeps its generators an
 (threads would share them) and its thread communicator is not the ``DistributedCommunicator`` the ledger counts.
 
 Settings: 2PC ``arithmetic``/``tfp`` and ``arithmetic``/``ttp`` (a dealer process serving
-:func:`mpcache.mpc.session.serve_dealer`), 3PC ``replicated``/``tfp`` -- the settings of the mpirun jobs.
+:func:`mpcache.mpc.session.serve_dealer`), 3PC ``replicated``/``none`` (dealer-free, the default for replicated) --
+the settings of the mpirun jobs -- and 3PC ``replicated``/``tfp`` (an insecure baseline, only if asked for).
 
 Failure is loud and bounded: a party that raises (any rank), exits (the dealer included), or is not done within
 ``timeout`` seconds makes the call raise :class:`PartyFailure` (an ``AssertionError``, so a test fails rather than
@@ -55,7 +56,7 @@ import torch
 
 from .config import MpcConfig
 from .ledger import CostLedger
-from .session import PROTOCOLS, PROVIDERS, Session
+from .session import PROTOCOLS, PROVIDERS, Session, resolve_provider
 
 
 class PartyFailure(AssertionError):
@@ -276,7 +277,7 @@ def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, fir
         import torch.distributed as dist
         from crypten import communicator as cmod
 
-        from . import lean_tfp
+        from . import dealer_free, lean_tfp
         from .ledger import attach
 
         sess.crypten.init()
@@ -290,6 +291,12 @@ def _party(rank: int, cfg: MpcConfig, rendezvous: str, timeout: float, conn, fir
             inst.pipes = mine
         if cfg.provider == "tfp" and cfg.lean_tfp:
             lean_tfp.install()
+        if cfg.provider == "ttp":
+            from . import dealer
+
+            dealer.install()  # the pipelined TTP provider, as open_session installs it
+        if cfg.provider == "none":
+            dealer_free.install()
         live = attach(sess.ledger, None, timeout, one_exchange=cfg.one_exchange)  # once: it re-classes CrypTen's
         task = first  # communicator each time
         while True:
@@ -326,7 +333,9 @@ def _warm() -> None:
 
 class Parties:
     """``n`` compute parties (plus a dealer with ``provider="ttp"``) of one session, forked from this process on
-    the first :meth:`run` and kept until :meth:`close` (or a failure). ``mpc``: the session's protocol knobs
+    the first :meth:`run` and kept until :meth:`close` (or a failure). ``provider`` None: dealer-free ("none") for
+    the replicated protocol, "tfp" for arithmetic (:func:`~mpcache.mpc.session.resolve_provider`). ``mpc``: the
+    session's protocol knobs
     (default :class:`MpcConfig`'s; protocol, provider and parties are replaced by the arguments), as
     ``session.cfg``. ``timeout``: the default bound of each call, in seconds. ``p2p``: the point-to-point
     transport (openings, resharing): "pipes" (:class:`_Pipes`) or "gloo" (CrypTen's own); collectives, the
@@ -337,11 +346,13 @@ class Parties:
         n: int,
         *,
         protocol: str = "arithmetic",
-        provider: str = "tfp",
+        provider: str | None = None,
         mpc: MpcConfig | None = None,
         timeout: float = 120.0,
         p2p: str = "pipes",
     ):
+        if provider is None and protocol in PROTOCOLS:
+            provider = resolve_provider(protocol, None)
         if protocol not in PROTOCOLS or provider not in PROVIDERS:
             raise ValueError(
                 f"protocol {protocol!r} / provider {provider!r}: use one of {sorted(PROTOCOLS)} / {sorted(PROVIDERS)}"
@@ -442,7 +453,7 @@ def run_parties(
     fn: Callable[[Session], Any],
     *,
     protocol: str = "arithmetic",
-    provider: str = "tfp",
+    provider: str | None = None,
     mpc: MpcConfig | None = None,
     timeout: float = 120.0,
     p2p: str = "pipes",

@@ -18,7 +18,7 @@ layer's cost fails there, naming this file.
 
 Cost conventions (64-bit ring, 8 bytes per element, n compute parties), as :mod:`mpcache.mpc.ledger` counts:
 an opening of N elements is (n-1)·8·N bytes each way and 1 round; a Beaver product opens both operands (1 round;
-with TTP party 0 also asks the dealer: 2 dealer rounds); a replicated product sends each party's share of both
+with TTP party 0 also asks the dealer: dealer bytes, no round); a replicated product sends each party's share of both
 operands to the next party (1 round); CrypTen's comparison ``_ltz`` is an A2B adder (1 AND + 6 prefix levels)
 per halving of the n sharings and a B2A opening: 8 rounds and 216 B per element in 2PC; the lean 32-bit-lane
 comparison (``ops._ltz_lean``) packs two elements a word: 1 AND + 5 levels + B2A, 7 rounds, ~96 B.
@@ -40,7 +40,8 @@ SPK_LEVELS = 6  # log2(64): levels of the carry tree of one binary adder
 
 @dataclass(frozen=True)
 class Setting:
-    """n compute parties, ``protocol`` arithmetic (Beaver) | replicated (3PC), ``provider`` tfp | ttp."""
+    """n compute parties, ``protocol`` arithmetic (Beaver) | replicated (3PC), ``provider`` tfp | ttp | none
+    (dealer-free 3PC, replicated only)."""
 
     n: int = 2
     protocol: str = "arithmetic"
@@ -49,8 +50,10 @@ class Setting:
     def __post_init__(self):
         if self.protocol not in ("arithmetic", "replicated"):
             raise ValueError(f"protocol must be arithmetic or replicated, got {self.protocol!r}")
-        if self.provider not in ("tfp", "ttp"):
-            raise ValueError(f"provider must be tfp or ttp, got {self.provider!r}")
+        if self.provider not in ("tfp", "ttp", "none"):
+            raise ValueError(f"provider must be tfp, ttp or none, got {self.provider!r}")
+        if self.provider == "none" and self.protocol != "replicated":
+            raise ValueError("provider none (dealer-free) needs the replicated protocol (3 parties)")
         if self.protocol == "replicated" and self.n != 3:
             raise ValueError("the replicated protocol needs exactly 3 parties")
         if self.protocol == "arithmetic" and self.n != 2:
@@ -58,7 +61,7 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return f"{self.n}PC {self.protocol} {self.provider.upper()}"
+        return f"{self.n}PC {self.protocol} {'dealer-free' if self.provider == 'none' else self.provider.upper()}"
 
 
 KINDS = ("online", "dealer")
@@ -160,14 +163,15 @@ def _pickled(obj) -> int:
 
 
 def ttp_request(s: Setting, func: str, out_shape, *args) -> Cost:
-    """One request of party 0 to CrypTen's dealer (TTP only; free with TFP): the pickled message, the pickled size
-    of the answer, and party 0's share of the answer (a broadcast from the dealer). 2 dealer rounds."""
+    """One request of party 0 to the pipelined dealer (TTP only; free with TFP; mpcache/mpc/dealer.py): the pickled
+    request sent and party 0's share of the answer received, 0 rounds (off the critical path)."""
     c = Cost(s.n)
     if s.provider != "ttp":
         return c
-    msg = {"function": func, "device": "cpu", "args": args, "kwargs": {}}
+    from .dealer import request_nbytes
+
     out = _size(out_shape)
-    return c.add(0, _pickled(msg), _pickled(out) + ELT * out.numel(), 2, kind="dealer")
+    return c.add(0, request_nbytes(func, "cpu", *args), ELT * out.numel(), 0, kind="dealer")
 
 
 def _bilinear(s: Setting, op: str, xshape, yshape, out_shape, trunc: bool) -> Cost:
@@ -205,6 +209,17 @@ def _adder(s: Setting, shape) -> Cost:
     return c
 
 
+def b2a(s: Setting, shape) -> Cost:
+    """CrypTen's B2A_single_bit of a bit sharing of ``shape``: the provider's B2A tuple (a TTP request, free with
+    TFP) and the opening of ``x ^ r`` (1 round); dealer-free 3PC (mpcache/mpc/dealer_free.py) adds, in the same
+    exchange, 8 bytes per element from party 1 to party 2."""
+    shape = _size(shape)
+    c = ttp_request(s, "B2A", shape, shape) + open_(s, shape.numel())
+    if s.provider == "none":
+        c.add(1, sent=ELT * shape.numel()).add(2, recv=ELT * shape.numel())
+    return c
+
+
 def ltz(s: Setting, shape) -> Cost:
     """``MPCTensor._ltz`` (the comparison [x < 0]) of a share of ``shape``: A2B (binary tree of adders over the n
     parties' shares) and B2A of the sign bit."""
@@ -215,9 +230,7 @@ def ltz(s: Setting, shape) -> Cost:
     while k > 1:  # BinarySharedTensor.sum's log-reduction over the n stacked sharings
         c += _adder(s, one)
         k = k // 2 + k % 2
-    c += ttp_request(s, "B2A", shape, shape)
-    c += open_(s, shape.numel())
-    return c
+    return c + b2a(s, shape)
 
 
 def ltz_lean(s: Setting, shape) -> Cost:
@@ -234,7 +247,7 @@ def ltz_lean(s: Setting, shape) -> Cost:
     c += _and(s, w, w)
     for _ in range(5):
         c += _and(s, w2, w2)
-    return c + ttp_request(s, "B2A", w2, w2) + open_(s, 2 * h)
+    return c + b2a(s, w2)
 
 
 def _cmp(s: Setting, shape, lean: bool) -> Cost:

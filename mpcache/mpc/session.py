@@ -35,12 +35,34 @@ from .config import MpcConfig
 from .ledger import CostLedger, attach
 
 PROTOCOLS = {"arithmetic": "beaver", "replicated": "replicated"}
-PROVIDERS = {"tfp": "TFP", "ttp": "TTP"}
+PROVIDERS = {"tfp": "TFP", "ttp": "TTP", "none": "R3"}  # "none": dealer-free 3PC (mpcache/mpc/dealer_free.py)
 SERVER, CLIENT = 0, 1
 
 
 class SessionError(RuntimeError):
     """A configuration or peer problem, with a message that says how to fix it."""
+
+
+def resolve_provider(protocol: str, provider: str | None) -> str:
+    """The ``--provider`` a command line means: none given -> dealer-free for ``replicated`` (3PC), TFP for
+    ``arithmetic`` (2PC; the default to change when 2PC gets a dealer by default). 3PC takes no dealer, so
+    ``--protocol replicated --provider tfp|ttp`` is refused, as is ``--provider none`` with 2PC."""
+    if provider is None:
+        return "none" if protocol == "replicated" else "tfp"
+    if provider not in PROVIDERS:
+        raise SessionError(f"unknown --provider {provider!r}: use one of {sorted(PROVIDERS)}")
+    if protocol == "replicated" and provider != "none":
+        raise SessionError(
+            f"--protocol replicated is dealer-free 3PC: its tuples come from the three parties' pairwise seeds, "
+            f"with no dealer; drop --provider {provider} (a 2PC run with a dealer is --protocol arithmetic "
+            f"--provider {provider})."
+        )
+    if protocol != "replicated" and provider == "none":
+        raise SessionError(
+            "--provider none (dealer-free) needs --protocol replicated (3 parties: `mpirun -n 3`); "
+            "2PC takes --provider tfp or ttp."
+        )
+    return provider
 
 
 @dataclass
@@ -270,7 +292,7 @@ def check_handshake(infos: list[dict]) -> None:
 
 def open_session(
     protocol: str = "arithmetic",
-    provider: str = "tfp",
+    provider: str | None = None,
     device: str = "cpu",
     public_info: dict | None = None,
     timeout_s: float = 120.0,
@@ -284,7 +306,9 @@ def open_session(
     across parties before any secret is shared. ``master_addr``/``iface``/``port``: see :func:`find_rendezvous`
     (default: found over MPI, so the same command runs on one host or on several from an mpirun hostfile).
     ``mpc``: the protocol knobs (an :class:`MpcConfig`, or ``--mpc KEY=VALUE`` items over the defaults); its
-    protocol, provider and parties are this session's. Every field is compared in the handshake."""
+    protocol, provider and parties are this session's. Every field is compared in the handshake. ``provider`` None:
+    :func:`resolve_provider`'s default (dealer-free for replicated, TFP for arithmetic); an explicit TFP with the
+    replicated protocol stays possible here (an insecure 3PC benchmark baseline), not from the command line."""
     from mpi4py import MPI
 
     world = mpi_comm or MPI.COMM_WORLD
@@ -292,8 +316,12 @@ def open_session(
     torch.set_num_threads(1)
     if protocol not in PROTOCOLS:
         raise SessionError(f"unknown --protocol {protocol!r}: use one of {sorted(PROTOCOLS)}")
+    if provider is None:
+        provider = resolve_provider(protocol, None)
     if provider not in PROVIDERS:
         raise SessionError(f"unknown --provider {provider!r}: use one of {sorted(PROVIDERS)}")
+    if provider == "none" and protocol != "replicated":
+        resolve_provider(protocol, provider)  # raises, naming the fix
     n_parties = size - (1 if provider == "ttp" else 0)
     if n_parties < 2:
         raise SessionError(
@@ -334,7 +362,7 @@ def open_session(
     if comm == MPI.COMM_NULL:
         comm = None
 
-    from . import compat, lean_tfp
+    from . import compat, dealer_free, lean_tfp
 
     crypten = compat.crypten()
     # The default process-group timeout (30 min) would turn a dead peer into a half-hour hang.
@@ -368,6 +396,12 @@ def open_session(
     crypten.init()
     if provider == "tfp" and cfg.lean_tfp:
         lean_tfp.install()  # same tuples' distribution and trust model, fewer PRG draws
+    if provider == "ttp":
+        from . import dealer
+
+        dealer.install()  # CrypTen's TTP tuples, requested without waiting (mpcache/mpc/dealer.py)
+    if provider == "none":
+        dealer_free.install()  # the tuples from the parties' pairwise seeds, re-randomised replicated products
     attach(ledger, comm if over_mpi else None, timeout_s, one_exchange=cfg.one_exchange)
     return sess
 
@@ -379,7 +413,7 @@ def open_session_from_cli(args, public_info: dict, **knobs) -> Session:
     mpc = [*args.mpc, *(f"{k}={json.dumps(v)}" for k, v in knobs.items())]
     return open_session(
         args.protocol,
-        args.provider,
+        resolve_provider(args.protocol, args.provider),
         args.device,
         public_info,
         timeout_s=args.timeout,
@@ -410,11 +444,11 @@ def _mpi_exchange(setting, device: str, n_parties: int, local: bool = True) -> b
 
 
 def serve_dealer(sess: Session) -> None:
-    """Run CrypTen's trusted-third-party dealer loop until the compute parties shut down."""
-    # CrypTen's TTPServer plus the two fixed-operand requests (a superset: stock requests behave as before).
-    from .fixed_operand import serve_dealer as serve_fixed_operand_dealer
+    """Run the pipelined dealer loop (mpcache/mpc/dealer.py: CrypTen's TTP requests plus the fixed-operand and
+    gather ones) until the compute parties shut down."""
+    from .dealer import serve
 
-    serve_fixed_operand_dealer()
+    serve()
 
 
 def run_party(main, *args, **kwargs) -> int:
