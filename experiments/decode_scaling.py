@@ -236,7 +236,9 @@ def parse_policies(spec: str) -> list[tuple[str, str]]:
 
 
 def run_bench(out_dir: Path, world: int, bench_args: list[str], provider: str = "tfp") -> Path:
-    """Launch ``mpirun -n world python -m parties bench ... --out out_dir`` (3 = replicated); returns bench.csv."""
+    """Launch ``mpirun -n world python -m parties bench ... --out out_dir`` (3 = replicated, dealer-free: no
+    provider; 2 = 2PC with ``provider``: TFP by default here, a labelled benchmark mode whose online bytes and rounds
+    equal the dealer's exactly, without a dealer rank); returns bench.csv."""
     venv = REPO / ".venv" / "bin"
     mpirun = str(venv / "mpirun") if (venv / "mpirun").exists() else "mpirun"
     python = str(venv / "python") if (venv / "python").exists() else sys.executable
@@ -252,8 +254,7 @@ def run_bench(out_dir: Path, world: int, bench_args: list[str], provider: str = 
         *bench_args,
         "--protocol",
         protocol,
-        "--provider",
-        provider,
+        *(["--provider", provider] if protocol == "arithmetic" else []),
         "--out",
         str(out_dir),
     ]

@@ -309,7 +309,7 @@ def test_resolve_provider_and_the_settings_that_take_it():
 
     assert resolve_provider("replicated", None) == "none"
     assert resolve_provider("replicated", "none") == "none"
-    assert resolve_provider("arithmetic", None) == "tfp"
+    assert resolve_provider("arithmetic", None) == "ttp"  # secure by default: 2PC takes a dealer
     assert resolve_provider("arithmetic", "ttp") == "ttp"
     for bad in ("tfp", "ttp"):
         with pytest.raises(SessionError, match=f"dealer-free.*drop --provider {bad}"):

@@ -31,6 +31,9 @@ GEN = [
 ]
 
 
+TFP = ["--provider", "tfp"]  # two ranks: the benchmark provider (the default 2PC takes a dealer rank)
+
+
 def mpi_env(tmp_path, **extra) -> dict:
     """The environment of a hand-built mpirun line: conftest.run_mpi's (temporary files to tmp_path, no hydra
     topology file in /tmp) plus ``extra``."""
@@ -57,7 +60,7 @@ def fabric():
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(
     "n,extra",
-    [(2, []), (3, ["--protocol", "replicated"]), (3, ["--provider", "ttp"])],
+    [(2, ["--provider", "tfp"]), (3, ["--protocol", "replicated"]), (3, [])],  # 3 ranks, no flag: 2PC + dealer
     ids=["2pc", "3pc", "2pc-dealer"],
 )
 def test_hostfile_run_across_namespaces_equals_loopback(fabric, tmp_path, n, extra):
@@ -96,7 +99,7 @@ def test_hostfile_run_across_namespaces_equals_loopback(fabric, tmp_path, n, ext
 
 @pytest.mark.timeout(120)
 def test_unknown_interface_is_refused(tmp_path):
-    p = run_mpi(2, [*GEN, "--iface", "nosuchif0", "--out", str(tmp_path / "x")], timeout=100, check=False)
+    p = run_mpi(2, [*GEN, *TFP, "--iface", "nosuchif0", "--out", str(tmp_path / "x")], timeout=100, check=False)
     assert p.returncode != 0
     assert "--iface 'nosuchif0' is not an IPv4 interface on host" in p.stderr and socket.gethostname() in p.stderr
     assert not (tmp_path / "x").exists()
@@ -108,7 +111,7 @@ def test_taken_port_is_refused(tmp_path):
         s.bind(("0.0.0.0", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        p = run_mpi(2, [*GEN, "--port", str(port), "--out", str(tmp_path / "x")], timeout=100, check=False)
+        p = run_mpi(2, [*GEN, *TFP, "--port", str(port), "--out", str(tmp_path / "x")], timeout=100, check=False)
     assert p.returncode != 0
     assert f"cannot listen on TCP port {port}" in p.stderr and "pass a free --port" in p.stderr
     assert not (tmp_path / "x").exists()
@@ -124,7 +127,7 @@ def test_different_code_is_refused_at_startup(tmp_path):
         shutil.copytree(os.path.join(ROOT, pkg), copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / "mpcache" / "latency.py", "a") as f:
         f.write("\n# a different build\n")
-    args = [*GEN, "--out", str(tmp_path / "x")]
+    args = [*GEN, *TFP, "--out", str(tmp_path / "x")]
     p = run_mpi(1, [*args, ":", "-n", "1", "-wdir", str(copy), sys.executable, *args], timeout=100, check=False)
     assert p.returncode != 0
     assert "handshake failed" in p.stderr and "  code: rank 0" in p.stderr and "same commit" in p.stderr
@@ -135,7 +138,7 @@ def test_different_code_is_refused_at_startup(tmp_path):
 def test_unreachable_rank0_is_refused(tmp_path):
     """A --master-addr the other party cannot reach (TEST-NET-1): every party exits non-zero within seconds, the
     message names both hosts and the fix."""
-    p = run_mpi(2, [*GEN, "--master-addr", "192.0.2.1", "--out", str(tmp_path / "x")], timeout=100, check=False)
+    p = run_mpi(2, [*GEN, *TFP, "--master-addr", "192.0.2.1", "--out", str(tmp_path / "x")], timeout=100, check=False)
     assert p.returncode != 0
     assert "cannot reach rank 0 on host" in p.stderr and "192.0.2.1" in p.stderr and "--master-addr" in p.stderr
     assert not (tmp_path / "x").exists()

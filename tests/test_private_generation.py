@@ -59,9 +59,10 @@ def test_costs_do_not_depend_on_secrets(tmp_path):
 
 
 def test_cli_generate_writes_summary(tmp_path):
+    """The default configuration end to end: 3 ranks, no flag = 2PC + a dealer (secure by default)."""
     out = tmp_path / "run"
     p = run_mpi(
-        2,
+        3,
         [
             "-m",
             "parties",
@@ -94,6 +95,7 @@ def test_cli_generate_writes_summary(tmp_path):
     ):
         assert key in s, key
     assert s["tokens_agree"] and len(s["per_token"]) == 3
+    assert s["provider"] == "ttp" and "dealer" in s["trust_model"] and "WARNING" not in p.stderr
     assert len(s["per_token"][1]["bytes_sent"]) == 2 and s["per_token"][1]["rounds"] > 0
     assert (out / "rank0.json").exists() and (out / "rank1.json").exists()
     assert "tokens agree" in p.stdout
@@ -109,6 +111,7 @@ def _launch(n, args, timeout=120):
 def test_different_protocol_knobs_are_refused_at_startup(tmp_path):
     """Two parties launched with different MpcConfig knobs (MPMD): refused at the handshake, naming the field."""
     gen = ["-m", "parties", "generate", "--model", "tiny-llama", "--max-new-tokens", "2", "--out", str(tmp_path / "o")]
+    gen += ["--provider", "tfp"]
     p = run_mpi(1, [*gen, ":", "-n", "1", sys.executable, *gen, "--mpc", "exp_iters=10"], timeout=120, check=False)
     assert p.returncode != 0
     assert "mpc.exp_iters: rank 0" in p.stderr and "pass the same --mpc" in p.stderr, p.stderr[-2000:]
@@ -116,7 +119,7 @@ def test_different_protocol_knobs_are_refused_at_startup(tmp_path):
 
 
 def test_handshake_mismatch_is_refused(tmp_path):
-    gen = ["-m", "parties", "generate", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    gen = ["-m", "parties", "generate", "--max-new-tokens", "2", "--out", str(tmp_path), "--provider", "tfp"]
     p, _ = _launch(1, [*gen, "--model", "tiny-llama", ":", "-n", "1", sys.executable, *gen, "--model", "tiny-gpt2"])
     assert p.returncode != 0
     assert "handshake failed" in p.stderr and "model" in p.stderr
@@ -139,15 +142,24 @@ def test_hung_party_times_out_with_a_clear_message(tmp_path):
 @pytest.mark.parametrize(
     "n,extra,needle",
     [
-        (1, [], "launch with `mpirun -n 2"),
+        (1, [], "launch with `mpirun -n 3"),
+        (2, [], "--provider tfp` (party 0 makes every triple)"),
         (2, ["--protocol", "replicated"], "exactly 3 compute parties"),
-        (3, [], "launch 3 parties with --protocol replicated"),
-        (2, ["--policy", "mpcache", "--budget", "1.5"], "must be a whole number (e.g. --budget 64)"),
-        (2, ["--budget", "0.1"], "the full cache attends every row and takes no budget"),
+        (3, ["--provider", "tfp"], "launch 3 parties with --protocol replicated"),
+        (3, ["--policy", "mpcache", "--budget", "1.5"], "must be a whole number (e.g. --budget 64)"),
+        (3, ["--budget", "0.1"], "the full cache attends every row and takes no budget"),
         # tiny-llama's context is 8192 positions: 8190 new tokens do not fit beside any prompt
-        (2, ["--max-new-tokens", "8190"], "shorten the prompt or ask for fewer new tokens"),
+        (3, ["--max-new-tokens", "8190"], "shorten the prompt or ask for fewer new tokens"),
     ],
-    ids=["one-party", "replicated-2", "arithmetic-3", "fractional-count", "budget-full", "too-long"],
+    ids=[
+        "one-party",
+        "two-parties-no-dealer",
+        "replicated-2",
+        "arithmetic-3-tfp",
+        "fractional-count",
+        "budget-full",
+        "too-long",
+    ],
 )
 def test_bad_launch_is_explained(n, extra, needle, tmp_path):
     """Refused before any work (no offline sharing: a few seconds), with the fix named, nothing in --out."""
@@ -159,7 +171,8 @@ def test_bad_launch_is_explained(n, extra, needle, tmp_path):
 
 
 def test_bad_model_is_explained(tmp_path):
-    p, _ = _launch(2, ["-m", "parties", "generate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    args = ["-m", "parties", "generate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]
+    p, _ = _launch(2, [*args, "--provider", "tfp"])
     assert p.returncode != 0 and "cannot load --model" in p.stderr
 
 

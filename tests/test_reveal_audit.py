@@ -295,6 +295,7 @@ def test_verify_mode_is_a_labelled_step_after_the_private_run(tmp_path, monkeypa
     adir, out = tmp_path / "audit", tmp_path / "out"
     monkeypatch.setenv("MPCACHE_AUDIT", str(adir))
     args = ["-m", "parties", "generate", "--model", "tiny-llama", "--max-new-tokens", "2", "--prompt", "secret"]
+    args += ["--provider", "tfp"]
     run_mpi(2, [*args, "--out", str(out)], timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     server = audit.load(adir / "rank0.pt")["messages"]

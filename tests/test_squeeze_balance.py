@@ -396,7 +396,19 @@ def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch
     gen = ["-m", "parties", "generate", "--model", "tiny-llama", "--prompt-file", str(prompt), "--max-new-tokens", "2"]
     p = run_mpi(
         2,
-        [*gen, "--policy", "h2o", "--budget", "0.3", "--layer-budgets", "calibrated", "--out", str(tmp_path / "bad")],
+        [
+            *gen,
+            "--provider",
+            "tfp",
+            "--policy",
+            "h2o",
+            "--budget",
+            "0.3",
+            "--layer-budgets",
+            "calibrated",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
         check=False,
         timeout=300,
     )
@@ -408,7 +420,7 @@ def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch
         ["--policy", "balancekv", "--budget", "0.25"],
         ["--policy", "h2o", "--budget", "0.3", "--layer-budgets", "calibrated"],
     ):
-        for n, proto in ((2, []), (3, ["--protocol", "replicated"])):  # 2PC and 3PC
+        for n, proto in ((2, ["--provider", "tfp"]), (3, ["--protocol", "replicated"])):  # 2PC and 3PC
             out = tmp_path / f"{pol[1]}-{n}"
             run_mpi(n, [*gen, *pol, *proto, "--out", str(out)], timeout=300)
             s = json.loads((out / "summary.json").read_text())
@@ -420,6 +432,8 @@ def test_cli_generate_and_bench_with_squeeze_and_balancekv(tmp_path, monkeypatch
             "-m",
             "parties",
             "bench",
+            "--provider",
+            "tfp",
             "--model",
             "tiny-llama",
             "--text",
@@ -480,6 +494,8 @@ def test_bench_scales_per_layer_budgets_exactly(tmp_path):
                 "-m",
                 "parties",
                 "bench",
+                "--provider",
+                "tfp",
                 "--model",
                 str(ckpt),
                 "--seq-lens",

@@ -44,11 +44,12 @@ class SessionError(RuntimeError):
 
 
 def resolve_provider(protocol: str, provider: str | None) -> str:
-    """The ``--provider`` a command line means: none given -> dealer-free for ``replicated`` (3PC), TFP for
-    ``arithmetic`` (2PC; the default to change when 2PC gets a dealer by default). 3PC takes no dealer, so
+    """The ``--provider`` a command line means: none given -> dealer-free for ``replicated`` (3PC), the dealer
+    (``ttp``: 2 compute parties + a dealer rank that sees no data) for ``arithmetic`` -- a secure configuration
+    either way; TFP (party 0 makes the tuples) only when asked for. 3PC takes no dealer, so
     ``--protocol replicated --provider tfp|ttp`` is refused, as is ``--provider none`` with 2PC."""
     if provider is None:
-        return "none" if protocol == "replicated" else "tfp"
+        return "none" if protocol == "replicated" else "ttp"
     if provider not in PROVIDERS:
         raise SessionError(f"unknown --provider {provider!r}: use one of {sorted(PROVIDERS)}")
     if protocol == "replicated" and provider != "none":
@@ -327,7 +328,13 @@ def open_session(
         raise SessionError(
             f"{size} MPI process(es) give {n_parties} compute part{'y' if n_parties == 1 else 'ies'}; "
             f"launch with `mpirun -n {2 + (provider == 'ttp')} python -m parties ...` "
-            f"(2 compute parties{' + 1 dealer' if provider == 'ttp' else ''})."
+            f"(2 compute parties{' + 1 dealer' if provider == 'ttp' else ''})"
+            + (
+                "; or `mpirun -n 3 ... --protocol replicated` (dealer-free 3PC), or, as an insecure benchmark, "
+                "`mpirun -n 2 ... --provider tfp` (party 0 makes every triple)."
+                if provider == "ttp"
+                else "."
+            )
         )
     if protocol == "replicated" and n_parties != 3:
         raise SessionError(
