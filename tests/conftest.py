@@ -77,3 +77,17 @@ def netem_module():
     mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
     return mod
+
+
+class PublicLength:
+    """What ``mpcache.generation.private_generate`` asks of the MPI communicator: the public prompt length (for
+    generations run on local_parties, without MPI)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def bcast(self, obj, root=0):
+        return self.n
+
+    def Barrier(self):
+        return None

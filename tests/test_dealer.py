@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PublicLength
+from test_secure_ops import _gathered_setup  # the same fixed K/V and one-hot
 
 from mpcache.mpc.local_parties import Parties, PartyFailure
 
@@ -184,36 +186,6 @@ def test_every_protocol_costs_tfps_online_bytes_and_rounds(both):
 
 
 # ---- the three-operand gathers under TTP -----------------------------------------------------------------------
-def _gather_setup(seed=5):
-    """A fixed K/V of 2 kv heads (3 queries each, d = 8): 4 always-attended rows, 23 candidate blocks of 4 rows in
-    strata for k = 5, 6 recent rows; a one-hot choosing one block per stratum."""
-    from mpcache.mpc import ops
-
-    g = gen(seed)
-    hkv, G, d, blk, C, k, tail = 2, 3, 8, 4, 23, 5, 6
-    L = blk + C * blk + tail
-
-    def rnd(*shape, scale=1.0):
-        return grid(torch.randn(*shape, generator=g) * scale)
-
-    idx, valid = ops.strata_layout(C, k)
-    choice = (torch.rand(hkv, k, generator=g) * valid.sum(1)).long()
-    oh = torch.nn.functional.one_hot(choice, int(idx.shape[1])).double()
-    return {
-        "K": rnd(hkv, L, d),
-        "V": rnd(hkv, L, d),
-        "q": rnd(hkv, G, d, scale=0.5),
-        "idx": idx,
-        "oh": oh,
-        "p": rnd(hkv, G, k * blk, scale=0.1).abs(),
-        "p_rest": rnd(hkv, G, blk + tail, scale=0.1).abs(),
-        "blk": blk,
-        "C": C,
-        "L": L,
-        "tail": tail,
-    }
-
-
 def _gathered(sess, s):
     import crypten
 
@@ -244,7 +216,7 @@ def test_gathered_attention_under_ttp_equals_float_model_at_tfp_cost(both):
     exactly the D-free terms' sizes (gather_triple's docstring), no round."""
     from mpcache.mpc import gather_triple
 
-    s = _gather_setup()
+    s = _gathered_setup()
     blk, C, L, tail, idx, V, oh = s["blk"], s["C"], s["L"], s["tail"], s["idx"], s["V"], s["oh"]
     want_s = gather_triple.gathered_reference(s["q"], oh, s["K"], blk, C, blk, idx)
     v_rest = torch.cat([V[:, 0:blk], V[:, L - tail : L]], 1)
@@ -272,19 +244,6 @@ def test_gathered_attention_under_ttp_equals_float_model_at_tfp_cost(both):
 
 
 # ---- a whole private generation: plaintext tokens, TFP's online cost, a public request stream -------------------
-class _PublicLength:
-    """What private_generate asks of the MPI communicator: the public prompt length (no MPI here)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def bcast(self, obj, root=0):
-        return self.n
-
-    def Barrier(self):
-        return None
-
-
 def _generate(sess, policy: str, seed: int, prompt_seed: int, n_prompt: int, n_new: int):
     """A private generation of tiny-llama; returns tokens, per-token online/dealer costs of this party, and (party 0)
     every request payload it sent to the dealer, as sent."""
@@ -306,7 +265,7 @@ def _generate(sess, policy: str, seed: int, prompt_seed: int, n_prompt: int, n_n
             return post(self, payload, *args)
 
         c._post = spy.__get__(c)
-    sess.comm = _PublicLength(n_prompt)
+    sess.comm = PublicLength(n_prompt)
     try:
         toks, _, _ = private_generate(
             sess, cfg, w if sess.rank == 0 else None, ids if sess.rank == 1 else None, n_new, pol

@@ -14,6 +14,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import PublicLength
 
 from mpcache.mpc import ops
 from mpcache.mpc.local_parties import Parties
@@ -127,25 +128,12 @@ def _on_shares(sess, cases):
     return out
 
 
-class _PublicLength:
-    """What private_generate asks of the MPI communicator: the public prompt length (tests run without MPI)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def bcast(self, obj, root=0):
-        return self.n
-
-    def Barrier(self):
-        return None
-
-
 def _generate(sess, model: str, seed: int, ids: list[int], n_new: int):
     from mpcache.generation import private_generate
     from mpcache.model.weights import load_model
 
     cfg, w, _ = load_model(model, seed=seed)
-    sess.comm = _PublicLength(len(ids))
+    sess.comm = PublicLength(len(ids))
     toks, logits, _ = private_generate(
         sess, cfg, w if sess.rank == 0 else None, ids if sess.rank == 1 else None, n_new, keep_logits=True
     )

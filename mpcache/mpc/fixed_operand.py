@@ -270,8 +270,12 @@ def _matmul_size(size0, size1) -> torch.Size:
 
 def _flat_open(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Open several ring tensors in one exchange (one all-reduce of their flattened concatenation)."""
-    sizes = [p.size() for p in parts]
     flat = _comm().all_reduce(torch.cat([p.reshape(-1) for p in parts]))
+    return _split(flat, [p.size() for p in parts])
+
+
+def _split(flat: torch.Tensor, sizes) -> list[torch.Tensor]:
+    """``flat`` cut into consecutive pieces of the given sizes (views)."""
     out, at = [], 0
     for s in sizes:
         n = int(torch.Size(s).numel())

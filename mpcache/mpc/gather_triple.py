@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from .fixed_operand import _KEYS, PATH_TFP, PATH_TTP, FixedOperand, _comm, _flat_open, _rand, _ttp
+from .fixed_operand import _KEYS, PATH_TFP, PATH_TTP, FixedOperand, _comm, _flat_open, _rand, _split, _ttp
 
 
 def available(fixed) -> bool:
@@ -180,12 +180,7 @@ def _dealer_terms(func: str, args: tuple, sizes: list[tuple], dev) -> list[torch
         flat = cl.request(func, dev, args, (total,))
     else:
         flat = _rand((total,), dev, cl.generator(dev))
-    out, at = [], 0
-    for s in sizes:
-        n = int(torch.Size(s).numel())
-        out.append(flat[at : at + n].view(s))
-        at += n
-    return out
+    return _split(flat, sizes)
 
 
 def gathered_scores(q, oh: OpenedOneHot, k: FixedOperand, start: int, n_cand: int, blk: int, idx: torch.Tensor):
