@@ -329,8 +329,9 @@ def generate(model: Transformer, tokens, max_new_tokens: int, reveal_to=None, on
 
     ``tokens``: prompt ids (plaintext) or one-hot rows (T, V) (secure). Each step's token comes from
     ``B.next_token(logits, reveal_to)``: under MPC its index is opened to party ``reveal_to`` (the client) alone,
-    which feeds its one-hot back as a fresh sharing; elsewhere the token is None. Costs are scoped ``prefill`` (the prompt's forward pass) and ``token/t`` (the
-    decode pass that produced token t's logits — none for t = 0 — plus its argmax and reveal).
+    which feeds its one-hot back as a fresh sharing; elsewhere the token is None. Costs are scoped ``prefill`` (the
+    prompt's forward pass) and ``token/t`` (the decode pass that produced token t's logits — none for t = 0 — plus
+    its argmax and reveal).
     ``keep_logits(logits) -> tensor`` (tests only) records the logits of every step. Returns (ids, logits list).
     """
     B = model.B
