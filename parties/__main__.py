@@ -80,16 +80,17 @@ def _parser() -> argparse.ArgumentParser:
         "--protocol",
         default="arithmetic",
         choices=["arithmetic", "replicated"],
-        help="arithmetic: additive sharing with Beaver triples (2 parties, or 2 + a dealer rank with --provider "
-        "ttp); replicated: 3PC (ABY3-like, exactly 3 parties)",
+        help="arithmetic: additive sharing with Beaver triples (2 compute parties + a dealer rank by default, "
+        "or 2 parties with --provider tfp); replicated: 3PC (ABY3-like, exactly 3 parties)",
     )
     g.add_argument(
         "--provider",
         default=None,
         choices=["tfp", "ttp", "none"],
-        help="2PC only: triples from party 0 (tfp, the 2PC default: a benchmark convention, NOT secure against "
-        "party 0) or from a dealer process (ttp: the last MPI rank). --protocol replicated is dealer-free "
-        "('none', its only and default value): leave --provider out",
+        help="2PC only: tuples from a dealer process that sees no data (ttp, the 2PC default: the last MPI rank, "
+        "so `mpirun -n 3`) or from party 0 (tfp: a labelled benchmark mode, NOT secure against party 0, "
+        "`mpirun -n 2`). --protocol replicated is dealer-free ('none', its only and default value): leave "
+        "--provider out",
     )
     g.add_argument(
         "--fixed-weights",

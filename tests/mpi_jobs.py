@@ -400,17 +400,11 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
         x = torch.rand(*shape, generator=g) * (hi - lo) + lo
         return crypten.cryptensor(x, src=0, precision=precision)
 
-    cases = []
+    specs = []
 
     def case(name, make, f):
         """``make()`` builds the inputs (live, then again inside the dry run); ``f(*inputs)`` is what is costed."""
-        xs = make()
-        with sess.scope("costs"), sess.scope(name):
-            _, meas = _cost_delta(sess.ledger, lambda: f(*xs))
-        with dryrun.dry_party(sess.rank, s) as d:
-            dxs = make()
-            _, pred = _cost_delta(d.ledger, lambda: f(*dxs))
-        cases.append((name, meas, pred))
+        specs.append((name, make, f))
 
     for shape in [(5,), (3, 7)]:
         case(f"ltz{shape}", lambda shape=shape: [sh(*shape)], lambda x: x._ltz())
@@ -502,6 +496,18 @@ def job_op_costs(out, protocol="arithmetic", provider="tfp"):
     case("softmax_anchor(3,1,40)", lambda: [sh(3, 1, 40)], lambda x: ops.softmax(x, anchor=(4, 8)))
     case("reveal_all(1,4)", lambda: [sh(1, 4)], lambda x: x.get_plain_text())
     case("reveal_to1(1,)", lambda: [sh(1)], lambda x: x.get_plain_text(dst=1))
+    # every case live, then every case in ONE dry run, in the same order: what a case costs at the dealer depends
+    # on the tuples pooled before it (mpcache/mpc/dealer.py), so both runs must share that history
+    meas = []
+    for name, make, f in specs:
+        xs = make()
+        with sess.scope("costs"), sess.scope(name):
+            meas.append(_cost_delta(sess.ledger, lambda f=f, xs=xs: f(*xs))[1])
+    cases = []
+    with dryrun.dry_party(sess.rank, s) as d:
+        for (name, make, f), m in zip(specs, meas):
+            dxs = make()
+            cases.append((name, m, _cost_delta(d.ledger, lambda f=f, dxs=dxs: f(*dxs))[1]))
     both = sess.comm.gather([(m, p) for _, m, p in cases], root=0)
     if sess.rank == 0:
         res = {}

@@ -119,13 +119,20 @@ f = rng.generate_random_ring_element
 assert f._mpcache_patched
 for mod in (arithmetic, tfp_provider, ttp_provider):
     assert mod.generate_random_ring_element is f, mod
-# two generators seeded alike (two parties sharing a seed) give identical streams, draw after draw, above and
-# below the NumPy threshold, and the generators stay in lockstep
+# two generators seeded alike (two parties sharing a seed) give identical streams, draw after draw, of any size,
+# and the generators stay in lockstep (their own draws between ours agree too)
 g1, g2 = torch.Generator(), torch.Generator()
 g1.manual_seed(1234); g2.manual_seed(1234)
-for size in [(3,), (compat.FAST_RNG_MIN,), (70, 100), (5, 7)]:
+first = None
+for size in [(3,), (4096,), (70, 100), (5, 7)]:
     a, b = f(size, generator=g1), f(size, generator=g2)
     assert a.shape == torch.Size(size) and a.dtype == torch.long and torch.equal(a, b), size
+    first = a if first is None else first
+    assert torch.equal(torch.randint(0, 9, (5,), generator=g1), torch.randint(0, 9, (5,), generator=g2))
+# re-seeding generators (a new session's seeds) makes their streams anew: alike seeds, alike draws again
+g1.manual_seed(77); g2.manual_seed(77)
+a, b = f((3,), generator=g1), f((3,), generator=g2)
+assert torch.equal(a, b) and not torch.equal(a, first)
 # a different seed gives a different stream; values span the whole ring, every bit ~ fair
 g3 = torch.Generator(); g3.manual_seed(99)
 x = f((1 << 16,), generator=g3)

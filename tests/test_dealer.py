@@ -118,7 +118,7 @@ def _outstanding(sess, n_triples: int):
 def test_several_requests_outstanding_before_one_opening(both):
     """Seven tuples of four kinds drawn before one opening (seven requests in flight at the dealer): every one opens
     to a valid tuple; drawing costs party 0 only dealer bytes, no round; the opening is one round each way."""
-    from mpcache.mpc.dealer import request_nbytes
+    from mpcache.mpc.dealer import pool_batches, request_nbytes
 
     res = both["ttp"].run(_outstanding, 3)
     r0 = res[0].value
@@ -132,16 +132,22 @@ def test_several_requests_outstanding_before_one_opening(both):
     assert torch.equal(r * r, r2)
     rA, rB = r0["b2a"]
     assert torch.equal(rA, rB) and set(rA.unique().tolist()) <= {0, 1}
-    want_sent = (  # (drawn here without a device: None in the request, as CrypTen's provider would send it)
-        3 * request_nbytes("additive", None, (3, 5), (3, 5), "mul")
-        + request_nbytes("additive", None, (4, 6), (6, 2), "matmul")
-        + 3 * request_nbytes("binary", None, (2, 7), (2, 7))
-        + request_nbytes("square", None, (5,))
-        + request_nbytes("B2A", None, (9,))
-    )
-    want_recv = 8 * (3 * 15 + 8 + 3 * 14 + 5 + 9)
+    # every kind is pooled: per signature, batches of answers (pool_batches), each asked in one frame (its request
+    # + 5 bytes); drawn here without a device: None in the request, as CrypTen's provider would send it
+    sigs = [  # (uses, answer elements, request bytes)
+        (3, 15, request_nbytes("additive", None, (3, 5), (3, 5), "mul")),
+        (1, 8, request_nbytes("additive", None, (4, 6), (6, 2), "matmul")),
+        (3, 14, request_nbytes("binary", None, (2, 7), (2, 7))),
+        (1, 5, request_nbytes("square", None, (5,))),
+        (1, 9, request_nbytes("B2A", None, (9,))),
+    ]
+    batches = [pool_batches(uses, numel) for uses, numel, _ in sigs]
+    assert batches[0] == [1, 1, 2] and batches[1] == [1, 1]  # the first needed now, then ahead
+    want_sent = sum(len(b) * (req + 5) for b, (_, _, req) in zip(batches, sigs))
+    want_recv = 8 * sum(sum(b) * numel for b, (_, numel, _) in zip(batches, sigs))
     d0, d1 = r0["costs"]["draw"], res[1].value["costs"]["draw"]
-    assert d0["dealer"] == {"bytes_sent": want_sent, "bytes_recv": want_recv, "rounds": 0, "calls": 9}
+    calls = sum(len(b) for b in batches)
+    assert d0["dealer"] == {"bytes_sent": want_sent, "bytes_recv": want_recv, "rounds": 0, "calls": calls}
     assert d0["online"]["calls"] == 0 and d1["online"]["calls"] == d1["dealer"]["calls"] == 0
     for p in res:
         assert p.value["costs"]["open"]["online"]["rounds"] == 2 and p.value["costs"]["open"]["dealer"]["calls"] == 0
@@ -260,9 +266,9 @@ def _generate(sess, policy: str, seed: int, prompt_seed: int, n_prompt: int, n_n
         c = dealer.client()
         post = type(c)._post
 
-        def spy(self, payload, *args):
+        def spy(self, payload, *args, **kwargs):
             sent.append(bytes(payload))
-            return post(self, payload, *args)
+            return post(self, payload, *args, **kwargs)
 
         c._post = spy.__get__(c)
     sess.comm = PublicLength(n_prompt)
@@ -328,17 +334,17 @@ def _only_public(obj) -> bool:
 def test_generation_under_ttp_costs_tfps_online_and_tells_the_dealer_only_public_values(both, policy):
     """tiny-llama, 26-token prompt, 3 tokens (MPCache with the strata selection: its attention takes the
     three-operand gathers). Under TTP: the plaintext tokens; per decode token each party's online bytes and rounds
-    equal TFP's; dealer bytes but no dealer round. Two different secret inputs (weights and prompt): identical
-    ledgers (every scope, kind, bytes, rounds) and a byte-identical request stream to the dealer, every request
+    equal TFP's; dealer bytes but no dealer round. Two different secret inputs (weights and prompt), each in fresh
+    parties: identical ledgers (every scope, kind, bytes, rounds) and a byte-identical request stream to the
+    dealer (pooled batch sizes included), every request
     made only of strings, integers and tuples (nothing else unpickles) -- what the dealer receives is public."""
     from mpcache.mpc import dealer
 
     n_prompt, n_new = 26, 3
-    runs = {
-        "tfp": both["tfp"].run(_generate, policy, 0, 7, n_prompt, n_new),
-        "ttp": both["ttp"].run(_generate, policy, 0, 7, n_prompt, n_new),
-        "ttp2": both["ttp"].run(_generate, policy, 1, 8, n_prompt, n_new),
-    }
+    runs = {"tfp": both["tfp"].run(_generate, policy, 0, 7, n_prompt, n_new)}
+    for name, seed, ps in (("ttp", 0, 7), ("ttp2", 1, 8)):  # fresh parties each: the same state (empty pools)
+        with Parties(2, provider="ttp", timeout=300) as fresh:
+            runs[name] = fresh.run(_generate, policy, seed, ps, n_prompt, n_new)
     for name, seed, ps in (("ttp", 0, 7), ("ttp2", 1, 8)):
         assert runs[name][1].value["tokens"] == _plaintext(policy, seed, ps, n_prompt, n_new), name
     for rank in range(2):
@@ -350,11 +356,13 @@ def test_generation_under_ttp_costs_tfps_online_and_tells_the_dealer_only_public
         assert runs["ttp"][rank].value["scopes"] == runs["ttp2"][rank].value["scopes"], rank
     streams = []
     for run in ("ttp", "ttp2"):  # every request, decoded by the dealer's unpickler (loading any class raises)
-        msgs = [dealer.decode(payload) for payload in runs[run][0].value["requests"]]
+        frames = [dealer.decode_frame(payload) for payload in runs[run][0].value["requests"]]
+        msgs = [m for m, _ in frames]
         assert msgs and all(_only_public(m) for m in msgs)
-        streams.append(_rebased(msgs))
+        streams.append(list(zip(_rebased(msgs), [n for _, n in frames])))  # and the pooled batch sizes
+    assert any(n is not None for _, n in streams[0]) and any(n is None for _, n in streams[0])
     assert streams[0] == streams[1]  # the same requests, in the same order, for two different secret inputs
-    funcs = {m[0] for m in streams[0]}
+    funcs = {m[0] for m, _ in streams[0]}
     assert {"additive", "binary", "B2A", "fixed_triple"} <= funcs
     if policy != "full":
         assert {"gather_scores", "gather_values"} <= funcs

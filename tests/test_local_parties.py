@@ -147,7 +147,9 @@ def test_parties_keep_running_between_calls_and_restart_after_a_failure():
         assert [r.value[0] for r in first] == [r.value[0] for r in second]
         for a, b in zip(first, second):
             assert torch.allclose(b.value[1], x * x, atol=2**-14)
-            assert b.ledger.totals() == a.ledger.totals() and b.ledger.totals("product")["rounds"] > 0  # per call
+            # per call (online: the dealer's pooled tuples of the first call serve the second, so its traffic differs)
+            assert b.ledger.totals(kind="online") == a.ledger.totals(kind="online")
+            assert b.ledger.totals("product")["rounds"] > 0
         with pytest.raises(TypeError, match="module-level function"):
             parties.run(lambda sess: sess.rank)
         with pytest.raises(PartyFailure, match="^party 1 raised RuntimeError: party 1 gives up"):

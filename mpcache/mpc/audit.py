@@ -356,7 +356,15 @@ def _flush_link() -> None:
     for block in torch.split(v, LINK_BLOCK):
         _REC.messages.append(
             Message(
-                party, "dealer", "link", "dealer link", "ring", src, "torch.int64", tuple(block.shape), values=block
+                party,
+                "dealer",
+                "link",
+                "dealer link",
+                "ring",
+                src,
+                "torch.int64",
+                tuple(block.shape),
+                values=block.clone(),  # its own storage: a view would pickle all of ``v`` with every block
             )
         )
 
@@ -1056,6 +1064,10 @@ def _payload(m: Message) -> bytes:
 
 
 def _unpickle(b: bytes):
+    from .dealer import POOL_FRAME
+
+    if b[:1] == POOL_FRAME:  # a pooled batch: b"P" + its size + the tuple's request
+        b = b[5:]
     try:
         return pickle.loads(b)
     except Exception:  # noqa: BLE001 - a raw frame (e.g. the link's b"terminate")

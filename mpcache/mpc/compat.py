@@ -23,13 +23,15 @@ session before ``import crypten``), and each has a test in ``tests/test_compat.p
    work as before) and gains a mirror of plain Python attributes, rebuilt whenever ``cfg.config`` is replaced;
    writes through a node (``cfg.mpc.provider = ...``) go to the OmegaConf node first and then to the mirror.
 6. ``fast_rng`` (speed only): ``crypten.common.rng.generate_random_ring_element`` draws every mask, triple and
-   zero-sharing with ``torch.randint`` over the int64 range (~170 M elements/s here); party 0 of a 2PC TFP run
-   draws ~1.7 G of them for the demo's prefill and 3 tokens (10 s of its 65 s). For CPU tensors of >= 4096
-   elements we take a 128-bit seed from the SAME torch generator (so parties that share a generator still draw
-   identical streams, and the generators advance deterministically) and expand it with NumPy's PCG64DXSM
-   (~500 M elements/s), exactly uniform over Z_2^64 (``torch.randint`` misses 2^63 - 1). Smaller or CUDA tensors
-   keep CrypTen's call. Neither generator is a cryptographic PRG (CrypTen's is torch's Mersenne Twister); a
-   deployment would expand the seed with AES-CTR instead, at the same place.
+   zero-sharing with ``torch.randint`` over the int64 range (~170 M elements/s here, ~5 us a call); party 0 of a
+   2PC TFP run draws ~1.7 G of them for the demo's prefill and 3 tokens (10 s of its 65 s), and a decode token
+   makes ~15,000 small draws on the dealer (2PC + dealer). For CPU tensors we expand each torch generator with
+   one NumPy PCG64DXSM stream (~500 M elements/s, ~1.5 us a call), seeded with 256 bits taken from the SAME
+   torch generator at its first draw (so parties that share a generator draw identical streams, and the
+   generator advances deterministically), made anew when the generator is re-seeded with a new seed (CrypTen's setup draws fresh ones); exactly uniform over
+   Z_2^64 (``torch.randint`` misses 2^63 - 1). CUDA tensors keep CrypTen's call. Neither generator is a
+   cryptographic PRG (CrypTen's is torch's Mersenne Twister); a deployment would expand the seed with AES-CTR
+   instead, at the same place.
 7. ``fixed_point_decode``: ``FixedPointEncoder.decode`` floors a negative encoding by ``scale - 1`` instead of
    ``scale``, so a value just above a negative integer, in (-n, -n + n/65535] at 16 bits, decodes exactly 1.0 too
    low (-9.99998 -> -10.99998; ~1.7e-4 of uniform values in (-20, 0); still in CrypTen's latest source): the rare
@@ -183,7 +185,25 @@ def _fast_config() -> None:
     CrypTenConfig._mpcache_fast = True
 
 
-FAST_RNG_MIN = 4096  # below this many elements torch.randint is cheaper than seeding a NumPy generator
+def _stream(generator, np):
+    """The NumPy PCG64DXSM stream that expands ``generator`` (one per torch generator and seed): made at its first
+    draw from a 256-bit seed taken from ``generator`` itself (so two parties sharing a generator make the same
+    stream), remade when the generator is re-seeded with another seed (a new ``initial_seed``)."""
+    import torch
+
+    hit = _STREAMS.get(id(generator))
+    if hit is None or hit[0] is not generator or hit[1] != generator.initial_seed():
+        seed = torch.randint(-(2**63), 2**63 - 1, (4,), generator=generator, dtype=torch.long)
+        words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist()]
+        hit = _STREAMS[id(generator)] = (
+            generator,
+            generator.initial_seed(),
+            np.random.PCG64DXSM(np.random.SeedSequence(words)),
+        )
+    return hit[2]
+
+
+_STREAMS: dict = {}  # id(torch generator) -> (the generator, its initial seed, its NumPy stream)
 
 
 def _fast_rng() -> None:
@@ -203,13 +223,11 @@ def _fast_rng() -> None:
         shape = torch.Size([size] if isinstance(size, int) else size)
         device = kwargs.get("device")
         on_cpu = device is None or torch.device(device).type == "cpu"
-        if ring_size != 2**64 or not on_cpu or shape.numel() < FAST_RNG_MIN or set(kwargs) - {"device"}:
+        if ring_size != 2**64 or not on_cpu or set(kwargs) - {"device"}:
             return original(size, ring_size=ring_size, generator=generator, **kwargs)
         if generator is None:
             generator = crypten.generators["local"][torch.device("cpu")]
-        seed = torch.randint(-(2**63), 2**63 - 1, (2,), generator=generator, dtype=torch.long)
-        words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist()]
-        bits = np.random.PCG64DXSM(np.random.SeedSequence(words)).random_raw(shape.numel())
+        bits = _stream(generator, np).random_raw(shape.numel())
         return torch.from_numpy(bits.view(np.int64)).reshape(shape)
 
     generate_random_ring_element._mpcache_patched = True

@@ -418,14 +418,12 @@ ATTACH_HOOKS: list = []  # callables run on the communicator by every attach (em
 
 
 def _oversubscribed(inst) -> bool:
-    """A dealer process beside the compute parties, and fewer cores than processes on this host."""
-    if not getattr(inst, "ttp_initialized", False):
-        return False
+    """Fewer cores on this host than processes in the job (the compute parties and the dealer, if any)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return cores < inst.get_world_size() + 1
+    return cores < inst.get_world_size() + (1 if getattr(inst, "ttp_initialized", False) else 0)
 
 
 def attach(ledger: CostLedger, mpi_comm=None, mpi_timeout: float = 120.0, one_exchange: bool = True):

@@ -11,14 +11,15 @@ protocol :class:`Setting`, so every party (and a dry run) derives the same one.
 Why an analytic layer model here, when every reported cost comes from running the protocols themselves
 (:mod:`mpcache.mpc.dryrun`): a search prices hundreds of candidate layers (616 for a 49,152-entry argmax) at
 ~microseconds each; a dry run of one layer takes ~10 ms. The model covers only the primitives a layer is made of
-(openings, Beaver products, binary ANDs of the comparison circuits, TTP requests), and
+(openings, Beaver products, binary ANDs of the comparison circuits), and
 ``tests/test_costs.py::test_layer_model_equals_dry_runs`` checks it against dry runs of the layer protocol
 itself (``ops._onehot_radix_levels``) at sampled shapes in every setting, so a protocol change that moves a
 layer's cost fails there, naming this file.
 
 Cost conventions (64-bit ring, 8 bytes per element, n compute parties), as :mod:`mpcache.mpc.ledger` counts:
 an opening of N elements is (n-1)·8·N bytes each way and 1 round; a Beaver product opens both operands (1 round;
-with TTP party 0 also asks the dealer: dealer bytes, no round); a replicated product sends each party's share of both
+with TTP party 0's dealer traffic is not modelled: it has no round, the search never prices it, and it depends on
+the tuples pooled before -- mpcache/mpc/dealer.py -- so only dry runs count it); a replicated product sends each party's share of both
 operands to the next party (1 round); CrypTen's comparison ``_ltz`` is an A2B adder (1 AND + 6 prefix levels)
 per halving of the n sharings and a B2A opening: 8 rounds and 216 B per element in 2PC; the lean 32-bit-lane
 comparison (``ops._ltz_lean``) packs two elements a word: 1 AND + 5 levels + B2A, 7 rounds, ~96 B.
@@ -162,18 +163,6 @@ def _pickled(obj) -> int:
     return len(pickle.dumps(obj)) + 4  # the ledger's count for send_obj/recv_obj
 
 
-def ttp_request(s: Setting, func: str, out_shape, *args) -> Cost:
-    """One request of party 0 to the pipelined dealer (TTP only; free with TFP; mpcache/mpc/dealer.py): the pickled
-    request sent and party 0's share of the answer received, 0 rounds (off the critical path)."""
-    c = Cost(s.n)
-    if s.provider != "ttp":
-        return c
-    from .dealer import request_nbytes
-
-    out = _size(out_shape)
-    return c.add(0, request_nbytes(func, "cpu", *args), ELT * out.numel(), 0, kind="dealer")
-
-
 def _bilinear(s: Setting, op: str, xshape, yshape, out_shape, trunc: bool) -> Cost:
     xshape, yshape = _size(xshape), _size(yshape)
     nb = _numel(xshape) + _numel(yshape)
@@ -182,7 +171,6 @@ def _bilinear(s: Setting, op: str, xshape, yshape, out_shape, trunc: bool) -> Co
         for r in range(s.n):
             c.add(r, ELT * nb, ELT * nb, 1)
     else:
-        c += ttp_request(s, "additive", out_shape, xshape, yshape, op)
         c += open_(s, nb)
     assert not trunc, "layer products multiply ring integers (bits x values): never truncated"
     return c
@@ -195,8 +183,7 @@ def mul(s: Setting, xshape, yshape, trunc: bool = True) -> Cost:
 
 def _and(s: Setting, xshape, yshape) -> Cost:
     """Binary Beaver AND (always from the provider's triples, whatever the protocol)."""
-    out = _bshape(xshape, yshape)
-    return ttp_request(s, "binary", out, _size(xshape), _size(yshape)) + open_(s, _numel(xshape) + _numel(yshape))
+    return open_(s, _numel(xshape) + _numel(yshape))
 
 
 def _adder(s: Setting, shape) -> Cost:
@@ -210,11 +197,11 @@ def _adder(s: Setting, shape) -> Cost:
 
 
 def b2a(s: Setting, shape) -> Cost:
-    """CrypTen's B2A_single_bit of a bit sharing of ``shape``: the provider's B2A tuple (a TTP request, free with
-    TFP) and the opening of ``x ^ r`` (1 round); dealer-free 3PC (mpcache/mpc/dealer_free.py) adds, in the same
-    exchange, 8 bytes per element from party 1 to party 2."""
+    """CrypTen's B2A_single_bit of a bit sharing of ``shape``: the provider's B2A tuple and the opening of
+    ``x ^ r`` (1 round); dealer-free 3PC (mpcache/mpc/dealer_free.py) adds, in the same exchange, 8 bytes per
+    element from party 1 to party 2."""
     shape = _size(shape)
-    c = ttp_request(s, "B2A", shape, shape) + open_(s, shape.numel())
+    c = open_(s, shape.numel())
     if s.provider == "none":
         c.add(1, sent=ELT * shape.numel()).add(2, recv=ELT * shape.numel())
     return c
