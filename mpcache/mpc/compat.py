@@ -28,10 +28,10 @@ session before ``import crypten``), and each has a test in ``tests/test_compat.p
    makes ~15,000 small draws on the dealer (2PC + dealer). For CPU tensors we expand each torch generator with
    one NumPy PCG64DXSM stream (~500 M elements/s, ~1.5 us a call), seeded with 256 bits taken from the SAME
    torch generator at its first draw (so parties that share a generator draw identical streams, and the
-   generator advances deterministically), made anew when the generator is re-seeded with a new seed (CrypTen's setup draws fresh ones); exactly uniform over
-   Z_2^64 (``torch.randint`` misses 2^63 - 1). CUDA tensors keep CrypTen's call. Neither generator is a
-   cryptographic PRG (CrypTen's is torch's Mersenne Twister); a deployment would expand the seed with AES-CTR
-   instead, at the same place.
+   generator advances deterministically), made anew when the generator is re-seeded with a new seed (CrypTen's
+   setup draws fresh ones); exactly uniform over Z_2^64 (``torch.randint`` misses 2^63 - 1). CUDA tensors keep
+   CrypTen's call. Neither generator is a cryptographic PRG (CrypTen's is torch's Mersenne Twister); a deployment
+   would expand the seed with AES-CTR instead, at the same place.
 7. ``fixed_point_decode``: ``FixedPointEncoder.decode`` floors a negative encoding by ``scale - 1`` instead of
    ``scale``, so a value just above a negative integer, in (-n, -n + n/65535] at 16 bits, decodes exactly 1.0 too
    low (-9.99998 -> -10.99998; ~1.7e-4 of uniform values in (-20, 0); still in CrypTen's latest source): the rare
@@ -185,16 +185,21 @@ def _fast_config() -> None:
     CrypTenConfig._mpcache_fast = True
 
 
+def seed_words(generator) -> list[int]:
+    """256 bits drawn from a torch generator, as four unsigned 64-bit words (a NumPy SeedSequence's entropy)."""
+    import torch
+
+    seed = torch.randint(-(2**63), 2**63 - 1, (4,), generator=generator, dtype=torch.long)
+    return [int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist()]
+
+
 def _stream(generator, np):
     """The NumPy PCG64DXSM stream that expands ``generator`` (one per torch generator and seed): made at its first
     draw from a 256-bit seed taken from ``generator`` itself (so two parties sharing a generator make the same
     stream), remade when the generator is re-seeded with another seed (a new ``initial_seed``)."""
-    import torch
-
     hit = _STREAMS.get(id(generator))
     if hit is None or hit[0] is not generator or hit[1] != generator.initial_seed():
-        seed = torch.randint(-(2**63), 2**63 - 1, (4,), generator=generator, dtype=torch.long)
-        words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist()]
+        words = seed_words(generator)
         hit = _STREAMS[id(generator)] = (
             generator,
             generator.initial_seed(),

@@ -75,6 +75,7 @@ timeout (``--timeout``) with a :class:`DealerError`.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import sys
@@ -144,6 +145,11 @@ def encode(func: str, device, args=(), kwargs=None) -> bytes:
     return buf.getvalue()
 
 
+def _next_batch(takes: int, answer_numel: int) -> int:
+    """How many tuples party 0 asks for ahead when a pool empties after ``takes`` takes of its signature."""
+    return max(1, min(takes, POOL_MAX, POOL_BYTES // max(1, answer_numel * 8)))
+
+
 def pool_batches(uses: int, answer_numel: int) -> list[int]:
     """The batch sizes party 0 asks the dealer for when it takes ``uses`` tuples of one pooled signature whose
     answer has ``answer_numel`` elements (:meth:`DealerClient._take`'s policy, for cost predictions and tests)."""
@@ -154,13 +160,13 @@ def pool_batches(uses: int, answer_numel: int) -> list[int]:
             left = 1
         left -= 1
         if not left:
-            left = max(1, min(takes, POOL_MAX, POOL_BYTES // max(1, answer_numel * 8)))
+            left = _next_batch(takes, answer_numel)
             out.append(left)
     return out
 
 
 def request_nbytes(func: str, device, *args, **kwargs) -> int:
-    """Bytes party 0 sends for one request (the schedule search's cost model uses it)."""
+    """Bytes party 0 sends for one unpooled request (a pooled batch's frame: 5 more)."""
     return len(encode(func, device, args, kwargs)) + 4
 
 
@@ -188,8 +194,9 @@ def decode_frame(frame: bytes):
 # ---- keyed streams: the randomness of a pooled tuple --------------------------------------------------------------
 def base_words(gen) -> list[int]:
     """256 bits from a party's generator shared with the dealer (its first draw: both ends take it at setup)."""
-    seed = torch.randint(-(2**63), 2**63 - 1, (4,), generator=gen, dtype=torch.long)
-    return [int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist()]
+    from .compat import seed_words
+
+    return seed_words(gen)
 
 
 def keyed_stream(base: list[int], sig: bytes):
@@ -327,8 +334,7 @@ class DealerClient:
         if entry is not None:
             entry[4] = True  # a share handed out waits for this batch: settle completes it
         if not pool[0]:
-            per = max(1, out_size.numel() * 8)
-            self._ask(sig, pool, max(1, min(pool[1], POOL_MAX, POOL_BYTES // per)), out_size, device)
+            self._ask(sig, pool, _next_batch(pool[1], out_size.numel()), out_size, device)
         return view
 
     def _ask(self, sig: bytes, pool, count: int, out_size: torch.Size, device) -> None:
@@ -496,7 +502,7 @@ def _out_size(op: str, size0, size1, args, kwargs) -> torch.Size:
     return out
 
 
-def _pooled(device) -> bool:
+def pooled_device(device) -> bool:
     """Pooled tuples (keyed streams, batched answers) on CPU (and in CPU dry runs); CUDA keeps the stream order."""
     return device is None or torch.device(device).type in ("cpu", "meta")
 
@@ -523,7 +529,7 @@ def provider_class():
         def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
             cl = client()
             out = _out_size(op, size0, size1, args, kwargs)
-            if _pooled(device):
+            if pooled_device(device):
                 a, b, c = cl.pooled("additive", device, (size0, size1, op, *args), (size0, size1), out, kwargs)
             else:
                 gen = cl.generator(device)
@@ -536,7 +542,7 @@ def provider_class():
 
         def square(self, size, device=None):
             cl = client()
-            if _pooled(device):
+            if pooled_device(device):
                 r, r2 = cl.pooled("square", device, (size,), (size,), size)
             else:
                 gen = cl.generator(device)
@@ -547,7 +553,7 @@ def provider_class():
         def generate_binary_triple(self, size0, size1, device=None):
             cl = client()
             out = _broadcast(size0, size1)
-            if _pooled(device):
+            if pooled_device(device):
                 a, b, c = cl.pooled("binary", device, (size0, size1), (size0, size1), out)
             else:
                 gen = cl.generator(device)
@@ -572,7 +578,7 @@ def provider_class():
 
         def B2A_rng(self, size, device=None):
             cl = client()
-            if _pooled(device):
+            if pooled_device(device):
                 rB, rA = cl.pooled("B2A", device, (size,), (size,), size)
                 rB = rB & 1
             else:
@@ -621,6 +627,8 @@ def handlers_class():
         def __init__(self, device="cpu"):  # no serve loop here: see serve()
             self.device = device
             self.fixed_masks: dict[int, torch.Tensor] = {}
+            self.bases: list[list[int]] = []  # each party's keyed-stream secret (serve() takes them after setup)
+            self.keyed: dict = {}  # (party, signature) -> that party's keyed stream
 
         def _setup_generators(self):
             """CrypTen's seed exchange (one seed to each compute party, then a barrier), seeds from os.urandom."""
@@ -667,10 +675,7 @@ def handlers_class():
             func, _device, args, kwargs = decode(sig)
             if func not in POOLED:
                 raise DealerError(f"dealer: {func!r} is not a pooled request (pooled: {', '.join(POOLED)})")
-            streams = getattr(self, "_keyed", None)
-            if streams is None:
-                streams = self._keyed = {}
-            n = len(self.bases)
+            streams, n = self.keyed, len(self.bases)
 
             def parts(shares, out):
                 """Per party, its draws for ``count`` tuples: ``shares`` (+ ``out`` for parties > 0)."""
@@ -683,10 +688,7 @@ def handlers_class():
                 return got
 
             def total(xs, op=torch.add):
-                t = xs[0]
-                for x in xs[1:]:
-                    t = op(t, x)
-                return t
+                return functools.reduce(op, xs)
 
             if func == "additive":
                 size0, size1, op, *rest = args
@@ -709,8 +711,10 @@ def handlers_class():
                 r = total([q[0] for q in p])
                 ans = r * r - total([q[1] for q in p[1:]])
             elif func == "binary":
+                from .lean_tfp import _broadcast
+
                 size0, size1 = args
-                out = _broadcast_size(size0, size1)
+                out = _broadcast(size0, size1)
                 p = parts((size0, size1), out)
                 a, b = total([q[0] for q in p], torch.bitwise_xor), total([q[1] for q in p], torch.bitwise_xor)
                 d = max(len(size0), len(size1))
@@ -780,12 +784,6 @@ def _batched(x: torch.Tensor, size, dims: int) -> torch.Tensor:
     ranks broadcast as their tuples do (the batch dimension first)."""
     size = tuple(size)
     return x.reshape(x.shape[0], *((1,) * (dims - len(size))), *size)
-
-
-def _broadcast_size(size0, size1) -> torch.Size:
-    from .lean_tfp import _broadcast
-
-    return torch.Size(_broadcast(size0, size1))
 
 
 def serve() -> None:

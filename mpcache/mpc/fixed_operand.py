@@ -542,9 +542,9 @@ def _triple(x, fixed: FixedOperand, out_size):
         a = ArithmeticSharedTensor(a, size=size, precision=0, src=0, device=dev).share  # no traffic
         c = ArithmeticSharedTensor(c, size=out_size, precision=0, src=0, device=dev).share
         return a, c
-    from .dealer import _pooled
+    from .dealer import pooled_device
 
-    if _pooled(dev):  # party 0's c from its pool of dealer answers (mpcache/mpc/dealer.py: pooled tuples)
+    if pooled_device(dev):  # party 0's c from its pool of dealer answers (mpcache/mpc/dealer.py: pooled tuples)
         a, c = _ttp().pooled("fixed_triple", dev, (fixed.spec, tuple(size)), (size,), out_size)
         return a, c
     gen = _ttp().generator(dev)
