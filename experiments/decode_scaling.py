@@ -182,22 +182,26 @@ def predict_point(
     seq_len: int,
     world: int,
     provider: str = "tfp",
+    mpc: dict | None = None,
 ) -> dict:
-    """One predicted cost point: the steady-state decode token (token 2) after a ``seq_len``-token prompt."""
+    """One predicted cost point: the steady-state decode token (token 2) after a ``seq_len``-token prompt
+    (``mpc``: MpcConfig fields over the setting's defaults, e.g. ``{"softmax_baseline": "stock"}``)."""
     from experiments.predict_cost import model_config
     from mpcache.generation import per_token_costs
     from mpcache.latency import PROFILES
-    from mpcache.mpc.dryrun import Setting, predict_generation
+    from mpcache.mpc.config import MpcConfig
+    from mpcache.mpc.dryrun import predict_generation
     from mpcache.policies import make_policy
 
     cfg = model_config(model)
     protocol = "replicated" if world == 3 else "arithmetic"
+    setting = MpcConfig(n_parties=world, protocol=protocol, provider=provider, **(mpc or {}))
     kw = dict(kwargs)
     if name != "full":
         kw.setdefault("budget", budget)
     pol = make_policy(name, **kw)
     n_new = 3
-    ledgers, _ = predict_generation(cfg, pol, Setting(world, protocol, provider), seq_len, n_new)
+    ledgers, _ = predict_generation(cfg, pol, setting, seq_len, n_new)
     tok = per_token_costs(ledgers, n_new, PROFILES)[0][2]
     nbytes = max(tok["bytes_sent"])
     att = pol.attended_tokens(seq_len, 2) if hasattr(pol, "attended_tokens") else seq_len

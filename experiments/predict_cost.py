@@ -48,7 +48,8 @@ LLAMA_7B = ModelConfig(
 
 
 def model_config(name: str) -> ModelConfig:
-    """Configs only (no weights are loaded): llama-7b-shape, tiny-llama, tiny-gpt2, smollm2 (SmolLM2-135M)."""
+    """Configs only (no weights are loaded): llama-7b-shape, tiny-llama, tiny-gpt2, smollm2 (SmolLM2-135M),
+    paper-gpt2 (the MPCache paper's MPC decode shape)."""
     from mpcache.model.weights import tiny_config
 
     if name == "llama-7b-shape":
@@ -57,6 +58,8 @@ def model_config(name: str) -> ModelConfig:
         import dataclasses
 
         return dataclasses.replace(tiny_config(name.split("-")[1]), max_position=1 << 17)
+    if name == "paper-gpt2":  # the MPCache paper's decode shape (mpcache/model/weights.py PAPER_GPT2)
+        return tiny_config("paper")
     if name == "smollm2":
         return ModelConfig(
             arch="llama",
@@ -71,7 +74,7 @@ def model_config(name: str) -> ModelConfig:
             rope_theta=100000.0,
             name="smollm2-135m-shape",
         )
-    raise SystemExit(f"unknown --model {name!r}: llama-7b-shape, smollm2, tiny-llama, tiny-gpt2")
+    raise SystemExit(f"unknown --model {name!r}: llama-7b-shape, smollm2, tiny-llama, tiny-gpt2, paper-gpt2")
 
 
 def git_commit() -> str:

@@ -384,8 +384,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def ratio_table(rows: list[dict], baseline: str = "full") -> str:
-    """full / policy ratios of bytes, rounds and modelled LAN/WAN seconds per token, per length and world size."""
+def ratio_table(rows: list[dict], baseline: str = "full", skip: tuple = ()) -> str:
+    """baseline / policy ratios of bytes, rounds and modelled LAN/WAN seconds per token, per length and world size
+    (rows whose policy is in ``skip`` are left out: the other baselines)."""
     base = {(r["seq_len"], r["world_size"]): r for r in rows if r["policy"] == baseline}
     out = [
         "| policy | seq_len | world_size | comm ratio | rounds ratio | LAN latency ratio | WAN latency ratio |",
@@ -393,7 +394,7 @@ def ratio_table(rows: list[dict], baseline: str = "full") -> str:
     ]
     for r in rows:
         b = base.get((r["seq_len"], r["world_size"]))
-        if b is None or r["policy"] == baseline:
+        if b is None or r["policy"] == baseline or r["policy"] in skip:
             continue
         out.append(
             f"| {r['policy']} | {r['seq_len']} | {r['world_size']} | "

@@ -30,10 +30,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     name: str = "custom"
+    act: str | None = None  # the gpt2 MLP's activation: None (GeLU, tanh form) or "silu" (the MPCache paper's shape)
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "gpt2"):
             raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        if self.act not in (None, "gelu", "silu") or (self.act is not None and self.arch != "gpt2"):
+            raise ValueError(f"ModelConfig.act is None, 'gelu' or 'silu' (gpt2 models only), got {self.act!r}")
         for f in (
             "vocab_size",
             "hidden_size",
@@ -56,8 +59,16 @@ class ModelConfig:
         """Query heads per KV head (GQA)."""
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def activation(self) -> str:
+        """The MLP's nonlinearity: "silu" (llama's SwiGLU gate; gpt2 with ``act="silu"``) or "gelu"."""
+        return "silu" if self.arch == "llama" else (self.act or "gelu")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["act"] is None:  # configs written before the field existed keep their digest
+            del d["act"]
+        return d
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

@@ -180,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
         help="after the measured steps, open the selections and logits (a 'check' scope, benchmark "
         "only) and compare them with the same case in plaintext",
     )
+    b.add_argument(
+        "--baseline-softmax",
+        default="ours",
+        help="softmax of the full-cache baseline, comma-separated: 'ours' (the anchored lean softmax, label full) "
+        "and/or 'stock' (CrypTen's own max-tree softmax, label full-stock: the kind of baseline the MPCache paper "
+        "measured against; a cost baseline, wrong on long flat rows); other policies keep ours",
+    )
     b.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"])
     b.add_argument(
         "--provider", default=None, choices=["tfp", "ttp", "none"], help="as for generate (default: by --protocol)"

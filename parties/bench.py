@@ -12,7 +12,9 @@ head of ``bench.md`` and ``bench.json``.
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -38,7 +40,16 @@ def _policies(args, cfg):
             f'--policy-kwargs is not valid JSON ({e}); e.g. \'{{"mpcache": {{"topk": "rank"}}}}\''
         ) from None
     out = []
-    for item in args.policies.split(","):
+    baselines = [b.strip() for b in args.baseline_softmax.split(",") if b.strip()]
+    if not baselines or set(baselines) - {"ours", "stock"}:
+        raise SessionError(f"--baseline-softmax takes 'ours', 'stock' or 'ours,stock', got {args.baseline_softmax!r}")
+    items = [i.strip() for i in args.policies.split(",")]
+    if "stock" in baselines:  # the full cache with CrypTen's softmax, beside (or instead of) ours
+        at = next((k for k, i in enumerate(items) if (i.partition("=")[2] or i) == "full"), None)
+        if at is None:
+            raise SessionError("--baseline-softmax stock needs the full policy in --policies (e.g. full,mpcache)")
+        items[at : at + 1] = (["full"] if "ours" in baselines else []) + [f"{STOCK_LABEL}=full"]
+    for item in items:
         label, _, name = item.strip().partition("=")
         name = name or label
         kw = dict(extra.get(label, {}))
@@ -55,6 +66,9 @@ def _policies(args, cfg):
     if len({lab for lab, _ in out}) != len(out):
         raise SessionError(f"--policies has duplicate labels: {args.policies!r} (use label=name)")
     return out
+
+
+STOCK_LABEL = "full-stock"  # the full cache with CrypTen's stock softmax (--baseline-softmax stock)
 
 
 def _seq_lens(args, cfg):
@@ -135,6 +149,7 @@ def run(args) -> None:
         "policies": [(lab, repr(p)) for lab, p in policies],
         "fixed_weights": args.fixed_weights,
         "check": args.check,
+        "baseline_softmax": args.baseline_softmax,
     }
     sess = open_session_from_cli(args, public, fixed_weights=args.fixed_weights)
     os.makedirs(args.out, exist_ok=True)
@@ -142,6 +157,8 @@ def run(args) -> None:
         serve_dealer(sess)
         return
     B = SecureBackend(sess, fixed_weights=args.fixed_weights)
+    B_stock = copy.copy(B)  # the full-stock cases: CrypTen's own softmax (--baseline-softmax stock)
+    B_stock.cfg = dataclasses.replace(B.cfg, softmax_baseline="stock")
     cfg_k, w_k = truncated(cfg, weights if sess.rank == SERVER else None, layers)
     w_shared = share_weights(sess, B, cfg_k, w_k, fixed=args.fixed_weights)
     ids = prompt_ids(tok, max(lens), args.text, args.seed) if sess.rank == CLIENT else None
@@ -166,7 +183,7 @@ def run(args) -> None:
                 bar.set_postfix_str(f"{label} @ {n}")
             results[(label, n)] = run_case(
                 sess,
-                B,
+                B_stock if label == STOCK_LABEL else B,
                 cfg,
                 w_shared,
                 plain_w if sess.rank == CLIENT else None,
@@ -296,8 +313,12 @@ def _write(out, rows, meta, markdown_table, ratio_table, columns, write_json):
         "shares. Whole-model costs are scaled from "
         f"{rows[0]['bench_layers']} measured block(s) of {rows[0]['model_layers']}.\n\n"
         + markdown_table(rows)
-        + "\n\nRatios (full / policy):\n\n"
-        + ratio_table(rows)
+        + "".join(
+            f"\n\nRatios ({base} / policy){' (CrypTen stock softmax baseline)' if base == STOCK_LABEL else ''}:\n\n"
+            + ratio_table(rows, base, skip=(STOCK_LABEL, "full"))
+            for base in ("full", STOCK_LABEL)
+            if any(r["policy"] == base for r in rows)
+        )
         + "\n"
     )
     with open(os.path.join(out, "bench.md.tmp"), "w") as f:

@@ -91,9 +91,54 @@ def test_bench_scales_exactly_and_agrees_with_plaintext(tmp_path, four_layer_mod
     }
 
 
+@pytest.fixture(scope="module")
+def silu_gpt2_model(tmp_path_factory):
+    """A tiny GPT-2 checkpoint with the MPCache paper's SiLU MLP (HF ``activation_function: silu``)."""
+    import dataclasses
+
+    from mpcache.model.weights import init_random_weights, save_safetensors_folder, tiny_config
+
+    cfg = dataclasses.replace(tiny_config("gpt2"), act="silu", name="tiny-gpt2-silu")
+    path = tmp_path_factory.mktemp("ckpt") / "gpt2silu"
+    save_safetensors_folder(cfg, init_random_weights(cfg, seed=5), path)
+    return str(path)
+
+
+def test_bench_stock_softmax_baseline(tmp_path, silu_gpt2_model):
+    """``--baseline-softmax ours,stock``: the full cache twice (ours, and CrypTen's stock softmax as
+    ``full-stock``: the paper's kind of baseline), MPCache with ours, ratios against both baselines. The stock
+    softmax's max tree makes it dearer and growing with the row; ours is constant in rounds."""
+    rows, meta = _bench(
+        tmp_path,
+        "stock",
+        silu_gpt2_model,
+        "auto",
+        "--policies",
+        "full,mpcache",
+        "--baseline-softmax",
+        "ours,stock",
+        "--topk",
+        "strata",
+    )
+    by = {(r["policy"], int(r["seq_len"])): r for r in rows}
+    assert {p for p, _ in by} == {"full", "full-stock", "mpcache"}
+    for n in (48, 80):
+        stock, ours = by[("full-stock", n)], by[("full", n)]
+        assert float(stock["rounds_per_token"]) > float(ours["rounds_per_token"])
+        assert float(stock["bytes_per_token"]) > float(ours["bytes_per_token"])
+        assert float(stock["logit_err"]) < 0.05  # short rows: CrypTen's softmax is still accurate
+    assert float(by[("full-stock", 80)]["rounds_per_token"]) > float(by[("full-stock", 48)]["rounds_per_token"])
+    assert by[("full", 80)]["rounds_per_token"] == by[("full", 48)]["rounds_per_token"]
+    md = (tmp_path / "stock" / "bench.md").read_text()
+    assert "Ratios (full / policy)" in md and "Ratios (full-stock / policy) (CrypTen stock softmax" in md
+    assert meta["model"] == "tiny-gpt2-silu"
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [
+        (["--baseline-softmax", "bogus"], "--baseline-softmax takes"),
+        (["--baseline-softmax", "stock", "--policies", "mpcache"], "needs the full policy"),
         (["--seq-lens", "100000"], "outside"),
         (["--policies", "full,nosuch"], "bad policy"),
         (["--policy-kwargs", "{not json"], "not valid JSON"),

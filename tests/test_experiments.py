@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 
 pytest.importorskip("matplotlib")
 
-from experiments import ablation, breakdown, budget_sweep, decode_scaling
+from experiments import ablation, breakdown, budget_sweep, decode_scaling, paper_table
 
 BENCH_COLS = [
     "policy",
@@ -85,6 +85,32 @@ def test_decode_scaling_ratios_and_plot(tmp_path):
     assert [r["bytes_per_token"] for r in again] == [r["bytes_per_token"] for r in costs]
     decode_scaling.plot(costs, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_paper_table_ratios_both_baselines_and_plot(tmp_path):
+    """The paper-style table: full-stock, full and MPCache side by side per (setting, length), ratios of MPCache
+    against both baselines, the paper's range in its own column; bench.csv rows (measured, with the full-stock
+    label of ``--baseline-softmax ours,stock``) read back; the PNG is written."""
+    rows = [
+        _row(p, n, w, b * n, r)
+        for w in (2, 3)
+        for n in (512, 2048)
+        for p, b, r in (("full-stock", 4000, 900), ("full", 1000, 300), ("mpcache", 250, 330))
+    ]
+    args = {"policies": "full,mpcache", "budget": 0.1, "policy_kwargs": None, "baseline_softmax": "ours,stock"}
+    costs = decode_scaling.read_costs([str(_bench(tmp_path / "b", rows, args))])
+    table = paper_table.table_rows(costs)
+    assert len(table) == 4 and {t["setting"] for t in table} == {"2PC arithmetic/tfp", "3PC replicated/tfp"}
+    t = table[0]
+    assert abs(t["comm_vs_stock"] - 16.0) < 1e-9 and abs(t["comm_vs_ours"] - 4.0) < 1e-9
+    assert t["LAN_vs_ours"] < 1 < t["LAN_vs_stock"]  # more rounds than our full cache, fewer than stock
+    assert t["paper_comm"] == "3.39-8.37x" and t["mpcache_rounds"] == 330
+    md = paper_table.markdown(table, 0.1)
+    assert "16.00x" in md and "per-length values not published" in md
+    # an incomplete triple (no stock point) is left out, not half-filled
+    assert paper_table.table_rows([c for c in costs if c["policy"] != "full-stock"]) == []
+    paper_table.plot(table, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
 
 
 def _ledger():

@@ -79,7 +79,9 @@ def ref_gpt2(cfg, w, ids):
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
         x = x + a.transpose(0, 1).reshape(T, D) @ w[p + "wo"] + w[p + "bo"]
         h = ln(x, p + "mlp_norm")
-        x = x + F.gelu(h @ w[p + "w_fc"] + w[p + "b_fc"], approximate="tanh") @ w[p + "w_proj"] + w[p + "b_proj"]
+        a = h @ w[p + "w_fc"] + w[p + "b_fc"]
+        a = F.silu(a) if cfg.activation == "silu" else F.gelu(a, approximate="tanh")  # silu: the MPCache paper's
+        x = x + a @ w[p + "w_proj"] + w[p + "b_proj"]
     x = ln(x, "final_norm")
     return x @ (w["embed"].T if cfg.tie_embeddings else w["lm_head"])
 
@@ -274,6 +276,24 @@ def test_tiny_configs_and_seeds():
     assert load_model("tiny-gpt2")[0].tie_embeddings is True
 
 
+def test_paper_shape_and_activation_field():
+    """``paper-gpt2`` is the MPCache paper's decode shape (GPT-2 blocks, hidden 1024, 32 heads of 32, SiLU); the
+    public part loads without drawing weights. ``act`` is for gpt2 only; unset, it leaves a config's dict (and so
+    its digest, which keys weight caches and calibrations) as before the field existed."""
+    from mpcache.config import ModelConfig
+    from mpcache.model.weights import PAPER_GPT2, load_public, tiny_config
+
+    cfg, _ = load_public("paper-gpt2")
+    assert cfg == PAPER_GPT2 and cfg.activation == "silu" and cfg.arch == "gpt2"
+    assert (cfg.hidden_size, cfg.n_heads, cfg.head_dim, cfg.vocab_size) == (1024, 32, 32, 50257)
+    assert "act" not in tiny_config("gpt2").to_dict() and tiny_config("gpt2").activation == "gelu"
+    assert tiny_config("llama").activation == "silu"
+    with pytest.raises(ValueError, match="gpt2 models only"):
+        dataclasses.replace(tiny_config("llama"), act="silu")
+    with pytest.raises(ValueError, match="ModelConfig.act"):
+        ModelConfig(**{**tiny_config("gpt2").to_dict(), "act": "relu"})
+
+
 @pytest.mark.parametrize("spec,layout", [("tiny-gpt2", "gpt2"), ("tiny-llama", "llama")])
 def test_safetensors_roundtrip(tmp_path, spec, layout):
     cfg, w, _ = load_model(spec, seed=1)
@@ -289,11 +309,13 @@ def test_safetensors_roundtrip(tmp_path, spec, layout):
 
 
 @_hf_mark
-@pytest.mark.parametrize("spec,layout", [("tiny-gpt2", "gpt2"), ("tiny-llama", "llama")])
+@pytest.mark.parametrize("spec,layout", [("tiny-gpt2", "gpt2"), ("tiny-llama", "llama"), ("tiny-gpt2-silu", "gpt2")])
 def test_tiny_logits_match_hf(tmp_path, spec, layout):
     import transformers
 
-    cfg, w, _ = load_model(spec, seed=2)
+    cfg, w, _ = load_model(spec.removesuffix("-silu"), seed=2)
+    if spec.endswith("-silu"):  # the MPCache paper's edited GPT-2 (activation_function: silu)
+        cfg = dataclasses.replace(cfg, act="silu")
     if layout == "llama":  # a non-default theta, so the check sees whether config.json's rope_theta is honoured
         cfg = dataclasses.replace(cfg, rope_theta=500.0)
     save_safetensors_folder(cfg, w, tmp_path, layout=layout)

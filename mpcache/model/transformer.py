@@ -104,7 +104,8 @@ class Transformer:
             u = self._linear(h, p + "w_up")
             return self._linear(B.silu(g) * u, p + "w_down")
         a = self._linear(h, p + "w_fc", p + "b_fc")
-        return self._linear(B.gelu(a), p + "w_proj", p + "b_proj")
+        a = B.silu(a) if self.cfg.activation == "silu" else B.gelu(a)
+        return self._linear(a, p + "w_proj", p + "b_proj")
 
     def _block_in(self, x, p: str, positions: torch.Tensor):
         """Pre-attention of one block: norm, then q, k, v (after RoPE)."""

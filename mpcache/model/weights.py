@@ -61,7 +61,7 @@ __all__ = [
     "weight_reads",
 ]
 
-SPECS = ("smollm2", "tiny-llama", "tiny-gpt2")
+SPECS = ("smollm2", "tiny-llama", "tiny-gpt2", "paper-gpt2")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = "mpcache-weights-v1"  # bump when the conversion changes: old cache files are then ignored
 _SMOLLM2_KEYS = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
@@ -98,7 +98,7 @@ def load_model(
     kind, where = _resolve(spec)
     if kind == "tiny":
         cfg = tiny_config(where)
-        _note_read(f"tiny-{where} random weights (seed {int(seed)})")
+        _note_read(f"{cfg.name} random weights (seed {int(seed)})")
         return cfg, init_random_weights(cfg, seed), Tokenizer.byte_level()
     if kind == "smollm2":
         return load_gguf(smollm2_gguf_path(), cache=cache, name=_SMOLLM2_NAME)
@@ -139,6 +139,8 @@ def _resolve(spec) -> tuple[str, object]:
     key = s.strip().lower()
     if key in ("tiny-llama", "tiny-gpt2"):
         return "tiny", key.split("-", 1)[1]
+    if key == "paper-gpt2":
+        return "tiny", "paper"
     if key in _SMOLLM2_KEYS:
         return "smollm2", None
     p = Path(s).expanduser()
@@ -217,7 +219,30 @@ def tiny_config(arch: str) -> ModelConfig:
             tie_embeddings=True,
             name="tiny-gpt2",
         )
-    raise ValueError(f"unknown tiny arch {arch!r}: use 'llama' or 'gpt2'")
+    if arch == "paper":
+        return PAPER_GPT2
+    raise ValueError(f"unknown tiny arch {arch!r}: use 'llama', 'gpt2' or 'paper'")
+
+
+#: The MPCache paper's MPC decode shape (the authors' benchmark edits HF "gpt2"'s config: hidden 1024, 32 heads of
+#: 32, SiLU; ../shared/mpcache-algorithm.md): GPT-2 blocks (LayerNorm, learned positions, biases, tied head), 12
+#: layers and GPT-2's 50,257-entry vocabulary, MLP 4 x hidden. Seeded random weights (``paper-gpt2``): a COST shape
+#: for ``parties bench`` / the paper's table, not a language model.
+PAPER_GPT2 = ModelConfig(
+    arch="gpt2",
+    vocab_size=50257,
+    hidden_size=1024,
+    n_layers=12,
+    n_heads=32,
+    n_kv_heads=32,
+    head_dim=32,
+    intermediate_size=4096,
+    max_position=16384,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+    name="paper-gpt2",
+    act="silu",
+)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -762,9 +787,10 @@ def _hf_gpt2_config(hf: dict, cfg_file: Path, name: str) -> ModelConfig:
         return hf[k]
 
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "silu"):
         raise ValueError(
-            f"{cfg_file}: activation_function={act!r} is not supported (gpt2 models here use the tanh GeLU 'gelu_new')"
+            f"{cfg_file}: activation_function={act!r} is not supported (gpt2 models here use the tanh GeLU "
+            "'gelu_new', or 'silu' as in the MPCache paper's edited GPT-2)"
         )
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
         raise ValueError(f"{cfg_file}: non-standard GPT-2 attention scaling is not supported")
@@ -784,6 +810,7 @@ def _hf_gpt2_config(hf: dict, cfg_file: Path, name: str) -> ModelConfig:
         bos_token_id=_first_id(hf.get("bos_token_id")),
         eos_token_id=_first_id(hf.get("eos_token_id")),
         name=name,
+        act="silu" if act == "silu" else None,
     )
 
 
@@ -951,7 +978,7 @@ def save_safetensors_folder(
             "n_ctx": cfg.max_position,
             "vocab_size": cfg.vocab_size,
             "layer_norm_epsilon": cfg.norm_eps,
-            "activation_function": "gelu_new",
+            "activation_function": cfg.activation if cfg.activation == "silu" else "gelu_new",
             "tie_word_embeddings": cfg.tie_embeddings,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,

@@ -38,6 +38,7 @@ class MpcConfig:
     policy_one_layer: int = 4  # reductions over at most this many entries take ONE radix layer
     schedule_profile: str = "lan"  # mpcache/latency.py profile whose latency the "auto" schedules minimise
     # ---- softmax -------------------------------------------------------------------------------------------------
+    softmax_baseline: str = "ours"  # "stock": CrypTen's own MPCTensor.softmax everywhere (a cost BASELINE only)
     softmax_recip: str = "goldschmidt"  # or "newton"
     softmax_exp_fit: float | None = None  # None: exp base 1 + x/2^iters; 8.0: the minimax base on [-8, 0]
     exp_iters: int = 8  # squarings of the limit exp (row-max softmax)
@@ -64,6 +65,8 @@ class MpcConfig:
             raise ValueError(f"MpcConfig.provider must be 'tfp', 'ttp' or 'none', got {self.provider!r}")
         if self.provider == "none" and self.protocol != "replicated":
             raise ValueError("MpcConfig.provider 'none' (dealer-free) needs protocol 'replicated' (3 parties)")
+        if self.softmax_baseline not in ("ours", "stock"):
+            raise ValueError(f"MpcConfig.softmax_baseline must be 'ours' or 'stock', got {self.softmax_baseline!r}")
         if self.softmax_recip not in ("goldschmidt", "newton"):
             raise ValueError(f"MpcConfig.softmax_recip must be 'goldschmidt' or 'newton', got {self.softmax_recip!r}")
 

@@ -7,7 +7,7 @@ module              protocols
 ``tournament``      ``tree_max``, ``argmax_index``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``,
                     ``strata_select`` (the tournaments; radices from :mod:`mpcache.mpc.schedules`)
 ``approx``          ``exp_limit``, ``reciprocal_nr``, ``reciprocal_gs``
-``softmax``         ``softmax`` (row max or anchored offset)
+``softmax``         ``softmax`` (row max or anchored offset), ``stock_softmax`` (CrypTen's: a cost baseline)
 ``activations``     ``silu``, ``gelu``
 ``norms``           ``norm_scale`` (RMSNorm / LayerNorm's v / sqrt(sum v^2 + c))
 ==================  ============================================================================================
@@ -38,7 +38,7 @@ from .approx import (
 from .compare import _from_shares, _ltz, _ltz_lean, _minus_publics, _mul_public_int, clamp, clamp_reference
 from .config import MpcConfig
 from .norms import norm_scale, norm_scale_reference
-from .softmax import ANCHOR_MAX_EXCESS, MASK_SHIFT, _anchor_columns, softmax, softmax_reference
+from .softmax import ANCHOR_MAX_EXCESS, MASK_SHIFT, _anchor_columns, softmax, softmax_reference, stock_softmax
 from .tournament import (
     _onehot_radix_level,
     _onehot_radix_levels,
@@ -88,6 +88,7 @@ __all__ = [
     "silu_reference",
     "softmax",
     "softmax_reference",
+    "stock_softmax",
     "strata_layout",
     "strata_select",
     "strata_top1_onehot",

@@ -93,6 +93,8 @@ def softmax(
     if m > 2**16:
         raise ValueError(f"secure softmax supports rows of up to 65536 entries, got {m}")
     cfg = cfg or MpcConfig.current()
+    if cfg.softmax_baseline == "stock":
+        return stock_softmax(x, mask)
     radix = cfg.softmax_radix if radix is None else radix
     lean = cfg.softmax_lean if lean is None else lean
     if anchor is not None and mask is None and sum(anchor) < m:
@@ -119,6 +121,28 @@ def softmax(
     s = e.sum(dim=-1, keepdim=True) * c
     r = approx.reciprocal_gs(s, lean=lean) if recip == "goldschmidt" else approx.reciprocal_nr(s)
     return (e * r) * c  # (e r) first: r c alone can be a few ulps
+
+
+def stock_softmax(x, mask: torch.Tensor | None = None):
+    """CrypTen 0.4.1's own ``MPCTensor.softmax`` along the last dim (``MpcConfig.softmax_baseline = "stock"``): the
+    full-cache baseline of the kind the MPCache paper measured against, for COST comparisons. Its max is a pairwise
+    tree (``max_method="log_reduction"``: ceil(log2 m) layers of CrypTen's 64-bit comparison, ~15 rounds each, then
+    a one-hot argmax product per layer), its exp 8 squarings, its reciprocal 10 Newton iterations from an exp-based
+    guess (~30 rounds). With a public 0/1 ``mask`` the same steps (CrypTen's max over the row with masked entries
+    shifted down by MASK_SHIFT, its exp, the masked entries zeroed before its reciprocal of the sum: CrypTen's
+    softmax has no mask, and its limit exp is garbage below -256). Float model: the exact softmax -- within
+    CrypTen's precision only while the sum of exponentials stays under ~250 (its reciprocal diverges beyond: wrong
+    on long flat rows, ``../shared/crypten-notes.md``), which is why it is never used for output. Bytes and rounds:
+    what the ledger counts (``experiments/softmax_bench.py`` tabulates them per row length). Leaks: shapes only."""
+    if mask is None:
+        return x.softmax(-1)
+    import crypten
+
+    m = mask.to(torch.float32)
+    mx = (x + (m - 1) * MASK_SHIFT).max(-1, keepdim=True)[0]
+    e = (x - mx).exp() * m
+    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        return e * e.sum(-1, keepdim=True).reciprocal()
 
 
 def anchored_recip_range(m: int, cfg: MpcConfig) -> tuple[int, int, int]:
@@ -233,6 +257,9 @@ def softmax_reference(
     cfg = cfg or MpcConfig()
     x = x.double()
     m = x.shape[-1]
+    if cfg.softmax_baseline == "stock":  # CrypTen's: modelled as the exact softmax (see stock_softmax)
+        y = torch.softmax(x if mask is None else x.masked_fill(mask == 0, -math.inf), dim=-1)
+        return y if mask is None else y * mask.double()
     if anchor is not None and mask is not None:
         return _anchored_prefix_reference(x, mask, anchor, cfg)
     if anchor is not None and mask is None and sum(anchor) < m:
