@@ -96,11 +96,18 @@ def _chebyshev(u, coeffs):
     return (ts * (c if isinstance(ts, torch.Tensor) else c.float())).sum(0) + coeffs[0]
 
 
-def _half_plus_even(x, T: float, coeffs, lanes: int):
+def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True):
     """x/2 + h(x) for an even h ~ |x|/2 beyond +-T: h a Chebyshev polynomial in u = 2 (x/T)^2 - 1 inside, |x|/2
-    outside. The shared body of :func:`silu` and :func:`gelu` (their docstrings state the costs)."""
-    b = _cmp_lanes(_stack([-x + T, x + T]), lanes)  # [x > T], [x < -T]: one comparison layer
-    p = _chebyshev(_square(x) * (2.0 / T**2) - 1.0, coeffs)
+    outside. The breakpoints' comparison and the polynomial are independent: they run in lockstep
+    (:mod:`mpcache.mpc.lockstep`, one exchange per round for both). The shared body of :func:`silu` and
+    :func:`gelu` (their docstrings state the costs)."""
+    from .lockstep import parallel
+
+    b, p = parallel(
+        lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes),  # [x > T], [x < -T]: one comparison layer
+        lambda: _chebyshev(_square(x) * (2.0 / T**2) - 1.0, coeffs),
+        enabled=lockstep,
+    )
     half = x * 0.5
     return half + p + (b * _stack([half - p, -half - p])).sum(0)
 
@@ -117,14 +124,15 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
     """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
     [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
     1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
-    errs there adds no error beyond the bound), x^2 (a square), the Chebyshev terms (a square + 2 stacked products), the mux (one stacked
+    errs there adds no error beyond the bound; 3.0e-3 in 3PC, whose window is 1/8), x^2 (a square), the Chebyshev terms (a square + 2 stacked products), the mux (one stacked
     product of 2 bits x 2 values).
-    Rounds: cmp + 1 + 3 + 1 (cmp = 6 with 16-bit lanes, 7 with 32, 8 with CrypTen's).
+    Rounds: max(cmp, 1 + 3) + 1 = 7 with 16-bit lanes (cmp = 6; 7 with 32, 8 with CrypTen's): the comparison runs
+    in lockstep with x^2 and the Chebyshev terms (``cfg.lockstep = False``: cmp + 1 + 3 + 1 = 11).
     Bytes per element (2PC): 2 comparisons (2 x 44 B with 16-bit lanes) + 8 (x^2) + 8 + 32 + 64 (Chebyshev) +
     32 (mux) ~ 232 B (the previous 4-breakpoint, monomial-Horner design: ~680 B). Float model:
     :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8). Leaks: shapes only."""
     cfg = cfg or MpcConfig()
-    return _half_plus_even(x, SILU_T, SILU_CHEB, cfg.act_lanes if lanes is None else lanes)
+    return _half_plus_even(x, SILU_T, SILU_CHEB, cfg.act_lanes if lanes is None else lanes, cfg.lockstep)
 
 
 def silu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +142,10 @@ def silu_reference(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
     """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
-    beyond (as :func:`silu`). Rounds: cmp + 1 + 3 + 1. Bytes per element (2PC): 2 x 44 (16-bit lanes) + 8 + 8 +
+    beyond (as :func:`silu`). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`). Bytes per element (2PC): 2 x 44 (16-bit lanes) + 8 + 8 +
     32 + 32 + 32 ~ 200 B. Float model: :func:`gelu_reference` (max abs error vs GeLU 8.1e-4). Leaks: shapes only."""
     cfg = cfg or MpcConfig()
-    return _half_plus_even(x, GELU_T, GELU_CHEB, cfg.act_lanes if lanes is None else lanes)
+    return _half_plus_even(x, GELU_T, GELU_CHEB, cfg.act_lanes if lanes is None else lanes, cfg.lockstep)
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +109,8 @@ class Recorder:
 
 
 _REC: Recorder | None = None
-_DEPTH = 0  # > 0 inside an audited communicator call: its own torch.distributed calls are recorded at that level
+_TL = threading.local()  # .depth > 0 inside an audited communicator call (per thread: lockstep branches,
+#   mpcache/mpc/lockstep.py): its own torch.distributed calls are recorded at that level
 _DIST_ORIG: dict = {}  # torch.distributed's receives, while the audit wraps them
 _LINK_ORIG: dict = {}  # the dealer link's socket setup (mpcache.mpc.dealer._stream), while the audit wraps it
 LINK_BLOCK = 4096  # int64 elements per message of party 0's dealer-link stream (its answers, raw)
@@ -393,7 +395,7 @@ def _watch_dist() -> None:
 
     def irecv(tensor, *args, **kwargs):
         work = _DIST_ORIG["irecv"](tensor, *args, **kwargs)
-        if _REC is None or _DEPTH:
+        if _REC is None or getattr(_TL, "depth", 0):
             return work
         src, group = (list(args) + [None, None])[:2]
         src, group = kwargs.get("src", src), kwargs.get("group", group)
@@ -401,7 +403,7 @@ def _watch_dist() -> None:
 
     def recv(tensor, *args, **kwargs):
         out = _DIST_ORIG["recv"](tensor, *args, **kwargs)
-        if _REC is not None and not _DEPTH:
+        if _REC is not None and not getattr(_TL, "depth", 0):
             src, group = (list(args) + [None, None])[:2]
             _dist_note("recv", tensor, kwargs.get("src", src), kwargs.get("group", group))
         return out
@@ -411,12 +413,11 @@ def _watch_dist() -> None:
 
 @contextlib.contextmanager
 def _inside():
-    global _DEPTH
-    _DEPTH += 1
+    _TL.depth = getattr(_TL, "depth", 0) + 1
     try:
         yield
     finally:
-        _DEPTH -= 1
+        _TL.depth -= 1
 
 
 def _audit_class(base):

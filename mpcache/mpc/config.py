@@ -52,6 +52,7 @@ class MpcConfig:
     # ---- routes and transport --------------------------------------------------------------------------------------
     gather_triples: bool = True  # attention over a strata selection by three-operand products (TFP, 2PC, CPU)
     one_exchange: bool = True  # an opening's all-reduce as one exchange (send to every peer, receive theirs)
+    lockstep: bool = True  # independent protocols' openings merged round by round (mpcache/mpc/lockstep.py)
     mpi_exchange: str | bool = "auto"  # openings over MPI point-to-point ("auto": one host, a core per party)
     lean_tfp: bool = True  # TFP tuples with one draw per peer share (same distribution, same trust model)
     fixed_weights: bool = True  # fixed-operand triples for the weight matrices (W - B opened once, offline)

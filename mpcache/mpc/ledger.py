@@ -248,6 +248,11 @@ def _counting_communicator_class(base):
         def all_reduce(self, input, op=None, batched=False):
             import torch.distributed as dist
 
+            from .lockstep import current_branch
+
+            branch = current_branch()
+            if branch is not None:  # a lockstep branch: parked, sent with the others' (merged_all_reduce)
+                return branch.park((input, op, batched))
             n, b = self._n(), _nbytes(input)
             self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
             xs = input if batched else [input]
@@ -266,11 +271,41 @@ def _counting_communicator_class(base):
             self._after_exchange()
             return out
 
-        def _exchange_reduce(self, xs, xor: bool, batched: bool):
+        def merged_all_reduce(self, requests):
+            """The parked openings of lockstep branches (``(input, op, batched)`` each, as ``all_reduce`` takes
+            them) as ONE exchange: one round in the ledger, the bytes of all; sums and xors side by side in one
+            message per peer (:mod:`mpcache.mpc.lockstep`). Returns each request's result."""
+            import torch.distributed as dist
+
+            xs, xor, spans = [], [], []
+            for input, op, batched in requests:
+                part = list(input) if batched else [input]
+                spans.append((len(xs), len(part), batched))
+                xs += part
+                xor += [op == dist.ReduceOp.BXOR] * len(part)
+            n, b = self._n(), sum(_nbytes(x) for x in xs)
+            self.ledger.record(sent=(n - 1) * b, recv=(n - 1) * b, rounds=self._recv_round())
+            if (
+                self.one_exchange
+                and all(op in (None, dist.ReduceOp.SUM, dist.ReduceOp.BXOR) for _, op, _ in requests)
+                and all(x.data.device.type == "cpu" for x in xs)
+            ):
+                outs = self._exchange_reduce(xs, xor, True)
+            else:  # a dry run (meta tensors), CUDA or gloo's all-reduce: one call each (counted as above)
+                outs = []
+                for input, op, batched in requests:
+                    kw = {} if op is None else {"op": op}
+                    r = self._blocked(super().all_reduce, input, batched=batched, **kw)
+                    outs += list(r) if batched else [r]
+            self._after_exchange()
+            return [outs[at : at + k] if batched else outs[at] for at, k, batched in spans]
+
+        def _exchange_reduce(self, xs, xor, batched: bool):
             """The all-reduce of an opening as ONE exchange: every party sends its share to every other and
             receives theirs (posted together), then adds (or xors) locally — the bytes and the single round the
             ledger records. gloo's own all_reduce takes ~2 round trips for the same data (measured under
-            emulated WAN, scripts/netem), so this halves the latency of every opening. Same result, bit for bit."""
+            emulated WAN, scripts/netem), so this halves the latency of every opening. Same result, bit for bit.
+            ``xor``: one flag for all, or one per tensor (a merged exchange of sums and xors)."""
             led = self.ledger
             t0 = _clock()  # profile: copies until the transfers are posted ...
             me = self.get_rank()
@@ -294,14 +329,17 @@ def _counting_communicator_class(base):
                         ]
                 t1 = _clock()  # ... waiting for the peer while the requests are open ...
                 if not MPI.Request.Testall(reqs):  # a dead peer ends the job (mpiexec); a hung one must not
-                    deadline = time.monotonic() + self.mpi_timeout
+                    # with a dealer, party 0 may wait on it (up to mpi_timeout) while a peer, ahead, waits on party
+                    # 0's opening: the peer waits longer, so the party that knows the cause (the dealer) reports
+                    limit = self.mpi_timeout * (1.5 if getattr(self, "ttp_initialized", False) else 1.0)
+                    deadline = time.monotonic() + limit
                     nap_after = t1 + MPI_SPIN_S if self.mpi_nap else None
                     while not MPI.Request.Testall(reqs):
                         if nap_after is not None and _clock() > nap_after:
                             os.sched_yield()  # the dealer (if runnable here) computes meanwhile (MPI_SPIN_S)
                         if time.monotonic() > deadline:
                             raise TimeoutError(
-                                f"party {me}: no opening from parties {peers} for {self.mpi_timeout:.0f} s; a peer "
+                                f"party {me}: no opening from parties {peers} for {limit:.0f} s; a peer "
                                 "died or hangs (see its output); raise --timeout if the peers are merely slow"
                             )
             else:
@@ -315,19 +353,26 @@ def _counting_communicator_class(base):
                     if r is not None:
                         r.wait()
             t2 = _clock()  # ... then the local add/xor and the result's views: copies
-            sums = []
-            for m, bl in zip(msgs, bufs):
-                y = m
-                for buf in bl:  # new tensors: the caller's input is never modified
-                    y = torch.bitwise_xor(y, buf) if xor else y + buf
-                sums.append(y)
-            if one:
-                out, at = [], 0
+            flags = list(xor) if isinstance(xor, (list, tuple)) else [xor] * len(data)
+
+            def combine(y, bl, x):  # new tensors: the caller's input is never modified
+                for buf in bl:
+                    y = torch.bitwise_xor(y, buf) if x else y + buf
+                return y
+
+            if not one:
+                out = [combine(m, bl, x) for m, bl, x in zip(msgs, bufs, flags)]
+            elif all(x == flags[0] for x in flags):
+                flat, out, at = combine(msgs[0], bufs[0], flags[0]), [], 0
                 for d in data:
-                    out.append(sums[0][at : at + d.numel()].view(d.shape))
+                    out.append(flat[at : at + d.numel()].view(d.shape))
                     at += d.numel()
             else:
-                out = sums
+                out, at = [], 0
+                for d, x in zip(data, flags):
+                    k = d.numel()
+                    out.append(combine(msgs[0][at : at + k], [bl[at : at + k] for bl in bufs[0]], x).view(d.shape))
+                    at += k
             led._wait += t2 - t1
             led._copy += (t1 - t0) + (_clock() - t2)
             return out if batched else out[0]

@@ -80,8 +80,9 @@ def softmax(
     guard bounds (:func:`anchored_recip_range`) with the split lean comparison (approx._step_guess_split). ``offset`` (with ``anchor``): that max, already computed by
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
-    is the softmax of the clamped row). Rounds: (cmp + ceil(log2(a + b))) + 7 (guard) + cfg.anchor_exp_iters +
-    (7 + 1 + 1 + RECIP_GS_ITERS) + 1 = 11 + 7 + 10 + 12 + 1 = 41 for (4, 8), whatever the row length; bytes: the guard
+    is the softmax of the clamped row; its comparison runs in lockstep with the exp, :func:`guarded_exp`). Rounds:
+    (cmp + ceil(log2(a + b))) + cfg.anchor_exp_iters + 1 (guard) + (7 + 1 + 1 + RECIP_GS_ITERS) + 1 = 11 + 11 + 12
+    + 1 = 35 for (4, 8), whatever the row length (41 with ``cfg.lockstep = False``); bytes: the guard
     (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
     columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
@@ -102,7 +103,7 @@ def softmax(
             mx = tree_max(_anchor_columns(x, anchor), dim=-1, keepdim=True, radix="auto", lean=lean, cfg=cfg)
         else:
             mx = offset  # (..., 1): the anchors' max, made earlier in a batched layer by the caller
-        e = approx.exp_limit(anchor_guarded(x - mx, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
+        e = guarded_exp(x - mx, cfg)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = anchored_recip_range(m, cfg)
         r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean="split")
@@ -155,6 +156,35 @@ def anchored_recip_range(m: int, cfg: MpcConfig) -> tuple[int, int, int]:
         return lo, hi, q
     half = 0.5 * math.log2(max(m, 1))
     return max(lo, math.floor(-half)), min(hi, math.ceil(half + cfg.anchor_guard / math.log(2))), q
+
+
+def guarded_exp(y, cfg: MpcConfig):
+    """exp(min(y, G)) of the anchored softmax (G = ``cfg.anchor_guard``; None: exp(y)) by the limit exp
+    (``cfg.anchor_exp_iters`` squarings). The guard's coarse comparison b = [y > G] (:func:`anchor_guarded`) runs
+    in LOCKSTEP with the exp of the unclamped y (:mod:`mpcache.mpc.lockstep`: its 6 rounds travel inside the exp's
+    10), then one product picks e^G where b: e + b (e^G - e), exact in the ring (a bit times a ring element), so an
+    exp that overflowed above the bound is replaced whole. The same function as exp(anchor_guarded(y)) -- the float
+    model is :func:`guarded_exp_reference` -- in cfg.anchor_exp_iters + 1 rounds instead of 7 + that (or the sum of
+    both with ``cfg.lockstep = False``). Bytes per entry (2PC): the exp's + 44 B (comparison) + 16 B (product), as
+    before. Leaks: shapes only."""
+    from .compare import _ltz_lanes
+    from .lockstep import parallel
+
+    G = cfg.anchor_guard
+    if G is None:
+        return approx.exp_limit(y, iters=cfg.anchor_exp_iters)
+    b, e = parallel(
+        lambda: _ltz_lanes(-y + G, 16, 12),
+        lambda: approx.exp_limit(y, iters=cfg.anchor_exp_iters),
+        enabled=cfg.lockstep,
+    )
+    e_g = float(approx.exp_limit_reference(torch.tensor(G, dtype=torch.float64), iters=cfg.anchor_exp_iters))
+    return e + b * (-e + e_g)
+
+
+def guarded_exp_reference(y: torch.Tensor, cfg: MpcConfig) -> torch.Tensor:
+    """The float model of :func:`guarded_exp`: the limit exp of min(y, G) (exact comparison)."""
+    return approx.exp_limit_reference(anchor_guarded(y, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
 
 
 def anchor_guarded(y, guard: float | None):
@@ -211,7 +241,7 @@ def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
     anchors = wrap(xs.index_select(-1, cols).reshape(*lead, R, idx.shape[-1]), x)
     mx = tree_max(anchors, dim=-1, keepdim=False, radix="auto", lean=lean, cfg=cfg)  # (..., R)
     y = wrap(xs.index_select(-1, flat_d), x) - wrap(mx.share.index_select(-1, row_d), mx)
-    e = approx.exp_limit(anchor_guarded(y, cfg.anchor_guard), iters=cfg.anchor_exp_iters)  # (..., E)
+    e = guarded_exp(y, cfg)  # (..., E)
     s = wrap(torch.zeros(*lead, R, dtype=e.share.dtype, device=dev).index_add_(-1, row_d, e.share), e)
     c = (1.0 / lens.reshape(-1).double().sqrt()).float()  # (R,), public
     lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
@@ -225,8 +255,7 @@ def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
 def _anchored_prefix_reference(x, mask, anchor, cfg: MpcConfig):
     lens, idx = _prefix_anchors(mask, anchor)
     idx = idx.reshape(*([1] * (x.dim() - 2)), *idx.shape).expand(*x.shape[:-1], idx.shape[-1])
-    y = anchor_guarded(x - x.gather(-1, idx).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
-    e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters) * mask.double()
+    e = guarded_exp_reference(x - x.gather(-1, idx).max(dim=-1, keepdim=True).values, cfg) * mask.double()
     c = 1.0 / lens.double().sqrt()
     lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
     return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
@@ -263,8 +292,7 @@ def softmax_reference(
     if anchor is not None and mask is not None:
         return _anchored_prefix_reference(x, mask, anchor, cfg)
     if anchor is not None and mask is None and sum(anchor) < m:
-        y = anchor_guarded(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, cfg.anchor_guard)
-        e = approx.exp_limit_reference(y, iters=cfg.anchor_exp_iters)
+        e = guarded_exp_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, cfg)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = anchored_recip_range(m, cfg)
         return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
