@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import lockstep as _lockstep
+
 ALPHA = 1e-3  # the family-wise significance of each check call (Bonferroni over its tests)
 
 
@@ -109,8 +111,8 @@ class Recorder:
 
 
 _REC: Recorder | None = None
-_TL = threading.local()  # .depth > 0 inside an audited communicator call (per thread: lockstep branches,
-#   mpcache/mpc/lockstep.py): its own torch.distributed calls are recorded at that level
+_TL = threading.local()  # .depth > 0 inside an audited communicator call: its own torch.distributed calls are
+#   recorded at that level (per lockstep branch too: registered with mpcache.mpc.lockstep.SWITCHED below)
 _DIST_ORIG: dict = {}  # torch.distributed's receives, while the audit wraps them
 _LINK_ORIG: dict = {}  # the dealer link's socket setup (mpcache.mpc.dealer._stream), while the audit wraps it
 LINK_BLOCK = 4096  # int64 elements per message of party 0's dealer-link stream (its answers, raw)
@@ -409,6 +411,17 @@ def _watch_dist() -> None:
         return out
 
     dist.irecv, dist.recv = irecv, recv
+
+
+def _depth_get() -> int:
+    return getattr(_TL, "depth", 0)
+
+
+def _depth_set(v: int) -> None:
+    _TL.depth = v
+
+
+_lockstep.SWITCHED.append((_depth_get, _depth_set))  # a parked branch's depth is its own
 
 
 @contextlib.contextmanager

@@ -4,11 +4,11 @@
 other (a comparison and a polynomial of the same x) -- so that every round of one travels in the same exchange as
 the corresponding round of the other: the rounds are max(r_f, r_g) instead of r_f + r_g; the bytes are unchanged.
 
-How: each branch runs in a thread of its own, but only one thread ever runs at a time (a baton, handed over in a
-fixed order), so every party executes the same deterministic interleaving: the same randomness draws, the same
+How: each branch runs as a greenlet (a coroutine with its own stack, switched in ~0.4 us; threads took ~64 us a
+handoff here) in a fixed order, so every party executes the same deterministic interleaving: the same randomness draws, the same
 dealer requests, in the same order, as a sequential run of the same code would in some order. A branch that
 reaches an opening (the communicator's ``all_reduce``: every arithmetic and binary opening of 2PC, a Beaver
-product's ``x - a`` and ``y - b``, an AND's ``x ^ a`` and ``y ^ b``) parks it and hands the baton on; once every
+product's ``x - a`` and ``y - b``, an AND's ``x ^ a`` and ``y ^ b``) parks it and switches back; once every
 live branch has parked an opening or finished, the openings go out as ONE exchange (one message per peer:
 ``CountingCommunicator.merged_all_reduce``, one round in the ledger, the bytes of all), each branch gets its part
 and runs on to its next opening, in branch order. Every other transfer (a broadcast, a dealer request, 3PC's
@@ -17,8 +17,8 @@ merged. A branch that raises ends the call with its exception (the parties' job 
 
 Leakage: none. The schedule (which opening goes with which) is a function of the code and the public shapes only,
 identical on every party and for every secret input (tests/test_lockstep.py checks the bytes and rounds).
-Cost of the machinery: two thread switches per branch and round (~20-50 us of CPU each), against ~0.8 ms of CPU per
-round saved on this machine (experiments/RESULTS.md, session 9).
+Cost of the machinery: two greenlet switches per branch and round (~1 us), against ~0.8 ms of CPU per round saved
+on this machine (experiments/RESULTS.md, session 9).
 
 Used by: SiLU/GeLU (the breakpoints' comparison in lockstep with the polynomial) and the anchored softmax (the
 guard's comparison in lockstep with the exp). ``MpcConfig.lockstep = False`` runs the branches one after the other
@@ -28,60 +28,59 @@ the probabilistic truncations differ, within the same bounds).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
-_LOCAL = threading.local()  # .branch: the _Branch the current thread runs (None in the main thread)
+#: (get, set) pairs of per-branch state besides the ledger's scope path, saved and restored at every switch (the
+#: reveal audit's nesting depth registers here)
+SWITCHED: list = []
 
 
 class _Branch:
-    def __init__(self, fn, ledger, modes, grad: bool):
-        self.fn, self.ledger, self.modes, self.grad = fn, ledger, modes, grad
+    def __init__(self, fn, ledger):
+        import greenlet
+
+        self.fn, self.ledger = fn, ledger
         self.stack = list(ledger._stack) if ledger is not None else None  # its own scope path
-        self.go, self.paused = threading.Event(), threading.Event()
+        self.state = [get() for get, _ in SWITCHED]
         self.request = None  # (input, op, batched): the opening it waits on
-        self.reply = None
-        self.done, self.result, self.error = False, None, None
-        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.done, self.result, self.error, self.started = False, None, None, False
+        self.glet = greenlet.greenlet(self._main)
 
     def _main(self):
-        import torch
-
-        _LOCAL.branch = self
-        self.go.wait()
-        self.go.clear()
         try:
-            # torch's function modes (a dry run's meta-device mode) and grad mode are per thread: the caller's
-            with contextlib.ExitStack() as stack, torch.set_grad_enabled(self.grad):
-                for mode in self.modes:
-                    stack.enter_context(mode)
-                self.result = self.fn()
+            self.result = self.fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller, re-raised there
             self.error = e
         self.done = True
-        self.paused.set()
 
-    def run_until_parked(self):
-        """Hand this branch the baton; return when it parks an opening or finishes."""
+    def run_until_parked(self, reply=None):
+        """Switch into this branch; return when it parks an opening or finishes."""
+        saved_stack = self.ledger._stack if self.ledger is not None else None
+        saved = [get() for get, _ in SWITCHED]
         if self.ledger is not None:
             self.ledger._stack = self.stack
-        self.paused.clear()
-        self.go.set()
-        self.paused.wait()
+        for (_, put), v in zip(SWITCHED, self.state):
+            put(v)
+        try:
+            self.glet.switch(reply) if self.started else self.glet.switch()
+            self.started = True
+        finally:
+            self.state = [get() for get, _ in SWITCHED]
+            for (_, put), v in zip(SWITCHED, saved):
+                put(v)
+            if self.ledger is not None:
+                self.ledger._stack = saved_stack
 
     def park(self, request):
-        """(In the branch's thread) park an opening; return its result once the merged exchange is done."""
-        self.request, self.reply = request, None
-        self.paused.set()
-        self.go.wait()
-        self.go.clear()
-        reply, self.reply = self.reply, None
-        return reply
+        """(Inside the branch) park an opening; return its result once the merged exchange is done."""
+        self.request = request
+        return self.glet.parent.switch()
+
+
+_CURRENT: list = [None]  # the branch running now (None: the caller)
 
 
 def current_branch():
-    """The lockstep branch this thread runs, or None."""
-    return getattr(_LOCAL, "branch", None)
+    """The lockstep branch running now, or None."""
+    return _CURRENT[0]
 
 
 def parallel(*fns, enabled: bool = True):
@@ -96,32 +95,25 @@ def parallel(*fns, enabled: bool = True):
     if merge is None:  # not a counting communicator: nothing to merge into
         return [f() for f in fns]
     ledger = getattr(inst, "ledger", None)
-    saved = ledger._stack if ledger is not None else None
-    import torch
-
-    modes = torch.overrides._get_current_function_mode_stack()
-    branches = [_Branch(f, ledger, modes, torch.is_grad_enabled()) for f in fns]
-    for b in branches:
-        b.thread.start()
-    try:
-        while True:
-            live = [b for b in branches if not b.done]
-            for b in live:
-                b.run_until_parked()
-                if b.error is not None:
-                    raise b.error
-            waiting = [b for b in branches if not b.done and b.request is not None]
-            if not waiting:
-                break
-            if ledger is not None:
-                ledger._stack = saved
-            replies = merge([b.request for b in waiting])
-            for b, r in zip(waiting, replies):
-                b.request, b.reply = None, r
-    finally:
-        if ledger is not None:
-            ledger._stack = saved
-    return [b.result for b in branches]
+    branches = [_Branch(f, ledger) for f in fns]
+    replies = [None] * len(branches)
+    while True:
+        for i, b in enumerate(branches):
+            if b.done:
+                continue
+            _CURRENT[0] = b
+            try:
+                b.run_until_parked(replies[i])
+            finally:
+                _CURRENT[0] = None
+            if b.error is not None:
+                raise b.error
+        waiting = [i for i, b in enumerate(branches) if not b.done]
+        if not waiting:
+            return [b.result for b in branches]
+        out = merge([branches[i].request for i in waiting])
+        for i, r in zip(waiting, out):
+            branches[i].request, replies[i] = None, r
 
 
-__all__ = ["current_branch", "parallel"]
+__all__ = ["SWITCHED", "current_branch", "parallel"]
