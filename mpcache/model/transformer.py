@@ -100,8 +100,11 @@ class Transformer:
     def _mlp(self, h, p: str):
         B = self.B
         if self.cfg.arch == "llama":
-            g = self._linear(h, p + "w_gate")
-            u = self._linear(h, p + "w_up")
+            if p + "w_gateup" in self.w:  # fused (generation.FUSED_WEIGHTS): one product, one opening
+                gu = self._linear(h, p + "w_gateup")
+                g, u = gu[..., : self.cfg.intermediate_size], gu[..., self.cfg.intermediate_size :]
+            else:
+                g, u = self._linear(h, p + "w_gate"), self._linear(h, p + "w_up")
             return self._linear(B.silu(g) * u, p + "w_down")
         a = self._linear(h, p + "w_fc", p + "b_fc")
         a = B.silu(a) if self.cfg.activation == "silu" else B.gelu(a)
@@ -126,9 +129,14 @@ class Transformer:
     def _qkv(self, h, p: str, positions: torch.Tensor):
         cfg, T = self.cfg, h.shape[0]
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q = self._linear(h, p + "wq", p + "bq").reshape(T, H, hd).transpose(0, 1)
-        k = self._linear(h, p + "wk", p + "bk").reshape(T, Hkv, hd).transpose(0, 1)
-        v = self._linear(h, p + "wv", p + "bv").reshape(T, Hkv, hd).transpose(0, 1)
+        if p + "wqkv" in self.w:  # fused (generation.FUSED_WEIGHTS): one product, one opening of h
+            qkv = self._linear(h, p + "wqkv", p + "bqkv")
+            q, k, v = qkv[..., : H * hd], qkv[..., H * hd : (H + Hkv) * hd], qkv[..., (H + Hkv) * hd :]
+        else:
+            q, k, v = (self._linear(h, p + n, p + b) for n, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+        q = q.reshape(T, H, hd).transpose(0, 1)
+        k = k.reshape(T, Hkv, hd).transpose(0, 1)
+        v = v.reshape(T, Hkv, hd).transpose(0, 1)
         if cfg.arch == "llama":
             cos, sin = rope_tables(positions, hd, cfg.rope_theta)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
