@@ -333,6 +333,16 @@ def results_markdown(costs: list[dict], ratios: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
+def length_axes(ax, title: str, log_y: bool = True) -> None:
+    """A cost-vs-cached-length panel: log2 x axis, log y, light grid."""
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("cached tokens")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def plot(costs: list[dict], path: Path, policies: list[str] | None = None) -> None:
     """2x2 panels (MB, rounds, LAN s, WAN s per token vs cached length), one line per policy x setting x source."""
     import matplotlib
@@ -366,11 +376,7 @@ def plot(costs: list[dict], path: Path, policies: list[str] | None = None) -> No
                     ls="-" if source == "measured" else "--",
                     label=f"{pol}, {setting} ({source})",
                 )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cached tokens")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        length_axes(ax, title)
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from experiments.decode_scaling import (
+    length_axes,
     md_table,
     new_run_dir,
     predict_point,
@@ -218,11 +219,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     color=colors[lab],
                     label=f"{lab}, {g[1].split()[0]} ({g[0]})",
                 )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cached tokens")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        length_axes(ax, title)
     axes.flat[0].legend(fontsize=7)
     ax = axes.flat[3]
     ax.axhspan(*PAPER_COMM, color="tab:purple", alpha=0.12, label="paper: communication 3.39-8.37x")
@@ -243,10 +240,7 @@ def plot(rows: list[dict], path: Path) -> None:
         )
         ax.plot(ns, [r["LAN_vs_ours"] for _, r in pts], ls=ls, marker="v", color="black", label=f"LAN vs ours, {w}")
     ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("cached tokens")
-    ax.set_title("MPCache's reduction (baseline / MPCache)")
-    ax.grid(alpha=0.3)
+    length_axes(ax, "MPCache's reduction (baseline / MPCache)", log_y=False)
     ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"MPCache at the paper's decode shape ({MODEL}): ours vs the paper")
     fig.tight_layout()
