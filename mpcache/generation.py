@@ -129,8 +129,13 @@ def private_generate(
     fixed_weights: bool | None = None,
     fixed_kv: bool | None = None,
     on_phase=None,
+    shared: dict | None = None,
 ):
     """Run the secure generation. Returns (tokens on the client / None elsewhere, logits if keep_logits, backend).
+    ``shared`` (a dict, empty at first): the backend and the shared weights are kept there and reused by the next
+    call given the same dict -- the offline phase once per model, not once per prompt (``parties generate
+    --prompts``): the weights' shares and their fixed-operand masks ``D = W - B`` are reused as every later decode
+    step reuses them (each product draws a fresh mask for its moving operand; ``B`` is never opened).
     ``progress(t)`` is called after token t; ``on_phase(name)`` when the phase ``"offline"`` (weights and prompt
     shared) ends (the prefill ends with token 0: the argmax of its last position).
     ``fixed_weights`` (default: the session's ``cfg.fixed_weights``): fixed-operand triples for the weight matrices;
@@ -138,12 +143,17 @@ def private_generate(
     ``cfg.fixed_kv``): the same for the cached K/V rows (fixed at the end of the prefill and as each new row
     is written; see :meth:`mpcache.model.transformer.Transformer.decode`)."""
     mpc = getattr(sess, "cfg", None) or MpcConfig.current()
-    B = SecureBackend(
-        sess,
-        fixed_weights=mpc.fixed_weights if fixed_weights is None else fixed_weights,
-        fixed_kv=mpc.fixed_kv if fixed_kv is None else fixed_kv,
-    )
-    w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
+    if shared and "w" in shared:
+        B, w = shared["B"], shared["w"]
+    else:
+        B = SecureBackend(
+            sess,
+            fixed_weights=mpc.fixed_weights if fixed_weights is None else fixed_weights,
+            fixed_kv=mpc.fixed_kv if fixed_kv is None else fixed_kv,
+        )
+        w = share_weights(sess, B, cfg, weights, fixed=B.fixed_weights)
+        if shared is not None:
+            shared.update(B=B, w=w)
     x, _ = share_prompt(sess, B, cfg, prompt_ids)
     if on_phase is not None:
         on_phase("offline")

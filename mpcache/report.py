@@ -33,8 +33,9 @@ def _mb(b) -> str:
     return f"{b / 1e6:,.2f}"
 
 
-def _row_names(n_tokens: int) -> list[tuple[str, str]]:
-    return [("offline", "share weights + prompt"), ("prefill", "prompt forward pass")] + [
+def _row_names(n_tokens: int, weights_reused: bool = False) -> list[tuple[str, str]]:
+    offline = "share the prompt (weights reused)" if weights_reused else "share weights + prompt"
+    return [("offline", offline), ("prefill", "prompt forward pass")] + [
         (f"token {t}", "argmax of the prefill's last position" if t == 0 else "decode step") for t in range(n_tokens)
     ]
 
@@ -67,7 +68,7 @@ def print_summary(s: dict) -> None:
     ]
     phases = [s["offline"], s["prefill"], *s["per_token"]]
     rows = []
-    for i, ((name, what), r) in enumerate(zip(_row_names(len(s["per_token"])), phases)):
+    for i, ((name, what), r) in enumerate(zip(_row_names(len(s["per_token"]), s.get("weights_reused", False)), phases)):
         pt = (
             []
             if not plain

@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the client's prompt (default: a short question)")
     src.add_argument("--prompt-file", default=None, help="read the client's prompt from this file")
+    src.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="several prompts, one per line, generated one after the other by the same parties: the weights are "
+        "shared (and their masks opened) once; a report and OUT/prompt<i>/ per prompt",
+    )
     g.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,

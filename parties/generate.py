@@ -25,7 +25,7 @@ import time
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 AUDIT_ENV = "MPCACHE_AUDIT"  # a folder: record and write what every rank receives (mpcache/mpc/audit.py)
 #: the labels of every MPI message of a run (the audit checks that nothing else crosses MPI)
-PUBLIC_LABELS = ("public: prompt length", "public: cost ledgers", "public: peak memory")
+PUBLIC_LABELS = ("public: prompt length", "public: cost ledgers", "public: peak memory", "public: number of prompts")
 VERIFY_LABELS = ("verify: the client's prompt ids to the model owner", "verify: plaintext tokens to the client")
 
 
@@ -39,6 +39,22 @@ def _read_prompt(args) -> str:
 
             raise SessionError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
     return args.prompt if args.prompt is not None else DEFAULT_PROMPT
+
+
+def _read_prompts(args) -> list[str]:
+    """The client's prompts: ``--prompts FILE`` (one per non-blank line), else the one of ``--prompt``/``--prompt-file``."""
+    if not args.prompts:
+        return [_read_prompt(args)]
+    from mpcache.mpc.session import SessionError
+
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise SessionError(f"cannot read --prompts {args.prompts!r}: {e.strerror}") from None
+    if not texts:
+        raise SessionError(f"--prompts {args.prompts!r} holds no prompt: write one prompt per line")
+    return texts
 
 
 def _policy(args, cfg):
@@ -137,20 +153,24 @@ def run(args) -> None:
     _launch_check(args)
     cfg, weights, tok = _load(args, rank)
     policy = _policy(args, cfg)
-    ids = None
-    if rank == CLIENT:  # the client checks its prompt before anyone shares anything
-        text = _read_prompt(args)
-        if args.chat and tok.chat_format == "chatml" and tok.chat_template:
-            text = tok.apply_chat_template(text)
-        ids = tok.encode(text)
-        if not ids:
-            raise SessionError("the prompt is empty after tokenization; give a non-empty --prompt")
-        if len(ids) + args.max_new_tokens > cfg.max_position:
-            raise SessionError(
-                f"the prompt has {len(ids)} tokens and --max-new-tokens is {args.max_new_tokens}: "
-                f"{len(ids) + args.max_new_tokens} positions, but the model's context is "
-                f"{cfg.max_position}; shorten the prompt or ask for fewer new tokens."
-            )
+    prompts = None
+    if rank == CLIENT:  # the client checks every prompt before anyone shares anything
+        prompts = []
+        texts = _read_prompts(args)
+        for i, text in enumerate(texts):
+            which = f"prompt {i + 1} of --prompts" if args.prompts else "the prompt"
+            if args.chat and tok.chat_format == "chatml" and tok.chat_template:
+                text = tok.apply_chat_template(text)
+            ids = tok.encode(text)
+            if not ids:
+                raise SessionError(f"{which} is empty after tokenization; give a non-empty prompt")
+            if len(ids) + args.max_new_tokens > cfg.max_position:
+                raise SessionError(
+                    f"{which} has {len(ids)} tokens and --max-new-tokens is {args.max_new_tokens}: "
+                    f"{len(ids) + args.max_new_tokens} positions, but the model's context is "
+                    f"{cfg.max_position}; shorten the prompt or ask for fewer new tokens."
+                )
+            prompts.append(ids)
     public = {
         "model": cfg.to_dict(),
         "weight_shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
@@ -161,6 +181,7 @@ def run(args) -> None:
         "fixed_weights": args.fixed_weights,
         "fixed_kv": args.fixed_kv,
         "verify": not args.no_plaintext,
+        "prompts": bool(args.prompts),  # several prompts, one session (each party loops; their number is sent)
     }
     if audit_dir and rank >= MPI.COMM_WORLD.Get_size() - (args.provider == "ttp"):
         audit.watch_dealer()  # the dealer's communicator is made inside its serve loop
@@ -172,112 +193,129 @@ def run(args) -> None:
         return
     sess.comm = audit.wrap_mpi(sess.comm)  # recorded when the audit is on (else unchanged)
 
-    bar, phase_t = None, [time.perf_counter()]
-    if sess.rank == CLIENT:
-        sys.stderr.write(f"[client] {trust_model(args.protocol, args.provider, sess.n_parties)['warning']}")
-        sys.stderr.write(f"[client] offline: sharing weights ({cfg.name}) and the prompt ({len(ids)} tokens) ...\n")
-
-    def on_phase(name):
-        now = time.perf_counter()
+    def one(i: int, ids, out_dir: str, shared: dict):
+        bar, phase_t = None, [time.perf_counter()]
         if sess.rank == CLIENT:
-            sys.stderr.write(
-                f"[client] offline done in {now - phase_t[0]:.1f} s; prefill over {len(ids)} prompt "
-                f"tokens ({cfg.n_layers} layers) ...\n"
-            )
-        phase_t[0] = now
+            sys.stderr.write(f"[client] {trust_model(args.protocol, args.provider, sess.n_parties)['warning']}")
+            what = f"weights ({cfg.name}) and the prompt" if i == 0 else "the prompt (the weights' shares reused)"
+            sys.stderr.write(f"[client] offline: sharing {what} ({len(ids)} tokens) ...\n")
 
-    def on_token(t):
-        nonlocal bar
-        if sess.rank != CLIENT:
-            return
-        if t == 0:
-            sys.stderr.write(
-                f"[client] prefill done in {time.perf_counter() - phase_t[0]:.1f} s (token 0 is the "
-                "argmax of its last position)\n"
-            )
-            if args.max_new_tokens > 1:
-                from tqdm import tqdm
+        def on_phase(name):
+            now = time.perf_counter()
+            if sess.rank == CLIENT:
+                sys.stderr.write(
+                    f"[client] offline done in {now - phase_t[0]:.1f} s; prefill over {len(ids)} prompt "
+                    f"tokens ({cfg.n_layers} layers) ...\n"
+                )
+            phase_t[0] = now
 
-                bar = tqdm(total=args.max_new_tokens - 1, desc="decode", unit="tok", file=sys.stderr, leave=False)
-        elif bar is not None:
-            bar.update(1)
+        def on_token(t):
+            nonlocal bar
+            if sess.rank != CLIENT:
+                return
+            if t == 0:
+                sys.stderr.write(
+                    f"[client] prefill done in {time.perf_counter() - phase_t[0]:.1f} s (token 0 is the "
+                    "argmax of its last position)\n"
+                )
+                if args.max_new_tokens > 1:
+                    from tqdm import tqdm
 
-    t0 = time.perf_counter()
-    tokens, _, B = private_generate(
-        sess,
-        cfg,
-        weights,
-        ids,
-        args.max_new_tokens,
-        policy,
-        progress=on_token,
-        fixed_weights=args.fixed_weights,
-        fixed_kv=args.fixed_kv,
-        on_phase=on_phase,
-    )
-    wall = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+                    bar = tqdm(total=args.max_new_tokens - 1, desc="decode", unit="tok", file=sys.stderr, leave=False)
+            elif bar is not None:
+                bar.update(1)
 
-    # verify mode: the client's prompt goes to the model owner, in the clear, for the plaintext check
-    check = None
-    if not args.no_plaintext:
+        t0 = time.perf_counter()
+        tokens, _, B = private_generate(
+            sess,
+            cfg,
+            weights,
+            ids,
+            args.max_new_tokens,
+            policy,
+            progress=on_token,
+            fixed_weights=args.fixed_weights,
+            fixed_kv=args.fixed_kv,
+            on_phase=on_phase,
+            shared=shared,
+        )
+        wall = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+
+        # verify mode: the client's prompt goes to the model owner, in the clear, for the plaintext check
+        check = None
+        if not args.no_plaintext:
+            if sess.rank == CLIENT:
+                sess.comm.send(ids, dest=SERVER, tag=11)
+                with audit.label(VERIFY_LABELS[1]):
+                    check = sess.comm.recv(source=SERVER, tag=12)
+            elif sess.rank == SERVER:
+                with audit.label(VERIFY_LABELS[0]):
+                    prompt = sess.comm.recv(source=CLIENT, tag=11)
+                pt, _, pt_s = plaintext_generate(
+                    cfg, load_model(args.model, seed=args.seed)[1], prompt, args.max_new_tokens, policy
+                )
+                sess.comm.send({"tokens": pt, "step_seconds": pt_s}, dest=CLIENT, tag=12)
+        # ledgers (public costs) and peak memory go to the client, who reports
+        with audit.label(PUBLIC_LABELS[1]):
+            ledgers = sess.comm.gather(sess.ledger.to_dict(), root=CLIENT)
+        with audit.label(PUBLIC_LABELS[2]):
+            peaks = sess.comm.gather(_peak_rss(), root=CLIENT)
+        os.makedirs(out_dir, exist_ok=True)
+        sess.ledger.write(os.path.join(out_dir, f"rank{sess.rank}.json"))
         if sess.rank == CLIENT:
-            sess.comm.send(ids, dest=SERVER, tag=11)
-            with audit.label(VERIFY_LABELS[1]):
-                check = sess.comm.recv(source=SERVER, tag=12)
-        elif sess.rank == SERVER:
-            with audit.label(VERIFY_LABELS[0]):
-                prompt = sess.comm.recv(source=CLIENT, tag=11)
-            pt, _, pt_s = plaintext_generate(
-                cfg, load_model(args.model, seed=args.seed)[1], prompt, args.max_new_tokens, policy
-            )
-            sess.comm.send({"tokens": pt, "step_seconds": pt_s}, dest=CLIENT, tag=12)
-    # ledgers (public costs) and peak memory go to the client, who reports
-    with audit.label(PUBLIC_LABELS[1]):
-        ledgers = sess.comm.gather(sess.ledger.to_dict(), root=CLIENT)
-    with audit.label(PUBLIC_LABELS[2]):
-        peaks = sess.comm.gather(_peak_rss(), root=CLIENT)
-    os.makedirs(args.out, exist_ok=True)
-    sess.ledger.write(os.path.join(args.out, f"rank{sess.rank}.json"))
-    if sess.rank == CLIENT:
-        per_token, phases = per_token_costs(ledgers, args.max_new_tokens)
-        summary = {
-            "world_size": sess.world_size,
-            "n_parties": sess.n_parties,
-            "protocol": args.protocol,
-            "provider": args.provider,
-            "trust_model": trust_model(args.protocol, args.provider, sess.n_parties)["text"],
-            "device": args.device,
-            "model": cfg.name,
-            "policy": str(policy),
-            "policy_repr": repr(policy),
-            "network": sess.network,
-            "prompt_tokens": len(ids),
-            "tokens": tokens,
-            "text": tok.decode(tokens),
-            "per_token": per_token,
-            **phases,
-            "wall_seconds": wall,
-            "peak_rss_bytes": peaks,
-            "reveals": [list(r[:2]) for r in B.reveals],
-            "fixed_weights": args.fixed_weights,
-            "fixed_kv": args.fixed_kv,
-            "matmul_paths": dict(B.matmul_paths),
-            "verify_mode": check is not None,
-        }
-        if check is not None:
-            summary.update(
-                plaintext_tokens=check["tokens"],
-                plaintext_text=tok.decode(check["tokens"]),
-                plaintext_seconds=sum(check["step_seconds"]),
-                plaintext_step_seconds=check["step_seconds"],
-                tokens_agree=check["tokens"] == tokens,
-            )
-        write_json(os.path.join(args.out, "summary.json"), summary)
-        print_summary(summary)
-        if getattr(args, "profile", False):
-            _print_profile(ledgers, sess.n_parties)
+            per_token, phases = per_token_costs(ledgers, args.max_new_tokens)
+            summary = {
+                "world_size": sess.world_size,
+                "n_parties": sess.n_parties,
+                "protocol": args.protocol,
+                "provider": args.provider,
+                "trust_model": trust_model(args.protocol, args.provider, sess.n_parties)["text"],
+                "device": args.device,
+                "model": cfg.name,
+                "policy": str(policy),
+                "policy_repr": repr(policy),
+                "network": sess.network,
+                "prompt_tokens": len(ids),
+                "tokens": tokens,
+                "text": tok.decode(tokens),
+                "per_token": per_token,
+                **phases,
+                "wall_seconds": wall,
+                "peak_rss_bytes": peaks,
+                "reveals": [list(r[:2]) for r in B.reveals],
+                "fixed_weights": args.fixed_weights,
+                "fixed_kv": args.fixed_kv,
+                "matmul_paths": dict(B.matmul_paths),
+                "verify_mode": check is not None,
+            }
+            if check is not None:
+                summary.update(
+                    plaintext_tokens=check["tokens"],
+                    plaintext_text=tok.decode(check["tokens"]),
+                    plaintext_seconds=sum(check["step_seconds"]),
+                    plaintext_step_seconds=check["step_seconds"],
+                    tokens_agree=check["tokens"] == tokens,
+                )
+            if args.prompts:
+                summary.update(prompt_index=i, weights_reused=i > 0)
+            write_json(os.path.join(out_dir, "summary.json"), summary)
+            print_summary(summary)
+            if getattr(args, "profile", False):
+                _print_profile(ledgers, sess.n_parties)
+        return tokens, ids
+
+    n_prompts = 1
+    if args.prompts:  # the number of prompts is public, as each prompt's length
+        with audit.label(PUBLIC_LABELS[3]):
+            n_prompts = sess.comm.bcast(len(prompts) if sess.rank == CLIENT else None, root=CLIENT)
+    shared: dict = {}
+    for i in range(n_prompts):
+        if i > 0:
+            sess.ledger.clear()  # each prompt's report and ledger count that prompt alone
+        out_dir = os.path.join(args.out, f"prompt{i}") if args.prompts else args.out
+        tokens, ids = one(i, prompts[i] if sess.rank == CLIENT else None, out_dir, shared)
     sess.close()
     if audit_dir:
         audit.dump(

@@ -101,6 +101,29 @@ def test_cli_generate_writes_summary(tmp_path):
     assert "tokens agree" in p.stdout
 
 
+def test_several_prompts_share_the_weights_once(tmp_path):
+    """``--prompts FILE``: one session, the weights shared and their masks opened once, then each prompt generated
+    and reported on its own (OUT/prompt<i>/); later prompts pay no weight sharing (their offline row is the
+    prompt's one-hot sharing alone, free), every prompt's tokens equal plaintext. A file with no prompt is refused
+    before any work."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello there\n\nwhat is two plus two?\n")
+    out = tmp_path / "run"
+    args = ["-m", "parties", "generate", "--model", "tiny-llama", "--provider", "tfp", "--max-new-tokens", "2"]
+    p = run_mpi(2, [*args, "--prompts", str(prompts), "--out", str(out)], timeout=300)
+    s0, s1 = (json.loads((out / f"prompt{i}" / "summary.json").read_text()) for i in (0, 1))
+    assert not (out / "prompt2").exists()
+    assert s0["tokens_agree"] and s1["tokens_agree"] and s0["prompt_tokens"] != s1["prompt_tokens"]
+    assert (s0["weights_reused"], s1["weights_reused"]) == (False, True)
+    assert min(s0["offline"]["bytes_sent"]) > 100_000 and max(s1["offline"]["bytes_sent"]) == 0
+    assert s1["offline"]["rounds"] == 0 and (out / "prompt1" / "rank0.json").exists()
+    assert p.stdout.count("tokens agree") == 2 and "weights reused" in p.stdout
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    bad, _ = _launch(2, [*args, "--prompts", str(empty), "--out", str(tmp_path / "bad")])
+    assert bad.returncode != 0 and "holds no prompt" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def _launch(n, args, timeout=120):
     """An mpirun that is expected to fail: its result and wall time."""
     t0 = time.time()

@@ -77,6 +77,12 @@ class CostLedger:
         self._stack: list[str] = []
         self._irecv_run = False
 
+    def clear(self) -> None:
+        """Forget every count and time so far (the next prompt of ``parties generate --prompts``); the scope stack
+        and the running wait/copy totals go on."""
+        for d in (self.counts, self.seconds, self.wait_seconds, self.copy_seconds):
+            d.clear()
+
     # ---- scopes ------------------------------------------------------------------------------------------
     @property
     def path(self) -> str:
