@@ -239,3 +239,43 @@ def test_fixed_point_decode_checks_fail_on_stock_crypten():
     )
     assert p.returncode != 0 and "OK" not in p.stdout
     assert "decode(-655359) = -10.99998" in p.stderr, p.stderr[-3000:]
+
+
+ENCODINGS = r"""
+import sys
+from mpcache.mpc import compat
+if sys.argv[1] == "patched":
+    compat.apply()
+else:
+    compat._onnx_registration()
+import torch
+from crypten.encoder import FixedPointEncoder
+from crypten.mpc.primitives.beaver import IgnoreEncodings
+
+
+class T:  # stands for an ArithmeticSharedTensor: only .encoder is touched
+    def __init__(self, enc):
+        self.encoder = enc
+
+
+shared = FixedPointEncoder(precision_bits=16)
+x, sibling = T(shared), T(shared)  # CrypTen's clone shares the encoder object
+with IgnoreEncodings([x, x]):  # an operand listed twice, as in x * x
+    assert x.encoder.scale == 1
+    assert sibling.encoder.scale == 65536, "a tensor sharing the encoder saw scale 1"
+assert x.encoder is shared and shared.scale == 65536
+print("OK")
+"""
+
+
+def test_ignored_encodings_are_the_operands_own():
+    """Patch 8: inside the Beaver protocol's IgnoreEncodings block the operands see scale 1, a tensor that shares
+    their encoder object does not (what a lockstep branch computing meanwhile needs), and the original objects
+    come back, also for an operand listed twice; stock CrypTen mutates the shared object (the check fails)."""
+    for mode, ok in (("patched", True), ("stock", False)):
+        p = subprocess.run(
+            [sys.executable, "-c", ENCODINGS, mode], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert (p.returncode == 0 and "OK" in p.stdout) == ok, (mode, p.stderr[-2000:])
+        if not ok:
+            assert "a tensor sharing the encoder saw scale 1" in p.stderr

@@ -40,6 +40,13 @@ session before ``import crypten``), and each has a test in ``tests/test_compat.p
    ``|tensor| < 2**53``, i.e. ``|x| < 2**37`` at 16 bits, and the float32 result is the correctly rounded one;
    beyond, at most one float32 ulp off), on the tensor's own device, as float32 as before. Integer encoders
    (scale 1, precision 0) keep CrypTen's code.
+8. ``own_ignored_encodings``: the Beaver protocol's ``IgnoreEncodings`` sets ``encoder._scale = 1`` on its
+   operands' encoder OBJECTS for the opening, and CrypTen's ``clone`` shares the encoder object among every tensor
+   derived from a share. Sequentially harmless (restored before anything else runs); but a lockstep branch
+   (:mod:`mpcache.mpc.lockstep`) parks inside that block while another branch computes on a tensor sharing the
+   encoder, which then sees scale 1 (its products lose their truncation). We give each operand its own scale-1
+   encoder for the block instead and put the original objects back (in reverse order: an operand may be listed
+   twice, as in ``x * x``). Same values in sequential use.
 """
 
 from __future__ import annotations
@@ -259,6 +266,26 @@ def _fixed_point_decode() -> None:
     FixedPointEncoder.decode = decode
 
 
+def _own_ignored_encodings() -> None:
+    from crypten.encoder import FixedPointEncoder
+    from crypten.mpc.primitives.beaver import IgnoreEncodings
+
+    if getattr(IgnoreEncodings, "_mpcache_patched", False):
+        return
+
+    def __enter__(self):
+        self._saved = [t.encoder for t in self.list_of_tensors]
+        for t in self.list_of_tensors:
+            t.encoder = FixedPointEncoder(precision_bits=0)  # scale 1, this tensor's own
+
+    def __exit__(self, exc_type, exc_value, exc_traceback):
+        for t, enc in zip(reversed(self.list_of_tensors), reversed(self._saved)):
+            t.encoder = enc
+
+    IgnoreEncodings.__enter__, IgnoreEncodings.__exit__ = __enter__, __exit__
+    IgnoreEncodings._mpcache_patched = True
+
+
 PATCHES = {
     "onnx_registration": _onnx_registration,
     "torch_load_weights_only": _torch_load_weights_only,
@@ -267,6 +294,7 @@ PATCHES = {
     "fast_config": _fast_config,
     "fast_rng": _fast_rng,
     "fixed_point_decode": _fixed_point_decode,
+    "own_ignored_encodings": _own_ignored_encodings,
 }
 
 
@@ -284,6 +312,7 @@ def apply() -> list[str]:
             "fast_config",
             "fast_rng",
             "fixed_point_decode",
+            "own_ignored_encodings",
         ):
             PATCHES[name]()
             _APPLIED.append(name)

@@ -17,8 +17,11 @@ merged. A branch that raises ends the call with its exception (the parties' job 
 
 Leakage: none. The schedule (which opening goes with which) is a function of the code and the public shapes only,
 identical on every party and for every secret input (tests/test_lockstep.py checks the bytes and rounds).
-Cost of the machinery: two greenlet switches per branch and round (~1 us), against ~0.8 ms of CPU per round saved
-on this machine (experiments/RESULTS.md, session 9).
+Cost of the machinery: two greenlet switches per branch and round (~1 us). What it buys is network latency (one
+RTT per merged round); on this 2-core loopback machine a token's seconds are set by the ops' local work, which
+merging does not change (experiments/RESULTS.md, session 9). Branches must not share mutable state: CrypTen's
+Beaver protocol mutated its operands' (shared) encoder objects while an opening is pending, which compat patch 8
+(``own_ignored_encodings``) makes per operand.
 
 Used by: SiLU/GeLU (the breakpoints' comparison in lockstep with the polynomial) and the anchored softmax (the
 guard's comparison in lockstep with the exp). ``MpcConfig.lockstep = False`` runs the branches one after the other
