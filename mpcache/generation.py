@@ -40,8 +40,11 @@ class GenerationResult:
 
 # weight matrices used only as the right operand of matmuls (and embed: onehot @ embed, h @ embed.T): with
 # fixed=True they become FixedOperands. Biases, norm weights and gpt2's pos_embed (indexed) stay plain shares.
-FIXED_WEIGHT_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed")
-#: products of the same input fused into one fixed operand after fixing (no traffic): q, k and v of a block read
+FIXED_WEIGHT_NAMES = (
+    *("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "w_fc", "w_proj", "lm_head", "embed"),
+    *("wqkv", "w_gateup"),  # the fused ones (FUSED_WEIGHTS)
+)
+#: products of the same input fused into one weight before fixing (no traffic): q, k and v of a block read
 #: the same normalised row, so do the gate and up projections: one opening of x - a and one round instead of 3
 #: (2), |x| * 8 B fewer per party for each operand saved (mpcache/model/transformer.py reads the fused names)
 FUSED_WEIGHTS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gateup": ("w_gate", "w_up")}
@@ -85,15 +88,12 @@ def share_weights(
             name: B.share(weights[name] if weights is not None else None, src=SERVER, shape=shape)
             for name, shape in shapes.items()
         }
+        w = fuse_weights(w, lambda ts: B.crypten.cat(ts, dim=-1))  # shares: local
         if fixed:
             w = {
                 name: FixedOperand.fix(t) if name.rsplit(".", 1)[-1] in FIXED_WEIGHT_NAMES else t
                 for name, t in w.items()
             }
-        w = fuse_weights(
-            w, lambda ts: FixedOperand.cat(ts, dim=-1) if fixed and ts[0].dim() == 2 else B.crypten.cat(ts, dim=-1)
-        )
-        if fixed:
             # decode multiplies one row by each linear layer: store those column-major (torch.mv); the token table
             # stays row-major (the tied head reads it transposed, the embedding's one-hot product is one call)
             w = {
