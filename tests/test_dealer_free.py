@@ -215,8 +215,9 @@ def test_replicated_products_and_truncations_are_rerandomised(parties):
 def test_comparisons_softmax_silu_rmsnorm_match_plaintext(parties):
     """The lean comparison and CrypTen's _ltz: exact signs. Softmax (flat and peaked rows of 1,024): within 512 ulp
     of its float model (tests/test_secure_ops.py::test_exp_limit). SiLU: 400 ulp of its float model away from the
-    breakpoints +-8 (the coarse comparison may pick the other piece within 2/16 below them, where both pieces are
-    within the model's bound of SiLU: 2.7e-3 + 2e-4 of the exact function everywhere). RMSNorm's scale v/sqrt(sum
+    breakpoints +-8 (the coarse comparison may pick the other piece within 2/16 below them); 2.7e-3 + 2e-4 of the
+    exact function away from that window, and inside it the picked piece's own error (the tail's: 3.0e-3 at
+    |x| = 7.875). RMSNorm's scale v/sqrt(sum
     v^2 + D eps): 1e-3 (tests/test_secure_ops.py::test_norm_scale_massive_activation). Costs: the same for a second
     input of each op."""
     from mpcache.mpc.activations import SILU_T
@@ -251,7 +252,12 @@ def test_comparisons_softmax_silu_rmsnorm_match_plaintext(parties):
     y = out["silu"][0]
     near = (x_act.abs() <= SILU_T) & (x_act.abs() > SILU_T - 2 / 16)
     assert (y - ops.silu_reference(x_act))[~near].abs().max() <= 400 * ULP
-    assert (y - torch.nn.functional.silu(x_act)).abs().max() <= 2.7e-3 + 2e-4
+    exact = torch.nn.functional.silu(x_act)
+    assert (y - exact)[~near].abs().max() <= 2.7e-3 + 2e-4
+    # within 3PC's 1/8-wide window the coarse comparison may pick the tail relu(x): its own error there (3.0e-3 at
+    # |x| = 7.875; tests/test_floor.py::test_activation_split)
+    tail = (x_act.clamp(min=0) - exact)[near].abs().max()
+    assert (y - exact)[near].abs().max() <= max(2.7e-3, float(tail)) + 2e-4
     assert (out["norm"][0] - ops.norm_scale_reference(h, 64 * 1e-5)).abs().max() < 1e-3
 
 
