@@ -97,7 +97,7 @@ def share_weights(
             # decode multiplies one row by each linear layer: store those column-major (torch.mv); the token table
             # stays row-major (the tied head reads it transposed, the embedding's one-hot product is one call)
             w = {
-                name: t.vector_layout() if isinstance(t, FixedOperand) and name != "embed" and t.dim() == 2 else t
+                name: t.vector_layout() if isinstance(t, FixedOperand) and name != "embed" else t
                 for name, t in w.items()
             }
         return w

@@ -27,6 +27,9 @@ CONVENTION = (
 )
 
 
+STOCK_LABEL = "full-stock"  # the full cache with CrypTen's stock softmax (--baseline-softmax stock)
+
+
 def _policies(args, cfg):
     """``--policies full,mpcache,strata=mpcache`` (label=registry name) with ``--budget`` and ``--policy-kwargs``."""
     from mpcache.mpc.session import SessionError
@@ -66,9 +69,6 @@ def _policies(args, cfg):
     if len({lab for lab, _ in out}) != len(out):
         raise SessionError(f"--policies has duplicate labels: {args.policies!r} (use label=name)")
     return out
-
-
-STOCK_LABEL = "full-stock"  # the full cache with CrypTen's stock softmax (--baseline-softmax stock)
 
 
 def _seq_lens(args, cfg):

@@ -25,7 +25,7 @@ SUMSQ_SHIFT = 8
 
 
 @functools.lru_cache(maxsize=16)
-def _norm_table(lo: int, hi: int, q: int) -> tuple[list[float], list[int], float, float]:
+def _norm_table(lo: int, hi: int, q: int) -> tuple[tuple[float, ...], tuple[int, ...], float, float]:
     """Thresholds t_k = 2^(lo + k/q) (k = 0..(hi-lo+1)q); for each count i of thresholds <= s, the guess Y_i ~ s^-1/2
     as a ring integer at scale 2^16, IN THE UNITS OF ITS BRANCH: below 2^12 of s (the fine branch: s and v as they
     are), at and above 2^12 of Y_i 2^8 (the coarse branch works on s / 2^16 and v / 2^8, so its guess is 2^8 larger
@@ -45,7 +45,7 @@ def _norm_table(lo: int, hi: int, q: int) -> tuple[list[float], list[int], float
         )
         ys.append(c)
         zs += [a * (c / 2**16 / f) ** 2, b * (c / 2**16 / f) ** 2]
-    return ts, ys, min(zs), max(zs)
+    return tuple(ts), tuple(ys), min(zs), max(zs)  # tuples: the result is cached and shared
 
 
 @functools.lru_cache(maxsize=16)

@@ -160,13 +160,13 @@ def anchored_recip_range(m: int, cfg: MpcConfig) -> tuple[int, int, int]:
 
 def guarded_exp(y, cfg: MpcConfig):
     """exp(min(y, G)) of the anchored softmax (G = ``cfg.anchor_guard``; None: exp(y)) by the limit exp
-    (``cfg.anchor_exp_iters`` squarings). The guard's coarse comparison b = [y > G] (:func:`anchor_guarded`) runs
-    in LOCKSTEP with the exp of the unclamped y (:mod:`mpcache.mpc.lockstep`: its 6 rounds travel inside the exp's
-    10), then one product picks e^G where b: e + b (e^G - e), exact in the ring (a bit times a ring element), so an
-    exp that overflowed above the bound is replaced whole. The same function as exp(anchor_guarded(y)) -- the float
-    model is :func:`guarded_exp_reference` -- in cfg.anchor_exp_iters + 1 rounds instead of 7 + that (or the sum of
-    both with ``cfg.lockstep = False``). Bytes per entry (2PC): the exp's + 44 B (comparison) + 16 B (product), as
-    before. Leaks: shapes only."""
+    (``cfg.anchor_exp_iters`` squarings). The guard's coarse comparison b = [y > G] (16-bit lanes, 1/16 resolution,
+    |G - y| < 2032; one-sided: entries within (n - 1)/16 below G may count as above) runs in LOCKSTEP with the exp of
+    the unclamped y (:mod:`mpcache.mpc.lockstep`: its 6 rounds travel inside the exp's 10), then one product picks
+    e^G where b: e + b (e^G - e), exact in the ring (a bit times a ring element), so an exp that overflowed above
+    the bound is replaced whole. Float model: :func:`guarded_exp_reference` (the exp of min(y, G)). Rounds
+    cfg.anchor_exp_iters + 1 (the sum of both branches + 1 with ``cfg.lockstep = False``). Bytes per entry (2PC): the
+    exp's + 44 B (comparison) + 16 B (product). Leaks: shapes only."""
     from .compare import _ltz_lanes
     from .lockstep import parallel
 
@@ -183,23 +183,9 @@ def guarded_exp(y, cfg: MpcConfig):
 
 
 def guarded_exp_reference(y: torch.Tensor, cfg: MpcConfig) -> torch.Tensor:
-    """The float model of :func:`guarded_exp`: the limit exp of min(y, G) (exact comparison)."""
-    return approx.exp_limit_reference(anchor_guarded(y, cfg.anchor_guard), iters=cfg.anchor_exp_iters)
-
-
-def anchor_guarded(y, guard: float | None):
-    """min(y, guard) for shares (or a float tensor: the float model, exact comparison): y + [y > guard] (guard - y)
-    with the coarse 16-bit-lane comparison (1/16 resolution, |guard - y| < 2032; one-sided: entries within
-    (n - 1)/16 below ``guard`` may be clamped too) and one product (bit x ring element: exact). None: y unchanged.
-    Rounds 6 + 1; bytes (2PC) 44 + 16 per entry. Leaks: shapes only."""
-    if guard is None:
-        return y
-    if isinstance(y, torch.Tensor):
-        return y.clamp(max=guard)
-    from .compare import _ltz_lanes
-
-    d = -y + guard
-    return y + _ltz_lanes(d, 16, 12) * d
+    """The float model of :func:`guarded_exp`: the limit exp of min(y, G) (exact comparison; None: of y)."""
+    G = cfg.anchor_guard
+    return approx.exp_limit_reference(y if G is None else y.clamp(max=G), iters=cfg.anchor_exp_iters)
 
 
 def _prefix_anchors(mask: torch.Tensor, anchor) -> tuple[torch.Tensor, torch.Tensor]:
