@@ -109,11 +109,11 @@ def fixed_point_rows(m: int = 412, excesses=(4, 8, 10, 12, 13, 16), n_rows: int 
     out = []
     for D in excesses:
         x = torch.randn(n_rows, m, generator=g, dtype=torch.float64)
-        anchor, iters = Transformer.DECODE_ANCHOR, MpcConfig().anchor_exp_iters
+        anchor, iters, order = Transformer.DECODE_ANCHOR, MpcConfig().anchor_exp_iters, MpcConfig().anchor_exp_order
         cols = list(range(anchor[0])) + list(range(m - anchor[1], m))
         x[:, m // 2] = x[:, cols].max(-1).values + D
         a = ops._anchor_columns(x, anchor).max(-1, keepdim=True).values
-        e = q(ops.exp_limit_reference(x - a, iters=iters))
+        e = q(ops.exp_limit_reference(x - a, iters=iters, order=order))
         c = 1 / math.sqrt(m)
         r = q(1 / q(e.sum(-1, keepdim=True) * c))
         p = q(q(e * r) * c)

@@ -17,10 +17,10 @@ torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _open(protocol="arithmetic", provider="tfp", info=None):
+def _open(protocol="arithmetic", provider="tfp", info=None, mpc=None):
     from mpcache.mpc.session import open_session
 
-    return open_session(protocol, provider, public_info=info or {}, timeout_s=60)
+    return open_session(protocol, provider, public_info=info or {}, timeout_s=60, mpc=mpc)
 
 
 def job_generate(
@@ -548,7 +548,8 @@ def job_generate_kv(
         "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
         "policy": repr(pol),
     }
-    sess = _open(protocol, provider, info)
+    # the accounting below follows the plain decode route (the early offset has its own tests: tests/test_floor.py)
+    sess = _open(protocol, provider, info, mpc=["early_offset=false"])
     if sess.is_dealer:
         return serve_dealer(sess)
     uses: dict[str, list] = {}

@@ -120,16 +120,19 @@ def test_private_generation_fixed_weights(tmp_path):
         assert r["tokens"] == r["plaintext"], r["tokens"]
         assert r["logit_err"] <= LOGIT_TOL
     assert set(fixed["matmul_paths"]) == {"fixed-tfp", "stock"} and set(stock["matmul_paths"]) == {"stock"}
-    # each decode step uses every weight matrix once (untied: embed as the embedding, lm_head as the head):
-    # the stock path re-opens all of them, the fixed path opened them once, offline.
+    # each decode step uses every weight matrix once (untied: embed as the embedding, lm_head as the head) and W_q
+    # twice (the early offset's product with x / 2^8: Transformer._decode_offset): the stock path re-opens all of
+    # them, the fixed path opened them once, offline.
+    numel = fixed["weight_numel"]
     mats = sum(
         n
-        for k, n in fixed["weight_numel"].items()
+        for k, n in numel.items()
         if k.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", "embed")
     )
+    wq = sum(n for k, n in numel.items() if k.endswith(".wq"))
     assert fixed["offline"]["bytes_sent"] == [8 * mats] * 2 and stock["offline"]["bytes_sent"] == [0, 0]
     for f, s in zip(_decode_rows(fixed), _decode_rows(stock)):
-        assert [b - a for a, b in zip(f["bytes_sent"], s["bytes_sent"])] == [8 * mats] * 2, (f, s)
+        assert [b - a for a, b in zip(f["bytes_sent"], s["bytes_sent"])] == [8 * (mats + wq)] * 2, (f, s)
         assert f["rounds"] == s["rounds"]
 
 

@@ -186,7 +186,7 @@ def test_causal_anchored_softmax(parties):
     """The prefill's causal rows with the anchored softmax (anchors: each row's first 4 and last 8 attended
     columns): against its float model within the anchored tolerance (2048 ulp), the float model against the exact
     masked softmax within the limit exp's renormalised error (0.02, as for decode rows); masked entries exactly 0;
-    the same rounds at 256 and 1,024 columns (41 in 2PC; the row-max softmax: 63 and 79), and from 1,024 columns
+    the same rounds at 256 and 1,024 columns (39 in 2PC; the row-max softmax: 63 and 79), and from 1,024 columns
     fewer bytes than the row-max masked softmax (the guard's 60 B per entry cost more than a short row's tree)."""
     cases = {}
     for T in (256, 1024):
@@ -230,3 +230,68 @@ def test_reciprocal_split_guess(parties):
     assert out["split"][1] <= out["crypten"][1]
     if parties.n == 2:
         assert out["split"][2] < 0.5 * out["crypten"][2], (out["split"][2], out["crypten"][2])
+
+
+# ---- a decode step's offset beside its norm (Transformer._decode_offset / _fix_and_score) ------------------------
+def _no_offset(monkeypatch):
+    from mpcache.model.transformer import Transformer
+
+    monkeypatch.setattr(Transformer, "_offset_ok", lambda self, i, cache: False)
+
+
+def test_decode_offset_is_the_same_function(monkeypatch):
+    """In the clear (where the plain route is the reference: ``PlainBackend.early_offset`` is False) the early
+    offset and the fused fixing + logits change nothing but the order of the work: the same logits (float32
+    rounding) as the plain route, on a 24-token prompt (the anchored route needs >= 12
+    cached rows) and 4 decode steps of tiny-llama and of a SmolLM2-shaped GQA block (3 query heads per KV head)."""
+    import dataclasses
+
+    from mpcache.backends.plain import PlainBackend
+    from mpcache.generation import plaintext_generate
+    from mpcache.model.weights import init_random_weights, tiny_config
+
+    for cfg in (tiny_config("llama"), dataclasses.replace(tiny_config("llama"), n_heads=6, n_kv_heads=2)):
+        w = init_random_weights(cfg, 3)
+        ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+        toks0, logits0, _ = plaintext_generate(cfg, w, ids, 5)  # the plaintext backend's own route
+        with monkeypatch.context() as m:
+            m.setattr(PlainBackend, "early_offset", True)
+            toks, logits, _ = plaintext_generate(cfg, w, ids, 5)
+        assert toks == toks0
+        assert max((a - b).abs().max().item() for a, b in zip(logits, logits0)) < 1e-4
+
+
+def test_decode_offset_saves_12_rounds_per_layer(monkeypatch):
+    """Dry run (the protocols themselves, no data), 2PC, tiny-llama after a 24-token prompt: the offset made beside
+    the norm (its 1 + 1 + 11 rounds inside the norm's 13), its scaling beside q/k/v's product, and the new row's
+    fixing beside the logits save 1 (q/k/v) + 11 (the anchors' max) + 1 (the fixing) - 1 (the offset's product
+    rides with q/k/v) = 12 rounds per layer: 13 + 1 + 1 + 22 + 1 = 38 rounds from the norm to p V (norm, q/k/v
+    with the offset's product, the logits with the fixing, the softmax from its offset, p V), against
+    13 + 1 + 1 + 1 + 33 + 1 = 50."""
+    from mpcache.model.weights import tiny_config
+    from mpcache.mpc.dryrun import Setting, predict_generation
+
+    cfg = tiny_config("llama")
+
+    def token(ledgers):
+        led = ledgers[0]
+        rounds = sum(c["rounds"] for c in led["counts"] if c["kind"] == "online" and c["scope"].startswith("token/2/"))
+        attn = {}
+        for c in led["counts"]:
+            if c["kind"] == "online" and c["scope"].startswith("token/2/L0/"):
+                part = c["scope"].split("/")[3]
+                attn[part] = attn.get(part, 0) + c["rounds"]
+        return rounds, attn, {c["scope"] for c in led["counts"]}
+
+    fast, attn, scopes = token(predict_generation(cfg, None, Setting(), 24, 3)[0])
+    with monkeypatch.context() as m:
+        _no_offset(m)
+        slow, attn0, scopes0 = token(predict_generation(cfg, None, Setting(), 24, 3)[0])
+    # the route: the new row is fixed inside the logits' round (qk), not in its own
+    assert not any(s.startswith("token/2/L0/fix_kv") for s in scopes)
+    assert any(s.startswith("token/2/L0/fix_kv") for s in scopes0)
+    assert slow - fast == 12 * cfg.n_layers, (slow, fast)
+    pre = ("norm", "qkv", "fix_kv", "qk", "softmax", "av")
+    mlp_norm = 13  # the block's second norm shares the "norm" scope
+    assert sum(attn.get(k, 0) for k in pre) == 38 + mlp_norm, (attn, attn0)
+    assert sum(attn0.get(k, 0) for k in pre) == 50 + mlp_norm, (attn, attn0)

@@ -293,6 +293,24 @@ def test_exp_limit(setting):
 
 
 @EVERY_SETTING
+def test_exp_limit_order_2(setting):
+    """The anchored softmax's exp: (1 + t + t^2/2)^128, t = y/128 (7 squarings after one square), on y in
+    [-40, 10] (the guard clamps above 10). Fixed point: the base's truncation errors (<= 3 ulp: t^2, its half, t)
+    raised to the 128th power, ~384 ulp relative, on outputs up to e^10 = 22026: within 512 ulp x max(1, e^y) of
+    the float model. Float model vs exact, |y| <= 12: relative error <= 1.1 |y|^3 / (6 4^7) (first order |y|^3 / 98304: 1.0% at |y| = 10,
+    0.07% at 4; the order-1 base at 10 squarings: y^2 / 2048, 4.9% and 0.8%)."""
+    g = gen(12)
+    y = grid(torch.cat([torch.linspace(-40, 10, 501), torch.rand(256, generator=g) * 14 - 4]))
+    out = secure1(setting, partial(ops.exp_limit, iters=7, order=2), y).value.double()
+    ref = ops.exp_limit_reference(y, iters=7, order=2)
+    assert ((out - ref).abs() <= 512 * ULP * ref.clamp(min=1)).all(), ((out - ref).abs() / ref.clamp(min=1)).max()
+    near = y.abs() <= 12  # below -12 an entry weighs < e^-12 of the anchors': the bound is for the range that counts
+    exact = y.double().exp()
+    assert ((ref - exact).abs() <= (y.double().abs() ** 3 / 98304 * 1.1 + 1e-12) * exact)[near].all()
+    assert ((ops.exp_limit_reference(y, iters=10) - exact).abs() / exact)[y.abs() == 10].max() > 0.045  # order 1
+
+
+@EVERY_SETTING
 @pytest.mark.parametrize("method", ["newton", "goldschmidt"])
 def test_reciprocal_times_x_is_one(setting, method):
     """x * (1/x) for x in [0.005, 200]. Newton: a 1-ulp error of 1/x times x <= 200, twice over. Goldschmidt
@@ -324,6 +342,33 @@ def test_norm_scale_over_the_guess_range(setting):
     out = secure1(setting, partial(ops.norm_scale, add=0.05), v)
     assert err(out.value, ops.norm_scale_reference(v, 0.05)) <= 2e-3
     assert err(ops.norm_scale_reference(v, 0.05), v / ((v**2).sum(-1, keepdim=True) + 0.05).sqrt()) <= 5.6e-5
+    if setting.n == 2:
+        assert out.rounds == 13, out.rounds
+
+
+def _norm_and_scale(v, add):
+    import crypten
+
+    out, r = ops.norm_scale(v, add, scale=True)
+    return crypten.cat([out, r], dim=-1)
+
+
+def test_norm_scale_also_returns_its_scale(setting):
+    """``scale=True``: the same output and, beside it, R = 2^8 s^-1/2 (what Transformer._decode_offset scales an
+    offset made from the unnormalised row by), in the same 13 rounds (2PC). Rows spanning s = 2^-8 .. 2^30.9. R is
+    Y' p with Y' exact in the ring: within the output's own relative error of the float model (2e-3, from z's
+    truncated products moving p; + 4 ULP for the last product), and the float model within the polynomial's 5.6e-5 of 2^8 / sqrt(s)."""
+    g = gen(0)
+    v = torch.randn(40, 96, generator=g) * torch.logspace(-4.5, 3.5, 40).reshape(-1, 1)
+    v[-12:-4, 5] = torch.tensor([2.0e4, 2.2e4, 2.5e4, 3.0e4, 3.5e4, 4.0e4, 4.2e4, 4.4e4])
+    v = grid(v)
+    out = secure1(setting, partial(_norm_and_scale, add=0.05), v)
+    want, r_ref = ops.norm_scale_reference(v, 0.05, scale=True)
+    assert err(out.value[..., :-1], want) <= 2e-3
+    r = out.value[..., -1:].double()
+    assert ((r - r_ref).abs() <= 4 * ULP + 2e-3 * r_ref).all(), (r - r_ref).abs().max()
+    exact = 2.0**8 / ((v.double() ** 2).sum(-1, keepdim=True) + 0.05).sqrt()
+    assert ((r_ref - exact).abs() <= 5.6e-5 * exact).all()
     if setting.n == 2:
         assert out.rounds == 13, out.rounds
 

@@ -15,6 +15,7 @@ class PlainBackend:
     """Ops on torch tensors (float32 by default)."""
 
     secure = False
+    early_offset = False  # nothing to overlap in the clear: the plain route is the reference
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.dtype = dtype
@@ -67,9 +68,18 @@ class PlainBackend:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)
 
-    def norm_scale(self, v: Tensor, add: float = 0.0) -> Tensor:
-        """v / sqrt(sum(v^2, last dim) + add)."""
-        return v * torch.rsqrt((v * v).sum(dim=-1, keepdim=True) + add)
+    def norm_scale(self, v: Tensor, add: float = 0.0, scale: bool = False):
+        """v / sqrt(sum(v^2, last dim) + add); ``scale``: also 2^8 / sqrt(...) (the secure op's R)."""
+        r = torch.rsqrt((v * v).sum(dim=-1, keepdim=True) + add)
+        return (v * r, r * 2.0**8) if scale else v * r
+
+    def anchor_max(self, x: Tensor) -> Tensor:
+        """The max over the last dim (kept): the anchored softmax's offset over its anchor columns."""
+        return x.amax(dim=-1, keepdim=True)
+
+    def parallel(self, *fns) -> list:
+        """``[f() for f in fns]``: nothing to overlap in the clear."""
+        return [f() for f in fns]
 
     def silu(self, x: Tensor) -> Tensor:
         return torch.nn.functional.silu(x)

@@ -45,22 +45,26 @@ def selection_anchor(anchor, g, L: int):
     return anchor if g.keeps_ends(anchor[0], anchor[1], L) else None
 
 
-def attend(B, heads: Heads, q, k, v, scope=_no_scope, mask=None, anchor=None, logw=None):
+def attend(B, heads: Heads, q, k, v, scope=_no_scope, mask=None, anchor=None, logw=None, offset=None, logits=None):
     """q (H, Tq, hd), k/v (Hkv, Lk, hd) -> out (Tq, H*hd), probs (Hkv, G*Tq, Lk). Query heads of a KV group
     are stacked so one batched matmul serves the group (GQA). ``logw`` (Lk,), public: log row weights added
-    to the logits (a weighted softmax: sum_i w_i e^{s_i} v_i / sum_i w_i e^{s_i}; BalanceKV's cache)."""
+    to the logits (a weighted softmax: sum_i w_i e^{s_i} v_i / sum_i w_i e^{s_i}; BalanceKV's cache).
+    ``offset`` (Hkv, G*Tq, 1), decode rows with ``anchor``: the anchored softmax's offset, already made by the
+    caller (``Transformer._decode_offset``). ``logits`` (Hkv, G*Tq, Lk): q K^T / sqrt(hd), already made by the caller
+    (``Transformer._fix_and_score``)."""
     H, Hkv, hd, G = heads.n_heads, heads.n_kv_heads, heads.head_dim, heads.group_size
     Tq = q.shape[1]
     qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G * Tq, hd)
     with scope("qk"):
-        s = B.matmul(qg, k.transpose(1, 2))  # (Hkv, G*Tq, Lk)
+        s = B.matmul(qg, k.transpose(1, 2)) if logits is None else logits  # (Hkv, G*Tq, Lk)
         if logw is not None:
             s = s + logw.to(torch.float32)  # public: a local add on shares
     with scope("softmax"):
         if mask is not None:
             mask = mask.repeat(G, 1)  # (G*Tq, Lk), public
         anchor = anchor if (mask is not None or Tq == 1) else None  # decode rows, or causal (prefix-mask) rows
-        p = B.softmax(s, dim=-1, mask=mask, anchor=anchor)
+        offset = offset if (anchor is not None and mask is None) else None
+        p = B.softmax(s, dim=-1, mask=mask, anchor=anchor, offset=offset)
     with scope("av"):
         o = B.matmul(p, v)  # (Hkv, G*Tq, hd)
     o = o.reshape(H, Tq, hd).transpose(0, 1).reshape(Tq, H * hd)
@@ -192,5 +196,7 @@ def gather_and_attend(B, heads: Heads, q, sel, k, v, scope=_no_scope, anchor=Non
     with scope("gather"):
         ks, vs = gather(B, g, k, v)
     anchor = selection_anchor(anchor, g, int(k.shape[1])) if logw is None else None
-    o, _ = attend(B, heads, q, ks, vs, scope, anchor=anchor, logw=logw)
+    offset = sel.offset if (anchor is not None and g is None) else None  # the full row's (Transformer._decode_offset)
+    logits = sel.qk if g is None else None  # against every cached row: the attended row when nothing is gathered
+    o, _ = attend(B, heads, q, ks, vs, scope, anchor=anchor, logw=logw, offset=offset, logits=logits)
     return o

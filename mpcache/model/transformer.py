@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
-from ..policies.base import CachePolicy, DecodeContext, PrefillContext, as_selection
+from ..policies.base import CachePolicy, DecodeContext, PrefillContext, Selection, as_selection
 from . import attention
 
 
@@ -71,19 +71,22 @@ class Transformer:
         self.scope = scope or _no_scope
 
     # ---- blocks ------------------------------------------------------------------------------------------
-    def _norm(self, x, prefix: str):
+    def _norm(self, x, prefix: str, scale: bool = False):
+        """The block's norm; ``scale`` (RMSNorm with no bias after it): also R = 2^8 / sqrt(sum x^2 + D eps), the
+        factor the normalised row is x times (before the gain and sqrt(D), which ``_offset_input`` applies)."""
         B, cfg = self.B, self.cfg
         D = cfg.hidden_size
         # rsqrt of the SUM of squares (+ D*eps), times sqrt(D): the same value as rsqrt(mean + eps), but the
         # sum has D times more significant bits in fixed point than the mean.
         if cfg.arch != "llama":
             x = x - x.sum(dim=-1, keepdim=True) * (1.0 / D)
-        n = B.norm_scale(x, D * cfg.norm_eps)
+        n = B.norm_scale(x, D * cfg.norm_eps, scale=scale)
+        n, r = n if scale else (n, None)
         gain = self.w.get(prefix + ".weight")
-        if gain is None:  # folded into the next linear layers (weights.fold_norm_gains)
-            return n
-        n = n * (math.sqrt(D) * gain)
-        return n if cfg.arch == "llama" else n + self.w[prefix + ".bias"]
+        if gain is not None:  # else folded into the next linear layers (weights.fold_norm_gains)
+            n = n * (math.sqrt(D) * gain)
+            n = n if cfg.arch == "llama" else n + self.w[prefix + ".bias"]
+        return (n, r) if scale else n
 
     def _linear(self, x, name: str, bias: str | None = None):
         y = self.B.matmul(x, self.w[name])
@@ -289,6 +292,92 @@ class Transformer:
             fixed = self._fix_rows(cache.k + cache.v)
         cache.k, cache.v = fixed[:n], fixed[n:]
 
+    #: the offset's input scale (``_decode_offset``): the unnormalised row times 2^-8 keeps the offset's products as
+    #: small in the ring as the normalised ones (residual norms reach ~2^15 on SmolLM2; a 2PC truncation of a
+    #: product near 2^64 x p fails with probability ~p), at ~2^-8 of precision, which an offset does not need
+    OFFSET_UNIT = 2.0**-8
+
+    def _offset_ok(self, i: int, cache: KVCache) -> bool:
+        """Whether layer ``i``'s decode step makes its anchored softmax's offset beside the norm
+        (``_decode_offset``): public facts only -- a backend whose ``parallel`` merges openings (secure 2PC; the
+        plaintext backend keeps the plain route, the reference), RMSNorm with no q bias (the scores are then the norm's factor
+        times a linear function of the UNnormalised row), a policy with no per-step selection (the full row is
+        attended), no row weights, and a cache long enough for the anchored softmax."""
+        cfg, w, p = self.cfg, self.w, f"layers.{i}."
+        a, b = self.DECODE_ANCHOR or (0, 0)
+        return (
+            self.B.early_offset
+            and self.DECODE_ANCHOR is not None
+            and cfg.arch == "llama"
+            and p + "bq" not in w
+            and p + "bqkv" not in w
+            and type(self.policy.for_layer(i)).select is CachePolicy.select
+            and cache.logw[i] is None
+            and int(cache.k[i].shape[1]) >= a + b
+        )
+
+    def _decode_offset(self, x, p: str, positions: torch.Tensor, K):
+        """A decode step's norm, q/k/v AND its anchored softmax's offset, the offset made BESIDE the norm instead of
+        after the scores (``_offset_ok``): the scores are q K^T / sqrt(hd) with q = r u, r = 1/sqrt(sum x^2 + D eps)
+        > 0 and u = RoPE(x W_q) (the gain and sqrt(D) folded into W_q), so the max of the anchors' scores is r times
+        the max of u's. One branch normalises x (13 rounds) while the other makes u from x / 2^8 (1 round, fixed
+        W_q), its products with the anchor rows of the cached K (1 round, fixed K) and their max (one comparison
+        layer: 11 rounds for 12 columns); then the offset is that max times the norm's R = 2^8 r (one product, in
+        the same round as q/k/v's). The offset's anchors are the first a and last b - 1 CACHED rows (the new row's
+        own score needs r^2: it is an ordinary, guarded entry). Rounds (2PC, lockstep): 13 + 1 before the scores,
+        against 13 + 1 + 1 + 1 + 11 (norm, q/k/v, new row, scores, the anchors' max) -- the softmax then starts
+        from the offset. Bytes: + |x| + G H_kv hd (the two openings) + the comparison layer over (a + b - 1)
+        columns per query head + 1 product. The offset differs from the anchors' exact max by ~2^-8 relative
+        (x / 2^8 in fixed point): the softmax is the same function for any offset; only its range moves by as much.
+        Leakage: none (shapes and the schedule are public). Returns (q, k, v, offset (Hkv, G, 1))."""
+        cfg, B = self.cfg, self.B
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        G, (a, b), L = H // Hkv, self.DECODE_ANCHOR, int(K.shape[1])
+        gain = self.w.get(p + "attn_norm.weight")
+        xs = x * self.OFFSET_UNIT if gain is None else x * (self.OFFSET_UNIT * math.sqrt(cfg.hidden_size) * gain)
+        wq = self.w[p + "wqkv"][:, : H * hd] if p + "wqkv" in self.w else self.w[p + "wq"]
+        cos, sin = rope_tables(positions, hd, cfg.rope_theta)
+        anchors = B.cat([K[:, :a], K[:, L - b + 1 :]], dim=1).transpose(1, 2)  # (Hkv, hd, a + b - 1)
+        out: dict = {}
+
+        def norm():
+            out["n"], out["r"] = self._norm(x, p + "attn_norm", scale=True)
+
+        def side():
+            with self.scope("offset"):
+                u = self._rope(B.matmul(xs, wq).reshape(1, H, hd).transpose(0, 1), cos, sin)
+                s = B.matmul((u * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), anchors)
+                out["m"] = B.anchor_max(s)  # (Hkv, G, 1), in units of x / 2^8
+
+        def qkv():
+            out["qkv"] = self._qkv(out["n"], p, positions)
+
+        def offset():
+            out["offset"] = out["m"] * out["r"]
+
+        with self.scope("norm"):
+            B.parallel(norm, side)
+        with self.scope("qkv"):
+            B.parallel(qkv, offset)
+        return (*out["qkv"], out["offset"])
+
+    def _fix_and_score(self, q, k, v, K):
+        """The new row's fixing and the step's logits in ONE round (with ``_decode_offset``): q K^T over the cached
+        rows (fixed K: opens q), q . k for the new row (a product of two shares: opens q and k) and the fixing of
+        the new k and v (opens their masks) are independent openings, in lockstep -- instead of the fixing, then
+        q K^T over the cache with the new row. Same logits (Hkv, G, L + 1); bytes + |q| + |k| G. Returns (k, v)
+        fixed and the logits."""
+        B, heads = self.B, self.heads
+        Hkv, G, hd = heads.n_kv_heads, heads.group_size, heads.head_dim
+        qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
+        with self.scope("qk"):
+            fixed, old, new = B.parallel(
+                lambda: self._fix_rows([k, v]),
+                lambda: B.matmul(qg, K.transpose(1, 2)),
+                lambda: (qg * k).sum(dim=-1, keepdim=True),  # k (Hkv, 1, hd): the new row, over the group's heads
+            )
+        return fixed[0], fixed[1], B.cat([old, new], dim=-1)
+
     def _decode_attention(self, q, sel, k, v, logw=None):
         """A decode step's attention over the policy's :class:`Selection`: the backend chooses the route
         (``Backend.decode_attention``; the routes are in :mod:`mpcache.model.attention`)."""
@@ -305,9 +394,17 @@ class Transformer:
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
-                q, k, v = self._block_in(x, p, positions)
-                with self.scope("fix_kv"):
-                    k, v = self._fix_rows([k, v])  # the new row's mask is opened once, when written
+                offset = None
+                if self._offset_ok(i, cache):
+                    q, k, v, offset = self._decode_offset(x, p, positions, cache.k[i])
+                else:
+                    q, k, v = self._block_in(x, p, positions)
+                logits = None
+                if offset is not None:
+                    k, v, logits = self._fix_and_score(q, k, v, cache.k[i])
+                else:
+                    with self.scope("fix_kv"):
+                        k, v = self._fix_rows([k, v])  # the new row's mask is opened once, when written
                 cache.k[i] = B.cat([cache.k[i], k], dim=1)
                 cache.v[i] = B.cat([cache.v[i], v], dim=1)
                 if cache.logw[i] is not None:  # the new row stands for itself: weight 1
@@ -326,6 +423,8 @@ class Transformer:
                         anchor=self.DECODE_ANCHOR,
                     )
                     sel = as_selection(self.policy.for_layer(i).select(ctx))
+                if offset is not None:  # no per-step selection (_offset_ok): the full row, its offset made early
+                    sel = Selection(sel.gather, logits, offset)
                 o = self._decode_attention(q, sel, cache.k[i], cache.v[i], cache.logw[i])
                 x = self._block_out(x, o, p)
         cache.pos += 1

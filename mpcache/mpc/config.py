@@ -42,7 +42,8 @@ class MpcConfig:
     softmax_recip: str = "goldschmidt"  # or "newton"
     softmax_exp_fit: float | None = None  # None: exp base 1 + x/2^iters; 8.0: the minimax base on [-8, 0]
     exp_iters: int = 8  # squarings of the limit exp (row-max softmax)
-    anchor_exp_iters: int = 10  # squarings of the anchored softmax's exp: (1 + y/1024)^1024
+    anchor_exp_iters: int = 7  # squarings of the anchored softmax's exp: (1 + t + t^2/2)^128, t = y/128
+    anchor_exp_order: int = 2  # its base's order (1: (1 + y/1024)^1024 at anchor_exp_iters = 10, session 9's)
     anchor_recip: tuple = (-8, 30, 2)  # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
     anchor_guard: float | None = 10.0  # the anchored exp's argument clamped at this excess (None: unguarded)
     # ---- norms ---------------------------------------------------------------------------------------------------
@@ -53,6 +54,9 @@ class MpcConfig:
     gather_triples: bool = True  # attention over a strata selection by three-operand products (TFP, 2PC, CPU)
     one_exchange: bool = True  # an opening's all-reduce as one exchange (send to every peer, receive theirs)
     lockstep: bool = True  # independent protocols' openings merged round by round (mpcache/mpc/lockstep.py)
+    # decode with no per-step selection: the anchored softmax's offset made beside the norm, the new K/V row fixed
+    # beside the logits (Transformer._decode_offset / _fix_and_score); only where lockstep merges (2PC)
+    early_offset: bool = True
     mpi_exchange: str | bool = "auto"  # openings over MPI point-to-point ("auto": one host, a core per party)
     lean_tfp: bool = True  # TFP tuples with one draw per peer share (same distribution, same trust model)
     fixed_weights: bool = True  # fixed-operand triples for the weight matrices (W - B opened once, offline)

@@ -66,9 +66,13 @@ def _poly(e, coeffs, square):
     return out
 
 
-def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | None = None):
+def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | None = None, scale: bool = False):
     """v / sqrt(sum(v^2, last dim) + add), precise in fixed point over s in [2^-10, 2^31) (RMSNorm: v = x,
-    LayerNorm: v = x - mean; ``add`` = D * eps is public).
+    LayerNorm: v = x - mean; ``add`` = D * eps is public). ``scale``: also return R = 2^8 s^-1/2 (..., 1), the
+    factor itself, for a caller that scales something made from the UNnormalised v (a max of its products: see
+    ``Transformer._decode_offset``): same rounds (its bit products are local, its last product rides in step 4's
+    last one), one more element per row; R keeps >= 362 ulps over the whole range (2^8 s^-1/2 in the coarse branch
+    is the branch's own guess Y p; the fine branch's is 2^8 Y p, exactly: ``u Y`` is a local sum of the bits).
 
     1. Two sums of squares in one square of the stacked (v, v/2^8): a fine one, sum v^2 (exact while every
        |v| < 64; beyond, CrypTen's local 2PC truncation of v^2 ~ 2^61 in the ring fails with probability ~15%),
@@ -118,10 +122,22 @@ def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | N
     sv = sv * y  # (s' Y, v' Y)
     z = sv[..., :1] * y
     p = _poly(z - 1.0, _rsqrt_poly(z_lo, z_hi, cfg.norm_degree), lambda e: e.square())
-    return sv[..., 1:] * p
+    if not scale:
+        return sv[..., 1:] * p
+    # R = Y' p with Y' = Y (2^8 - u (2^8 - 1)) in the ring: u Y is local, since the thermometer's bits satisfy
+    # u small_k = u (small bits are ORed with u) and u b_k = b_k for the coarse thresholds >= 2^12 (b_k = 1 implies
+    # u = 1: the same coarse sum against increasing thresholds)
+    c0 = ys[0] + sum(int(d) for d in dy.reshape(-1)[:n_small].tolist())
+    dyl = dy[n_small:].to(thermo.device)
+    uy = u.share * c0 + (bits.share[n_small:] * dyl).sum(0)
+    yp = y.clone()
+    yp.share = y.share * 2**SUMSQ_SHIFT - uy * (2**SUMSQ_SHIFT - 1)
+    out = crypten.cat([sv[..., 1:], yp], dim=-1) * p
+    return out[..., :-1], out[..., -1:]
 
 
-def norm_scale_reference(v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | None = None) -> torch.Tensor:
+def norm_scale_reference(v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | None = None, scale: bool = False):
+    """The float model of :func:`norm_scale` (with ``scale``: also R = 2^8 Y p, its model of 2^8 s^-1/2)."""
     cfg = cfg or MpcConfig()
     v = v.double()
     s = (v * v).sum(-1, keepdim=True) + add
@@ -130,4 +146,4 @@ def norm_scale_reference(v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | Non
     unit = torch.where(s >= 2.0**SUMSQ_SPLIT_LOG2, 2.0 ** (16 + SUMSQ_SHIFT), 2.0**16)  # the branch's guess units
     y = torch.tensor(ys, dtype=torch.float64)[count] / unit
     p = _poly(s * y * y - 1.0, _rsqrt_poly(z_lo, z_hi, cfg.norm_degree), torch.square)
-    return v * y * p
+    return (v * y * p, 2.0**SUMSQ_SHIFT * y * p) if scale else v * y * p

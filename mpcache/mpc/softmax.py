@@ -34,8 +34,10 @@ MASK_SHIFT = 1024.0  # masked logits are shifted down by this before the max; ex
 # 3% at D = 12, 8% at 13, and all-zero output from D ~ 15 (the exp itself overflows only past ~21.5). So the
 # anchors must be rows whose logits are near the top: the sinks and the NEWEST rows (Transformer.DECODE_ANCHOR).
 # The low side is always safe: the anchors are attended, so the largest term is >= 1.
-# MpcConfig.anchor_exp_iters (10: (1 + y/1024)^1024, relative error ~y^2/2048) and anchor_recip ((-8, 30, 2): the
-# reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D) set the anchored branch.
+# MpcConfig.anchor_exp_iters / anchor_exp_order (7, 2: (1 + t + t^2/2)^128, t = y/128, relative error ~|y|^3/98304:
+# 1.0% at |y| = 10, in 8 rounds; session 9's (10, 1): (1 + y/1024)^1024, ~y^2/2048: 4.9% at 10, 10 rounds) and
+# anchor_recip ((-8, 30, 2): the reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D) set the
+# anchored branch.
 ANCHOR_MAX_EXCESS = 10.0  # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
 #                               m is better: the sum is divided by sqrt(m)); beyond, the row's scale degrades
 # The guard (MpcConfig.anchor_guard = G, default ANCHOR_MAX_EXCESS): every entry's exp argument y = x - anchor max is
@@ -76,13 +78,14 @@ def softmax(
     Rounds: sum over max layers of (cmp + ceil(log2 r)) + cfg.exp_iters + reciprocal (cmp + 1 + RECIP_GS_ITERS, or
     cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
     ``anchor=(a, b)`` (no mask; see the note above): the offset is the max of the first a and last b columns only (a
-    max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings, the reciprocal over the range the
+    max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings (of an order-cfg.anchor_exp_order base), the reciprocal over the range the
     guard bounds (:func:`anchored_recip_range`) with the split lean comparison (approx._step_guess_split). ``offset`` (with ``anchor``): that max, already computed by
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row; its comparison runs in lockstep with the exp, :func:`guarded_exp`). Rounds:
-    (cmp + ceil(log2(a + b))) + cfg.anchor_exp_iters + 1 (guard) + (7 + 1 + 1 + RECIP_GS_ITERS) + 1 = 11 + 11 + 12
-    + 1 = 35 for (4, 8), whatever the row length (41 with ``cfg.lockstep = False``); bytes: the guard
+    (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (7 + 1 + 1 + RECIP_GS_ITERS) + 1 =
+    11 + 9 + 12 + 1 = 33 for (4, 8), whatever the row length (22 with the ``offset`` given; 39 with
+    ``cfg.lockstep = False``); bytes: the guard
     (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
     columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
@@ -160,32 +163,38 @@ def anchored_recip_range(m: int, cfg: MpcConfig) -> tuple[int, int, int]:
 
 def guarded_exp(y, cfg: MpcConfig):
     """exp(min(y, G)) of the anchored softmax (G = ``cfg.anchor_guard``; None: exp(y)) by the limit exp
-    (``cfg.anchor_exp_iters`` squarings). The guard's coarse comparison b = [y > G] (16-bit lanes, 1/16 resolution,
+    (``cfg.anchor_exp_iters`` squarings of an order-``cfg.anchor_exp_order`` base). The guard's coarse comparison b = [y > G] (16-bit lanes, 1/16 resolution,
     |G - y| < 2032; one-sided: entries within (n - 1)/16 below G may count as above) runs in LOCKSTEP with the exp of
-    the unclamped y (:mod:`mpcache.mpc.lockstep`: its 6 rounds travel inside the exp's 10), then one product picks
+    the unclamped y (:mod:`mpcache.mpc.lockstep`: its 6 rounds travel inside the exp's 8), then one product picks
     e^G where b: e + b (e^G - e), exact in the ring (a bit times a ring element), so an exp that overflowed above
     the bound is replaced whole. Float model: :func:`guarded_exp_reference` (the exp of min(y, G)). Rounds
-    cfg.anchor_exp_iters + 1 (the sum of both branches + 1 with ``cfg.lockstep = False``). Bytes per entry (2PC): the
+    cfg.anchor_exp_iters + cfg.anchor_exp_order (the sum of both branches + 1 with ``cfg.lockstep = False``). Bytes per entry (2PC): the
     exp's + 44 B (comparison) + 16 B (product). Leaks: shapes only."""
     from .compare import _ltz_lanes
     from .lockstep import parallel
 
     G = cfg.anchor_guard
     if G is None:
-        return approx.exp_limit(y, iters=cfg.anchor_exp_iters)
+        return approx.exp_limit(y, iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order)
     b, e = parallel(
         lambda: _ltz_lanes(-y + G, 16, 12),
-        lambda: approx.exp_limit(y, iters=cfg.anchor_exp_iters),
+        lambda: approx.exp_limit(y, iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order),
         enabled=cfg.lockstep,
     )
-    e_g = float(approx.exp_limit_reference(torch.tensor(G, dtype=torch.float64), iters=cfg.anchor_exp_iters))
+    e_g = float(
+        approx.exp_limit_reference(
+            torch.tensor(G, dtype=torch.float64), iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order
+        )
+    )
     return e + b * (-e + e_g)
 
 
 def guarded_exp_reference(y: torch.Tensor, cfg: MpcConfig) -> torch.Tensor:
     """The float model of :func:`guarded_exp`: the limit exp of min(y, G) (exact comparison; None: of y)."""
     G = cfg.anchor_guard
-    return approx.exp_limit_reference(y if G is None else y.clamp(max=G), iters=cfg.anchor_exp_iters)
+    return approx.exp_limit_reference(
+        y if G is None else y.clamp(max=G), iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order
+    )
 
 
 def _prefix_anchors(mask: torch.Tensor, anchor) -> tuple[torch.Tensor, torch.Tensor]:
