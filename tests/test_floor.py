@@ -117,6 +117,33 @@ def test_activation_split(parties, act):
         assert (rounds, out["sequential"][1]) == (7, 11)
 
 
+def _silu_gate(xu):
+    return ops.silu(xu[0], gate=xu[1])
+
+
+def _product(xu):
+    return xu[0] * xu[1]
+
+
+def test_silu_times_its_gate(parties):
+    """The gated MLP's SiLU(g) * u in the activation's own rounds (2PC: 7, the gate's products x u and p u inside
+    the comparison's rounds; 3PC: SiLU, then the product): against the float model silu_reference(g) * u
+    within the activation's 400 ulp times |u| (+ the products' few ulps), outside the comparison's window."""
+    n = parties.n
+    g = torch.Generator().manual_seed(4)
+    x = grid(torch.cat([torch.linspace(-14, 14, 281), torch.randn(256, generator=g) * 4]))
+    u = grid(torch.randn(x.numel(), generator=g) * 3)
+    xu = torch.stack([x, u])
+    out = run(parties, {"gated": (_silu_gate, xu), "silu": (ops.silu, x), "product": (_product, xu)})
+    y, rounds, sent = out["gated"]
+    want = ops.silu_reference(x) * u.double()
+    near = (x.abs() <= SILU_T) & (x.abs() > SILU_T - (n - 1) / 16)
+    assert ((y - want).abs() <= 400 * ULP * u.double().abs() + 8 * ULP)[~near].all(), (y - want).abs().max()
+    assert rounds == out["silu"][1] + (0 if n == 2 else out["product"][1]), (rounds, out["silu"][1])
+    if n == 2:  # two products by the gate (x u, p u: 16 B each) where SiLU then the product took one
+        assert sent / x.numel() <= 233 + 32, sent / x.numel()
+
+
 def _no_lockstep(op, x):
     import dataclasses
 
@@ -262,12 +289,11 @@ def test_decode_offset_is_the_same_function(monkeypatch):
 
 
 def test_decode_offset_saves_12_rounds_per_layer(monkeypatch):
-    """Dry run (the protocols themselves, no data), 2PC, tiny-llama after a 24-token prompt: the offset made beside
-    the norm (its 1 + 1 + 11 rounds inside the norm's 13), its scaling beside q/k/v's product, and the new row's
-    fixing beside the logits save 1 (q/k/v) + 11 (the anchors' max) + 1 (the fixing) - 1 (the offset's product
-    rides with q/k/v) = 12 rounds per layer: 13 + 1 + 1 + 22 + 1 = 38 rounds from the norm to p V (norm, q/k/v
-    with the offset's product, the logits with the fixing, the softmax from its offset, p V), against
-    13 + 1 + 1 + 1 + 33 + 1 = 50."""
+    """Dry run (the protocols themselves, no data), 2PC, tiny-llama after a 24-token prompt: the offset's
+    products and comparison layer beside the norm (inside its 13 rounds, with the q/k/v product), the offset's
+    scaling and the new row's fixing beside the logits: from the norm to p V 13 + 1 + 21 + 1 = 36 rounds (norm with
+    q/k/v, the logits with the fixing and the offset, the softmax from its offset, p V), against
+    13 + 1 + 1 + 32 + 1 = 48 (norm with q/k/v, the fixing, the logits, the softmax with its anchors' max, p V)."""
     from mpcache.model.weights import tiny_config
     from mpcache.mpc.dryrun import Setting, predict_generation
 
@@ -293,5 +319,5 @@ def test_decode_offset_saves_12_rounds_per_layer(monkeypatch):
     assert slow - fast == 12 * cfg.n_layers, (slow, fast)
     pre = ("norm", "qkv", "fix_kv", "qk", "softmax", "av")
     mlp_norm = 13  # the block's second norm shares the "norm" scope
-    assert sum(attn.get(k, 0) for k in pre) == 38 + mlp_norm, (attn, attn0)
-    assert sum(attn0.get(k, 0) for k in pre) == 50 + mlp_norm, (attn, attn0)
+    assert sum(attn.get(k, 0) for k in pre) == 36 + mlp_norm, (attn, attn0)
+    assert sum(attn0.get(k, 0) for k in pre) == 48 + mlp_norm, (attn, attn0)

@@ -111,3 +111,41 @@ def test_nested_or_disabled_runs_in_order(enabled):
     order = []
     out = parallel(lambda: order.append(1) or 1, lambda: order.append(2) or 2, enabled=enabled)
     assert out == [1, 2] and order == [1, 2]
+
+
+def _nested(x, enabled: bool):
+    from mpcache.mpc.lockstep import parallel
+
+    y = x * 0.5
+
+    def inner():
+        return parallel(lambda: _chain(y, 3), lambda: _cmp(x), enabled=enabled)
+
+    (a, b), c = parallel(inner, lambda: _chain(y, 2), enabled=enabled)
+    return a, b, c
+
+
+def _run_nested(sess, x, enabled: bool):
+    import crypten
+
+    share = crypten.cryptensor(x.float(), src=0)
+    with sess.scope("case"):
+        outs = _nested(share, enabled)
+    c = sess.ledger.totals("case", kind="online")
+    return [o.get_plain_text().double() for o in outs], c["rounds"], c["bytes_sent"]
+
+
+def test_nested_parallel_travels_in_the_outer_exchanges(parties):
+    """A branch that runs its own branches (a norm with the next layer's product inside it, run beside an offset:
+    Transformer._decode_offset): the inner branches' openings are parked by the enclosing branch as one request, so
+    every level shares the outermost exchanges -- rounds max(max(3, 7), 2) = 7 instead of 3 + 7 + 2, the same
+    bytes and values."""
+    x = torch.round((torch.rand(64, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 2**16) / 2**16
+    (a, b, c), rounds, sent = parties.run(_run_nested, x, True)[0].value
+    (a2, b2, c2), rounds_seq, sent_seq = parties.run(_run_nested, x, False)[0].value
+    y = x.double() * 0.5
+    assert (a - y**8).abs().max() <= 64 * ULP and (a2 - y**8).abs().max() <= 64 * ULP
+    assert torch.equal(b, (x < 0).double()) and torch.equal(b2, b)
+    assert (c - y**4).abs().max() <= 16 * ULP and (c2 - y**4).abs().max() <= 16 * ULP
+    assert sent == sent_seq
+    assert (rounds, rounds_seq) == (7, 3 + 7 + 2)

@@ -373,6 +373,24 @@ def test_norm_scale_also_returns_its_scale(setting):
         assert out.rounds == 13, out.rounds
 
 
+def _norm_then(v, w):
+    return ops.norm_scale(v, 0.05, then=lambda h: h.matmul(w))
+
+
+def test_norm_scale_with_the_next_layer_inside(setting):
+    """``then``: the next layer's product (here a product with a shared (96, 8) matrix) on v' Y, beside the
+    polynomial, then times p: within the norm's own tolerance times the layer's row norms (|w| < 0.5, 96 rows:
+    2e-3 x 8) of the float model (norm, then the product), in the norm's 13 rounds (2PC) instead of 13 + 1."""
+    g = gen(2)
+    v = grid(torch.randn(12, 96, generator=g) * torch.logspace(-2, 2, 12).reshape(-1, 1))
+    w = grid(torch.rand(96, 8, generator=g) - 0.5)
+    out = secure(setting, {"then": (_norm_then, (v, w)), "norm": (partial(ops.norm_scale, add=0.05), (v,))})
+    want = ops.norm_scale_reference(v, 0.05, then=lambda h: h @ w.double())
+    assert err(out["then"].value, want) <= 2e-3 * 8, err(out["then"].value, want)
+    if setting.n == 2:
+        assert out["then"].rounds == out["norm"].rounds == 13, (out["then"].rounds, out["norm"].rounds)
+
+
 def test_norm_scale_massive_activation(setting):
     """32 rows with one |x| = 2.0e4..2.6e4 (SmolLM2's massive activation: sums ~5e8 ~ 2^29) and an ordinary row:
     v / sqrt(s) within 1e-3 of the float model (a protocol that fails with probability ~15% per row fails this)."""

@@ -68,10 +68,12 @@ class PlainBackend:
             x = x.masked_fill(mask == 0, float("-inf"))
         return torch.softmax(x, dim=dim)
 
-    def norm_scale(self, v: Tensor, add: float = 0.0, scale: bool = False):
-        """v / sqrt(sum(v^2, last dim) + add); ``scale``: also 2^8 / sqrt(...) (the secure op's R)."""
+    def norm_scale(self, v: Tensor, add: float = 0.0, scale: bool = False, then=None):
+        """v / sqrt(sum(v^2, last dim) + add), then ``then`` of it (a linear map); ``scale``: also 2^8 / sqrt(...)
+        (the secure op's R)."""
         r = torch.rsqrt((v * v).sum(dim=-1, keepdim=True) + add)
-        return (v * r, r * 2.0**8) if scale else v * r
+        out = v * r if then is None else then(v * r)
+        return (out, r * 2.0**8) if scale else out
 
     def anchor_max(self, x: Tensor) -> Tensor:
         """The max over the last dim (kept): the anchored softmax's offset over its anchor columns."""
@@ -81,8 +83,9 @@ class PlainBackend:
         """``[f() for f in fns]``: nothing to overlap in the clear."""
         return [f() for f in fns]
 
-    def silu(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.silu(x)
+    def silu(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        y = torch.nn.functional.silu(x)
+        return y if gate is None else y * gate
 
     def gelu(self, x: Tensor) -> Tensor:
         return torch.nn.functional.gelu(x, approximate="tanh")

@@ -157,11 +157,12 @@ class SecureBackend:
         max is the exp's offset (ops.softmax, ANCHOR): a constant-round softmax, no max over the row."""
         return ops.softmax(x, dim=dim, mask=mask, anchor=anchor, offset=offset, cfg=self.cfg)
 
-    def norm_scale(self, v, add: float = 0.0, scale: bool = False):
+    def norm_scale(self, v, add: float = 0.0, scale: bool = False, then=None):
         """v / sqrt(sum(v^2) + add), precise in fixed point (see :func:`mpcache.mpc.ops.norm_scale`); ``scale``:
-        also R = 2^8 / sqrt(sum(v^2) + add), in the same rounds."""
+        also R = 2^8 / sqrt(sum(v^2) + add), in the same rounds; ``then`` (a linear map, e.g. the next layer's
+        product): then(v / sqrt(...)) with the map inside the norm's last rounds."""
         with self._scope("rsqrt"):
-            return ops.norm_scale(v, add, cfg=self.cfg, scale=scale)
+            return ops.norm_scale(v, add, cfg=self.cfg, scale=scale, then=then)
 
     def anchor_max(self, x):
         """The anchored softmax's offset: the max over the last dim (kept) of a few anchor columns, in ONE
@@ -183,9 +184,10 @@ class SecureBackend:
 
         return parallel(*fns, enabled=self.cfg.lockstep)
 
-    def silu(self, x):
+    def silu(self, x, gate=None):
+        """SiLU(x), or SiLU(x) * gate (the gated MLP's product in the activation's own rounds: ops.silu)."""
         with self._scope("silu"):
-            return ops.silu(x, cfg=self.cfg)
+            return ops.silu(x, cfg=self.cfg, gate=gate)
 
     def gelu(self, x):
         with self._scope("gelu"):

@@ -71,22 +71,40 @@ class Transformer:
         self.scope = scope or _no_scope
 
     # ---- blocks ------------------------------------------------------------------------------------------
-    def _norm(self, x, prefix: str, scale: bool = False):
+    def _norm(self, x, prefix: str, scale: bool = False, then=None):
         """The block's norm; ``scale`` (RMSNorm with no bias after it): also R = 2^8 / sqrt(sum x^2 + D eps), the
-        factor the normalised row is x times (before the gain and sqrt(D), which ``_offset_input`` applies)."""
+        factor the normalised row is x times (before the gain and sqrt(D), which ``_decode_offset`` applies);
+        ``then`` (a linear map; only with the gain folded into it): applied to the norm's output inside the norm's
+        last rounds (``B.norm_scale``)."""
         B, cfg = self.B, self.cfg
         D = cfg.hidden_size
         # rsqrt of the SUM of squares (+ D*eps), times sqrt(D): the same value as rsqrt(mean + eps), but the
         # sum has D times more significant bits in fixed point than the mean.
         if cfg.arch != "llama":
             x = x - x.sum(dim=-1, keepdim=True) * (1.0 / D)
-        n = B.norm_scale(x, D * cfg.norm_eps, scale=scale)
-        n, r = n if scale else (n, None)
         gain = self.w.get(prefix + ".weight")
+        assert then is None or gain is None, "then= needs the norm's gain folded into the next layer"
+        n = B.norm_scale(x, D * cfg.norm_eps, scale=scale, then=then)
+        n, r = n if scale else (n, None)
         if gain is not None:  # else folded into the next linear layers (weights.fold_norm_gains)
             n = n * (math.sqrt(D) * gain)
             n = n if cfg.arch == "llama" else n + self.w[prefix + ".bias"]
         return (n, r) if scale else n
+
+    def _norm_linear(self, x, prefix: str, name: str, bias: str | None = None, scale: bool = False):
+        """The block's norm, then the linear layer ``name`` (+ ``bias``). With the norm's gain folded into the layer
+        (the secure path: weights.fold_norm_gains) the layer's product runs inside the norm's last rounds
+        (``B.norm_scale`` ``then``: no round of its own in 2PC); else after the norm. ``scale``: also the norm's R."""
+        w = self.w[name]
+        if self.w.get(prefix + ".weight") is None:
+            out = self._norm(x, prefix, scale=scale, then=lambda h: self.B.matmul(h, w))
+        else:
+            out = self._norm(x, prefix, scale=scale)
+            out = (self.B.matmul(out[0], w), out[1]) if scale else self.B.matmul(out, w)
+        y, r = out if scale else (out, None)
+        if bias is not None and bias in self.w:
+            y = y + self.w[bias]
+        return (y, r) if scale else y
 
     def _linear(self, x, name: str, bias: str | None = None):
         y = self.B.matmul(x, self.w[name])
@@ -100,43 +118,67 @@ class Transformer:
         rot = self.B.cat([-x[..., h:], x[..., :h]], dim=-1)
         return x * cos + rot * sin
 
-    def _mlp(self, h, p: str):
+    def _mlp_in(self, p: str):
+        """The MLP's first linear layer as one product: (weight, bias) names, or None (llama with gate and up apart)."""
+        if self.cfg.arch == "llama":
+            return (p + "w_gateup", None) if p + "w_gateup" in self.w else None  # fused: generation.FUSED_WEIGHTS
+        return p + "w_fc", p + "b_fc"
+
+    def _mlp(self, h, p: str, a=None):
+        """The MLP of the normalised row ``h``, or from ``a``, its first layer's output (``_mlp_in``) made already."""
         B = self.B
         if self.cfg.arch == "llama":
-            if p + "w_gateup" in self.w:  # fused (generation.FUSED_WEIGHTS): one product, one opening
-                gu = self._linear(h, p + "w_gateup")
-                g, u = gu[..., : self.cfg.intermediate_size], gu[..., self.cfg.intermediate_size :]
+            if a is None and self._mlp_in(p) is not None:
+                a = self._linear(h, p + "w_gateup")
+            if a is not None:  # fused gate | up: one product, one opening
+                g, u = a[..., : self.cfg.intermediate_size], a[..., self.cfg.intermediate_size :]
             else:
                 g, u = self._linear(h, p + "w_gate"), self._linear(h, p + "w_up")
-            return self._linear(B.silu(g) * u, p + "w_down")
-        a = self._linear(h, p + "w_fc", p + "b_fc")
+            return self._linear(B.silu(g, gate=u), p + "w_down")
+        a = self._linear(h, p + "w_fc", p + "b_fc") if a is None else a
         a = B.silu(a) if self.cfg.activation == "silu" else B.gelu(a)
         return self._linear(a, p + "w_proj", p + "b_proj")
 
     def _block_in(self, x, p: str, positions: torch.Tensor):
-        """Pre-attention of one block: norm, then q, k, v (after RoPE)."""
+        """Pre-attention of one block: norm, then q, k, v (after RoPE). Fused q/k/v: the product inside the norm's
+        last rounds (``_norm_linear``: its opening is counted in the norm's scope)."""
+        if p + "wqkv" in self.w:
+            with self.scope("norm"):
+                qkv = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv")
+            with self.scope("qkv"):
+                return self._qkv(None, p, positions, qkv)
         with self.scope("norm"):
             h = self._norm(x, p + "attn_norm")
         with self.scope("qkv"):
             return self._qkv(h, p, positions)
 
     def _block_out(self, x, o, p: str):
-        """Post-attention of one block: output projection and the MLP, each with its residual."""
+        """Post-attention of one block: output projection and the MLP, each with its residual. The MLP's first
+        layer (one product) runs inside the norm's last rounds (``_norm_linear``)."""
         with self.scope("attn_out"):
             x = x + self._linear(o, p + "wo", p + "bo")
+        first = self._mlp_in(p)
+        if first is not None:
+            with self.scope("norm"):
+                a = self._norm_linear(x, p + "mlp_norm", *first)
+            with self.scope("mlp"):
+                return x + self._mlp(None, p, a)
         with self.scope("norm"):
             h = self._norm(x, p + "mlp_norm")
         with self.scope("mlp"):
             return x + self._mlp(h, p)
 
-    def _qkv(self, h, p: str, positions: torch.Tensor):
-        cfg, T = self.cfg, h.shape[0]
+    def _qkv(self, h, p: str, positions: torch.Tensor, qkv=None):
+        """q, k, v (heads, T, hd) after RoPE, from the normalised row ``h`` or from the fused product ``qkv``."""
+        cfg = self.cfg
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        if p + "wqkv" in self.w:  # fused (generation.FUSED_WEIGHTS): one product, one opening of h
+        if qkv is None and p + "wqkv" in self.w:  # fused (generation.FUSED_WEIGHTS): one product, one opening of h
             qkv = self._linear(h, p + "wqkv", p + "bqkv")
+        if qkv is not None:
             q, k, v = qkv[..., : H * hd], qkv[..., H * hd : (H + Hkv) * hd], qkv[..., (H + Hkv) * hd :]
         else:
             q, k, v = (self._linear(h, p + n, p + b) for n, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+        T = q.shape[0]
         q = q.reshape(T, H, hd).transpose(0, 1)
         k = k.reshape(T, Hkv, hd).transpose(0, 1)
         v = v.reshape(T, Hkv, hd).transpose(0, 1)
@@ -317,19 +359,19 @@ class Transformer:
         )
 
     def _decode_offset(self, x, p: str, positions: torch.Tensor, K):
-        """A decode step's norm, q/k/v AND its anchored softmax's offset, the offset made BESIDE the norm instead of
-        after the scores (``_offset_ok``): the scores are q K^T / sqrt(hd) with q = r u, r = 1/sqrt(sum x^2 + D eps)
-        > 0 and u = RoPE(x W_q) (the gain and sqrt(D) folded into W_q), so the max of the anchors' scores is r times
-        the max of u's. One branch normalises x (13 rounds) while the other makes u from x / 2^8 (1 round, fixed
-        W_q), its products with the anchor rows of the cached K (1 round, fixed K) and their max (one comparison
-        layer: 11 rounds for 12 columns); then the offset is that max times the norm's R = 2^8 r (one product, in
-        the same round as q/k/v's). The offset's anchors are the first a and last b - 1 CACHED rows (the new row's
-        own score needs r^2: it is an ordinary, guarded entry). Rounds (2PC, lockstep): 13 + 1 before the scores,
-        against 13 + 1 + 1 + 1 + 11 (norm, q/k/v, new row, scores, the anchors' max) -- the softmax then starts
-        from the offset. Bytes: + |x| + G H_kv hd (the two openings) + the comparison layer over (a + b - 1)
-        columns per query head + 1 product. The offset differs from the anchors' exact max by ~2^-8 relative
-        (x / 2^8 in fixed point): the softmax is the same function for any offset; only its range moves by as much.
-        Leakage: none (shapes and the schedule are public). Returns (q, k, v, offset (Hkv, G, 1))."""
+        """A decode step's norm and q/k/v, and BESIDE them what its anchored softmax's offset needs (``_offset_ok``):
+        the scores are q K^T / sqrt(hd) with q = r u, r = 1/sqrt(sum x^2 + D eps) > 0 and u = RoPE(x W_q) (the gain
+        and sqrt(D) folded into W_q), so the max of the anchors' scores is r times the max of u's. One branch
+        normalises x with the q/k/v product inside its last rounds (``_norm_linear``: 13 rounds) and returns the
+        norm's R = 2^8 r; the other makes u from x / 2^8 (1 round, fixed W_q), its products with the anchor rows of
+        the cached K (1 round, fixed K) and their max m (one comparison layer: 11 rounds for 12 columns). The offset
+        is m R, one product in the round of the logits (``_fix_and_score``). The anchors are the first a and last
+        b - 1 CACHED rows (the new row's own score needs r^2: it is an ordinary, guarded entry). Rounds (2PC,
+        lockstep): 13 before the logits' round, against 13 + 1 + 1 + 1 + 11 (norm, q/k/v, new row, logits, the
+        anchors' max) -- the softmax then starts from the offset. Bytes: + |x| + G H_kv hd (the two openings) + the
+        comparison layer over (a + b - 1) columns per query head + 1 product. The offset differs from the anchors'
+        exact max by ~2^-8 relative (x / 2^8 in fixed point): the softmax is the same function for any offset; only
+        its range moves by as much. Leakage: none (shapes and the schedule are public). Returns (q, k, v, m, R)."""
         cfg, B = self.cfg, self.B
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G, (a, b), L = H // Hkv, self.DECODE_ANCHOR, int(K.shape[1])
@@ -341,7 +383,12 @@ class Transformer:
         out: dict = {}
 
         def norm():
-            out["n"], out["r"] = self._norm(x, p + "attn_norm", scale=True)
+            if p + "wqkv" in self.w:
+                qkv, out["r"] = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", scale=True)
+                out["qkv"] = self._qkv(None, p, positions, qkv)
+            else:
+                n, out["r"] = self._norm(x, p + "attn_norm", scale=True)
+                out["qkv"] = self._qkv(n, p, positions)
 
         def side():
             with self.scope("offset"):
@@ -349,34 +396,27 @@ class Transformer:
                 s = B.matmul((u * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), anchors)
                 out["m"] = B.anchor_max(s)  # (Hkv, G, 1), in units of x / 2^8
 
-        def qkv():
-            out["qkv"] = self._qkv(out["n"], p, positions)
-
-        def offset():
-            out["offset"] = out["m"] * out["r"]
-
         with self.scope("norm"):
             B.parallel(norm, side)
-        with self.scope("qkv"):
-            B.parallel(qkv, offset)
-        return (*out["qkv"], out["offset"])
+        return (*out["qkv"], out["m"], out["r"])
 
-    def _fix_and_score(self, q, k, v, K):
-        """The new row's fixing and the step's logits in ONE round (with ``_decode_offset``): q K^T over the cached
-        rows (fixed K: opens q), q . k for the new row (a product of two shares: opens q and k) and the fixing of
-        the new k and v (opens their masks) are independent openings, in lockstep -- instead of the fixing, then
-        q K^T over the cache with the new row. Same logits (Hkv, G, L + 1); bytes + |q| + |k| G. Returns (k, v)
-        fixed and the logits."""
+    def _fix_and_score(self, q, k, v, K, m, r):
+        """The new row's fixing, the step's logits and the offset in ONE round (after ``_decode_offset``): q K^T
+        over the cached rows (fixed K: opens q), q . k for the new row (a product of two shares: opens q and k), the
+        fixing of the new k and v (opens their masks) and the offset m R (``_decode_offset``) are independent
+        openings, in lockstep -- instead of the fixing, then q K^T over the cache with the new row. Same logits
+        (Hkv, G, L + 1); bytes + |q| + |k| G. Returns (k, v) fixed, the logits and the offset (Hkv, G, 1)."""
         B, heads = self.B, self.heads
         Hkv, G, hd = heads.n_kv_heads, heads.group_size, heads.head_dim
         qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
         with self.scope("qk"):
-            fixed, old, new = B.parallel(
+            fixed, old, new, offset = B.parallel(
                 lambda: self._fix_rows([k, v]),
                 lambda: B.matmul(qg, K.transpose(1, 2)),
                 lambda: (qg * k).sum(dim=-1, keepdim=True),  # k (Hkv, 1, hd): the new row, over the group's heads
+                lambda: m * r,
             )
-        return fixed[0], fixed[1], B.cat([old, new], dim=-1)
+        return fixed[0], fixed[1], B.cat([old, new], dim=-1), offset
 
     def _decode_attention(self, q, sel, k, v, logw=None):
         """A decode step's attention over the policy's :class:`Selection`: the backend chooses the route
@@ -394,15 +434,12 @@ class Transformer:
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
-                offset = None
+                offset = logits = None
                 if self._offset_ok(i, cache):
-                    q, k, v, offset = self._decode_offset(x, p, positions, cache.k[i])
+                    q, k, v, m, r = self._decode_offset(x, p, positions, cache.k[i])
+                    k, v, logits, offset = self._fix_and_score(q, k, v, cache.k[i], m, r)
                 else:
                     q, k, v = self._block_in(x, p, positions)
-                logits = None
-                if offset is not None:
-                    k, v, logits = self._fix_and_score(q, k, v, cache.k[i])
-                else:
                     with self.scope("fix_kv"):
                         k, v = self._fix_rows([k, v])  # the new row's mask is opened once, when written
                 cache.k[i] = B.cat([cache.k[i], k], dim=1)

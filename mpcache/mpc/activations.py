@@ -96,19 +96,25 @@ def _chebyshev(u, coeffs):
     return (ts * (c if isinstance(ts, torch.Tensor) else c.float())).sum(0) + coeffs[0]
 
 
-def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True):
+def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None):
     """x/2 + h(x) for an even h ~ |x|/2 beyond +-T: h a Chebyshev polynomial in u = 2 (x/T)^2 - 1 inside, |x|/2
     outside. The breakpoints' comparison and the polynomial are independent: they run in lockstep
     (:mod:`mpcache.mpc.lockstep`, one exchange per round for both). The shared body of :func:`silu` and
-    :func:`gelu` (their docstrings state the costs)."""
+    :func:`gelu` (their docstrings state the costs). ``gate`` (a share shaped like x): (x/2 + h(x)) * gate, with
+    the gate's products x * gate (a third branch) and p * gate (after the polynomial) inside the comparison's rounds
+    and the mux applied to the gated pieces: the same rounds as the activation alone, + 16 B per element."""
     from .lockstep import parallel
 
-    b, p = parallel(
+    def poly():
+        q = _chebyshev(_square(x) * (2.0 / T**2) - 1.0, coeffs)
+        return q if gate is None else q * gate
+
+    b, p, half = parallel(
         lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes),  # [x > T], [x < -T]: one comparison layer
-        lambda: _chebyshev(_square(x) * (2.0 / T**2) - 1.0, coeffs),
+        poly,
+        lambda: (x if gate is None else x * gate) * 0.5,
         enabled=lockstep,
     )
-    half = x * 0.5
     return half + p + (b * _stack([half - p, -half - p])).sum(0)
 
 
@@ -120,7 +126,7 @@ def _half_plus_even_reference(x: torch.Tensor, T: float, coeffs) -> torch.Tensor
     return half + p + (b * torch.stack([half - p, -half - p])).sum(0)
 
 
-def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
+def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None):
     """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
     [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
     1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
@@ -130,9 +136,17 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
     in lockstep with x^2 and the Chebyshev terms (``cfg.lockstep = False``: cmp + 1 + 3 + 1 = 11).
     Bytes per element (2PC): 2 comparisons (2 x 44 B with 16-bit lanes) + 8 (x^2) + 8 + 32 + 64 (Chebyshev) +
     32 (mux) ~ 232 B (the previous 4-breakpoint, monomial-Horner design: ~680 B). Float model:
-    :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8). Leaks: shapes only."""
-    cfg = cfg or MpcConfig()
-    return _half_plus_even(x, SILU_T, SILU_CHEB, cfg.act_lanes if lanes is None else lanes, cfg.lockstep)
+    :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8).
+    ``gate`` (the MLP's up projection): SiLU(x) * gate in the same 7 rounds where lockstep merges (2PC), instead
+    of 7 + 1: the gate multiplies x and the polynomial inside the comparison's rounds and the mux selects among the
+    gated pieces (+ 16 B per element: two products by the gate instead of one); 3PC (resharing not merged) and
+    ``cfg.lockstep = False``: SiLU, then the product. Float model: ``silu_reference(x) * gate``. Leaks: shapes
+    only."""
+    cfg = cfg or MpcConfig.current()
+    lanes = cfg.act_lanes if lanes is None else lanes
+    if gate is not None and not (cfg.lockstep and cfg.n_parties == 2):
+        return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep) * gate
+    return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate)
 
 
 def silu_reference(x: torch.Tensor) -> torch.Tensor:

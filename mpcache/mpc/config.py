@@ -44,7 +44,10 @@ class MpcConfig:
     exp_iters: int = 8  # squarings of the limit exp (row-max softmax)
     anchor_exp_iters: int = 7  # squarings of the anchored softmax's exp: (1 + t + t^2/2)^128, t = y/128
     anchor_exp_order: int = 2  # its base's order (1: (1 + y/1024)^1024 at anchor_exp_iters = 10, session 9's)
-    anchor_recip: tuple = (-8, 30, 2)  # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
+    anchor_recip: tuple = (-8, 30, 4)  # the anchored reciprocal's range 2^lo..2^(hi+1) and steps per octave
+    # its Goldschmidt steps: 4 steps per octave start within 0.087 of 1/x, so 2 steps reach 5.7e-5 (session 9's
+    # (q, iters) = (2, 3): 0.172 -> 7.5e-7, one more round per softmax for ~1 MB per demo token less)
+    anchor_recip_iters: int = 2
     anchor_guard: float | None = 10.0  # the anchored exp's argument clamped at this excess (None: unguarded)
     # ---- norms ---------------------------------------------------------------------------------------------------
     norm_range: tuple = (-10, 30)  # sum of squares (+ D eps) in [2^lo, 2^(hi+1))

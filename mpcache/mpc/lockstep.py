@@ -86,17 +86,49 @@ def current_branch():
     return _CURRENT[0]
 
 
+class _Nested:
+    """The openings a nested :func:`parallel` (called inside a branch) parked in one round: its enclosing branch
+    parks them as ONE request, so they travel in the enclosing call's merged exchange (flattened by :func:`_merge`)."""
+
+    def __init__(self, requests: list):
+        self.requests = requests
+
+
+def _merge(merge, requests: list) -> list:
+    """``merge`` (the communicator's ``merged_all_reduce``) over the requests with every :class:`_Nested` one
+    flattened; the replies re-nested the same way (one list of replies per nested request)."""
+    flat: list = []
+
+    def walk(r):
+        if isinstance(r, _Nested):
+            return [walk(x) for x in r.requests]
+        flat.append(r)
+        return len(flat) - 1
+
+    shape = [walk(r) for r in requests]
+    out = merge(flat)
+
+    def build(s):
+        return [build(x) for x in s] if isinstance(s, list) else out[s]
+
+    return [build(s) for s in shape]
+
+
 def parallel(*fns, enabled: bool = True):
     """``[f() for f in fns]``, with the openings of the branches merged round by round (see the module docstring).
-    ``enabled=False`` (or a call from inside a branch, or a single branch) runs them one after the other."""
-    import crypten.communicator as comm
+    ``enabled=False`` (or a single branch) runs them one after the other. Called inside a branch (a protocol that
+    runs its own branches, inside a caller's), its branches' openings of each round are parked by the enclosing
+    branch as one request: every level travels in the outermost call's exchanges."""
+    import sys
 
-    if not enabled or len(fns) < 2 or current_branch() is not None or not comm.is_initialized():
+    comm = sys.modules.get("crypten.communicator")  # not imported: no session to merge in
+    if not enabled or len(fns) < 2 or comm is None or not comm.is_initialized():
         return [f() for f in fns]
     inst = comm.get()
     merge = getattr(inst, "merged_all_reduce", None)
     if merge is None:  # not a counting communicator: nothing to merge into
         return [f() for f in fns]
+    outer = current_branch()
     ledger = getattr(inst, "ledger", None)
     branches = [_Branch(f, ledger) for f in fns]
     replies = [None] * len(branches)
@@ -108,13 +140,14 @@ def parallel(*fns, enabled: bool = True):
             try:
                 b.run_until_parked(replies[i])
             finally:
-                _CURRENT[0] = None
+                _CURRENT[0] = outer
             if b.error is not None:
                 raise b.error
         waiting = [i for i, b in enumerate(branches) if not b.done]
         if not waiting:
             return [b.result for b in branches]
-        out = merge([branches[i].request for i in waiting])
+        requests = [branches[i].request for i in waiting]
+        out = outer.park(_Nested(requests)) if outer is not None else _merge(merge, requests)
         for i, r in zip(waiting, out):
             branches[i].request, replies[i] = None, r
 

@@ -66,13 +66,19 @@ def _poly(e, coeffs, square):
     return out
 
 
-def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | None = None, scale: bool = False):
+def norm_scale(
+    v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | None = None, scale: bool = False, then=None
+):
     """v / sqrt(sum(v^2, last dim) + add), precise in fixed point over s in [2^-10, 2^31) (RMSNorm: v = x,
     LayerNorm: v = x - mean; ``add`` = D * eps is public). ``scale``: also return R = 2^8 s^-1/2 (..., 1), the
     factor itself, for a caller that scales something made from the UNnormalised v (a max of its products: see
     ``Transformer._decode_offset``): same rounds (its bit products are local, its last product rides in step 4's
     last one), one more element per row; R keeps >= 362 ulps over the whole range (2^8 s^-1/2 in the coarse branch
     is the branch's own guess Y p; the fine branch's is 2^8 Y p, exactly: ``u Y`` is a local sum of the bits).
+    ``then`` (a LINEAR map of the last dim, e.g. the product with the next layer's fixed weights): returns
+    then(v / sqrt(s)) as then(v' Y) p, then(v' Y) running in lockstep with z and the polynomial (2PC): the layer's
+    product costs no round of its own (13 rounds for norm + layer instead of 14); the last product is then over
+    then's outputs instead of D values.
 
     1. Two sums of squares in one square of the stacked (v, v/2^8): a fine one, sum v^2 (exact while every
        |v| < 64; beyond, CrypTen's local 2PC truncation of v^2 ~ 2^61 in the ring fails with probability ~15%),
@@ -120,10 +126,19 @@ def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | N
     )
     y = _from_shares((thermo * dy.to(thermo.device)).sum(0), precision=prec) + ys[0] / 2**prec
     sv = sv * y  # (s' Y, v' Y)
-    z = sv[..., :1] * y
-    p = _poly(z - 1.0, _rsqrt_poly(z_lo, z_hi, cfg.norm_degree), lambda e: e.square())
+    coeffs = _rsqrt_poly(z_lo, z_hi, cfg.norm_degree)
+
+    def poly():
+        return _poly(sv[..., :1] * y - 1.0, coeffs, lambda e: e.square())
+
+    if then is None:
+        vy, p = sv[..., 1:], poly()
+    else:
+        from .lockstep import parallel
+
+        vy, p = parallel(lambda: then(sv[..., 1:]), poly, enabled=cfg.lockstep)
     if not scale:
-        return sv[..., 1:] * p
+        return vy * p
     # R = Y' p with Y' = Y (2^8 - u (2^8 - 1)) in the ring: u Y is local, since the thermometer's bits satisfy
     # u small_k = u (small bits are ORed with u) and u b_k = b_k for the coarse thresholds >= 2^12 (b_k = 1 implies
     # u = 1: the same coarse sum against increasing thresholds)
@@ -132,12 +147,15 @@ def norm_scale(v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | N
     uy = u.share * c0 + (bits.share[n_small:] * dyl).sum(0)
     yp = y.clone()
     yp.share = y.share * 2**SUMSQ_SHIFT - uy * (2**SUMSQ_SHIFT - 1)
-    out = crypten.cat([sv[..., 1:], yp], dim=-1) * p
+    out = crypten.cat([vy, yp], dim=-1) * p
     return out[..., :-1], out[..., -1:]
 
 
-def norm_scale_reference(v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | None = None, scale: bool = False):
-    """The float model of :func:`norm_scale` (with ``scale``: also R = 2^8 Y p, its model of 2^8 s^-1/2)."""
+def norm_scale_reference(
+    v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | None = None, scale: bool = False, then=None
+):
+    """The float model of :func:`norm_scale` (with ``scale``: also R = 2^8 Y p, its model of 2^8 s^-1/2; ``then``:
+    applied to the output)."""
     cfg = cfg or MpcConfig()
     v = v.double()
     s = (v * v).sum(-1, keepdim=True) + add
@@ -146,4 +164,5 @@ def norm_scale_reference(v: torch.Tensor, add: float = 0.0, cfg: MpcConfig | Non
     unit = torch.where(s >= 2.0**SUMSQ_SPLIT_LOG2, 2.0 ** (16 + SUMSQ_SHIFT), 2.0**16)  # the branch's guess units
     y = torch.tensor(ys, dtype=torch.float64)[count] / unit
     p = _poly(s * y * y - 1.0, _rsqrt_poly(z_lo, z_hi, cfg.norm_degree), torch.square)
-    return (v * y * p, 2.0**SUMSQ_SHIFT * y * p) if scale else v * y * p
+    out = v * y * p if then is None else then(v * y * p)
+    return (out, 2.0**SUMSQ_SHIFT * y * p) if scale else out

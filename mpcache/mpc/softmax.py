@@ -36,8 +36,8 @@ MASK_SHIFT = 1024.0  # masked logits are shifted down by this before the max; ex
 # The low side is always safe: the anchors are attended, so the largest term is >= 1.
 # MpcConfig.anchor_exp_iters / anchor_exp_order (7, 2: (1 + t + t^2/2)^128, t = y/128, relative error ~|y|^3/98304:
 # 1.0% at |y| = 10, in 8 rounds; session 9's (10, 1): (1 + y/1024)^1024, ~y^2/2048: 4.9% at 10, 10 rounds) and
-# anchor_recip ((-8, 30, 2): the reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D) set the
-# anchored branch.
+# anchor_recip ((-8, 30, 4): the reciprocal's range 2^lo..2^(hi+1), since sum/sqrt(m) <= sqrt(m) e^D, and its
+# steps per octave) and anchor_recip_iters (2 Goldschmidt steps: relative error 5.7e-5) set the anchored branch.
 ANCHOR_MAX_EXCESS = 10.0  # D up to which the output is within ~1e-2 (fixed-point emulation, m = 412; larger
 #                               m is better: the sum is divided by sqrt(m)); beyond, the row's scale degrades
 # The guard (MpcConfig.anchor_guard = G, default ANCHOR_MAX_EXCESS): every entry's exp argument y = x - anchor max is
@@ -83,8 +83,8 @@ def softmax(
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row; its comparison runs in lockstep with the exp, :func:`guarded_exp`). Rounds:
-    (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (7 + 1 + 1 + RECIP_GS_ITERS) + 1 =
-    11 + 9 + 12 + 1 = 33 for (4, 8), whatever the row length (22 with the ``offset`` given; 39 with
+    (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (7 + 1 + 1 + cfg.anchor_recip_iters)
+    + 1 = 11 + 9 + 11 + 1 = 32 for (4, 8), whatever the row length (21 with the ``offset`` given; 38 with
     ``cfg.lockstep = False``); bytes: the guard
     (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
@@ -109,7 +109,7 @@ def softmax(
         e = guarded_exp(x - mx, cfg)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = anchored_recip_range(m, cfg)
-        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q, lean="split")
+        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, cfg.anchor_recip_iters, lo, hi, q, lean="split")
         return (e * r) * c
     if anchor is not None and mask is not None:
         return _anchored_prefix(x, mask, anchor, lean, cfg)
@@ -240,7 +240,7 @@ def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
     s = wrap(torch.zeros(*lead, R, dtype=e.share.dtype, device=dev).index_add_(-1, row_d, e.share), e)
     c = (1.0 / lens.reshape(-1).double().sqrt()).float()  # (R,), public
     lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
-    r = approx.reciprocal_gs(s * c, lo=lo, hi=hi, q=q, lean="split")  # (..., R)
+    r = approx.reciprocal_gs(s * c, cfg.anchor_recip_iters, lo, hi, q, lean="split")  # (..., R)
     p = (e * wrap(r.share.index_select(-1, row_d), r)) * c[row_of]
     out = torch.zeros(*lead, R * m, dtype=p.share.dtype, device=dev)
     out[..., flat_d] = p.share
@@ -253,7 +253,7 @@ def _anchored_prefix_reference(x, mask, anchor, cfg: MpcConfig):
     e = guarded_exp_reference(x - x.gather(-1, idx).max(dim=-1, keepdim=True).values, cfg) * mask.double()
     c = 1.0 / lens.double().sqrt()
     lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
-    return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
+    return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, cfg.anchor_recip_iters, lo, hi, q) * c)
 
 
 def _anchor_columns(x, anchor):
@@ -290,7 +290,9 @@ def softmax_reference(
         e = guarded_exp_reference(x - _anchor_columns(x, anchor).max(dim=-1, keepdim=True).values, cfg)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = anchored_recip_range(m, cfg)
-        return e * (approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, lo=lo, hi=hi, q=q) * c)
+        return e * (
+            approx.reciprocal_gs_reference(e.sum(dim=-1, keepdim=True) * c, cfg.anchor_recip_iters, lo, hi, q) * c
+        )
     if mask is not None:
         x = x + (mask.double() - 1) * MASK_SHIFT
     exp_fit = cfg.softmax_exp_fit if exp_fit == "default" else exp_fit
