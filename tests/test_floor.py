@@ -4,6 +4,7 @@ the lean TFP tuples, 3PC replicated)."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -167,7 +168,9 @@ def test_anchored_softmax_guard_holds_beyond_the_bound(parties):
     the guard the output is the softmax of the row clamped at anchor max + 10 (its float model) within the
     anchored softmax's tolerance (2048 ulp: see test_anchored_softmax) plus the one-sided window's effect (none
     here: no entry lies within 1/8 below the bound), a distribution summing to 1 within the reciprocal's scale
-    error at D = G (1.5% at G = 10: the fixed-point 1/sum keeps ~6 significant bits there); without it, far off."""
+    error at D = G: r = 1/(sum / sqrt(m)) is a fixed-point value of only 1/(r / ulp) relative resolution there (two
+    entries at e^10 in a 300-entry row: r ~ 26 ulps, ~4%), so the sum is within 1.5 ulps of r, relative, + 0.5%;
+    without the guard, far off."""
     import dataclasses
 
     from mpcache.mpc.config import MpcConfig
@@ -189,7 +192,11 @@ def test_anchored_softmax_guard_holds_beyond_the_bound(parties):
     )
     got = out["guarded"][0]
     assert (got - want).abs().max() <= 2048 * ULP
-    assert (got.sum(-1) - 1).abs().max() <= 2e-2  # the reciprocal's fixed-point scale error at D = G: 1.5%
+    e = ops.exp_limit_reference(
+        torch.minimum(x.double(), amax + 10.0) - amax, iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order
+    )
+    r = 1 / (e.sum(-1) / math.sqrt(x.shape[-1]))  # the reciprocal's value per row: its resolution is ULP / r
+    assert ((got.sum(-1) - 1).abs() <= 1.5 * ULP / r + 5e-3).all(), (got.sum(-1), ULP / r)
     assert (out["unguarded"][0] - torch.softmax(x, -1)).abs().max() > 0.05  # what the guard prevents
     cmp = 6 + (parties.n > 2)  # a 16-bit-lane comparison (3PC: + its carry-save layer)
     # the guard's rounds: 1 product; its comparison travels inside the exp's 10 rounds (lockstep, 2PC's openings;

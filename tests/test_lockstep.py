@@ -39,12 +39,12 @@ def _branches(x, enabled: bool):
     return a, b, c
 
 
-def _run(sess, x, enabled: bool):
+def _run(sess, x, enabled: bool, branches=None):
     import crypten
 
     share = crypten.cryptensor(x.float(), src=0)
     with sess.scope("case"):
-        outs = _branches(share, enabled)
+        outs = (branches or _branches)(share, enabled)
     c = sess.ledger.totals("case", kind="online")
     return [o.get_plain_text().double() for o in outs], c["rounds"], c["bytes_sent"]
 
@@ -125,24 +125,14 @@ def _nested(x, enabled: bool):
     return a, b, c
 
 
-def _run_nested(sess, x, enabled: bool):
-    import crypten
-
-    share = crypten.cryptensor(x.float(), src=0)
-    with sess.scope("case"):
-        outs = _nested(share, enabled)
-    c = sess.ledger.totals("case", kind="online")
-    return [o.get_plain_text().double() for o in outs], c["rounds"], c["bytes_sent"]
-
-
 def test_nested_parallel_travels_in_the_outer_exchanges(parties):
     """A branch that runs its own branches (a norm with the next layer's product inside it, run beside an offset:
     Transformer._decode_offset): the inner branches' openings are parked by the enclosing branch as one request, so
     every level shares the outermost exchanges -- rounds max(max(3, 7), 2) = 7 instead of 3 + 7 + 2, the same
     bytes and values."""
     x = torch.round((torch.rand(64, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 2**16) / 2**16
-    (a, b, c), rounds, sent = parties.run(_run_nested, x, True)[0].value
-    (a2, b2, c2), rounds_seq, sent_seq = parties.run(_run_nested, x, False)[0].value
+    (a, b, c), rounds, sent = parties.run(_run, x, True, _nested)[0].value
+    (a2, b2, c2), rounds_seq, sent_seq = parties.run(_run, x, False, _nested)[0].value
     y = x.double() * 0.5
     assert (a - y**8).abs().max() <= 64 * ULP and (a2 - y**8).abs().max() <= 64 * ULP
     assert torch.equal(b, (x < 0).double()) and torch.equal(b2, b)

@@ -6,6 +6,10 @@ the form a secret-shared token takes. Weights follow the convention of :mod:`mpc
 (linear weights stored (in, out), so every linear layer is ``x @ W``).
 
 Shapes: T tokens in this call, D hidden, H query heads, Hkv KV heads, G = H / Hkv, hd head dim, L cached rows.
+
+Why one file: a block's steps (norm, q/k/v, the decode route that makes the softmax's offset beside the norm, the
+attention, the MLP) share the block's weights and the cache, and the decode route interleaves them round by round;
+split across files they would pass the same half-dozen names back and forth.
 """
 
 from __future__ import annotations
@@ -94,9 +98,11 @@ class Transformer:
     def _norm_linear(self, x, prefix: str, name: str, bias: str | None = None, scale: bool = False):
         """The block's norm, then the linear layer ``name`` (+ ``bias``). With the norm's gain folded into the layer
         (the secure path: weights.fold_norm_gains) the layer's product runs inside the norm's last rounds
-        (``B.norm_scale`` ``then``: no round of its own in 2PC); else after the norm. ``scale``: also the norm's R."""
+        (``B.norm_scale`` ``then``: no round of its own in 2PC) for ONE row (a decode step): the norm's last product
+        then runs over the layer's outputs instead of D values, bytes a many-row prefill would pay per row for one
+        round in all; else after the norm. ``scale``: also the norm's R."""
         w = self.w[name]
-        if self.w.get(prefix + ".weight") is None:
+        if self.w.get(prefix + ".weight") is None and int(x.shape[0]) == 1:
             out = self._norm(x, prefix, scale=scale, then=lambda h: self.B.matmul(h, w))
         else:
             out = self._norm(x, prefix, scale=scale)
@@ -134,7 +140,8 @@ class Transformer:
                 g, u = a[..., : self.cfg.intermediate_size], a[..., self.cfg.intermediate_size :]
             else:
                 g, u = self._linear(h, p + "w_gate"), self._linear(h, p + "w_up")
-            return self._linear(B.silu(g, gate=u), p + "w_down")
+            # one row (decode): the gate's product inside SiLU's rounds; many (prefill): after it (16 B less each)
+            return self._linear(B.silu(g, gate=u) if int(g.shape[0]) == 1 else B.silu(g) * u, p + "w_down")
         a = self._linear(h, p + "w_fc", p + "b_fc") if a is None else a
         a = B.silu(a) if self.cfg.activation == "silu" else B.gelu(a)
         return self._linear(a, p + "w_proj", p + "b_proj")

@@ -23,8 +23,12 @@ merging does not change (experiments/RESULTS.md, session 9). Branches must not s
 Beaver protocol mutated its operands' (shared) encoder objects while an opening is pending, which compat patch 8
 (``own_ignored_encodings``) makes per operand.
 
-Used by: SiLU/GeLU (the breakpoints' comparison in lockstep with the polynomial) and the anchored softmax (the
-guard's comparison in lockstep with the exp). ``MpcConfig.lockstep = False`` runs the branches one after the other
+Used by: SiLU/GeLU (the breakpoints' comparison in lockstep with the polynomial, and with the MLP gate's
+products), the anchored softmax (the guard's comparison in lockstep with the exp), the norms (the next layer's
+product beside the polynomial) and a decode step (the softmax's offset beside the norm; the new K/V row's fixing,
+the logits and the offset's scaling in one round: ``Transformer._decode_offset``). Calls nest: a branch that runs
+its own branches parks their openings as one request of its own (``_Nested``), so every level shares the
+outermost exchanges. ``MpcConfig.lockstep = False`` runs the branches one after the other
 (the ablation: the same function and bytes, more rounds; the randomness is drawn in another order, so the ulps of
 the probabilistic truncations differ, within the same bounds).
 """

@@ -44,7 +44,8 @@ ANCHOR_MAX_EXCESS = 10.0  # D up to which the output is within ~1e-2 (fixed-poin
 # clamped at G by a coarse comparison (16-bit lanes, 1/16 resolution: compare.py _ltz_lanes) and one product, so the
 # exp and the reciprocal never leave the range above, whatever the row. The output is then EXACTLY the softmax of the
 # clamped row min(x, anchor max + G) (the float model, up to the fixed-point error: at most the unguarded error at
-# D = G, i.e. ~8.5e-3 per entry and a common scale error of the row up to 1.5% at G = 10): a distribution in which
+# D = G, i.e. ~8.5e-3 per entry and a common scale error of the row of ~1 ulp of r = sqrt(m) / sum, relative:
+# 2-4% when one or two entries sit at e^10 in a 300-entry row, less in longer rows): a distribution in which
 # an entry above the bound weighs e^G relative to the anchors instead of e^y -- the row's mass moves from the
 # entries above the bound to the others, and every entry above the bound still weighs at least as much as any
 # entry below it. The coarse comparison may also clamp entries up to (n - 1)/16 BELOW G to G (one-sided): a weight
