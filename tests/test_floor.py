@@ -328,3 +328,24 @@ def test_decode_offset_saves_12_rounds_per_layer(monkeypatch):
     mlp_norm = 13  # the block's second norm shares the "norm" scope
     assert sum(attn.get(k, 0) for k in pre) == 36 + mlp_norm, (attn, attn0)
     assert sum(attn0.get(k, 0) for k in pre) == 48 + mlp_norm, (attn, attn0)
+
+
+def test_greedy_decoding_skips_the_final_norm():
+    """When only the next token is read (no logits kept: ``Transformer.argmax_only``), an RMSNorm model's head
+    multiplies x / 2^8 instead of the normalised row -- the logits times a positive factor, the same argmax -- and
+    the final norm's 13 rounds (2PC) are gone; with the logits kept (tests, verify), the norm runs. Dry run,
+    tiny-llama; the tokens of the route are checked against plaintext by the private generation tests (job
+    ``oblivious``, ``generation_costs``: no logits kept)."""
+    from mpcache.model.weights import tiny_config
+    from mpcache.mpc.dryrun import Setting, predict_generation
+
+    cfg = tiny_config("llama")
+
+    def head(keep):
+        led = predict_generation(cfg, None, Setting(), 24, 3, keep_logits=keep)[0][0]
+        rows = [c for c in led["counts"] if c["kind"] == "online" and c["scope"].startswith("token/2/lm_head")]
+        return {c["scope"] for c in rows}, sum(c["rounds"] for c in rows)
+
+    (scopes, rounds), (scopes_kept, rounds_kept) = head(False), head(True)
+    assert not any("rsqrt" in s for s in scopes) and any("rsqrt" in s for s in scopes_kept)
+    assert rounds_kept - rounds == 13, (rounds, rounds_kept)
