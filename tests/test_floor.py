@@ -295,12 +295,13 @@ def test_decode_offset_is_the_same_function(monkeypatch):
         assert max((a - b).abs().max().item() for a, b in zip(logits, logits0)) < 1e-4
 
 
-def test_decode_offset_saves_12_rounds_per_layer(monkeypatch):
+def test_decode_offset_saves_11_rounds_per_layer(monkeypatch):
     """Dry run (the protocols themselves, no data), 2PC, tiny-llama after a 24-token prompt: the offset's
-    products and comparison layer beside the norm (inside its 13 rounds, with the q/k/v product), the offset's
-    scaling and the new row's fixing beside the logits: from the norm to p V 13 + 1 + 21 + 1 = 36 rounds (norm with
-    q/k/v, the logits with the fixing and the offset, the softmax from its offset, p V), against
-    13 + 1 + 1 + 32 + 1 = 48 (norm with q/k/v, the fixing, the logits, the softmax with its anchors' max, p V)."""
+    products and comparison layer beside the norm (13 rounds: 1 + 1 + 11, the norm's own 12 with the q/k/v
+    product inside them), the offset's scaling and the new row's fixing beside the logits: from the norm to p V
+    13 + 1 + 21 + 1 = 36 rounds (norm with q/k/v, the logits with the fixing and the offset, the softmax from its
+    offset, p V), against 12 + 1 + 1 + 32 + 1 = 47 (norm with q/k/v, the fixing, the logits, the softmax with its
+    anchors' max, p V)."""
     from mpcache.model.weights import tiny_config
     from mpcache.mpc.dryrun import Setting, predict_generation
 
@@ -323,17 +324,17 @@ def test_decode_offset_saves_12_rounds_per_layer(monkeypatch):
     # the route: the new row is fixed inside the logits' round (qk), not in its own
     assert not any(s.startswith("token/2/L0/fix_kv") for s in scopes)
     assert any(s.startswith("token/2/L0/fix_kv") for s in scopes0)
-    assert slow - fast == 12 * cfg.n_layers, (slow, fast)
+    assert slow - fast == 11 * cfg.n_layers, (slow, fast)
     pre = ("norm", "qkv", "fix_kv", "qk", "softmax", "av")
-    mlp_norm = 13  # the block's second norm shares the "norm" scope
+    mlp_norm = 12  # the block's second norm shares the "norm" scope
     assert sum(attn.get(k, 0) for k in pre) == 36 + mlp_norm, (attn, attn0)
-    assert sum(attn0.get(k, 0) for k in pre) == 48 + mlp_norm, (attn, attn0)
+    assert sum(attn0.get(k, 0) for k in pre) == 47 + mlp_norm, (attn, attn0)
 
 
 def test_greedy_decoding_skips_the_final_norm():
     """When only the next token is read (no logits kept: ``Transformer.argmax_only``), an RMSNorm model's head
     multiplies x / 2^8 instead of the normalised row -- the logits times a positive factor, the same argmax -- and
-    the final norm's 13 rounds (2PC) are gone; with the logits kept (tests, verify), the norm runs. Dry run,
+    the final norm's 12 rounds (2PC) are gone; with the logits kept (tests, verify), the norm runs. Dry run,
     tiny-llama; the tokens of the route are checked against plaintext by the private generation tests (job
     ``oblivious``, ``generation_costs``: no logits kept)."""
     from mpcache.model.weights import tiny_config
@@ -348,4 +349,4 @@ def test_greedy_decoding_skips_the_final_norm():
 
     (scopes, rounds), (scopes_kept, rounds_kept) = head(False), head(True)
     assert not any("rsqrt" in s for s in scopes) and any("rsqrt" in s for s in scopes_kept)
-    assert rounds_kept - rounds == 13, (rounds, rounds_kept)
+    assert rounds_kept - rounds == 12, (rounds, rounds_kept)

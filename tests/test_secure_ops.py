@@ -331,9 +331,10 @@ def test_norm_scale_over_the_guess_range(setting):
     activations included. Outputs |.| <= 1: a few truncated products (~10 ulp), plus the coarse sum's ~1 unit of
     s per element when s >= 2^12 (96 elements: ~5e-4 relative near s = 2^12) and v / 2^8's truncation on the
     coarse branch (~2^-14 at s = 2^12): 2e-3. Float model vs exact: the degree-2 polynomial's relative error over
-    the table's z range (5.6e-5 at 4 steps per octave), the whole range up to 2^31 -- the coarse branch's guess
-    keeps >= 362 ulps there (the 3 Goldschmidt steps this replaced drifted by 0.04% .. 2% above s ~ 2^30). Rounds:
-    13 in 2PC (square, one lean comparison layer (7), the branch select, (s' Y, v' Y), z, z^2, the output)."""
+    the table's z range (8.5e-5 at 5 steps per octave, the guesses on a 16-ulp grid), the whole range up to 2^31 --
+    the coarse branch's guess keeps >= 362 ulps there (the 3 Goldschmidt steps this replaced drifted by 0.04% .. 2%
+    above s ~ 2^30). Rounds: 12 in 2PC (square, one lean comparison layer (7), the branch select, z = s' Q beside
+    v' Y, z^2, the output)."""
     g = gen(0)
     torch.randn(3, 257, generator=g)  # the rows the tolerance was set on: the second draw of seed 0
     v = torch.randn(40, 96, generator=g) * torch.logspace(-4.5, 3.5, 40).reshape(-1, 1)
@@ -341,9 +342,9 @@ def test_norm_scale_over_the_guess_range(setting):
     v = grid(v)
     out = secure1(setting, partial(ops.norm_scale, add=0.05), v)
     assert err(out.value, ops.norm_scale_reference(v, 0.05)) <= 2e-3
-    assert err(ops.norm_scale_reference(v, 0.05), v / ((v**2).sum(-1, keepdim=True) + 0.05).sqrt()) <= 5.6e-5
+    assert err(ops.norm_scale_reference(v, 0.05), v / ((v**2).sum(-1, keepdim=True) + 0.05).sqrt()) <= 8.6e-5
     if setting.n == 2:
-        assert out.rounds == 13, out.rounds
+        assert out.rounds == 12, out.rounds
 
 
 def _norm_and_scale(v, add):
@@ -355,9 +356,9 @@ def _norm_and_scale(v, add):
 
 def test_norm_scale_also_returns_its_scale(setting):
     """``scale=True``: the same output and, beside it, R = 2^8 s^-1/2 (what Transformer._decode_offset scales an
-    offset made from the unnormalised row by), in the same 13 rounds (2PC). Rows spanning s = 2^-8 .. 2^30.9. R is
+    offset made from the unnormalised row by), in the same 12 rounds (2PC). Rows spanning s = 2^-8 .. 2^30.9. R is
     Y' p with Y' exact in the ring: within the output's own relative error of the float model (2e-3, from z's
-    truncated products moving p; + 4 ULP for the last product), and the float model within the polynomial's 5.6e-5 of 2^8 / sqrt(s)."""
+    truncated products moving p; + 4 ULP for the last product), and the float model within the polynomial's 8.5e-5 of 2^8 / sqrt(s)."""
     g = gen(0)
     v = torch.randn(40, 96, generator=g) * torch.logspace(-4.5, 3.5, 40).reshape(-1, 1)
     v[-12:-4, 5] = torch.tensor([2.0e4, 2.2e4, 2.5e4, 3.0e4, 3.5e4, 4.0e4, 4.2e4, 4.4e4])
@@ -368,9 +369,9 @@ def test_norm_scale_also_returns_its_scale(setting):
     r = out.value[..., -1:].double()
     assert ((r - r_ref).abs() <= 4 * ULP + 2e-3 * r_ref).all(), (r - r_ref).abs().max()
     exact = 2.0**8 / ((v.double() ** 2).sum(-1, keepdim=True) + 0.05).sqrt()
-    assert ((r_ref - exact).abs() <= 5.6e-5 * exact).all()
+    assert ((r_ref - exact).abs() <= 8.6e-5 * exact).all()
     if setting.n == 2:
-        assert out.rounds == 13, out.rounds
+        assert out.rounds == 12, out.rounds
 
 
 def _norm_then(v, w):
@@ -380,7 +381,7 @@ def _norm_then(v, w):
 def test_norm_scale_with_the_next_layer_inside(setting):
     """``then``: the next layer's product (here a product with a shared (96, 8) matrix) on v' Y, beside the
     polynomial, then times p: within the norm's own tolerance times the layer's row norms (|w| < 0.5, 96 rows:
-    2e-3 x 8) of the float model (norm, then the product), in the norm's 13 rounds (2PC) instead of 13 + 1."""
+    2e-3 x 8) of the float model (norm, then the product), in the norm's 12 rounds (2PC) instead of 12 + 1."""
     g = gen(2)
     v = grid(torch.randn(12, 96, generator=g) * torch.logspace(-2, 2, 12).reshape(-1, 1))
     w = grid(torch.rand(96, 8, generator=g) - 0.5)
@@ -388,7 +389,7 @@ def test_norm_scale_with_the_next_layer_inside(setting):
     want = ops.norm_scale_reference(v, 0.05, then=lambda h: h @ w.double())
     assert err(out["then"].value, want) <= 2e-3 * 8, err(out["then"].value, want)
     if setting.n == 2:
-        assert out["then"].rounds == out["norm"].rounds == 13, (out["then"].rounds, out["norm"].rounds)
+        assert out["then"].rounds == out["norm"].rounds == 12, (out["then"].rounds, out["norm"].rounds)
 
 
 def test_norm_scale_massive_activation(setting):

@@ -51,7 +51,7 @@ class MpcConfig:
     anchor_guard: float | None = 10.0  # the anchored exp's argument clamped at this excess (None: unguarded)
     # ---- norms ---------------------------------------------------------------------------------------------------
     norm_range: tuple = (-10, 30)  # sum of squares (+ D eps) in [2^lo, 2^(hi+1))
-    norm_steps: int = 4  # thresholds per octave of the rsqrt's step guess
+    norm_steps: int = 5  # thresholds per octave of the rsqrt's step guess (mpc/norms.py: 8.5e-5 relative)
     norm_degree: int = 2  # degree of the polynomial for z^-1/2 (z = s Y^2 near 1): degree - 1 rounds
     # ---- routes and transport --------------------------------------------------------------------------------------
     gather_triples: bool = True  # attention over a strata selection by three-operand products (TFP, 2PC, CPU)

@@ -16,12 +16,17 @@ from .config import MpcConfig
 
 # ---- v / sqrt(sum v^2 + c): the normalisation of RMSNorm and LayerNorm ------------------------------------------
 # MpcConfig.norm_range (-10, 30): the sum of squares (+ D eps) in [2^-10, 2^31) (SmolLM2 reaches ~6e8 ~ 2^29.2:
-# massive activations); norm_steps (4): thresholds per octave of the step guess (z = s Y^2 within [0.916, 1.093]);
-# norm_degree (2): the polynomial in z - 1 for z^-1/2 (relative error 5.6e-5 at q = 4, degree 2; 2.2e-6 at degree
-# 3, one more round); norm_lean: comparisons in 32-bit lanes (the fine sum is < 2^12 where used, the coarse one is
+# massive activations); norm_steps (5): thresholds per octave of the step guess (its guesses Y on a grid of
+# Y_STEP ulps: z = s Y^2 within [0.8995, 1.1018]); norm_degree (2): the polynomial in z - 1 for z^-1/2 (relative
+# error 8.5e-5 at q = 5, degree 2; 1.24e-4 at q = 4, one fifth fewer thresholds; 3.8e-6 at degree 3, one more
+# round); norm_lean: comparisons in 32-bit lanes (the fine sum is < 2^12 where used, the coarse one is
 # s / 2^16). The split of the two sums is part of the algorithm (not a knob):
 SUMSQ_SPLIT_LOG2 = 12  # sums >= 2^12 are taken from the coarse sum of (x / 2^8)^2, smaller ones from the fine sum
 SUMSQ_SHIFT = 8
+Y_STEP = 16  # the guesses Y are multiples of 16 ulps, so Y^2 / 2^8 is an exact ring integer: z = s' Y^2 is ONE
+#              product beside v' Y (with exact Y^2 at scale 2^32 the product would reach 2^48 in the ring, where a
+#              2PC truncation fails with probability ~2^-16; at Y^2 / 2^8 it is ~2^40, 2^-24), at the price of a
+#              wider z range (Y within 16 ulps of its ideal, >= 362 ulps at s = 2^31): the 5th threshold per octave
 
 
 @functools.lru_cache(maxsize=16)
@@ -38,8 +43,8 @@ def _norm_table(lo: int, hi: int, q: int) -> tuple[tuple[float, ...], tuple[int,
     for i in range(n + 2):
         a, b = 2.0 ** (lo + (i - 1) / q), 2.0 ** (lo + i / q)
         f = 2.0**SUMSQ_SHIFT if a >= 2.0**SUMSQ_SPLIT_LOG2 else 1.0
-        y = (a * b) ** -0.25 * 2**16 * f
-        cands = {max(1, math.floor(y)), max(1, math.ceil(y))}
+        y = (a * b) ** -0.25 * 2**16 * f / Y_STEP
+        cands = {Y_STEP * max(1, math.floor(y)), Y_STEP * max(1, math.ceil(y))}
         c = min(
             cands, key=lambda c: max(abs(math.log(a * (c / 2**16 / f) ** 2)), abs(math.log(b * (c / 2**16 / f) ** 2)))
         )
@@ -76,8 +81,8 @@ def norm_scale(
     last one), one more element per row; R keeps >= 362 ulps over the whole range (2^8 s^-1/2 in the coarse branch
     is the branch's own guess Y p; the fine branch's is 2^8 Y p, exactly: ``u Y`` is a local sum of the bits).
     ``then`` (a LINEAR map of the last dim, e.g. the product with the next layer's fixed weights): returns
-    then(v / sqrt(s)) as then(v' Y) p, then(v' Y) running in lockstep with z and the polynomial (2PC): the layer's
-    product costs no round of its own (13 rounds for norm + layer instead of 14); the last product is then over
+    then(v / sqrt(s)) as then(v' Y) p, then(v' Y) running in lockstep with the polynomial (2PC): the layer's
+    product costs no round of its own (12 rounds for norm + layer); the last product is then over
     then's outputs instead of D values.
 
     1. Two sums of squares in one square of the stacked (v, v/2^8): a fine one, sum v^2 (exact while every
@@ -88,15 +93,16 @@ def norm_scale(
     3. ONE product (ring integers, no truncation) of u with the stacked (1 - small bits, coarse - fine,
        v/2^8 - v): the small bits are ORed with u (garbage fine bits when s is large cancel), and the branch's
        operands are selected: (s', v') = (s, v) below 2^12, (s / 2^16, v / 2^8) above.
-    4. The bits are a thermometer code, so the guess Y (a ring integer per interval in its branch's units,
-       _norm_table) is a local linear combination. (s' Y, v' Y) in one product, z = (s' Y) Y = s Y^2 (Y^2 itself
-       would underflow), z^-1/2 by a polynomial of ``cfg.norm_degree`` in z - 1 (_rsqrt_poly, fitted on the
-       table's z range), out = (v' Y) p: v' Y (s' Y^2)^-1/2 = v / sqrt(s) for ANY Y, so Y's rounding only moves z.
-    Rounds: 1 + cmp + 1 + 1 + 1 + (cfg.norm_degree - 1) + 1 = 13 with the lean cmp (7) and degree 2 (17 with the
-    3 Goldschmidt steps this replaced, which also erred by up to 2% above s ~ 2^26, where Y was a few ulps).
-    Bytes per row: 2 D squares + (hi-lo+1) cfg.norm_steps + 1 comparisons + D + ~8 products. Float model
-    (:func:`norm_scale_reference`) vs exact: the polynomial's relative error (5.6e-5 at the defaults) over the
-    whole range. Leaks: shapes only.
+    4. The bits are a thermometer code, so the guess Y (a ring integer per interval in its branch's units, a
+       multiple of Y_STEP: _norm_table) and Q = Y^2 / 2^8 (an exact ring integer) are local linear combinations.
+       z = s' Q (one truncation by 2^24: s Y^2) and v' Y in ONE round (lockstep), z^-1/2 by a polynomial of
+       ``cfg.norm_degree`` in z - 1 (_rsqrt_poly, fitted on the table's z range), out = (v' Y) p:
+       v' Y (s' Y^2)^-1/2 = v / sqrt(s) for ANY Y, so Y's rounding only moves z.
+    Rounds: 1 + cmp + 1 + 1 + (cfg.norm_degree - 1) + 1 = 12 in 2PC with the lean cmp (7) and degree 2 (13 when
+    z took its own product after (s' Y, v' Y); 17 with the 3 Goldschmidt steps before, which also erred by up to
+    2% above s ~ 2^26, where Y was a few ulps; 3PC: as before, its resharing is not merged). Bytes per row: 2 D squares
+    + (hi-lo+1) cfg.norm_steps + 1 comparisons + D + ~8 products. Float model (:func:`norm_scale_reference`) vs
+    exact: the polynomial's relative error (8.5e-5 at the defaults) over the whole range. Leaks: shapes only.
     """
     import crypten
 
@@ -125,18 +131,23 @@ def norm_scale(
         -1, *([1] * (thermo.dim() - 1))
     )
     y = _from_shares((thermo * dy.to(thermo.device)).sum(0), precision=prec) + ys[0] / 2**prec
-    sv = sv * y  # (s' Y, v' Y)
+    # Q = Y^2 / 2^8 as a ring integer (scale 1): (Y / Y_STEP)^2 exactly, a local sum of the bits like Y
+    qs = [(c // Y_STEP) ** 2 for c in ys]
+    dq = torch.tensor([b - a for a, b in itertools.pairwise(qs)], dtype=torch.long).reshape(dy.shape)
+    q8 = _from_shares((thermo * dq.to(thermo.device)).sum(0), precision=0) + qs[0]
     coeffs = _rsqrt_poly(z_lo, z_hi, cfg.norm_degree)
 
-    def poly():
-        return _poly(sv[..., :1] * y - 1.0, coeffs, lambda e: e.square())
+    def poly():  # z = s' Y^2: s' 2^prec times Y^2 2^(2 prec - 8) is z 2^(3 prec - 8) in the ring, ~2^40: one truncation
+        z = (sv[..., :1] * q8).div(2 ** (2 * prec - 8))
+        return _poly(z - 1.0, coeffs, lambda e: e.square())
 
-    if then is None:
-        vy, p = sv[..., 1:], poly()
-    else:
-        from .lockstep import parallel
+    def linear():
+        vy = sv[..., 1:] * y
+        return vy if then is None else then(vy)
 
-        vy, p = parallel(lambda: then(sv[..., 1:]), poly, enabled=cfg.lockstep)
+    from .lockstep import parallel
+
+    vy, p = parallel(linear, poly, enabled=cfg.lockstep)
     if not scale:
         return vy * p
     # R = Y' p with Y' = Y (2^8 - u (2^8 - 1)) in the ring: u Y is local, since the thermometer's bits satisfy
