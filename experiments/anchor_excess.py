@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def excess_rows(n: int, seeds: int, depths, anchor=(4, 8), policy: str = "full") -> list[dict]:
+def excess_rows(n: int, seeds: int, depths, anchor=None, policy: str = "full") -> list[dict]:
     import torch
 
     from mpcache import data
@@ -38,6 +38,7 @@ def excess_rows(n: int, seeds: int, depths, anchor=(4, 8), policy: str = "full")
     from mpcache.policies import make_policy
 
     torch.set_num_threads(1)
+    anchor = anchor or Transformer.DECODE_ANCHOR
     cfg, w, tok = load_model("smollm2")
     B = PlainBackend()
     captured: list = []

@@ -297,10 +297,10 @@ def test_decode_offset_is_the_same_function(monkeypatch):
 
 def test_decode_offset_saves_11_rounds_per_layer(monkeypatch):
     """Dry run (the protocols themselves, no data), 2PC, tiny-llama after a 24-token prompt: the offset's
-    products and comparison layer beside the norm (13 rounds: 1 + 1 + 11, the norm's own 12 with the q/k/v
-    product inside them), the offset's scaling and the new row's fixing beside the logits: from the norm to p V
-    13 + 1 + 21 + 1 = 36 rounds (norm with q/k/v, the logits with the fixing and the offset, the softmax from its
-    offset, p V), against 12 + 1 + 1 + 32 + 1 = 47 (norm with q/k/v, the fixing, the logits, the softmax with its
+    products and comparison layer beside the norm (1 + 1 + 10 rounds at the (4, 4) anchors, inside the norm's 12
+    with the q/k/v product), the offset's scaling and the new row's fixing beside the logits: from the norm to p V
+    12 + 1 + 21 + 1 = 35 rounds (norm with q/k/v, the logits with the fixing and the offset, the softmax from its
+    offset, p V), against 12 + 1 + 1 + 31 + 1 = 46 (norm with q/k/v, the fixing, the logits, the softmax with its
     anchors' max, p V)."""
     from mpcache.model.weights import tiny_config
     from mpcache.mpc.dryrun import Setting, predict_generation
@@ -327,8 +327,8 @@ def test_decode_offset_saves_11_rounds_per_layer(monkeypatch):
     assert slow - fast == 11 * cfg.n_layers, (slow, fast)
     pre = ("norm", "qkv", "fix_kv", "qk", "softmax", "av")
     mlp_norm = 12  # the block's second norm shares the "norm" scope
-    assert sum(attn.get(k, 0) for k in pre) == 36 + mlp_norm, (attn, attn0)
-    assert sum(attn0.get(k, 0) for k in pre) == 47 + mlp_norm, (attn, attn0)
+    assert sum(attn.get(k, 0) for k in pre) == 35 + mlp_norm, (attn, attn0)
+    assert sum(attn0.get(k, 0) for k in pre) == 46 + mlp_norm, (attn, attn0)
 
 
 def test_greedy_decoding_skips_the_final_norm():

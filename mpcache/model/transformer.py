@@ -201,7 +201,11 @@ class Transformer:
     #: rows (:meth:`selection_anchor`): the attended row is then a subset of the full row with the same anchors, so
     #: its excess over the anchors (what the anchored softmax's range limits, ops.ANCHOR_MAX_EXCESS) is at most the
     #: full cache's; otherwise (e.g. a selection whose last columns are older blocks) the row max is used.
-    DECODE_ANCHOR = (4, 8)
+    #: (4, 4): 8 columns, one comparison layer of cmp + 3 rounds (12 columns took + 4). Measured on SmolLM2 passkey
+    #: decode rows (2 seeds x 3 depths, every layer and head; experiments/anchor_excess.py): the excess D = row max
+    #: - anchors' max has the same distribution as with (4, 8) -- max 8.96 / 17.30, 99th percentile 4.80 / 5.42,
+    #: share above the guard's 10: 0 / 0.25% at 1k / 4k tokens -- since the anchors' max is nearly always a sink's
+    DECODE_ANCHOR = (4, 4)
 
     def selection_anchor(self, g, L: int):
         """``DECODE_ANCHOR`` when the Gather ``g`` over an L-row cache attends its first and last anchor rows by
@@ -386,11 +390,12 @@ class Transformer:
         and sqrt(D) folded into W_q), so the max of the anchors' scores is r times the max of u's. One branch
         normalises x with the q/k/v product inside its last rounds (``_norm_linear``: 12 rounds) and returns the
         norm's R = 2^8 r; the other makes u from x / 2^8 (1 round, fixed W_q), its products with the anchor rows of
-        the cached K (1 round, fixed K) and their max m (one comparison layer: 11 rounds for 12 columns). The offset
+        the cached K (1 round, fixed K) and their max m (one comparison layer: 10 rounds for up to 8 columns). The offset
         is m R, one product in the round of the logits (``_fix_and_score``). The anchors are the first a and last
         b - 1 CACHED rows (the new row's own score needs r^2: it is an ordinary, guarded entry). Rounds (2PC,
-        lockstep): 13 before the logits' round (the side's 1 + 1 + 11; the norm's own are 12), against 12 + 1 + 1 + 1 + 11 (norm, q/k/v, new row, logits, the
-        anchors' max) -- the softmax then starts from the offset. Bytes: + |x| + G H_kv hd (the two openings) + the
+        lockstep): 12 before the logits' round (the norm's, and the side's 1 + 1 + 10 at (4, 4)), against
+        12 + 1 + 1 + 1 + 10 (norm, q/k/v, new row, logits, the anchors' max) -- the softmax then starts from the
+        offset. Bytes: + |x| + G H_kv hd (the two openings) + the
         comparison layer over (a + b - 1) columns per query head + 1 product. The offset differs from the anchors'
         exact max by ~2^-8 relative (x / 2^8 in fixed point): the softmax is the same function for any offset; only
         its range moves by as much. Leakage: none (shapes and the schedule are public). Returns (q, k, v, m, R)."""

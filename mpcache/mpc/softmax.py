@@ -85,7 +85,7 @@ def softmax(
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row; its comparison runs in lockstep with the exp, :func:`guarded_exp`). Rounds:
     (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (7 + 1 + 1 + cfg.anchor_recip_iters)
-    + 1 = 11 + 9 + 11 + 1 = 32 for (4, 8), whatever the row length (21 with the ``offset`` given; 38 with
+    + 1 = 10 + 9 + 11 + 1 = 31 for (4, 4), whatever the row length (21 with the ``offset`` given; 37 with
     ``cfg.lockstep = False``); bytes: the guard
     (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
