@@ -4,6 +4,7 @@ breakpoints in one coarse comparison layer, beside their float models. Leakage: 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -96,17 +97,68 @@ def _chebyshev(u, coeffs):
     return (ts * (c if isinstance(ts, torch.Tensor) else c.float())).sum(0) + coeffs[0]
 
 
-def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None):
+@functools.lru_cache(maxsize=8)
+def _ps_coeffs(coeffs: tuple) -> tuple[tuple[float, ...], ...]:
+    """(B0, B1, B2), each the Chebyshev coefficients of a polynomial of degree <= 2, with
+    B0 + T3 (B1 + T3 B2) = sum_k coeffs[k] T_k for a polynomial of degree <= 8 (Paterson-Stockmeyer with baby steps
+    T0..T2 and the giant step T3, in the Chebyshev basis: the 9 products T3^i T_j have degrees 0..8, so the system
+    is triangular). For SiLU's and GeLU's fits every |B| < 2.5: the basis keeps fixed-point errors small."""
+    from numpy.polynomial import chebyshev as C
+
+    cols = []
+    for power in range(3):
+        base = np.array([1.0])
+        for _ in range(power):
+            base = C.chebmul(base, [0, 0, 0, 1])
+        for j in range(3):
+            col = C.chebmul(base, [0] * j + [1])
+            cols.append(np.pad(col, (0, 9 - len(col))))
+    if len(coeffs) > 9:
+        raise ValueError(f"the Paterson-Stockmeyer form takes degree <= 8, got {len(coeffs) - 1}")
+    b = np.linalg.solve(np.array(cols).T, np.pad(np.asarray(coeffs, dtype=np.float64), (0, 9 - len(coeffs))))
+    b = np.where(np.abs(b) < 1e-12, 0.0, b)  # a lower degree's unused products (GeLU's degree 6: B2 is a constant)
+    return tuple(tuple(float(v) for v in b[3 * i : 3 * i + 3]) for i in range(3))
+
+
+def _chebyshev_ps(u, coeffs):
+    """sum_k coeffs[k] T_k(u) (degree <= 8) as B0 + T3 (B1 + T3 B2) (:func:`_ps_coeffs`): T2 (a square), T3 = 2 u T2 - u,
+    T3 B2, then T3 (B1 + T3 B2) -- 4 rounds and 8 + 3 x 16 = 56 B per element (2PC) at degree 7-8, against the
+    doubling's (:func:`chebyshev_terms`) 3 rounds and 104 B at degree 8; at degree <= 6 B2 is a constant: 3 rounds
+    and 40 B (the doubling: 3 and 72). Where the comparison it runs beside takes longer (SiLU/GeLU in lockstep),
+    SiLU's extra round is free."""
+    b0, b1, b2 = _ps_coeffs(tuple(coeffs))
+    t2 = _square(u) * 2 - 1
+    t3 = (u * t2) * 2 - u
+
+    def comb(b):  # a public constant where B has degree 0 (its product with T3 is then local)
+        return b[0] if b[1] == b[2] == 0 else t2 * b[2] + u * b[1] + b[0]
+
+    return t3 * (t3 * comb(b2) + comb(b1)) + comb(b0)
+
+
+#: rounds of the comparison by lane width (compare.py: log2(width) + 2; 64 = CrypTen's circuit)
+CMP_ROUNDS = {8: 5, 16: 6, 32: 7, 64: 8}
+
+
+def _ps_fits(cfg: MpcConfig, lanes: int, poly_rounds: int) -> bool:
+    """Whether the Paterson-Stockmeyer polynomial (``poly_rounds`` with x^2 and the gate's product) runs inside the
+    comparison's rounds: lockstep merges openings (2PC), and the comparison is at least as long."""
+    return cfg.lockstep and cfg.n_parties == 2 and poly_rounds <= CMP_ROUNDS.get(lanes, 0)
+
+
+def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None, ps: bool = False):
     """x/2 + h(x) for an even h ~ |x|/2 beyond +-T: h a Chebyshev polynomial in u = 2 (x/T)^2 - 1 inside, |x|/2
     outside. The breakpoints' comparison and the polynomial are independent: they run in lockstep
     (:mod:`mpcache.mpc.lockstep`, one exchange per round for both). The shared body of :func:`silu` and
     :func:`gelu` (their docstrings state the costs). ``gate`` (a share shaped like x): (x/2 + h(x)) * gate, with
     the gate's products x * gate (a third branch) and p * gate (after the polynomial) inside the comparison's rounds
-    and the mux applied to the gated pieces: the same rounds as the activation alone, + 16 B per element."""
+    and the mux applied to the gated pieces: the same rounds as the activation alone, + 16 B per element. ``ps``:
+    the polynomial in its Paterson-Stockmeyer form (:func:`_chebyshev_ps`: one round more, 48 B less per element),
+    for where the comparison's rounds cover it (2PC lockstep)."""
     from .lockstep import parallel
 
     def poly():
-        q = _chebyshev(_square(x) * (2.0 / T**2) - 1.0, coeffs)
+        q = (_chebyshev_ps if ps else _chebyshev)(_square(x) * (2.0 / T**2) - 1.0, coeffs)
         return q if gate is None else q * gate
 
     b, p, half = parallel(
@@ -130,23 +182,28 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None):
     """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
     [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
     1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
-    errs there adds no error beyond the bound; 3.0e-3 in 3PC, whose window is 1/8), x^2 (a square), the Chebyshev terms (a square + 2 stacked products), the mux (one stacked
-    product of 2 bits x 2 values).
-    Rounds: max(cmp, 1 + 3) + 1 = 7 with 16-bit lanes (cmp = 6; 7 with 32, 8 with CrypTen's): the comparison runs
-    in lockstep with x^2 and the Chebyshev terms (``cfg.lockstep = False``: cmp + 1 + 3 + 1 = 11).
-    Bytes per element (2PC): 2 comparisons (2 x 44 B with 16-bit lanes) + 8 (x^2) + 8 + 32 + 64 (Chebyshev) +
-    32 (mux) ~ 232 B (the previous 4-breakpoint, monomial-Horner design: ~680 B). Float model:
-    :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8).
+    errs there adds no error beyond the bound; 3.0e-3 in 3PC, whose window is 1/8), x^2 (a square), the polynomial,
+    the mux (one stacked product of 2 bits x 2 values). The polynomial: where lockstep merges (2PC) and the
+    comparison is at least as long, its Paterson-Stockmeyer form (:func:`_chebyshev_ps`: 4 rounds, 56 B), else the
+    Chebyshev terms by doubling (:func:`chebyshev_terms`: 3 rounds, a square + 2 stacked products, 104 B).
+    Rounds: max(cmp, 1 + 4) + 1 = 7 with 16-bit lanes (cmp = 6; 7 with 32, 8 with CrypTen's): the comparison runs
+    in lockstep with x^2 and the polynomial (``cfg.lockstep = False``: cmp + 1 + 3 + 1 = 11).
+    Bytes per element (2PC): 2 comparisons (2 x 44 B with 16-bit lanes) + 8 (x^2) + 56 (polynomial) + 32 (mux)
+    ~ 184 B (the doubling: 232 B; the previous 4-breakpoint, monomial-Horner design: ~680 B). Float model:
+    :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8; both forms are the same polynomial).
     ``gate`` (the MLP's up projection): SiLU(x) * gate in the same 7 rounds where lockstep merges (2PC), instead
     of 7 + 1: the gate multiplies x and the polynomial inside the comparison's rounds and the mux selects among the
-    gated pieces (+ 16 B per element: two products by the gate instead of one); 3PC (resharing not merged) and
+    gated pieces (+ 16 B per element: two products by the gate instead of one: 216 B in all); 3PC (resharing not
+    merged) and
     ``cfg.lockstep = False``: SiLU, then the product. Float model: ``silu_reference(x) * gate``. Leaks: shapes
     only."""
     cfg = cfg or MpcConfig.current()
     lanes = cfg.act_lanes if lanes is None else lanes
     if gate is not None and not (cfg.lockstep and cfg.n_parties == 2):
-        return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep) * gate
-    return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate)
+        return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, ps=_ps_fits(cfg, lanes, 5)) * gate
+    return _half_plus_even(
+        x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate, _ps_fits(cfg, lanes, 5 + (gate is not None))
+    )
 
 
 def silu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -156,10 +213,13 @@ def silu_reference(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
     """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
-    beyond (as :func:`silu`). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`). Bytes per element (2PC): 2 x 44 (16-bit lanes) + 8 + 8 +
-    32 + 32 + 32 ~ 200 B. Float model: :func:`gelu_reference` (max abs error vs GeLU 8.1e-4). Leaks: shapes only."""
+    beyond (as :func:`silu`), the polynomial in its Paterson-Stockmeyer form (at degree 6 as many rounds as the
+    doubling, 3, and 40 B instead of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`). Bytes per
+    element (2PC): 2 x 44 (16-bit lanes) + 8 (x^2) + 40 + 32 (mux) ~ 168 B. Float model: :func:`gelu_reference`
+    (max abs error vs GeLU 8.1e-4). Leaks: shapes only."""
     cfg = cfg or MpcConfig()
-    return _half_plus_even(x, GELU_T, GELU_CHEB, cfg.act_lanes if lanes is None else lanes, cfg.lockstep)
+    lanes = cfg.act_lanes if lanes is None else lanes
+    return _half_plus_even(x, GELU_T, GELU_CHEB, lanes, cfg.lockstep, ps=True)  # degree 6: as many rounds, fewer bytes
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
