@@ -48,23 +48,16 @@ SETTINGS = {  # name: (parties, protocol, provider, trust model)
 
 
 def _act(name: str, ps: bool, gated: bool):
-    """(secure op on shares (x, gate), float model (x, gate)) of one activation variant."""
-    from mpcache.mpc import activations as A
-    from mpcache.mpc.config import MpcConfig
+    """(secure op on shares (x, gate), float model (x, gate)) of one activation variant: ops.silu / ops.gelu with
+    the polynomial's form forced (``ps``), the gate's route as the op chooses it."""
+    from mpcache.mpc import ops
 
-    T, coeffs = (A.SILU_T, A.SILU_CHEB) if name == "silu" else (A.GELU_T, A.GELU_CHEB)
-
-    def op(x, g):
-        cfg = MpcConfig.current()
-        if gated and not (cfg.lockstep and cfg.n_parties == 2):  # as ops.silu: the gate's product after
-            return A._half_plus_even(x, T, coeffs, cfg.act_lanes, cfg.lockstep, ps=ps) * g
-        return A._half_plus_even(x, T, coeffs, cfg.act_lanes, cfg.lockstep, g if gated else None, ps)
-
-    def ref(x, g):
-        y = A._half_plus_even_reference(x, T, coeffs)
-        return y * g if gated else y
-
-    return op, ref
+    if name == "silu":
+        op = (lambda x, g: ops.silu(x, gate=g, ps=ps)) if gated else (lambda x, g: ops.silu(x, ps=ps))
+        ref = ops.silu_reference
+    else:
+        op, ref = (lambda x, g: ops.gelu(x, ps=ps)), ops.gelu_reference
+    return op, (lambda x, g: ref(x) * g) if gated else (lambda x, g: ref(x))
 
 
 def cases(rows: int) -> list[dict]:

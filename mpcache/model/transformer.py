@@ -390,13 +390,13 @@ class Transformer:
         and sqrt(D) folded into W_q), so the max of the anchors' scores is r times the max of u's. One branch
         normalises x with the q/k/v product inside its last rounds (``_norm_linear``: 12 rounds) and returns the
         norm's R = 2^8 r; the other makes u from x / 2^8 (1 round, fixed W_q), its products with the anchor rows of
-        the cached K (1 round, fixed K) and their max m (one comparison layer: 10 rounds for up to 8 columns). The offset
-        is m R, one product in the round of the logits (``_fix_and_score``). The anchors are the first a and last
+        the cached K (1 round, fixed K) and their max m (one comparison layer: 10 rounds for up to 8 columns). The
+        offset is m R, one product in the round of the logits (``_fix_and_score``). The anchors are the first a and last
         b - 1 CACHED rows (the new row's own score needs r^2: it is an ordinary, guarded entry). Rounds (2PC,
         lockstep): 12 before the logits' round (the norm's, and the side's 1 + 1 + 10 at (4, 4)), against
         12 + 1 + 1 + 1 + 10 (norm, q/k/v, new row, logits, the anchors' max) -- the softmax then starts from the
-        offset. Bytes: + |x| + G H_kv hd (the two openings) + the
-        comparison layer over (a + b - 1) columns per query head + 1 product. The offset differs from the anchors'
+        offset. Bytes: + |x| + G H_kv hd (the two openings) + the comparison layer over (a + b - 1) columns per
+        query head + 1 product. The offset differs from the anchors'
         exact max by ~2^-8 relative (x / 2^8 in fixed point): the softmax is the same function for any offset; only
         its range moves by as much. Leakage: none (shapes and the schedule are public). Returns (q, k, v, m, R)."""
         cfg, B = self.cfg, self.B

@@ -121,9 +121,9 @@ def _ps_coeffs(coeffs: tuple) -> tuple[tuple[float, ...], ...]:
 
 
 def _chebyshev_ps(u, coeffs):
-    """sum_k coeffs[k] T_k(u) (degree <= 8) as B0 + T3 (B1 + T3 B2) (:func:`_ps_coeffs`): T2 (a square), T3 = 2 u T2 - u,
-    T3 B2, then T3 (B1 + T3 B2) -- 4 rounds and 8 + 3 x 16 = 56 B per element (2PC) at degree 7-8, against the
-    doubling's (:func:`chebyshev_terms`) 3 rounds and 104 B at degree 8; at degree <= 6 B2 is a constant: 3 rounds
+    """sum_k coeffs[k] T_k(u) (degree <= 8) as B0 + T3 (B1 + T3 B2) (:func:`_ps_coeffs`): T2 (a square),
+    T3 = 2 u T2 - u, T3 B2, then T3 (B1 + T3 B2) -- 4 rounds and 8 + 3 x 16 = 56 B per element (2PC) at degree
+    7-8, against the doubling's (:func:`chebyshev_terms`) 3 rounds and 104 B at degree 8; at degree <= 6 B2 is a constant: 3 rounds
     and 40 B (the doubling: 3 and 72). Where the comparison it runs beside takes longer (SiLU/GeLU in lockstep),
     SiLU's extra round is free."""
     b0, b1, b2 = _ps_coeffs(tuple(coeffs))
@@ -178,7 +178,7 @@ def _half_plus_even_reference(x: torch.Tensor, T: float, coeffs) -> torch.Tensor
     return half + p + (b * torch.stack([half - p, -half - p])).sum(0)
 
 
-def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None):
+def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None, ps: bool | None = None):
     """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
     [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
     1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
@@ -195,15 +195,17 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None):
     of 7 + 1: the gate multiplies x and the polynomial inside the comparison's rounds and the mux selects among the
     gated pieces (+ 16 B per element: two products by the gate instead of one: 216 B in all); 3PC (resharing not
     merged) and
-    ``cfg.lockstep = False``: SiLU, then the product. Float model: ``silu_reference(x) * gate``. Leaks: shapes
+    ``cfg.lockstep = False``: SiLU, then the product. Float model: ``silu_reference(x) * gate``. ``ps`` (None:
+    the choice above) forces the polynomial's form (``experiments/floor_bench.py`` compares both). Leaks: shapes
     only."""
     cfg = cfg or MpcConfig.current()
     lanes = cfg.act_lanes if lanes is None else lanes
-    if gate is not None and not (cfg.lockstep and cfg.n_parties == 2):
-        return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, ps=_ps_fits(cfg, lanes, 5)) * gate
-    return _half_plus_even(
-        x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate, _ps_fits(cfg, lanes, 5 + (gate is not None))
-    )
+    merged = cfg.lockstep and cfg.n_parties == 2
+    if gate is not None and not merged:
+        return silu(x, lanes, cfg, ps=ps) * gate
+    if ps is None:
+        ps = _ps_fits(cfg, lanes, 5 + (gate is not None))
+    return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate, ps)
 
 
 def silu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -211,15 +213,14 @@ def silu_reference(x: torch.Tensor) -> torch.Tensor:
     return _half_plus_even_reference(x, SILU_T, SILU_CHEB)
 
 
-def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None):
+def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None, ps: bool = True):
     """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
     beyond (as :func:`silu`), the polynomial in its Paterson-Stockmeyer form (at degree 6 as many rounds as the
     doubling, 3, and 40 B instead of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`). Bytes per
     element (2PC): 2 x 44 (16-bit lanes) + 8 (x^2) + 40 + 32 (mux) ~ 168 B. Float model: :func:`gelu_reference`
-    (max abs error vs GeLU 8.1e-4). Leaks: shapes only."""
+    (max abs error vs GeLU 8.1e-4). ``ps=False``: the doubling (for comparison). Leaks: shapes only."""
     cfg = cfg or MpcConfig()
-    lanes = cfg.act_lanes if lanes is None else lanes
-    return _half_plus_even(x, GELU_T, GELU_CHEB, lanes, cfg.lockstep, ps=True)  # degree 6: as many rounds, fewer bytes
+    return _half_plus_even(x, GELU_T, GELU_CHEB, cfg.act_lanes if lanes is None else lanes, cfg.lockstep, ps=ps)
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
