@@ -125,7 +125,7 @@ def _chebyshev_ps(u, coeffs):
     T3 = 2 u T2 - u, T3 B2, then T3 (B1 + T3 B2) -- 4 rounds and 8 + 3 x 16 = 56 B per element (2PC) at degree
     7-8, against the doubling's (:func:`chebyshev_terms`) 3 rounds and 104 B at degree 8; at degree <= 6 B2 is a constant: 3 rounds
     and 40 B (the doubling: 3 and 72). Where the comparison it runs beside takes longer (SiLU/GeLU in lockstep),
-    SiLU's extra round is free."""
+    SiLU's extra round is free. Float model: :func:`_chebyshev` (the same series). Leaks: shapes only."""
     b0, b1, b2 = _ps_coeffs(tuple(coeffs))
     t2 = _square(u) * 2 - 1
     t3 = (u * t2) * 2 - u
