@@ -10,7 +10,8 @@ benchmark mode; 3PC dealer-free). Variants:
 * ``silu`` / ``silu x gate``: SiLU's polynomial in its Paterson-Stockmeyer form (``ps``: the 2PC default, in
   lockstep with the comparison) against the Chebyshev doubling (``doubling``: before session 11, 3PC's default);
 * ``gelu``: the same two forms (degree 6: the same rounds);
-* ``norm``: RMSNorm's v / sqrt(sum v^2 + D eps) (``norm_scale``: 12 rounds in 2PC since session 11);
+* ``norm``: RMSNorm's v / sqrt(sum v^2 + D eps) (``norm_scale``: 10 rounds on a 2PC decode row since session 12,
+  11 over many rows);
 * ``argmax``: the index of the vocabulary's first maximum (``argmax_index``).
 
 Per row: bytes sent per element (party 0's online traffic, per input element), rounds, party 0's wall seconds, and

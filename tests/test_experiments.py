@@ -258,8 +258,8 @@ def test_run_dirs_never_overwrite(tmp_path):
 
 def test_floor_bench_side_by_side(tmp_path):
     """experiments/floor_bench.py on 2-row prefill shapes, 2PC TFP (forked local parties, the real protocols): the
-    Paterson-Stockmeyer SiLU sends 48 B less per element than the doubling in the same 7 rounds, GeLU 32 B less,
-    the norm takes 12 rounds, the argmax is exact, and every row's error against the exact function stays inside the
+    Paterson-Stockmeyer SiLU sends 48 B less per element than the doubling in the same 6 rounds (gated: 32 B), GeLU
+    32 B less in the same 5, the norm takes 10 rounds, the argmax is exact, and every row's error against the exact function stays inside the
     op's stated bound (SiLU 2.7e-3 and GeLU 8.1e-4 plus fixed point; the gated rows scale with |gate| < 5)."""
     from experiments import floor_bench
 
@@ -268,11 +268,11 @@ def test_floor_bench_side_by_side(tmp_path):
     rows = list(csv.DictReader((run / "results.csv").read_text().splitlines()))
     by = {(r["op"], r["variant"], r["shape"].split()[0]): r for r in rows}
     for shape in ("decode", "prefill"):
-        for op, saving in (("silu", 48), ("silu x gate", 48), ("gelu", 32)):
+        for op, saving, rounds in (("silu", 48, "6"), ("silu x gate", 32, "6"), ("gelu", 32, "5")):
             ps, dbl = by[(op, "ps", shape)], by[(op, "doubling", shape)]
-            assert float(dbl["B_per_element"]) - float(ps["B_per_element"]) == saving, (op, shape)
-            assert ps["rounds"] == dbl["rounds"] == "7"
-        assert by[("norm", "norm_scale", shape)]["rounds"] == "12"
+            assert abs(float(dbl["B_per_element"]) - float(ps["B_per_element"]) - saving) < 1e-6, (op, shape)
+            assert ps["rounds"] == dbl["rounds"] == rounds, (op, shape)
+        assert by[("norm", "norm_scale", shape)]["rounds"] == "10"
         assert float(by[("silu", "ps", shape)]["err_vs_exact"]) <= 2.7e-3 + 2e-4
         assert float(by[("gelu", "ps", shape)]["err_vs_exact"]) <= 8.1e-4 + 2e-4
         assert float(by[("norm", "norm_scale", shape)]["err_vs_exact"]) <= 2e-3

@@ -110,7 +110,7 @@ class SecureBackend:
 
     # ---- reductions ----------------------------------------------------------------------------------------
     # max/min serve the cache policies (cluster summaries of keys, scores, attention probabilities): values far
-    # below the lean comparison's bound (|x| < 16384), so they use it (cfg.policy_lean: 7 rounds / 96 B per
+    # below the lean comparison's bound (|x| < 16384), so they use it (cfg.policy_lean: 6 rounds / ~25 B per
     # comparison, exact). Reductions over at most cfg.policy_one_layer entries (a KV group's query heads, a leaf
     # cluster's rows) take ONE radix layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries) instead of the
     # pairwise tree (2 x 8 rounds).
@@ -283,7 +283,7 @@ class SecureBackend:
 
     def less_than(self, x, t):
         """[x < t] as a 0/1 share at the usual fixed-point scale, ``t`` public: the sign of x - t by the lean
-        comparison (ops._ltz_lean: 7 rounds, ~96 B/element in 2PC; exact while |x - t| < 16384), then the scale-1
+        comparison (ops._ltz_lean: 6 rounds, ~25 B/element in 2PC; exact while |x - t| < 16384), then the scale-1
         bit's shares times the scale (local, exact), so it mixes with fixed-point shares in cat and products.
         Leaks: shapes only."""
         x = unfix(x)

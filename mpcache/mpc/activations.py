@@ -64,12 +64,13 @@ def _square(x):
     return x * x if isinstance(x, torch.Tensor) else x.square()
 
 
-def _cmp_lanes(x, lanes: int):
+def _cmp_lanes(x, lanes: int, block: int = 2):
     """[x < 0] with the comparison ``lanes`` names: 16 (coarse: 1/16 resolution, |x| < 2032, :func:`_ltz_lanes`),
-    32 (exact, |x| < 32760, the lean circuit) or 64 (CrypTen's 64-bit circuit)."""
+    32 (exact, |x| < 32760, the lean circuit) or 64 (CrypTen's 64-bit circuit). ``block``: the bit-sliced circuit's
+    first-round blocks (compare.py: 2 = the fewest bytes, 4 = one round less in 2PC)."""
     if lanes == 64:
         return x._ltz()
-    return _ltz_lanes(x, lanes, 12 if lanes == 16 else 0)
+    return _ltz_lanes(x, lanes, 12 if lanes == 16 else 0, block=block)
 
 
 def chebyshev_terms(u, degree: int):
@@ -120,12 +121,14 @@ def _ps_coeffs(coeffs: tuple) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in b[3 * i : 3 * i + 3]) for i in range(3))
 
 
-def _chebyshev_ps(u, coeffs):
+def _chebyshev_ps(u, coeffs, gate=None):
     """sum_k coeffs[k] T_k(u) (degree <= 8) as B0 + T3 (B1 + T3 B2) (:func:`_ps_coeffs`): T2 (a square),
     T3 = 2 u T2 - u, T3 B2, then T3 (B1 + T3 B2) -- 4 rounds and 8 + 3 x 16 = 56 B per element (2PC) at degree
-    7-8, against the doubling's (:func:`chebyshev_terms`) 3 rounds and 104 B at degree 8; at degree <= 6 B2 is a constant: 3 rounds
-    and 40 B (the doubling: 3 and 72). Where the comparison it runs beside takes longer (SiLU/GeLU in lockstep),
-    SiLU's extra round is free. Float model: :func:`_chebyshev` (the same series). Leaks: shapes only."""
+    7-8, against the doubling's (:func:`chebyshev_terms`) 3 rounds and 104 B at degree 8; at degree <= 6 B2 is a
+    constant: 3 rounds and 40 B (the doubling: 3 and 72). ``gate`` (a share, degree 7-8 only): the product with
+    the gate in the same 4 rounds, g p = (T3 g)(T3 B2 + B1) + B0 g, with T3 g and B0 g in T3 B2's round: 88 B
+    (where p, then p g, takes 5 rounds and 72 B). Float model: :func:`_chebyshev` (the same series; times the
+    gate). Leaks: shapes only."""
     b0, b1, b2 = _ps_coeffs(tuple(coeffs))
     t2 = _square(u) * 2 - 1
     t3 = (u * t2) * 2 - u
@@ -133,36 +136,45 @@ def _chebyshev_ps(u, coeffs):
     def comb(b):  # a public constant where B has degree 0 (its product with T3 is then local)
         return b[0] if b[1] == b[2] == 0 else t2 * b[2] + u * b[1] + b[0]
 
-    return t3 * (t3 * comb(b2) + comb(b1)) + comb(b0)
+    c0, c1, c2 = comb(b0), comb(b1), comb(b2)
+    if gate is None:
+        return t3 * (t3 * c2 + c1) + c0
+    if any(isinstance(c, float) for c in (c0, c2)):
+        raise ValueError("the gated Paterson-Stockmeyer form needs degree 7-8 (B0 and B2 of degree >= 1)")
+    prods = _stack([t3, c0, t3]) * _stack([gate, gate, c2])  # T3 g, B0 g, T3 B2: one round
+    return prods[0] * (prods[2] + c1) + prods[1]
 
 
-#: rounds of the comparison by lane width (compare.py: log2(width) + 2; 64 = CrypTen's circuit)
-CMP_ROUNDS = {8: 5, 16: 6, 32: 7, 64: 8}
+#: rounds of the comparison by lane width in 2PC (compare.py: 1 + ceil(log2(width / 2)) + 1; 64 = CrypTen's circuit)
+CMP_ROUNDS = {8: 4, 16: 5, 32: 6, 64: 8}
 
 
 def _ps_fits(cfg: MpcConfig, lanes: int, poly_rounds: int) -> bool:
-    """Whether the Paterson-Stockmeyer polynomial (``poly_rounds`` with x^2 and the gate's product) runs inside the
+    """Whether the Paterson-Stockmeyer polynomial (``poly_rounds`` with x^2, gated or not) runs inside the
     comparison's rounds: lockstep merges openings (2PC), and the comparison is at least as long."""
     return cfg.lockstep and cfg.n_parties == 2 and poly_rounds <= CMP_ROUNDS.get(lanes, 0)
 
 
-def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None, ps: bool = False):
+def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None, ps: bool = False, block=2):
     """x/2 + h(x) for an even h ~ |x|/2 beyond +-T: h a Chebyshev polynomial in u = 2 (x/T)^2 - 1 inside, |x|/2
     outside. The breakpoints' comparison and the polynomial are independent: they run in lockstep
     (:mod:`mpcache.mpc.lockstep`, one exchange per round for both). The shared body of :func:`silu` and
     :func:`gelu` (their docstrings state the costs). ``gate`` (a share shaped like x): (x/2 + h(x)) * gate, with
-    the gate's products x * gate (a third branch) and p * gate (after the polynomial) inside the comparison's rounds
-    and the mux applied to the gated pieces: the same rounds as the activation alone, + 16 B per element. ``ps``:
-    the polynomial in its Paterson-Stockmeyer form (:func:`_chebyshev_ps`: one round more, 48 B less per element),
-    for where the comparison's rounds cover it (2PC lockstep)."""
+    the gate's products x * gate (a third branch) and p * gate (inside the Paterson-Stockmeyer form's rounds, or
+    after the doubling's) and the mux applied to the gated pieces. ``ps``: the polynomial in its Paterson-Stockmeyer
+    form (:func:`_chebyshev_ps`: one round more, 48 B less per element), for where the comparison's rounds cover
+    it (2PC lockstep)."""
     from .lockstep import parallel
 
     def poly():
-        q = (_chebyshev_ps if ps else _chebyshev)(_square(x) * (2.0 / T**2) - 1.0, coeffs)
+        u = _square(x) * (2.0 / T**2) - 1.0
+        if ps:
+            return _chebyshev_ps(u, coeffs, gate)
+        q = _chebyshev(u, coeffs)
         return q if gate is None else q * gate
 
     b, p, half = parallel(
-        lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes),  # [x > T], [x < -T]: one comparison layer
+        lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes, block),  # [x > T], [x < -T]: one comparison layer
         poly,
         lambda: (x if gate is None else x * gate) * 0.5,
         enabled=lockstep,
@@ -186,25 +198,24 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None, p
     the mux (one stacked product of 2 bits x 2 values). The polynomial: where lockstep merges (2PC) and the
     comparison is at least as long, its Paterson-Stockmeyer form (:func:`_chebyshev_ps`: 4 rounds, 56 B), else the
     Chebyshev terms by doubling (:func:`chebyshev_terms`: 3 rounds, a square + 2 stacked products, 104 B).
-    Rounds: max(cmp, 1 + 4) + 1 = 7 with 16-bit lanes (cmp = 6; 7 with 32, 8 with CrypTen's): the comparison runs
-    in lockstep with x^2 and the polynomial (``cfg.lockstep = False``: cmp + 1 + 3 + 1 = 11).
-    Bytes per element (2PC): 2 comparisons (2 x 44 B with 16-bit lanes) + 8 (x^2) + 56 (polynomial) + 32 (mux)
-    ~ 184 B (the doubling: 232 B; the previous 4-breakpoint, monomial-Horner design: ~680 B). Float model:
+    Rounds (2PC): max(cmp, 1 + 4) + 1 = 6 with 16-bit lanes (cmp = 5, compare.py; 6 with 32, 8 with CrypTen's):
+    the comparison runs in lockstep with x^2 and the polynomial (``cfg.lockstep = False``: cmp + 1 + 3 + 1 = 10).
+    Bytes per element (2PC): 2 comparisons (2 x ~11.4 B, bit-sliced 16-bit lanes) + 8 (x^2) + 56 (polynomial) +
+    32 (mux) ~ 119 B (the doubling: 167 B; session 11's lane-packed comparisons: 184 B). Float model:
     :func:`silu_reference` (max abs error vs SiLU 2.7e-3, at |x| = 8; both forms are the same polynomial).
-    ``gate`` (the MLP's up projection): SiLU(x) * gate in the same 7 rounds where lockstep merges (2PC), instead
-    of 7 + 1: the gate multiplies x and the polynomial inside the comparison's rounds and the mux selects among the
-    gated pieces (+ 16 B per element: two products by the gate instead of one: 216 B in all); 3PC (resharing not
-    merged) and
-    ``cfg.lockstep = False``: SiLU, then the product. Float model: ``silu_reference(x) * gate``. ``ps`` (None:
-    the choice above) forces the polynomial's form (``experiments/floor_bench.py`` compares both). Leaks: shapes
-    only."""
+    ``gate`` (the MLP's up projection): SiLU(x) * gate in the same 6 rounds where lockstep merges (2PC), instead
+    of 6 + 1: x * gate rides in x^2's round, the polynomial's form takes the gate inside its 4 rounds
+    (:func:`_chebyshev_ps`: 88 B) and the mux selects among the gated pieces: ~167 B in all. 3PC (resharing not
+    merged) and ``cfg.lockstep = False``: SiLU, then the product. Float model: ``silu_reference(x) * gate``.
+    ``ps`` (None: the choice above) forces the polynomial's form (``experiments/floor_bench.py`` compares both).
+    Leaks: shapes only."""
     cfg = cfg or MpcConfig.current()
     lanes = cfg.act_lanes if lanes is None else lanes
     merged = cfg.lockstep and cfg.n_parties == 2
     if gate is not None and not merged:
         return silu(x, lanes, cfg, ps=ps) * gate
     if ps is None:
-        ps = _ps_fits(cfg, lanes, 5 + (gate is not None))
+        ps = _ps_fits(cfg, lanes, 5)
     return _half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate, ps)
 
 
@@ -216,11 +227,14 @@ def silu_reference(x: torch.Tensor) -> torch.Tensor:
 def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None, ps: bool = True):
     """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
     beyond (as :func:`silu`), the polynomial in its Paterson-Stockmeyer form (at degree 6 as many rounds as the
-    doubling, 3, and 40 B instead of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`). Bytes per
-    element (2PC): 2 x 44 (16-bit lanes) + 8 (x^2) + 40 + 32 (mux) ~ 168 B. Float model: :func:`gelu_reference`
-    (max abs error vs GeLU 8.1e-4). ``ps=False``: the doubling (for comparison). Leaks: shapes only."""
+    doubling, 3, and 40 B instead of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`): 5 in 2PC, the
+    comparison's first round in blocks of 4 (4 rounds, as long as the polynomial; blocks of 2: 5 rounds and half the
+    bytes). Bytes per element (2PC): 2 x ~22.6 (16-bit lanes) + 8 (x^2) + 40 + 32 (mux) ~ 125 B. Float model:
+    :func:`gelu_reference` (max abs error vs GeLU 8.1e-4). ``ps=False``: the doubling (for comparison). Leaks:
+    shapes only."""
     cfg = cfg or MpcConfig()
-    return _half_plus_even(x, GELU_T, GELU_CHEB, cfg.act_lanes if lanes is None else lanes, cfg.lockstep, ps=ps)
+    lanes = cfg.act_lanes if lanes is None else lanes
+    return _half_plus_even(x, GELU_T, GELU_CHEB, lanes, cfg.lockstep, ps=ps, block=4)
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:

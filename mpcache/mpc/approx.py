@@ -135,46 +135,32 @@ def _step_guess_coeffs(lo: int, hi: int, q: int) -> tuple[list[float], float, li
     return ts, ys[0], [ys[i + 1] - ys[i] for i in range(len(ys) - 1)]
 
 
-SPLIT_LOG2 = 12  # lean="split": thresholds below 2^12 on x itself, from 2^12 up on x / 2^16
+#: lean="sliced": the resolution of the one wide comparison relative to the smallest threshold (2^-7: a bit may
+#: read 0 only for x within 2^-7 t above its threshold t, where the interval below's guess still gives
+#: |1 - x y0| <= 0.095 at q = 4 instead of 0.087)
+SLICED_RESOLUTION_LOG2 = 7
+
+
+def sliced_window(lo: int, hi: int, scale_bits: int = 16) -> tuple[int, int]:
+    """(width, shift) of the one comparison of x - t_k over [2^lo, 2^(hi+1)): the shift keeps 2^shift ulps <=
+    2^-SLICED_RESOLUTION_LOG2 of the smallest threshold, the width covers |x - t| < 2^(hi+1) (+ a bit of margin
+    for the n 2^shift of :func:`mpcache.mpc.compare._ltz_lanes`). Public (the range)."""
+    shift = max(0, lo + scale_bits - SLICED_RESOLUTION_LOG2)
+    return min(64, hi + 1 + scale_bits - shift + 2), shift
 
 
 def _step_guess(x, lo: int, hi: int, q: int, lean):
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
-    if lean == "split" and hi >= SPLIT_LOG2 > lo:
-        return _step_guess_split(x, ts, base, d)
-    bits = 1 - _ltz(_minus_publics(x, ts), bool(lean))  # (T, ...), scale 1
+    diffs = _minus_publics(x, ts)  # (T, ...): x - t_k, one local op
+    if lean == "sliced":
+        from .compare import _ltz_lanes
+
+        bits = 1 - _ltz_lanes(diffs, *sliced_window(lo, hi, x.encoder._precision_bits))
+    else:
+        bits = 1 - _ltz(diffs, bool(lean))  # (T, ...), scale 1
     y = x.clone()
     y.share = (bits.share * d.to(bits.share.device)).sum(0)
-    return y + base
-
-
-def _step_guess_split(x, ts, base: float, d: torch.Tensor):
-    """The step guess over a range wider than the lean comparison's (|x| < 2^15) in ONE lean comparison layer:
-    thresholds t < 2^12 compared on x itself (32-bit lanes: exact while x < 2^15), thresholds t >= 2^12 on the
-    high bits (each party's share >> 16: floor(x / 2^16) - c, c in {0, .., n-1}, exact arithmetic; resolution 1,
-    valid up to 2^31), packed into the same comparison. The small thresholds' bits are garbage once x >= 2^15, so
-    their part of the guess, F = sum_small bit_k delta_k (local), is replaced by its value for x >= 2^12 (all bits
-    1: the public C) where u = [x >= 2^12] (the first large threshold's bit): F + u (C - F), ONE product per row.
-    Cost per element: T lean comparisons (96 B, 7 rounds) + 1 product (16 B, 1 round) -- CrypTen's 64-bit
-    comparison (216 B, 8 rounds) took the same rounds. Exact: a large threshold's bit can be wrong only within
-    (n - 1) units below it (x in [t - n + 1, t)), where the two neighbouring guesses are both within the
-    Goldschmidt iteration's convergence range. Leaks: shapes only."""
-    from .compare import _from_shares, _ltz_lanes
-
-    small = sum(1 for t in ts if t < 2.0**SPLIT_LOG2)
-    diffs = _minus_publics(x, ts)  # (T, ...): x - t_k, one local op
-    share = torch.cat([diffs.share[:small], diffs.share[small:] >> 16])
-    packed = _from_shares(share, precision=None)
-    packed.encoder = x.encoder
-    bits = 1 - _ltz_lanes(packed, 32, 0)  # (T, ...), scale 1: [x >= t_k]
-    dd = d.to(bits.share.device)
-    f = x.clone()
-    f.share = (bits.share[:small] * dd[:small]).sum(0)  # F
-    u = bits[small]  # [x >= 2^12]
-    f = f + u * (-f + int(d[:small].sum()) / x.encoder.scale)  # F + u (C - F), C public (d: CPU)
-    y = x.clone()
-    y.share = f.share + (bits.share[small:] * dd[small:]).sum(0)
     return y + base
 
 
@@ -187,8 +173,9 @@ def reciprocal_gs(
     lean: bool | str = False,
 ):
     """1/x for x in [2^lo, 2^(hi+1)) by Goldschmidt's iteration from a finer step guess.
-    ``lean``: the guess's comparisons in 32-bit lanes (True: valid while x < 2^15; "split": valid up to 2^31, small
-    thresholds on x and large ones on x / 2^16, one extra product: :func:`_step_guess_split`), or CrypTen's.
+    ``lean``: the guess's comparisons in 32-bit lanes (True: valid while x < 2^15), "sliced": ONE bit-sliced
+    comparison layer as wide as the range needs (:func:`sliced_window`: width hi - lo + 10 bits at a resolution of
+    2^-7 of the smallest threshold; e.g. 31 bits for a 45-entry anchored row: 5 rounds in 2PC), or CrypTen's.
 
     One batched comparison layer against q thresholds per octave gives y0 with |1 - x y0| <= (r-1)/(r+1),
     r = 2^(1/q) (0.087 for q = 4); then d0 = x y0 and, per step, f = 2 - d, (y, d) <- (y f, d f): the two

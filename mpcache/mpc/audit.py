@@ -35,8 +35,8 @@ CrypTen's beaver): ``bits`` for the opened value of CrypTen's ``B2A_single_bit``
 uniform over {0, 1}); ``reveal`` for ``get_plain_text`` (a deliberate plaintext opening: only the token, to the
 client); ``request`` for what the dealer receives; ``setup`` for the dealer link's credentials; ``object`` for
 pickled objects; ``ring`` for everything else -- a Beaver ``x - a`` / ``y - b`` or ``x ^ a`` (64-bit masks), a fixed
-operand's ``W - B`` and ``x - a``, the lean comparison's words (two 32-bit lanes, masked by a full 64-bit binary
-mask), a replicated share (PRZS-masked), a dealer's answer or seed -- uniform over Z_2^64.
+operand's ``W - B`` and ``x - a``, the bit-sliced comparison's AND openings (planes of 64 elements' bits, masked by
+full 64-bit binary masks) and its packed B2A opening (64 bits ``x ^ r`` a word, r random per bit), a replicated share (PRZS-masked), a dealer's answer or seed -- uniform over Z_2^64.
 
 **Checks** (family-wise significance ``alpha`` per call, Bonferroni over its tests; :data:`ALPHA` by default):
 

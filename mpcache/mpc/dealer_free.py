@@ -157,43 +157,67 @@ def _b2a_rng(size, device=None):
     return AST.from_shares(part + zA, precision=0), BST.from_shares(rB)
 
 
+def _b2a_exchange(mine: torch.Tensor, v, n_v: int):
+    """The B2A's one exchange: every party sends ``mine`` (its share of the masked bits, flat) to both peers, party 1
+    appends v (``n_v`` ring elements) to its message to party 2. Returns (the opened XOR, v at party 2 or None)."""
+    c = _comm()
+    rank = c.get_rank()
+    peers = [j for j in range(3) if j != rank]
+    n = mine.numel()
+    sends = []
+    for j in peers:
+        msg = torch.cat([mine, v.reshape(-1)]) if (rank == 1 and j == 2) else mine
+        sends.append(c.isend(msg, dst=j))
+    bufs, recvs = {}, []
+    for j in peers:
+        bufs[j] = torch.empty(n + n_v if (rank == 2 and j == 1) else n, dtype=torch.long, device=mine.device)
+        recvs.append(c.irecv(bufs[j], src=j))
+    for r in (*recvs, *sends):
+        if r is not None:
+            r.wait()
+    z = mine
+    for j in peers:
+        z = z ^ bufs[j][:n]
+    return z, (bufs[1][n:] if rank == 2 else None)
+
+
+def _b2a_finish(z, part, v_recv, mult, zA):
+    """[x] = [r](1 - 2 z) + z from the opened z (this party's parts of the B2A tuple)."""
+    from crypten.mpc.primitives import ArithmeticSharedTensor as AST
+
+    rank = _comm().get_rank()
+    if rank == 2:
+        part = v_recv.reshape(z.shape) * mult
+    out = part * (1 - 2 * z) + zA
+    if rank == 0:
+        out = out + z
+    return AST.from_shares(out, precision=0)
+
+
 def b2a_single_bit(xB):
     """CrypTen's ``B2A_single_bit`` (a 0/1 BinarySharedTensor to an ArithmeticSharedTensor at scale 1) with the
     dealer-free B2A tuple, its one message (party 1 -> party 2) riding in the opening's exchange.
 
     Rounds: 1 (as TFP). Bytes per element: every party sends its share of ``x ^ r`` to both peers and receives
     theirs (2 x 8 sent, 2 x 8 received: TFP's opening), and party 1 sends 8 more to party 2. Leaks: shapes only."""
-    from crypten.mpc.primitives import ArithmeticSharedTensor as AST
-
-    c = _comm()
-    rank = c.get_rank()
     size, dev = xB.size(), xB.device
     rB, part, v, mult, zA = _b2a_parts(size, dev)
-    mine = (xB.share ^ rB).contiguous()
-    peers = [j for j in range(3) if j != rank]
-    n = mine.numel()
-    flat = mine.reshape(-1)
-    sends = []
-    for j in peers:
-        msg = torch.cat([flat, v.reshape(-1)]) if (rank == 1 and j == 2) else flat
-        sends.append(c.isend(msg, dst=j))
-    bufs, recvs = {}, []
-    for j in peers:
-        bufs[j] = torch.empty(2 * n if (rank == 2 and j == 1) else n, dtype=torch.long, device=flat.device)
-        recvs.append(c.irecv(bufs[j], src=j))
-    for r in (*recvs, *sends):
-        if r is not None:
-            r.wait()
-    z = flat
-    for j in peers:
-        z = z ^ bufs[j][:n]
-    z = z.reshape(size)
-    if rank == 2:
-        part = bufs[1][n:].reshape(size) * mult
-    out = part * (1 - 2 * z) + zA
-    if rank == 0:
-        out = out + z
-    return AST.from_shares(out, precision=0)
+    z, v_recv = _b2a_exchange((xB.share ^ rB).contiguous().reshape(-1), v, rB.numel())
+    return _b2a_finish(z.reshape(size), part, v_recv, mult, zA)
+
+
+def b2a_plane(s: torch.Tensor, N: int):
+    """:func:`b2a_single_bit` for N bits packed in words (``s``: (W,), :func:`mpcache.mpc.compare.pack_bits`): the
+    tuple's r drawn for all W x 64 bits (every opened word uniform), the opened ``s ^ r`` packed (8 B per 64
+    elements to each peer), v for the N elements only (party 1 -> party 2, 8 B per element, same exchange).
+    1 round. Leaks: shapes only."""
+    from .compare import pack_bits, unpack_bits
+
+    W = s.numel()
+    rB, part, v, mult, zA = _b2a_parts(torch.Size([W * 64]), s.device)
+    z, v_recv = _b2a_exchange(s ^ pack_bits(rB & 1), None if v is None else v[:N], N)
+    cut = lambda t: None if t is None else t[:N]
+    return _b2a_finish(unpack_bits(z, N), cut(part), v_recv, cut(mult), zA[:N])
 
 
 # ---- the provider -----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ ANCHOR_MAX_EXCESS = 10.0  # D up to which the output is within ~1e-2 (fixed-poin
 # entry below it. The coarse comparison may also clamp entries up to (n - 1)/16 BELOW G to G (one-sided): a weight
 # error of at most e^((n-1)/16) - 1 (6.5% in 2PC) on entries already e^(G - 1/16) above the anchors. Rows inside
 # the bound (measured: every SmolLM2 row at 1k-4k, experiments/anchor_excess.py) are unchanged. Cost per entry
-# (2PC): 44 B (comparison) + 16 B (product), 7 rounds per softmax call; None turns the guard off (the row then
+# (2PC): ~11.4 B (comparison, bit-sliced) + 16 B (product), 6 rounds per softmax call; None turns the guard off (the row then
 # degrades silently beyond ANCHOR_MAX_EXCESS, as described above).
 
 
@@ -80,7 +80,7 @@ def softmax(
     cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
     ``anchor=(a, b)`` (no mask; see the note above): the offset is the max of the first a and last b columns only (a
     max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings (of an order-cfg.anchor_exp_order base), the reciprocal over the range the
-    guard bounds (:func:`anchored_recip_range`) with the split lean comparison (approx._step_guess_split). ``offset`` (with ``anchor``): that max, already computed by
+    guard bounds (:func:`anchored_recip_range`) with one bit-sliced comparison layer as wide as that range (approx.sliced_window). ``offset`` (with ``anchor``): that max, already computed by
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row; its comparison runs in lockstep with the exp, :func:`guarded_exp`). Rounds:
@@ -110,7 +110,7 @@ def softmax(
         e = guarded_exp(x - mx, cfg)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = anchored_recip_range(m, cfg)
-        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, cfg.anchor_recip_iters, lo, hi, q, lean="split")
+        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, cfg.anchor_recip_iters, lo, hi, q, lean="sliced")
         return (e * r) * c
     if anchor is not None and mask is not None:
         return _anchored_prefix(x, mask, anchor, lean, cfg)
@@ -166,11 +166,11 @@ def guarded_exp(y, cfg: MpcConfig):
     """exp(min(y, G)) of the anchored softmax (G = ``cfg.anchor_guard``; None: exp(y)) by the limit exp
     (``cfg.anchor_exp_iters`` squarings of an order-``cfg.anchor_exp_order`` base). The guard's coarse comparison b = [y > G] (16-bit lanes, 1/16 resolution,
     |G - y| < 2032; one-sided: entries within (n - 1)/16 below G may count as above) runs in LOCKSTEP with the exp of
-    the unclamped y (:mod:`mpcache.mpc.lockstep`: its 6 rounds travel inside the exp's 8), then one product picks
+    the unclamped y (:mod:`mpcache.mpc.lockstep`: its 5 rounds in 2PC travel inside the exp's 8), then one product picks
     e^G where b: e + b (e^G - e), exact in the ring (a bit times a ring element), so an exp that overflowed above
     the bound is replaced whole. Float model: :func:`guarded_exp_reference` (the exp of min(y, G)). Rounds
     cfg.anchor_exp_iters + cfg.anchor_exp_order (the sum of both branches + 1 with ``cfg.lockstep = False``). Bytes per entry (2PC): the
-    exp's + 44 B (comparison) + 16 B (product). Leaks: shapes only."""
+    exp's + ~11.4 B (comparison) + 16 B (product). Leaks: shapes only."""
     from .compare import _ltz_lanes
     from .lockstep import parallel
 
@@ -178,7 +178,7 @@ def guarded_exp(y, cfg: MpcConfig):
     if G is None:
         return approx.exp_limit(y, iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order)
     b, e = parallel(
-        lambda: _ltz_lanes(-y + G, 16, 12),
+        lambda: _ltz_lanes(-y + G, 16, 12, block=2),  # the exp is the longer branch: the fewest bytes
         lambda: approx.exp_limit(y, iters=cfg.anchor_exp_iters, order=cfg.anchor_exp_order),
         enabled=cfg.lockstep,
     )
@@ -241,7 +241,7 @@ def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
     s = wrap(torch.zeros(*lead, R, dtype=e.share.dtype, device=dev).index_add_(-1, row_d, e.share), e)
     c = (1.0 / lens.reshape(-1).double().sqrt()).float()  # (R,), public
     lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
-    r = approx.reciprocal_gs(s * c, cfg.anchor_recip_iters, lo, hi, q, lean="split")  # (..., R)
+    r = approx.reciprocal_gs(s * c, cfg.anchor_recip_iters, lo, hi, q, lean="sliced")  # (..., R)
     p = (e * wrap(r.share.index_select(-1, row_d), r)) * c[row_of]
     out = torch.zeros(*lead, R * m, dtype=p.share.dtype, device=dev)
     out[..., flat_d] = p.share

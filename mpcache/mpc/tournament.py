@@ -33,8 +33,8 @@ def tree_max(x, dim: int = -1, keepdim: bool = False, *, radix=2, lean: bool = F
     unlike CrypTen's ``max(dim)``, which spends ~45% more bytes on them). Exact: the result is one of the entries.
 
     ``radix`` (int or sequence of layer radices, see ``_radix_layer``): 2 = the pairwise tree (ceil(log2 m) x
-    (cmp + 1 mul)); higher radices trade bytes for rounds. ``lean``: use ``_ltz_lean`` (32-bit lanes: 7 rounds
-    and ~96 bytes per comparison instead of 8 and 216), valid when every difference of two entries is below
+    (cmp + 1 mul)); higher radices trade bytes for rounds. ``lean``: use ``_ltz_lean`` (32-bit lanes, bit-sliced:
+    6 rounds and ~25 bytes per comparison in 2PC instead of 8 and 216), valid when every difference of two entries is below
     2^15 in magnitude (|x| < 16384).
     Rounds: sum over layers of cmp + ceil(log2 r) mul.  Leaks: shapes only.
     """
@@ -290,7 +290,7 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None, cfg
     level's comparisons. Ties go to the lower index. Unlike the exact top-k
     (:func:`topk_onehot`, m^2 comparisons), this costs O(m) comparisons: the budget is spread evenly over the
     position range (exactly one winner per stratum).
-    ``lean`` (default ``cfg.select_lean``): comparisons in 32-bit lanes (7 rounds / 96 B instead of 8 / 216 B in 2PC),
+    ``lean`` (default ``cfg.select_lean``): comparisons in 32-bit lanes (6 rounds / ~25 B instead of 8 / 216 B in 2PC),
     exact while |score| < 12288 (MPCache's scores are attention logits, q·rep / sqrt(d): O(10)).
     Rounds: per level cmp + ceil(log2 r) (radix 4 and g = 10: 2 x 9 = 18, pairwise 4 x 8 = 32).
     Bytes/party: per level r(r-1)/2 comparisons per group of r survivors + the products.

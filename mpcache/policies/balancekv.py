@@ -33,7 +33,7 @@ This implementation (one algorithm for plaintext and shares):
 
 Under MPC (2PC, lean comparisons): per layer, key/value normalisation (``norm_scale``, one call) once; per halving
 level t one Gram product (1 round), ``kernel_iters`` squarings and one product, then one walk step per pair of a
-block (P_t = block / 2^(t+1) steps): a comparison (7 rounds) and, but for the last, one product (1 round) updating
+block (P_t = block / 2^(t+1) steps): a comparison (6 rounds in 2PC) and, but for the last, one product (1 round) updating
 the running inner products; then one product muxing the kept rows and composing the one-hot. Rounds per layer:
 rsqrt + sum_t [P_t * 8 - 1 + kernel_iters + 3] + the final gather, independent of the prompt length (blocks and
 heads are batched). Measured (SmolLM2 shape, block 32, rate 8, 2PC TFP, ``parties bench``): 261 rounds per layer
