@@ -387,3 +387,54 @@ def test_paterson_stockmeyer_is_the_same_polynomial():
     for c in (SILU_CHEB, GELU_CHEB):
         assert max(abs(v) for b in _ps_coeffs(tuple(c)) for v in b) < 2.5
     assert _ps_coeffs(tuple(GELU_CHEB))[2][1:] == (0.0, 0.0)  # degree 6: T3 B2 is a public product
+
+
+def test_bit_planes_and_the_blocks_layout_in_the_clear():
+    """The bit-sliced comparison's local parts against plain integer arithmetic: :func:`bit_planes` (also across its
+    chunks) and :func:`unpack_bits` invert each other; for every width up to 33 and blocks of 1..4 positions, the
+    2PC first round's cross products (:func:`_block_layout`, evaluated in the clear: a = party 0's bits, b = party
+    1's) followed by the carry levels give the carry into the top bit of a + b, i.e. the sign of the sum."""
+    from mpcache.mpc import compare
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randint(-(2**62), 2**62, (70_001,), generator=g)
+    old = compare._PLANE_CHUNK
+    try:
+        compare._PLANE_CHUNK = 64 * 100  # several chunks
+        planes = compare.bit_planes(v, 40)
+    finally:
+        compare._PLANE_CHUNK = old
+    assert torch.equal(planes, compare.bit_planes(v, 40))
+    back = sum(compare.unpack_bits(planes[j], v.numel()) << j for j in range(40))
+    assert torch.equal(back, v & ((1 << 40) - 1))
+
+    def clear_blocks(pa, pb, m, k):  # _blocks_2pc with the AND done in the clear
+        left, right, gterms, pterms, plocal, _ = compare._block_layout(m, k)
+        ea = torch.cat([pa[:m], torch.full_like(pa[:1], -1)])
+        eb = torch.cat([pb[:m], torch.full_like(pb[:1], -1)])
+        prods = compare._monomials(ea, left) & compare._monomials(eb, right)
+        prods = torch.cat([prods, torch.zeros_like(prods[:1])])
+        G = compare._xor_rows(prods, gterms)
+        P = compare._monomials(ea, plocal) ^ compare._monomials(eb, plocal) ^ compare._xor_rows(prods, pterms)
+        return G, P
+
+    def clear_levels(G, P):
+        while G.shape[0] > 1:
+            p = G.shape[0] // 2
+            Gn = G[1 : 2 * p : 2] ^ (P[1 : 2 * p : 2] & G[0 : 2 * p : 2])
+            Pn = P[1 : 2 * p : 2] & P[0 : 2 * p : 2]
+            if G.shape[0] % 2:
+                Gn, Pn = torch.cat([Gn, G[-1:]]), torch.cat([Pn, P[-1:]])
+            G, P = Gn, Pn
+        return G[0]
+
+    for width in (2, 3, 5, 8, 16, 25, 32, 33):
+        a, b = torch.randint(0, 2**width, (2, 300), generator=g)
+        pa, pb = compare.bit_planes(a, width), compare.bit_planes(b, width)
+        m = width - 1
+        for k in (1, 2, 3, 4):
+            G, P = clear_blocks(pa, pb, m, k)
+            sign = pa[m] ^ pb[m] ^ clear_levels(G, P)
+            want = ((a + b) >> (width - 1)) & 1
+            assert torch.equal(compare.unpack_bits(sign, 300), want), (width, k)
+    assert compare.and_planes_2pc(16, 2) == [34, 7, 3, 1] and compare.and_planes_2pc(32, 4) == [202, 7, 3, 1]

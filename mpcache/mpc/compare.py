@@ -1,6 +1,7 @@
-"""Comparisons on arithmetic shares: the sign bit [x < 0] as a 0/1 share, CrypTen's 64-bit circuit or the lean
-32-bit-lane one, and the small local helpers every protocol shares (public thresholds, public integer products,
-ring constants). Each protocol states its rounds, bytes and leakage; leakage: shapes only.
+"""Comparisons on arithmetic shares: the sign bit [x < 0] as a 0/1 share, CrypTen's 64-bit circuit or our
+bit-sliced one (any width; 2PC's first round from the parties' private bits; a packed B2A), and the small local
+helpers every protocol shares (public thresholds, public integer products, ring constants). Each protocol states
+its rounds, bytes and leakage; leakage: shapes only.
 """
 
 from __future__ import annotations

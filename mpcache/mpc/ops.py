@@ -3,7 +3,7 @@
 ==================  ============================================================================================
 module              protocols
 ==================  ============================================================================================
-``compare``         ``_ltz`` / ``_ltz_lean`` (the sign bit, 64-bit circuit or 32-bit lanes), ``clamp``
+``compare``         ``_ltz`` / ``_ltz_lean`` (the sign bit: 64-bit circuit or bit-sliced 32 bits), ``clamp``
 ``tournament``      ``tree_max``, ``argmax_index``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``,
                     ``strata_select`` (the tournaments; radices from :mod:`mpcache.mpc.schedules`)
 ``approx``          ``exp_limit``, ``reciprocal_nr``, ``reciprocal_gs``
