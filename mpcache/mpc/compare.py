@@ -87,13 +87,6 @@ def _and(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (BST.from_shares(left) & BST.from_shares(right)).share
 
 
-def _input_shares(planes: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """Party i's private words as n XOR sharings (CrypTen's input sharing from each src: PRZS-masked, no traffic)."""
-    from crypten.mpc.primitives import BinarySharedTensor as BST
-
-    return [BST(planes, src=i).share for i in range(n)]
-
-
 @functools.lru_cache(maxsize=64)
 def _block_layout(m: int, k: int):
     """The cross ANDs of :func:`_blocks_2pc` over the blocks of k positions of [0, m) (the last may be shorter), as
@@ -158,16 +151,39 @@ def _blocks_2pc(own: torch.Tensor, m: int, rank: int, k: int):
     local). Cross ANDs per block of k: 2^k - 1 (G) + 2^k - 2 (P; none for block 0, whose P is never used): k = 2:
     3 + 2, k = 4: 15 + 14 -- where the bit-level tree spends an AND round on G and log2(k) levels. Returns (G, P),
     (ceil(m / k), W) each (P[0] unused). Leaks: shapes only."""
+    from crypten.mpc.primitives import BinarySharedTensor as BST
+
     left, right, gterms, pterms, plocal, _ = _block_layout(m, k)
     dev = own.device
     ext = torch.cat([own[:m], torch.full_like(own[:1], -1)])  # plane m: all ones (the empty factor)
     mine = _monomials(ext, (left if rank == 0 else right).to(dev))
-    zeros = torch.zeros_like(mine)
-    prods = _and(mine, zeros) if rank == 0 else _and(zeros, mine)
-    prods = torch.cat([prods, zeros[:1]])  # row T: the padding's zero
+    prods = _and(BST(mine, src=0).share, BST(mine, src=1).share)  # input sharings: PRZS-masked, no traffic
+    prods = torch.cat([prods, torch.zeros_like(prods[:1])])  # row T: the padding's zero
     G = _xor_rows(prods, gterms.to(dev))
     P = _monomials(ext, plocal.to(dev)) ^ _xor_rows(prods, pterms.to(dev))
     return G, P
+
+
+def _two_summands(flat: torch.Tensor) -> torch.Tensor:
+    """3 parties: a fresh sharing of the same x (a PRZS added), then party 2 hands its share to party 0, so
+    x = y + x_1 with y = x_0 + x_2 held by party 0 alone and x_1 by party 1 (party 2 holds 0). 1 round, 8 B per element
+    from party 2 to party 0. Party 0 then holds two of the three fresh shares, as replicated sharing gives it (and in
+    the same direction as CrypTen's replicated products, party i -> i + 1): x_1 stays uniform to it. Leaks: shapes
+    only."""
+    import crypten.communicator as comm
+
+    from .dealer_free import zero_share
+
+    c, rank = comm.get(), comm.get().get_rank()
+    share = (flat + zero_share(flat.size(), flat.device)).contiguous()
+    if rank == 2:
+        c.isend(share, dst=0).wait()
+        return torch.zeros_like(share)
+    if rank == 0:
+        buf = torch.empty_like(share)
+        c.irecv(buf, src=2).wait()
+        return share + buf
+    return share
 
 
 def _level_ands(k: int) -> list[int]:
@@ -255,40 +271,35 @@ def _ltz_lanes(x, width: int = 16, shift: int = 12, block: int | None = None):
     2PC: the blocks of ``block`` positions (None: :func:`block_size`, 4 for calls small enough that the extra AND
     planes stay under :data:`BLOCK4_EXTRA_BYTES`, else 2) in ONE AND round from the parties' private bits
     (:func:`_blocks_2pc`), then ceil(log2(blocks)) levels (:func:`_carry_levels`), then the packed B2A
-    (:func:`b2a_plane`). n > 2: carry-save adders (1 AND round per party beyond 2) down to two sharings, 1 AND
-    round for G, ceil(log2(width - 1)) levels, B2A.
+    (:func:`b2a_plane`). 3 parties: party 2 first hands a fresh share to party 0 (:func:`_two_summands`: 1 round),
+    then the same circuit between parties 0 and 1, its shares re-randomised (a binary PRZS) before the levels.
 
     Cost per element (2PC), words of 64 elements, an AND word opens 2 x 8 B, + 1/8 B for the B2A word
     (:func:`and_planes_2pc`): blocks of 2: width 32: 6 rounds, 100 AND planes ~ 25 B; width 16: 5 rounds, 45 planes
     ~ 11.4 B; width 8: 4 rounds, 18 planes ~ 4.6 B. Blocks of 4: width 32: 5 rounds, 213 planes ~ 53 B; width 16:
-    4 rounds, 90 planes ~ 22.6 B. CrypTen's 64-bit circuit: 8 rounds, 216 B. n = 3: 1 + 1 + ceil(log2(width - 1))
-    + 1 rounds (8 at width 32, 7 at 16). Leaks: shapes only (the block size is a function of the public size).
+    4 rounds, 90 planes ~ 22.6 B. CrypTen's 64-bit circuit: 8 rounds, 216 B. 3 parties: one round more than 2PC
+    (the hand-over), each AND opened to both peers, + 8 B per element from party 2 to party 0 (session 11's
+    carry-save circuit: 8 rounds at width 32, 7 at 16). Leaks: shapes only (the block size is a function of the public size).
     Float model: :func:`ltz_lanes_reference`."""
     import crypten.communicator as comm
 
     if not 2 <= width <= 64 - shift:
         raise ValueError(f"the comparison's width must be in [2, 64 - shift], got width {width}, shift {shift}")
     n = comm.get().get_world_size()
-    if n < 2:
-        return x._ltz()
+    if n not in (2, 3):
+        raise ValueError(f"the bit-sliced comparison runs 2 or 3 parties, got {n}")
     shape, flat = x.share.shape, x.share.reshape(-1)
     N = flat.numel()
+    if n == 3:
+        flat = _two_summands(flat)
     own = bit_planes(flat >> shift if shift else flat, width)  # (width, W): this party's coarse share, bit-sliced
     m = width - 1  # positions below the sign bit: the carry into it
-    if n == 2:
-        rank = comm.get().get_rank()
-        G, P = _blocks_2pc(own, m, rank, block or block_size(width, N))
-        top = own[m]  # P of the sign position: a ^ b (party 0 holds a, party 1 b)
-    else:
-        xs = _input_shares(own, n)
-        while len(xs) > 2:  # carry-save: a + b + c = (a ^ b ^ c) + 2 maj(a, b, c); the carry moves up a plane
-            a, b, c = xs.pop(), xs.pop(), xs.pop()
-            ab = a ^ b
-            prods = _and(torch.cat([a[:m], c[:m]]), torch.cat([b[:m], ab[:m]]))
-            xs += [ab ^ c, torch.cat([torch.zeros_like(a[:1]), prods[:m] ^ prods[m:]])]
-        u, v = xs
-        G, P = _and(u[:m], v[:m]), u ^ v
-        top, P = P[m], P[:m]
+    from .dealer_free import zero_share
+
+    G, P = _blocks_2pc(own, m, comm.get().get_rank(), block or block_size(width, N))
+    top = own[m]  # P of the sign position: a ^ b (party 0 holds a, party 1 b)
+    if n == 3:  # every share a fresh XOR sharing before the levels' openings (3PC's openings show a peer's share)
+        G, P, top = (t ^ zero_share(t.size(), t.device, binary=True) for t in (G, P, top))
     sign = top ^ _carry_levels(G, P)
     return _from_shares(b2a_plane(sign, N).share.reshape(shape), precision=0)
 

@@ -222,20 +222,18 @@ def ltz(s: Setting, shape) -> Cost:
 
 
 def ltz_lanes(s: Setting, shape, width: int = 32) -> Cost:
-    """compare._ltz_lanes, bit-sliced (W = ceil(N/64) words a plane), m = width - 1 carry positions. 2PC: the
-    blocks' cross ANDs in one round (blocks of compare.block_size(width, N) positions), then the levels
-    (compare.and_planes_2pc); n = 3: a carry-save AND layer (2m planes), G (m planes), the levels over m; then the
-    packed B2A (W words opened; dealer-free: + 8 B per element from party 1 to party 2)."""
-    from .compare import _level_ands, and_planes_2pc, block_size
+    """compare._ltz_lanes, bit-sliced (W = ceil(N/64) words a plane): with 3 parties, party 2's share to party 0
+    first (1 round, N elements); the blocks' cross ANDs in one round (blocks of compare.block_size(width, N)
+    positions), then the levels (compare.and_planes_2pc); then the packed B2A (W words opened; dealer-free: + 8 B
+    per element from party 1 to party 2)."""
+    from .compare import and_planes_2pc, block_size
 
     N = _numel(shape)
-    W, m = -(-N // 64), width - 1
+    W = -(-N // 64)
     c = Cost(s.n)
-    if s.n == 2:
-        rounds = and_planes_2pc(width, block_size(width, N))
-    else:
-        rounds = [2 * m] * (s.n - 2) + [m] + _level_ands(m)
-    for planes in rounds:
+    if s.n == 3:
+        c.add(2, sent=ELT * N).add(0, recv=ELT * N, rounds=1)
+    for planes in and_planes_2pc(width, block_size(width, N)):
         c += _and(s, (planes, W), (planes, W))
     c += open_(s, W)
     if s.provider == "none":
