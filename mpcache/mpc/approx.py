@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .compare import _ltz, _minus_publics
+from .compare import _ltz, _ltz_lanes, _minus_publics
 
 # ---- exp -----------------------------------------------------------------------------------------------------
 EXP_ITERS = 8
@@ -154,8 +154,6 @@ def _step_guess(x, lo: int, hi: int, q: int, lean):
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     diffs = _minus_publics(x, ts)  # (T, ...): x - t_k, one local op
     if lean == "sliced":
-        from .compare import _ltz_lanes
-
         bits = 1 - _ltz_lanes(diffs, *sliced_window(lo, hi, x.encoder._precision_bits))
     else:
         bits = 1 - _ltz(diffs, bool(lean))  # (T, ...), scale 1

@@ -34,7 +34,7 @@ def _ltz_lean(x):
 
     CrypTen's ``_ltz`` converts the additive shares to XOR shares and adds them with a 64-bit Sklansky adder
     (1 AND round for the generate bits + 6 prefix rounds), then turns the sign bit into an arithmetic share
-    (1 opening): 8 rounds, 216 bytes/element (2PC). This one: 6 rounds and ~25 B/element (2PC), 8 rounds (3PC).
+    (1 opening): 8 rounds, 216 bytes/element (2PC). This one: 6 rounds and ~25 B/element in 2PC (5 and ~53 B for small calls), one round more in 3PC.
     Leaks: shapes only."""
     return _ltz_lanes(x, 32, 0)
 
@@ -144,7 +144,8 @@ def _xor_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks_2pc(own: torch.Tensor, m: int, rank: int, k: int):
-    """2PC, inputs private to each party (a: party 0's planes, b: party 1's): the generate/propagate bits (G, P) of
+    """Two summands private to parties 0 and 1 (a: party 0's planes, b: party 1's; 3PC after
+    :func:`_two_summands`, party 2's planes zero): the generate/propagate bits (G, P) of
     the blocks of k positions of [0, m) in ONE AND round. Per block, G = xor_i G_i prod_(j > i) P_j and
     P = prod_j P_j with G_i = a_i b_i, P_j = a_j ^ b_j; expanding each P_j into its two sides, every term is a
     monomial of party 0's bits times one of party 1's: a cross AND, except P's two one-sided terms (a_all, b_all:
@@ -256,8 +257,9 @@ def b2a_plane(s: torch.Tensor, N: int):
 def _ltz_lanes(x, width: int = 16, shift: int = 12, block: int | None = None):
     """[x < 0] for a coarse comparison: the sign of ``floor(x / 2^shift)`` as a ``width``-bit integer. Each party
     takes bits ``[shift, shift + width)`` of its own share (no communication: the sum of the parties'
-    ``floor(x_i / 2^shift) mod 2^width`` is ``floor(x / 2^shift) - c mod 2^width``, where c in [0, n - 1] counts
-    the carries out of the dropped low bits: an exact identity, no probabilistic truncation); the sign is bit
+    ``floor(x_i / 2^shift) mod 2^width`` is ``floor(x / 2^shift) - c mod 2^width``, where c counts the carries out
+    of the dropped low bits, c in {0, 1} for the two summands (3PC: after :func:`_two_summands`; the bound below
+    keeps the general n - 1): an exact identity, no probabilistic truncation); the sign is bit
     width-1 of the sum, i.e. ``P_(w-1) ^ carry into bit w-1``.
 
     Exactness (x in ring units, n parties): the result is exactly [x < 0] whenever x < 0, or x >= (n - 1) 2^shift,
@@ -325,15 +327,6 @@ def _minus_publics(x, ts):
     res = _from_shares(out, precision=None)
     res.encoder = x.encoder
     return res
-
-
-def _spk_constants():
-    masks = torch.tensor(
-        [6148914691236517205, 2459565876494606882, 578721382704613384, 36029346783166592, 140737488388096, 2147483648],
-        dtype=torch.long,
-    )
-    mults = torch.tensor([(1 << (2**i + 1)) - 2 for i in range(6)], dtype=torch.long)
-    return masks, masks * mults, mults
 
 
 def _ltz(x, lean: bool):

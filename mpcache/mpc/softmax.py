@@ -77,17 +77,18 @@ def softmax(
     ``exp_fit``: exp_limit's fit_range ("default" = ``cfg.softmax_exp_fit``). ``radix``/``lean`` go to ``tree_max`` (lean needs |x| < 16384, masked entries included), ``recip`` picks
     ``reciprocal_gs`` ("goldschmidt") or ``reciprocal_nr`` ("newton"); None = ``cfg``'s.
     Rounds: sum over max layers of (cmp + ceil(log2 r)) + cfg.exp_iters + reciprocal (cmp + 1 + RECIP_GS_ITERS, or
-    cmp + 2 RECIP_ITERS) + 1, with cmp = 7 (lean) or 8.
+    cmp + 2 RECIP_ITERS) + 1, with cmp = 5-6 (lean, 2PC: compare.block_size) or 8.
     ``anchor=(a, b)`` (no mask; see the note above): the offset is the max of the first a and last b columns only (a
     max over a + b entries: one layer), exp by cfg.anchor_exp_iters squarings (of an order-cfg.anchor_exp_order base), the reciprocal over the range the
     guard bounds (:func:`anchored_recip_range`) with one bit-sliced comparison layer as wide as that range (approx.sliced_window). ``offset`` (with ``anchor``): that max, already computed by
     the caller over always-attended columns (MPCache makes it in its selection's comparison layers:
     :func:`strata_select`). The exp's argument is clamped at ``cfg.anchor_guard`` (see the note above: the output
     is the softmax of the clamped row; its comparison runs in lockstep with the exp, :func:`guarded_exp`). Rounds:
-    (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (7 + 1 + 1 + cfg.anchor_recip_iters)
-    + 1 = 10 + 9 + 11 + 1 = 31 for (4, 4), whatever the row length (21 with the ``offset`` given; 37 with
-    ``cfg.lockstep = False``); bytes: the guard
-    (60 B), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
+    (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (cmp' + 1 + cfg.anchor_recip_iters)
+    + 1 = 8 + 9 + 8 + 1 = 26 for (4, 4) on a 2PC decode row (cmp = 5, cmp' = 5: the bit-sliced comparisons in
+    blocks of 4; one more each where a call is large enough for blocks of 2, or in 3PC), 18 with the ``offset``
+    given; ``cfg.lockstep = False`` adds the guard's comparison; bytes: the guard
+    (~27 B in 2PC), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
     columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
     zeroed publicly and 1/sqrt(n_r) replaces 1/sqrt(m); same rounds, whatever the row lengths (the causal prefill:
