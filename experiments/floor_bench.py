@@ -7,9 +7,11 @@ same secret-shared input in the same parties (:func:`mpcache.mpc.local_parties.r
 code over a real transport, the ledger's exact counts), per setting (2PC + dealer, the default; 2PC TFP, the
 benchmark mode; 3PC dealer-free). Variants:
 
-* ``silu`` / ``silu x gate``: SiLU's polynomial in its Paterson-Stockmeyer form (``ps``: the 2PC default, in
-  lockstep with the comparison) against the Chebyshev doubling (``doubling``: before session 11, 3PC's default);
-* ``gelu``: the same two forms (degree 6: the same rounds);
+* ``silu`` / ``silu x gate``: the op as the setting runs it (``default``: with 2 parties and TFP or the dealer, every
+  value opened once on the open-once masks of :mod:`mpcache.mpc.masked`, session 13; 3PC: its Beaver form), the
+  Beaver forms forced: the polynomial in its Paterson-Stockmeyer form (``ps``: the 2PC default of sessions 11-12, in
+  lockstep with the comparison) and the Chebyshev doubling (``doubling``: before session 11, 3PC's default);
+* ``gelu``: the same three (degree 6: the same rounds);
 * ``norm``: RMSNorm's v / sqrt(sum v^2 + D eps) (``norm_scale``: 10 rounds on a 2PC decode row since session 12,
   11 over many rows);
 * ``argmax``: the index of the vocabulary's first maximum (``argmax_index``).
@@ -48,17 +50,17 @@ SETTINGS = {  # name: (parties, protocol, provider, trust model)
 }
 
 
-def _act(name: str, ps: bool, gated: bool):
-    """(secure op on shares (x, gate), float model (x, gate)) of one activation variant: ops.silu / ops.gelu with
-    the polynomial's form forced (``ps``), the gate's route as the op chooses it."""
+def _act(name: str, ps: bool | None, gated: bool):
+    """(secure op on shares (x, gate), float model (x, gate)) of one activation variant: ops.silu / ops.gelu as the
+    setting runs them (``ps`` None) or with the Beaver polynomial's form forced (``ps``)."""
     from mpcache.mpc import ops
 
-    if name == "silu":
-        op = (lambda x, g: ops.silu(x, gate=g, ps=ps)) if gated else (lambda x, g: ops.silu(x, ps=ps))
-        ref = ops.silu_reference
-    else:
-        op, ref = (lambda x, g: ops.gelu(x, ps=ps)), ops.gelu_reference
-    return op, (lambda x, g: ref(x) * g) if gated else (lambda x, g: ref(x))
+    fn = ops.silu if name == "silu" else ops.gelu
+    ref = ops.silu_reference if name == "silu" else ops.gelu_reference
+    kw = {} if ps is None else {"ps": ps}
+    if gated:
+        return (lambda x, g: fn(x, gate=g, **kw)), (lambda x, g: ref(x) * g)
+    return (lambda x, g: fn(x, **kw)), (lambda x, g: ref(x))
 
 
 def cases(rows: int) -> list[dict]:
@@ -81,12 +83,12 @@ def cases(rows: int) -> list[dict]:
         gelu = torch.nn.functional.gelu(x, approximate="tanh")
         for act, exact in (("silu", silu), ("gelu", gelu)):
             for gated in (False, True) if act == "silu" else (False,):
-                for ps in (True, False):
+                for variant, ps in (("default", None), ("ps", True), ("doubling", False)):
                     op, ref = _act(act, ps, gated)
                     out.append(
                         {
                             "op": f"{act} x gate" if gated else act,
-                            "variant": "ps" if ps else "doubling",
+                            "variant": variant,
                             "shape": shape,
                             "fn": op,
                             "inputs": (x, gate),

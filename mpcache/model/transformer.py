@@ -140,8 +140,8 @@ class Transformer:
                 g, u = a[..., : self.cfg.intermediate_size], a[..., self.cfg.intermediate_size :]
             else:
                 g, u = self._linear(h, p + "w_gate"), self._linear(h, p + "w_up")
-            # one row (decode): the gate's product inside SiLU's rounds; many (prefill): after it (16 B less each)
-            return self._linear(B.silu(g, gate=u) if int(g.shape[0]) == 1 else B.silu(g) * u, p + "w_down")
+            # the gate's product inside SiLU's rounds (ops.silu: where that costs fewer bytes than after it)
+            return self._linear(B.silu(g, gate=u), p + "w_down")
         a = self._linear(h, p + "w_fc", p + "b_fc") if a is None else a
         a = B.silu(a) if self.cfg.activation == "silu" else B.gelu(a)
         return self._linear(a, p + "w_proj", p + "b_proj")

@@ -1,5 +1,6 @@
 """SiLU and GeLU on shares as x/2 plus an even part (a Chebyshev polynomial inside +-T, |x|/2 beyond), the two
-breakpoints in one coarse comparison layer, beside their float models. Leakage: shapes only.
+breakpoints in one coarse comparison layer, beside their float models: in 2PC with TFP or the dealer on open-once
+masks (:mod:`mpcache.mpc.masked`), else in Beaver forms. Leakage: shapes only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from .compare import _ltz_lanes
 from .config import MpcConfig
+from .masked import usable
 
 
 def _cheb_fit(f, degree: int, T: float) -> list[float]:
@@ -182,6 +184,96 @@ def _half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate
     return half + p + (b * _stack([half - p, -half - p])).sum(0)
 
 
+def _cheb_monomials(k: int, slot: dict) -> tuple[dict, float]:
+    """T_k(u) as (monomials of opened slots -> coefficient, constant), from the slots u, t2, t3 (and t4 for degree 7-8)
+    by T_(m+n) = 2 T_m T_n - T_(m-n): every term a product of at most two opened values."""
+    u, t2, t3, t4 = slot["u"], slot["t2"], slot["t3"], slot.get("t4")
+    table = {
+        0: ({}, 1.0),
+        1: ({(u,): 1.0}, 0.0),
+        2: ({(t2,): 1.0}, 0.0),
+        3: ({(t3,): 1.0}, 0.0),
+        4: ({(t4,): 1.0}, 0.0) if t4 is not None else ({(t2, t2): 2.0}, -1.0),
+        5: ({(t2, t3): 2.0, (u,): -1.0}, 0.0),
+        6: ({(t3, t3): 2.0}, -1.0),
+        7: ({(t3, t4): 2.0, (u,): -1.0}, 0.0),
+        8: ({(t4, t4): 2.0}, -1.0),
+    }
+    return table[k]
+
+
+def _series_monomials(coeffs, slot: dict) -> tuple[dict, float]:
+    """sum_k coeffs[k] T_k(u) as (monomials -> coefficient, constant) (:func:`_cheb_monomials`)."""
+    terms: dict = {}
+    const = 0.0
+    for k, c in enumerate(coeffs):
+        m, c0 = _cheb_monomials(k, slot)
+        for key, v in m.items():
+            key = tuple(sorted(key))
+            terms[key] = terms.get(key, 0.0) + c * v
+        const += c * c0
+    return terms, const
+
+
+def _masked_half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None):
+    """x/2 + h(x) (times ``gate``) on open-once masks (:mod:`mpcache.mpc.masked`): the values x (and the gate),
+    u = 2 (x/T)^2 - 1, T2(u), T3(u) (and T4(u) at degree 7-8) are each opened once (rounds A-D, in lockstep with the
+    breakpoints' comparison, blocks of 4: 4 rounds), every Chebyshev term T_5..T_8 is then a product of two opened
+    values (local), and round E opens the comparison's s = [x > T] - [x < -T] and o = 1 - [x > T] - [x < -T] (and,
+    gated, the polynomial p). The output is one local sum:
+
+        ungated:  (1 + s) x/2 + o p           (o p = sum c_k o T_k: monomials of o and <= 2 opened values)
+        gated:    (1 + s) x g/2 + o g p
+
+    Where |x| > T the polynomial overflows the ring (garbage), but it only enters through monomials with the bit o,
+    which are exactly 0 there (:mod:`mpcache.mpc.masked`, exact zeros). Rounds (2PC): 4 + 1 = 5 on a decode row
+    (the comparison's blocks of 4); over many rows (blocks of 2: 5 rounds) 6. Bytes per element: 2 comparisons
+    (2 x ~22.6 B with blocks of 4, 2 x ~11.4 B with 2) + 8 per opened value: 8 x (x, u, t2, t3, t4, s, o) = 56
+    (SiLU: 101 B on a decode row), GeLU (no t4) 48 (93 B), gated SiLU 8 x 9 = 72 (117 B; 95 B over many rows).
+    Float model:
+    :func:`_half_plus_even_reference` (the same function; fixed-point error: a few ulps per term). Leaks: shapes."""
+    from .lockstep import parallel
+    from .masked import Plan
+
+    degree = len(coeffs) - 1
+    names = ["x"] + (["g"] if gate is not None else []) + ["u", "t2", "t3"] + (["t4"] if degree >= 7 else [])
+    names += (["p"] if gate is not None else []) + ["s", "o"]
+    slot = {n: i for i, n in enumerate(names)}
+    X, U, T2, T3, S, O = (slot[n] for n in ("x", "u", "t2", "t3", "s", "o"))
+    p_terms, p_const = _series_monomials(coeffs, slot)
+    if gate is None:
+        out = {(X,): 0.5, (X, S): 0.5, (O,): p_const}
+        for m, c in p_terms.items():
+            key = tuple(sorted((O, *m)))
+            out[key] = out.get(key, 0.0) + c
+    else:
+        G, P = slot["g"], slot["p"]
+        out = {(X, G): 0.5, (X, G, S): 0.5, (G, P, O): 1.0}
+    monos = [(X, X), (U, U), (U, T2), (T2, T2), *p_terms, *out]
+    plan = Plan(x, len(names), monos)
+
+    def poly():
+        plan.open([(X, x)] + ([(slot["g"], gate)] if gate is not None else []))  # A
+        plan.open([(U, plan.lin({(X, X): 2.0 / T**2}, -1.0))])  # B
+        plan.open([(T2, plan.lin({(U, U): 2.0}, -1.0))])  # C
+        opens = [(T3, plan.lin({(U, T2): 2.0, (U,): -1.0}))]
+        if "t4" in slot:
+            opens.append((slot["t4"], plan.lin({(T2, T2): 2.0}, -1.0)))
+        plan.open(opens)  # D
+        return plan.lin(p_terms, p_const) if gate is not None else None
+
+    b, p = parallel(
+        # [x > T], [x < -T]: one comparison layer, its first round's blocks by size (compare.block_size: 4 on a
+        # decode row -- 4 rounds, as long as A-D -- and 2 over many rows, where bytes outweigh a round)
+        lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes, block=None),
+        poly,
+        enabled=lockstep,
+    )
+    s, o = b[0] - b[1], 1 - b[0] - b[1]
+    plan.open([(S, s), (O, o)] + ([(slot["p"], p)] if gate is not None else []))  # E
+    return plan.lin(out)
+
+
 def _half_plus_even_reference(x: torch.Tensor, T: float, coeffs) -> torch.Tensor:
     x = x.double()
     b = torch.stack([(x > T).double(), (x < -T).double()])
@@ -192,6 +284,11 @@ def _half_plus_even_reference(x: torch.Tensor, T: float, coeffs) -> torch.Tensor
 
 def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None, ps: bool | None = None):
     """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
+
+    **2PC with TFP or the dealer (the default, ``cfg.masked_acts``):** on open-once masks
+    (:func:`_masked_half_plus_even`): 5 rounds on a decode row, ~101 B per element (gated: ~117 B; 6 rounds and
+    ~95 B over many rows). The Beaver forms below run in 3PC, with ``masked_acts = False``, or with ``ps`` forced.
+
     [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
     1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
     errs there adds no error beyond the bound; 3.0e-3 in 3PC, whose window is 1/8), x^2 (a square), the polynomial,
@@ -211,8 +308,11 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None, p
     Leaks: shapes only."""
     cfg = cfg or MpcConfig.current()
     lanes = cfg.act_lanes if lanes is None else lanes
+    if ps is None and usable(cfg):
+        return _masked_half_plus_even(x, SILU_T, SILU_CHEB, lanes, cfg.lockstep, gate)
     merged = cfg.lockstep and cfg.n_parties == 2
-    if gate is not None and not merged:
+    # the Beaver forms: the gate inside the rounds for one row (decode); many rows (prefill): after (16 B less each)
+    if gate is not None and (not merged or (x.dim() > 1 and int(x.shape[0]) > 1)):
         return silu(x, lanes, cfg, ps=ps) * gate
     if ps is None:
         ps = _ps_fits(cfg, lanes, 5)
@@ -224,17 +324,21 @@ def silu_reference(x: torch.Tensor) -> torch.Tensor:
     return _half_plus_even_reference(x, SILU_T, SILU_CHEB)
 
 
-def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None, ps: bool = True):
+def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None, ps: bool | None = None):
     """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
-    beyond (as :func:`silu`), the polynomial in its Paterson-Stockmeyer form (at degree 6 as many rounds as the
-    doubling, 3, and 40 B instead of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`): 5 in 2PC, the
+    beyond (as :func:`silu`). 2PC with TFP or the dealer (the default): on open-once masks
+    (:func:`_masked_half_plus_even`): 5 rounds, ~93 B per element on a decode row. Otherwise (``ps`` forced, 3PC):
+    the polynomial in its Paterson-Stockmeyer form (at degree 6 as many rounds as the doubling, 3, and 40 B instead
+    of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`): 5 in 2PC, the
     comparison's first round in blocks of 4 (4 rounds, as long as the polynomial; blocks of 2: 5 rounds and half the
     bytes). Bytes per element (2PC): 2 x ~22.6 (16-bit lanes) + 8 (x^2) + 40 + 32 (mux) ~ 125 B. Float model:
     :func:`gelu_reference` (max abs error vs GeLU 8.1e-4). ``ps=False``: the doubling (for comparison). Leaks:
     shapes only."""
-    cfg = cfg or MpcConfig()
+    cfg = cfg or MpcConfig.current()
     lanes = cfg.act_lanes if lanes is None else lanes
-    return _half_plus_even(x, GELU_T, GELU_CHEB, lanes, cfg.lockstep, ps=ps, block=4)
+    if ps is None and usable(cfg):
+        return _masked_half_plus_even(x, GELU_T, GELU_CHEB, lanes, cfg.lockstep)
+    return _half_plus_even(x, GELU_T, GELU_CHEB, lanes, cfg.lockstep, ps=ps is not False, block=4)
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,10 @@ class MpcConfig:
     # (q, iters) = (2, 3): 0.172 -> 7.5e-7, one more round per softmax for ~1 MB per demo token less)
     anchor_recip_iters: int = 2
     anchor_guard: float | None = 10.0  # the anchored exp's argument clamped at this excess (None: unguarded)
+    # ---- activations ----------------------------------------------------------------------------------------------
+    # SiLU/GeLU on open-once masks (mpcache/mpc/masked.py: every value opened once, products local; 2PC with TFP or
+    # the dealer): 5 rounds and ~117 B per gated SiLU activation, where the Beaver forms take 6 and ~167 B
+    masked_acts: bool = True
     # ---- norms ---------------------------------------------------------------------------------------------------
     norm_range: tuple = (-10, 30)  # sum of squares (+ D eps) in [2^lo, 2^(hi+1))
     norm_steps: int = 5  # thresholds per octave of the rsqrt's step guess (mpc/norms.py: 8.5e-5 relative)

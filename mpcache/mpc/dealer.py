@@ -94,9 +94,10 @@ REQUESTS = (
     "fixed_triple",
     "gather_scores",
     "gather_values",
+    "masks",
 )
 #: the tuples served from pools (keyed streams, batched answers): the elementwise and fixed-operand kinds
-POOLED = ("additive", "square", "binary", "B2A", "fixed_triple")
+POOLED = ("additive", "square", "binary", "B2A", "fixed_triple", "masks")
 POOL_MAX = 16  # tuples per pooled batch at most ...
 POOL_BYTES = 1 << 20  # ... and at most this many answer bytes (or one tuple)
 POOL_FRAME = b"P"  # a pooled request's frame: b"P" + count (4 bytes) + the tuple's signature (its request)
@@ -615,7 +616,8 @@ def install() -> None:
 # ---- the dealer's side -------------------------------------------------------------------------------------------
 def handlers_class():
     """The dealer's request handlers: CrypTen's ``TTPServer`` ones (``additive``, ``square``, ``binary``, ``wraps``,
-    ``B2A``) plus the fixed-operand requests (``fixed_register``, ``fixed_triple``: :mod:`mpcache.mpc.fixed_operand`)
+    ``B2A``) plus the fixed-operand requests (``fixed_register``, ``fixed_triple``: :mod:`mpcache.mpc.fixed_operand`),
+    the mask plans (``masks``: :mod:`mpcache.mpc.masked`)
     and the three-operand gathers (``gather_scores``, ``gather_values``: :mod:`mpcache.mpc.gather_triple`), without
     CrypTen's serve loop. Each returns party 0's share of the answer (the value minus the other parties' seeded
     shares) or None (no answer)."""
@@ -725,6 +727,14 @@ def handlers_class():
                 p = parts((size,), size)
                 rB = total([q[0] & 1 for q in p], torch.bitwise_xor)
                 ans = rB - total([q[1] for q in p[1:]])
+            elif func == "masks":  # mpcache.mpc.masked: n masks of numel elements, the products its plan needs
+                from .masked import dealer_products
+
+                numel, slots, subsets = args
+                p = parts([(numel,)] * slots, (len(subsets), numel))
+                masks = [total([q[i] for q in p]) for i in range(slots)]
+                c = dealer_products(masks, subsets)
+                ans = c.reshape(count, -1) - total([q[slots] for q in p[1:]]).reshape(count, -1)
             else:  # fixed_triple
                 from .fixed_operand import eval_spec, ring_matmul
 
@@ -739,6 +749,14 @@ def handlers_class():
                     c = torch.stack([ring_matmul(a[k], B) for k in range(count)])
                 ans = c.reshape(count, -1) - total([q[1] for q in p[1:]]).reshape(count, -1)
             return ans.reshape(-1)
+
+        def masks(self, numel, n, subsets):
+            """A mask plan unpooled (CUDA): n masks drawn in order, then party 0's share of their products."""
+            from .masked import dealer_products
+
+            ms = [self._get_additive_PRSS(torch.Size((numel,))) for _ in range(n)]
+            c = dealer_products(ms, subsets)
+            return c - self._get_additive_PRSS(c.size(), remove_rank=True)
 
         # ---- fixed operands (mpcache.mpc.fixed_operand) --------------------------------------------------------
         def fixed_register(self, entries):
