@@ -12,8 +12,8 @@ benchmark mode; 3PC dealer-free). Variants:
   Beaver forms forced: the polynomial in its Paterson-Stockmeyer form (``ps``: the 2PC default of sessions 11-12, in
   lockstep with the comparison) and the Chebyshev doubling (``doubling``: before session 11, 3PC's default);
 * ``gelu``: the same three (degree 6: the same rounds);
-* ``norm``: RMSNorm's v / sqrt(sum v^2 + D eps) (``norm_scale``: 10 rounds on a 2PC decode row since session 12,
-  11 over many rows);
+* ``norm``: RMSNorm's v / sqrt(sum v^2 + D eps) (``norm_scale``: 9 rounds on a 2PC decode row since session 13,
+  10 over many rows);
 * ``argmax``: the index of the vocabulary's first maximum (``argmax_index``).
 
 Per row: bytes sent per element (party 0's online traffic, per input element), rounds, party 0's wall seconds, and

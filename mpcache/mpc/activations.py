@@ -66,13 +66,15 @@ def _square(x):
     return x * x if isinstance(x, torch.Tensor) else x.square()
 
 
-def _cmp_lanes(x, lanes: int, block: int = 2):
+def _cmp_lanes(x, lanes: int, block: int | None = 2, b2a=None):
     """[x < 0] with the comparison ``lanes`` names: 16 (coarse: 1/16 resolution, |x| < 2032, :func:`_ltz_lanes`),
     32 (exact, |x| < 32760, the lean circuit) or 64 (CrypTen's 64-bit circuit). ``block``: the bit-sliced circuit's
     first-round blocks (compare.py: 2 = the fewest bytes, 4 = one round less in 2PC)."""
     if lanes == 64:
+        if b2a is not None:
+            raise ValueError("a mask plan's B2A needs the bit-sliced comparison (act_lanes 8, 16 or 32)")
         return x._ltz()
-    return _ltz_lanes(x, lanes, 12 if lanes == 16 else 0, block=block)
+    return _ltz_lanes(x, lanes, 12 if lanes == 16 else 0, block=block, b2a=b2a)
 
 
 def chebyshev_terms(u, degree: int):
@@ -218,59 +220,59 @@ def _series_monomials(coeffs, slot: dict) -> tuple[dict, float]:
 def _masked_half_plus_even(x, T: float, coeffs, lanes: int, lockstep: bool = True, gate=None):
     """x/2 + h(x) (times ``gate``) on open-once masks (:mod:`mpcache.mpc.masked`): the values x (and the gate),
     u = 2 (x/T)^2 - 1, T2(u), T3(u) (and T4(u) at degree 7-8) are each opened once (rounds A-D, in lockstep with the
-    breakpoints' comparison, blocks of 4: 4 rounds), every Chebyshev term T_5..T_8 is then a product of two opened
-    values (local), and round E opens the comparison's s = [x > T] - [x < -T] and o = 1 - [x > T] - [x < -T] (and,
-    gated, the polynomial p). The output is one local sum:
+    breakpoints' comparison), every Chebyshev term T_5..T_8 is then a product of two opened values (local), and the
+    comparison's bits gt = [x > T], lt = [x < -T] come out of its B2A as bit slots of the same plan, so with
+    s = gt - lt and o = 1 - gt - lt (public affine combinations of their masks: one factor each) the output is one
+    local sum:
 
         ungated:  (1 + s) x/2 + o p           (o p = sum c_k o T_k: monomials of o and <= 2 opened values)
-        gated:    (1 + s) x g/2 + o g p
+        gated:    (1 + s) x g/2 + o g p       (p opened in round E)
 
-    Where |x| > T the polynomial overflows the ring (garbage), but it only enters through monomials with the bit o,
-    which are exactly 0 there (:mod:`mpcache.mpc.masked`, exact zeros). Rounds (2PC): 4 + 1 = 5 on a decode row
-    (the comparison's blocks of 4); over many rows (blocks of 2: 5 rounds) 6. Bytes per element: 2 comparisons
-    (2 x ~22.6 B with blocks of 4, 2 x ~11.4 B with 2) + 8 per opened value: 8 x (x, u, t2, t3, t4, s, o) = 56
-    (SiLU: 101 B on a decode row), GeLU (no t4) 48 (93 B), gated SiLU 8 x 9 = 72 (117 B; 95 B over many rows).
-    Float model:
-    :func:`_half_plus_even_reference` (the same function; fixed-point error: a few ulps per term). Leaks: shapes."""
+    Where |x| > T the polynomial overflows the ring (garbage), but it only enters through monomials with the factor
+    o, which are exactly 0 there (:mod:`mpcache.mpc.masked`, exact zeros). Rounds (2PC): ungated max(cmp, 4): 4 on
+    a decode row (the comparison's blocks of 4), 5 over many rows (blocks of 2); gated one more (p's opening).
+    Bytes per element: 2 comparisons (2 x ~22.6 B with blocks of 4, 2 x ~11.4 B with 2, their B2A included) + 8 per
+    opened value: 8 x (x, u, t2, t3, t4) = 40 (SiLU: ~85 B on a decode row), GeLU (no t4) 32 (~77 B), gated SiLU
+    8 x 7 = 56 (~101 B; ~79 B over many rows). Float model: :func:`_half_plus_even_reference` (the same function;
+    fixed-point error: a few ulps per term). Leaks: shapes only."""
     from .lockstep import parallel
-    from .masked import Plan
+    from .masked import BIT, RING, Plan
 
     degree = len(coeffs) - 1
-    names = ["x"] + (["g"] if gate is not None else []) + ["u", "t2", "t3"] + (["t4"] if degree >= 7 else [])
-    names += (["p"] if gate is not None else []) + ["s", "o"]
-    slot = {n: i for i, n in enumerate(names)}
-    X, U, T2, T3, S, O = (slot[n] for n in ("x", "u", "t2", "t3", "s", "o"))
+    shape = tuple(int(d) for d in x.size())
+    ring = ["x", "u", "t2", "t3"] + (["t4"] if degree >= 7 else []) + (["g", "p"] if gate is not None else [])
+    slots = {n: (shape, RING) for n in ring} | {"gt": (shape, BIT), "lt": (shape, BIT)}
+    derived = {"s": (0, {"gt": 1, "lt": -1}), "o": (1, {"gt": -1, "lt": -1})}
+    slot = {n: n for n in slots}
     p_terms, p_const = _series_monomials(coeffs, slot)
     if gate is None:
-        out = {(X,): 0.5, (X, S): 0.5, (O,): p_const}
+        out = {("x",): 0.5, ("s", "x"): 0.5, ("o",): p_const}
         for m, c in p_terms.items():
-            key = tuple(sorted((O, *m)))
-            out[key] = out.get(key, 0.0) + c
+            out[("o", *m)] = out.get(("o", *m), 0.0) + c
     else:
-        G, P = slot["g"], slot["p"]
-        out = {(X, G): 0.5, (X, G, S): 0.5, (G, P, O): 1.0}
-    monos = [(X, X), (U, U), (U, T2), (T2, T2), *p_terms, *out]
-    plan = Plan(x, len(names), monos)
+        out = {("g", "x"): 0.5, ("g", "s", "x"): 0.5, ("g", "o", "p"): 1.0}
+    monos = [("x", "x"), ("u", "u"), ("t2", "u"), ("t2", "t2"), *p_terms, *out]
+    plan = Plan(slots, monos, derived, device=x.device)
 
     def poly():
-        plan.open([(X, x)] + ([(slot["g"], gate)] if gate is not None else []))  # A
-        plan.open([(U, plan.lin({(X, X): 2.0 / T**2}, -1.0))])  # B
-        plan.open([(T2, plan.lin({(U, U): 2.0}, -1.0))])  # C
-        opens = [(T3, plan.lin({(U, T2): 2.0, (U,): -1.0}))]
-        if "t4" in slot:
-            opens.append((slot["t4"], plan.lin({(T2, T2): 2.0}, -1.0)))
+        plan.open([("x", x)] + ([("g", gate)] if gate is not None else []))  # A
+        plan.open([("u", plan.lin({("x", "x"): 2.0 / T**2}, -1.0))])  # B
+        plan.open([("t2", plan.lin({("u", "u"): 2.0}, -1.0))])  # C
+        opens = [("t3", plan.lin({("t2", "u"): 2.0, ("u",): -1.0}))]
+        if "t4" in slots:
+            opens.append(("t4", plan.lin({("t2", "t2"): 2.0}, -1.0)))
         plan.open(opens)  # D
         return plan.lin(p_terms, p_const) if gate is not None else None
 
-    b, p = parallel(
-        # [x > T], [x < -T]: one comparison layer, its first round's blocks by size (compare.block_size: 4 on a
-        # decode row -- 4 rounds, as long as A-D -- and 2 over many rows, where bytes outweigh a round)
-        lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes, block=None),
+    # [x > T], [x < -T]: one comparison layer, its first round's blocks by size (compare.block_size: 4 on a decode
+    # row -- 4 rounds, as long as A-D -- and 2 over many rows, where bytes outweigh a round), its B2A into the plan
+    _, p = parallel(
+        lambda: _cmp_lanes(_stack([-x + T, x + T]), lanes, block=None, b2a=plan.b2a("gt", "lt")),
         poly,
         enabled=lockstep,
     )
-    s, o = b[0] - b[1], 1 - b[0] - b[1]
-    plan.open([(S, s), (O, o)] + ([(slot["p"], p)] if gate is not None else []))  # E
+    if gate is not None:
+        plan.open([("p", p)])  # E
     return plan.lin(out)
 
 

@@ -149,10 +149,43 @@ def sliced_window(lo: int, hi: int, scale_bits: int = 16) -> tuple[int, int]:
     return min(64, hi + 1 + scale_bits - shift + 2), shift
 
 
-def _step_guess(x, lo: int, hi: int, q: int, lean):
+def _guess_and_d0_masked(x, diffs, d: torch.Tensor, base: float, lo: int, hi: int, lockstep: bool):
+    """(y0, d0 = x y0) with d0 local: the comparison's B2A into a mask plan's bit slot (the bits b_k), x opened once
+    in lockstep with its first round (8 B per element), then x y0 = base x + sum_k d_k (b_k x), every b_k x an exact
+    ring product of a bit and one opened value (:mod:`mpcache.mpc.masked`); the sum is exact in the ring (its
+    terms may wrap, their sum ~ 2^32 does not), then ONE truncation. The Beaver product's round is gone."""
+    from .lockstep import parallel
+    from .masked import BIT, RING, Plan
+
+    shape = tuple(int(v) for v in x.size())
+    plan = Plan({"b": (tuple(int(v) for v in diffs.size()), BIT), "x": (shape, RING)}, [("b", "x")], device=x.device)
+    ltz, _ = parallel(
+        lambda: _ltz_lanes(
+            diffs, *sliced_window(lo, hi, x.encoder._precision_bits), b2a=plan.b2a("b", complement=True)
+        ),
+        lambda: plan.open([("x", x)]),
+        enabled=lockstep,
+    )
+    bits = 1 - ltz
+    dd = d.to(bits.share.device)
+    y = x.clone()
+    y.share = (bits.share * dd).sum(0)
+    prec = x.encoder._precision_bits
+    acc = (plan.raw(("b", "x")) * dd).sum(0) + x.share * round(base * 2**prec)
+    d0 = x.clone()
+    d0.share = acc.div(2**prec, rounding_mode="trunc")  # CrypTen's 2PC truncation, on this party's share
+    return y + base, d0
+
+
+def _step_guess(x, lo: int, hi: int, q: int, lean, masked: bool = False, lockstep: bool = True):
+    """y0 (and, ``masked``, d0 = x y0 without its product round: :func:`_guess_and_d0_masked`)."""
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     diffs = _minus_publics(x, ts)  # (T, ...): x - t_k, one local op
+    if masked:
+        if lean != "sliced":
+            raise ValueError("the masked step guess needs the sliced comparison (lean='sliced')")
+        return _guess_and_d0_masked(x, diffs, d, base, lo, hi, lockstep)
     if lean == "sliced":
         bits = 1 - _ltz_lanes(diffs, *sliced_window(lo, hi, x.encoder._precision_bits))
     else:
@@ -169,8 +202,12 @@ def reciprocal_gs(
     hi: int = RECIP_RANGE[1],
     q: int = RECIP_GS_STEPS,
     lean: bool | str = False,
+    masked: bool = False,
+    lockstep: bool = True,
 ):
     """1/x for x in [2^lo, 2^(hi+1)) by Goldschmidt's iteration from a finer step guess.
+    ``masked`` (2PC with TFP or the dealer, ``lean="sliced"``): d0 = x y0 without its product's round
+    (:func:`_guess_and_d0_masked`: x opened once beside the comparison, the bits' B2A into a mask plan).
     ``lean``: the guess's comparisons in 32-bit lanes (True: valid while x < 2^15), "sliced": ONE bit-sliced
     comparison layer as wide as the range needs (:func:`sliced_window`: width hi - lo + 10 bits at a resolution of
     2^-7 of the smallest threshold; e.g. 31 bits for a 45-entry anchored row: 5 rounds in 2PC), or CrypTen's.
@@ -179,13 +216,16 @@ def reciprocal_gs(
     r = 2^(1/q) (0.087 for q = 4); then d0 = x y0 and, per step, f = 2 - d, (y, d) <- (y f, d f): the two
     products are independent, so a step is ONE round (Newton's y (2 - x y) is two). Relative error
     0.087^(2^iters) ~ 3e-9 after 3 steps (float model), plus ~1 ulp of truncation per step.
-    Rounds: 1 cmp + 1 + iters mul (Newton from the octave guess: 1 cmp + 2*4 mul).
+    Rounds: 1 cmp + 1 + iters mul (``masked``: 1 cmp + iters mul; Newton from the octave guess: 1 cmp + 2*4 mul).
     Bytes: (hi-lo+1) q comparisons per element (the softmax calls it once per row).  Leaks: shapes only.
     """
     import crypten
 
-    y = _step_guess(x, lo, hi, q, lean)
-    d = x * y
+    if masked:
+        y, d = _step_guess(x, lo, hi, q, lean, masked=True, lockstep=lockstep)
+    else:
+        y = _step_guess(x, lo, hi, q, lean)
+        d = x * y
     for k in range(iters):
         f = 2 - d
         if k == iters - 1:

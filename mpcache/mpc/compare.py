@@ -254,7 +254,7 @@ def b2a_plane(s: torch.Tensor, N: int):
     return rA[:N] * (1 - 2 * zb) + zb
 
 
-def _ltz_lanes(x, width: int = 16, shift: int = 12, block: int | None = None):
+def _ltz_lanes(x, width: int = 16, shift: int = 12, block: int | None = None, b2a=None):
     """[x < 0] for a coarse comparison: the sign of ``floor(x / 2^shift)`` as a ``width``-bit integer. Each party
     takes bits ``[shift, shift + width)`` of its own share (no communication: the sum of the parties'
     ``floor(x_i / 2^shift) mod 2^width`` is ``floor(x / 2^shift) - c mod 2^width``, where c counts the carries out
@@ -282,7 +282,9 @@ def _ltz_lanes(x, width: int = 16, shift: int = 12, block: int | None = None):
     4 rounds, 90 planes ~ 22.6 B. CrypTen's 64-bit circuit: 8 rounds, 216 B. 3 parties: one round more than 2PC
     (the hand-over), each AND opened to both peers, + 8 B per element from party 2 to party 0 (session 11's
     carry-save circuit: 8 rounds at width 32, 7 at 16). Leaks: shapes only (the block size is a function of the public size).
-    Float model: :func:`ltz_lanes_reference`."""
+    ``b2a`` (2PC): the last step through a mask plan's bit slots instead (:meth:`mpcache.mpc.masked.Plan.b2a`: the
+    same opening, and the bits' products with the plan's opened values are then local). Float model:
+    :func:`ltz_lanes_reference`."""
     import crypten.communicator as comm
 
     if not 2 <= width <= 64 - shift:
@@ -303,6 +305,8 @@ def _ltz_lanes(x, width: int = 16, shift: int = 12, block: int | None = None):
     if n == 3:  # every share a fresh XOR sharing before the levels' openings (3PC's openings show a peer's share)
         G, P, top = (t ^ zero_share(t.size(), t.device, binary=True) for t in (G, P, top))
     sign = top ^ _carry_levels(G, P)
+    if b2a is not None:
+        return _from_shares(b2a(sign, N).reshape(shape), precision=0)
     return _from_shares(b2a_plane(sign, N).share.reshape(shape), precision=0)
 
 

@@ -728,13 +728,11 @@ def handlers_class():
                 rB = total([q[0] & 1 for q in p], torch.bitwise_xor)
                 ans = rB - total([q[1] for q in p[1:]])
             elif func == "masks":  # mpcache.mpc.masked: n masks of numel elements, the products its plan needs
-                from .masked import dealer_products
+                from .masked import answer_numel, dealer_answer, mask_values, own_sizes
 
-                numel, slots, subsets = args
-                p = parts([(numel,)] * slots, (len(subsets), numel))
-                masks = [total([q[i] for q in p]) for i in range(slots)]
-                c = dealer_products(masks, subsets)
-                ans = c.reshape(count, -1) - total([q[slots] for q in p[1:]]).reshape(count, -1)
+                spec, subsets = args
+                p = parts(own_sizes(spec), (answer_numel(spec, subsets),))
+                ans = dealer_answer(mask_values(p, spec, total), spec, subsets) - total([q[len(spec)] for q in p[1:]])
             else:  # fixed_triple
                 from .fixed_operand import eval_spec, ring_matmul
 
@@ -750,13 +748,19 @@ def handlers_class():
                 ans = c.reshape(count, -1) - total([q[1] for q in p[1:]]).reshape(count, -1)
             return ans.reshape(-1)
 
-        def masks(self, numel, n, subsets):
-            """A mask plan unpooled (CUDA): n masks drawn in order, then party 0's share of their products."""
-            from .masked import dealer_products
+        def masks(self, spec, subsets):
+            """A mask plan unpooled (CUDA): each party's own draws in order, then party 0's share of the answer."""
+            from crypten.common.rng import generate_random_ring_element
 
-            ms = [self._get_additive_PRSS(torch.Size((numel,))) for _ in range(n)]
-            c = dealer_products(ms, subsets)
-            return c - self._get_additive_PRSS(c.size(), remove_rank=True)
+            from .masked import answer_numel, dealer_answer, mask_values, own_sizes
+
+            gens = self._get_generators(device=self.device)
+            p = [
+                [generate_random_ring_element(torch.Size(z), generator=g).unsqueeze(0) for z in own_sizes(spec)]
+                for g in gens
+            ]
+            c = dealer_answer(mask_values(p, spec, lambda xs, op=torch.add: functools.reduce(op, xs)), spec, subsets)
+            return c.reshape(-1) - self._get_additive_PRSS(torch.Size((answer_numel(spec, subsets),)), remove_rank=True)
 
         # ---- fixed operands (mpcache.mpc.fixed_operand) --------------------------------------------------------
         def fixed_register(self, entries):

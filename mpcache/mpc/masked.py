@@ -44,6 +44,7 @@ import itertools
 import torch
 
 FRAC = 16  # the fixed-point fraction bits the plan's outputs carry (CrypTen's default precision)
+RING, BIT = "ring", "bit"  # slot kinds: a uniform ring mask, or a random bit (a comparison's B2A, below)
 
 
 def usable(cfg) -> bool:
@@ -64,10 +65,51 @@ def closure(monomials) -> tuple[tuple[int, ...], ...]:
     return tuple(sorted(out, key=lambda s: (len(s), s)))
 
 
-def dealer_products(masks: list[torch.Tensor], subsets) -> torch.Tensor:
-    """The products of masks, stacked on dim -2 (masks: each ``(..., N)``): what the dealer (or TFP's party 0)
-    shares."""
-    return torch.stack([functools.reduce(torch.mul, [masks[i] for i in s]) for s in subsets], dim=-2)
+def _numel(shape) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _bshape(shapes) -> tuple:
+    return tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
+
+
+def own_sizes(spec) -> list[tuple]:
+    """Each party's own draws per slot: a ring mask's share (the slot's shape), or a bit slot's XOR share packed 64
+    elements to a word (:func:`mpcache.mpc.compare.pack_bits`)."""
+    return [(_numel(sh),) if kind == RING else (-(-_numel(sh) // 64),) for sh, kind in spec]
+
+
+def answer_numel(spec, subsets) -> int:
+    """The dealer's answer (party 0's shares): every bit slot's arithmetic share, then every product of masks."""
+    bits = sum(_numel(sh) for sh, kind in spec if kind == BIT)
+    return bits + sum(_numel(_bshape([spec[i][0] for i in sub])) for sub in subsets)
+
+
+def dealer_answer(values: list[torch.Tensor], spec, subsets) -> torch.Tensor:
+    """(count, answer_numel) from the masks' values, each (count, *shape) (bit slots: 0/1): the bit slots' values,
+    then the products of masks (broadcast), flattened. What the dealer (or TFP's party 0) shares."""
+    count = values[0].shape[0]
+    rank = max(len(sh) for sh, _ in spec)
+    values = [v.reshape(count, *((1,) * (rank - len(sh))), *sh) for v, (sh, _) in zip(values, spec)]  # right-aligned
+    parts = [values[i].reshape(count, -1) for i, (_, kind) in enumerate(spec) if kind == BIT]
+    for sub in subsets:
+        parts.append(functools.reduce(torch.mul, [values[i] for i in sub]).reshape(count, -1))
+    return torch.cat(parts, dim=1)
+
+
+def mask_values(parts, spec, total) -> list[torch.Tensor]:
+    """The masks' values from every party's own draws (``parts[party][slot]``, each ``(count, *own size)``): a ring
+    mask is the sum of the shares, a bit slot's bits the XOR of the packed shares, unpacked. The dealer's side."""
+    from .compare import unpack_bits
+
+    out = []
+    for i, (sh, kind) in enumerate(spec):
+        if kind == RING:
+            v = total([q[i] for q in parts])
+        else:
+            v = unpack_bits(total([q[i] for q in parts], torch.bitwise_xor), _numel(sh))
+        out.append(v.reshape(v.shape[0], *sh))
+    return out
 
 
 def _comm():
@@ -76,118 +118,225 @@ def _comm():
     return comm.get()
 
 
-def _draw(numel: int, n: int, subsets, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """This party's shares of the n masks (each ``(numel,)``) and of their products (``(len(subsets), numel)``)."""
+def _draw(spec, subsets, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """This party's own draws (per slot: its ring mask share, or its packed XOR share of the bit mask) and its flat
+    share of the dealer's answer (:func:`answer_numel`)."""
     import crypten
 
     from .lean_tfp import share_from_party0
 
-    size, out = (numel,), (len(subsets), numel)
+    own, ans = own_sizes(spec), (answer_numel(spec, subsets),)
     name = crypten.mpc.get_default_provider().NAME
+    args = (tuple((tuple(sh), kind) for sh, kind in spec), subsets)
     if name == "TTP":
+        from crypten.common.rng import generate_random_ring_element
+
         from .dealer import client, pooled_device
 
         cl = client()
-        args = (numel, n, subsets)
         if pooled_device(device):
-            parts = cl.pooled("masks", device, args, [size] * n, out)
-            return parts[:n], parts[n]
-        from crypten.common.rng import generate_random_ring_element
-
+            parts = cl.pooled("masks", device, args, own, ans)
+            return parts[: len(own)], parts[len(own)]
         gen = cl.generator(device)
-        masks = [generate_random_ring_element(torch.Size(size), generator=gen, device=device) for _ in range(n)]
+        draws = [generate_random_ring_element(torch.Size(z), generator=gen, device=device) for z in own]
         if cl.rank == 0:
-            prods = cl.request("masks", device, args, out)
+            answer = cl.request("masks", device, args, ans)
         else:
-            prods = generate_random_ring_element(torch.Size(out), generator=gen, device=device)
-        return masks, prods
+            answer = generate_random_ring_element(torch.Size(ans), generator=gen, device=device)
+        return draws, answer
     if name != "TFP":
         raise NotImplementedError(f"mask plans need the TFP or TTP provider, not {name!r}")
-    from crypten.common.rng import generate_random_ring_element
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
 
-    both = None
-    if _comm().get_rank() == 0:
-        b = generate_random_ring_element(torch.Size((n, numel)), device=device)
-        both = torch.cat([b, dealer_products(list(b), subsets)]) if subsets else b
-    s = share_from_party0(both, (n + len(subsets), numel), device)
-    return list(s[:n]), s[n:]
+    from .compare import pack_bits
+
+    rank = _comm().get_rank()
+    draws = []
+    values = []
+    for (sh, kind), z in zip(spec, own):
+        if kind == RING:
+            v = generate_random_ring_element(torch.Size(sh), device=device) if rank == 0 else None
+            draws.append(share_from_party0(None if v is None else v.reshape(-1), z, device))
+        else:
+            v = generate_kbit_random_tensor(torch.Size(sh), bitlength=1, device=device) if rank == 0 else None
+            w = None if v is None else pack_bits(v.reshape(-1))
+            draws.append(share_from_party0(w, z, device, binary=True))
+        values.append(None if v is None else v.unsqueeze(0))
+    answer = dealer_answer(values, spec, subsets).reshape(-1) if rank == 0 else None
+    return draws, share_from_party0(answer, ans, device)
 
 
 class Plan:
-    """The masks of one protocol call: ``n`` slots shaped like ``like`` and the products its monomials need.
+    """The masks of one protocol call: named slots ``{name: (shape, kind)}``, optional *derived* slots
+    ``{name: (const, {slot: coef})}`` (a public affine combination of slots of one scale, e.g. o = 1 - b_gt - b_lt
+    of two bit slots: one factor of a monomial, so o y is exactly 0 where o is 0), and the monomials (tuples of
+    names) it will evaluate; the dealer's tuple is drawn at once (no traffic online).
 
-    :meth:`open` opens slots (one exchange), :meth:`mono` evaluates a monomial of opened slots (local),
-    :meth:`lin` a linear combination of monomials (local, one truncation). Every slot is opened at most once."""
+    :meth:`open` opens ring slots (one exchange), :meth:`b2a` turns a comparison's XOR-shared bits into bit slots
+    (its B2A opening), :meth:`lin` evaluates a linear combination of monomials (local, one truncation). Every slot
+    is opened at most once. Monomials broadcast their slots' shapes."""
 
-    def __init__(self, like, n: int, monomials):
-        self.shape, self.device = like.size(), like.device
-        self.numel = int(torch.Size(self.shape).numel())
-        self.subsets = closure(monomials)
-        self._at = {s: k for k, s in enumerate(self.subsets)}
-        self.masks, self.prods = _draw(self.numel, n, self.subsets, self.device)
-        self.d: list = [None] * n
-        self.scale: list = [None] * n
+    def __init__(self, slots: dict, monomials, derived: dict | None = None, device=None):
+        self.names = list(slots)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.spec = [(tuple(int(d) for d in slots[n][0]), slots[n][1]) for n in self.names]
+        self.derived = dict(derived or {})
+        self.device = device
+        self.subsets = closure(c for m in monomials for c in self._mask_choices(m))
+        self.draws, answer = _draw(self.spec, self.subsets, device)
         self.rank = _comm().get_rank()
+        self.share: list = [None] * len(self.spec)  # per slot: this party's share of its mask (bits: arithmetic)
+        at = 0
+        for i, (sh, kind) in enumerate(self.spec):
+            if kind == RING:
+                self.share[i] = self.draws[i].reshape(sh)
+            else:
+                self.share[i] = answer[at : at + _numel(sh)].reshape(sh)
+                at += _numel(sh)
+        self.prods = {}
+        for sub in self.subsets:
+            bs = _bshape([self.spec[i][0] for i in sub])
+            self.prods[sub] = answer[at : at + _numel(bs)].reshape(bs)
+            at += _numel(bs)
+        self.alpha: list = [None] * len(self.spec)  # the public part: D (ring slots) or the bit's affine offset
+        self.beta: list = [None] * len(self.spec)  # the mask's public factor (None: 1)
+        self.scale: list = [1] * len(self.spec)
+
+    def _bases(self, name: str) -> list[int]:
+        if name in self.derived:
+            return [self.index[b] for b in self.derived[name][1]]
+        return [self.index[name]]
+
+    def _mask_choices(self, monomial):
+        """Every multiset of masks the monomial's expansion multiplies (one mask or none per factor): the closure's
+        input (a derived factor contributes any one of its slots' masks)."""
+        out = []
+        for pick in itertools.product(*[[None, *self._bases(n)] for n in monomial]):
+            out.append(tuple(i for i in pick if i is not None))
+        return out
+
+    def _fresh(self, name: str, kind: str) -> int:
+        i = self.index[name]
+        if self.spec[i][1] != kind:
+            raise ValueError(f"mask plan: slot {name!r} is a {self.spec[i][1]} slot")
+        if self.alpha[i] is not None:
+            raise RuntimeError(f"mask plan: slot {name!r} is already open (a mask masks one value once)")
+        return i
 
     def open(self, items) -> None:
-        """Open ``v - B_i`` for each ``(slot, v)`` (v an MPCTensor shaped like the plan): ONE exchange, 8 B per
-        element and slot per party (2PC). Leaks nothing: each ``B_i`` is fresh, uniform and used once."""
-        for i, _ in items:
-            if self.d[i] is not None:
-                raise RuntimeError(f"mask plan: slot {i} is already open (a mask masks one value once)")
-        flat = torch.cat([v.share.reshape(-1) - self.masks[i] for i, v in items])
+        """Open ``v - B`` for each ``(name, v)`` (v an MPCTensor shaped like its ring slot): ONE exchange, 8 B per
+        element per party (2PC). Leaks nothing: each ``B`` is fresh, uniform and used once."""
+        idx = [self._fresh(n, RING) for n, _ in items]
+        flat = torch.cat([v.share.reshape(-1) - self.draws[i] for i, (_, v) in zip(idx, items)])
         flat = _comm().all_reduce(flat)
-        for k, (i, v) in enumerate(items):
-            self.d[i] = flat[k * self.numel : (k + 1) * self.numel]
+        at = 0
+        for i, (_, v) in zip(idx, items):
+            k = self.draws[i].numel()
+            self.alpha[i] = flat[at : at + k].reshape(self.spec[i][0])
             self.scale[i] = int(v.encoder.scale)
+            at += k
 
-    def _share_of(self, sub: tuple) -> torch.Tensor | None:
-        if not sub:
-            return None  # the public 1: party 0 adds it
-        if len(sub) == 1:
-            return self.masks[sub[0]]
-        return self.prods[self._at[sub]]
+    def b2a(self, *names: str, complement: bool = False):
+        """A B2A for :func:`mpcache.mpc.compare._ltz_lanes` (``b2a=``) through bit slots ``names`` (the comparison's
+        elements in their order, slot after slot): it opens the packed ``sign ^ r`` (r the slots' random bits: 8 B
+        per 64 elements, 1 round, as :func:`mpcache.mpc.compare.b2a_plane`) and returns the arithmetic share of the
+        signs, c + (1 - 2c) [r]; each slot then stands for its sign (``complement``: for 1 - sign), a public affine
+        function of its mask r, so its products with opened slots are local (:meth:`lin`). Leaks nothing: r is
+        uniform per bit."""
+        idx = [self._fresh(n, BIT) for n in names]
+        sizes = [_numel(self.spec[i][0]) for i in idx]
 
-    def mono_raw(self, slots) -> torch.Tensor:
-        """This party's share of prod v_i at scale 2^FRAC (a ring tensor, flat): exact, then one local truncation
-        where two fixed-point factors meet (a bit factor adds no scale)."""
-        slots = tuple(sorted(slots))
-        k = len(slots)
-        z = None
-        for take in itertools.product((False, True), repeat=k):  # True: the mask's share, False: the public D
-            sub = tuple(s for s, t in zip(slots, take) if t)
-            share = self._share_of(sub)
-            pub = [self.d[s] for s, t in zip(slots, take) if not t]
-            if share is None:
-                if self.rank != 0:
-                    continue
-                term = functools.reduce(torch.mul, pub)
-            else:
-                term = functools.reduce(torch.mul, pub, share) if pub else share
-            z = term if z is None else z + term
-        if z is None:
-            z = torch.zeros_like(self.masks[0])
-        bits = sum(self.scale[s].bit_length() - 1 for s in slots) - FRAC
+        def run(s_words: torch.Tensor, N: int) -> torch.Tensor:
+            from crypten.mpc.primitives import BinarySharedTensor as BST
+
+            from .compare import pack_bits, unpack_bits
+
+            if N != sum(sizes):
+                raise ValueError(f"mask plan: bit slots {names} hold {sum(sizes)} bits, the comparison {N}")
+            r = (
+                self.draws[idx[0]]
+                if len(idx) == 1
+                else pack_bits(torch.cat([unpack_bits(self.draws[i], k) for i, k in zip(idx, sizes)]))
+            )
+            c_all = unpack_bits(BST.from_shares(s_words ^ r).reveal(), N)
+            signs, at = [], 0
+            for i, k in zip(idx, sizes):
+                c = c_all[at : at + k].reshape(self.spec[i][0])
+                at += k
+                signs.append((self.share[i] * (1 - 2 * c) + (c if self.rank == 0 else 0)).reshape(-1))
+                self.alpha[i], self.beta[i] = (1 - c, 2 * c - 1) if complement else (c, 1 - 2 * c)
+            return torch.cat(signs)
+
+        return run
+
+    def _factor(self, name: str):
+        """(alpha, [(mask slot, public factor or None), ...]) of a slot or derived slot: its value is
+        alpha + sum factor * B."""
+        if name not in self.derived:
+            i = self.index[name]
+            if self.alpha[i] is None:
+                raise RuntimeError(f"mask plan: slot {name!r} is not open yet")
+            return self.alpha[i], [(i, self.beta[i])], self.scale[i]
+        const, coefs = self.derived[name]
+        alpha, comps, scales = const, [], set()
+        for b, c in coefs.items():
+            a, ((i, beta),), sc = self._factor(b)
+            alpha = alpha + c * a
+            comps.append((i, c if beta is None else c * beta))
+            scales.add(sc)
+        if len(scales) != 1:
+            raise ValueError(f"mask plan: derived slot {name!r} mixes scales {sorted(scales)}")
+        return alpha, comps, scales.pop()
+
+    def raw(self, names) -> torch.Tensor:
+        """This party's share of prod v_i, exact (a sharing of the product mod 2^64, broadcast), at the product of
+        the factors' scales (bits: 1)."""
+        return self._raw([self._factor(n) for n in names])
+
+    def mono_raw(self, names) -> torch.Tensor:
+        """This party's share of prod v_i at scale 2^FRAC (a ring tensor, broadcast): exact (:meth:`raw`), then one
+        local truncation where two fixed-point factors meet (a bit adds no scale)."""
+        factors = [self._factor(n) for n in names]
+        z = self._raw(factors)
+        bits = sum(f[2].bit_length() - 1 for f in factors) - FRAC
         if bits > 0:
             z = z.div(1 << bits, rounding_mode="trunc")  # CrypTen's 2PC truncation, on this party's share
         elif bits < 0:
             z = z * (1 << -bits)
         return z
 
+    def _raw(self, factors) -> torch.Tensor:
+        z = None
+        for pick in itertools.product(*[[None, *comps] for _, comps, _ in factors]):
+            sub = tuple(sorted(c[0] for c in pick if c is not None))
+            if not sub and self.rank != 0:
+                continue  # the all-public term: party 0 adds it
+            pub = [f[0] for f, c in zip(factors, pick) if c is None]
+            pub += [c[1] for c in pick if c is not None and c[1] is not None]
+            share = None if not sub else self.share[sub[0]] if len(sub) == 1 else self.prods[sub]
+            if share is None:
+                term = functools.reduce(torch.mul, pub)
+            else:
+                term = functools.reduce(torch.mul, pub, share) if pub else share
+            z = term if z is None else z + term
+        if z is None:  # party 1 of an all-public product (no such monomial in use)
+            z = torch.zeros((), dtype=torch.long, device=self.device)
+        return z
+
     def lin(self, terms: dict, const: float = 0.0):
-        """``const + sum c * monomial`` (terms: slot tuple -> float) as a fixed-point MPCTensor shaped like the
-        plan: each monomial at scale 2^16, the public coefficients at 2^16, one truncation of the sum. Error: <= 1
-        ulp per monomial with two fixed-point factors times |c|, plus 1."""
+        """``const + sum c * monomial`` (terms: tuple of slot names -> float) as a fixed-point MPCTensor (the
+        monomials' shapes broadcast): each monomial at scale 2^16, the public coefficients at 2^16, one truncation of
+        the sum. Error: <= 1 ulp per monomial with two fixed-point factors times |c|, plus 1."""
         from .compare import _from_shares
 
         acc = None
-        for slots, c in terms.items():
-            t = self.mono_raw(slots) * round(c * (1 << FRAC))
+        for names, c in terms.items():
+            t = self.mono_raw(names) * round(c * (1 << FRAC))
             acc = t if acc is None else acc + t
         if self.rank == 0 and const:
             acc = acc + round(const * (1 << FRAC)) * (1 << FRAC)
         acc = acc.div(1 << FRAC, rounding_mode="trunc")
-        return _from_shares(acc.reshape(self.shape), precision=FRAC)
+        return _from_shares(acc, precision=FRAC)
 
 
 def mono_reference(values: list[torch.Tensor]) -> torch.Tensor:
@@ -195,4 +344,15 @@ def mono_reference(values: list[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(torch.mul, [v.double() for v in values])
 
 
-__all__ = ["Plan", "closure", "dealer_products", "mono_reference", "usable"]
+__all__ = [
+    "BIT",
+    "RING",
+    "Plan",
+    "answer_numel",
+    "closure",
+    "dealer_answer",
+    "mask_values",
+    "mono_reference",
+    "own_sizes",
+    "usable",
+]

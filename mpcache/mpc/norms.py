@@ -13,6 +13,7 @@ import torch
 
 from .compare import _from_shares, _ltz, _minus_publics
 from .config import MpcConfig
+from .masked import usable
 
 # ---- v / sqrt(sum v^2 + c): the normalisation of RMSNorm and LayerNorm ------------------------------------------
 # MpcConfig.norm_range (-10, 30): the sum of squares (+ D eps) in [2^-10, 2^31) (SmolLM2 reaches ~6e8 ~ 2^29.2:
@@ -71,6 +72,41 @@ def _poly(e, coeffs, square):
     return out
 
 
+def _branch_masked(d, n_small: int, cf, dv, fine, v, lockstep: bool):
+    """Steps 2-3 of :func:`norm_scale` on a mask plan (:mod:`mpcache.mpc.masked`): the comparison layer's B2A gives
+    the bits as bit slots (below 2^12, u = [s >= 2^12], above), cf = coarse - fine and dv = v/2^8 - v are opened once
+    in lockstep with the comparison's first round (8 B per element: (1 + D) per row), and step 3's products u cf,
+    u dv and u b_k (the small bits ORed with u) are then local and exact (a bit times one fixed-point value).
+    Returns (bits (T, ..., 1), the small bits ORed with u, the share of (s', v')). Rounds: the comparison's; the
+    Beaver form's product round (16 B x (n_small + 1 + D) per row) is gone."""
+    from .compare import _ltz_lanes
+    from .lockstep import parallel
+    from .masked import BIT, RING, Plan
+
+    T, lead = int(d.shape[0]), tuple(int(x) for x in d.shape[1:])
+    slots = {
+        "lo": ((n_small, *lead), BIT),
+        "u": ((1, *lead), BIT),
+        "hi": ((T - n_small - 1, *lead), BIT),
+        "cf": (tuple(int(x) for x in cf.size()), RING),
+        "dv": (tuple(int(x) for x in dv.size()), RING),
+    }
+    plan = Plan(slots, [("lo", "u"), ("cf", "u"), ("dv", "u")], device=d.device)
+    ltz, _ = parallel(
+        lambda: _ltz_lanes(d, 32, 0, b2a=plan.b2a("lo", "u", "hi", complement=True)),
+        lambda: plan.open([("cf", cf), ("dv", dv)]),
+        enabled=lockstep,
+    )
+    bits = 1 - ltz  # (T, ..., 1) [s >= t]; the slots stand for these bits
+    u = bits.share[n_small : n_small + 1]
+    small = bits[:n_small].clone()
+    small.share = small.share + u - plan.raw(("lo", "u"))  # b_k OR u = b_k + u - u b_k
+    branch = torch.cat([fine.share, v.share], dim=-1) + torch.cat(
+        [plan.raw(("cf", "u"))[0], plan.raw(("dv", "u"))[0]], dim=-1
+    )
+    return bits, small, branch
+
+
 def norm_scale(
     v, add: float = 0.0, lean: bool | None = None, cfg: MpcConfig | None = None, scale: bool = False, then=None
 ):
@@ -106,7 +142,7 @@ def norm_scale(
     """
     import crypten
 
-    cfg = cfg or MpcConfig()
+    cfg = cfg or MpcConfig.current()
     lean = cfg.norm_lean if lean is None else lean
     ts, ys, z_lo, z_hi = _norm_table(*cfg.norm_range, cfg.norm_steps)
     split = 2.0**SUMSQ_SPLIT_LOG2
@@ -117,15 +153,19 @@ def norm_scale(
     d = crypten.cat(
         [_minus_publics(fine, ts[:n_small]), _minus_publics(coarse, [t / 2 ** (2 * SUMSQ_SHIFT) for t in ts[n_small:]])]
     )
-    bits = 1 - _ltz(d, lean)  # (T, ..., 1) [s >= t]
-    u = bits[n_small]
-    small_bits = (1 - bits[:n_small]).share.movedim(0, -1).flatten(-2)  # (..., n_small)
-    w = _from_shares(torch.cat([small_bits, (coarse - fine).share, (v8 - v).share], dim=-1), precision=0)
-    prod = u * w  # exact ring products, (..., n_small + 1 + D)
-    small = bits[:n_small] + _from_shares(prod.share[..., :n_small].movedim(-1, 0).unsqueeze(-1), precision=0)
     prec = fine.encoder._precision_bits
     sv = fine.clone()
-    sv.share = torch.cat([fine.share, v.share], dim=-1) + prod.share[..., n_small:]  # (s', v'): the branch's
+    if lean and usable(cfg):  # step 3 local: u a bit slot of a mask plan, (coarse - fine, v/2^8 - v) opened once
+        bits, small, sv.share = _branch_masked(d, n_small, coarse - fine, v8 - v, fine, v, cfg.lockstep)
+    else:
+        bits = 1 - _ltz(d, lean)  # (T, ..., 1) [s >= t]
+        u = bits[n_small]
+        small_bits = (1 - bits[:n_small]).share.movedim(0, -1).flatten(-2)  # (..., n_small)
+        w = _from_shares(torch.cat([small_bits, (coarse - fine).share, (v8 - v).share], dim=-1), precision=0)
+        prod = u * w  # exact ring products, (..., n_small + 1 + D)
+        small = bits[:n_small] + _from_shares(prod.share[..., :n_small].movedim(-1, 0).unsqueeze(-1), precision=0)
+        sv.share = torch.cat([fine.share, v.share], dim=-1) + prod.share[..., n_small:]  # (s', v'): the branch's
+    u = bits[n_small]
     thermo = torch.cat([small.share, bits.share[n_small:]])
     dy = torch.tensor([b - a for a, b in itertools.pairwise(ys)], dtype=torch.long).reshape(
         -1, *([1] * (thermo.dim() - 1))

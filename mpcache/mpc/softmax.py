@@ -11,6 +11,7 @@ import torch
 from . import approx
 from .compare import _cat
 from .config import MpcConfig
+from .masked import usable
 from .tournament import tree_max
 
 # ---- softmax -------------------------------------------------------------------------------------------------
@@ -111,7 +112,16 @@ def softmax(
         e = guarded_exp(x - mx, cfg)
         c = 1.0 / math.sqrt(m)
         lo, hi, q = anchored_recip_range(m, cfg)
-        r = approx.reciprocal_gs(e.sum(dim=-1, keepdim=True) * c, cfg.anchor_recip_iters, lo, hi, q, lean="sliced")
+        r = approx.reciprocal_gs(
+            e.sum(dim=-1, keepdim=True) * c,
+            cfg.anchor_recip_iters,
+            lo,
+            hi,
+            q,
+            lean="sliced",
+            masked=usable(cfg),
+            lockstep=cfg.lockstep,
+        )
         return (e * r) * c
     if anchor is not None and mask is not None:
         return _anchored_prefix(x, mask, anchor, lean, cfg)
@@ -242,7 +252,9 @@ def _anchored_prefix(x, mask, anchor, lean: bool, cfg: MpcConfig):
     s = wrap(torch.zeros(*lead, R, dtype=e.share.dtype, device=dev).index_add_(-1, row_d, e.share), e)
     c = (1.0 / lens.reshape(-1).double().sqrt()).float()  # (R,), public
     lo, hi, q = anchored_recip_range(int(lens.max()), cfg)
-    r = approx.reciprocal_gs(s * c, cfg.anchor_recip_iters, lo, hi, q, lean="sliced")  # (..., R)
+    r = approx.reciprocal_gs(
+        s * c, cfg.anchor_recip_iters, lo, hi, q, lean="sliced", masked=usable(cfg), lockstep=cfg.lockstep
+    )  # (..., R)
     p = (e * wrap(r.share.index_select(-1, row_d), r)) * c[row_of]
     out = torch.zeros(*lead, R * m, dtype=p.share.dtype, device=dev)
     out[..., flat_d] = p.share
