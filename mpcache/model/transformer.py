@@ -292,7 +292,7 @@ class Transformer:
     def _logits(self, x):
         """The last position's logits (1, V). With ``argmax_only`` (an RMSNorm model, secure greedy decoding that
         reads only the argmax): x / 2^8 times the head instead -- the logits times 1 / (2^8 r), r the final norm's
-        factor > 0, so the same argmax without the norm's 10 rounds (2PC). x / 2^8 keeps the head's products small in the
+        factor > 0, so the same argmax without the norm's 9 rounds (2PC). x / 2^8 keeps the head's products small in the
         ring (as the decode offset's: ``OFFSET_UNIT``) and the values inside the argmax's 32-bit-lane comparison
         (|logit| ||x|| / 2^8 < 2^15: e.g. logits up to 256 at residual norms up to 2^15); measured on SmolLM2 decode
         steps (||x|| up to 1,163), the values reach 113 and stay within 5e-5 of the float model in logit units."""
@@ -388,7 +388,7 @@ class Transformer:
         """A decode step's norm and q/k/v, and BESIDE them what its anchored softmax's offset needs (``_offset_ok``):
         the scores are q K^T / sqrt(hd) with q = r u, r = 1/sqrt(sum x^2 + D eps) > 0 and u = RoPE(x W_q) (the gain
         and sqrt(D) folded into W_q), so the max of the anchors' scores is r times the max of u's. One branch
-        normalises x with the q/k/v product inside its last rounds (``_norm_linear``: 10 rounds in 2PC) and returns the
+        normalises x with the q/k/v product inside its last rounds (``_norm_linear``: 9 rounds in 2PC) and returns the
         norm's R = 2^8 r; the other makes u from x / 2^8 (1 round, fixed W_q), its products with the anchor rows of
         the cached K (1 round, fixed K) and their max m (one comparison layer: 8 rounds for up to 8 columns in 2PC). The
         offset is m R, one product in the round of the logits (``_fix_and_score``). The anchors are the first a and last

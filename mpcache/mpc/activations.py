@@ -288,8 +288,8 @@ def silu(x, lanes: int | None = None, cfg: MpcConfig | None = None, gate=None, p
     """SiLU(x) = x/2 + h(x): h a degree-8 Chebyshev polynomial in u = 2 (x/8)^2 - 1 on |x| <= 8 and |x|/2 beyond.
 
     **2PC with TFP or the dealer (the default, ``cfg.masked_acts``):** on open-once masks
-    (:func:`_masked_half_plus_even`): 5 rounds on a decode row, ~101 B per element (gated: ~117 B; 6 rounds and
-    ~95 B over many rows). The Beaver forms below run in 3PC, with ``masked_acts = False``, or with ``ps`` forced.
+    (:func:`_masked_half_plus_even`): 4 rounds on a decode row, ~86 B per element (gated: 5 rounds, ~102 B; over
+    many rows 5 / 6 rounds, ~63 / ~79 B). The Beaver forms below run in 3PC, with ``masked_acts = False``, or with ``ps`` forced.
 
     [x > 8] and [x < -8] in one comparison layer (``lanes``, default ``cfg.act_lanes``: 16 = coarse 16-bit lanes,
     1/16 resolution, valid for |x| < 2032; next to +-8 either piece is within 2.8e-3 of SiLU, so a comparison that
@@ -329,7 +329,7 @@ def silu_reference(x: torch.Tensor) -> torch.Tensor:
 def gelu(x, lanes: int | None = None, cfg: MpcConfig | None = None, ps: bool | None = None):
     """GeLU (tanh form) = x/2 + h(x): h a degree-6 Chebyshev polynomial in u = 2 (x/4)^2 - 1 on |x| <= 4, |x|/2
     beyond (as :func:`silu`). 2PC with TFP or the dealer (the default): on open-once masks
-    (:func:`_masked_half_plus_even`): 5 rounds, ~93 B per element on a decode row. Otherwise (``ps`` forced, 3PC):
+    (:func:`_masked_half_plus_even`): 4 rounds, ~77 B per element on a decode row. Otherwise (``ps`` forced, 3PC):
     the polynomial in its Paterson-Stockmeyer form (at degree 6 as many rounds as the doubling, 3, and 40 B instead
     of 72). Rounds: max(cmp, 1 + 3) + 1 (lockstep, as :func:`silu`): 5 in 2PC, the
     comparison's first round in blocks of 4 (4 rounds, as long as the polynomial; blocks of 2: 5 rounds and half the

@@ -50,8 +50,9 @@ class MpcConfig:
     anchor_recip_iters: int = 2
     anchor_guard: float | None = 10.0  # the anchored exp's argument clamped at this excess (None: unguarded)
     # ---- activations ----------------------------------------------------------------------------------------------
-    # SiLU/GeLU on open-once masks (mpcache/mpc/masked.py: every value opened once, products local; 2PC with TFP or
-    # the dealer): 5 rounds and ~117 B per gated SiLU activation, where the Beaver forms take 6 and ~167 B
+    # open-once masks (mpcache/mpc/masked.py: every value opened once, products local, comparison bits as bit slots;
+    # 2PC with TFP or the dealer) for SiLU/GeLU (a gated SiLU: 5 rounds and ~102 B where the Beaver forms take 6 and
+    # ~167 B), the norms' branch select and the reciprocal's d0 (one round less each)
     masked_acts: bool = True
     # ---- norms ---------------------------------------------------------------------------------------------------
     norm_range: tuple = (-10, 30)  # sum of squares (+ D eps) in [2^lo, 2^(hi+1))

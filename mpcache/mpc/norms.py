@@ -118,7 +118,7 @@ def norm_scale(
     is the branch's own guess Y p; the fine branch's is 2^8 Y p, exactly: ``u Y`` is a local sum of the bits).
     ``then`` (a LINEAR map of the last dim, e.g. the product with the next layer's fixed weights): returns
     then(v / sqrt(s)) as then(v' Y) p, then(v' Y) running in lockstep with the polynomial (2PC): the layer's
-    product costs no round of its own (10 rounds for norm + layer on a 2PC decode row); the last product is then over
+    product costs no round of its own (9 rounds for norm + layer on a 2PC decode row); the last product is then over
     then's outputs instead of D values.
 
     1. Two sums of squares in one square of the stacked (v, v/2^8): a fine one, sum v^2 (exact while every
@@ -128,14 +128,17 @@ def norm_scale(
        the coarse sum (both inside the 32-bit-lane comparison's range); u = [s >= 2^12] is one of them.
     3. ONE product (ring integers, no truncation) of u with the stacked (1 - small bits, coarse - fine,
        v/2^8 - v): the small bits are ORed with u (garbage fine bits when s is large cancel), and the branch's
-       operands are selected: (s', v') = (s, v) below 2^12, (s / 2^16, v / 2^8) above.
+       operands are selected: (s', v') = (s, v) below 2^12, (s / 2^16, v / 2^8) above. In 2PC with TFP or the
+       dealer (``cfg.masked_acts``) this step is local: the comparison's B2A opens into a mask plan's bit slots and
+       (coarse - fine, v/2^8 - v) are opened once beside its first round (:func:`_branch_masked`): no round.
     4. The bits are a thermometer code, so the guess Y (a ring integer per interval in its branch's units, a
        multiple of Y_STEP: _norm_table) and Q = Y^2 / 2^8 (an exact ring integer) are local linear combinations.
        z = s' Q (one truncation by 2^24: s Y^2) and v' Y in ONE round (lockstep), z^-1/2 by a polynomial of
        ``cfg.norm_degree`` in z - 1 (_rsqrt_poly, fitted on the table's z range), out = (v' Y) p:
        v' Y (s' Y^2)^-1/2 = v / sqrt(s) for ANY Y, so Y's rounding only moves z.
     Rounds: 1 + cmp + 1 + 1 + (cfg.norm_degree - 1) + 1 = 10 in 2PC for up to ~11 rows (the bit-sliced lean cmp
-    in blocks of 4: 5 rounds; 11 with more rows, blocks of 2: 6; 7 before session 12) at degree 2 (13 with the older cmp when z took its own product after (s' Y, v' Y); 17 with the 3 Goldschmidt steps before, which also erred by up to
+    in blocks of 4: 5 rounds; 11 with more rows, blocks of 2: 6; 7 before session 12); 9 (10) with step 3 on the
+    mask plan (session 13) at degree 2 (13 with the older cmp when z took its own product after (s' Y, v' Y); 17 with the 3 Goldschmidt steps before, which also erred by up to
     2% above s ~ 2^26, where Y was a few ulps; 3PC: as before, its resharing is not merged). Bytes per row: 2 D squares
     + (hi-lo+1) cfg.norm_steps + 1 comparisons + D + ~8 products. Float model (:func:`norm_scale_reference`) vs
     exact: the polynomial's relative error (8.5e-5 at the defaults) over the whole range. Leaks: shapes only.
