@@ -119,7 +119,8 @@ def _model_cost(cost) -> list:
 @pytest.mark.parametrize("protocol,provider,n", SETTINGS_DRY, ids=["2pc-tfp", "3pc-rep", "2pc-ttp"])
 def test_layer_model_equals_dry_runs(protocol, provider, n):
     """schedules.max_layer / strata_level / _lockstep (what the schedule search prices) == a dry run of the layer
-    protocol itself (ops._onehot_radix_levels and the radix-2 compare + mux of tree_max), every party, exactly."""
+    protocol itself (ops.tree_max's layers -- on a mask plan in 2PC with the lean comparison and r <= 8 -- and
+    ops._onehot_radix_levels), every party, exactly."""
     from mpcache.mpc import ops, schedules
     from mpcache.mpc.dryrun import dry_share
 
@@ -134,10 +135,14 @@ def test_layer_model_equals_dry_runs(protocol, provider, n):
         got = _dry_cost(
             s,
             lambda rows=rows, m=m: [dry_share((rows, m))],
-            lambda x, r=r, ln=lean: ops._onehot_radix_level(x, None, r, ln),
+            lambda x, r=r, ln=lean: ops.tree_max(x, -1, radix=(r, 2), lean=ln),
         )
-        assert got == _model_cost(schedules.max_layer(s, (rows,), m, r, lean)), (rows, m, r, lean)
-    for rows, m, lean in [(4, 10, True), (3, 7, False)]:  # the pairwise tree: compare + mux layers
+        want, left = schedules.Cost(n), m
+        for rr in schedules._radix_schedule(m, (r, 2)):  # (a mask plan's layers where 2PC runs them)
+            want += schedules.max_layer(s, (rows,), left, rr, lean)
+            left = -(-left // rr)
+        assert got == _model_cost(want), (rows, m, r, lean)
+    for rows, m, lean in [(4, 10, True), (3, 7, False), (2, 9, True)]:  # the pairwise tree: compare + mux layers
         got = _dry_cost(
             s, lambda rows=rows, m=m: [dry_share((rows, m))], lambda x, ln=lean: ops.tree_max(x, -1, radix=2, lean=ln)
         )

@@ -317,13 +317,13 @@ def test_decode_offset_is_the_same_function(monkeypatch):
         assert max((a - b).abs().max().item() for a, b in zip(logits, logits0)) < 1e-4
 
 
-def test_decode_offset_saves_8_rounds_per_layer(monkeypatch):
+def test_decode_offset_saves_6_rounds_per_layer(monkeypatch):
     """Dry run (the protocols themselves, no data), 2PC, tiny-llama after a 24-token prompt: the offset's
-    products and comparison layer beside the norm (1 + 1 + 8 rounds at the (4, 4) anchors, beside the norm's 9
-    with the q/k/v product: 10), the offset's scaling and the new row's fixing beside the logits: from the norm to
-    p V 10 + 1 + 17 + 1 = 29 rounds (norm with q/k/v, the logits with the fixing and the offset, the softmax from
-    its offset, p V), against 9 + 1 + 1 + 25 + 1 = 37 (norm with q/k/v, the fixing, the logits, the softmax with
-    its anchors' max, p V)."""
+    products and comparison layer beside the norm (1 + 1 + 5 rounds at the (4, 4) anchors: one radix-8 max layer on
+    a mask plan, inside the norm's 9 with the q/k/v product), the offset's scaling and the new row's fixing beside
+    the logits: from the norm to p V 9 + 1 + 17 + 1 = 28 rounds (norm with q/k/v, the logits with the fixing and the
+    offset, the softmax from its offset, p V), against 9 + 1 + 1 + 22 + 1 = 34 (norm with q/k/v, the fixing, the
+    logits, the softmax with its anchors' max, p V)."""
     from mpcache.model.weights import tiny_config
     from mpcache.mpc.dryrun import Setting, predict_generation
 
@@ -346,11 +346,11 @@ def test_decode_offset_saves_8_rounds_per_layer(monkeypatch):
     # the route: the new row is fixed inside the logits' round (qk), not in its own
     assert not any(s.startswith("token/2/L0/fix_kv") for s in scopes)
     assert any(s.startswith("token/2/L0/fix_kv") for s in scopes0)
-    assert slow - fast == 8 * cfg.n_layers, (slow, fast)
+    assert slow - fast == 6 * cfg.n_layers, (slow, fast)
     pre = ("norm", "qkv", "fix_kv", "qk", "softmax", "av")
     mlp_norm = 9  # the block's second norm shares the "norm" scope
-    assert sum(attn.get(k, 0) for k in pre) == 29 + mlp_norm, (attn, attn0)
-    assert sum(attn0.get(k, 0) for k in pre) == 37 + mlp_norm, (attn, attn0)
+    assert sum(attn.get(k, 0) for k in pre) == 28 + mlp_norm, (attn, attn0)
+    assert sum(attn0.get(k, 0) for k in pre) == 34 + mlp_norm, (attn, attn0)
 
 
 def test_greedy_decoding_skips_the_final_norm():

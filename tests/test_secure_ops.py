@@ -101,8 +101,11 @@ def err(got: torch.Tensor, want: torch.Tensor) -> float:
 # ---- comparisons and tournaments: selections of ring elements, exact -------------------------------------------
 def test_tree_max_is_an_exact_selection(setting):
     """A max tree muxes ring elements: exact along either dim, in radix 2, radix 4 and a mixed (4, 4, 64)
-    schedule, with CrypTen's comparison or the lean (32-bit-lane) one."""
+    schedule, with CrypTen's comparison or the lean (32-bit-lane) one; lean layers of radix <= 8 run on a mask plan
+    in 2PC (tournament._masked_max_layer: the mux local), ties included (rows of equal values, runs of repeats)."""
     x = grid(torch.randn(3, 257, generator=gen(0)) * 4)
+    ties = grid(torch.randint(-3, 4, (5, 41), generator=gen(1)).double() / 4)
+    ties[0] = 0.75  # one row of a single value
     out = secure(
         setting,
         {
@@ -110,6 +113,8 @@ def test_tree_max_is_an_exact_selection(setting):
             "r2 dim 0": (partial(ops.tree_max, dim=0), [x]),
             "r4 lean": (partial(ops.tree_max, dim=-1, radix=4, lean=True), [x]),
             "r(4,4,64) lean dim 0": (partial(ops.tree_max, dim=0, radix=(4, 4, 64), lean=True), [x.t().contiguous()]),
+            "r(8,3,2) lean ties": (partial(ops.tree_max, dim=-1, radix=(8, 3, 2), lean=True), [ties]),
+            "r2 lean ties": (partial(ops.tree_max, dim=-1, radix=2, lean=True), [ties]),
         },
     )
     assert torch.equal(ops.tree_max_reference(x, -1), x.max(-1).values)
@@ -118,6 +123,8 @@ def test_tree_max_is_an_exact_selection(setting):
         ("r2 dim 0", x.max(0).values),
         ("r4 lean", x.max(-1).values),
         ("r(4,4,64) lean dim 0", x.max(-1).values),
+        ("r(8,3,2) lean ties", ties.max(-1).values),
+        ("r2 lean ties", ties.max(-1).values),
     ):
         assert err(out[name].value, want) == 0, name
 

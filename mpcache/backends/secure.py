@@ -112,8 +112,8 @@ class SecureBackend:
     # max/min serve the cache policies (cluster summaries of keys, scores, attention probabilities): values far
     # below the lean comparison's bound (|x| < 16384), so they use it (cfg.policy_lean: 6 rounds / ~25 B per
     # comparison, exact). Reductions over at most cfg.policy_one_layer entries (a KV group's query heads, a leaf
-    # cluster's rows) take ONE radix layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries) instead of the
-    # pairwise tree (2 x 8 rounds).
+    # cluster's rows) take ONE radix layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries; on a mask plan,
+    # 2PC with TFP or the dealer, the comparison's alone) instead of the pairwise tree (2 x 8 rounds).
     def policy_radix(self, m: int) -> int:
         return m if 2 < m <= self.cfg.policy_one_layer else 2
 
@@ -166,8 +166,8 @@ class SecureBackend:
 
     def anchor_max(self, x):
         """The anchored softmax's offset: the max over the last dim (kept) of a few anchor columns, in ONE
-        comparison layer (``tree_max`` radix "auto": cmp + ceil(log2 m) rounds, 11 for 12 columns), the softmax's
-        lean comparison (|x| < 16384)."""
+        comparison layer (``tree_max`` radix "auto": cmp + ceil(log2 m) rounds, 11 for 12 columns; on a mask plan,
+        2PC with TFP or the dealer, up to 8 columns: cmp only, 5), the softmax's lean comparison (|x| < 16384)."""
         return ops.tree_max(unfix(x), dim=-1, keepdim=True, radix="auto", lean=self.cfg.softmax_lean, cfg=self.cfg)
 
     @property

@@ -264,12 +264,28 @@ def _product_rounds(r: int, w: int) -> list[list[int]]:
     return rounds
 
 
+def masked_max(s: Setting, r: int, lean: bool) -> bool:
+    """Whether ops.tree_max runs a radix-r layer on a mask plan (tournament._masked_max_layer): 2PC with TFP or the
+    dealer, the lean comparison, r <= tournament.MASKED_MAX_RADIX (with ``MpcConfig.masked_acts``, the default)."""
+    from .tournament import MASKED_MAX_RADIX
+
+    return s.n == 2 and s.protocol == "arithmetic" and s.provider in ("tfp", "ttp") and lean and r <= MASKED_MAX_RADIX
+
+
 def max_layer(s: Setting, lead, m: int, r: int, lean: bool) -> Cost:
     """One layer of ops.tree_max over m entries with radix r (r <= m) for the leading shape ``lead``.
-    Radix 2: 1 comparison of the h pairs and 1 mux product (bit x value, no truncation). Radix r
+    On a mask plan (:func:`masked_max`): the comparisons (r = 2: one per pair; r >= 3: r (r - 1) per group) and the
+    values opened in their first round, no product round. Otherwise, radix 2: 1 comparison of the h pairs and 1 mux product (bit x value, no truncation). Radix r
     (ops._radix_layer): one comparison layer over the r(r-1)/2 pairs of each of the G groups, then a product tree
     over the r bits/entries of each group (ring integers, no truncation)."""
     lead = tuple(_size(lead))
+    if masked_max(s, r, lean):  # tournament._masked_max_layer: the comparison, its values opened beside it
+        n_cmp, n_val = ((*lead, m // 2), (*lead, m // 2)) if r == 2 else ((*lead, -(-m // r), r * (r - 1)), None)
+        c = _cmp(s, n_cmp, lean)
+        vals = _numel(n_val if n_val is not None else (*lead, -(-m // r), r))
+        for rank in range(s.n):
+            c.add(rank, ELT * vals, ELT * vals)
+        return c
     if r == 2:
         hs = (*lead, m // 2)
         return _cmp(s, hs, lean) + mul(s, hs, hs, trunc=False)

@@ -88,8 +88,9 @@ def softmax(
     (cmp + ceil(log2(a + b))) + (cfg.anchor_exp_iters + order - 1) + 1 (guard) + (cmp' + 1 + cfg.anchor_recip_iters)
     + 1 = 8 + 9 + 8 + 1 = 26 for (4, 4) on a 2PC decode row (cmp = 5, cmp' = 5: the bit-sliced comparisons in
     blocks of 4; one more each where a call is large enough for blocks of 2, or in 3PC), 18 with the ``offset``
-    given; with TFP or the dealer the reciprocal's d0 is local on a mask plan (:func:`mpcache.mpc.approx.
-    _guess_and_d0_masked`): 25 and 17; ``cfg.lockstep = False`` adds the guard's comparison; bytes: the guard
+    given; with TFP or the dealer the anchors' max takes its comparison's rounds only (a radix-8 layer on a mask
+    plan: :func:`mpcache.mpc.tournament._masked_max_layer`) and the reciprocal's d0 is local
+    (:func:`mpcache.mpc.approx._guess_and_d0_masked`): 5 + 9 + 7 + 1 = 22, and 17 with the offset; ``cfg.lockstep = False`` adds the guard's comparison; bytes: the guard
     (~27 B in 2PC), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
     columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
