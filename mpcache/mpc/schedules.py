@@ -272,14 +272,14 @@ def masked_max(s: Setting, r: int, lean: bool) -> bool:
     return s.n == 2 and s.protocol == "arithmetic" and s.provider in ("tfp", "ttp") and lean and r <= MASKED_MAX_RADIX
 
 
-def max_layer(s: Setting, lead, m: int, r: int, lean: bool) -> Cost:
+def max_layer(s: Setting, lead, m: int, r: int, lean: bool, masked: bool = True) -> Cost:
     """One layer of ops.tree_max over m entries with radix r (r <= m) for the leading shape ``lead``.
     On a mask plan (:func:`masked_max`): the comparisons (r = 2: one per pair; r >= 3: r (r - 1) per group) and the
     values opened in their first round, no product round. Otherwise, radix 2: 1 comparison of the h pairs and 1 mux product (bit x value, no truncation). Radix r
     (ops._radix_layer): one comparison layer over the r(r-1)/2 pairs of each of the G groups, then a product tree
     over the r bits/entries of each group (ring integers, no truncation)."""
     lead = tuple(_size(lead))
-    if masked_max(s, r, lean):  # tournament._masked_max_layer: the comparison, its values opened beside it
+    if masked and masked_max(s, r, lean):  # tournament._masked_max_layer: the comparison, its values opened beside it
         n_cmp, n_val = ((*lead, m // 2), (*lead, m // 2)) if r == 2 else ((*lead, -(-m // r), r * (r - 1)), None)
         c = _cmp(s, n_cmp, lean)
         vals = _numel(n_val if n_val is not None else (*lead, -(-m // r), r))
@@ -338,22 +338,26 @@ SCHEDULE_PROFILE = "lan"  # the default network profile whose latency the search
 SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # candidate layer radices (and any r = m <= 64 last)
 
 
-def max_schedule(rows: int, m: int, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE) -> tuple[int, ...]:
+def max_schedule(
+    rows: int, m: int, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE, masked: bool = True
+) -> tuple[int, ...]:
     """The radix schedule of a tournament max over ``m`` entries in each of ``rows`` rows that minimises the modelled
     network latency ``rounds x RTT + bytes / bandwidth`` on ``SCHEDULE_PROFILE`` (LAN: 1 round ~ 112 KB), from the
     layer model above (tested equal to dry runs of the layer protocol). A public function
     of public sizes and the protocol setting (``setting``: a dry run's; None = the running session's), so
-    every party and a dry run derive the same schedule. Short rows get one or two wide layers (few rounds,
+    every party and a dry run derive the same schedule. ``masked``: price the layers as ops.tree_max runs them
+    (on mask plans where :func:`masked_max`); False for a tournament whose layers keep the product tree. Short rows get one or two wide layers (few rounds,
     few bytes in all); long rows start with cheap narrow layers. Dynamic programming over the entries left."""
     if m <= 1:
         return ()
-    return _best_levels("max", setting, int(rows), int(m), 0, bool(lean), profile)[1]
+    return _best_levels("max" if masked else "max_beaver", setting, int(rows), int(m), 0, bool(lean), profile)[1]
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, profile: str):
     """(modelled seconds, radices) of the cheapest tournament over ``n`` entries per row: ``kind`` "max" (values
-    only, :func:`max_layer`) or "strata" (each level also multiplies the one-hots of width ``w`` carried so far,
+    only, :func:`max_layer`; "max_beaver": its layers priced without mask plans, for tournaments that keep the
+    product tree: the argmax's index payload, the lockstep levels) or "strata" (each level also multiplies the one-hots of width ``w`` carried so far,
     :func:`strata_level`). Dynamic programming over the entries left (ceil(n / r) after a radix-r level)."""
     from ..latency import PROFILES
 
@@ -363,7 +367,9 @@ def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, prof
     best = None
     for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
         cost = (
-            max_layer(setting, (rows,), n, r, lean) if kind == "max" else strata_level(setting, (rows,), n, w, r, lean)
+            max_layer(setting, (rows,), n, r, lean, masked=kind == "max")
+            if kind in ("max", "max_beaver")
+            else strata_level(setting, (rows,), n, w, r, lean)
         )
         sm = cost.summary()
         t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
@@ -423,7 +429,7 @@ def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profil
         if left <= 1:
             return 0.0, ()
         if i == len(caps):
-            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting, profile))
+            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting, profile, masked=False))
             t, m = 0.0, left
             for r in sched:
                 b, rounds = seconds(_lockstep(setting, [(rows, m, 0, r)], lean))

@@ -148,7 +148,8 @@ def argmax_index(x, cfg: MpcConfig | None = None):
     lead = tuple(int(d) for d in x.shape[:-1])
     radix = cfg.argmax_radix
     if radix == "auto":
-        radix = max_schedule(int(torch.Size(lead).numel()), m, lean, cfg.setting, cfg.schedule_profile)
+        # priced with the Beaver layers it runs (its index payload keeps the product tree)
+        radix = max_schedule(int(torch.Size(lead).numel()), m, lean, cfg.setting, cfg.schedule_profile, masked=False)
     ones = _ring_ones(x)  # a public constant's sharing (party 0 holds it), scale 1
     idx = _mul_public_int(ones, torch.arange(m, dtype=torch.long).expand(*lead, m))
     v = x
