@@ -112,6 +112,17 @@ def mask_values(parts, spec, total) -> list[torch.Tensor]:
     return out
 
 
+def _pad_random(words: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """``words`` (packed bits, zero padded past ``n_bits``) with random bits in the padding of the last word, so
+    an opened ``sign ^ r`` word is uniform there too (the sign's padding is zero; nobody reads those bits)."""
+    if n_bits % 64 == 0:
+        return words
+    from crypten.common.rng import generate_kbit_random_tensor
+
+    pad = generate_kbit_random_tensor(torch.Size([1]), device=words.device) & ~((1 << (n_bits % 64)) - 1)
+    return torch.cat([words[:-1], words[-1:] ^ pad])
+
+
 def _comm():
     import crypten.communicator as comm
 
@@ -159,7 +170,7 @@ def _draw(spec, subsets, device) -> tuple[list[torch.Tensor], torch.Tensor]:
             draws.append(share_from_party0(None if v is None else v.reshape(-1), z, device))
         else:
             v = generate_kbit_random_tensor(torch.Size(sh), bitlength=1, device=device) if rank == 0 else None
-            w = None if v is None else pack_bits(v.reshape(-1))
+            w = None if v is None else _pad_random(pack_bits(v.reshape(-1)), _numel(sh))
             draws.append(share_from_party0(w, z, device, binary=True))
         values.append(None if v is None else v.unsqueeze(0))
     answer = dealer_answer(values, spec, subsets).reshape(-1) if rank == 0 else None
@@ -253,11 +264,10 @@ class Plan:
 
             if N != sum(sizes):
                 raise ValueError(f"mask plan: bit slots {names} hold {sum(sizes)} bits, the comparison {N}")
-            r = (
-                self.draws[idx[0]]
-                if len(idx) == 1
-                else pack_bits(torch.cat([unpack_bits(self.draws[i], k) for i, k in zip(idx, sizes)]))
-            )
+            if len(idx) == 1:
+                r = self.draws[idx[0]]
+            else:
+                r = _pad_random(pack_bits(torch.cat([unpack_bits(self.draws[i], k) for i, k in zip(idx, sizes)])), N)
             c_all = unpack_bits(BST.from_shares(s_words ^ r).reveal(), N)
             signs, at = [], 0
             for i, k in zip(idx, sizes):
