@@ -4,6 +4,8 @@
 module              protocols
 ==================  ============================================================================================
 ``compare``         ``_ltz`` / ``_ltz_lean`` (the sign bit: 64-bit circuit or bit-sliced 32 bits), ``clamp``
+``masked``          ``Plan`` (open-once masks: the substrate of the 2PC activations, the norms' branch select, the
+                    reciprocal's d0 and tree_max's layers with TFP or the dealer), ``mono_reference``
 ``tournament``      ``tree_max``, ``argmax_index``, ``topk_onehot``, ``keep_onehot``, ``strata_top1_onehot``,
                     ``strata_select`` (the tournaments; radices from :mod:`mpcache.mpc.schedules`)
 ``approx``          ``exp_limit``, ``reciprocal_nr``, ``reciprocal_gs``
