@@ -21,6 +21,13 @@ they are a sharing of 0, and the local truncation of a sharing of 0 is exactly 0
 truncation toward zero is odd). So ``o * y`` is exactly 0 where the bit o is 0, whatever garbage ``y`` holds there
 (a polynomial evaluated far outside its interval overflows the ring): the activations use this for their muxes.
 
+**Bit slots.** A comparison's B2A can open into a plan (:meth:`Plan.b2a`, the ``b2a=`` hook of
+:func:`mpcache.mpc.compare._ltz_lanes`): it opens ``sign ^ r`` packed (as the plain B2A; r the slot's random bits,
+the padding bits random too), so the bit is ``c + (1 - 2c) r`` with c public: a public affine function of a mask,
+whose products with opened values are local like any slot's (8 B per 64 elements, the comparison's last round).
+**Derived slots** (``Plan(..., derived={"o": (1, {"gt": -1, "lt": -1})})``) are public affine combinations of slots
+of one scale, used as ONE factor (its expansion takes any one of their masks), so exact zeros hold for them too.
+
 **Costs (2PC).** Online: 8 B per element per opened slot, the rounds of the openings; no other traffic. Offline
 (the dealer, party 0 only): the answer, 8 B per element per product of masks, off the critical path (pooled like
 the other tuples, :mod:`mpcache.mpc.dealer`). TFP (the benchmark mode): party 0 draws the masks and their products
@@ -32,8 +39,10 @@ shares (uniform given one share). The dealer sees the plan (slot count, monomial
 code and shapes), nothing else. **Leakage: shapes only.** Never open a slot twice (two openings ``v - B``, ``v' - B``
 would reveal ``v - v'``): :meth:`Plan.open` refuses it.
 
-Where it runs: 2 parties with a dealer (``ttp``) or TFP (``MpcConfig.masked_acts``); 3PC and the ablation keep the
-Beaver forms (:mod:`mpcache.mpc.activations`).
+Where it runs: 2 parties with a dealer (``ttp``) or TFP (``MpcConfig.masked_acts``): SiLU/GeLU
+(:mod:`mpcache.mpc.activations`), the norms' branch select (:mod:`mpcache.mpc.norms`), the reciprocal's d0
+(:mod:`mpcache.mpc.approx`), ``tree_max``'s layers of radix <= 8 (:mod:`mpcache.mpc.tournament`). 3PC and the
+ablation keep the Beaver forms.
 """
 
 from __future__ import annotations
