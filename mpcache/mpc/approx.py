@@ -149,11 +149,12 @@ def sliced_window(lo: int, hi: int, scale_bits: int = 16) -> tuple[int, int]:
     return min(64, hi + 1 + scale_bits - shift + 2), shift
 
 
-def _guess_and_d0_masked(x, diffs, d: torch.Tensor, base: float, lo: int, hi: int, lockstep: bool):
-    """(y0, d0 = x y0) with d0 local: the comparison's B2A into a mask plan's bit slot (the bits b_k), x opened once
-    in lockstep with its first round (8 B per element), then x y0 = base x + sum_k d_k (b_k x), every b_k x an exact
-    ring product of a bit and one opened value (:mod:`mpcache.mpc.masked`); the sum is exact in the ring (its
-    terms may wrap, their sum ~ 2^32 does not), then ONE truncation. The Beaver product's round is gone."""
+def _bits_and_d0_masked(x, diffs, d: torch.Tensor, base: float, lo: int, hi: int, lockstep: bool):
+    """The step guess's bits b_k = [x >= t_k] and d0 = x y0 with d0 local: the comparison's B2A into a mask plan's
+    bit slot, x opened once in lockstep with its first round (8 B per element), then x y0 = base x + sum_k d_k
+    (b_k x), every b_k x an exact ring product of a bit and one opened value (:mod:`mpcache.mpc.masked`); the sum is
+    exact in the ring (its terms may wrap, their sum ~ 2^32 does not), then ONE truncation. The Beaver product's
+    round is gone."""
     from .lockstep import parallel
     from .masked import BIT, RING, Plan
 
@@ -166,33 +167,30 @@ def _guess_and_d0_masked(x, diffs, d: torch.Tensor, base: float, lo: int, hi: in
         lambda: plan.open([("x", x)]),
         enabled=lockstep,
     )
-    bits = 1 - ltz
-    dd = d.to(bits.share.device)
-    y = x.clone()
-    y.share = (bits.share * dd).sum(0)
     prec = x.encoder._precision_bits
-    acc = (plan.raw(("b", "x")) * dd).sum(0) + x.share * round(base * 2**prec)
+    acc = (plan.raw(("b", "x")) * d.to(x.share.device)).sum(0) + x.share * round(base * 2**prec)
     d0 = x.clone()
     d0.share = acc.div(2**prec, rounding_mode="trunc")  # CrypTen's 2PC truncation, on this party's share
-    return y + base, d0
+    return 1 - ltz, d0
 
 
 def _step_guess(x, lo: int, hi: int, q: int, lean, masked: bool = False, lockstep: bool = True):
-    """y0 (and, ``masked``, d0 = x y0 without its product round: :func:`_guess_and_d0_masked`)."""
+    """y0 (and, ``masked``, d0 = x y0 without its product round: :func:`_bits_and_d0_masked`)."""
     ts, base, deltas = _step_guess_coeffs(lo, hi, q)
     d = torch.tensor([round(v * x.encoder.scale) for v in deltas], dtype=torch.long).reshape(-1, *([1] * x.dim()))
     diffs = _minus_publics(x, ts)  # (T, ...): x - t_k, one local op
+    d0 = None
     if masked:
         if lean != "sliced":
             raise ValueError("the masked step guess needs the sliced comparison (lean='sliced')")
-        return _guess_and_d0_masked(x, diffs, d, base, lo, hi, lockstep)
-    if lean == "sliced":
+        bits, d0 = _bits_and_d0_masked(x, diffs, d, base, lo, hi, lockstep)
+    elif lean == "sliced":
         bits = 1 - _ltz_lanes(diffs, *sliced_window(lo, hi, x.encoder._precision_bits))
     else:
         bits = 1 - _ltz(diffs, bool(lean))  # (T, ...), scale 1
     y = x.clone()
     y.share = (bits.share * d.to(bits.share.device)).sum(0)
-    return y + base
+    return (y + base, d0) if masked else y + base
 
 
 def reciprocal_gs(
@@ -207,7 +205,7 @@ def reciprocal_gs(
 ):
     """1/x for x in [2^lo, 2^(hi+1)) by Goldschmidt's iteration from a finer step guess.
     ``masked`` (2PC with TFP or the dealer, ``lean="sliced"``): d0 = x y0 without its product's round
-    (:func:`_guess_and_d0_masked`: x opened once beside the comparison, the bits' B2A into a mask plan).
+    (:func:`_bits_and_d0_masked`: x opened once beside the comparison, the bits' B2A into a mask plan).
     ``lean``: the guess's comparisons in 32-bit lanes (True: valid while x < 2^15), "sliced": ONE bit-sliced
     comparison layer as wide as the range needs (:func:`sliced_window`: width hi - lo + 10 bits at a resolution of
     2^-7 of the smallest threshold; e.g. 31 bits for a 45-entry anchored row: 5 rounds in 2PC), or CrypTen's.

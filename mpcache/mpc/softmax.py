@@ -90,7 +90,7 @@ def softmax(
     blocks of 4; one more each where a call is large enough for blocks of 2, or in 3PC), 18 with the ``offset``
     given; with TFP or the dealer the anchors' max takes its comparison's rounds only (a radix-8 layer on a mask
     plan: :func:`mpcache.mpc.tournament._masked_max_layer`) and the reciprocal's d0 is local
-    (:func:`mpcache.mpc.approx._guess_and_d0_masked`): 5 + 9 + 7 + 1 = 22, and 17 with the offset; ``cfg.lockstep = False`` adds the guard's comparison; bytes: the guard
+    (:func:`mpcache.mpc.approx._bits_and_d0_masked`): 5 + 9 + 7 + 1 = 22, and 17 with the offset; ``cfg.lockstep = False`` adds the guard's comparison; bytes: the guard
     (~27 B in 2PC), the exp's squarings and one product per entry, the rest per row. ``anchor`` WITH a ``mask`` whose rows
     are prefixes (causal rows: row r attends columns [0, n_r)): the anchors are row r's first a and last b attended
     columns (the sinks and the row's own newest keys, public per row), the exp's entries outside the prefix are
