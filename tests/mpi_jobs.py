@@ -7,6 +7,7 @@ Usage: mpirun -n N python tests/mpi_jobs.py JOB OUT.json [args...]
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ def job_generate(
     from mpcache.policies import make_policy
 
     cfg, w, _ = load_model(model, seed=int(seed))
-    pol = make_policy(policy) if policy == "full" else make_policy(policy, budget=0.3)
+    pol = make_policy(policy) if policy == "full" else make_policy(policy.split("-")[0], budget=0.3, **VARIANTS[policy])
     info = {
         "model": cfg.to_dict(),
         "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
@@ -623,11 +624,7 @@ def job_generation_costs(
     from mpcache.policies import make_policy
 
     cfg, w, _ = load_model(model, seed=0)
-    pol = (
-        make_policy(policy)
-        if policy == "full"
-        else make_policy(policy.split("-")[0], budget=0.3, **({"topk": "strata"} if "-strata" in policy else {}))
-    )
+    pol = make_policy(policy) if policy == "full" else make_policy(policy.split("-")[0], budget=0.3, **VARIANTS[policy])
     info = {
         "model": cfg.to_dict(),
         "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},
@@ -647,6 +644,12 @@ def job_generation_costs(
     sess.close()
 
 
+#: policy variants by label (job_generate, job_oblivious): the selection made ahead, beside the previous layer
+VARIANTS = collections.defaultdict(
+    dict, {"mpcache-strata": {"topk": "strata"}, "mpcache-ahead": {"topk": "strata", "lookahead": True}}
+)
+
+
 def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", n_new="3"):
     """Every policy (and the stratified top-k variants) in one session, each run on two prompts and two weight
     sets of the same public shape: per-scope bytes/rounds, the reveal audit and the tokens vs plaintext."""
@@ -663,6 +666,7 @@ def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", 
         if name == "mpcache":  # the static stage on shares (keep top-k + compaction), and layer sharing
             specs.append(("mpcache-static", {"budget": 0.3, "static": True, "topk": "rank"}))
             specs.append(("mpcache-shared", {"budget": 0.3, "share_layers": True, "share_start": 0}))
+            specs.append(("mpcache-ahead", {"budget": 0.3, **VARIANTS["mpcache-ahead"]}))
     sess = _open()
     if sess.is_dealer:
         return serve_dealer(sess)

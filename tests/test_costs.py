@@ -6,6 +6,7 @@ protocol, without MPI."""
 
 import pytest
 from conftest import mpi_job
+from mpi_jobs import VARIANTS
 
 SETTINGS = [("arithmetic", "tfp", 2), ("arithmetic", "ttp", 3), ("replicated", "none", 3)]
 
@@ -59,6 +60,9 @@ GEN_CASES = [
     # the pipelined dealer (mpcache/mpc/dealer.py): its requests and answers (dealer bytes, no rounds) and the
     # three-operand gathers' D-free dealer terms, predicted == measured per scope
     pytest.param("arithmetic", "ttp", 3, "mpcache-strata", id="2pc-ttp-mpcache-strata"),
+    # the selection made ahead (MPCachePolicy.lookahead): layer 1's selection in branches beside layer 0's attention
+    # and MLP, its gathered scores in the logits' round
+    pytest.param("arithmetic", "ttp", 3, "mpcache-ahead", id="2pc-ttp-mpcache-ahead"),
 ]
 
 
@@ -71,15 +75,11 @@ def test_generation_cost_predicted_equal_measured(tmp_path, protocol, provider, 
     from mpcache.mpc.dryrun import Setting, predict_generation
     from mpcache.policies import make_policy
 
-    n_new, n_prompt = 3, (26 if policy.endswith("-strata") else 24)  # 26: decode steps at 27 and 28 rows
+    n_new, n_prompt = 3, (26 if policy.endswith(("-strata", "-ahead")) else 24)  # 26: decode steps at 27 and 28 rows
     res = mpi_job(
         n_procs, "generation_costs", tmp_path, "tiny-llama", protocol, provider, policy, str(n_new), str(n_prompt)
     )
-    pol = (
-        make_policy(policy)
-        if policy == "full"
-        else make_policy(policy.split("-")[0], budget=0.3, **({"topk": "strata"} if policy.endswith("-strata") else {}))
-    )
+    pol = make_policy(policy) if policy == "full" else make_policy(policy.split("-")[0], budget=0.3, **VARIANTS[policy])
     assert repr(pol) == res["policy"]
     n = n_procs - (provider == "ttp")
     pred, _ = predict_generation(tiny_config("llama"), pol, Setting(n, protocol, provider), n_prompt, n_new)
@@ -229,3 +229,27 @@ def test_ring_matmul_equals_torch_matmul_for_every_layout():
         for a in (R(1, 40), R(5, 40), R(3, 2, 40), R(40)):
             out = ring_matmul(a, b)
             assert torch.equal(out, torch.matmul(a, b)) and out.is_contiguous()
+
+
+def test_selection_made_ahead_costs_only_layer_0s_rounds():
+    """MPCachePolicy(lookahead=True): layer 1's selection runs beside layer 0's attention and MLP, so a decode step
+    costs the full cache's rounds plus layer 0's own selection (half the 2-layer model's selection rounds), with the
+    selection's bytes; dry runs, 2PC + dealer, the stratified route with the anchored offset made beside the norm."""
+    from mpcache.model.weights import tiny_config
+    from mpcache.mpc.dryrun import Setting, predict_generation
+    from mpcache.policies import make_policy
+
+    def token(pol):
+        led, _ = predict_generation(tiny_config("llama"), pol, Setting(2, "arithmetic", "ttp"), 26, 3)
+        counts = [c for c in led[0]["counts"] if c["scope"].startswith("token/2/")]
+        return sum(c["rounds"] for c in counts), sum(c["bytes_sent"] for c in counts)
+
+    full, strata, ahead = (
+        token(None),
+        token(make_policy("mpcache", budget=0.3, topk="strata")),
+        token(make_policy("mpcache", budget=0.3, topk="strata", lookahead=True)),
+    )
+    per_layer = (strata[0] - full[0]) // 2
+    assert per_layer >= 10 and strata[0] - full[0] == 2 * per_layer
+    assert ahead[0] == full[0] + per_layer, (full, strata, ahead)
+    assert abs(ahead[1] - strata[1]) < 0.1 * strata[1]  # the same selection's bytes (+ the next layer's q columns)

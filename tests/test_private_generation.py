@@ -50,6 +50,7 @@ def test_costs_do_not_depend_on_secrets(tmp_path):
         "mpcache-strata",
         "mpcache-static",
         "mpcache-shared",
+        "mpcache-ahead",
     } <= labels
     for res in per_rank:
         for label, r in res.items():
@@ -199,7 +200,7 @@ def test_bad_model_is_explained(tmp_path):
     assert p.returncode != 0 and "cannot load --model" in p.stderr
 
 
-@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "tova", "quest", "mpcache"])
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "tova", "quest", "mpcache", "mpcache-ahead"])
 def test_every_policy_runs_on_shares_like_plaintext(tmp_path, policy):
     """The same policy code on secret shares: the same tokens as in plaintext (budget 0.3 of a 24-token prompt)."""
     r = mpi_job(2, "generate", tmp_path, "tiny-llama", "arithmetic", "tfp", "0", "0", policy, "3")

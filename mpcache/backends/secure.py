@@ -246,7 +246,7 @@ class SecureBackend:
 
         g = sel.gather
         if logw is None and attention.in_place(self, g, k, v):
-            return attention.attend_selected(self, heads, q, g, k, v, scope, anchor, sel.qk, sel.offset)
+            return attention.attend_selected(self, heads, q, g, k, v, scope, anchor, sel.qk, sel.offset, sel.scores)
         return attention.gather_and_attend(self, heads, q, sel, k, v, scope, anchor=anchor, logw=logw)
 
     # ---- attention over a one-hot selection of the fixed cache (mpcache.mpc.gather_triple) ------------------------

@@ -118,7 +118,7 @@ def in_place(B, g, k, v) -> bool:
     return g is not None and g.onehot is not None and B.is_fixed(k) and B.is_fixed(v) and g.covers(int(k.shape[1]))
 
 
-def attend_selected(B, heads: Heads, q, g, k, v, scope=_no_scope, anchor=None, logits=None, offset=None):
+def attend_selected(B, heads: Heads, q, g, k, v, scope=_no_scope, anchor=None, logits=None, offset=None, scores=None):
     """Decode attention over the rows a one-hot Gather selects, on a fixed K/V cache, without moving K or V:
     scores against every cached row (q·Kᵀ opens only q), the selected blocks' scores gathered by the one-hot
     (opens the one-hot and the G·L candidate scores per KV head), softmax over the attended scores, the
@@ -129,7 +129,8 @@ def attend_selected(B, heads: Heads, q, g, k, v, scope=_no_scope, anchor=None, l
     .query_products). The attended set and its order are those of ``g.apply`` (same logits up to rounding).
     The softmax is anchored when ``g`` always attends the anchor rows (:func:`selection_anchor`); ``offset``
     (Hkv, G, 1) is then their logits' max if the policy already made it in its own comparison rounds. With the
-    backend's three-operand products (``gathered_ok``) the gather and the scatter + p·V are one product each."""
+    backend's three-operand products (``gathered_ok``) the gather and the scatter + p·V are one product each;
+    ``scores``: the gather's product made already, in the logits' round (``Transformer._fix_and_score``)."""
     Hkv, hd, G = heads.n_kv_heads, heads.head_dim, heads.group_size
     L = int(k.shape[1])
     anchor = selection_anchor(anchor, g, L)
@@ -156,7 +157,7 @@ def attend_selected(B, heads: Heads, q, g, k, v, scope=_no_scope, anchor=None, l
     gathered = B.gathered_ok(g, k, v)
     with scope("gather"):
         if gathered:
-            sel, opened = B.gather_scores((q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), g, k)
+            sel, opened = scores or B.gather_scores((q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd), g, k)
         else:
             sel = from_blocks(g.select_blocks(to_blocks(s[..., start:end], C), B), ksel)
     parts = [s[..., a:b] for a, b in before] + [sel] + [s[..., a:b] for a, b in after]

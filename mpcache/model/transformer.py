@@ -95,13 +95,13 @@ class Transformer:
             n = n if cfg.arch == "llama" else n + self.w[prefix + ".bias"]
         return (n, r) if scale else n
 
-    def _norm_linear(self, x, prefix: str, name: str, bias: str | None = None, scale: bool = False):
+    def _norm_linear(self, x, prefix: str, name: str, bias: str | None = None, scale: bool = False, w=None):
         """The block's norm, then the linear layer ``name`` (+ ``bias``). With the norm's gain folded into the layer
         (the secure path: weights.fold_norm_gains) the layer's product runs inside the norm's last rounds
         (``B.norm_scale`` ``then``: no round of its own in 2PC) for ONE row (a decode step): the norm's last product
         then runs over the layer's outputs instead of D values, bytes a many-row prefill would pay per row for one
-        round in all; else after the norm. ``scale``: also the norm's R."""
-        w = self.w[name]
+        round in all; else after the norm. ``scale``: also the norm's R. ``w``: the weight, if not ``self.w[name]``."""
+        w = self.w[name] if w is None else w
         if self.w.get(prefix + ".weight") is None and int(x.shape[0]) == 1:
             out = self._norm(x, prefix, scale=scale, then=lambda h: self.B.matmul(h, w))
         else:
@@ -146,14 +146,19 @@ class Transformer:
         a = B.silu(a) if self.cfg.activation == "silu" else B.gelu(a)
         return self._linear(a, p + "w_proj", p + "b_proj")
 
-    def _block_in(self, x, p: str, positions: torch.Tensor):
+    def _block_in(self, x, p: str, positions: torch.Tensor, ahead=None):
         """Pre-attention of one block: norm, then q, k, v (after RoPE). Fused q/k/v: the product inside the norm's
-        last rounds (``_norm_linear``: its opening is counted in the norm's scope)."""
+        last rounds (``_norm_linear``: its opening is counted in the norm's scope). ``ahead`` (:meth:`_ahead_weight`):
+        the next layer's query too, from the same product: returns (q, k, v, q_next)."""
         if p + "wqkv" in self.w:
             with self.scope("norm"):
-                qkv = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv")
+                w = None if ahead is None else ahead[0]
+                qkv = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", w=w)
             with self.scope("qkv"):
-                return self._qkv(None, p, positions, qkv)
+                if ahead is None:
+                    return self._qkv(None, p, positions, qkv)
+                n = int(self.w[p + "wqkv"].shape[-1])
+                return (*self._qkv(None, p, positions, qkv[..., :n]), self._rope_q(qkv[..., n:], positions))
         with self.scope("norm"):
             h = self._norm(x, p + "attn_norm")
         with self.scope("qkv"):
@@ -370,7 +375,8 @@ class Transformer:
         (``_decode_offset``): public facts only -- a backend whose ``parallel`` merges openings (secure 2PC; the
         plaintext backend keeps the plain route, the reference), RMSNorm with no q bias (the scores are then the norm's factor
         times a linear function of the UNnormalised row), a policy with no per-step selection (the full row is
-        attended), no row weights, and a cache long enough for the anchored softmax."""
+        attended) or whose selection was made ahead (the offset is the full row's anchors' max, kept by the selection's
+        gather: attention.selection_anchor), no row weights, and a cache long enough for the anchored softmax."""
         cfg, w, p = self.cfg, self.w, f"layers.{i}."
         a, b = self.DECODE_ANCHOR or (0, 0)
         return (
@@ -379,12 +385,12 @@ class Transformer:
             and cfg.arch == "llama"
             and p + "bq" not in w
             and p + "bqkv" not in w
-            and type(self.policy.for_layer(i)).select is CachePolicy.select
+            and (type(self.policy.for_layer(i)).select is CachePolicy.select or self.policy.for_layer(i).ahead(i))
             and cache.logw[i] is None
             and int(cache.k[i].shape[1]) >= a + b
         )
 
-    def _decode_offset(self, x, p: str, positions: torch.Tensor, K):
+    def _decode_offset(self, x, p: str, positions: torch.Tensor, K, ahead=None):
         """A decode step's norm and q/k/v, and BESIDE them what its anchored softmax's offset needs (``_offset_ok``):
         the scores are q K^T / sqrt(hd) with q = r u, r = 1/sqrt(sum x^2 + D eps) > 0 and u = RoPE(x W_q) (the gain
         and sqrt(D) folded into W_q), so the max of the anchors' scores is r times the max of u's. One branch
@@ -398,7 +404,8 @@ class Transformer:
         offset. Bytes: + |x| + G H_kv hd (the two openings) + the comparison layer over (a + b - 1) columns per
         query head + 1 product. The offset differs from the anchors'
         exact max by ~2^-8 relative (x / 2^8 in fixed point): the softmax is the same function for any offset; only
-        its range moves by as much. Leakage: none (shapes and the schedule are public). Returns (q, k, v, m, R)."""
+        its range moves by as much. Leakage: none (shapes and the schedule are public). Returns (q, k, v, m, R), and
+        ``ahead`` (:meth:`_ahead_weight`): the next layer's query too, from the q/k/v product (q, k, v, m, R, q_next)."""
         cfg, B = self.cfg, self.B
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G, (a, b), L = H // Hkv, self.DECODE_ANCHOR, int(K.shape[1])
@@ -411,8 +418,12 @@ class Transformer:
 
         def norm():
             if p + "wqkv" in self.w:
-                qkv, out["r"] = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", scale=True)
-                out["qkv"] = self._qkv(None, p, positions, qkv)
+                w = None if ahead is None else ahead[0]
+                qkv, out["r"] = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", scale=True, w=w)
+                n = int(self.w[p + "wqkv"].shape[-1])
+                out["qkv"] = self._qkv(None, p, positions, qkv[..., :n])
+                if ahead is not None:
+                    out["qkv"] = (*out["qkv"], self._rope_q(qkv[..., n:], positions))
             else:
                 n, out["r"] = self._norm(x, p + "attn_norm", scale=True)
                 out["qkv"] = self._qkv(n, p, positions)
@@ -425,25 +436,81 @@ class Transformer:
 
         with self.scope("norm"):
             B.parallel(norm, side)
-        return (*out["qkv"], out["m"], out["r"])
+        q, k, v, *q_next = out["qkv"]
+        return (q, k, v, out["m"], out["r"], *q_next)
 
-    def _fix_and_score(self, q, k, v, K, m, r):
+    def _ahead_query(self, x, j: int, positions: torch.Tensor):
+        """Layer ``j``'s query (H, 1, hd) made from ``x``, the input of layer j - 1 instead of layer j's own (the
+        residual stream one block earlier): norm with layer j's gain, layer j's W_q (+ bias), RoPE (a selection made
+        ahead, CachePolicy.ahead). The secure route with folded gains makes the same value inside layer j - 1's
+        q/k/v product instead (:meth:`_ahead_weight`)."""
+        cfg, p = self.cfg, f"layers.{j}."
+        H, hd = cfg.n_heads, cfg.head_dim
+        h = self._norm(x, p + "attn_norm")
+        if p + "wqkv" in self.w:
+            q = self.B.matmul(h, self.w[p + "wqkv"][:, : H * hd])
+            if p + "bqkv" in self.w:
+                q = q + self.w[p + "bqkv"][: H * hd]
+        else:
+            q = self._linear(h, p + "wq", p + "bq")
+        return self._rope_q(q, positions)
+
+    def _rope_q(self, q, positions: torch.Tensor):
+        """(1, H*hd) query projections -> (H, 1, hd) after RoPE (llama)."""
+        cfg = self.cfg
+        H, hd = cfg.n_heads, cfg.head_dim
+        q = q.reshape(1, H, hd).transpose(0, 1)
+        if cfg.arch != "llama":
+            return q
+        cos, sin = rope_tables(positions, hd, cfg.rope_theta)
+        return self._rope(q, cos, sin)
+
+    def _ahead_weight(self, i: int):
+        """(W, ) for layer ``i``'s fused q/k/v product extended by layer i + 1's W_q columns, when the two layers'
+        norm gains are folded into their weights (the secure path: weights.fold_norm_gains) and neither has a q/k/v
+        bias: then layer i + 1's query from layer i's input is layer i's normalised row times layer i + 1's W_q, so it
+        rides in layer i's product (bytes: the extra outputs; no opening of its own). None otherwise (the query is
+        made by :meth:`_ahead_query`). Built once per model: a concatenation of fixed operands, no traffic."""
+        p, nxt, H, hd = f"layers.{i}.", f"layers.{i + 1}.", self.cfg.n_heads, self.cfg.head_dim
+        w = self.w
+        if not (
+            self.B.secure
+            and self.cfg.arch == "llama"
+            and p + "wqkv" in w
+            and nxt + "wqkv" in w
+            and p + "attn_norm.weight" not in w
+            and nxt + "attn_norm.weight" not in w
+            and p + "bqkv" not in w
+            and nxt + "bqkv" not in w
+        ):
+            return None
+        cache = self.__dict__.setdefault("_ahead_ws", {})
+        if i not in cache:
+            cache[i] = (self.B.cat([w[p + "wqkv"], w[nxt + "wqkv"][:, : H * hd]], dim=1),)
+        return cache[i]
+
+    def _fix_and_score(self, q, k, v, K, m, r, g=None, V=None):
         """The new row's fixing, the step's logits and the offset in ONE round (after ``_decode_offset``): q K^T
         over the cached rows (fixed K: opens q), q . k for the new row (a product of two shares: opens q and k), the
         fixing of the new k and v (opens their masks) and the offset m R (``_decode_offset``) are independent
         openings, in lockstep -- instead of the fixing, then q K^T over the cache with the new row. Same logits
-        (Hkv, G, L + 1); bytes + |q| + |k| G. Returns (k, v) fixed, the logits and the offset (Hkv, G, 1)."""
+        (Hkv, G, L + 1); bytes + |q| + |k| G. ``g``: a selection made ahead (CachePolicy.ahead) whose attention takes
+        the three-operand route (``B.gathered_ok``): its selected rows' scores (``B.gather_scores``: opens the
+        one-hot and q) ride in the same round. Returns (k, v) fixed, the logits, the offset (Hkv, G, 1) and the
+        gathered scores (None without ``g``)."""
         B, heads = self.B, self.heads
         Hkv, G, hd = heads.n_kv_heads, heads.group_size, heads.head_dim
         qg = (q * (1.0 / math.sqrt(hd))).reshape(Hkv, G, hd)
+        pre = g is not None and g.onehot is not None and B.gathered_ok(g, K, V) and g.covers(int(K.shape[1]) + 1)
         with self.scope("qk"):
-            fixed, old, new, offset = B.parallel(
+            fixed, old, new, offset, *scores = B.parallel(
                 lambda: self._fix_rows([k, v]),
                 lambda: B.matmul(qg, K.transpose(1, 2)),
                 lambda: (qg * k).sum(dim=-1, keepdim=True),  # k (Hkv, 1, hd): the new row, over the group's heads
                 lambda: m * r,
+                *([lambda: B.gather_scores(qg, g, K)] if pre else []),
             )
-        return fixed[0], fixed[1], B.cat([old, new], dim=-1), offset
+        return fixed[0], fixed[1], B.cat([old, new], dim=-1), offset, (scores[0] if scores else None)
 
     def _decode_attention(self, q, sel, k, v, logw=None):
         """A decode step's attention over the policy's :class:`Selection`: the backend chooses the route
@@ -458,39 +525,74 @@ class Transformer:
         positions = torch.tensor([cache.pos])
         x = self._embed(token if hasattr(token, "shape") else [token], positions)
         shared: dict = {}
+        ahead_sel = None  # this layer's Selection, made beside the previous layer (CachePolicy.ahead)
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
-                offset = logits = None
+                nxt = i + 1 < cfg.n_layers and self.policy.for_layer(i + 1).ahead(i + 1)
+                aw = self._ahead_weight(i) if nxt else None
+                g = None if ahead_sel is None else ahead_sel.gather
+                offset = logits = pre = None
                 if self._offset_ok(i, cache):
-                    q, k, v, m, r = self._decode_offset(x, p, positions, cache.k[i])
-                    k, v, logits, offset = self._fix_and_score(q, k, v, cache.k[i], m, r)
+                    q, k, v, m, r, *qn = self._decode_offset(x, p, positions, cache.k[i], aw)
+                    k, v, logits, offset, pre = self._fix_and_score(q, k, v, cache.k[i], m, r, g, cache.v[i])
                 else:
-                    q, k, v = self._block_in(x, p, positions)
+                    q, k, v, *qn = self._block_in(x, p, positions, aw)
                     with self.scope("fix_kv"):
                         k, v = self._fix_rows([k, v])  # the new row's mask is opened once, when written
-                cache.k[i] = B.cat([cache.k[i], k], dim=1)
-                cache.v[i] = B.cat([cache.v[i], v], dim=1)
-                if cache.logw[i] is not None:  # the new row stands for itself: weight 1
-                    cache.logw[i] = torch.cat([cache.logw[i], torch.zeros(1)])
-                with self.scope("selection"):
-                    ctx = DecodeContext(
-                        B,
-                        i,
-                        cfg.n_layers,
-                        q[:, 0],
-                        cache.k[i],
-                        cache.v[i],
-                        cache.n_prompt,
-                        cache.state[i],
-                        shared,
-                        anchor=self.DECODE_ANCHOR,
-                    )
-                    sel = as_selection(self.policy.for_layer(i).select(ctx))
-                if offset is not None:  # no per-step selection (_offset_ok): the full row, its offset made early
-                    sel = Selection(sel.gather, logits, offset)
-                o = self._decode_attention(q, sel, cache.k[i], cache.v[i], cache.logw[i])
-                x = self._block_out(x, o, p)
+
+                def rest(i=i, p=p, x=x, q=q, k=k, v=v, offset=offset, logits=logits, pre=pre, made=ahead_sel):
+                    cache.k[i] = B.cat([cache.k[i], k], dim=1)
+                    cache.v[i] = B.cat([cache.v[i], v], dim=1)
+                    if cache.logw[i] is not None:  # the new row stands for itself: weight 1
+                        cache.logw[i] = torch.cat([cache.logw[i], torch.zeros(1)])
+                    sel = made
+                    if sel is None:
+                        with self.scope("selection"):
+                            ctx = DecodeContext(
+                                B,
+                                i,
+                                cfg.n_layers,
+                                q[:, 0],
+                                cache.k[i],
+                                cache.v[i],
+                                cache.n_prompt,
+                                cache.state[i],
+                                shared,
+                                anchor=self.DECODE_ANCHOR,
+                            )
+                            sel = as_selection(self.policy.for_layer(i).select(ctx))
+                    if offset is not None:  # the offset made beside the norm (_offset_ok), the logits of every row
+                        sel = Selection(sel.gather, logits, offset, pre)
+                    o = self._decode_attention(q, sel, cache.k[i], cache.v[i], cache.logw[i])
+                    return self._block_out(x, o, p)
+
+                if not nxt:
+                    x, ahead_sel = rest(), None
+                    continue
+
+                def ahead(j=i + 1, x=x, q_next=qn[0] if qn else None):
+                    # layer j's selection from the query made at this layer's input, beside this layer's attention
+                    # and MLP: its rounds overlap theirs (B.parallel); scoped in this layer as "selection_ahead"
+                    with self.scope("selection_ahead"):
+                        q_j = self._ahead_query(x, j, positions) if q_next is None else q_next
+                        ctx = DecodeContext(
+                            B,
+                            j,
+                            cfg.n_layers,
+                            q_j[:, 0],
+                            cache.k[j],
+                            cache.v[j],
+                            cache.n_prompt,
+                            cache.state[j],
+                            shared,
+                            anchor=self.DECODE_ANCHOR,
+                            ahead=True,
+                            rows=int(cache.k[j].shape[1]) + 1,  # layer j writes its new row after this selection
+                        )
+                        return as_selection(self.policy.for_layer(j).select(ctx))
+
+                x, ahead_sel = B.parallel(rest, ahead)
         cache.pos += 1
         return self._logits(x)
 

@@ -161,6 +161,7 @@ class Selection:
     gather: Gather | None = None
     qk: Any = None
     offset: Any = None
+    scores: Any = None  # (the selected rows' scores, the opened one-hot): B.gather_scores, made in the logits' round
 
 
 def as_selection(result) -> Selection:
@@ -254,10 +255,14 @@ class DecodeContext:
     #                                              query_products made them (the policy passes them on: Selection)
     anchor: tuple | None = None  # (a, b): the attention anchors its softmax on cache rows [0, a) and
     #                                              [L - b, L) when the selection keeps them (Transformer.DECODE_ANCHOR)
+    ahead: bool = False  # q is the layer's query made AHEAD, from the previous layer's input (CachePolicy.ahead):
+    #                      q . k is then no attention logit; ``k`` may lack the step's new row (``rows`` says L)
+    rows: int | None = None  # the cache's length at this step (default: k's); a selection made ahead runs before
+    #                          the layer writes its new row
 
     @property
     def L(self) -> int:
-        return int(self.k.shape[1])
+        return int(self.k.shape[1]) if self.rows is None else self.rows
 
     def query_products(self, rep):
         """Each query head's ``q · rep / sqrt(hd)``, (Hkv, G, C) for ``rep`` (Hkv, C, hd). When ``rep`` and the
@@ -268,7 +273,7 @@ class DecodeContext:
         hkv, d = int(self.k.shape[0]), int(self.k.shape[2])
         qg = self.q.reshape(hkv, int(self.q.shape[0]) // hkv, d) * (1.0 / math.sqrt(d))
         c = int(rep.shape[1])
-        if B.is_fixed(rep) and B.is_fixed(self.k):
+        if B.is_fixed(rep) and B.is_fixed(self.k) and not self.ahead:
             both = B.matmul(qg, B.cat([rep, self.k], dim=1).transpose(1, 2))  # (Hkv, G, C + L)
             self.qk = both[..., c:]
             return both[..., :c]
@@ -305,6 +310,13 @@ class CachePolicy:
 
     def select(self, ctx: DecodeContext) -> Selection | Gather | None:
         return None
+
+    def ahead(self, layer: int) -> bool:
+        """Whether ``layer``'s decode selection is made AHEAD: from the query the layer would have had at the
+        previous layer's input (the residual stream before layer - 1's block; InfiniGen's speculation, Lee et al.,
+        OSDI 2024), so that under MPC it runs beside the previous layer's attention and MLP instead of before its
+        own attention (``Transformer.decode``). A public function of the layer index."""
+        return False
 
     def for_layer(self, layer: int) -> CachePolicy:
         """The policy that runs at ``layer`` (itself, unless per-layer budgets are set: see BudgetPolicy)."""

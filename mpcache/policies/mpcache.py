@@ -126,6 +126,11 @@ class MPCachePolicy(BudgetPolicy):
     share_start: int = 2
     share_group: int = 2
     share_static: bool = True
+    # selection made ahead (CachePolicy.ahead): layers >= lookahead_start score their clusters with the query made
+    # from the previous layer's input; under MPC the selection then runs beside the previous layer's attention and
+    # MLP, off the critical path
+    lookahead: bool = False
+    lookahead_start: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +150,10 @@ class MPCachePolicy(BudgetPolicy):
             ),
             (self.share_start >= 0, f"share_start must be >= 0, got {self.share_start}"),
             (self.share_group >= 1, f"share_group must be >= 1, got {self.share_group}"),
+            (
+                self.lookahead_start >= 1,
+                f"lookahead_start must be >= 1 (layer 0 has none before it), not {self.lookahead_start}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -156,6 +165,9 @@ class MPCachePolicy(BudgetPolicy):
         if not self.share_layers or layer < self.share_start:
             return layer
         return self.share_start + (layer - self.share_start) // self.share_group * self.share_group
+
+    def ahead(self, layer: int) -> bool:
+        return self.lookahead and layer >= self.lookahead_start and self.leader(layer) == layer
 
     def static_plan(self, n: int) -> tuple[int, int, int, int] | None:
         """(sinks, window, middle length m, kept middle k) for an n-token prompt; None = keep everything."""
@@ -269,7 +281,7 @@ class MPCachePolicy(BudgetPolicy):
                 prods = ctx.query_products(rep)  # (Hkv, G, C2)
                 qk, a = ctx.qk, ctx.anchor
                 also = []
-                if qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end:
+                if qk is not None and a is not None and a[0] <= S2 and a[1] <= ctx.L - p.end and not ctx.ahead:
                     # the anchored softmax's offset: the max of the sink rows' and the newest rows' logits, which
                     # this gather always attends (Transformer.selection_anchor), in the tournament's own rounds
                     also = [B.cat([qk[..., : a[0]], qk[..., ctx.L - a[1] :]], dim=-1)]  # (Hkv, G, a + b)
