@@ -42,6 +42,8 @@ def test_patches_apply_and_work(tmp_path):
         "fast_config",
         "fast_rng",
         "fixed_point_decode",
+        "empty_shells",
+        "no_validation_wrapper",
     ):
         assert name in p.stdout
 
@@ -279,3 +281,44 @@ def test_ignored_encodings_are_the_operands_own():
         assert (p.returncode == 0 and "OK" in p.stdout) == ok, (mode, p.stderr[-2000:])
         if not ok:
             assert "a tensor sharing the encoder saw scale 1" in p.stderr
+
+
+SHELLS = r"""
+import sys
+from mpcache.mpc import compat
+if sys.argv[1] == "patched":
+    compat.apply()
+else:
+    compat._onnx_registration()
+import torch
+import crypten
+from crypten.cryptensor import CrypTensor
+from crypten.mpc import MPCTensor
+from crypten.mpc.primitives import arithmetic
+
+crypten.init()
+calls = []
+przs = arithmetic.ArithmeticSharedTensor.PRZS
+arithmetic.ArithmeticSharedTensor.PRZS = staticmethod(lambda *a, **k: calls.append(1) or przs(*a, **k))
+x = crypten.cryptensor(torch.tensor([1.5, -2.0]))
+n0 = len(calls)
+y, z = x.shallow_copy(), x.clone()
+w = MPCTensor.from_shares(x.share)
+assert torch.allclose(y.get_plain_text(), torch.tensor([1.5, -2.0])) and torch.allclose(z.get_plain_text(), y.get_plain_text())
+assert w.share.equal(x.share) and z.ptype == x.ptype
+assert len(calls) == n0, f"{len(calls) - n0} zero sharings for empty shells"
+assert getattr(CrypTensor.__dict__["__getattribute__"], "__wrapped__", None) is None, "validation wrapper still on"
+print("OK")
+"""
+
+
+def test_empty_shells_draw_nothing_and_attributes_are_unwrapped():
+    """Patches 9 and 10: clone, shallow_copy and from_shares make no zero sharing for their empty shell, with the same
+    values; CrypTensor's attribute reads go straight to CrypTen's function. Stock CrypTen fails the check."""
+    for mode, ok in (("patched", True), ("stock", False)):
+        p = subprocess.run(
+            [sys.executable, "-c", SHELLS, mode], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert (p.returncode == 0 and "OK" in p.stdout) == ok, (mode, p.stderr[-2000:])
+        if not ok:
+            assert "zero sharings for empty shells" in p.stderr, p.stderr[-2000:]
