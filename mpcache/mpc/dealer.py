@@ -146,6 +146,20 @@ def encode(func: str, device, args=(), kwargs=None) -> bytes:
     return buf.getvalue()
 
 
+def _signature(func: str, device, args, kwargs) -> bytes:
+    """:func:`encode`, memoised (a pooled tuple's signature recurs every layer and token)."""
+    key = (func, device, repr(args), repr(kwargs))  # repr: 1 and True, equal as keys, pickle apart
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        if len(_SIGNATURES) > 4096:
+            _SIGNATURES.clear()
+        sig = _SIGNATURES[key] = encode(func, device, args, kwargs)
+    return sig
+
+
+_SIGNATURES: dict = {}
+
+
 def _next_batch(takes: int, answer_numel: int) -> int:
     """How many tuples party 0 asks for ahead when a pool empties after ``takes`` takes of its signature."""
     return max(1, min(takes, POOL_MAX, POOL_BYTES // max(1, answer_numel * 8)))
@@ -309,7 +323,7 @@ class DealerClient:
         """This party's shares of one tuple of kind ``func`` (in :data:`POOLED`): ``shares`` (its sizes) drawn
         from the keyed stream of the tuple's signature (the request itself: public), then the answer's share
         (``out_size``): party 0's from its pool of dealer answers, the other parties' drawn. See :func:`serve`."""
-        sig = encode(func, device, args, kwargs)
+        sig = _signature(func, wire_device(device), args, kwargs)
         own = list(shares) + ([] if self.rank == 0 else [out_size])
         stream = self._keyed.get(sig)
         if stream is None:

@@ -152,6 +152,19 @@ def _comm():
     return comm.get()
 
 
+@functools.lru_cache(maxsize=1024)
+def _layout(spec: tuple, names: tuple, bases: tuple, monomials: tuple):
+    """A plan's public structure, the same at every call with the same slots and monomials (every layer, every
+    token): the closure's products of masks and each product's (broadcast shape, size) in the answer."""
+    index = {n: i for i, n in enumerate(names)}
+    subsets = closure(c for m in monomials for c in Plan._choices(m, dict(bases), index))
+    shapes = []
+    for sub in subsets:
+        bs = _bshape([spec[i][0] for i in sub])
+        shapes.append((bs, _numel(bs)))
+    return subsets, tuple(shapes)
+
+
 def _draw(spec, subsets, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """This party's own draws (per slot: its ring mask share, or its packed XOR share of the bit mask) and its flat
     share of the dealer's answer (:func:`answer_numel`)."""
@@ -216,7 +229,8 @@ class Plan:
         self.spec = [(tuple(int(d) for d in slots[n][0]), slots[n][1]) for n in self.names]
         self.derived = dict(derived or {})
         self.device = device
-        self.subsets = closure(c for m in monomials for c in self._mask_choices(m))
+        bases = tuple((n, tuple(self._bases(n))) for n in self.derived)
+        self.subsets, shapes = _layout(tuple(self.spec), tuple(self.names), bases, tuple(map(tuple, monomials)))
         self.draws, answer = _draw(self.spec, self.subsets, device)
         self.rank = _comm().get_rank()
         self.share: list = [None] * len(self.spec)  # per slot: this party's share of its mask (bits: arithmetic)
@@ -228,26 +242,26 @@ class Plan:
                 self.share[i] = answer[at : at + _numel(sh)].reshape(sh)
                 at += _numel(sh)
         self.prods = {}
-        for sub in self.subsets:
-            bs = _bshape([self.spec[i][0] for i in sub])
-            self.prods[sub] = answer[at : at + _numel(bs)].reshape(bs)
-            at += _numel(bs)
+        for sub, (bs, k) in zip(self.subsets, shapes):
+            self.prods[sub] = answer[at : at + k].reshape(bs)
+            at += k
         self.alpha: list = [None] * len(self.spec)  # the public part: D (ring slots) or the bit's affine offset
         self.beta: list = [None] * len(self.spec)  # the mask's public factor (None: 1)
         self.scale: list = [1] * len(self.spec)
+
+    @staticmethod
+    def _choices(monomial, bases: dict, index: dict):
+        """Every multiset of masks the monomial's expansion multiplies (one mask or none per factor): the closure's
+        input (a derived factor contributes any one of its slots' masks)."""
+        out = []
+        for pick in itertools.product(*[[None, *(bases[n] if n in bases else (index[n],))] for n in monomial]):
+            out.append(tuple(i for i in pick if i is not None))
+        return out
 
     def _bases(self, name: str) -> list[int]:
         if name in self.derived:
             return [self.index[b] for b in self.derived[name][1]]
         return [self.index[name]]
-
-    def _mask_choices(self, monomial):
-        """Every multiset of masks the monomial's expansion multiplies (one mask or none per factor): the closure's
-        input (a derived factor contributes any one of its slots' masks)."""
-        out = []
-        for pick in itertools.product(*[[None, *self._bases(n)] for n in monomial]):
-            out.append(tuple(i for i in pick if i is not None))
-        return out
 
     def _fresh(self, name: str, kind: str) -> int:
         i = self.index[name]
