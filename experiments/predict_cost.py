@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import subprocess
 import sys
 import time
@@ -98,7 +99,9 @@ def kind_totals(ledgers: list[dict], prefix: str, kind: str) -> list[dict]:
     return out
 
 
-def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: int, profiles) -> dict:
+def predict_row(
+    cfg, policy_name: str, budget: float, L: int, setting, n_new: int, profiles, label: str | None = None, kwargs=None
+) -> dict:
     """One table row: per decode token (mean over the steady tokens 2.. when there are any, else token 1), the ONLINE
     bytes sent (max over parties) and rounds (max over parties) -- what the latency model prices -- and, apart, the
     dealer's bytes (``--provider ttp``: party 0's requests and the answers it receives, summed over parties; no
@@ -108,7 +111,8 @@ def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: in
     from mpcache.mpc.dryrun import predict_generation
     from mpcache.policies import make_policy
 
-    pol = make_policy(policy_name) if policy_name == "full" else make_policy(policy_name, budget=budget)
+    kwargs = dict(kwargs or {})
+    pol = make_policy(policy_name) if policy_name == "full" else make_policy(policy_name, budget=budget, **kwargs)
     t0 = time.perf_counter()
     ledgers, _ = predict_generation(cfg, pol, setting, L, n_new)
     toks = list(range(2, n_new)) or list(range(1, n_new)) or [0]  # token 0 comes from the prefill; 1 is apart
@@ -125,7 +129,7 @@ def predict_row(cfg, policy_name: str, budget: float, L: int, setting, n_new: in
     pre_dealer = kind_totals(ledgers, "prefill", "dealer")
     row = {
         "model": cfg.name,
-        "policy": policy_name,
+        "policy": label or policy_name,
         "budget": budget if policy_name != "full" else 1.0,
         "cached_len": L,
         "setting": setting.label,
@@ -155,7 +159,14 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-7b-shape")
-    p.add_argument("--policy", default="full,mpcache", help="comma-separated policy names")
+    p.add_argument(
+        "--policy",
+        default="full,mpcache",
+        help="comma-separated policy names, or LABEL=NAME with LABEL's settings in --policy-kwargs (e.g. ahead=mpcache)",
+    )
+    p.add_argument(
+        "--policy-kwargs", default="{}", help='JSON {LABEL: {field: value}}, e.g. {"ahead": {"lookahead": true}}'
+    )
     p.add_argument("--budget", type=float, default=0.1, help="kept fraction for budget policies")
     p.add_argument("--seq-lens", default="1024,8192", help="comma-separated cached (prompt) lengths")
     p.add_argument("--protocol", default="arithmetic", choices=["arithmetic", "replicated"])
@@ -185,7 +196,9 @@ def main(argv=None) -> int:
     rows = []
     for L in [int(x) for x in a.seq_lens.split(",")]:
         for pol in a.policy.split(","):
-            rows.append(predict_row(cfg, pol, a.budget, L, setting, a.new_tokens, profiles))
+            label, _, name = pol.rpartition("=")
+            kw = json.loads(a.policy_kwargs).get(label or name, {})
+            rows.append(predict_row(cfg, name, a.budget, L, setting, a.new_tokens, profiles, label or None, kw))
             print(f"  traced {pol} L={L} in {rows[-1]['trace_s']} s", file=sys.stderr)
     cols = list(rows[0])
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -49,6 +49,7 @@ class KVCache:
     logw: list = field(default_factory=list)  # per layer: None, or (L,) public log row weights (BalanceKV)
     n_prompt: int = 0  # rows that came from the prompt (after static compaction)
     pos: int = 0  # next absolute position (public)
+    ahead0: object = None  # layer 0's Selection for the next decode step, made beside this step's last layer
 
     def __post_init__(self):
         self.k = [None] * self.n_layers
@@ -525,12 +526,17 @@ class Transformer:
         positions = torch.tensor([cache.pos])
         x = self._embed(token if hasattr(token, "shape") else [token], positions)
         shared: dict = {}
-        ahead_sel = None  # this layer's Selection, made beside the previous layer (CachePolicy.ahead)
-        for i in range(cfg.n_layers):
+        n = cfg.n_layers
+        # this layer's Selection, made beside the previous layer (CachePolicy.ahead); layer 0's beside the previous
+        # decode step's last layer, from that step's layer-0 query (None at the first decode step: made here)
+        ahead_sel, cache.ahead0 = cache.ahead0, None
+        wrap0 = self.policy.for_layer(0).ahead(0)
+        q0 = None
+        for i in range(n):
             p = f"layers.{i}."
             with self.scope(f"L{i}"):
-                nxt = i + 1 < cfg.n_layers and self.policy.for_layer(i + 1).ahead(i + 1)
-                aw = self._ahead_weight(i) if nxt else None
+                nxt = self.policy.for_layer(i + 1).ahead(i + 1) if i + 1 < n else wrap0 and q0 is not None
+                aw = self._ahead_weight(i) if nxt and i + 1 < n else None
                 g = None if ahead_sel is None else ahead_sel.gather
                 offset = logits = pre = None
                 if self._offset_ok(i, cache):
@@ -540,6 +546,8 @@ class Transformer:
                     q, k, v, *qn = self._block_in(x, p, positions, aw)
                     with self.scope("fix_kv"):
                         k, v = self._fix_rows([k, v])  # the new row's mask is opened once, when written
+                if i == 0:
+                    q0 = q
 
                 def rest(i=i, p=p, x=x, q=q, k=k, v=v, offset=offset, logits=logits, pre=pre, made=ahead_sel):
                     cache.k[i] = B.cat([cache.k[i], k], dim=1)
@@ -571,11 +579,15 @@ class Transformer:
                     x, ahead_sel = rest(), None
                     continue
 
-                def ahead(j=i + 1, x=x, q_next=qn[0] if qn else None):
-                    # layer j's selection from the query made at this layer's input, beside this layer's attention
-                    # and MLP: its rounds overlap theirs (B.parallel); scoped in this layer as "selection_ahead"
+                def ahead(j=(i + 1) % n, x=x, q_next=qn[0] if qn else None):
+                    # layer j's selection from the query made at this layer's input (layer 0: this step's layer-0
+                    # query, for the next step), beside this layer's attention and MLP: its rounds overlap theirs
+                    # (B.parallel); scoped in this layer as "selection_ahead"
                     with self.scope("selection_ahead"):
-                        q_j = self._ahead_query(x, j, positions) if q_next is None else q_next
+                        if j == 0:
+                            q_j = q0
+                        else:
+                            q_j = self._ahead_query(x, j, positions) if q_next is None else q_next
                         ctx = DecodeContext(
                             B,
                             j,
@@ -593,6 +605,8 @@ class Transformer:
                         return as_selection(self.policy.for_layer(j).select(ctx))
 
                 x, ahead_sel = B.parallel(rest, ahead)
+                if i == n - 1:
+                    cache.ahead0, ahead_sel = ahead_sel, None
         cache.pos += 1
         return self._logits(x)
 

@@ -91,6 +91,17 @@ class MPCachePolicy(BudgetPolicy):
     ``share_group`` consecutive layers reuse their first layer's dynamic Gather (and its static Gather if
     ``share_static``), as in the authors' (2,3), (4,5), ... pairs.
 
+    Selection made ahead (``lookahead``; InfiniGen's speculation, Lee et al., OSDI 2024): layers >=
+    ``lookahead_start`` score their clusters with the query the layer would have had at the PREVIOUS layer's input
+    (the residual stream one block earlier: layer l's norm gain and W_q applied to layer l - 1's input; layer 0, with
+    ``lookahead_start=0``, scores with the previous decode step's layer-0 query, beside that step's last layer; the
+    first decode step's layer 0 uses its own). Under MPC
+    the query rides in layer l - 1's q/k/v product (layer l's W_q columns appended: no opening of its own) and the
+    whole selection runs in lockstep branches beside layer l - 1's attention and MLP (``Transformer.decode``), so its
+    rounds leave the critical path: a decode step costs the full cache's rounds plus layer 0's selection. The
+    attention's own logits, its anchored offset (beside the norm) and the selected rows' gathered scores (in the
+    logits' round) come from the layer's true query, so only WHICH clusters are attended changes.
+
     Budget = the fraction (or count) of the *full* cache's rows attended per decode step: k2 is chosen so that
     ``S2 + tail + k2·S2`` is nearest to ``kept(n + generated)`` (at least one cluster while any is a candidate),
     and k1 = max(ratio1·C1, ceil(k2 / fanout)). The dynamic ratio is then budget / static fraction.
@@ -127,8 +138,8 @@ class MPCachePolicy(BudgetPolicy):
     share_group: int = 2
     share_static: bool = True
     # selection made ahead (CachePolicy.ahead): layers >= lookahead_start score their clusters with the query made
-    # from the previous layer's input; under MPC the selection then runs beside the previous layer's attention and
-    # MLP, off the critical path
+    # from the previous layer's input (layer 0, with lookahead_start=0: the previous decode step's layer-0 query);
+    # under MPC the selection then runs beside the previous layer's attention and MLP, off the critical path
     lookahead: bool = False
     lookahead_start: int = 1
 
@@ -151,8 +162,8 @@ class MPCachePolicy(BudgetPolicy):
             (self.share_start >= 0, f"share_start must be >= 0, got {self.share_start}"),
             (self.share_group >= 1, f"share_group must be >= 1, got {self.share_group}"),
             (
-                self.lookahead_start >= 1,
-                f"lookahead_start must be >= 1 (layer 0 has none before it), not {self.lookahead_start}",
+                self.lookahead_start >= 0,
+                f"lookahead_start must be >= 0, got {self.lookahead_start}",
             ),
         ]
         for ok, msg in checks:
