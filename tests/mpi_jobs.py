@@ -646,7 +646,11 @@ def job_generation_costs(
 
 #: policy variants by label (job_generate, job_oblivious): the selection made ahead, beside the previous layer
 VARIANTS = collections.defaultdict(
-    dict, {"mpcache-strata": {"topk": "strata"}, "mpcache-ahead": {"topk": "strata", "lookahead": True, "lookahead_start": 0}}
+    dict,
+    {
+        "mpcache-strata": {"topk": "strata"},
+        "mpcache-ahead": {"topk": "strata", "lookahead": True, "lookahead_start": 0},
+    },
 )
 
 

@@ -579,7 +579,7 @@ class Transformer:
                     x, ahead_sel = rest(), None
                     continue
 
-                def ahead(j=(i + 1) % n, x=x, q_next=qn[0] if qn else None):
+                def ahead(j=(i + 1) % n, x=x, q_next=qn[0] if qn else None, q0=q0):
                     # layer j's selection from the query made at this layer's input (layer 0: this step's layer-0
                     # query, for the next step), beside this layer's attention and MLP: its rounds overlap theirs
                     # (B.parallel); scoped in this layer as "selection_ahead"
