@@ -175,7 +175,7 @@ def selection_sets(g: Gather | None, reveal) -> list | None:
     if g.strata:
         from .layout import strata_layout
 
-        layout, _ = strata_layout(g.strata, g.n_blocks_selected)
+        layout, _ = strata_layout(g.strata, g.n_blocks_selected, g.interleave)
         picked = layout[torch.arange(layout.shape[0]), picked]
     return [sorted(picked[h].tolist()) for h in range(picked.shape[0])]
 

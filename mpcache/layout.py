@@ -7,14 +7,23 @@ from __future__ import annotations
 import torch
 
 
-def strata_layout(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The public strata of ``strata_top1_onehot``: stratum r = candidates [floor(r m / k), floor((r+1) m / k)).
+def strata_layout(m: int, k: int, interleave: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public strata of ``strata_top1_onehot``: stratum r = candidates [floor(r m / k), floor((r+1) m / k)), or
+    with ``interleave`` candidates r, r + k, r + 2k, ... (neighbours in different strata: MPCache's clusters, where
+    the important ones come in runs -- a needle spans neighbouring clusters -- that contiguous strata make compete
+    for one winner).
 
-    Returns ``idx`` (k, g) long, g = ceil(m / k), the candidate index of each slot (short strata repeat their
-    first index in the padding slot) and ``valid`` (k, g) bool. Strata sizes differ by at most one.
+    Returns ``idx`` (k, g) long, g = ceil(m / k), the candidate index of each slot, in increasing order along a
+    row (short strata repeat their first index in the padding slot) and ``valid`` (k, g) bool. Strata sizes differ
+    by at most one.
     """
     if not 0 < k <= m:
         raise ValueError(f"top-k needs 0 < k <= {m}, got k={k}")
+    if interleave:
+        g = -(-m // k)
+        idx = torch.arange(k)[:, None] + k * torch.arange(g)[None, :]
+        valid = idx < m
+        return torch.where(valid, idx, torch.arange(k)[:, None].expand(k, g)), valid
     starts = [r * m // k for r in range(k + 1)]
     g = max(starts[r + 1] - starts[r] for r in range(k))
     idx = torch.empty(k, g, dtype=torch.long)

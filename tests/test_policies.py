@@ -86,7 +86,7 @@ def row_indices(g: Gather | None, L: int) -> torch.Tensor:
         if g.strata:  # compact form: slot j of row r is candidate strata_layout[r, j]
             from mpcache.layout import strata_layout
 
-            layout, _ = strata_layout(g.strata, g.n_blocks_selected)
+            layout, _ = strata_layout(g.strata, g.n_blocks_selected, g.interleave)
             blocks = layout[torch.arange(layout.shape[0]), blocks]
         rows = g.start + blocks[..., None] * g.block + torch.arange(g.block)  # (Hkv, k, block)
         parts.append(rows.reshape(HKV, -1))
@@ -558,7 +558,7 @@ def test_strata_selection_is_the_max_of_each_stratum():
     rep = 0.6 * keys.max(2).values + 0.4 * keys.min(2).values  # (Hkv, C, D)
     q = ctx.q.reshape(HKV, G, D)
     scores = torch.einsum("hgd,hcd->hgc", q, rep).max(1).values  # max over the group's heads
-    layout, valid = strata_layout(C, g.n_blocks_selected)
+    layout, valid = strata_layout(C, g.n_blocks_selected, g.interleave)
     s = scores[:, layout].masked_fill(~valid, float("-inf"))
     assert torch.equal(g.onehot.argmax(-1), s.argmax(-1))
 
@@ -590,7 +590,7 @@ def test_strata_decode_summaries_made_in_the_tournament_match_direct(head_reduce
         rep = 0.6 * blocks[:, : g.strata].amax(2) + 0.4 * blocks[:, : g.strata].amin(2)
         per_head = torch.einsum("hgd,hcd->hgc", ctx.q.reshape(HKV, G, D) / D**0.5, rep)
         scores = per_head.amax(1) if head_reduce == "max" else per_head.sum(1)
-        layout, valid = strata_layout(g.strata, g.n_blocks_selected)
+        layout, valid = strata_layout(g.strata, g.n_blocks_selected, g.interleave)
         assert torch.equal(g.onehot.argmax(-1), scores[:, layout].masked_fill(~valid, float("-inf")).argmax(-1))
         qk = sel.qk
         want = torch.cat([qk[..., :4], qk[..., L - 8 :]], -1).amax(-1, keepdim=True)
@@ -632,3 +632,24 @@ def test_attention_in_place_equals_gathered_rows(strata):
     assert torch.allclose(lhs, rhs, atol=1e-4)
     picked = gather.scatter_blocks(y, B).abs().sum(-1) > 0
     assert int(picked.sum()) == Hkv * k
+
+
+def test_interleaved_strata_hold_every_candidate_once_with_neighbours_apart():
+    """strata_layout(..., interleave=True): every candidate in exactly one valid slot, rows increasing, strata sizes
+    within one, and candidates c, c + 1 never in one stratum (while k > 1); the Gather's slot map inverts it."""
+    from mpcache.layout import strata_layout
+    from mpcache.policies.base import Gather
+
+    for m, k in ((23, 5), (146, 13), (40, 40), (7, 1), (1000, 97)):
+        idx, valid = strata_layout(m, k, interleave=True)
+        assert sorted(idx[valid].tolist()) == list(range(m))
+        assert all(bool((row[1:] > row[:-1]).all()) for row, ok in zip(idx, valid) for row in [row[ok]])
+        sizes = valid.sum(1)
+        assert int(sizes.max() - sizes.min()) <= 1
+        stratum = torch.empty(m, dtype=torch.long)
+        stratum[idx[valid]] = torch.arange(k)[:, None].expand_as(idx)[valid]
+        if k > 1:
+            assert bool((stratum[1:] != stratum[:-1]).all())
+        g = Gather(onehot=torch.zeros(1, k, int(idx.shape[1])), start=0, block=1, strata=m, interleave=True)
+        _, first = g._slots()
+        assert torch.equal(idx.reshape(-1)[first], torch.arange(m))

@@ -568,7 +568,7 @@ def test_anchored_softmax(setting):
 
 
 # ---- attention over a compact selection: the three-operand route --------------------------------------------------
-def _gathered_setup(seed=5):
+def _gathered_setup(seed=5, interleave=False):
     """A fixed K/V of 2 kv heads (3 queries each, d = 8): 4 always-attended rows, 23 candidate blocks of 4 rows in
     strata for k = 5, 6 recent rows; a one-hot choosing one block per stratum."""
     g = gen(seed)
@@ -579,7 +579,7 @@ def _gathered_setup(seed=5):
         return grid(torch.randn(*shape, generator=g) * scale)
 
     K, V, q = rnd(hkv, L, d), rnd(hkv, L, d), rnd(hkv, G, d, scale=0.5)
-    idx, valid = ops.strata_layout(C, k)
+    idx, valid = ops.strata_layout(C, k, interleave)
     choice = (torch.rand(hkv, k, generator=g) * valid.sum(1)).long()
     oh = torch.nn.functional.one_hot(choice, int(idx.shape[1])).double()
     p, p_rest = rnd(hkv, G, k * blk, scale=0.1).abs(), rnd(hkv, G, blk + tail, scale=0.1).abs()
@@ -614,14 +614,15 @@ def _three_operand_route_available(sess, K):
     return gather_triple.available(FixedOperand.fix(crypten.cryptensor(K.float(), src=0)))
 
 
+@pytest.mark.parametrize("interleave", [False, True], ids=["contiguous", "interleaved"])
 @pytest.mark.parametrize("setting", ["2pc-tfp"], indirect=True)
-def test_gathered_attention_matches_its_float_model(setting):
+def test_gathered_attention_matches_its_float_model(setting, interleave):
     """Three-operand products over a compact one-hot selection of a fixed cache (2PC TFP): the selected rows'
     scores, and p times the selected + always-attended rows of V, within the truncation's 2 ulp (times the few
     terms summed after it: exact in the ring before): 4 ulp; one round each, opening only the one-hot and q (then
     the attended probabilities): 8 bytes per opened element; the opened one-hot mask is a one-time pad (its bits
     ~half set: the 64 x 690 bits' mean within 0.05 of 1/2)."""
-    s = _gathered_setup()
+    s = _gathered_setup(interleave=interleave)
     blk, C, L, tail, idx = s["blk"], s["C"], s["L"], s["tail"], s["idx"]
 
     scores, out, cost, bit_mean = setting.run(_gathered_attention, s)[0].value

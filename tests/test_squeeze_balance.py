@@ -224,7 +224,7 @@ def gathered_rows(g, n: int) -> list[list[int]]:
     """Per KV head, the cache rows a BalanceKV Gather keeps (plaintext one-hot -> indices), in output order."""
     from mpcache.layout import strata_layout
 
-    idx, _ = strata_layout(g.strata, g.n_blocks_selected)
+    idx, _ = strata_layout(g.strata, g.n_blocks_selected, g.interleave)
     pick = idx[torch.arange(idx.shape[0]), g.onehot.argmax(-1)] + g.start  # (Hkv, k)
     before = [r for s, e in g.ranges if e <= g.start for r in range(s, e)]
     after = [r for s, e in g.ranges if s >= g.start for r in range(s, e)]

@@ -112,19 +112,20 @@ class PlainBackend:
         idx = _stable_topk(scores, k).sort(dim=-1).values
         return torch.nn.functional.one_hot(idx, m).to(scores.dtype)
 
-    def strata_top1_onehot(self, scores: Tensor, k: int) -> Tensor:
+    def strata_top1_onehot(self, scores: Tensor, k: int, interleave: bool = False) -> Tensor:
         """Compact rows ``(..., k, g)``: row r is the one-hot of the first maximum of public stratum r (candidates
         ``[floor(r m / k), floor((r+1) m / k))``, see :func:`mpcache.mpc.ops.strata_layout`)."""
         from ..layout import STRATA_PAD, strata_layout
 
-        idx, valid = strata_layout(int(scores.shape[-1]), k)
+        idx, valid = strata_layout(int(scores.shape[-1]), k, interleave)
         x = scores[..., idx.to(scores.device)].masked_fill(~valid.to(scores.device), STRATA_PAD)
         return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
 
-    def strata_select(self, scores: Tensor, k: int, heads: bool = False, also=()):
+    def strata_select(self, scores: Tensor, k: int, heads: bool = False, also=(), interleave: bool = False):
         """:meth:`strata_top1_onehot` of the scores (their max over dim -2, the group's heads, if ``heads``), and
         the max along the last dim of each tensor in ``also`` (see :func:`mpcache.mpc.ops.strata_select`)."""
-        return (self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k), [t.amax(dim=-1) for t in also])
+        top = self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k, interleave)
+        return top, [t.amax(dim=-1) for t in also]
 
     def less_than(self, x: Tensor, t) -> Tensor:
         """[x < t] as 0/1 (``t`` public, broadcastable): one comparison per element under MPC."""

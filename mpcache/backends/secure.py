@@ -229,11 +229,13 @@ class SecureBackend:
         with self._scope("topk"):
             return ops.strata_top1_onehot(scores, k, cfg=self.cfg)
 
-    def strata_select(self, scores, k: int, heads: bool = False, also=()):
+    def strata_select(self, scores, k: int, heads: bool = False, also=(), interleave: bool = False):
         """ops.strata_select: the stratified top-1 over the max of the group's heads (``heads``) with the maxima of
         ``also`` in the same comparison layers."""
         with self._scope("topk"):
-            oh, maxes = ops.strata_select(unfix(scores), k, heads=heads, also=[unfix(t) for t in also], cfg=self.cfg)
+            oh, maxes = ops.strata_select(
+                unfix(scores), k, heads=heads, also=[unfix(t) for t in also], cfg=self.cfg, interleave=interleave
+            )
             return oh, maxes
 
     # ---- a decode step's attention: the route ---------------------------------------------------------------------
@@ -266,7 +268,7 @@ class SecureBackend:
     def gather_scores(self, q, g, k):
         """q (Hkv, G, d) against the rows ``g`` selects of the fixed K: (Hkv, G, k·block) in ``g.apply`` order, and
         the opened one-hot for :meth:`gather_values`. 1 round, opens the one-hot and q (gather_triple)."""
-        idx, _ = ops.strata_layout(g.strata, g.n_blocks_selected)
+        idx, _ = ops.strata_layout(g.strata, g.n_blocks_selected, g.interleave)
         with self._scope("matmul"):
             oh = gather_triple.OpenedOneHot(unfix(g.onehot))
             return gather_triple.gathered_scores(unfix(q), oh, k, g.start, g.strata, g.block, idx), oh
@@ -274,7 +276,7 @@ class SecureBackend:
     def gather_values(self, p_sel, opened, g, v, p_rest=None, ranges=()):
         """p_sel (Hkv, G, k·block) times the selected rows of the fixed V, plus ``p_rest`` times V's rows in the
         public ``ranges`` (in order), in one opening: (Hkv, G, d). 1 round (gather_triple)."""
-        idx, _ = ops.strata_layout(g.strata, g.n_blocks_selected)
+        idx, _ = ops.strata_layout(g.strata, g.n_blocks_selected, g.interleave)
         rest = None
         if ranges:
             rest = (unfix(p_rest), FixedOperand.cat([v[:, a:b] for a, b in ranges], dim=1))

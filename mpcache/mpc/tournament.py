@@ -343,7 +343,9 @@ def _onehot_radix_levels(tasks, lean: bool) -> list:
     return results
 
 
-def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None, cfg: MpcConfig | None = None):
+def strata_top1_onehot(
+    scores, k: int, lean: bool | None = None, radix=None, cfg: MpcConfig | None = None, interleave: bool = False
+):
     """Compact one-hot rows (..., k, g), ring 0/1 at scale 1 (so products with it need no truncation): row r marks
     the first maximum of stratum r (see :func:`strata_layout`).
 
@@ -360,11 +362,19 @@ def strata_top1_onehot(scores, k: int, lean: bool | None = None, radix=None, cfg
     Bytes/party: per level r(r-1)/2 comparisons per group of r survivors + the products.
     Leaks: shapes only (the strata are public functions of m and k).
     """
-    return strata_select(scores, k, lean=lean, radix=radix, cfg=cfg)[0]
+    return strata_select(scores, k, lean=lean, radix=radix, cfg=cfg, interleave=interleave)[0]
 
 
 def strata_select(
-    scores, k: int, *, heads: bool = False, also=(), lean: bool | None = None, radix=None, cfg: MpcConfig | None = None
+    scores,
+    k: int,
+    *,
+    heads: bool = False,
+    also=(),
+    lean: bool | None = None,
+    radix=None,
+    cfg: MpcConfig | None = None,
+    interleave: bool = False,
 ):
     """:func:`strata_top1_onehot` with two fusions that save whole comparison layers. Returns (one-hot, maxima).
 
@@ -375,7 +385,8 @@ def strata_select(
     the anchored softmax's offset, new clusters' summaries); their tournaments run in lockstep with the head max
     and the strata levels, in the same comparison layers and product rounds (:func:`_onehot_radix_levels`), with
     level radices from :func:`lockstep_schedule` (no added round beside a strata level; what is left after them
-    adds its own). Every level, radix 2 included, is a radix level.
+    adds its own). Every level, radix 2 included, is a radix level. ``interleave``: the strata of
+    :func:`strata_layout` with ``interleave`` (same sizes, same costs).
     Rounds: per level index, cmp + ceil(log2 of the largest radix in use). Bytes: the sum. Exact.
     Leaks: shapes only.
     """
@@ -384,7 +395,7 @@ def strata_select(
     radix = cfg.strata_radix if radix is None else radix
     pad = STRATA_PAD_LEAN if lean else STRATA_PAD
     m = int(scores.shape[-1])
-    idx, valid = strata_layout(m, k)
+    idx, valid = strata_layout(m, k, interleave)
     g = int(idx.shape[1])
     rows = int(torch.Size(scores.shape[: -2 if heads else -1]).numel()) * k
     G = int(scores.shape[-2]) if heads else 1
@@ -426,10 +437,12 @@ def strata_select(
     return oh, [t.squeeze(-1) for t in extra]
 
 
-def strata_top1_onehot_reference(scores: torch.Tensor, k: int, heads: bool = False) -> torch.Tensor:
+def strata_top1_onehot_reference(
+    scores: torch.Tensor, k: int, heads: bool = False, interleave: bool = False
+) -> torch.Tensor:
     if heads:
         scores = scores.amax(dim=-2)
-    idx, valid = strata_layout(int(scores.shape[-1]), k)
+    idx, valid = strata_layout(int(scores.shape[-1]), k, interleave)
     x = scores.double()[..., idx].masked_fill(~valid, STRATA_PAD)
     best = x.argmax(dim=-1, keepdim=True)  # first maximum
     return torch.zeros_like(x).scatter_(-1, best, 1.0)

@@ -55,6 +55,7 @@ class Gather:
     start: int = 0
     block: int = 1
     strata: int = 0
+    interleave: bool = False  # the strata of mpcache.layout.strata_layout(..., interleave=True)
     weight: float = 1.0  # public count of prompt rows each gathered row stands for (BalanceKV: 2^T); ranges: 1
 
     def log_weights(self) -> torch.Tensor | None:
@@ -95,9 +96,10 @@ class Gather:
         """Compact form: the candidate index of each (row, slot) and, per candidate, the first slot holding it."""
         from ..layout import strata_layout
 
-        idx, valid = strata_layout(self.strata, self.n_blocks_selected)
-        # each candidate holds exactly one valid slot, and row-major order lists them in candidate order
-        return idx, valid.reshape(-1).nonzero().squeeze(1)
+        idx, valid = strata_layout(self.strata, self.n_blocks_selected, self.interleave)
+        # each candidate holds exactly one valid slot: its position in row-major order, by candidate
+        pos = valid.reshape(-1).nonzero().squeeze(1)
+        return idx, pos[idx.reshape(-1)[pos].argsort()]
 
     def select_blocks(self, blocks, backend):
         """blocks (Hkv, C, X) -> (Hkv, k, X): the selected blocks, in the one-hot's row order (secret choice)."""

@@ -132,6 +132,8 @@ class MPCachePolicy(BudgetPolicy):
     head_reduce: str = "max"
     # how the k of m candidate clusters are picked (see base.TOPK_METHODS): MPC-friendly by default
     topk: str = "auto"
+    # the stratified selection's strata interleaved (clusters r, r + k2, r + 2 k2, ...: neighbours never compete)
+    interleave: bool = True
     # cross-layer index sharing
     share_layers: bool = False
     share_start: int = 2
@@ -299,15 +301,21 @@ class MPCachePolicy(BudgetPolicy):
                 grown = pending(B, ctx.state, fkey, keys, S2)  # (2, Hkv, new, D, S2)
                 extra = also + ([] if grown is None else [grown])
                 if self.head_reduce == "sum":
-                    onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=extra)
+                    onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=extra, interleave=self.interleave)
                 else:
-                    onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=extra)
+                    onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=extra, interleave=self.interleave)
                 offset = maxes[0].unsqueeze(-1) if also else None
                 if grown is not None:
                     extend(B, ctx.state, fkey, maxes[-1][0], B.neg(maxes[-1][1]), alpha)
-            return Gather(ranges=nonempty((0, S2), (p.end, ctx.L)), onehot=onehot, start=S2, block=S2, strata=p.C2), (
-                offset if self.linear else None
+            g = Gather(
+                ranges=nonempty((0, S2), (p.end, ctx.L)),
+                onehot=onehot,
+                start=S2,
+                block=S2,
+                strata=p.C2,
+                interleave=self.interleave and self.linear,
             )
+            return g, (offset if self.linear else None)
         if not self.hierarchy or p.k1 == p.C1:  # level 1 would keep every coarse cluster: skip it
             scores = score(head(fine.max, p.C2), head(fine.min, p.C2), head(fine.rep, p.C2))
             onehot = B.topk_onehot(scores, p.k2)  # (Hkv, k2, C2)
