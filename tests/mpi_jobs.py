@@ -648,7 +648,7 @@ def job_generation_costs(
 VARIANTS = collections.defaultdict(
     dict,
     {
-        "mpcache-strata": {"topk": "strata"},
+        "mpcache-strata": {"topk": "strata", "lookahead": False},  # the selection from the layer's own query
         "mpcache-ahead": {"topk": "strata", "lookahead": True, "lookahead_start": 0},
     },
 )
@@ -666,7 +666,7 @@ def job_oblivious(out, policies="full,streaming,h2o,snapkv,tova,quest,mpcache", 
     for name in policies.split(","):
         specs.append((name, {} if name == "full" else {"budget": 0.3}))
         if name in ("h2o", "quest", "mpcache"):
-            specs.append((name + "-strata", {"budget": 0.3, "topk": "strata"}))
+            specs.append((name + "-strata", {"budget": 0.3, "topk": "strata", **VARIANTS[name + "-strata"]}))
         if name == "mpcache":  # the static stage on shares (keep top-k + compaction), and layer sharing
             specs.append(("mpcache-static", {"budget": 0.3, "static": True, "topk": "rank"}))
             specs.append(("mpcache-shared", {"budget": 0.3, "share_layers": True, "share_start": 0}))

@@ -248,8 +248,8 @@ def test_selection_made_ahead_costs_only_layer_0s_rounds():
 
     full, strata, ahead, ahead0 = (
         token(None),
-        token(make_policy("mpcache", budget=0.3, topk="strata")),
-        token(make_policy("mpcache", budget=0.3, topk="strata", lookahead=True)),
+        token(make_policy("mpcache", budget=0.3, topk="strata", lookahead=False)),
+        token(make_policy("mpcache", budget=0.3, topk="strata", lookahead=True, lookahead_start=1)),
         token(make_policy("mpcache", budget=0.3, topk="strata", lookahead=True, lookahead_start=0)),
     )
     per_layer = (strata[0] - full[0]) // 2

@@ -107,8 +107,10 @@ class MPCachePolicy(BudgetPolicy):
     and k1 = max(ratio1·C1, ceil(k2 / fanout)). The dynamic ratio is then budget / static fraction.
 
     Defaults (``static=False``, ``cluster_size=4``, ``fanout=2``, ``head_reduce="max"``, ``share_layers=False``,
-    ``topk="auto"``; the authors' ``alpha=0.6``, ``linear=True``, ``hierarchy=True``, ``ratio1=0.5``) were chosen on
-    the dev split only; ``cluster_size=16, share_layers=True, head_reduce="sum"`` is the paper's cost point. Why each
+    ``topk="auto"`` with ``interleave=True``: the stratified tournament's stratum r holds clusters r, r + k2, r + 2 k2,
+    ... so neighbouring clusters -- a needle spans them -- never compete for one winner; ``lookahead=True`` with
+    ``lookahead_start=0``: every selection made ahead, off the critical path; the authors' ``alpha=0.6``,
+    ``linear=True``, ``hierarchy=True``, ``ratio1=0.5``) were chosen on the dev split only; ``cluster_size=16, share_layers=True, head_reduce="sum"`` is the paper's cost point. Why each
     default, with its dev-split numbers and its MPC cost: experiments/RESULTS.md, "MPCachePolicy: why these
     defaults".
     """
@@ -142,8 +144,8 @@ class MPCachePolicy(BudgetPolicy):
     # selection made ahead (CachePolicy.ahead): layers >= lookahead_start score their clusters with the query made
     # from the previous layer's input (layer 0, with lookahead_start=0: the previous decode step's layer-0 query);
     # under MPC the selection then runs beside the previous layer's attention and MLP, off the critical path
-    lookahead: bool = False
-    lookahead_start: int = 1
+    lookahead: bool = True
+    lookahead_start: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
