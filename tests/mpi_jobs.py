@@ -543,7 +543,10 @@ def job_generate_kv(
     from mpcache.policies import make_policy
 
     cfg, w, _ = load_model(model, seed=0)
-    pol = make_policy("full") if policy == "full" else make_policy(policy, budget=0.3, cluster_size=2)
+    # the selection from the layer's own query: the per-scope accounting below is that route's (the selection made
+    # ahead is checked predicted == measured in test_costs)
+    own = {"lookahead": False} if policy == "mpcache" else {}
+    pol = make_policy("full") if policy == "full" else make_policy(policy, budget=0.3, cluster_size=2, **own)
     info = {
         "model": cfg.to_dict(),
         "shapes": {k: list(v) for k, v in expected_shapes(cfg).items()},

@@ -49,7 +49,8 @@ class KVCache:
     logw: list = field(default_factory=list)  # per layer: None, or (L,) public log row weights (BalanceKV)
     n_prompt: int = 0  # rows that came from the prompt (after static compaction)
     pos: int = 0  # next absolute position (public)
-    ahead0: object = None  # layer 0's Selection for the next decode step, made beside this step's last layer
+    ahead0: object = None  # (layer 0's Selection for the next decode step, made beside this step's last layer, and
+    #                        what it left for the layers that share it: the next step's ``shared``)
 
     def __post_init__(self):
         self.k = [None] * self.n_layers
@@ -525,11 +526,11 @@ class Transformer:
             raise ValueError(f"position {cache.pos} exceeds the model's context of {cfg.max_position}")
         positions = torch.tensor([cache.pos])
         x = self._embed(token if hasattr(token, "shape") else [token], positions)
-        shared: dict = {}
         n = cfg.n_layers
         # this layer's Selection, made beside the previous layer (CachePolicy.ahead); layer 0's beside the previous
         # decode step's last layer, from that step's layer-0 query (None at the first decode step: made here)
-        ahead_sel, cache.ahead0 = cache.ahead0, None
+        ahead_sel, shared = cache.ahead0 or (None, {})
+        cache.ahead0, next_shared = None, {}
         wrap0 = self.policy.for_layer(0).ahead(0)
         q0 = None
         for i in range(n):
@@ -579,7 +580,7 @@ class Transformer:
                     x, ahead_sel = rest(), None
                     continue
 
-                def ahead(j=(i + 1) % n, x=x, q_next=qn[0] if qn else None, q0=q0):
+                def ahead(j=(i + 1) % n, x=x, q_next=qn[0] if qn else None, q0=q0, shared=shared):
                     # layer j's selection from the query made at this layer's input (layer 0: this step's layer-0
                     # query, for the next step), beside this layer's attention and MLP: its rounds overlap theirs
                     # (B.parallel); scoped in this layer as "selection_ahead"
@@ -597,7 +598,7 @@ class Transformer:
                             cache.v[j],
                             cache.n_prompt,
                             cache.state[j],
-                            shared,
+                            next_shared if j == 0 else shared,  # layer 0's: the next step's
                             anchor=self.DECODE_ANCHOR,
                             ahead=True,
                             rows=int(cache.k[j].shape[1]) + 1,  # layer j writes its new row after this selection
@@ -606,7 +607,7 @@ class Transformer:
 
                 x, ahead_sel = B.parallel(rest, ahead)
                 if i == n - 1:
-                    cache.ahead0, ahead_sel = ahead_sel, None
+                    cache.ahead0, ahead_sel = (ahead_sel, next_shared), None
         cache.pos += 1
         return self._logits(x)
 
