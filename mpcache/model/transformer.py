@@ -154,13 +154,9 @@ class Transformer:
         the next layer's query too, from the same product: returns (q, k, v, q_next)."""
         if p + "wqkv" in self.w:
             with self.scope("norm"):
-                w = None if ahead is None else ahead[0]
-                qkv = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", w=w)
+                qkv = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", w=ahead)
             with self.scope("qkv"):
-                if ahead is None:
-                    return self._qkv(None, p, positions, qkv)
-                n = int(self.w[p + "wqkv"].shape[-1])
-                return (*self._qkv(None, p, positions, qkv[..., :n]), self._rope_q(qkv[..., n:], positions))
+                return self._qkv_ahead(p, positions, qkv, ahead)
         with self.scope("norm"):
             h = self._norm(x, p + "attn_norm")
         with self.scope("qkv"):
@@ -420,12 +416,8 @@ class Transformer:
 
         def norm():
             if p + "wqkv" in self.w:
-                w = None if ahead is None else ahead[0]
-                qkv, out["r"] = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", scale=True, w=w)
-                n = int(self.w[p + "wqkv"].shape[-1])
-                out["qkv"] = self._qkv(None, p, positions, qkv[..., :n])
-                if ahead is not None:
-                    out["qkv"] = (*out["qkv"], self._rope_q(qkv[..., n:], positions))
+                qkv, out["r"] = self._norm_linear(x, p + "attn_norm", p + "wqkv", p + "bqkv", scale=True, w=ahead)
+                out["qkv"] = self._qkv_ahead(p, positions, qkv, ahead)
             else:
                 n, out["r"] = self._norm(x, p + "attn_norm", scale=True)
                 out["qkv"] = self._qkv(n, p, positions)
@@ -457,6 +449,14 @@ class Transformer:
             q = self._linear(h, p + "wq", p + "bq")
         return self._rope_q(q, positions)
 
+    def _qkv_ahead(self, p: str, positions: torch.Tensor, qkv, ahead):
+        """q, k, v from the fused product's output ``qkv``, and with ``ahead`` (it was the :meth:`_ahead_weight`) the
+        next layer's query from its last columns: (q, k, v) or (q, k, v, q_next)."""
+        if ahead is None:
+            return self._qkv(None, p, positions, qkv)
+        n = int(self.w[p + "wqkv"].shape[-1])
+        return (*self._qkv(None, p, positions, qkv[..., :n]), self._rope_q(qkv[..., n:], positions))
+
     def _rope_q(self, q, positions: torch.Tensor):
         """(1, H*hd) query projections -> (H, 1, hd) after RoPE (llama)."""
         cfg = self.cfg
@@ -468,7 +468,7 @@ class Transformer:
         return self._rope(q, cos, sin)
 
     def _ahead_weight(self, i: int):
-        """(W, ) for layer ``i``'s fused q/k/v product extended by layer i + 1's W_q columns, when the two layers'
+        """Layer ``i``'s fused q/k/v weight extended by layer i + 1's W_q columns, when the two layers'
         norm gains are folded into their weights (the secure path: weights.fold_norm_gains) and neither has a q/k/v
         bias: then layer i + 1's query from layer i's input is layer i's normalised row times layer i + 1's W_q, so it
         rides in layer i's product (bytes: the extra outputs; no opening of its own). None otherwise (the query is
@@ -488,7 +488,7 @@ class Transformer:
             return None
         cache = self.__dict__.setdefault("_ahead_ws", {})
         if i not in cache:
-            cache[i] = (self.B.cat([w[p + "wqkv"], w[nxt + "wqkv"][:, : H * hd]], dim=1),)
+            cache[i] = self.B.cat([w[p + "wqkv"], w[nxt + "wqkv"][:, : H * hd]], dim=1)
         return cache[i]
 
     def _fix_and_score(self, q, k, v, K, m, r, g=None, V=None):
@@ -513,6 +513,26 @@ class Transformer:
                 *([lambda: B.gather_scores(qg, g, K)] if pre else []),
             )
         return fixed[0], fixed[1], B.cat([old, new], dim=-1), offset, (scores[0] if scores else None)
+
+    def _select(self, cache: KVCache, i: int, q, shared: dict, ahead: bool = False) -> Selection:
+        """Layer ``i``'s policy selection for this decode step from the query ``q`` (H, 1, hd). ``ahead``: made before
+        the layer writes its new row (``q`` then is the query made ahead: CachePolicy.ahead)."""
+        rows = int(cache.k[i].shape[1]) + 1 if ahead else None
+        ctx = DecodeContext(
+            self.B,
+            i,
+            self.cfg.n_layers,
+            q[:, 0],
+            cache.k[i],
+            cache.v[i],
+            cache.n_prompt,
+            cache.state[i],
+            shared,
+            anchor=self.DECODE_ANCHOR,
+            ahead=ahead,
+            rows=rows,
+        )
+        return as_selection(self.policy.for_layer(i).select(ctx))
 
     def _decode_attention(self, q, sel, k, v, logw=None):
         """A decode step's attention over the policy's :class:`Selection`: the backend chooses the route
@@ -558,19 +578,7 @@ class Transformer:
                     sel = made
                     if sel is None:
                         with self.scope("selection"):
-                            ctx = DecodeContext(
-                                B,
-                                i,
-                                cfg.n_layers,
-                                q[:, 0],
-                                cache.k[i],
-                                cache.v[i],
-                                cache.n_prompt,
-                                cache.state[i],
-                                shared,
-                                anchor=self.DECODE_ANCHOR,
-                            )
-                            sel = as_selection(self.policy.for_layer(i).select(ctx))
+                            sel = self._select(cache, i, q, shared)
                     if offset is not None:  # the offset made beside the norm (_offset_ok), the logits of every row
                         sel = Selection(sel.gather, logits, offset, pre)
                     o = self._decode_attention(q, sel, cache.k[i], cache.v[i], cache.logw[i])
@@ -589,21 +597,8 @@ class Transformer:
                             q_j = q0
                         else:
                             q_j = self._ahead_query(x, j, positions) if q_next is None else q_next
-                        ctx = DecodeContext(
-                            B,
-                            j,
-                            cfg.n_layers,
-                            q_j[:, 0],
-                            cache.k[j],
-                            cache.v[j],
-                            cache.n_prompt,
-                            cache.state[j],
-                            next_shared if j == 0 else shared,  # layer 0's: the next step's
-                            anchor=self.DECODE_ANCHOR,
-                            ahead=True,
-                            rows=int(cache.k[j].shape[1]) + 1,  # layer j writes its new row after this selection
-                        )
-                        return as_selection(self.policy.for_layer(j).select(ctx))
+                        # layer j writes its new row after this selection; layer 0's shares go to the next step
+                        return self._select(cache, j, q_j, next_shared if j == 0 else shared, ahead=True)
 
                 x, ahead_sel = B.parallel(rest, ahead)
                 if i == n - 1:
