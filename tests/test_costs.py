@@ -160,7 +160,21 @@ def test_layer_model_equals_dry_runs(protocol, provider, n):
             ]
 
         got = _dry_cost(s, lambda make=make: [make()], lambda ts, ln=lean: ops._onehot_radix_levels(ts, ln))
-        assert got == _model_cost(schedules._lockstep(s, tasks, lean)), (tasks, lean)
+        want = schedules._lockstep(s, tasks, lean)
+        if all(schedules.masked_level(s, r, w, lean) for _, _, w, r in tasks):  # _lockstep prices the mask plan
+            got = _dry_cost(
+                s, lambda make=make: [make()], lambda ts, ln=lean: ops._onehot_radix_levels(ts, ln, masked=True)
+            )
+        assert got == _model_cost(want), (tasks, lean)
+    # the strata's first level (public one-hots: nothing opened for them on a mask plan), radix 2 and 3
+    for rows, nn, r in [(8, 11, 2), (5, 9, 3)]:
+        masked = schedules.masked_level(s, r, 0, True)
+        got = _dry_cost(
+            s,
+            lambda rows=rows, nn=nn: [dry_share((rows, nn))],
+            lambda x, r=r, m=masked: ops._onehot_radix_levels([(x, ops.ONES, r)], True, masked=m),
+        )
+        assert got == _model_cost(schedules.strata_level(s, (rows,), nn, 1, r, True, ones=True)), (rows, nn, r)
 
 
 def test_auto_schedules_reduce_to_one_and_beat_fixed_radices():

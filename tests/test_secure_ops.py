@@ -227,7 +227,8 @@ def test_strata_top1_onehot_is_exact_with_linear_comparisons(setting):
     )
     assert torch.equal(out["k7 r4"].value, ops.strata_top1_onehot_reference(st, 7).double())
     assert torch.equal(out["k8 of 64"].value, PlainBackend().strata_top1_onehot(even, 8))
-    assert out["k7 r4"].rounds == 2 * (out["cmp"].rounds + 2)
+    # 2PC (TFP, dealer): each level on a mask plan (tournament._masked_levels): the comparison's rounds alone
+    assert out["k7 r4"].rounds == 2 * (out["cmp"].rounds + (0 if setting.n == 2 else 2))
     assert out["k7 r4"].bytes < 0.2 * out["rank top-7"].bytes
 
 
@@ -250,8 +251,12 @@ def test_strata_top1_onehot_at_every_level_size(setting):
     for name, (k, _) in cases.items():
         assert torch.equal(out[name].value, ops.strata_top1_onehot_reference(ti, k).double()), name
     cmp = out["cmp"].rounds
-    assert out["r4 k9"].rounds == 3 * cmp + 5
-    assert out["r2 k9"].rounds == 5 * (cmp + 1)
+    if setting.n == 2:  # mask plans (tournament._masked_levels): the comparisons' rounds alone (5 or 6 by size)
+        assert 3 * cmp <= out["r4 k9"].rounds <= 3 * (cmp + 1)
+        assert 5 * cmp <= out["r2 k9"].rounds <= 5 * (cmp + 1)
+    else:
+        assert out["r4 k9"].rounds == 3 * cmp + 5
+        assert out["r2 k9"].rounds == 5 * (cmp + 1)
     for k in (75, 17, 9):
         auto, r4 = out[f"auto k{k}"], out[f"r4 k{k}"]
         assert auto.rounds < r4.rounds or (auto.rounds == r4.rounds and auto.bytes <= r4.bytes), (k, auto, r4)

@@ -121,9 +121,12 @@ class PlainBackend:
         x = scores[..., idx.to(scores.device)].masked_fill(~valid.to(scores.device), STRATA_PAD)
         return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
 
-    def strata_select(self, scores: Tensor, k: int, heads: bool = False, also=(), interleave: bool = False):
+    def strata_select(
+        self, scores: Tensor, k: int, heads: bool = False, also=(), interleave: bool = False, hidden: bool = False
+    ):
         """:meth:`strata_top1_onehot` of the scores (their max over dim -2, the group's heads, if ``heads``), and
-        the max along the last dim of each tensor in ``also`` (see :func:`mpcache.mpc.ops.strata_select`)."""
+        the max along the last dim of each tensor in ``also`` (see :func:`mpcache.mpc.ops.strata_select`;
+        ``hidden`` only changes the secure schedule)."""
         top = self.strata_top1_onehot(scores.amax(dim=-2) if heads else scores, k, interleave)
         return top, [t.amax(dim=-1) for t in also]
 

@@ -229,12 +229,23 @@ class SecureBackend:
         with self._scope("topk"):
             return ops.strata_top1_onehot(scores, k, cfg=self.cfg)
 
-    def strata_select(self, scores, k: int, heads: bool = False, also=(), interleave: bool = False):
+    def strata_select(
+        self, scores, k: int, heads: bool = False, also=(), interleave: bool = False, hidden: bool = False
+    ):
         """ops.strata_select: the stratified top-1 over the max of the group's heads (``heads``) with the maxima of
-        ``also`` in the same comparison layers."""
+        ``also`` in the same comparison layers. ``hidden``: the selection runs off the critical path (beside a layer
+        whose rounds hide its own): its schedules minimise bytes (:data:`~mpcache.mpc.schedules.BYTES_FIRST`)."""
+        from ..mpc.schedules import BYTES_FIRST
+
         with self._scope("topk"):
             oh, maxes = ops.strata_select(
-                unfix(scores), k, heads=heads, also=[unfix(t) for t in also], cfg=self.cfg, interleave=interleave
+                unfix(scores),
+                k,
+                heads=heads,
+                also=[unfix(t) for t in also],
+                cfg=self.cfg,
+                interleave=interleave,
+                profile=BYTES_FIRST if hidden else None,
             )
             return oh, maxes
 

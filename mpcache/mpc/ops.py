@@ -42,6 +42,7 @@ from .config import MpcConfig
 from .norms import norm_scale, norm_scale_reference
 from .softmax import ANCHOR_MAX_EXCESS, MASK_SHIFT, _anchor_columns, softmax, softmax_reference, stock_softmax
 from .tournament import (
+    ONES,
     _onehot_radix_level,
     _onehot_radix_levels,
     _radix_layer,
@@ -60,6 +61,7 @@ from .tournament import (
 __all__ = [
     "ANCHOR_MAX_EXCESS",
     "MASK_SHIFT",
+    "ONES",
     "MpcConfig",
     "_anchor_columns",
     "_from_shares",

@@ -299,16 +299,39 @@ def max_layer(s: Setting, lead, m: int, r: int, lean: bool, masked: bool = True)
     return c
 
 
-def strata_level(s: Setting, lead, n: int, w: int, r: int, lean: bool) -> Cost:
+def strata_level(s: Setting, lead, n: int, w: int, r: int, lean: bool, ones: bool = False) -> Cost:
     """One level of ops.strata_select: n survivors per stratum carrying one-hots of width w, radix r <= n
     (ops._onehot_radix_level, r = 2 included): the r(r-1)/2 pairs of each of the G groups in one comparison
-    layer, then the product tree's rounds (_product_rounds), ring integers."""
-    return _lockstep(s, [(_numel(lead), n, w, r)], lean)
+    layer, then the product tree's rounds (_product_rounds), ring integers; on a mask plan where
+    :func:`masked_level` (tournament._masked_levels: the comparisons, the opened values, no product round).
+    ``ones``: the first level, whose width-1 one-hots are public (on a mask plan nothing is opened for them)."""
+    return _lockstep(s, [(_numel(lead), n, 0 if ones and masked_level(s, r, 0, lean) else w, r)], lean)
+
+
+def masked_level(s: Setting, r: int, w: int, lean: bool) -> bool:
+    """Whether a radix-r level with one-hot payloads of width w (0: values only, or the public first one-hots) runs
+    on a mask plan (tournament.masked_levels_ok): 2PC with TFP or the dealer, the lean comparison, r <=
+    tournament.MASKED_MAX_RADIX (values) or MASKED_ONEHOT_RADIX (one-hots)."""
+    from .tournament import MASKED_ONEHOT_RADIX
+
+    return masked_max(s, r, lean) and (w == 0 or r <= MASKED_ONEHOT_RADIX)
 
 
 def _lockstep(s: Setting, tasks, lean: bool) -> Cost:
     """ops._onehot_radix_levels over ``[(rows, n, w, r)]``: one comparison layer for all the tasks' pairs, then
-    one product per round of the deepest product tree over every task's pairs of that round."""
+    one product per round of the deepest product tree over every task's pairs of that round. On a mask plan (every
+    task :func:`masked_level`; tournament._masked_levels): the comparisons (r = 2: one per group, r >= 3: r (r - 1))
+    and the opened [value, one-hot] elements (r = 2: 1 + 2w per pair, r >= 3: r (1 + w)) in their first round."""
+    if all(masked_level(s, r, w, lean) for _, _, w, r in tasks):
+        n_cmp = n_open = 0
+        for rows, n, w, r in tasks:
+            G = n // 2 if r == 2 else -(-n // r)  # radix 2: an odd survivor out passes through
+            n_cmp += rows * G * (1 if r == 2 else r * (r - 1))
+            n_open += rows * G * (1 + 2 * w if r == 2 else r * (1 + w))
+        c = _cmp(s, (n_cmp,), lean)
+        for rank in range(s.n):
+            c.add(rank, ELT * n_open, ELT * n_open)
+        return c
     n_cmp, trees = 0, []
     for rows, n, w, r in tasks:
         G = -(-n // r)
@@ -338,6 +361,21 @@ SCHEDULE_PROFILE = "lan"  # the default network profile whose latency the search
 SCHEDULE_RADICES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # candidate layer radices (and any r = m <= 64 last)
 
 
+#: a schedule objective beside the network profiles: the fewest bytes, rounds only breaking ties -- for tournaments
+#: off the critical path (MPCache's selection made ahead runs beside a layer whose rounds hide its own)
+BYTES_FIRST = "bytes"
+
+
+def schedule_profile(name: str):
+    """The :class:`~mpcache.latency.NetworkProfile` a schedule search minimises: a named network profile, or
+    :data:`BYTES_FIRST` (1 B/s and a negligible round trip: bytes decide, rounds break ties)."""
+    from ..latency import PROFILES, NetworkProfile
+
+    if name == BYTES_FIRST:
+        return NetworkProfile(BYTES_FIRST, 8.0, 1e-9)
+    return PROFILES[name]
+
+
 def max_schedule(
     rows: int, m: int, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE, masked: bool = True
 ) -> tuple[int, ...]:
@@ -359,24 +397,35 @@ def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, prof
     only, :func:`max_layer`; "max_beaver": its layers priced without mask plans, for tournaments that keep the
     product tree: the argmax's index payload, the lockstep levels) or "strata" (each level also multiplies the one-hots of width ``w`` carried so far,
     :func:`strata_level`). Dynamic programming over the entries left (ceil(n / r) after a radix-r level)."""
-    from ..latency import PROFILES
 
     if n <= 1:
         return 0.0, ()
-    prof = PROFILES[profile]
+    prof = schedule_profile(profile)
     best = None
     for r in sorted({r for r in SCHEDULE_RADICES if r < n} | ({n} if n <= SCHEDULE_RADICES[-1] else set())):
-        cost = (
-            max_layer(setting, (rows,), n, r, lean, masked=kind == "max")
-            if kind in ("max", "max_beaver")
-            else strata_level(setting, (rows,), n, w, r, lean)
-        )
+        if kind in ("max", "max_beaver"):
+            cost = max_layer(setting, (rows,), n, r, lean, masked=kind == "max")
+        elif kind == "levels":  # values only, through ops._onehot_radix_levels
+            cost = _lockstep(setting, [(rows, n, 0, r)], lean)
+        else:
+            cost = strata_level(setting, (rows,), n, w, r, lean, ones=w == 1)
         sm = cost.summary()
         t = sm["rounds"] * prof.rtt_s + 8.0 * max(sm["bytes_sent"]) / prof.bandwidth_bps
         sub_t, sub = _best_levels(kind, setting, rows, -(-n // r), r * w, lean, profile)
         if best is None or t + sub_t < best[0]:
             best = (t + sub_t, (r, *sub))
     return best
+
+
+def levels_schedule(
+    rows: int, m: int, lean: bool, setting: Setting, profile: str = SCHEDULE_PROFILE
+) -> tuple[int, ...]:
+    """:func:`max_schedule` for a values-only tournament run through ops._onehot_radix_levels (the head max and the
+    side maxima of ops.strata_select), each level priced by :func:`_lockstep` (on a mask plan where
+    :func:`masked_level`)."""
+    if m <= 1:
+        return ()
+    return _best_levels("levels", setting, int(rows), int(m), 0, bool(lean), profile)[1]
 
 
 def strata_schedule(
@@ -416,9 +465,8 @@ def lockstep_schedule(
 
 @functools.lru_cache(maxsize=4096)
 def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profile: str) -> tuple[int, ...]:
-    from ..latency import PROFILES
 
-    prof = PROFILES[profile]
+    prof = schedule_profile(profile)
 
     def seconds(c):
         sm = c.summary()
@@ -429,7 +477,7 @@ def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profil
         if left <= 1:
             return 0.0, ()
         if i == len(caps):
-            sched = _radix_schedule(left, max_schedule(rows, left, lean, setting, profile, masked=False))
+            sched = _radix_schedule(left, levels_schedule(rows, left, lean, setting, profile))
             t, m = 0.0, left
             for r in sched:
                 b, rounds = seconds(_lockstep(setting, [(rows, m, 0, r)], lean))

@@ -12,7 +12,7 @@ from ..layout import STRATA_PAD, STRATA_PAD_LEAN, strata_layout
 from .compare import _cat, _from_shares, _ltz, _minus_publics, _mul_public_int, _ring_ones
 from .config import MpcConfig
 from .masked import usable
-from .schedules import _radix_schedule, lockstep_schedule, max_schedule, strata_schedule
+from .schedules import _radix_schedule, levels_schedule, lockstep_schedule, max_schedule, strata_schedule
 
 
 # ---- max -----------------------------------------------------------------------------------------------------
@@ -261,10 +261,143 @@ def _onehot_radix_level(v, oh, r: int, lean: bool):
     return _onehot_radix_levels([(v, oh, r)], lean)[0]
 
 
-def _onehot_radix_levels(tasks, lean: bool) -> list:
+#: a task's one-hot payload that is every survivor's public width-1 one-hot (a tournament's first level): on a mask
+#: plan the new one-hots are then the winners' indicators themselves, nothing opened for them
+ONES = "ones"
+
+#: the widest radix of a one-hot level on a mask plan (a winner's monomial: r - 1 bits and its payload, 2^r terms)
+MASKED_ONEHOT_RADIX = 4
+
+
+def masked_levels_ok(tasks, lean: bool, cfg: MpcConfig | None = None) -> bool:
+    """Whether :func:`_onehot_radix_levels` runs ``[(v, oh, r)]`` on a mask plan (:func:`_masked_levels`): 2PC with
+    TFP or the dealer (:func:`mpcache.mpc.masked.usable`), the lean comparison, radices within the plan's bounds
+    (values and :data:`ONES`: :data:`MASKED_MAX_RADIX`; secret one-hots: :data:`MASKED_ONEHOT_RADIX`). The same rule
+    as :func:`mpcache.mpc.schedules.masked_level`, which prices the levels."""
+    cfg = cfg or MpcConfig.current()
+    return (
+        lean
+        and usable(cfg)
+        and all(
+            r <= (MASKED_MAX_RADIX if oh is None or isinstance(oh, str) else MASKED_ONEHOT_RADIX) for _, oh, r in tasks
+        )
+    )
+
+
+def _masked_levels(tasks, lockstep: bool = True) -> list:
+    """:func:`_onehot_radix_levels` on ONE mask plan (:mod:`mpcache.mpc.masked`; 2PC with TFP or the dealer, the lean
+    comparison): every task's comparisons in one comparison, every survivor's [value, one-hot] opened once beside its
+    first round, and the winners' products local -- a level costs the comparison's rounds alone, no product round.
+
+    Radix 2 (groups of two consecutive survivors; an odd last one passes through unpaired, its one-hot [oh, 0]: what
+    a duplicate that ties would give): d = a - b, one comparison, the
+    bit f = [d >= 0] a bit slot; P = [d, oh_a, oh_b] opened; the winner's value is b + f d and its one-hot
+    [f oh_a, oh_b - f oh_b] (one monomial f P). Radix r >= 3 (as :func:`_masked_max_layer`): each pair compared
+    twice (member i's r - 1 "beats" bits are its own bit slots), P = [v_i, oh_i] opened, member i's product
+    f_0 ... f_(r-2) P_i one monomial (2^r terms). ``oh`` = :data:`ONES` (every survivor's public one-hot): the
+    one-hots are the indicators themselves, nothing opened for them; None: values only.
+    Bytes (2PC): the comparisons (r = 2: one per pair, floor(n / 2); r >= 3: r (r - 1) per group of the ceil(n / r))
+    + 8 B per opened element (r = 2: 1 + 2w per pair; r >= 3: r (1 + w) per group; w = 0 for ONES or values only).
+    Rounds: the comparison's.
+    Exact (a mux of ring elements), ties to the lower index as :func:`_onehot_radix_level`. Leaks: shapes only.
+    Float model: :func:`strata_top1_onehot_reference` / :func:`tree_max_reference`."""
+    import crypten.communicator as comm
+
+    from .compare import _ltz_lanes
+    from .lockstep import parallel
+    from .masked import BIT, RING, Plan
+
+    rank = comm.get().get_rank()
+    slots, monos, diffs, bits, opens, preps = {}, [], [], [], [], []
+    for t, (v, oh, r) in enumerate(tasks):
+        n, dev = int(v.shape[-1]), v.share.device
+        lead = tuple(int(d) for d in v.shape[:-1])
+        ones, w = isinstance(oh, str), 0 if oh is None or isinstance(oh, str) else int(oh.shape[-1])
+        G = -(-n // r)
+        if r == 2:  # an odd survivor out passes through, unpaired (its one-hot [oh, 0]: as a duplicate that ties)
+            G = n // 2
+        idx = torch.tensor(list(range(min(n, G * r))) + [n - 1] * (G * r - n), device=dev)
+        sv = v.share.index_select(v.dim() - 1, idx).reshape(*lead, G, r)
+        so = None if w == 0 else oh.share.index_select(oh.dim() - 2, idx).reshape(*lead, G, r, w)
+        if r == 2:
+            d = sv[..., 0] - sv[..., 1]
+            names = [f"f{t}"]
+            slots[names[0]] = ((*lead, G, 1), BIT)
+            diffs.append(d.reshape(-1))
+            pay = d.unsqueeze(-1) if so is None else torch.cat([d.unsqueeze(-1), so[..., 0, :], so[..., 1, :]], -1)
+        else:
+            opp = torch.tensor([[j for j in range(r) if j != i] for i in range(r)], device=dev).t()  # (r - 1, r)
+            dd = sv.unsqueeze(0) - sv[..., opp].movedim(-2, 0)  # (r - 1, ..., G, r): v_i - v_(opp[t][i])
+            if rank == 0:  # i > j loses ties: compare v_i - v_j - 1 (ring units)
+                dd = dd - (torch.arange(r, device=dev) > opp).long().reshape(r - 1, *([1] * (len(lead) + 1)), r)
+            names = [f"f{t}_{j}" for j in range(r - 1)]
+            slots.update({nm: ((*lead, G, r, 1), BIT) for nm in names})
+            diffs.append(dd.reshape(-1))
+            pay = sv.unsqueeze(-1) if so is None else torch.cat([sv.unsqueeze(-1), so], -1)
+        slots[f"p{t}"] = (tuple(pay.shape), RING)
+        monos.append((*names, f"p{t}"))
+        if ones and r > 2:
+            monos.append(tuple(names))
+        bits += names
+        opens.append((f"p{t}", _from_shares(pay, precision=None)))
+        preps.append((v, oh, r, w, ones, lead, G, sv, so, names, n))
+    plan = Plan(slots, monos, device=tasks[0][0].share.device)
+    dx = _from_shares(torch.cat(diffs), precision=None)
+    dx.encoder = tasks[0][0].encoder
+    parallel(
+        lambda: _ltz_lanes(dx, 32, 0, b2a=plan.b2a(*bits, complement=True)),
+        lambda: plan.open(opens),
+        enabled=lockstep,
+    )
+    results = []
+    for t, (v, oh, r, w, ones, lead, G, sv, so, names, n) in enumerate(preps):
+        fp = plan.raw((*names, f"p{t}"))
+        if r == 2:
+            top = sv[..., 1] + fp[..., 0]
+            if ones:
+                f = plan.raw((names[0],))  # (..., G, 1)
+                new = torch.cat([f, (1 if rank == 0 else 0) - f], -1)
+            elif w:
+                new = torch.cat([fp[..., 1 : 1 + w], so[..., 1, :] - fp[..., 1 + w :]], -1)
+            if n % 2:  # the unpaired last survivor: its value, its one-hot then zeros
+                top = torch.cat([top, v.share[..., n - 1 :]], -1)
+                if ones:
+                    last = torch.zeros(*lead, 1, 2, dtype=torch.long, device=top.device)
+                    if rank == 0:
+                        last[..., 0] = 1
+                    new = torch.cat([new, last], -2)
+                elif w:
+                    last = oh.share[..., n - 1 :, :]
+                    new = torch.cat([new, torch.cat([last, torch.zeros_like(last)], -1)], -2)
+        else:
+            top = fp[..., 0].sum(-1)
+            if ones:
+                new = plan.raw(tuple(names)).reshape(*lead, G, r)
+            elif w:
+                new = fp[..., 1:].reshape(*lead, G, r * w)
+        top = _from_shares(top, precision=None)
+        top.encoder = v.encoder
+        if oh is None:
+            results.append((top, None))
+            continue
+        if ones:
+            new_oh = _from_shares(new, precision=0)
+        else:
+            new_oh = _from_shares(new, precision=None)
+            new_oh.encoder = oh.encoder
+        results.append((top, new_oh))
+    return results
+
+
+def _onehot_radix_levels(tasks, lean: bool, masked: bool = False) -> list:
     """Independent levels ``[(v, oh, r)]`` of :func:`_onehot_radix_level` in lockstep: ONE comparison layer for
     all their pairs (their differences concatenated) and one batched product per product-tree round, so the
-    rounds are those of the deepest tree alone (cmp + ceil(log2 max r)) and the bytes the sum. Exact, as alone."""
+    rounds are those of the deepest tree alone (cmp + ceil(log2 max r)) and the bytes the sum. Exact, as alone.
+    ``masked`` (where :func:`masked_levels_ok`): on a mask plan instead (:func:`_masked_levels`: no product round).
+    ``oh`` may be :data:`ONES` (the public first-level one-hots)."""
+    if masked:
+        return _masked_levels(tasks, MpcConfig.current().lockstep)
+    tasks = [(v, _ring_ones(v).unsqueeze(-1) if isinstance(oh, str) else oh, r) for v, oh, r in tasks]
     preps, diffs = [], []
     for v, oh, r in tasks:
         n, w = int(v.shape[-1]), 0 if oh is None else int(oh.shape[-1])
@@ -375,36 +508,42 @@ def strata_select(
     radix=None,
     cfg: MpcConfig | None = None,
     interleave: bool = False,
+    profile: str | None = None,
 ):
     """:func:`strata_top1_onehot` with two fusions that save whole comparison layers. Returns (one-hot, maxima).
 
     ``heads=True``: ``scores`` is (..., G, m), one score per query head of a group, and a candidate's score is
-    its max over the G heads: a first radix-G max layer (values only: folding the heads into the tournament's
-    entries instead makes every level carry G times wider one-hots, which measured more bytes and no fewer
-    rounds at SmolLM2's G = 3). ``also``: tensors (..., a) whose max along the last dim is wanted too (MPCache:
+    its max over the G heads: first values-only max levels over the heads (:func:`levels_schedule`; folding the
+    heads into the tournament's entries instead makes every level carry G times wider one-hots, which measured more
+    bytes and no fewer rounds at SmolLM2's G = 3). ``also``: tensors (..., a) whose max along the last dim is wanted too (MPCache:
     the anchored softmax's offset, new clusters' summaries); their tournaments run in lockstep with the head max
     and the strata levels, in the same comparison layers and product rounds (:func:`_onehot_radix_levels`), with
     level radices from :func:`lockstep_schedule` (no added round beside a strata level; what is left after them
     adds its own). Every level, radix 2 included, is a radix level. ``interleave``: the strata of
-    :func:`strata_layout` with ``interleave`` (same sizes, same costs).
-    Rounds: per level index, cmp + ceil(log2 of the largest radix in use). Bytes: the sum. Exact.
+    :func:`strata_layout` with ``interleave`` (same sizes, same costs). ``profile``: what the "auto" schedules
+    minimise (default ``cfg.schedule_profile``; :data:`~mpcache.mpc.schedules.BYTES_FIRST` for a selection off the
+    critical path). In 2PC with TFP or the dealer each level runs on a mask plan (:func:`_masked_levels`: no product
+    round) where its radices allow.
+    Rounds: per level index, cmp (+ ceil(log2 of the largest radix in use) off mask plans). Bytes: the sum. Exact.
     Leaks: shapes only.
     """
     cfg = cfg or MpcConfig.current()
     lean = cfg.select_lean if lean is None else lean
     radix = cfg.strata_radix if radix is None else radix
+    profile = profile or cfg.schedule_profile
     pad = STRATA_PAD_LEAN if lean else STRATA_PAD
     m = int(scores.shape[-1])
     idx, valid = strata_layout(m, k, interleave)
     g = int(idx.shape[1])
     rows = int(torch.Size(scores.shape[: -2 if heads else -1]).numel()) * k
     G = int(scores.shape[-2]) if heads else 1
-    caps = ((G,) if G > 1 else ()) + tuple(strata_schedule(rows, g, lean, radix, cfg.setting, cfg.schedule_profile))
+    heads_sched = (
+        levels_schedule(int(torch.Size(scores.shape[:-2]).numel()) * m, G, lean, cfg.setting, profile) if G > 1 else ()
+    )
+    caps = tuple(heads_sched) + tuple(strata_schedule(rows, g, lean, radix, cfg.setting, profile))
     extra = list(also)
     plans = [
-        lockstep_schedule(
-            int(t.shape[-1]), int(torch.Size(t.shape[:-1]).numel()), caps, lean, cfg.setting, cfg.schedule_profile
-        )
+        lockstep_schedule(int(t.shape[-1]), int(torch.Size(t.shape[:-1]).numel()), caps, lean, cfg.setting, profile)
         for t in also
     ]
     step = 0
@@ -412,15 +551,18 @@ def strata_select(
     def level(tasks):  # one lockstep level: the given tasks plus this level of every extra max
         nonlocal step
         live = [i for i, pl in enumerate(plans) if step < len(pl) and pl[step] > 1]
-        outs = _onehot_radix_levels(tasks + [(extra[i], None, plans[i][step]) for i in live], lean)
+        every = tasks + [(extra[i], None, plans[i][step]) for i in live]
+        outs = _onehot_radix_levels(every, lean, masked=masked_levels_ok(every, lean, cfg))
         for i, (top, _) in zip(live, outs[len(tasks) :]):
             extra[i] = top
         step += 1
         return outs[: len(tasks)]
 
-    if G > 1:  # the max over the G heads: a radix-G max layer, no one-hots to carry
+    if G > 1:  # the max over the G heads: values-only levels (:func:`levels_schedule`), no one-hots to carry
         xh = scores.transpose(-1, -2)  # (..., m, G)
-        scores = level([(xh, None, G)])[0][0].squeeze(-1)
+        for r in heads_sched:
+            xh = level([(xh, None, r)])[0][0]
+        scores = xh.squeeze(-1)
     elif heads:
         scores = scores.squeeze(-2)
     x = scores.index_select(scores.dim() - 1, idx.reshape(-1))
@@ -428,11 +570,12 @@ def strata_select(
     if not bool(valid.all()):
         x = _mul_public_int(x, valid.long()) + (~valid).float() * pad
     v = x
-    oh = _ring_ones(x).unsqueeze(-1)  # (..., k, n, w): each survivor's one-hot, ring 0/1 at scale 1 (exact)
-    for r in caps[1 if G > 1 else 0 :]:
+    oh = ONES  # (..., k, n, w): each survivor's one-hot, ring 0/1 at scale 1 (exact); first the public width-1 ones
+    for r in caps[len(heads_sched) :]:
         v, oh = level([(v, oh, r)])[0]
     while any(step < len(pl) for pl in plans):
         level([])
+    oh = _ring_ones(v).unsqueeze(-1) if isinstance(oh, str) else oh  # g = 1: no level
     oh = oh[..., 0, :g]
     return oh, [t.squeeze(-1) for t in extra]
 

@@ -303,9 +303,13 @@ class MPCachePolicy(BudgetPolicy):
                 grown = pending(B, ctx.state, fkey, keys, S2)  # (2, Hkv, new, D, S2)
                 extra = also + ([] if grown is None else [grown])
                 if self.head_reduce == "sum":
-                    onehot, maxes = B.strata_select(prods.sum(dim=1), p.k2, also=extra, interleave=self.interleave)
+                    onehot, maxes = B.strata_select(
+                        prods.sum(dim=1), p.k2, also=extra, interleave=self.interleave, hidden=ctx.ahead
+                    )
                 else:
-                    onehot, maxes = B.strata_select(prods, p.k2, heads=True, also=extra, interleave=self.interleave)
+                    onehot, maxes = B.strata_select(
+                        prods, p.k2, heads=True, also=extra, interleave=self.interleave, hidden=ctx.ahead
+                    )
                 offset = maxes[0].unsqueeze(-1) if also else None
                 if grown is not None:
                     extend(B, ctx.state, fkey, maxes[-1][0], B.neg(maxes[-1][1]), alpha)
