@@ -111,11 +111,10 @@ class SecureBackend:
     # ---- reductions ----------------------------------------------------------------------------------------
     # max/min serve the cache policies (cluster summaries of keys, scores, attention probabilities): values far
     # below the lean comparison's bound (|x| < 16384), so they use it (cfg.policy_lean: 6 rounds / ~25 B per
-    # comparison, exact). Reductions over at most cfg.policy_one_layer entries (a KV group's query heads, a leaf
-    # cluster's rows) take ONE radix layer (cmp + ceil(log2 m) products: 9 rounds for 3-4 entries; on a mask plan,
-    # 2PC with TFP or the dealer, the comparison's alone) instead of the pairwise tree (2 x 8 rounds).
-    def policy_radix(self, m: int) -> int:
-        return m if 2 < m <= self.cfg.policy_one_layer else 2
+    # comparison, exact). Their layer radices are the latency-minimising schedule for the call's size (ops.tree_max
+    # radix "auto"): a few rows of a leaf cluster take one radix-4 layer (its rounds), the first decode step's
+    # summaries of a whole prompt (hundreds of thousands of rows) narrow layers (its bytes: on a mask plan a radix-r
+    # layer compares each pair twice).
 
     def max(self, x, dim: int = -1, keepdim: bool = False):
         x = unfix(x)
@@ -124,7 +123,7 @@ class SecureBackend:
                 x,
                 dim=dim,
                 keepdim=keepdim,
-                radix=self.policy_radix(int(x.shape[dim])),
+                radix="auto",
                 lean=self.cfg.policy_lean,
                 cfg=self.cfg,
             )
@@ -145,7 +144,7 @@ class SecureBackend:
             both = ops.tree_max(
                 self.crypten.stack([a, -b]),
                 dim=dim + 1,
-                radix=self.policy_radix(int(a.shape[dim])),
+                radix="auto",
                 lean=self.cfg.policy_lean,
                 cfg=self.cfg,
             )

@@ -35,7 +35,6 @@ class MpcConfig:
     softmax_radix: str | tuple = "auto"
     argmax_radix: str | tuple = "auto"
     strata_radix: str | int | tuple = "auto"
-    policy_one_layer: int = 4  # reductions over at most this many entries take ONE radix layer
     schedule_profile: str = "lan"  # mpcache/latency.py profile whose latency the "auto" schedules minimise
     # ---- softmax -------------------------------------------------------------------------------------------------
     softmax_baseline: str = "ours"  # "stock": CrypTen's own MPCTensor.softmax everywhere (a cost BASELINE only)
