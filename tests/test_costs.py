@@ -227,6 +227,29 @@ def test_auto_schedules_reduce_to_one_and_beat_fixed_radices():
             assert run("auto") <= run(4) + 1e-12, (setting, rows, g)
 
 
+def test_bytes_first_strata_select_sends_fewer_bytes():
+    """``strata_select(profile=BYTES_FIRST)`` (MPCache's selection made ahead, off the critical path): the heads' max
+    and the strata tournament of a 4k decode step's shape (3 KV heads x 3 query heads, 1,020 candidate clusters, 99
+    strata) send fewer bytes than the LAN schedule (dry runs, every party). Both are exact (test_secure_ops)."""
+    from mpcache.mpc import ops, schedules
+    from mpcache.mpc.dryrun import dry_share
+
+    for protocol, provider, n in SETTINGS_DRY:
+        setting = schedules.Setting(n, protocol, provider)
+
+        def run(profile, setting=setting):
+            return _dry_cost(
+                setting,
+                lambda: [dry_share((3, 3, 1020))],
+                lambda x: ops.strata_select(x, 99, heads=True, interleave=True, profile=profile),
+            )
+
+        lan, few = run("lan"), run(schedules.BYTES_FIRST)
+        assert max(c["bytes_sent"] for c in few) < max(c["bytes_sent"] for c in lan), (setting, lan, few)
+        if n == 2 and provider in ("tfp", "ttp"):  # on mask plans: at least 2x fewer
+            assert 2 * max(c["bytes_sent"] for c in few) < max(c["bytes_sent"] for c in lan), (lan, few)
+
+
 def test_ring_matmul_equals_torch_matmul_for_every_layout():
     """mpcache.mpc.fixed_operand.ring_matmul: bit-identical to torch.matmul on int64 (wrapping), for contiguous and
     transposed right operands, one row or several, batched left operands; results contiguous (gloo sends them)."""
