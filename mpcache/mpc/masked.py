@@ -41,7 +41,8 @@ would reveal ``v - v'``): :meth:`Plan.open` refuses it.
 
 Where it runs: 2 parties with a dealer (``ttp``) or TFP (``MpcConfig.masked_acts``): SiLU/GeLU
 (:mod:`mpcache.mpc.activations`), the norms' branch select (:mod:`mpcache.mpc.norms`), the reciprocal's d0
-(:mod:`mpcache.mpc.approx`), ``tree_max``'s layers of radix <= 8 (:mod:`mpcache.mpc.tournament`). 3PC and the
+(:mod:`mpcache.mpc.approx`), ``tree_max``'s layers of radix <= 8 and the levels of the stratified tournament,
+its one-hots included (:func:`mpcache.mpc.tournament._masked_levels`). 3PC and the
 ablation keep the Beaver forms.
 """
 

@@ -395,9 +395,10 @@ def max_schedule(
 def _best_levels(kind: str, setting, rows: int, n: int, w: int, lean: bool, profile: str):
     """(modelled seconds, radices) of the cheapest tournament over ``n`` entries per row: ``kind`` "max" (values
     only, :func:`max_layer`; "max_beaver": its layers priced without mask plans, for tournaments that keep the
-    product tree: the argmax's index payload, the lockstep levels) or "strata" (each level also multiplies the one-hots of width ``w`` carried so far,
-    :func:`strata_level`). Dynamic programming over the entries left (ceil(n / r) after a radix-r level)."""
-
+    product tree: the argmax's index payload), "levels" (values only through ops._onehot_radix_levels,
+    :func:`_lockstep`: the head max and the side maxima of ops.strata_select) or "strata" (each level also multiplies
+    the one-hots of width ``w`` carried so far, :func:`strata_level`; w = 1 is the public first level). Dynamic
+    programming over the entries left (ceil(n / r) after a radix-r level). ``profile``: :func:`schedule_profile`."""
     if n <= 1:
         return 0.0, ()
     prof = schedule_profile(profile)
@@ -465,7 +466,6 @@ def lockstep_schedule(
 
 @functools.lru_cache(maxsize=4096)
 def _lockstep_levels(n: int, rows: int, caps: tuple, lean: bool, setting, profile: str) -> tuple[int, ...]:
-
     prof = schedule_profile(profile)
 
     def seconds(c):

@@ -68,59 +68,12 @@ MASKED_MAX_RADIX = 8
 
 
 def _masked_max_layer(x, r: int, lockstep: bool = True):
-    """One max layer of radix r on a mask plan (:mod:`mpcache.mpc.masked`; 2PC with TFP or the dealer, the lean
-    comparison): the mux is local, so a layer takes the comparison's rounds only (the Beaver layers add
-    ceil(log2 r) product rounds). r = 2: d = a - b opened once beside the comparison's first round, the bit
-    [d >= 0] a bit slot, max = b + [d >= 0] d exact. r >= 3 (groups padded as :func:`_onehot_radix_level`): every
-    member i compares itself with each opponent j (r (r - 1) comparisons a group: each pair twice, so each of
-    member i's r - 1 "beats" bits is its own bit slot f_t; ties to the lower index: [v_i - v_j >= 0] for i < j,
-    [v_i - v_j - 1 ulp >= 0] for i > j), the group's values opened once, and the max is sum_i f_0 ... f_(r-2) v_i:
-    one exact monomial (bits times one value) per member. Rounds: cmp (5-6). Bytes (2PC): the comparisons + 8 B
-    per value. Exact (a mux of ring elements). Leaks: shapes only. Float model: :func:`tree_max_reference`."""
-    import crypten.communicator as comm
-
-    from .compare import _ltz_lanes
-    from .lockstep import parallel
-    from .masked import BIT, RING, Plan
-
-    m, lead = int(x.shape[-1]), tuple(int(d) for d in x.shape[:-1])
-    dev = x.share.device
-    if r == 2:
-        h = m // 2
-        d = x[..., :h] - x[..., h : 2 * h]
-        shape = tuple(int(v) for v in d.size())
-        plan = Plan({"f": (shape, BIT), "d": (shape, RING)}, [("f", "d")], device=dev)
-        parallel(
-            lambda: _ltz_lanes(d, 32, 0, b2a=plan.b2a("f", complement=True)),
-            lambda: plan.open([("d", d)]),
-            enabled=lockstep,
-        )
-        top = x[..., h : 2 * h].clone()
-        top.share = top.share + plan.raw(("f", "d"))
-        return top if m % 2 == 0 else _cat([top, x[..., 2 * h :]], dim=-1)
-    G = -(-m // r)
-    idx = torch.tensor(list(range(m)) + [m - 1] * (G * r - m), device=dev)
-    sv = x.share.index_select(x.dim() - 1, idx).reshape(*lead, G, r)
-    opp = torch.tensor([[j for j in range(r) if j != i] for i in range(r)], device=dev).t()  # (r - 1, r)
-    diffs = sv.unsqueeze(0) - sv[..., opp].movedim(-2, 0)  # (r - 1, ..., G, r): v_i - v_(opp[t][i])
-    if comm.get().get_rank() == 0:  # i > j loses ties: compare v_i - v_j - 1 (ring units)
-        later = (torch.arange(r, device=dev) > opp).long().reshape(r - 1, *([1] * (len(lead) + 1)), r)
-        diffs = diffs - later
-    dx = _from_shares(diffs, precision=None)
-    dx.encoder = x.encoder
-    vals = _from_shares(sv, precision=None)
-    vals.encoder = x.encoder
-    names = [f"f{t}" for t in range(r - 1)]
-    shape = (*lead, G, r)
-    plan = Plan({n: (shape, BIT) for n in names} | {"v": (shape, RING)}, [(*names, "v")], device=dev)
-    parallel(
-        lambda: _ltz_lanes(dx, 32, 0, b2a=plan.b2a(*names, complement=True)),
-        lambda: plan.open([("v", vals)]),
-        enabled=lockstep,
-    )
-    top = _from_shares(plan.raw((*names, "v")).sum(-1), precision=None)
-    top.encoder = x.encoder
-    return top
+    """One max layer of radix r on a mask plan: :func:`_masked_levels` with values only (2PC with TFP or the dealer,
+    the lean comparison). The mux is local, so a layer takes the comparison's rounds only (the Beaver layers add
+    ceil(log2 r) product rounds). r = 2: d = a - b opened once beside the comparison's first round, max = b + [d >= 0] d;
+    r >= 3: each pair compared twice, the group's values opened once, the max sum_i f_0 ... f_(r-2) v_i. Bytes (2PC):
+    the comparisons + 8 B per value. Exact. Leaks: shapes only. Float model: :func:`tree_max_reference`."""
+    return _masked_levels([(x, None, r)], lockstep)[0][0]
 
 
 def tree_max_reference(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
