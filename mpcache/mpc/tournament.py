@@ -2,6 +2,10 @@
 of the cache policies (one winner per public stratum) with side maxima in lockstep. Each protocol is beside its float
 model (``*_reference``) and states its rounds, bytes and leakage (shapes only). Radix schedules ("auto") come from
 :mod:`mpcache.mpc.schedules`, for the setting of the :class:`~mpcache.mpc.config.MpcConfig` passed in.
+
+Why one file (~550 lines): every tournament here runs on the same level protocol (``_onehot_radix_levels``: Beaver
+product trees, or ``_masked_levels`` on a mask plan), whose radices the schedules price; splitting the max, the
+argmax and the strata apart would split that one protocol from its users.
 """
 
 from __future__ import annotations
