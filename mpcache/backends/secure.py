@@ -233,8 +233,12 @@ class SecureBackend:
     ):
         """ops.strata_select: the stratified top-1 over the max of the group's heads (``heads``) with the maxima of
         ``also`` in the same comparison layers. ``hidden``: the selection runs off the critical path (beside a layer
-        whose rounds hide its own): its schedules minimise bytes (:data:`~mpcache.mpc.schedules.BYTES_FIRST`)."""
+        whose rounds hide its own): where lockstep merges the branches' openings (2PC), its schedules minimise bytes
+        (:data:`~mpcache.mpc.schedules.BYTES_FIRST`); 3PC's resharing runs the branches one after the other, so there
+        its rounds count and the schedules stay latency-minimising."""
         from ..mpc.schedules import BYTES_FIRST
+
+        hidden = hidden and self.cfg.lockstep and self.cfg.n_parties == 2
 
         with self._scope("topk"):
             oh, maxes = ops.strata_select(
