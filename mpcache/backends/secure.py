@@ -170,10 +170,16 @@ class SecureBackend:
         return ops.tree_max(unfix(x), dim=-1, keepdim=True, radix="auto", lean=self.cfg.softmax_lean, cfg=self.cfg)
 
     @property
+    def merges_branches(self) -> bool:
+        """Whether lockstep branches share their rounds (:meth:`parallel`): 2PC with ``cfg.lockstep``. 3PC's
+        resharing is point-to-point, not merged: there the branches run one after the other."""
+        return self.cfg.lockstep and self.cfg.n_parties == 2
+
+    @property
     def early_offset(self) -> bool:
-        """``cfg.early_offset`` where lockstep merges openings: 2PC with ``cfg.lockstep``. 3PC's resharing is
-        point-to-point, not merged: there the route measured +180 rounds per demo token (4,549 vs 4,369)."""
-        return self.cfg.early_offset and self.cfg.lockstep and self.cfg.n_parties == 2
+        """``cfg.early_offset`` where lockstep merges openings (:attr:`merges_branches`). In 3PC the route measured
+        +180 rounds per demo token (4,549 vs 4,369)."""
+        return self.cfg.early_offset and self.merges_branches
 
     def parallel(self, *fns) -> list:
         """The branches in lockstep (:func:`mpcache.mpc.lockstep.parallel`): in 2PC each round's openings of all
@@ -238,8 +244,7 @@ class SecureBackend:
         its rounds count and the schedules stay latency-minimising."""
         from ..mpc.schedules import BYTES_FIRST
 
-        hidden = hidden and self.cfg.lockstep and self.cfg.n_parties == 2
-
+        hidden = hidden and self.merges_branches
         with self._scope("topk"):
             oh, maxes = ops.strata_select(
                 unfix(scores),

@@ -235,9 +235,7 @@ def masked_levels_ok(tasks, lean: bool, cfg: MpcConfig | None = None) -> bool:
     return (
         lean
         and usable(cfg)
-        and all(
-            r <= (MASKED_MAX_RADIX if oh is None or isinstance(oh, str) else MASKED_ONEHOT_RADIX) for _, oh, r in tasks
-        )
+        and all(r <= (MASKED_MAX_RADIX if oh is None or oh is ONES else MASKED_ONEHOT_RADIX) for _, oh, r in tasks)
     )
 
 
@@ -269,7 +267,8 @@ def _masked_levels(tasks, lockstep: bool = True) -> list:
     for t, (v, oh, r) in enumerate(tasks):
         n, dev = int(v.shape[-1]), v.share.device
         lead = tuple(int(d) for d in v.shape[:-1])
-        ones, w = isinstance(oh, str), 0 if oh is None or isinstance(oh, str) else int(oh.shape[-1])
+        ones = oh is ONES
+        w = 0 if oh is None or ones else int(oh.shape[-1])
         G = -(-n // r)
         if r == 2:  # an odd survivor out passes through, unpaired (its one-hot [oh, 0]: as a duplicate that ties)
             G = n // 2
@@ -292,9 +291,7 @@ def _masked_levels(tasks, lockstep: bool = True) -> list:
             diffs.append(dd.reshape(-1))
             pay = sv.unsqueeze(-1) if so is None else torch.cat([sv.unsqueeze(-1), so], -1)
         slots[f"p{t}"] = (tuple(pay.shape), RING)
-        monos.append((*names, f"p{t}"))
-        if ones and r > 2:
-            monos.append(tuple(names))
+        monos.append((*names, f"p{t}"))  # its closure holds the bits' products too (the ONES indicators)
         bits += names
         opens.append((f"p{t}", _from_shares(pay, precision=None)))
         preps.append((v, oh, r, w, ones, lead, G, sv, so, names, n))
@@ -354,7 +351,7 @@ def _onehot_radix_levels(tasks, lean: bool, masked: bool = False) -> list:
     ``oh`` may be :data:`ONES` (the public first-level one-hots)."""
     if masked:
         return _masked_levels(tasks, MpcConfig.current().lockstep)
-    tasks = [(v, _ring_ones(v).unsqueeze(-1) if isinstance(oh, str) else oh, r) for v, oh, r in tasks]
+    tasks = [(v, _ring_ones(v).unsqueeze(-1) if oh is ONES else oh, r) for v, oh, r in tasks]
     preps, diffs = [], []
     for v, oh, r in tasks:
         n, w = int(v.shape[-1]), 0 if oh is None else int(oh.shape[-1])
@@ -532,7 +529,7 @@ def strata_select(
         v, oh = level([(v, oh, r)])[0]
     while any(step < len(pl) for pl in plans):
         level([])
-    oh = _ring_ones(v).unsqueeze(-1) if isinstance(oh, str) else oh  # g = 1: no level
+    oh = _ring_ones(v).unsqueeze(-1) if oh is ONES else oh  # g = 1: no level
     oh = oh[..., 0, :g]
     return oh, [t.squeeze(-1) for t in extra]
 

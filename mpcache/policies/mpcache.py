@@ -110,9 +110,9 @@ class MPCachePolicy(BudgetPolicy):
     ``topk="auto"`` with ``interleave=True``: the stratified tournament's stratum r holds clusters r, r + k2, r + 2 k2,
     ... so neighbouring clusters -- a needle spans them -- never compete for one winner; ``lookahead=True`` with
     ``lookahead_start=0``: every selection made ahead, off the critical path; the authors' ``alpha=0.6``,
-    ``linear=True``, ``hierarchy=True``, ``ratio1=0.5``) were chosen on the dev split only; ``cluster_size=16, share_layers=True, head_reduce="sum"`` is the paper's cost point. Why each
-    default, with its dev-split numbers and its MPC cost: experiments/RESULTS.md, "MPCachePolicy: why these
-    defaults".
+    ``linear=True``, ``hierarchy=True``, ``ratio1=0.5``) were chosen on the dev split only; ``cluster_size=16,
+    share_layers=True, head_reduce="sum"`` is the paper's cost point. Why each default, with its dev-split numbers
+    and its MPC cost: experiments/RESULTS.md, "MPCachePolicy: why these defaults".
     """
 
     name: ClassVar[str] = "mpcache"
